@@ -1,0 +1,1 @@
+# formats: filled in by its subsystem.

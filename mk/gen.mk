@@ -1,0 +1,1 @@
+# gen: filled in by its subsystem.

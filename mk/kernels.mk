@@ -1,0 +1,1 @@
+# kernels: filled in by its subsystem.

@@ -1,0 +1,1 @@
+# pack: filled in by its subsystem.

@@ -1,0 +1,1 @@
+# tiers: filled in by its subsystem.
