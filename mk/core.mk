@@ -6,7 +6,7 @@ libmoecore_a_SOURCES += daemon/util.c daemon/util.h daemon/crc32c.c daemon/crc32
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_core
 TESTS += tests/test_core
-tests_test_core_SOURCES = tests/test_core.c
+tests_test_core_SOURCES = tests/test_core.c tests/testutil.h
 tests_test_core_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_core_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
 endif
