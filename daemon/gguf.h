@@ -18,7 +18,7 @@
 #define GGUF_MAGIC 0x46554747u          /* "GGUF" read as a little-endian u32 */
 #define GGUF_DEFAULT_ALIGNMENT 32u
 #define GGUF_MAX_DIMS 4
-#define GGUF_MAX_NAME 64                /* tensor name bytes */
+#define GGUF_MAX_NAME 64                /* ggml's name buffer with its NUL: names are 1..63 bytes */
 #define GGUF_MAX_KEY 65535              /* KV key bytes */
 #define GGUF_MAX_STRING (16u << 20)     /* any string value */
 #define GGUF_MAX_COUNT (1ull << 20)     /* tensor_count and kv_count */

@@ -115,7 +115,8 @@ struct pack_tensor_entry {
 	uint64_t offset;  /* file offset, multiple of PACK_RESIDENT_ALIGN */
 	uint64_t bytes;
 	uint32_t crc32c;
-	uint32_t reserved;
+	uint32_t reserved;  /* 0 */
+	uint32_t reserved2[2]; /* 0; pads the entry to 176 bytes */
 };
 _Static_assert(sizeof(struct pack_tensor_entry) == 176, "tensor entry layout");
 
@@ -148,6 +149,8 @@ const struct pack_index_entry *pack_expert(const struct pack_file *p, uint32_t l
 static inline uint64_t pack_extent_bytes(const struct pack_file *p) { return p->hdr->extent_bytes; }
 /* The part of the given role, or NULL. */
 const struct pack_part_desc *pack_part(const struct pack_file *p, enum pack_role role);
+/* "gate", "up", "down", "gate_up", ..., "router", "shared_gate", ... or "unknown". */
+const char *pack_role_name(enum pack_role r);
 
 /* Checks a payload already in memory (the first `length` bytes of buf)
  * against the index: 0, or -EBADMSG naming "layer L expert E". */
@@ -174,9 +177,11 @@ long pack_verify(const struct pack_file *p, pack_report_fn report, void *ctx, st
 
 struct pack_writer;
 
-/* Creates path (O_TRUNC) for a model whose experts have the given parts
- * (offsets are filled in by the writer). Experts may be added in any order;
- * every (layer, expert) must be added exactly once before pack_writer_finish. */
+/* Starts a pack for path, written under a temporary name (path.XXXXXX) in
+ * the same directory and renamed over path by pack_writer_finish, for a
+ * model whose experts have the given parts (offsets are filled in by the
+ * writer). Experts may be added in any order; every (layer, expert) must be
+ * added exactly once before pack_writer_finish. */
 int pack_writer_create(const char *path, const struct moe_model_config *model,
 		       const struct pack_part_desc *parts, uint32_t n_parts, const char *source,
 		       struct pack_writer **out, struct moe_error *err);
@@ -185,12 +190,15 @@ int pack_writer_create(const char *path, const struct moe_model_config *model,
 int pack_writer_begin_expert(struct pack_writer *w, uint32_t l, uint32_t e, struct moe_error *err);
 int pack_writer_write(struct pack_writer *w, const void *buf, size_t len, struct moe_error *err);
 int pack_writer_end_expert(struct pack_writer *w, struct moe_error *err);
-/* Streams one resident tensor the same way. */
+/* Streams one resident tensor the same way. desc->offset and crc32c are
+ * filled in by the writer; desc->bytes may be 0 (computed from the shape). */
 int pack_writer_begin_tensor(struct pack_writer *w, const struct pack_tensor_entry *desc, struct moe_error *err);
 int pack_writer_end_tensor(struct pack_writer *w, struct moe_error *err);
-/* Writes the index, tensor directory and header; fsyncs; closes. */
+/* Writes the index, tensor directory and header (last); fsyncs; closes;
+ * renames the file to its final path. Fails if any expert was never
+ * written. Always frees the writer; on failure the file is removed. */
 int pack_writer_finish(struct pack_writer *w, struct moe_error *err);
-/* Abandons the file (unlinks it). */
+/* Abandons the file (removes the temporary file; path is left as it was). */
 void pack_writer_abort(struct pack_writer *w);
 
 #endif

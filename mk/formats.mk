@@ -1,1 +1,37 @@
-# formats: filled in by its subsystem.
+# formats: strict readers of model containers (safetensors, GGUF) and routing
+# traces (CSV), shared by the tools and the daemon.
+libmoecore_a_SOURCES += daemon/safetensors.c daemon/safetensors.h daemon/gguf.c daemon/gguf.h daemon/trace.c
+dist_doc_DATA += doc/formats.md
+
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_safetensors tests/test_gguf tests/test_trace
+TESTS += tests/test_safetensors tests/test_gguf tests/test_trace
+tests_test_safetensors_SOURCES = tests/test_safetensors.c tests/testutil.h
+tests_test_safetensors_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_safetensors_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_gguf_SOURCES = tests/test_gguf.c tests/testutil.h
+tests_test_gguf_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_gguf_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_trace_SOURCES = tests/test_trace.c tests/testutil.h
+tests_test_trace_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_trace_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+endif
+
+# libFuzzer targets: CC=clang ./configure --enable-fuzzing --enable-asan
+# The reader sources are compiled into each target so that they carry the
+# fuzzer's coverage instrumentation (libmoecore.a is built without it).
+if ENABLE_FUZZING
+noinst_PROGRAMS += tests/fuzz/fuzz_safetensors tests/fuzz/fuzz_gguf tests/fuzz/fuzz_trace
+tests_fuzz_fuzz_safetensors_SOURCES = tests/fuzz/fuzz_safetensors.c daemon/safetensors.c daemon/util.c
+tests_fuzz_fuzz_safetensors_CFLAGS = $(AM_CFLAGS) $(FUZZ_CFLAGS)
+tests_fuzz_fuzz_safetensors_LDFLAGS = $(AM_LDFLAGS) $(FUZZ_CFLAGS)
+tests_fuzz_fuzz_safetensors_LDADD = $(JANSSON_LIBS) -lm
+tests_fuzz_fuzz_gguf_SOURCES = tests/fuzz/fuzz_gguf.c daemon/gguf.c daemon/util.c
+tests_fuzz_fuzz_gguf_CFLAGS = $(AM_CFLAGS) $(FUZZ_CFLAGS)
+tests_fuzz_fuzz_gguf_LDFLAGS = $(AM_LDFLAGS) $(FUZZ_CFLAGS)
+tests_fuzz_fuzz_gguf_LDADD = -lm
+tests_fuzz_fuzz_trace_SOURCES = tests/fuzz/fuzz_trace.c daemon/trace.c daemon/util.c
+tests_fuzz_fuzz_trace_CFLAGS = $(AM_CFLAGS) $(FUZZ_CFLAGS)
+tests_fuzz_fuzz_trace_LDFLAGS = $(AM_LDFLAGS) $(FUZZ_CFLAGS)
+tests_fuzz_fuzz_trace_LDADD = -lm
+endif

@@ -1,1 +1,30 @@
-# placement: filled in by its subsystem.
+# placement: eviction policies, predictors, prefetch scheduler, routing, moe-sim.
+libmoecore_a_SOURCES += daemon/policy.h daemon/policy_impl.h daemon/policy.c daemon/policy_lru.c \
+	daemon/policy_lfu.c daemon/policy_leaststale.c daemon/policy_arc.c daemon/policy_belady.c \
+	daemon/route.h daemon/route.c
+libmoecore_a_SOURCES += daemon/predict.h daemon/predict.c daemon/predict_temporal.c \
+	daemon/predict_coact.c daemon/predict_tokenid.c daemon/predict_tracematch.c \
+	daemon/predict_learned.c daemon/predict_combo.c daemon/prefetch.h daemon/prefetch.c
+
+bin_PROGRAMS += tools/moe-sim
+tools_moe_sim_SOURCES = tools/moe-sim.c tools/sim.c tools/sim.h tools/sim_train.c
+tools_moe_sim_LDADD = $(CORE_LINK)
+
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_policy tests/test_route tests/test_predict tests/test_sim
+TESTS += tests/test_policy tests/test_route tests/test_predict tests/test_sim
+tests_test_policy_SOURCES = tests/test_policy.c tests/testutil.h
+tests_test_policy_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_policy_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_route_SOURCES = tests/test_route.c tests/testutil.h
+tests_test_route_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_route_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_predict_SOURCES = tests/test_predict.c tests/testutil.h tools/sim.c tools/sim.h tools/sim_train.c
+tests_test_predict_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
+tests_test_predict_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_predict_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_sim_SOURCES = tests/test_sim.c tests/testutil.h tools/sim.c tools/sim.h tools/sim_train.c
+tests_test_sim_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
+tests_test_sim_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_sim_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+endif

@@ -1,1 +1,60 @@
-# service: filled in by its subsystem.
+# service: moetierd, its socket/ring protocol, libmoetier, moe-client, moectl, etc/.
+libmoecore_a_SOURCES += daemon/ring.c daemon/ring.h daemon/options.c daemon/options.h \
+	daemon/server.c daemon/server.h include/moetier/proto.h
+libmoecore_a_SOURCES += daemon/priv.c daemon/priv.h
+
+sbin_PROGRAMS += moetierd
+moetierd_SOURCES = daemon/main.c
+moetierd_LDADD = $(CORE_LINK)
+
+# libmoetier: its own sources (ring.c again, compiled PIC), never libmoecore.
+lib_LTLIBRARIES += client/libmoetier.la
+client_libmoetier_la_SOURCES = client/libmoetier.c daemon/ring.c daemon/ring.h
+client_libmoetier_la_CPPFLAGS = $(AM_CPPFLAGS)
+client_libmoetier_la_LDFLAGS = -version-info 0:0:0 -Wl,--version-script=$(top_srcdir)/client/libmoetier.map
+EXTRA_client_libmoetier_la_DEPENDENCIES = client/libmoetier.map
+pkginclude_HEADERS += include/moetier/moetier.h include/moetier/proto.h
+pkgconfig_DATA += client/libmoetier.pc
+EXTRA_DIST += client/libmoetier.map
+
+bin_PROGRAMS += moe-client moectl
+moe_client_SOURCES = client/moe-client.c
+moe_client_LDADD = client/libmoetier.la $(CORE_LINK)
+moectl_SOURCES = client/moectl.c
+moectl_LDADD = client/libmoetier.la $(JANSSON_LIBS)
+
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_server tests/test_ring
+TESTS += tests/test_server tests/test_ring
+tests_test_server_SOURCES = tests/test_server.c tests/testutil.h
+tests_test_server_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_server_LDADD = client/libmoetier.la $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_ring_SOURCES = tests/test_ring.c tests/testutil.h
+tests_test_ring_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_ring_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+endif
+
+TESTS += tests/test_conf.sh tests/test_unit.sh tests/test_demo.sh
+EXTRA_DIST += tests/test_conf.sh tests/test_unit.sh tests/test_demo.sh
+dist_noinst_SCRIPTS += scripts/demo
+
+noinst_PROGRAMS += bench/ring-vs-socket
+bench_ring_vs_socket_SOURCES = bench/ring-vs-socket.c
+bench_ring_vs_socket_LDADD = client/libmoetier.la $(CORE_LINK)
+
+# The example of libmoetier(3), compiled so the page's code cannot rot.
+check_PROGRAMS += client/examples/acquire
+client_examples_acquire_SOURCES = client/examples/acquire.c
+client_examples_acquire_LDADD = client/libmoetier.la
+
+dist_man_MANS += doc/moetierd.8 doc/moectl.8 doc/moe-client.1 doc/libmoetier.3 doc/moetierd.conf.5
+
+# Installed configuration: /etc/moetier/moetierd.conf and the systemd units.
+moetierconfdir = $(sysconfdir)/moetier
+dist_moetierconf_DATA = etc/moetierd.conf
+systemdunitdir = $(prefix)/lib/systemd/system
+dist_systemdunit_DATA = etc/moetierd.service etc/moetierd.socket
+tmpfilesdir = $(prefix)/lib/tmpfiles.d
+dist_tmpfiles_DATA = etc/tmpfiles.d/moetier.conf
+sysusersdir = $(prefix)/lib/sysusers.d
+dist_sysusers_DATA = etc/sysusers.d/moetier.conf

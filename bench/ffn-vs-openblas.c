@@ -1,0 +1,606 @@
+/* ffn-vs-openblas - one routed expert of DeepSeek-V2-Lite's shape (hidden
+ * n = 2048, width m = 1408: gate and up [m x n], down [n x m]) through our
+ * CPU kernels and through the peers, in the same run, interleaved:
+ *   - OpenBLAS sgemv (1 token) / sgemm (batches), f32 weights;
+ *   - oneDNN matmul with bf16 weights and bf16 activations (batches);
+ *   - a read-only vector sum over the same cold buffers (the DRAM limit).
+ * Weights are cold: each call uses the next of several expert copies that
+ * together exceed 1 GiB (256 MiB with --quick), so they stream from DRAM as
+ * right after an expert is loaded (machine.md section 4).
+ *
+ * Prints a table (tokens/s, weight GB/s, us per call; medians over reps),
+ * the target checks, and last:
+ *   ffn-vs-openblas: ratio=X (ours bf16 / OpenBLAS f32 sgemv, tokens/s, 1 token)
+ *
+ * Usage: ffn-vs-openblas [--quick] [--reps N]
+ * One thread throughout (OMP_NUM_THREADS / openblas_set_num_threads(1)). */
+#include "config.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "dtype.h"
+#include "ffn.h"
+#include "model.h"
+#include "pack.h"
+#include "util.h"
+
+#ifdef HAVE_OPENBLAS
+#include <cblas.h>
+void openblas_set_num_threads(int);
+char *openblas_get_corename(void);
+#endif
+#ifdef HAVE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#endif
+
+#define N_HID 2048
+#define M_WID 1408
+
+static bool quick;
+static int reps = 5;
+static double min_time = 0.25; /* seconds per measurement */
+
+/* ---- cold buffers ----------------------------------------------------------- */
+
+struct copies {
+	uint8_t *base;
+	size_t stride, count, total;
+	size_t next;
+};
+
+static void copies_init(struct copies *c, const void *one, size_t bytes)
+{
+	const size_t target = quick ? (256u << 20) : (1100u << 20);
+	c->stride = MOE_ALIGN_UP(bytes, (size_t)4096);
+	c->count = target / c->stride + 1;
+	if (c->count < 2)
+		c->count = 2;
+	c->total = c->stride * c->count;
+	c->base = mmap(NULL, c->total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (c->base == MAP_FAILED) {
+		perror("ffn-vs-openblas: mmap");
+		exit(1);
+	}
+	madvise(c->base, c->total, MADV_HUGEPAGE);
+	for (size_t i = 0; i < c->count; i++)
+		memcpy(c->base + i * c->stride, one, bytes);
+	c->next = 0;
+}
+
+static const uint8_t *copies_next(struct copies *c)
+{
+	const uint8_t *p = c->base + c->next * c->stride;
+	c->next = (c->next + 1) % c->count;
+	return p;
+}
+
+static void copies_free(struct copies *c)
+{
+	munmap(c->base, c->total);
+}
+
+/* ---- measurement ------------------------------------------------------------ */
+
+typedef void (*run_fn)(void *ctx);
+
+static double thread_cpu_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Seconds per call, wall clock and this thread's CPU time: calls repeated
+ * for at least min_time of CPU time. On a loaded 2-vCPU VM the wall time
+ * mostly measures the scheduler (other processes hold the vCPU for whole
+ * timeslices), so the ratios use CPU time; both are printed. */
+struct tm2 {
+	double wall, cpu;
+};
+
+static struct tm2 time_calls(run_fn fn, void *ctx)
+{
+	uint64_t t0 = moe_now_ns();
+	double c0 = thread_cpu_s(), c;
+	long calls = 0;
+	do {
+		fn(ctx);
+		calls++;
+		c = thread_cpu_s();
+	} while (c - c0 < min_time);
+	return (struct tm2){ (double)(moe_now_ns() - t0) * 1e-9 / (double)calls, (c - c0) / (double)calls };
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+	qsort(v, (size_t)n, sizeof(double), cmp_d);
+	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static struct tm2 median2(const struct tm2 *v, int n)
+{
+	double w[100], c[100];
+	for (int i = 0; i < n; i++)
+		w[i] = v[i].wall, c[i] = v[i].cpu;
+	return (struct tm2){ median(w, n), median(c, n) };
+}
+
+/* ---- ours ------------------------------------------------------------------- */
+
+struct ours {
+	struct ffn_layout L;
+	struct copies cp;
+	const float *x;
+	float *y;
+	uint32_t B;
+	enum moe_dtype dt;
+};
+
+static void ours_run(void *p)
+{
+	struct ours *o = p;
+	if (ffn_expert(&o->L, copies_next(&o->cp), o->x, N_HID, o->B, o->y, N_HID, NULL, 0, 1)) {
+		fprintf(stderr, "ffn-vs-openblas: ffn_expert failed\n");
+		exit(1);
+	}
+}
+
+static float frand(uint64_t *s)
+{
+	*s = *s * 6364136223846793005ull + 1442695040888963407ull;
+	return (float)((*s >> 40) / 8388608.0) - 1.0f;
+}
+
+static void ours_init(struct ours *o, enum moe_dtype dt)
+{
+	struct moe_model_config cfg;
+	struct pack_part_desc parts[3];
+	uint64_t rb_in, rb_dn, off = 0;
+	struct moe_error err = { { 0 } };
+
+	memset(&cfg, 0, sizeof(cfg));
+	moe_model_set_family_defaults(&cfg, MOE_FAMILY_DEEPSEEK_V2);
+	cfg.hidden = N_HID;
+	cfg.expert_width = M_WID;
+	moe_dtype_row_bytes(dt, N_HID, &rb_in);
+	moe_dtype_row_bytes(dt, M_WID, &rb_dn);
+	parts[0] = (struct pack_part_desc){ PACK_ROLE_GATE, dt, M_WID, N_HID, off, rb_in * M_WID };
+	off += MOE_ALIGN_UP(rb_in * M_WID, 4096ull);
+	parts[1] = (struct pack_part_desc){ PACK_ROLE_UP, dt, M_WID, N_HID, off, rb_in * M_WID };
+	off += MOE_ALIGN_UP(rb_in * M_WID, 4096ull);
+	parts[2] = (struct pack_part_desc){ PACK_ROLE_DOWN, dt, N_HID, M_WID, off, rb_dn * N_HID };
+	off += MOE_ALIGN_UP(rb_dn * N_HID, 4096ull);
+	if (ffn_layout_init(&o->L, &cfg, parts, 3, off, &err)) {
+		fprintf(stderr, "ffn-vs-openblas: %s\n", err.msg);
+		exit(1);
+	}
+	/* one expert of random weights (scale 0.03, like trained FFNs) */
+	uint8_t *one = calloc(1, off);
+	float *row = malloc(sizeof(float) * N_HID);
+	uint64_t s = 7;
+	for (int p = 0; p < 3; p++) {
+		const uint64_t rb = p < 2 ? rb_in : rb_dn;
+		for (uint32_t r = 0; r < parts[p].rows; r++) {
+			uint8_t *dst = one + parts[p].offset + r * rb;
+			for (uint32_t c = 0; c < parts[p].cols; c++)
+				row[c] = 0.03f * frand(&s);
+			switch (dt) {
+			case MOE_DTYPE_F32: memcpy(dst, row, 4ull * parts[p].cols); break;
+			case MOE_DTYPE_BF16:
+				for (uint32_t c = 0; c < parts[p].cols; c++) {
+					uint16_t h = moe_f32_to_bf16(row[c]);
+					memcpy(dst + 2 * c, &h, 2);
+				}
+				break;
+			case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(row, (void *)dst, parts[p].cols); break;
+			case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(row, (void *)dst, parts[p].cols); break;
+			default: abort();
+			}
+		}
+	}
+	copies_init(&o->cp, one, off);
+	free(one);
+	free(row);
+	o->dt = dt;
+}
+
+/* ---- OpenBLAS f32 ------------------------------------------------------------ */
+
+static float silu_mul(float g, float u)
+{
+	return g / (1.0f + expf(-g)) * u;
+}
+
+#ifdef HAVE_OPENBLAS
+struct blas {
+	struct copies cp; /* gate | up | down, f32 */
+	const float *x;
+	float *g, *u, *y;
+	uint32_t B;
+};
+
+static void blas_run(void *p)
+{
+	struct blas *b = p;
+	const float *w = (const float *)(const void *)copies_next(&b->cp);
+	const float *wg = w, *wu = w + (size_t)M_WID * N_HID, *wd = w + 2 * (size_t)M_WID * N_HID;
+	if (b->B == 1) {
+		cblas_sgemv(CblasRowMajor, CblasNoTrans, M_WID, N_HID, 1.0f, wg, N_HID, b->x, 1, 0.0f, b->g, 1);
+		cblas_sgemv(CblasRowMajor, CblasNoTrans, M_WID, N_HID, 1.0f, wu, N_HID, b->x, 1, 0.0f, b->u, 1);
+		for (int i = 0; i < M_WID; i++)
+			b->g[i] = silu_mul(b->g[i], b->u[i]);
+		cblas_sgemv(CblasRowMajor, CblasNoTrans, N_HID, M_WID, 1.0f, wd, M_WID, b->g, 1, 0.0f, b->y, 1);
+	} else {
+		const int B = (int)b->B;
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, M_WID, N_HID, 1.0f, b->x, N_HID, wg, N_HID,
+			    0.0f, b->g, M_WID);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, M_WID, N_HID, 1.0f, b->x, N_HID, wu, N_HID,
+			    0.0f, b->u, M_WID);
+		for (size_t i = 0; i < (size_t)B * M_WID; i++)
+			b->g[i] = silu_mul(b->g[i], b->u[i]);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, N_HID, M_WID, 1.0f, b->g, M_WID, wd, M_WID,
+			    0.0f, b->y, N_HID);
+	}
+}
+#endif
+
+/* ---- oneDNN bf16 --------------------------------------------------------------- */
+
+#ifdef HAVE_DNNL
+struct dnn {
+	struct copies cp;   /* gate | up | down, bf16 */
+	dnnl_engine_t eng;
+	dnnl_stream_t st;
+	dnnl_primitive_t mm_in, mm_dn; /* [B x n] x [n x m] and [B x m] x [m x n] */
+	dnnl_memory_desc_t src_in, wei_in, dst_in, src_dn, wei_dn, dst_dn;
+	uint16_t *xb, *hb;
+	const float *x;
+	float *g, *u, *y;
+	uint32_t B;
+	bool ok;
+};
+
+static bool dnnl_mm(struct dnn *d, int B, int K, int N, dnnl_memory_desc_t *src, dnnl_memory_desc_t *wei,
+		    dnnl_memory_desc_t *dst, dnnl_primitive_t *prim)
+{
+	dnnl_dims_t sd = { B, K }, ss = { K, 1 }, wd = { K, N }, ws = { 1, K }, dd = { B, N }, ds = { N, 1 };
+	dnnl_matmul_desc_t desc;
+	dnnl_primitive_desc_t pd;
+	/* weights stored [N x K] row-major, i.e. the K x N matrix with strides (1, K) */
+	if (dnnl_memory_desc_init_by_strides(src, 2, sd, dnnl_bf16, ss) ||
+	    dnnl_memory_desc_init_by_strides(wei, 2, wd, dnnl_bf16, ws) ||
+	    dnnl_memory_desc_init_by_strides(dst, 2, dd, dnnl_f32, ds) ||
+	    dnnl_matmul_desc_init(&desc, src, wei, NULL, dst) ||
+	    dnnl_primitive_desc_create(&pd, &desc, NULL, d->eng, NULL))
+		return false;
+	bool ok = dnnl_primitive_create(prim, pd) == dnnl_success;
+	dnnl_primitive_desc_destroy(pd);
+	return ok;
+}
+
+static bool exec_mm(struct dnn *d, dnnl_primitive_t p, const dnnl_memory_desc_t *smd, void *s,
+		    const dnnl_memory_desc_t *wmd, const void *w, const dnnl_memory_desc_t *dmd, void *o)
+{
+	dnnl_memory_t ms, mw, mo;
+	bool ok = !dnnl_memory_create(&ms, smd, d->eng, s) && !dnnl_memory_create(&mw, wmd, d->eng, (void *)w) &&
+		  !dnnl_memory_create(&mo, dmd, d->eng, o);
+	if (ok) {
+		dnnl_exec_arg_t args[3] = { { DNNL_ARG_SRC, ms }, { DNNL_ARG_WEIGHTS, mw }, { DNNL_ARG_DST, mo } };
+		ok = !dnnl_primitive_execute(p, d->st, 3, args) && !dnnl_stream_wait(d->st);
+		dnnl_memory_destroy(ms);
+		dnnl_memory_destroy(mw);
+		dnnl_memory_destroy(mo);
+	}
+	return ok;
+}
+
+static void dnn_run(void *p)
+{
+	struct dnn *d = p;
+	const uint16_t *w = (const uint16_t *)(const void *)copies_next(&d->cp);
+	const uint16_t *wg = w, *wu = w + (size_t)M_WID * N_HID, *wd = w + 2 * (size_t)M_WID * N_HID;
+	const size_t B = d->B;
+	/* x arrives as f32 (as our kernels get it): the conversion is part of the call */
+	for (size_t i = 0; i < B * N_HID; i++)
+		d->xb[i] = moe_f32_to_bf16(d->x[i]);
+	bool ok = exec_mm(d, d->mm_in, &d->src_in, d->xb, &d->wei_in, wg, &d->dst_in, d->g) &&
+		  exec_mm(d, d->mm_in, &d->src_in, d->xb, &d->wei_in, wu, &d->dst_in, d->u);
+	for (size_t i = 0; ok && i < B * M_WID; i++)
+		d->hb[i] = moe_f32_to_bf16(silu_mul(d->g[i], d->u[i]));
+	ok = ok && exec_mm(d, d->mm_dn, &d->src_dn, d->hb, &d->wei_dn, wd, &d->dst_dn, d->y);
+	if (!ok) {
+		fprintf(stderr, "ffn-vs-openblas: oneDNN execution failed\n");
+		exit(1);
+	}
+}
+#endif
+
+/* ---- read-only bandwidth --------------------------------------------------------- */
+
+struct rsum {
+	struct copies *cp;
+	volatile double sink; /* keeps the compiler from dropping the (pure) sums */
+};
+
+__attribute__((target("avx512f"))) static double sum512(const float *p, size_t n)
+{
+	__m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+	for (size_t i = 0; i + 64 <= n; i += 64) {
+		a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
+		a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
+		a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
+		a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
+	}
+	return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+__attribute__((target("avx2"))) static double sum256(const float *p, size_t n)
+{
+	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+	for (size_t i = 0; i + 32 <= n; i += 32) {
+		a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
+		a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
+		a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
+		a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
+	}
+	float t[8];
+	_mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+	return (double)t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+}
+
+static bool have512;
+
+static void rsum_run(void *p)
+{
+	struct rsum *r = p;
+	const float *b = (const float *)(const void *)copies_next(r->cp);
+	const size_t nf = r->cp->stride / 4;
+	r->sink += have512 ? sum512(b, nf) : sum256(b, nf);
+}
+
+/* ---- main ------------------------------------------------------------------------ */
+
+struct row {
+	char name[48];
+	uint32_t B;
+	double s;      /* median CPU seconds per call */
+	double wall;   /* median wall seconds per call */
+	double bytes;  /* weight bytes per call */
+	bool valid;
+};
+
+static void print_row(const struct row *r)
+{
+	if (!r->valid) {
+		printf("%-30s %4u %10s %8s %10s %10s\n", r->name, r->B, "n/a", "n/a", "n/a", "n/a");
+		return;
+	}
+	if (r->B)
+		printf("%-30s %4u %10.1f %8.2f %10.1f %10.1f\n", r->name, r->B, r->B / r->s, r->bytes / r->s * 1e-9,
+		       r->s * 1e6, r->wall * 1e6);
+	else
+		printf("%-30s %4s %10s %8.2f %10.1f %10.1f\n", r->name, "-", "-", r->bytes / r->s * 1e-9, r->s * 1e6,
+		       r->wall * 1e6);
+}
+
+static void load_avg(char *buf, size_t len)
+{
+	FILE *f = fopen("/proc/loadavg", "r");
+	buf[0] = 0;
+	if (f) {
+		if (!fgets(buf, (int)len, f))
+			buf[0] = 0;
+		fclose(f);
+		buf[strcspn(buf, "\n")] = 0;
+	}
+}
+
+int main(int argc, char **argv)
+{
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--quick"))
+			quick = true;
+		else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
+			reps = atoi(argv[++i]);
+		else {
+			fprintf(stderr, "usage: %s [--quick] [--reps N]\n", argv[0]);
+			return 2;
+		}
+	}
+	if (quick) {
+		min_time = 0.08;
+		if (reps > 3)
+			reps = 3;
+	}
+	if (reps < 1 || reps > 100)
+		reps = 5;
+	__builtin_cpu_init();
+	have512 = __builtin_cpu_supports("avx512f");
+	char la[128];
+	load_avg(la, sizeof(la));
+	const char *ct = getenv("OPENBLAS_CORETYPE");
+	printf("ffn-vs-openblas: DeepSeek-V2-Lite expert n=%d m=%d, one thread, cold weights (%s MiB rotation), "
+	       "%d reps x >= %.2f s, medians\n", N_HID, M_WID, quick ? "256" : "1100", reps, min_time);
+#ifdef HAVE_OPENBLAS
+	openblas_set_num_threads(1);
+	printf("our path: %s; OpenBLAS core: %s (OPENBLAS_CORETYPE=%s); loadavg at start: %s\n",
+	       ffn_isa_name(ffn_get_isa()), openblas_get_corename(), ct ? ct : "(unset)", la);
+#else
+	printf("our path: %s; OpenBLAS: not built; loadavg at start: %s\n", ffn_isa_name(ffn_get_isa()), la);
+#endif
+
+	static const uint32_t Bs[] = { 1, 16, 64 };
+	static const enum moe_dtype dts[] = { MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0 };
+	struct row rows[32];
+	int nr = 0;
+	double s_ours[4][3], s_blas[3] = { 0 }, s_dnn[3] = { 0 };
+	struct tm2 m;
+	bool blas_ok = false, dnn_ok = false;
+	float *x = malloc(sizeof(float) * 64 * N_HID), *y = malloc(sizeof(float) * 64 * N_HID);
+	uint64_t seed = 3;
+	for (int i = 0; i < 64 * N_HID; i++)
+		x[i] = frand(&seed);
+	const double f32_bytes = 3.0 * N_HID * M_WID * 4;
+
+	/* f32 first: ours and OpenBLAS share the same cold copies, interleaved */
+	for (size_t d = 0; d < 4; d++) {
+		struct ours o;
+		ours_init(&o, dts[d]);
+		o.x = x;
+		o.y = y;
+#ifdef HAVE_OPENBLAS
+		struct blas b = { .x = x, .g = malloc(sizeof(float) * 64 * M_WID),
+				  .u = malloc(sizeof(float) * 64 * M_WID), .y = y };
+		if (dts[d] == MOE_DTYPE_F32)
+			b.cp = o.cp; /* the f32 layout is gate | up | down, 4 KiB aligned: the same bytes */
+#endif
+#ifdef HAVE_DNNL
+		struct dnn dn = { 0 };
+		if (dts[d] == MOE_DTYPE_BF16) {
+			dn.cp = o.cp;
+			dn.ok = !dnnl_engine_create(&dn.eng, dnnl_cpu, 0) && !dnnl_stream_create(&dn.st, dn.eng, dnnl_stream_default_flags);
+			dn.xb = malloc(2 * 64 * N_HID);
+			dn.hb = malloc(2 * 64 * M_WID);
+			dn.g = malloc(sizeof(float) * 64 * M_WID);
+			dn.u = malloc(sizeof(float) * 64 * M_WID);
+			dn.x = x;
+			dn.y = y;
+		}
+#endif
+		struct rsum rs = { .cp = &o.cp };
+		for (size_t bi = 0; bi < 3; bi++) {
+			struct tm2 v_ours[100], v_peer[100], v_dnn[100], v_rs[100];
+			bool peer = false, dpeer = false;
+			o.B = Bs[bi];
+#ifdef HAVE_OPENBLAS
+			peer = dts[d] == MOE_DTYPE_F32;
+			b.B = Bs[bi];
+#endif
+#ifdef HAVE_DNNL
+			if (dts[d] == MOE_DTYPE_BF16 && Bs[bi] > 1 && dn.ok) {
+				dn.B = Bs[bi];
+				if (dn.mm_in)
+					dnnl_primitive_destroy(dn.mm_in), dnnl_primitive_destroy(dn.mm_dn);
+				dn.mm_in = dn.mm_dn = NULL;
+				dpeer = dnnl_mm(&dn, (int)dn.B, N_HID, M_WID, &dn.src_in, &dn.wei_in, &dn.dst_in, &dn.mm_in) &&
+					dnnl_mm(&dn, (int)dn.B, M_WID, N_HID, &dn.src_dn, &dn.wei_dn, &dn.dst_dn, &dn.mm_dn);
+				if (!dpeer)
+					printf("oneDNN: no bf16 matmul for B=%u on this CPU\n", dn.B);
+			}
+#endif
+			for (int r = 0; r < reps; r++) {
+				v_ours[r] = time_calls(ours_run, &o);
+#ifdef HAVE_OPENBLAS
+				if (peer)
+					v_peer[r] = time_calls(blas_run, &b);
+#endif
+#ifdef HAVE_DNNL
+				if (dpeer)
+					v_dnn[r] = time_calls(dnn_run, &dn);
+#endif
+				if (d == 1 && bi == 0)
+					v_rs[r] = time_calls(rsum_run, &rs);
+			}
+			(void)v_peer, (void)v_dnn;
+			m = median2(v_ours, reps);
+			s_ours[d][bi] = m.cpu;
+			struct row *R = &rows[nr++];
+			*R = (struct row){ .B = Bs[bi], .s = m.cpu, .wall = m.wall, .bytes = (double)o.L.weight_bytes, .valid = true };
+			snprintf(R->name, sizeof(R->name), "ours %s (%s)", moe_dtype_name(dts[d]), ffn_isa_name(ffn_get_isa()));
+#ifdef HAVE_OPENBLAS
+			if (peer) {
+				m = median2(v_peer, reps);
+				s_blas[bi] = m.cpu;
+				blas_ok = true;
+				R = &rows[nr++];
+				*R = (struct row){ .B = Bs[bi], .s = m.cpu, .wall = m.wall, .bytes = f32_bytes, .valid = true };
+				snprintf(R->name, sizeof(R->name), "OpenBLAS f32 %s", Bs[bi] == 1 ? "sgemv" : "sgemm");
+			}
+#endif
+#ifdef HAVE_DNNL
+			if (dts[d] == MOE_DTYPE_BF16 && Bs[bi] > 1) {
+				R = &rows[nr++];
+				*R = (struct row){ .B = Bs[bi], .bytes = f32_bytes / 2, .valid = dpeer };
+				if (dpeer) {
+					m = median2(v_dnn, reps);
+					s_dnn[bi] = m.cpu;
+					R->s = m.cpu;
+					R->wall = m.wall;
+					dnn_ok = true;
+				}
+				snprintf(R->name, sizeof(R->name), "oneDNN bf16 matmul");
+			}
+#endif
+			if (d == 1 && bi == 0) {
+				m = median2(v_rs, reps);
+				R = &rows[nr++];
+				*R = (struct row){ .B = 0, .s = m.cpu, .wall = m.wall, .bytes = (double)o.cp.stride, .valid = true };
+				snprintf(R->name, sizeof(R->name), "read-only sum (%s)", have512 ? "avx512" : "avx2");
+			}
+		}
+#ifdef HAVE_DNNL
+		if (dts[d] == MOE_DTYPE_BF16) {
+			if (dn.mm_in)
+				dnnl_primitive_destroy(dn.mm_in), dnnl_primitive_destroy(dn.mm_dn);
+			if (dn.ok)
+				dnnl_stream_destroy(dn.st), dnnl_engine_destroy(dn.eng);
+			free(dn.xb), free(dn.hb), free(dn.g), free(dn.u);
+		}
+#endif
+#ifdef HAVE_OPENBLAS
+		free(b.g), free(b.u);
+#endif
+		copies_free(&o.cp);
+	}
+	(void)s_dnn, (void)dnn_ok, (void)blas_ok, (void)s_blas;
+
+	printf("\n(tokens/s, GB/s of weights and us/call from thread CPU time; wall us/call for reference)\n");
+	printf("%-30s %4s %10s %8s %10s %10s\n", "kernel (whole expert FFN)", "B", "tokens/s", "GB/s", "cpu us", "wall us");
+	for (int i = 0; i < nr; i++)
+		print_row(&rows[i]);
+
+	load_avg(la, sizeof(la));
+	double rs_gbs = 0;
+	for (int i = 0; i < nr; i++)
+		if (rows[i].B == 0)
+			rs_gbs = rows[i].bytes / rows[i].s * 1e-9;
+	const double bf16_gbs = (3.0 * N_HID * M_WID * 2) / s_ours[1][0] * 1e-9;
+	const double q8_gbs = (3.0 * N_HID * M_WID / 32 * 34) / s_ours[2][0] * 1e-9;
+	printf("\nchecks (targets from machine.md section 5.7; loadavg at end: %s):\n", la);
+	printf("  bf16 1 token: %.2f GB/s = %.2fx the read-only sum (target >= 0.7)\n", bf16_gbs, bf16_gbs / rs_gbs);
+	printf("  q8_0 1 token: %.2f GB/s = %.2fx the read-only sum (target >= 0.7)\n", q8_gbs, q8_gbs / rs_gbs);
+	double ratio = 0;
+#ifdef HAVE_OPENBLAS
+	if (blas_ok) {
+		printf("  f32  1 token: ours / sgemv tokens/s = %.2fx (target >= 1.0)\n", s_blas[0] / s_ours[0][0]);
+		printf("  bf16 1 token: ours / sgemv tokens/s = %.2fx (target >= 1.8)\n", s_blas[0] / s_ours[1][0]);
+		printf("  q8_0 1 token: ours / sgemv tokens/s = %.2fx (target >= 1.8)\n", s_blas[0] / s_ours[2][0]);
+		for (int bi = 1; bi < 3; bi++)
+			printf("  f32 B=%u: ours / sgemm tokens/s = %.2fx\n", Bs[bi], s_blas[bi] / s_ours[0][bi]);
+		ratio = s_blas[0] / s_ours[1][0];
+	}
+#endif
+#ifdef HAVE_DNNL
+	for (int bi = 1; bi < 3; bi++)
+		if (s_dnn[bi] > 0)
+			printf("  bf16 B=%u: ours / oneDNN bf16 tokens/s = %.2fx (target >= 0.8)\n", Bs[bi],
+			       s_dnn[bi] / s_ours[1][bi]);
+		else
+			printf("  bf16 B=%u: oneDNN bf16 matmul unavailable on this CPU\n", Bs[bi]);
+#endif
+	free(x), free(y);
+	printf("ffn-vs-openblas: ratio=%.2f (ours bf16 / OpenBLAS f32 sgemv, tokens/s, 1 token)\n", ratio);
+	return 0;
+}

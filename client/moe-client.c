@@ -1,0 +1,476 @@
+/* moe-client - talk to moetierd as an inference engine would: info,
+ * acquire, bench (ring round trips), replay (routing traces). */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "moetier/moetier.h"
+#include "trace.h"
+
+static const char *sock_path, *model_name;
+static int spin_us = -1;
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: moe-client [--socket PATH] [--model NAME] COMMAND [ARGS]\n"
+		   "  info                          model, arenas and capabilities\n"
+		   "  acquire LAYER EXPERT...       acquire experts, print where they are, release\n"
+		   "          [--nowait] [--gpu]\n"
+		   "  bench [--seconds S] [--clients N]\n"
+		   "                                ACQUIRE+RELEASE round trips/s with 1 and N clients\n"
+		   "  replay [--nowait-only] [--tokens N] TRACE...\n"
+		   "                                replay routing traces (CSV) through the daemon\n"
+		   "See moe-client(1).\n");
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int connect_or_die(moet_ctx **c, const char *name)
+{
+	struct moet_connect_opts o = { sizeof(o), sock_path, model_name, name, MOET_CAP_RING, 0, spin_us };
+	int rc = moet_connect(&o, c);
+	if (rc) {
+		fprintf(stderr, "moe-client: %s", moet_strerror(rc));
+		if (*moet_last_error(NULL))
+			fprintf(stderr, ": %s", moet_last_error(NULL));
+		fprintf(stderr, "\n");
+	}
+	return rc;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+static uint64_t pct(uint64_t *v, size_t n, double q)
+{
+	if (!n)
+		return 0;
+	size_t i = (size_t)(q * (double)(n - 1) + 0.5);
+	return v[i];
+}
+
+static int cmd_info(void)
+{
+	moet_ctx *c;
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	if (connect_or_die(&c, "moe-client info"))
+		return 1;
+	moet_model_info(c, &mi);
+	printf("model:        %s\n", mi.name);
+	printf("protocol:     %u (client id %u)\n", mi.protocol, mi.client_id);
+	printf("experts:      %u per layer, top-%u, %u MoE layers (first %u, step %u)\n", mi.n_experts, mi.top_k,
+	       mi.n_moe_layers, mi.first_moe_layer, mi.moe_layer_step);
+	printf("shape:        hidden %u, expert width %u, %" PRIu64 " bytes per expert\n", mi.hidden, mi.expert_width,
+	       mi.expert_bytes);
+	printf("host arena:   %u slots of %" PRIu64 " bytes%s\n", mi.n_slots[1], mi.slot_bytes[1],
+	       moet_slot_ptr(c, 1, 0) ? " (mapped read-only)" : "");
+	printf("GPU arena:    %u slots of %" PRIu64 " bytes%s\n", mi.n_slots[0], mi.slot_bytes[0],
+	       moet_slot_ptr(c, 0, 0) ? " (emulated, mapped read-only)" : "");
+	printf("capabilities:%s%s%s%s%s%s\n", mi.caps & MOET_CAP_RING ? " ring" : "",
+	       mi.caps & MOET_CAP_HOST_ARENA ? " host-arena" : "", mi.caps & MOET_CAP_GPU_EMU ? " gpu-emulated" : "",
+	       mi.caps & MOET_CAP_GPU_VMM ? " gpu-vmm" : "", mi.caps & MOET_CAP_ROUTE ? " route" : "",
+	       mi.caps & MOET_CAP_ADMIN ? " admin" : "");
+	moet_close(c);
+	return 0;
+}
+
+static int cmd_acquire(int argc, char **argv)
+{
+	unsigned flags = 0, n = 0;
+	uint32_t layer = 0, ids[MOET_MAX_BATCH];
+	bool have_layer = false;
+	for (int i = 0; i < argc; i++) {
+		if (!strcmp(argv[i], "--nowait"))
+			flags |= MOET_F_NOWAIT;
+		else if (!strcmp(argv[i], "--gpu"))
+			flags |= MOET_F_WANT_GPU;
+		else {
+			char *end;
+			unsigned long v = strtoul(argv[i], &end, 10);
+			if (*end || end == argv[i] || v > UINT32_MAX) {
+				fprintf(stderr, "moe-client acquire: bad number '%s'\n", argv[i]);
+				return 2;
+			}
+			if (!have_layer) {
+				layer = (uint32_t)v;
+				have_layer = true;
+			} else if (n < MOET_MAX_BATCH) {
+				ids[n++] = (uint32_t)v;
+			} else {
+				fprintf(stderr, "moe-client acquire: at most %d experts\n", MOET_MAX_BATCH);
+				return 2;
+			}
+		}
+	}
+	if (!n) {
+		fprintf(stderr, "moe-client acquire: need LAYER EXPERT...\n");
+		return 2;
+	}
+	moet_ctx *c;
+	if (connect_or_die(&c, "moe-client acquire"))
+		return 1;
+	int32_t slots[MOET_MAX_BATCH];
+	uint8_t tiers[MOET_MAX_BATCH];
+	moet_lease lease;
+	uint64_t t0 = now_ns();
+	int rc = moet_acquire(c, layer, ids, n, flags, slots, tiers, &lease);
+	uint64_t t1 = now_ns();
+	if (rc < 0) {
+		fprintf(stderr, "moe-client acquire: %s\n", moet_strerror(rc));
+		moet_close(c);
+		return 1;
+	}
+	printf("layer %u: %d of %u served in %.1f us, lease %#" PRIx64 "\n", layer, rc, n, (double)(t1 - t0) / 1e3, lease);
+	for (unsigned i = 0; i < n; i++) {
+		if (slots[i] < 0) {
+			printf("  expert %-5u miss\n", ids[i]);
+			continue;
+		}
+		const uint8_t *p = moet_slot_ptr(c, tiers[i], slots[i]);
+		printf("  expert %-5u %s slot %-5d", ids[i], tiers[i] == 0 ? "gpu " : "host", slots[i]);
+		if (p)
+			printf(" first bytes %02x %02x %02x %02x", p[0], p[1], p[2], p[3]);
+		printf("\n");
+	}
+	rc = moet_release(c, lease);
+	moet_close(c);
+	if (rc) {
+		fprintf(stderr, "moe-client acquire: release: %s\n", moet_strerror(rc));
+		return 1;
+	}
+	return 0;
+}
+
+/* One bench worker: ACQUIRE+RELEASE of a resident expert for `secs`.
+ * Writes round trips and per-round-trip latencies (ns) into *res. */
+struct bench_res {
+	uint64_t trips;
+	uint64_t p50, p99;
+	int rc;
+};
+
+static void bench_worker(double secs, unsigned wid, struct bench_res *res)
+{
+	moet_ctx *c;
+	res->rc = connect_or_die(&c, "moe-client bench");
+	if (res->rc)
+		return;
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	moet_model_info(c, &mi);
+	uint32_t id = wid % (mi.n_experts ? mi.n_experts : 1);
+	int32_t slot;
+	moet_lease lease;
+	/* Warm: load it once (blocking), keep it pinned by a lease meanwhile. */
+	int rc = moet_acquire(c, 0, &id, 1, 0, &slot, NULL, &lease);
+	if (rc != 1) {
+		res->rc = rc < 0 ? rc : -ENOBUFS;
+		moet_close(c);
+		return;
+	}
+	size_t cap = 1 << 20, n = 0;
+	uint64_t *lat = malloc(cap * sizeof(*lat));
+	uint64_t end = now_ns() + (uint64_t)(secs * 1e9);
+	moet_lease l2;
+	while (lat) {
+		uint64_t t0 = now_ns();
+		rc = moet_acquire(c, 0, &id, 1, MOET_F_NOWAIT, &slot, NULL, &l2);
+		if (rc >= 0)
+			rc = moet_release(c, l2);
+		uint64_t t1 = now_ns();
+		if (rc < 0) {
+			res->rc = rc;
+			break;
+		}
+		if (n < cap)
+			lat[n++] = t1 - t0;
+		res->trips++;
+		if (t1 >= end)
+			break;
+	}
+	moet_release(c, lease);
+	if (lat) {
+		qsort(lat, n, sizeof(*lat), cmp_u64);
+		res->p50 = pct(lat, n, 0.5);
+		res->p99 = pct(lat, n, 0.99);
+	}
+	free(lat);
+	moet_close(c);
+}
+
+static int bench_run(unsigned nclients, double secs, double *rate, uint64_t *p50, uint64_t *p99)
+{
+	struct bench_res *res = mmap(NULL, sizeof(*res) * nclients, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (res == MAP_FAILED)
+		return -errno;
+	memset(res, 0, sizeof(*res) * nclients);
+	uint64_t t0 = now_ns();
+	for (unsigned i = 0; i < nclients; i++) {
+		pid_t p = fork();
+		if (p == 0) {
+			bench_worker(secs, i, &res[i]);
+			_exit(0);
+		}
+	}
+	int bad = 0;
+	for (unsigned i = 0; i < nclients; i++) {
+		int st;
+		if (wait(&st) < 0 || !WIFEXITED(st) || WEXITSTATUS(st))
+			bad = -ECHILD;
+	}
+	double el = (double)(now_ns() - t0) / 1e9;
+	uint64_t trips = 0;
+	*p50 = *p99 = 0;
+	for (unsigned i = 0; i < nclients; i++) {
+		if (res[i].rc)
+			bad = res[i].rc;
+		trips += res[i].trips;
+		*p50 = res[i].p50 > *p50 ? res[i].p50 : *p50;
+		*p99 = res[i].p99 > *p99 ? res[i].p99 : *p99;
+	}
+	*rate = (double)trips / el;
+	munmap(res, sizeof(*res) * nclients);
+	return bad;
+}
+
+static int cmd_bench(int argc, char **argv)
+{
+	double secs = 2.0;
+	unsigned many = 4;
+	for (int i = 0; i < argc; i++) {
+		if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
+			secs = atof(argv[++i]);
+		else if (!strcmp(argv[i], "--clients") && i + 1 < argc)
+			many = (unsigned)atoi(argv[++i]);
+		else {
+			fprintf(stderr, "moe-client bench: unknown argument '%s'\n", argv[i]);
+			return 2;
+		}
+	}
+	if (secs <= 0 || secs > 600 || many < 1 || many > 64) {
+		fprintf(stderr, "moe-client bench: --seconds in (0, 600], --clients in [1, 64]\n");
+		return 2;
+	}
+	double r1, rn;
+	uint64_t a50, a99, b50, b99;
+	int rc = bench_run(1, secs, &r1, &a50, &a99);
+	if (!rc)
+		rc = bench_run(many, secs, &rn, &b50, &b99);
+	if (rc) {
+		fprintf(stderr, "moe-client bench: %s\n", moet_strerror(rc));
+		return 1;
+	}
+	printf("%-10s %14s %12s %12s\n", "clients", "round trips/s", "p50 us", "p99 us");
+	printf("%-10u %14.0f %12.2f %12.2f\n", 1u, r1, (double)a50 / 1e3, (double)a99 / 1e3);
+	printf("%-10u %14.0f %12.2f %12.2f\n", many, rn, (double)b50 / 1e3, (double)b99 / 1e3);
+	printf("(one round trip = ACQUIRE NOWAIT of a resident expert + RELEASE, both through the ring;\n"
+	       " p50/p99 are the worst client's)\n");
+	printf("moe-client bench: ratio=%.2f (%u clients / 1 client, round trips/s)\n", rn / r1, many);
+	return 0;
+}
+
+static void progress(size_t done, size_t total, bool tty)
+{
+	if (!tty || !total)
+		return;
+	int w = 40, k = (int)((double)done / (double)total * w);
+	fprintf(stderr, "\r[%.*s%*s] %zu/%zu tokens", k, "########################################", w - k, "", done, total);
+	if (done == total)
+		fprintf(stderr, "\n");
+}
+
+static int cmd_replay(int argc, char **argv)
+{
+	bool nowait_only = false;
+	long max_tokens = -1;
+	int first = -1;
+	for (int i = 0; i < argc; i++) {
+		if (!strcmp(argv[i], "--nowait-only"))
+			nowait_only = true;
+		else if (!strcmp(argv[i], "--tokens") && i + 1 < argc)
+			max_tokens = atol(argv[++i]);
+		else if (argv[i][0] == '-' && argv[i][1]) {
+			fprintf(stderr, "moe-client replay: unknown option '%s'\n", argv[i]);
+			return 2;
+		} else if (first < 0)
+			first = i;
+	}
+	if (first < 0) {
+		fprintf(stderr, "moe-client replay: need TRACE files\n");
+		return 2;
+	}
+	moet_ctx *c;
+	if (connect_or_die(&c, "moe-client replay"))
+		return 1;
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	moet_model_info(c, &mi);
+	bool tty = isatty(2);
+	uint64_t lookups = 0, hit[2] = { 0, 0 }, miss = 0, unserved = 0, stall_ns = 0;
+	size_t n_lat = 0, cap_lat = 1 << 16, tokens = 0;
+	uint64_t *lat = malloc(cap_lat * sizeof(*lat));
+	bool folded = false;
+	int rc = 0;
+	uint64_t t_start = now_ns();
+	for (int a = first; a < argc && rc == 0 && lat; a++) {
+		if (argv[a][0] == '-')
+			continue;
+		if (!strcmp(argv[a], "--tokens")) {
+			a++;
+			continue;
+		}
+		struct trace *tr;
+		struct moe_error err;
+		if ((rc = trace_load(argv[a], &tr, &err))) {
+			fprintf(stderr, "moe-client replay: %s\n", err.msg);
+			break;
+		}
+		if (tr->n_layers > mi.n_moe_layers || tr->max_expert >= mi.n_experts)
+			folded = true;
+		size_t nt = tr->n_tokens;
+		if (max_tokens >= 0 && (size_t)max_tokens < nt)
+			nt = (size_t)max_tokens;
+		for (size_t t = 0; t < nt && rc == 0; t++) {
+			for (uint32_t li = 0; li < tr->n_layers && rc == 0; li++) {
+				uint8_t cnt = tr->count[(size_t)t * tr->n_layers + li];
+				if (!cnt)
+					continue;
+				/* A trace from a bigger model is folded onto this one. */
+				uint32_t layer = li % mi.n_moe_layers, ids[MOET_MAX_BATCH];
+				unsigned n = 0;
+				const uint16_t *row = trace_row(tr, (uint32_t)t, li);
+				for (unsigned k = 0; k < cnt && n < MOET_MAX_BATCH; k++) {
+					uint32_t e = row[k] % mi.n_experts;
+					bool dup = false;
+					for (unsigned j = 0; j < n; j++)
+						dup |= ids[j] == e;
+					if (!dup)
+						ids[n++] = e;
+				}
+				int32_t slots[MOET_MAX_BATCH];
+				uint8_t tiers[MOET_MAX_BATCH];
+				moet_lease l1 = 0, l2 = 0;
+				uint64_t t0 = now_ns();
+				int r = moet_acquire(c, layer, ids, n, MOET_F_NOWAIT, slots, tiers, &l1);
+				if (r < 0) {
+					rc = r;
+					break;
+				}
+				lookups += n;
+				uint32_t missing[MOET_MAX_BATCH];
+				unsigned nm = 0;
+				for (unsigned k = 0; k < n; k++) {
+					if (slots[k] >= 0)
+						hit[tiers[k] ? 1 : 0]++;
+					else
+						missing[nm++] = ids[k];
+				}
+				miss += nm;
+				if (nm && !nowait_only) {
+					uint64_t s0 = now_ns();
+					int32_t s2[MOET_MAX_BATCH];
+					r = moet_acquire(c, layer, missing, nm, 0, s2, NULL, &l2);
+					if (r < 0) {
+						rc = r;
+						break;
+					}
+					unserved += nm - (unsigned)r;
+					stall_ns += now_ns() - s0;
+				}
+				uint64_t t1 = now_ns();
+				if (n_lat == cap_lat) {
+					uint64_t *nl = realloc(lat, 2 * cap_lat * sizeof(*lat));
+					if (nl) {
+						lat = nl;
+						cap_lat *= 2;
+					}
+				}
+				if (n_lat < cap_lat)
+					lat[n_lat++] = t1 - t0;
+				if ((r = moet_release(c, l1)) || (r = moet_release(c, l2))) {
+					rc = r;
+					break;
+				}
+			}
+			tokens++;
+			if (tokens % 16 == 0 || t + 1 == nt)
+				progress(t + 1, nt, tty);
+		}
+		trace_free(tr);
+	}
+	double el = (double)(now_ns() - t_start) / 1e9;
+	if (rc) {
+		fprintf(stderr, "moe-client replay: %s\n", moet_strerror(rc));
+		free(lat);
+		moet_close(c);
+		return 1;
+	}
+	qsort(lat, n_lat, sizeof(*lat), cmp_u64);
+	double L = lookups ? (double)lookups : 1;
+	printf("replayed %zu tokens, %" PRIu64 " expert lookups in %.2f s%s\n", tokens, lookups, el,
+	       folded ? " (trace folded onto the model: layer % layers, expert % experts)" : "");
+	printf("hit rate:      gpu %.1f%%  host %.1f%%  miss %.1f%%\n", 100.0 * (double)hit[0] / L,
+	       100.0 * (double)hit[1] / L, 100.0 * (double)miss / L);
+	printf("stall time:    %.3f s total, %.1f us per token%s\n", (double)stall_ns / 1e9,
+	       tokens ? (double)stall_ns / 1e3 / (double)tokens : 0.0, nowait_only ? " (--nowait-only: misses not waited for)" : "");
+	printf("acquire:       p50 %.1f us  p99 %.1f us (per layer, misses included)\n",
+	       (double)pct(lat, n_lat, 0.5) / 1e3, (double)pct(lat, n_lat, 0.99) / 1e3);
+	if (unserved)
+		printf("unserved:      %" PRIu64 " experts could not be loaded in time\n", unserved);
+	free(lat);
+	moet_close(c);
+	return unserved ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+	int i = 1;
+	for (; i < argc; i++) {
+		if (!strcmp(argv[i], "--socket") && i + 1 < argc)
+			sock_path = argv[++i];
+		else if (!strncmp(argv[i], "--socket=", 9))
+			sock_path = argv[i] + 9;
+		else if (!strcmp(argv[i], "--model") && i + 1 < argc)
+			model_name = argv[++i];
+		else if (!strcmp(argv[i], "--spin-us") && i + 1 < argc)
+			spin_us = atoi(argv[++i]);
+		else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+			usage(stdout);
+			return 0;
+		} else if (!strcmp(argv[i], "--version")) {
+			printf("moe-client %s\n", PACKAGE_VERSION);
+			return 0;
+		} else
+			break;
+	}
+	if (i >= argc) {
+		usage(stderr);
+		return 2;
+	}
+	const char *cmd = argv[i++];
+	if (!strcmp(cmd, "info"))
+		return cmd_info();
+	if (!strcmp(cmd, "acquire"))
+		return cmd_acquire(argc - i, argv + i);
+	if (!strcmp(cmd, "bench"))
+		return cmd_bench(argc - i, argv + i);
+	if (!strcmp(cmd, "replay"))
+		return cmd_replay(argc - i, argv + i);
+	fprintf(stderr, "moe-client: unknown command '%s'\n", cmd);
+	usage(stderr);
+	return 2;
+}

@@ -1,0 +1,1392 @@
+/* cache.c - residency state machine, leases, promotion and eviction (see cache.h).
+ *
+ * Locking: c->mu protects every field below marked [mu]. The I/O thread owns
+ * the tier_nvme engine and the tier_gpu arena (both single-owner) and talks
+ * to the callers through a job list [mu] and a wake eventfd; callers wait on
+ * c->cv, broadcast whenever a load or copy finishes. The I/O thread never
+ * holds c->mu while it calls into tier_nvme or tier_gpu, and the CRC32C of a
+ * fresh load is computed without the lock: the slot is LOADING and owned by
+ * that load, so nothing else reads or writes it.
+ */
+#define _GNU_SOURCE
+#include "cache.h"
+
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+#include "fault.h"
+#include "policy.h"
+#include "tier_gpu.h"
+#include "tier_host.h"
+#include "tier_nvme.h"
+
+#define NONE UINT32_MAX
+#define T_GPU 0
+#define T_HOST 1
+
+struct slot_state {
+	uint32_t owner;  /* expert id, or NONE when free */
+	uint32_t gen;    /* bumped at every change of owner */
+	uint32_t refs;   /* client leases */
+	uint32_t iref;   /* internal holds (source of a host -> GPU copy) */
+	uint64_t token;  /* GPU: token of the copy in flight */
+};
+
+struct expert_state {
+	uint8_t st[2];        /* enum cache_residency per memory tier */
+	uint8_t crc_fails;    /* CRC mismatches during the current host load */
+	bool prefetch;        /* current host load is a prefetch nobody demanded */
+	bool prefetched;      /* loaded by a prefetch and not used since */
+	bool cancel_asked;    /* a cancel of its (prefetch) load was requested */
+	bool want_gpu;        /* promote to the GPU as soon as the host load lands */
+	uint32_t slot[2];
+	uint32_t pins[2];
+	uint32_t seq;         /* bumped when a load or copy of it finishes */
+	int err;              /* result of the last failed load/copy, 0 if none */
+};
+
+struct lease_rec {
+	uint32_t slot, gen, count;
+	uint8_t tier;
+};
+
+struct client {
+	uint32_t id;
+	bool used;
+	struct lease_rec *v;
+	size_t n, cap;
+};
+
+enum job_kind { JOB_LOAD, JOB_PROMOTE, JOB_CANCEL, JOB_GPU_COPY, JOB_GPU_EVICT };
+
+struct job {
+	enum job_kind kind;
+	uint32_t expert, slot, gslot;
+	bool prefetch;
+	struct job *next;
+};
+
+struct cache {
+	struct pack_file *pack;
+	struct cache_config cfg;
+	uint32_t n_layers, n_experts, n_ids;
+	uint64_t payload, extent;
+
+	struct stats *st;
+	struct tier_host *host;
+	struct tier_nvme *nvme;
+	struct tier_gpu *gpu;
+	uint32_t n_gslots;
+
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	struct expert_state *ex;     /* [n_ids] [mu] */
+	struct slot_state *hslot;    /* [host slots] [mu] */
+	struct slot_state *gslot;    /* [gpu slots] [mu] */
+	uint32_t *gfree;             /* free GPU slots (stack) [mu] */
+	uint32_t n_gfree;
+	struct policy *pol[2];       /* [mu] */
+	struct client *clients;      /* [max_clients] [mu] */
+	unsigned n_clients;
+	struct job *jobs_head, *jobs_tail; /* [mu] */
+	unsigned busy;               /* loads + copies queued or in flight [mu] */
+	uint64_t calls;              /* acquire calls, the policies' clock [mu] */
+	bool stop;                   /* [mu] */
+
+	int wake_efd;                /* wakes the I/O thread */
+	int ready_efd;               /* cache_eventfd() */
+	pthread_t io;
+	bool io_started;
+	const char *engine;
+};
+
+/* ---- small helpers (all under c->mu) -------------------------------------- */
+
+static uint32_t id_of(const struct cache *c, struct cache_key k) { return k.layer * c->n_experts + k.expert; }
+static uint32_t layer_of(const struct cache *c, uint32_t id) { return id / c->n_experts; }
+static uint32_t expert_of(const struct cache *c, uint32_t id) { return id % c->n_experts; }
+
+static void notify_ready(struct cache *c)
+{
+	uint64_t one = 1;
+	if (write(c->ready_efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		moe_debug("cache: ready eventfd: %s", strerror(errno));
+	pthread_cond_broadcast(&c->cv);
+}
+
+static void wake_io(struct cache *c)
+{
+	uint64_t one = 1;
+	if (write(c->wake_efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		moe_debug("cache: wake eventfd: %s", strerror(errno));
+}
+
+static int push_job(struct cache *c, enum job_kind kind, uint32_t expert, uint32_t slot, uint32_t gslot,
+		    bool prefetch)
+{
+	struct job *j = calloc(1, sizeof(*j));
+	if (!j)
+		return -ENOMEM;
+	*j = (struct job){ .kind = kind, .expert = expert, .slot = slot, .gslot = gslot, .prefetch = prefetch };
+	if (c->jobs_tail)
+		c->jobs_tail->next = j;
+	else
+		c->jobs_head = j;
+	c->jobs_tail = j;
+	wake_io(c);
+	return 0;
+}
+
+static void update_gauges(struct cache *c)
+{
+	int64_t used = 0, leased = 0;
+	uint32_t nh = tier_host_n_slots(c->host);
+	for (uint32_t s = 0; s < nh; s++) {
+		used += c->hslot[s].owner != NONE;
+		leased += c->hslot[s].refs > 0;
+	}
+	stats_gauge_set(c->st, GAUGE_host_slots_used, used);
+	stats_gauge_set(c->st, GAUGE_host_slots_leased, leased);
+	used = leased = 0;
+	for (uint32_t s = 0; s < c->n_gslots; s++) {
+		used += c->gslot[s].owner != NONE;
+		leased += c->gslot[s].refs > 0;
+	}
+	stats_gauge_set(c->st, GAUGE_gpu_slots_used, used);
+	stats_gauge_set(c->st, GAUGE_gpu_slots_leased, leased);
+	int64_t ncl = 0;
+	for (unsigned i = 0; i < c->n_clients; i++)
+		ncl += c->clients[i].used && c->clients[i].n > 0;
+	stats_gauge_set(c->st, GAUGE_clients_with_leases, ncl);
+}
+
+static struct slot_state *slot_of(struct cache *c, int tier, uint32_t slot)
+{
+	if (tier == T_HOST)
+		return slot < tier_host_n_slots(c->host) ? &c->hslot[slot] : NULL;
+	return slot < c->n_gslots ? &c->gslot[slot] : NULL;
+}
+
+/* Frees a slot of tier t held by expert id and marks the expert ABSENT
+ * there. The caller has checked that nothing holds it. */
+static void drop_slot(struct cache *c, uint32_t id, int t)
+{
+	struct expert_state *e = &c->ex[id];
+	uint32_t s = e->slot[t];
+	struct slot_state *ss = slot_of(c, t, s);
+	ss->owner = NONE;
+	ss->gen++;
+	ss->refs = ss->iref = 0;
+	if (t == T_HOST) {
+		tier_host_free(c->host, s);
+	} else {
+		c->gfree[c->n_gfree++] = s;
+		/* The arena itself is driven by the I/O thread; it clears the
+		 * slot before any later copy into it (jobs run in order). */
+		push_job(c, JOB_GPU_EVICT, id, NONE, s, false);
+	}
+	e->slot[t] = NONE;
+	e->st[t] = CACHE_ABSENT;
+	if (c->pol[t])
+		policy_remove(c->pol[t], id);
+}
+
+static bool gpu_evictable(struct cache *c, uint32_t id)
+{
+	const struct expert_state *e = &c->ex[id];
+	if (e->st[T_GPU] != CACHE_RESIDENT || e->pins[T_GPU])
+		return false;
+	const struct slot_state *ss = &c->gslot[e->slot[T_GPU]];
+	return ss->refs == 0 && ss->iref == 0;
+}
+
+static bool host_evictable(struct cache *c, uint32_t id)
+{
+	const struct expert_state *e = &c->ex[id];
+	if (e->st[T_HOST] != CACHE_RESIDENT || e->pins[T_HOST])
+		return false;
+	const struct slot_state *ss = &c->hslot[e->slot[T_HOST]];
+	if (ss->refs || ss->iref)
+		return false;
+	/* Inclusive: the GPU copy goes with it, so it must be free too. */
+	if (!c->cfg.exclusive && e->st[T_GPU] != CACHE_ABSENT && !gpu_evictable(c, id))
+		return false;
+	return true;
+}
+
+static bool filter_host(void *ctx, uint32_t id) { return host_evictable(ctx, id); }
+static bool filter_gpu(void *ctx, uint32_t id) { return gpu_evictable(ctx, id); }
+
+static void evict_gpu(struct cache *c, uint32_t id)
+{
+	c->ex[id].st[T_GPU] = CACHE_EVICTING;
+	drop_slot(c, id, T_GPU);
+	stats_inc(c->st, STAT_cache_evictions_gpu);
+}
+
+static void evict_host(struct cache *c, uint32_t id)
+{
+	struct expert_state *e = &c->ex[id];
+	if (!c->cfg.exclusive && e->st[T_GPU] == CACHE_RESIDENT)
+		evict_gpu(c, id);
+	e->st[T_HOST] = CACHE_EVICTING;
+	e->prefetched = false;
+	drop_slot(c, id, T_HOST);
+	stats_inc(c->st, STAT_cache_evictions_host);
+}
+
+/* Asks the I/O thread to cancel one queued prefetch nobody demanded, so
+ * that its slot comes back. */
+static void cancel_one_prefetch(struct cache *c)
+{
+	for (uint32_t id = 0; id < c->n_ids; id++) {
+		struct expert_state *e = &c->ex[id];
+		if (e->st[T_HOST] == CACHE_LOADING && e->prefetch && !e->cancel_asked) {
+			e->cancel_asked = true;
+			push_job(c, JOB_CANCEL, id, e->slot[T_HOST], NONE, true);
+			return;
+		}
+	}
+}
+
+/* A free host slot, evicting if needed: slot number, -ENOBUFS when nothing
+ * can be evicted, -ENOMEM on an allocation failure. */
+static int alloc_host(struct cache *c, bool demand)
+{
+	for (;;) {
+		int s = tier_host_alloc(c->host, 0);
+		if (s >= 0 || s != -ENOSPC)
+			return s;
+		uint32_t v = policy_victim(c->pol[T_HOST], 0, filter_host, c);
+		if (v == POLICY_NONE) {
+			if (demand)
+				cancel_one_prefetch(c);
+			return -ENOBUFS;
+		}
+		evict_host(c, v);
+	}
+}
+
+static int alloc_gpu(struct cache *c)
+{
+	if (FAULT_HIT(FAULT_GPU_ALLOC)) {
+		stats_inc(c->st, STAT_faults_injected);
+		return -ENOMEM;
+	}
+	for (;;) {
+		if (c->n_gfree)
+			return (int)c->gfree[--c->n_gfree];
+		uint32_t v = policy_victim(c->pol[T_GPU], 0, filter_gpu, c);
+		if (v == POLICY_NONE)
+			return -ENOBUFS;
+		evict_gpu(c, v);
+	}
+}
+
+/* Starts an NVMe -> host load of id. 0 or a negative errno. */
+static int start_host_load(struct cache *c, uint32_t id, bool prefetch)
+{
+	struct expert_state *e = &c->ex[id];
+	int s = alloc_host(c, !prefetch);
+	if (s < 0)
+		return s;
+	struct slot_state *ss = &c->hslot[s];
+	ss->owner = id;
+	ss->gen++;
+	e->slot[T_HOST] = (uint32_t)s;
+	e->st[T_HOST] = CACHE_LOADING;
+	e->crc_fails = 0;
+	e->prefetch = prefetch;
+	e->prefetched = false;
+	e->cancel_asked = false;
+	e->err = 0;
+	int rc = push_job(c, JOB_LOAD, id, (uint32_t)s, NONE, prefetch);
+	if (rc < 0) {
+		drop_slot(c, id, T_HOST);
+		return rc;
+	}
+	c->busy++;
+	if (prefetch)
+		stats_inc(c->st, STAT_cache_prefetches);
+	return 0;
+}
+
+/* Starts a host -> GPU copy of a host-resident id. */
+static int start_gpu_copy(struct cache *c, uint32_t id)
+{
+	struct expert_state *e = &c->ex[id];
+	int g = alloc_gpu(c);
+	if (g < 0)
+		return g;
+	struct slot_state *gs = &c->gslot[g];
+	gs->owner = id;
+	gs->gen++;
+	e->slot[T_GPU] = (uint32_t)g;
+	e->st[T_GPU] = CACHE_LOADING;
+	e->err = 0;
+	c->hslot[e->slot[T_HOST]].iref++;
+	int rc = push_job(c, JOB_GPU_COPY, id, e->slot[T_HOST], (uint32_t)g, false);
+	if (rc < 0) {
+		c->hslot[e->slot[T_HOST]].iref--;
+		e->slot[T_GPU] = NONE;
+		e->st[T_GPU] = CACHE_ABSENT;
+		gs->owner = NONE;
+		gs->gen++;
+		c->gfree[c->n_gfree++] = (uint32_t)g;
+		return rc;
+	}
+	c->busy++;
+	return 0;
+}
+
+/* ---- leases -------------------------------------------------------------- */
+
+static struct client *client_get(struct cache *c, uint32_t client, bool create)
+{
+	struct client *free_one = NULL;
+	for (unsigned i = 0; i < c->n_clients; i++) {
+		if (c->clients[i].used && c->clients[i].id == client)
+			return &c->clients[i];
+		/* An id with no lease left holds no state: its entry is reusable. */
+		if ((!c->clients[i].used || c->clients[i].n == 0) && !free_one)
+			free_one = &c->clients[i];
+	}
+	if (!create)
+		return NULL;
+	if (!free_one) {
+		if (c->n_clients == c->cfg.max_clients)
+			return NULL;
+		free_one = &c->clients[c->n_clients++];
+	}
+	free_one->used = true;
+	free_one->id = client;
+	free_one->n = 0;
+	return free_one;
+}
+
+static int lease_add(struct cache *c, struct client *cl, int t, uint32_t slot)
+{
+	struct slot_state *ss = slot_of(c, t, slot);
+	for (size_t i = 0; i < cl->n; i++) {
+		struct lease_rec *r = &cl->v[i];
+		if (r->tier == t && r->slot == slot && r->gen == ss->gen) {
+			r->count++;
+			ss->refs++;
+			return 0;
+		}
+	}
+	if (cl->n == cl->cap) {
+		size_t cap = cl->cap ? cl->cap * 2 : 16;
+		struct lease_rec *nv = realloc(cl->v, cap * sizeof(*nv));
+		if (!nv)
+			return -ENOMEM;
+		cl->v = nv;
+		cl->cap = cap;
+	}
+	cl->v[cl->n++] = (struct lease_rec){ .slot = slot, .gen = ss->gen, .count = 1, .tier = (uint8_t)t };
+	ss->refs++;
+	return 0;
+}
+
+/* A lease dropped to zero refs: in an exclusive cache, a host copy whose
+ * expert now lives on the GPU is let go. */
+static void after_unref(struct cache *c, int t, uint32_t slot)
+{
+	struct slot_state *ss = slot_of(c, t, slot);
+	if (t != T_HOST || !c->cfg.exclusive || ss->refs || ss->iref || ss->owner == NONE)
+		return;
+	uint32_t id = ss->owner;
+	if (c->ex[id].st[T_GPU] == CACHE_RESIDENT && !c->ex[id].pins[T_HOST] && c->ex[id].st[T_HOST] == CACHE_RESIDENT) {
+		c->ex[id].st[T_HOST] = CACHE_EVICTING;
+		drop_slot(c, id, T_HOST);
+	}
+}
+
+/* ---- acquire ------------------------------------------------------------- */
+
+enum { TRY_DONE, TRY_WAIT };
+
+/* One entry: serves it (status 0), starts or joins a load (TRY_WAIT with
+ * *seq set to the expert's sequence), or fails it. */
+static int try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned flags, bool first,
+		     uint32_t *seq, struct cache_loc *out)
+{
+	struct expert_state *e = &c->ex[id];
+	bool want_gpu = (flags & CACHE_WANT_GPU) && c->gpu;
+	int t = want_gpu ? T_GPU : T_HOST;
+	uint32_t l = layer_of(c, id), x = expert_of(c, id);
+
+	/* A caller without WANT_GPU needs host addresses: served from its tier. */
+	if (e->st[t] == CACHE_RESIDENT) {
+		int rc = lease_add(c, cl, t, e->slot[t]);
+		if (rc < 0) {
+			out->status = rc;
+			return TRY_DONE;
+		}
+		out->status = 0;
+		out->tier = (uint8_t)t;
+		out->slot = e->slot[t];
+		out->length = c->payload;
+		out->offset = t == T_HOST ? tier_host_offset(c->host, e->slot[t])
+					  : tier_gpu_slot_addr(c->gpu, e->slot[t]) - tier_gpu_slot_addr(c->gpu, 0);
+		out->lease = (struct cache_lease){ .slot = e->slot[t], .generation = slot_of(c, t, e->slot[t])->gen,
+						   .tier = (uint8_t)t };
+		stats_inc(c->st, STAT_cache_leases);
+		if (first) {
+			stats_inc(c->st, t == T_GPU ? STAT_cache_hits_gpu : STAT_cache_hits_host);
+			stats_expert_add(c->st, l, x, STAT_EXPERT_HITS, 1);
+			if (c->pol[t])
+				policy_hit(c->pol[t], id);
+		}
+		if (e->prefetched) {
+			e->prefetched = false;
+			stats_inc(c->st, STAT_cache_prefetch_hits);
+		}
+		return TRY_DONE;
+	}
+	if (first) {
+		stats_inc(c->st, STAT_cache_misses);
+		stats_expert_add(c->st, l, x, STAT_EXPERT_MISSES, 1);
+	}
+	if (flags & CACHE_NO_LOAD) {
+		out->status = -EAGAIN;
+		return TRY_DONE;
+	}
+	/* The previous load failed and this caller was not waiting on it:
+	 * report the failure once (NOWAIT) so a bad extent is not re-read in
+	 * a tight loop; a blocking caller retries from scratch. */
+	if ((flags & CACHE_NOWAIT) && e->err && e->st[T_HOST] == CACHE_ABSENT && first) {
+		out->status = e->err;
+		e->err = 0;
+		return TRY_DONE;
+	}
+	int rc = 0;
+	if (e->st[T_HOST] == CACHE_ABSENT) {
+		rc = start_host_load(c, id, false);
+		if (rc == 0)
+			e->want_gpu |= want_gpu;
+	} else if (e->st[T_HOST] == CACHE_LOADING) {
+		if (e->prefetch) {
+			/* A demand now waits on a prefetch: move it up. */
+			e->prefetch = false;
+			push_job(c, JOB_PROMOTE, id, e->slot[T_HOST], NONE, false);
+		}
+		e->want_gpu |= want_gpu;
+		if (first)
+			stats_inc(c->st, STAT_cache_joined_loads);
+	} else if (want_gpu && e->st[T_HOST] == CACHE_RESIDENT && e->st[T_GPU] == CACHE_ABSENT) {
+		rc = start_gpu_copy(c, id);
+	} else if (want_gpu && e->st[T_GPU] == CACHE_LOADING && first) {
+		stats_inc(c->st, STAT_cache_joined_loads);
+	}
+	if (rc < 0) {
+		out->status = rc;
+		/* No slot now: a blocking caller waits for one to free up. */
+		if (rc == -ENOBUFS && !(flags & CACHE_NOWAIT)) {
+			*seq = UINT32_MAX;
+			return TRY_WAIT;
+		}
+		if (rc == -ENOBUFS)
+			stats_inc(c->st, STAT_cache_no_slot);
+		return TRY_DONE;
+	}
+	out->status = -EAGAIN;
+	if (flags & CACHE_NOWAIT) {
+		stats_inc(c->st, STAT_cache_nowait_misses);
+		return TRY_DONE;
+	}
+	*seq = e->seq;
+	return TRY_WAIT;
+}
+
+static void deadline_after(struct timespec *ts, unsigned ms)
+{
+	clock_gettime(CLOCK_REALTIME, ts);
+	ts->tv_sec += ms / 1000;
+	ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
+int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys, size_t n, unsigned flags,
+		  struct cache_loc *out)
+{
+	if (!c || (n && (!keys || !out)))
+		return -EINVAL;
+	if (n > (1u << 20))
+		return -E2BIG;
+	uint32_t *seq = NULL;
+	if (!(flags & CACHE_NOWAIT) && n) {
+		seq = calloc(n, sizeof(*seq));
+		if (!seq)
+			return -ENOMEM;
+	}
+	pthread_mutex_lock(&c->mu);
+	struct client *cl = client_get(c, client, true);
+	if (!cl) {
+		pthread_mutex_unlock(&c->mu);
+		free(seq);
+		return -EMFILE;
+	}
+	c->calls++;
+	if (n && keys[0].layer < c->n_layers) {
+		for (int t = 0; t < 2; t++)
+			if (c->pol[t])
+				policy_begin(c->pol[t], c->calls, keys[0].layer);
+	}
+	size_t waiting = 0, served = 0;
+	for (size_t i = 0; i < n; i++) {
+		memset(&out[i], 0, sizeof(out[i]));
+		stats_inc(c->st, STAT_cache_acquires);
+		if (keys[i].layer >= c->n_layers || keys[i].expert >= c->n_experts) {
+			out[i].status = -EINVAL;
+			stats_inc(c->st, STAT_cache_rejects);
+			continue;
+		}
+		uint32_t s = 0;
+		if (try_entry(c, cl, id_of(c, keys[i]), flags, true, &s, &out[i]) == TRY_WAIT) {
+			seq[i] = s;
+			waiting++;
+		} else if (out[i].status == 0) {
+			served++;
+		}
+	}
+	if (waiting) {
+		uint64_t t0 = moe_now_ns();
+		stats_inc(c->st, STAT_cache_stalls);
+		struct timespec dl;
+		deadline_after(&dl, c->cfg.wait_timeout_ms);
+		while (waiting) {
+			int rc = pthread_cond_timedwait(&c->cv, &c->mu, &dl);
+			waiting = 0;
+			/* An entry with no lease is reusable by another id while
+			 * we slept: look ours up again. */
+			cl = client_get(c, client, true);
+			if (!cl) {
+				for (size_t i = 0; i < n; i++)
+					if (out[i].status == -EAGAIN || out[i].status == -ENOBUFS)
+						out[i].status = -EMFILE;
+				break;
+			}
+			for (size_t i = 0; i < n; i++) {
+				if (out[i].status != -EAGAIN && out[i].status != -ENOBUFS)
+					continue;
+				if (keys[i].layer >= c->n_layers || keys[i].expert >= c->n_experts)
+					continue;
+				uint32_t id = id_of(c, keys[i]);
+				struct expert_state *e = &c->ex[id];
+				int t = (flags & CACHE_WANT_GPU) && c->gpu ? T_GPU : T_HOST;
+				/* The load this entry waited on ended in an error. */
+				if (seq[i] != UINT32_MAX && e->seq != seq[i] && e->err && e->st[t] != CACHE_RESIDENT &&
+				    e->st[t] != CACHE_LOADING && e->st[T_HOST] != CACHE_LOADING) {
+					out[i].status = e->err;
+					continue;
+				}
+				uint32_t s = 0;
+				if (try_entry(c, cl, id, flags, false, &s, &out[i]) == TRY_WAIT) {
+					seq[i] = s;
+					waiting++;
+				} else if (out[i].status == 0) {
+					served++;
+				}
+			}
+			if (waiting && rc == ETIMEDOUT) {
+				for (size_t i = 0; i < n; i++)
+					if (out[i].status == -EAGAIN || out[i].status == -ENOBUFS)
+						out[i].status = -ETIMEDOUT;
+				stats_inc(c->st, STAT_cache_timeouts);
+				break;
+			}
+		}
+		stats_hist_add(c->st, HIST_acquire_wait_ns, moe_now_ns() - t0);
+	}
+	update_gauges(c);
+	pthread_mutex_unlock(&c->mu);
+	free(seq);
+	return (int)served;
+}
+
+static int find_lease(struct client *cl, const struct cache_lease *lease)
+{
+	for (size_t i = 0; cl && i < cl->n; i++) {
+		struct lease_rec *r = &cl->v[i];
+		if (r->tier == lease->tier && r->slot == lease->slot && r->gen == lease->generation)
+			return (int)i;
+	}
+	return -1;
+}
+
+int cache_release(struct cache *c, uint32_t client, const struct cache_lease *lease)
+{
+	if (!c || !lease)
+		return -EINVAL;
+	pthread_mutex_lock(&c->mu);
+	struct client *cl = client_get(c, client, false);
+	int i = lease->tier <= T_HOST ? find_lease(cl, lease) : -1;
+	struct slot_state *ss = i >= 0 ? slot_of(c, lease->tier, lease->slot) : NULL;
+	if (i < 0 || !ss || ss->gen != lease->generation || ss->refs == 0) {
+		stats_inc(c->st, STAT_cache_stale_leases);
+		pthread_mutex_unlock(&c->mu);
+		return -ESTALE;
+	}
+	if (--cl->v[i].count == 0)
+		cl->v[i] = cl->v[--cl->n];
+	ss->refs--;
+	stats_inc(c->st, STAT_cache_releases);
+	after_unref(c, lease->tier, lease->slot);
+	/* A slot may have become evictable: blocked acquirers retry. */
+	if (ss->refs == 0)
+		pthread_cond_broadcast(&c->cv);
+	update_gauges(c);
+	pthread_mutex_unlock(&c->mu);
+	return 0;
+}
+
+int cache_lease_check(struct cache *c, uint32_t client, const struct cache_lease *lease)
+{
+	if (!c || !lease)
+		return -EINVAL;
+	pthread_mutex_lock(&c->mu);
+	struct client *cl = client_get(c, client, false);
+	int i = lease->tier <= T_HOST ? find_lease(cl, lease) : -1;
+	struct slot_state *ss = i >= 0 ? slot_of(c, lease->tier, lease->slot) : NULL;
+	int rc = ss && ss->gen == lease->generation && ss->refs > 0 ? 0 : -ESTALE;
+	if (rc)
+		stats_inc(c->st, STAT_cache_stale_leases);
+	pthread_mutex_unlock(&c->mu);
+	return rc;
+}
+
+size_t cache_release_client(struct cache *c, uint32_t client)
+{
+	if (!c)
+		return 0;
+	size_t dropped = 0;
+	pthread_mutex_lock(&c->mu);
+	struct client *cl = client_get(c, client, false);
+	if (cl) {
+		for (size_t i = 0; i < cl->n; i++) {
+			struct lease_rec *r = &cl->v[i];
+			struct slot_state *ss = slot_of(c, r->tier, r->slot);
+			ss->refs -= r->count;
+			dropped += r->count;
+			after_unref(c, r->tier, r->slot);
+		}
+		free(cl->v);
+		cl->v = NULL;
+		cl->n = cl->cap = 0;
+		cl->used = false;
+		stats_add(c->st, STAT_cache_client_releases, dropped);
+		pthread_cond_broadcast(&c->cv);
+	}
+	update_gauges(c);
+	pthread_mutex_unlock(&c->mu);
+	return dropped;
+}
+
+int cache_prefetch(struct cache *c, const struct cache_key *keys, size_t n, enum cache_tier tier)
+{
+	if (!c || (n && !keys) || (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
+		return -EINVAL;
+	int started = 0;
+	pthread_mutex_lock(&c->mu);
+	for (size_t i = 0; i < n; i++) {
+		if (keys[i].layer >= c->n_layers || keys[i].expert >= c->n_experts)
+			continue;
+		uint32_t id = id_of(c, keys[i]);
+		struct expert_state *e = &c->ex[id];
+		bool gpu = tier == CACHE_TIER_GPU && c->gpu;
+		if (e->st[T_HOST] == CACHE_ABSENT) {
+			if (start_host_load(c, id, true) == 0) {
+				e->want_gpu |= gpu;
+				started++;
+			}
+		} else if (gpu && e->st[T_HOST] == CACHE_RESIDENT && e->st[T_GPU] == CACHE_ABSENT) {
+			if (start_gpu_copy(c, id) == 0)
+				started++;
+		} else if (gpu && e->st[T_HOST] == CACHE_LOADING) {
+			e->want_gpu = true;
+		}
+	}
+	update_gauges(c);
+	pthread_mutex_unlock(&c->mu);
+	return started;
+}
+
+int cache_pin(struct cache *c, struct cache_key key, enum cache_tier tier)
+{
+	if (!c || key.layer >= c->n_layers || key.expert >= c->n_experts ||
+	    (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
+		return -EINVAL;
+	if (tier == CACHE_TIER_GPU && !c->gpu)
+		return -ENODEV;
+	pthread_mutex_lock(&c->mu);
+	uint32_t id = id_of(c, key);
+	struct expert_state *e = &c->ex[id];
+	e->pins[tier]++;
+	if (tier == CACHE_TIER_GPU && !c->cfg.exclusive)
+		e->pins[T_HOST]++;
+	stats_inc(c->st, STAT_cache_pins);
+	int rc = 0;
+	if (e->st[T_HOST] == CACHE_ABSENT && (tier == CACHE_TIER_HOST || e->st[T_GPU] == CACHE_ABSENT)) {
+		rc = start_host_load(c, id, false);
+		if (rc == 0)
+			e->want_gpu |= tier == CACHE_TIER_GPU;
+	} else if (tier == CACHE_TIER_GPU && e->st[T_HOST] == CACHE_RESIDENT && e->st[T_GPU] == CACHE_ABSENT) {
+		rc = start_gpu_copy(c, id);
+	}
+	if (rc < 0) {
+		/* The pin stays: the expert is loaded by the next acquire, and
+		 * then never evicted. Say why it is not there yet. */
+		moe_debug("cache: pin of layer %u expert %u: load not started (%s)", key.layer, key.expert,
+			  strerror(-rc));
+	}
+	update_gauges(c);
+	pthread_mutex_unlock(&c->mu);
+	return rc == -ENOBUFS ? 0 : rc;
+}
+
+int cache_unpin(struct cache *c, struct cache_key key, enum cache_tier tier)
+{
+	if (!c || key.layer >= c->n_layers || key.expert >= c->n_experts ||
+	    (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
+		return -EINVAL;
+	pthread_mutex_lock(&c->mu);
+	struct expert_state *e = &c->ex[id_of(c, key)];
+	int rc = 0;
+	if (e->pins[tier] == 0) {
+		rc = -ENOENT;
+	} else {
+		e->pins[tier]--;
+		if (tier == CACHE_TIER_GPU && !c->cfg.exclusive && e->pins[T_HOST])
+			e->pins[T_HOST]--;
+		pthread_cond_broadcast(&c->cv);
+	}
+	pthread_mutex_unlock(&c->mu);
+	return rc;
+}
+
+int cache_evict(struct cache *c, struct cache_key key, enum cache_tier tier)
+{
+	if (!c || key.layer >= c->n_layers || key.expert >= c->n_experts ||
+	    (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
+		return -EINVAL;
+	pthread_mutex_lock(&c->mu);
+	uint32_t id = id_of(c, key);
+	struct expert_state *e = &c->ex[id];
+	int rc;
+	if (tier == CACHE_TIER_GPU && !c->gpu)
+		rc = -ENOENT;
+	else if (e->st[tier] == CACHE_ABSENT)
+		rc = -ENOENT;
+	else if (tier == CACHE_TIER_GPU ? !gpu_evictable(c, id) : !host_evictable(c, id))
+		rc = -EBUSY;
+	else {
+		if (tier == CACHE_TIER_GPU)
+			evict_gpu(c, id);
+		else
+			evict_host(c, id);
+		rc = 0;
+		pthread_cond_broadcast(&c->cv);
+	}
+	update_gauges(c);
+	pthread_mutex_unlock(&c->mu);
+	return rc;
+}
+
+enum cache_residency cache_state(struct cache *c, struct cache_key key, enum cache_tier tier)
+{
+	if (!c || key.layer >= c->n_layers || key.expert >= c->n_experts || tier > CACHE_TIER_HOST)
+		return CACHE_ABSENT;
+	pthread_mutex_lock(&c->mu);
+	enum cache_residency r = c->ex[id_of(c, key)].st[tier];
+	pthread_mutex_unlock(&c->mu);
+	return r;
+}
+
+int cache_residency_bitmap(struct cache *c, enum cache_tier tier, uint32_t layer, uint64_t *words, size_t nwords)
+{
+	if (!c || !words || layer >= c->n_layers || tier > CACHE_TIER_HOST || nwords < (c->n_experts + 63) / 64)
+		return -EINVAL;
+	memset(words, 0, nwords * sizeof(*words));
+	int n = 0;
+	pthread_mutex_lock(&c->mu);
+	for (uint32_t x = 0; x < c->n_experts; x++) {
+		if (c->ex[layer * c->n_experts + x].st[tier] == CACHE_RESIDENT) {
+			words[x / 64] |= 1ull << (x % 64);
+			n++;
+		}
+	}
+	pthread_mutex_unlock(&c->mu);
+	return n;
+}
+
+int cache_arena(struct cache *c, enum cache_tier tier, struct cache_arena_info *out)
+{
+	if (!c || !out)
+		return -EINVAL;
+	memset(out, 0, sizeof(*out));
+	out->fd = -1;
+	if (tier == CACHE_TIER_HOST) {
+		out->base = tier_host_base(c->host);
+		out->bytes = tier_host_bytes(c->host);
+		out->fd = tier_host_fd(c->host);
+		out->slot_bytes = tier_host_slot_bytes(c->host, 0);
+		out->n_slots = tier_host_n_slots(c->host);
+		return 0;
+	}
+	if (tier == CACHE_TIER_GPU) {
+		if (!c->gpu)
+			return -ENODEV;
+		/* Emulated: a host pointer; vmm/uvm: a device address. */
+		out->base = (void *)(uintptr_t)tier_gpu_slot_addr(c->gpu, 0);
+		out->slot_bytes = tier_gpu_slot_stride(c->gpu);
+		out->n_slots = c->n_gslots;
+		out->bytes = out->slot_bytes * c->n_gslots;
+		return 0;
+	}
+	return -EINVAL;
+}
+
+void *cache_slot_ptr(struct cache *c, enum cache_tier tier, uint32_t slot)
+{
+	if (!c)
+		return NULL;
+	if (tier == CACHE_TIER_HOST)
+		return tier_host_ptr(c->host, slot);
+	if (tier == CACHE_TIER_GPU && c->gpu && tier_gpu_backend_of(c->gpu) == TIER_GPU_EMULATED && slot < c->n_gslots)
+		return (void *)(uintptr_t)tier_gpu_slot_addr(c->gpu, slot);
+	return NULL;
+}
+
+struct stats *cache_stats(struct cache *c) { return c ? c->st : NULL; }
+int cache_eventfd(struct cache *c) { return c ? c->ready_efd : -1; }
+const char *cache_io_engine(struct cache *c) { return c ? c->engine : "?"; }
+
+int cache_wait_idle(struct cache *c, unsigned timeout_ms)
+{
+	struct timespec dl;
+	deadline_after(&dl, timeout_ms);
+	int rc = 0;
+	pthread_mutex_lock(&c->mu);
+	while (c->busy && rc == 0)
+		rc = pthread_cond_timedwait(&c->cv, &c->mu, &dl);
+	int busy = (int)c->busy;
+	pthread_mutex_unlock(&c->mu);
+	return busy ? -ETIMEDOUT : 0;
+}
+
+int cache_check_invariants(struct cache *c, struct moe_error *err)
+{
+	int rc = 0;
+	pthread_mutex_lock(&c->mu);
+	uint32_t nslots[2] = { c->n_gslots, tier_host_n_slots(c->host) };
+	uint32_t *refs[2] = { calloc(nslots[0] + 1, sizeof(uint32_t)), calloc(nslots[1] + 1, sizeof(uint32_t)) };
+	if (!refs[0] || !refs[1]) {
+		rc = moe_error_set(err, -ENOMEM, "invariants: out of memory");
+		goto out;
+	}
+	for (uint32_t id = 0; id < c->n_ids && !rc; id++) {
+		struct expert_state *e = &c->ex[id];
+		for (int t = 0; t < 2 && !rc; t++) {
+			if (e->st[t] == CACHE_ABSENT) {
+				if (e->slot[t] != NONE)
+					rc = moe_error_set(err, -EUCLEAN, "expert %u tier %d ABSENT but holds slot %u", id, t,
+							   e->slot[t]);
+				continue;
+			}
+			if (e->st[t] == CACHE_EVICTING)
+				rc = moe_error_set(err, -EUCLEAN, "expert %u tier %d left EVICTING", id, t);
+			else if (e->slot[t] >= nslots[t] || slot_of(c, t, e->slot[t])->owner != id)
+				rc = moe_error_set(err, -EUCLEAN, "expert %u tier %d: slot %u not owned by it", id, t,
+						   e->slot[t]);
+		}
+		if (!rc && !c->cfg.exclusive && e->st[T_GPU] != CACHE_ABSENT && e->st[T_HOST] != CACHE_RESIDENT)
+			rc = moe_error_set(err, -EUCLEAN, "expert %u on the GPU but not resident in the inclusive host tier",
+					   id);
+	}
+	for (int t = 0; t < 2 && !rc; t++) {
+		for (uint32_t s = 0; s < nslots[t] && !rc; s++) {
+			struct slot_state *ss = slot_of(c, t, s);
+			bool is_free = t == T_HOST ? tier_host_is_free(c->host, s) : false;
+			if (t == T_GPU)
+				for (uint32_t k = 0; k < c->n_gfree; k++)
+					is_free |= c->gfree[k] == s;
+			if ((ss->owner == NONE) != is_free)
+				rc = moe_error_set(err, -EUCLEAN, "tier %d slot %u: owner %u but allocator says %s", t, s,
+						   ss->owner, is_free ? "free" : "used");
+			else if (ss->owner != NONE && c->ex[ss->owner].slot[t] != s)
+				rc = moe_error_set(err, -EUCLEAN, "tier %d slot %u: owner %u points at slot %u", t, s,
+						   ss->owner, c->ex[ss->owner].slot[t]);
+			else if (ss->refs && (ss->owner == NONE || c->ex[ss->owner].st[t] != CACHE_RESIDENT))
+				rc = moe_error_set(err, -EUCLEAN, "tier %d slot %u leased but not RESIDENT", t, s);
+		}
+	}
+	for (unsigned i = 0; i < c->n_clients && !rc; i++) {
+		struct client *cl = &c->clients[i];
+		for (size_t k = 0; cl->used && k < cl->n && !rc; k++) {
+			struct lease_rec *r = &cl->v[k];
+			if (r->tier > T_HOST || r->slot >= nslots[r->tier] || r->count == 0)
+				rc = moe_error_set(err, -EUCLEAN, "client %u: bad lease record", cl->id);
+			else if (slot_of(c, r->tier, r->slot)->gen != r->gen)
+				rc = moe_error_set(err, -EUCLEAN, "client %u holds a lease on tier %u slot %u whose generation moved (%u != %u)",
+						   cl->id, r->tier, r->slot, r->gen, slot_of(c, r->tier, r->slot)->gen);
+			else
+				refs[r->tier][r->slot] += r->count;
+		}
+	}
+	for (int t = 0; t < 2 && !rc; t++)
+		for (uint32_t s = 0; s < nslots[t] && !rc; s++)
+			if (refs[t][s] != slot_of(c, t, s)->refs)
+				rc = moe_error_set(err, -EUCLEAN, "tier %d slot %u: %u refs but %u lease records", t, s,
+						   slot_of(c, t, s)->refs, refs[t][s]);
+out:
+	pthread_mutex_unlock(&c->mu);
+	free(refs[0]);
+	free(refs[1]);
+	return rc;
+}
+
+/* ---- the I/O thread -------------------------------------------------------- */
+
+static void finish_host_load(struct cache *c, uint32_t id, int res)
+{
+	struct expert_state *e = &c->ex[id];
+	uint32_t l = layer_of(c, id), x = expert_of(c, id);
+	if (res == 0) {
+		e->st[T_HOST] = CACHE_RESIDENT;
+		e->prefetched = e->prefetch;
+		e->prefetch = false;
+		e->err = 0;
+		stats_inc(c->st, STAT_cache_loads_host);
+		stats_add(c->st, STAT_cache_load_bytes_host, c->payload);
+		stats_expert_add(c->st, l, x, STAT_EXPERT_LOADS, 1);
+		stats_expert_add(c->st, l, x, STAT_EXPERT_BYTES, c->payload);
+		if (c->pol[T_HOST])
+			policy_insert(c->pol[T_HOST], id, e->prefetched ? POLICY_F_PREFETCH : 0);
+		if (e->want_gpu && c->gpu && e->st[T_GPU] == CACHE_ABSENT) {
+			int rc = start_gpu_copy(c, id);
+			if (rc < 0 && rc != -ENOBUFS)
+				e->err = rc;
+		}
+		e->want_gpu = false;
+	} else {
+		bool cancelled = res == -ECANCELED;
+		e->st[T_HOST] = CACHE_EVICTING;
+		drop_slot(c, id, T_HOST);
+		e->prefetch = e->prefetched = e->want_gpu = false;
+		if (cancelled) {
+			stats_inc(c->st, STAT_cache_prefetch_cancels);
+			e->err = 0;
+		} else {
+			stats_inc(c->st, STAT_cache_load_errors);
+			e->err = res;
+			moe_warn("cache: loading layer %u expert %u failed: %s", l, x,
+				 res == -EBADMSG ? "CRC32C mismatch after a re-read" : strerror(-res));
+		}
+	}
+	e->seq++;
+	c->busy--;
+}
+
+static void finish_gpu_copy(struct cache *c, uint32_t id, int res)
+{
+	struct expert_state *e = &c->ex[id];
+	uint32_t hs = e->slot[T_HOST];
+	if (hs != NONE && c->hslot[hs].iref)
+		c->hslot[hs].iref--;
+	if (res == 0) {
+		e->st[T_GPU] = CACHE_RESIDENT;
+		stats_inc(c->st, STAT_cache_loads_gpu);
+		stats_add(c->st, STAT_cache_load_bytes_gpu, c->payload);
+		if (c->pol[T_GPU])
+			policy_insert(c->pol[T_GPU], id, 0);
+		if (hs != NONE)
+			after_unref(c, T_HOST, hs);
+	} else {
+		e->st[T_GPU] = CACHE_EVICTING;
+		drop_slot(c, id, T_GPU);
+		e->err = res;
+		stats_inc(c->st, STAT_cache_load_errors);
+		moe_warn("cache: copying layer %u expert %u to the GPU failed: %s", layer_of(c, id), expert_of(c, id),
+			 strerror(-res));
+	}
+	e->seq++;
+	c->busy--;
+}
+
+static void call_ready(struct cache *c, uint32_t id, int tier, int status)
+{
+	if (c->cfg.on_ready)
+		c->cfg.on_ready(c->cfg.on_ready_ctx, layer_of(c, id), expert_of(c, id), (enum cache_tier)tier, status);
+}
+
+static void run_jobs(struct cache *c, struct job *j)
+{
+	while (j) {
+		struct job *next = j->next;
+		switch (j->kind) {
+		case JOB_LOAD: {
+			const struct pack_index_entry *ie = pack_expert(c->pack, layer_of(c, j->expert),
+								       expert_of(c, j->expert));
+			struct tier_nvme_req rq = { .tag = j->expert, .offset = ie->offset, .len = c->extent,
+						    .buf = tier_host_ptr(c->host, j->slot), .buf_index = (int)j->slot,
+						    .prefetch = j->prefetch };
+			int rc = tier_nvme_queue(c->nvme, &rq);
+			if (rc < 0) {
+				pthread_mutex_lock(&c->mu);
+				finish_host_load(c, j->expert, rc);
+				notify_ready(c);
+				pthread_mutex_unlock(&c->mu);
+				call_ready(c, j->expert, T_HOST, rc);
+			}
+			break;
+		}
+		case JOB_PROMOTE:
+			tier_nvme_promote(c->nvme, j->expert);
+			break;
+		case JOB_CANCEL:
+			if (tier_nvme_cancel(c->nvme, j->expert) < 0) {
+				pthread_mutex_lock(&c->mu);
+				c->ex[j->expert].cancel_asked = false;
+				pthread_mutex_unlock(&c->mu);
+			}
+			break;
+		case JOB_GPU_EVICT:
+			/* -ENOENT: the slot never got its copy (a failed one). */
+			tier_gpu_evict(c->gpu, j->gslot, false);
+			break;
+		case JOB_GPU_COPY: {
+			struct moe_error err = { { 0 } };
+			uint64_t token = 0;
+			int rc;
+			if (FAULT_HIT(FAULT_GPU_COPY)) {
+				stats_inc(c->st, STAT_faults_injected);
+				rc = -EIO;
+			} else {
+				rc = tier_gpu_copy_in(c->gpu, j->gslot, tier_host_ptr(c->host, j->slot), c->payload,
+						      &token, &err);
+			}
+			pthread_mutex_lock(&c->mu);
+			if (rc < 0) {
+				moe_debug("cache: GPU copy: %s", err.msg);
+				finish_gpu_copy(c, j->expert, rc);
+				notify_ready(c);
+			} else {
+				c->gslot[j->gslot].token = token;
+			}
+			pthread_mutex_unlock(&c->mu);
+			if (rc < 0)
+				call_ready(c, j->expert, T_GPU, rc);
+			break;
+		}
+		}
+		free(j);
+		j = next;
+	}
+}
+
+/* A completed NVMe read: CRC check (outside the lock), then the state. */
+static void nvme_done(struct cache *c, const struct tier_nvme_cqe *q)
+{
+	uint32_t id = (uint32_t)q->tag;
+	int res = q->res;
+	if (res == 0) {
+		const struct pack_index_entry *ie = pack_expert(c->pack, layer_of(c, id), expert_of(c, id));
+		pthread_mutex_lock(&c->mu);
+		uint32_t slot = c->ex[id].slot[T_HOST];
+		pthread_mutex_unlock(&c->mu);
+		uint64_t t0 = moe_now_ns();
+		uint32_t crc = crc32c(tier_host_ptr(c->host, slot), ie->length);
+		stats_hist_add(c->st, HIST_crc_ns, moe_now_ns() - t0);
+		if (crc != ie->crc32c) {
+			stats_inc(c->st, STAT_cache_checksum_failures);
+			pthread_mutex_lock(&c->mu);
+			bool reread = c->ex[id].crc_fails++ == 0;
+			pthread_mutex_unlock(&c->mu);
+			if (reread) {
+				stats_inc(c->st, STAT_cache_checksum_rereads);
+				struct tier_nvme_req rq = { .tag = id, .offset = ie->offset, .len = c->extent,
+							    .buf = tier_host_ptr(c->host, slot), .buf_index = (int)slot };
+				if (tier_nvme_queue(c->nvme, &rq) == 0)
+					return;
+			}
+			res = -EBADMSG;
+		}
+	}
+	pthread_mutex_lock(&c->mu);
+	finish_host_load(c, id, res);
+	update_gauges(c);
+	notify_ready(c);
+	pthread_mutex_unlock(&c->mu);
+	call_ready(c, id, T_HOST, res);
+}
+
+static void gpu_done(struct cache *c, const struct tier_gpu_done *d)
+{
+	if (d->to_host)
+		return;
+	pthread_mutex_lock(&c->mu);
+	struct slot_state *gs = &c->gslot[d->slot];
+	uint32_t id = gs->owner;
+	bool ours = id != NONE && gs->token == d->token && c->ex[id].st[T_GPU] == CACHE_LOADING;
+	if (ours) {
+		finish_gpu_copy(c, id, d->rc);
+		update_gauges(c);
+		notify_ready(c);
+	}
+	pthread_mutex_unlock(&c->mu);
+	if (ours)
+		call_ready(c, id, T_GPU, d->rc);
+}
+
+static void *io_main(void *arg)
+{
+	struct cache *c = arg;
+	struct tier_nvme_cqe cq[32];
+	struct tier_gpu_done gd[32];
+	for (;;) {
+		pthread_mutex_lock(&c->mu);
+		struct job *j = c->jobs_head;
+		c->jobs_head = c->jobs_tail = NULL;
+		bool stop = c->stop;
+		pthread_mutex_unlock(&c->mu);
+		run_jobs(c, j);
+		if (stop)
+			break;
+		tier_nvme_submit(c->nvme);
+		int n;
+		while ((n = tier_nvme_reap(c->nvme, cq, MOE_ARRAY_SIZE(cq), 0)) > 0)
+			for (int i = 0; i < n; i++)
+				nvme_done(c, &cq[i]);
+		if (c->gpu)
+			while ((n = tier_gpu_reap(c->gpu, gd, MOE_ARRAY_SIZE(gd))) > 0)
+				for (int i = 0; i < n; i++)
+					gpu_done(c, &gd[i]);
+		/* Re-reads queued by nvme_done, or pread results: go round again. */
+		if (tier_nvme_queued(c->nvme) || tier_nvme_ready(c->nvme))
+			continue;
+		struct pollfd pf[3];
+		int np = 0;
+		pf[np++] = (struct pollfd){ .fd = c->wake_efd, .events = POLLIN };
+		int nfd = tier_nvme_eventfd(c->nvme);
+		if (nfd >= 0)
+			pf[np++] = (struct pollfd){ .fd = nfd, .events = POLLIN };
+		if (c->gpu)
+			pf[np++] = (struct pollfd){ .fd = tier_gpu_event_fd(c->gpu), .events = POLLIN };
+		/* Without an eventfd on the ring, poll it every millisecond. */
+		int timeout = nfd < 0 && tier_nvme_inflight(c->nvme) ? 1 : -1;
+		if (poll(pf, (nfds_t)np, timeout) > 0 && (pf[0].revents & POLLIN)) {
+			uint64_t v;
+			if (read(c->wake_efd, &v, sizeof(v)) < 0)
+				moe_debug("cache: wake eventfd read: %s", strerror(errno));
+		}
+	}
+	return NULL;
+}
+
+/* ---- create / destroy ------------------------------------------------------ */
+
+int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct cache **out, struct moe_error *err)
+{
+	*out = NULL;
+	if (!pack || !cfg)
+		return moe_error_set(err, -EINVAL, "cache: no pack or no configuration");
+	int rc = fault_init_env(err);
+	if (rc < 0)
+		return rc;
+	const struct moe_model_config *m = pack->model;
+	uint64_t n_ids64 = (uint64_t)m->n_moe_layers * m->n_experts;
+	if (!m->n_moe_layers || !m->n_experts || n_ids64 > (1u << 24))
+		return moe_error_set(err, -EINVAL, "cache: pack has %u MoE layers x %u experts", m->n_moe_layers,
+				     m->n_experts);
+	struct cache *c = calloc(1, sizeof(*c));
+	if (!c)
+		return moe_error_set(err, -ENOMEM, "cache: out of memory");
+	c->pack = pack;
+	c->cfg = *cfg;
+	if (!c->cfg.queue_depth)
+		c->cfg.queue_depth = 8;
+	if (!c->cfg.wait_timeout_ms)
+		c->cfg.wait_timeout_ms = 30000;
+	if (!c->cfg.max_clients)
+		c->cfg.max_clients = 1024;
+	c->n_layers = m->n_moe_layers;
+	c->n_experts = m->n_experts;
+	c->n_ids = (uint32_t)n_ids64;
+	c->payload = pack->hdr->extent_payload;
+	c->extent = pack_extent_bytes(pack);
+	c->wake_efd = c->ready_efd = -1;
+	pthread_mutex_init(&c->mu, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_cond_init(&c->cv, &ca);
+	pthread_condattr_destroy(&ca);
+
+	uint64_t n_host = c->extent ? cfg->host_bytes / c->extent : 0;
+	if (n_host == 0) {
+		rc = moe_error_set(err, -EINVAL, "cache: host arena of %llu bytes holds no %llu-byte expert",
+				   (unsigned long long)cfg->host_bytes, (unsigned long long)c->extent);
+		goto fail;
+	}
+	if (n_host > n_ids64)
+		n_host = n_ids64; /* more slots than experts would never be used */
+	c->st = stats_new(c->n_layers, c->n_experts);
+	c->ex = calloc(c->n_ids, sizeof(*c->ex));
+	c->clients = calloc(c->cfg.max_clients, sizeof(*c->clients));
+	if (!c->st || !c->ex || !c->clients) {
+		rc = moe_error_set(err, -ENOMEM, "cache: out of memory");
+		goto fail;
+	}
+	for (uint32_t i = 0; i < c->n_ids; i++)
+		c->ex[i].slot[0] = c->ex[i].slot[1] = NONE;
+
+	struct tier_host_class cls = { .slot_bytes = c->extent, .n_slots = (uint32_t)n_host };
+	struct tier_host_config hc = { .classes = &cls, .n_classes = 1,
+				       .numa_node = cfg->numa_mode == CACHE_NUMA_BIND ? cfg->numa_node
+						   : cfg->numa_mode == CACHE_NUMA_INTERLEAVE ? TIER_HOST_NUMA_INTERLEAVE
+						   : TIER_HOST_NUMA_DEFAULT,
+				       .mlock_required = cfg->mlock_required, .huge_pages = cfg->huge_pages };
+	rc = tier_host_create(&hc, c->st, &c->host, err);
+	if (rc < 0)
+		goto fail;
+	c->hslot = calloc(n_host, sizeof(*c->hslot));
+	if (!c->hslot) {
+		rc = moe_error_set(err, -ENOMEM, "cache: out of memory");
+		goto fail;
+	}
+	for (uint64_t s = 0; s < n_host; s++)
+		c->hslot[s].owner = NONE;
+
+	int fd = pack->fd_direct >= 0 ? pack->fd_direct : pack->fd;
+	if (pack->fd_direct < 0)
+		moe_warn("cache: %s has no O_DIRECT descriptor: loads go through the page cache", pack->path);
+	struct tier_nvme_config nc = { .queue_depth = c->cfg.queue_depth, .no_uring = cfg->no_uring,
+				       .sqpoll = cfg->sqpoll,
+				       .buffers = cfg->no_register ? NULL : tier_host_iovecs(c->host),
+				       .n_buffers = cfg->no_register ? 0 : tier_host_n_slots(c->host) };
+	rc = tier_nvme_create(fd, &nc, c->st, &c->nvme, err);
+	if (rc < 0)
+		goto fail;
+	c->engine = tier_nvme_engine(c->nvme);
+	stats_set_info(c->st, "nvme_engine", "%s", tier_nvme_engine_note(c->nvme));
+	stats_set_info(c->st, "host_arena", "%llu slots x %llu B, %s%s, populate %.1f ms", (unsigned long long)n_host,
+		       (unsigned long long)c->extent, tier_host_locked(c->host) ? "mlocked" : "NOT locked",
+		       tier_host_hugetlb(c->host) ? ", hugetlb" : "", (double)tier_host_populate_ns(c->host) / 1e6);
+	stats_set_info(c->st, "host_tier", "%s", cfg->exclusive ? "exclusive" : "inclusive");
+
+	if (cfg->gpu_bytes) {
+		if (FAULT_HIT(FAULT_GPU_ALLOC)) {
+			stats_inc(c->st, STAT_faults_injected);
+			rc = moe_error_set(err, -ENOMEM, "cache: GPU arena: allocation failed (injected fault gpu.alloc)");
+			goto fail;
+		}
+		struct tier_gpu_config gc = { .backend = cfg->gpu_backend ? cfg->gpu_backend : "emulated",
+					      .capacity = cfg->gpu_bytes, .slot_bytes = c->payload,
+					      .device = cfg->gpu_device };
+		rc = tier_gpu_create(&gc, &c->gpu, err);
+		if (rc < 0)
+			goto fail;
+		c->n_gslots = tier_gpu_nslots(c->gpu);
+		if (c->n_gslots > c->n_ids)
+			c->n_gslots = c->n_ids;
+		c->gslot = calloc(c->n_gslots, sizeof(*c->gslot));
+		c->gfree = calloc(c->n_gslots, sizeof(*c->gfree));
+		if (!c->gslot || !c->gfree) {
+			rc = moe_error_set(err, -ENOMEM, "cache: out of memory");
+			goto fail;
+		}
+		for (uint32_t s = 0; s < c->n_gslots; s++) {
+			c->gslot[s].owner = NONE;
+			c->gfree[c->n_gfree++] = c->n_gslots - 1 - s;
+		}
+		rc = tier_gpu_register_host(c->gpu, tier_host_base(c->host), tier_host_bytes(c->host), err);
+		if (rc < 0)
+			goto fail;
+		stats_gauge_set(c->st, GAUGE_gpu_slots, c->n_gslots);
+		stats_set_info(c->st, "gpu_backend", "%s", tier_gpu_backend_name(tier_gpu_backend_of(c->gpu)));
+	}
+
+	for (int t = 0; t < 2; t++) {
+		if (t == T_GPU && !c->gpu)
+			continue;
+		struct policy_config pc;
+		policy_config_default(&pc, c->n_layers, c->n_experts, t == T_HOST ? (uint32_t)n_host : c->n_gslots,
+				      false);
+		rc = policy_create(cfg->policy ? cfg->policy : "lru", &pc, &c->pol[t], err);
+		if (rc < 0)
+			goto fail;
+	}
+	stats_set_info(c->st, "policy", "%s", cfg->policy ? cfg->policy : "lru");
+
+	c->wake_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	c->ready_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (c->wake_efd < 0 || c->ready_efd < 0) {
+		rc = moe_error_set(err, -errno, "cache: eventfd: %s", strerror(errno));
+		goto fail;
+	}
+	rc = -pthread_create(&c->io, NULL, io_main, c);
+	if (rc < 0) {
+		moe_error_set(err, rc, "cache: cannot start the I/O thread: %s", strerror(-rc));
+		goto fail;
+	}
+	c->io_started = true;
+	update_gauges(c);
+	*out = c;
+	return 0;
+fail:
+	cache_destroy(c);
+	return rc;
+}
+
+void cache_destroy(struct cache *c)
+{
+	if (!c)
+		return;
+	if (c->io_started) {
+		pthread_mutex_lock(&c->mu);
+		c->stop = true;
+		wake_io(c);
+		pthread_mutex_unlock(&c->mu);
+		pthread_join(c->io, NULL);
+	}
+	/* Jobs never run (queued after the last pass). */
+	struct job *j = c->jobs_head;
+	while (j) {
+		struct job *next = j->next;
+		free(j);
+		j = next;
+	}
+	/* Waits for reads in flight before the arena goes away. */
+	tier_nvme_destroy(c->nvme);
+	if (c->gpu) {
+		tier_gpu_destroy(c->gpu);
+	}
+	tier_host_destroy(c->host);
+	for (int t = 0; t < 2; t++)
+		policy_destroy(c->pol[t]);
+	if (c->clients)
+		for (unsigned i = 0; i < c->n_clients; i++)
+			free(c->clients[i].v);
+	free(c->clients);
+	free(c->ex);
+	free(c->hslot);
+	free(c->gslot);
+	free(c->gfree);
+	stats_free(c->st);
+	if (c->wake_efd >= 0)
+		close(c->wake_efd);
+	if (c->ready_efd >= 0)
+		close(c->ready_efd);
+	pthread_cond_destroy(&c->cv);
+	pthread_mutex_destroy(&c->mu);
+	free(c);
+}

@@ -1,0 +1,569 @@
+/* tier_gpu_cuda.c - the CUDA backends of the GPU arena (built with cuda.h;
+ * the driver itself is dlopen'd, see cuda_api.c).
+ *
+ * Shared by both: the device's primary context (retained for the arena's
+ * life and made current at every entry point, since the event loop thread
+ * may not have it), one non-blocking stream per direction, one event per
+ * slot recorded after each copy, and a host callback (cuLaunchHostFunc)
+ * behind it that only writes the arena's eventfd, so the event loop sleeps
+ * in epoll instead of spinning on cuEventQuery.
+ *
+ * vmm: one cuMemAddressReserve range, slot i at base + i * stride, stride =
+ *   slot bytes rounded to the recommended granularity. A slot's physical
+ *   chunk (cuMemCreate, POSIX-fd exportable) is created and mapped on its
+ *   first fill and KEPT on evict, so client imports of the chunk stay valid
+ *   ("map once, then indices"); evict(release) unmaps and releases it.
+ * uvm: one cuMemAllocManaged range, preferred location and accessed-by the
+ *   device; a fill prefetches the slot to the device then copies into it;
+ *   evict(release) prefetches it back to host memory. */
+#include <config.h>  /* autoconf's, not daemon/config.h */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cuda_api.h"
+#include "tier_gpu_impl.h"
+
+#define UVM_PAGE (2ull << 20)  /* UVM migrates in 2 MiB blocks */
+
+struct cuda {
+	const struct cu_api *cu;
+	bool uvm;
+	CUdevice dev;
+	CUcontext ctx;
+	bool ctx_retained;
+	CUstream h2d, d2h;
+	bool posix_fd;                 /* vmm: chunks exportable as fds */
+	CUmemAllocationProp prop;      /* vmm */
+	CUdeviceptr va;                /* vmm: reserve; uvm: managed range */
+	size_t va_len;
+	bool host_registered;
+	void *host_ptr;                /* what cuMemHostRegister pinned */
+};
+
+static int cuerr(const struct cuda *c, struct moe_error *err, CUresult rc, const char *what)
+{
+	char buf[200];
+
+	return moe_error_set(err, cu_api_errno(rc), "%s: %s", what,
+			     cu_api_strerror(c->cu, rc, buf, sizeof(buf)));
+}
+
+/* Logs a failure on a path that cannot report it (cleanup). */
+static void culog(const struct cuda *c, CUresult rc, const char *what)
+{
+	char buf[200];
+
+	if (rc != CUDA_SUCCESS)
+		moe_warn("gpu tier: %s: %s", what, cu_api_strerror(c->cu, rc, buf, sizeof(buf)));
+}
+
+static int enter(const struct cuda *c, struct moe_error *err)
+{
+	CUresult rc = c->cu->cuCtxSetCurrent(c->ctx);
+
+	return rc == CUDA_SUCCESS ? 0 : cuerr(c, err, rc, "cuCtxSetCurrent");
+}
+
+static CUdeviceptr slot_va(const struct tier_gpu *g, uint32_t s)
+{
+	return (CUdeviceptr)(g->base + (uint64_t)s * g->stride);
+}
+
+static void host_notify(void *arg)
+{
+	/* Runs on a driver thread: no CUDA calls allowed, only the eventfd. */
+	tier_gpu_notify(arg);
+}
+
+static int cuda_open(struct tier_gpu *g, const struct tier_gpu_config *cfg, bool uvm,
+		     struct moe_error *err)
+{
+	struct cuda *c;
+	CUresult rc;
+	int r;
+
+	c = calloc(1, sizeof(*c));
+	if (!c)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	g->priv = c;
+	c->uvm = uvm;
+	c->cu = cfg->cu;
+	if (!c->cu) {
+		r = cu_api_get(&c->cu, err);
+		if (r < 0)
+			return r;
+	}
+	if (cfg->device < 0 || cfg->device >= c->cu->device_count)
+		return moe_error_set(err, -ENODEV, "CUDA device %d does not exist (%d devices)",
+				     cfg->device, c->cu->device_count);
+	rc = c->cu->cuDeviceGet(&c->dev, cfg->device);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuDeviceGet");
+	rc = c->cu->cuDevicePrimaryCtxRetain(&c->ctx, c->dev);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuDevicePrimaryCtxRetain");
+	c->ctx_retained = true;
+	r = enter(c, err);
+	if (r < 0)
+		return r;
+	/* Non-blocking: never serialize behind the legacy default stream
+	 * that a kernel library in this process might use. */
+	rc = c->cu->cuStreamCreate(&c->h2d, CU_STREAM_NON_BLOCKING);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuStreamCreate(h2d)");
+	rc = c->cu->cuStreamCreate(&c->d2h, CU_STREAM_NON_BLOCKING);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuStreamCreate(d2h)");
+	return 0;
+}
+
+static int slots_and_events(struct tier_gpu *g, struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+
+	if (tier_gpu_alloc_slots(g) < 0)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	for (uint32_t i = 0; i < g->nslots; i++) {
+		CUevent ev;
+		CUresult rc = c->cu->cuEventCreate(&ev, CU_EVENT_DISABLE_TIMING);
+
+		if (rc != CUDA_SUCCESS)
+			return cuerr(c, err, rc, "cuEventCreate");
+		g->slots[i].event = ev;
+	}
+	return 0;
+}
+
+static int attr(const struct cuda *c, CUdevice_attribute a, int *v, struct moe_error *err)
+{
+	CUresult rc = c->cu->cuDeviceGetAttribute(v, a, c->dev);
+
+	return rc == CUDA_SUCCESS ? 0 : cuerr(c, err, rc, "cuDeviceGetAttribute");
+}
+
+static int set_nslots(struct tier_gpu *g, const struct tier_gpu_config *cfg, uint64_t gran,
+		      struct moe_error *err)
+{
+	uint64_t n;
+
+	if (gran == 0 || (gran & (gran - 1)))
+		return moe_error_set(err, -EIO, "bad allocation granularity %llu",
+				     (unsigned long long)gran);
+	g->stride = MOE_ALIGN_UP(cfg->slot_bytes, gran);
+	n = cfg->capacity / g->stride;
+	if (n == 0)
+		return moe_error_set(err, -EINVAL,
+				     "capacity %llu below one slot of %llu bytes (granularity %llu)",
+				     (unsigned long long)cfg->capacity, (unsigned long long)g->stride,
+				     (unsigned long long)gran);
+	if (n > UINT32_MAX - 1)
+		return moe_error_set(err, -EINVAL, "too many slots");
+	g->nslots = (uint32_t)n;
+	return 0;
+}
+
+static int vmm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struct moe_error *err)
+{
+	struct cuda *c;
+	size_t gran = 0;
+	CUresult rc;
+	int r, v;
+
+	r = cuda_open(g, cfg, false, err);
+	if (r < 0)
+		return r;
+	c = g->priv;
+	r = attr(c, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, &v, err);
+	if (r < 0)
+		return r;
+	if (!v)
+		return moe_error_set(err, -EOPNOTSUPP, "device %d has no virtual memory management",
+				     cfg->device);
+	r = attr(c, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, &v, err);
+	if (r < 0)
+		return r;
+	c->posix_fd = v != 0;
+	if (!c->posix_fd)
+		moe_warn("gpu tier: device %d cannot export POSIX fds; clients will not map the arena",
+			 cfg->device);
+	c->prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+	c->prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+	c->prop.location.id = c->dev;
+	c->prop.requestedHandleTypes = c->posix_fd ? CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+						   : CU_MEM_HANDLE_TYPE_NONE;
+	rc = c->cu->cuMemGetAllocationGranularity(&gran, &c->prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuMemGetAllocationGranularity");
+	r = set_nslots(g, cfg, gran, err);
+	if (r < 0)
+		return r;
+	c->va_len = (size_t)g->nslots * g->stride;
+	rc = c->cu->cuMemAddressReserve(&c->va, c->va_len, gran, 0, 0);
+	if (rc != CUDA_SUCCESS) {
+		c->va = 0;
+		return cuerr(c, err, rc, "cuMemAddressReserve");
+	}
+	g->base = (uint64_t)c->va;
+	return slots_and_events(g, err);
+}
+
+static int uvm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struct moe_error *err)
+{
+	CUmemLocation loc = { .type = CU_MEM_LOCATION_TYPE_DEVICE };
+	struct cuda *c;
+	CUresult rc;
+	int r, v;
+
+	r = cuda_open(g, cfg, true, err);
+	if (r < 0)
+		return r;
+	c = g->priv;
+	r = attr(c, CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY, &v, err);
+	if (r < 0)
+		return r;
+	if (!v)
+		return moe_error_set(err, -EOPNOTSUPP, "device %d has no managed memory", cfg->device);
+	/* Prefetch and advice to a GPU need concurrent managed access. */
+	r = attr(c, CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS, &v, err);
+	if (r < 0)
+		return r;
+	if (!v)
+		return moe_error_set(err, -EOPNOTSUPP, "device %d has no concurrent managed access",
+				     cfg->device);
+	r = set_nslots(g, cfg, UVM_PAGE, err);
+	if (r < 0)
+		return r;
+	c->va_len = (size_t)g->nslots * g->stride;
+	rc = c->cu->cuMemAllocManaged(&c->va, c->va_len, CU_MEM_ATTACH_GLOBAL);
+	if (rc != CUDA_SUCCESS) {
+		c->va = 0;
+		if (rc == CUDA_ERROR_OUT_OF_MEMORY)
+			g->st.oom++;
+		return cuerr(c, err, rc, "cuMemAllocManaged");
+	}
+	g->base = (uint64_t)c->va;
+	loc.id = c->dev;
+	rc = c->cu->cuMemAdvise(c->va, c->va_len, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, loc);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuMemAdvise(preferred location)");
+	rc = c->cu->cuMemAdvise(c->va, c->va_len, CU_MEM_ADVISE_SET_ACCESSED_BY, loc);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuMemAdvise(accessed by)");
+	return slots_and_events(g, err);
+}
+
+static void release_chunk(struct tier_gpu *g, uint32_t s)
+{
+	struct cuda *c = g->priv;
+	struct tier_gpu_slot *sl = &g->slots[s];
+
+	culog(c, c->cu->cuMemUnmap(slot_va(g, s), g->stride), "cuMemUnmap");
+	culog(c, c->cu->cuMemRelease((CUmemGenericAllocationHandle)sl->chunk), "cuMemRelease");
+	sl->has_chunk = false;
+	sl->chunk = 0;
+	g->st.chunks_released++;
+	g->generation++;
+}
+
+static void cuda_fini(struct tier_gpu *g)
+{
+	struct cuda *c = g->priv;
+
+	if (!c)
+		return;
+	if (c->ctx_retained) {
+		culog(c, c->cu->cuCtxSetCurrent(c->ctx), "cuCtxSetCurrent");
+		/* Copies in flight read host memory and host callbacks touch
+		 * g: both must be over before anything is freed. */
+		if (c->h2d)
+			culog(c, c->cu->cuStreamSynchronize(c->h2d), "cuStreamSynchronize");
+		if (c->d2h)
+			culog(c, c->cu->cuStreamSynchronize(c->d2h), "cuStreamSynchronize");
+		for (uint32_t i = 0; g->slots && i < g->nslots; i++) {
+			if (g->slots[i].event)
+				culog(c, c->cu->cuEventDestroy(g->slots[i].event), "cuEventDestroy");
+			g->slots[i].event = NULL;
+			if (g->slots[i].has_chunk)
+				release_chunk(g, i);
+		}
+		if (c->va && !c->uvm)
+			culog(c, c->cu->cuMemAddressFree(c->va, c->va_len), "cuMemAddressFree");
+		if (c->va && c->uvm)
+			culog(c, c->cu->cuMemFree(c->va), "cuMemFree");
+		if (c->host_registered)
+			culog(c, c->cu->cuMemHostUnregister(c->host_ptr), "cuMemHostUnregister");
+		if (c->h2d)
+			culog(c, c->cu->cuStreamDestroy(c->h2d), "cuStreamDestroy");
+		if (c->d2h)
+			culog(c, c->cu->cuStreamDestroy(c->d2h), "cuStreamDestroy");
+		culog(c, c->cu->cuDevicePrimaryCtxRelease(c->dev), "cuDevicePrimaryCtxRelease");
+	}
+	free(c);
+	g->priv = NULL;
+}
+
+static int cuda_register_host(struct tier_gpu *g, void *base, size_t len, struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	CUresult rc;
+	int r = enter(c, err);
+
+	if (r < 0)
+		return r;
+	/* PORTABLE: the pinning holds for every context in the process. */
+	rc = c->cu->cuMemHostRegister(base, len, CU_MEMHOSTREGISTER_PORTABLE);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuMemHostRegister");
+	c->host_registered = true;
+	c->host_ptr = base;
+	return 0;
+}
+
+static int cuda_unregister_host(struct tier_gpu *g)
+{
+	struct cuda *c = g->priv;
+	struct moe_error err;
+	CUresult rc;
+	int r;
+
+	if (!c->host_registered)
+		return 0;
+	r = enter(c, &err);
+	if (r < 0) {
+		moe_warn("gpu tier: host arena stays registered: %s", err.msg);
+		return r;
+	}
+	/* Copies from the arena must be over before it is unpinned. */
+	culog(c, c->cu->cuStreamSynchronize(c->h2d), "cuStreamSynchronize");
+	culog(c, c->cu->cuStreamSynchronize(c->d2h), "cuStreamSynchronize");
+	rc = c->cu->cuMemHostUnregister(c->host_ptr);
+	if (rc != CUDA_SUCCESS) {
+		culog(c, rc, "cuMemHostUnregister");
+		return cu_api_errno(rc);
+	}
+	c->host_registered = false;
+	c->host_ptr = NULL;
+	return 0;
+}
+
+/* Records slot s's event after the copy just queued on stream, and the
+ * host callback that wakes the event loop. */
+static int track(struct tier_gpu *g, uint32_t s, CUstream stream, struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	CUevent ev = g->slots[s].event;
+	CUresult rc = c->cu->cuEventRecord(ev, stream);
+
+	if (rc != CUDA_SUCCESS) {
+		/* The copy is queued but cannot be tracked: let it finish
+		 * before reporting, so nothing writes the slot later. */
+		culog(c, c->cu->cuStreamSynchronize(stream), "cuStreamSynchronize");
+		return cuerr(c, err, rc, "cuEventRecord");
+	}
+	rc = c->cu->cuLaunchHostFunc(stream, host_notify, g);
+	if (rc != CUDA_SUCCESS) {
+		/* Still correct, only slower: wait here and wake ourselves. */
+		culog(c, rc, "cuLaunchHostFunc (waiting synchronously)");
+		culog(c, c->cu->cuEventSynchronize(ev), "cuEventSynchronize");
+		tier_gpu_notify(g);
+	}
+	return 0;
+}
+
+static int vmm_get_chunk(struct tier_gpu *g, uint32_t s, struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	struct tier_gpu_slot *sl = &g->slots[s];
+	CUmemAccessDesc access = {
+		.location = { .type = CU_MEM_LOCATION_TYPE_DEVICE, .id = c->dev },
+		.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+	};
+	CUmemGenericAllocationHandle h;
+	CUresult rc;
+
+	if (sl->has_chunk)
+		return 0;
+	rc = c->cu->cuMemCreate(&h, g->stride, &c->prop, 0);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuMemCreate");
+	rc = c->cu->cuMemMap(slot_va(g, s), g->stride, 0, h, 0);
+	if (rc != CUDA_SUCCESS) {
+		culog(c, c->cu->cuMemRelease(h), "cuMemRelease");
+		return cuerr(c, err, rc, "cuMemMap");
+	}
+	/* A fresh mapping has no access rights until this call. */
+	rc = c->cu->cuMemSetAccess(slot_va(g, s), g->stride, &access, 1);
+	if (rc != CUDA_SUCCESS) {
+		culog(c, c->cu->cuMemUnmap(slot_va(g, s), g->stride), "cuMemUnmap");
+		culog(c, c->cu->cuMemRelease(h), "cuMemRelease");
+		return cuerr(c, err, rc, "cuMemSetAccess");
+	}
+	sl->chunk = (uint64_t)h;
+	sl->has_chunk = true;
+	g->st.chunks_created++;
+	g->generation++;
+	return 0;
+}
+
+static int cuda_copy_in(struct tier_gpu *g, uint32_t s, const void *src, size_t bytes,
+			struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	CUresult rc;
+	int r = enter(c, err);
+
+	if (r < 0)
+		return r;
+	if (c->uvm) {
+		CUmemLocation loc = { .type = CU_MEM_LOCATION_TYPE_DEVICE, .id = c->dev };
+
+		/* Pages to the device first, so the copy writes device
+		 * memory instead of faulting it over page by page. */
+		rc = c->cu->cuMemPrefetchAsync(slot_va(g, s), g->stride, loc, 0, c->h2d);
+		if (rc != CUDA_SUCCESS)
+			return cuerr(c, err, rc, "cuMemPrefetchAsync(device)");
+	} else {
+		r = vmm_get_chunk(g, s, err);
+		if (r < 0)
+			return r;
+	}
+	rc = c->cu->cuMemcpyHtoDAsync(slot_va(g, s), src, bytes, c->h2d);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuMemcpyHtoDAsync");
+	return track(g, s, c->h2d, err);
+}
+
+static int cuda_copy_out(struct tier_gpu *g, uint32_t s, void *dst, size_t bytes,
+			 struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	CUresult rc;
+	int r = enter(c, err);
+
+	if (r < 0)
+		return r;
+	rc = c->cu->cuMemcpyDtoHAsync(dst, slot_va(g, s), bytes, c->d2h);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuMemcpyDtoHAsync");
+	return track(g, s, c->d2h, err);
+}
+
+static int cuda_query(struct tier_gpu *g, uint32_t s)
+{
+	struct cuda *c = g->priv;
+	CUresult rc;
+	char buf[200];
+
+	if (enter(c, NULL) < 0)
+		return -EIO;
+	rc = c->cu->cuEventQuery(g->slots[s].event);
+	if (rc == CUDA_SUCCESS)
+		return 1;
+	if (rc == CUDA_ERROR_NOT_READY)
+		return 0;
+	moe_warn("gpu tier: copy on slot %u failed: %s", s, cu_api_strerror(c->cu, rc, buf, sizeof(buf)));
+	return cu_api_errno(rc) ? cu_api_errno(rc) : -EIO;
+}
+
+static int cuda_evict(struct tier_gpu *g, uint32_t s, bool release)
+{
+	struct cuda *c = g->priv;
+	CUresult rc;
+
+	if (!release)
+		return 0;
+	if (enter(c, NULL) < 0)
+		return -EIO;
+	if (c->uvm) {
+		CUmemLocation host = { .type = CU_MEM_LOCATION_TYPE_HOST, .id = 0 };
+
+		/* On the h2d stream: a later fill of this slot is ordered
+		 * after the move-out. */
+		rc = c->cu->cuMemPrefetchAsync(slot_va(g, s), g->stride, host, 0, c->h2d);
+		if (rc != CUDA_SUCCESS) {
+			culog(c, rc, "cuMemPrefetchAsync(host)");
+			return cu_api_errno(rc);
+		}
+		return 0;
+	}
+	if (g->slots[s].has_chunk)
+		release_chunk(g, s);
+	return 0;
+}
+
+static int vmm_export(struct tier_gpu *g, struct tier_gpu_export *out, struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	int r = 0;
+
+	if (!c->posix_fd)
+		return moe_error_set(err, -EOPNOTSUPP, "device cannot export POSIX fds");
+	r = enter(c, err);
+	if (r < 0)
+		return r;
+	out->fds = malloc((size_t)g->nslots * sizeof(*out->fds));
+	out->offsets = malloc((size_t)g->nslots * sizeof(*out->offsets));
+	if (!out->fds || !out->offsets) {
+		r = moe_error_set(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	out->nfds = g->nslots;
+	out->chunk_bytes = g->stride;
+	for (uint32_t i = 0; i < g->nslots; i++) {
+		out->fds[i] = -1;
+		out->offsets[i] = (uint64_t)i * g->stride;
+	}
+	for (uint32_t i = 0; i < g->nslots; i++) {
+		int fd = -1;
+		CUresult rc;
+
+		if (!g->slots[i].has_chunk)
+			continue;
+		rc = c->cu->cuMemExportToShareableHandle(&fd, (CUmemGenericAllocationHandle)g->slots[i].chunk,
+							 CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+		if (rc != CUDA_SUCCESS) {
+			r = cuerr(c, err, rc, "cuMemExportToShareableHandle");
+			goto fail;
+		}
+		out->fds[i] = fd;
+	}
+	return 0;
+fail:
+	tier_gpu_export_free(out);
+	return r;
+}
+
+static int uvm_export(struct tier_gpu *g, struct tier_gpu_export *out, struct moe_error *err)
+{
+	(void)g; (void)out;
+	return moe_error_set(err, -EOPNOTSUPP, "managed memory cannot be exported to other processes");
+}
+
+const struct tier_gpu_ops tier_gpu_vmm_ops = {
+	.name = "vmm",
+	.init = vmm_init,
+	.fini = cuda_fini,
+	.register_host = cuda_register_host,
+	.unregister_host = cuda_unregister_host,
+	.copy_in = cuda_copy_in,
+	.copy_out = cuda_copy_out,
+	.query = cuda_query,
+	.evict = cuda_evict,
+	.export_ = vmm_export,
+};
+
+const struct tier_gpu_ops tier_gpu_uvm_ops = {
+	.name = "uvm",
+	.init = uvm_init,
+	.fini = cuda_fini,
+	.register_host = cuda_register_host,
+	.unregister_host = cuda_unregister_host,
+	.copy_in = cuda_copy_in,
+	.copy_out = cuda_copy_out,
+	.query = cuda_query,
+	.evict = cuda_evict,
+	.export_ = uvm_export,
+};

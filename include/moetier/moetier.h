@@ -1,0 +1,141 @@
+/* moetier/moetier.h - libmoetier, the client library of moetierd.
+ *
+ * An inference engine attaches once (moet_connect), maps the daemon's
+ * arenas once, and then per step asks for experts by (MoE layer, expert id)
+ * and gets back slot indices (-1 for a miss), never new pointers; a lease
+ * keeps the slots from being evicted until it is released. When no daemon
+ * runs, moet_connect returns MOET_E_UNAVAILABLE and the engine keeps its
+ * stock path.
+ *
+ * Thread safety: a moet_ctx is used by one thread at a time (give each
+ * thread its own context: each gets its own rings). Functions return 0 or a
+ * positive count on success and a negative code on failure: a negative
+ * errno or one of MOET_E_*; moet_strerror() names either.
+ *
+ * ABI: symbols are versioned (MOETIER_0); structs passed in carry their
+ * size in the first field so they can grow.
+ */
+#ifndef MOETIER_MOETIER_H
+#define MOETIER_MOETIER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "moetier/proto.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOETIER_API_VERSION 1
+
+enum moet_error_code {
+	MOET_E_UNAVAILABLE = -10001,  /* no daemon at the socket: fall back */
+	MOET_E_VERSION = -10002,      /* daemon speaks an incompatible protocol */
+	MOET_E_DISCONNECTED = -10003, /* the daemon went away: reconnect */
+	MOET_E_REFUSED = -10004,      /* the daemon refused us (credentials, limits) */
+	MOET_E_CAPS = -10005,         /* a capability we asked for is missing */
+};
+
+enum moet_tier { MOET_TIER_GPU = 0, MOET_TIER_HOST = 1, MOET_TIER_NVME = 2 };
+
+typedef struct moet_ctx moet_ctx;
+typedef uint64_t moet_lease;
+
+struct moet_connect_opts {
+	size_t size;              /* sizeof(struct moet_connect_opts) */
+	const char *socket_path;  /* NULL: $MOETIER_SOCKET, else MOET_DEFAULT_SOCKET */
+	const char *model;        /* NULL or "": the daemon's first model */
+	const char *client_name;  /* shown by `moectl clients` */
+	uint32_t caps_wanted;     /* enum moet_caps the caller cannot do without */
+	uint32_t control_only;    /* 1: no rings or arenas (admin tools) */
+	int spin_us;              /* busy-poll window while waiting; < 0: 50 */
+};
+
+/* Connects and attaches (HELLO: version and capability check, then the
+ * rings and arenas are mapped). opts may be NULL. */
+int moet_connect(const struct moet_connect_opts *opts, moet_ctx **out);
+/* Detaches; the daemon drops any lease still held. NULL is fine. */
+void moet_close(moet_ctx *ctx);
+
+struct moet_model_info {
+	size_t size;              /* sizeof(struct moet_model_info), set by the caller */
+	char name[64];
+	uint32_t family, dtype, hidden, expert_width;
+	uint32_t n_experts, top_k, n_moe_layers, first_moe_layer, moe_layer_step;
+	uint64_t expert_bytes;    /* payload bytes of one expert */
+	uint64_t slot_bytes[2];   /* per tier (GPU, host) */
+	uint32_t n_slots[2];
+	uint32_t caps;            /* enum moet_caps granted */
+	uint32_t client_id;
+	uint32_t protocol;
+};
+int moet_model_info(moet_ctx *ctx, struct moet_model_info *out);
+
+/* Batched acquire of n <= MOET_MAX_BATCH experts of MoE layer `layer`.
+ * slots[i]: slot index of ids[i] in tiers[i] (MOET_TIER_GPU or _HOST), or
+ * -1 for a miss. flags: MOET_F_NOWAIT returns misses at once (their loads
+ * start; wait with moet_wait_ready); without it the daemon completes the
+ * entry once the loads finished (bounded by its wait-timeout-ms).
+ * *lease (0 when nothing was served) must be passed to moet_release.
+ * Returns the number of experts served, or a negative code. tiers may be NULL. */
+int moet_acquire(moet_ctx *ctx, uint32_t layer, const uint32_t *ids, unsigned n, unsigned flags,
+		 int32_t *slots, uint8_t *tiers, moet_lease *lease);
+int moet_release(moet_ctx *ctx, moet_lease lease);
+
+/* Routing by the daemon: logits f32[n_experts] of one token -> the model's
+ * top-k experts and weights (the family's rule), then an acquire of them.
+ * Returns k (> 0) or a negative code. slots/tiers/lease as moet_acquire. */
+int moet_route(moet_ctx *ctx, uint32_t layer, const float *logits, unsigned n_logits, unsigned flags,
+	       uint32_t *experts, float *weights, int32_t *slots, uint8_t *tiers, moet_lease *lease);
+
+/* Fire-and-forget prefetch hint (e.g. straight from the router output of
+ * the previous layer) into tier (MOET_TIER_HOST or _GPU). */
+int moet_prefetch(moet_ctx *ctx, uint32_t layer, const uint32_t *ids, unsigned n, unsigned tier);
+
+/* Asynchronous use of the ring: submit entries, reap completions. A
+ * user_tag with the top bit set is reserved for the library. */
+int moet_submit(moet_ctx *ctx, const struct moet_sqe *sqe);
+/* Waits up to timeout_ms (-1: forever) for a completion. 1 when *out was
+ * filled, 0 on timeout, or a negative code. */
+int moet_reap(moet_ctx *ctx, struct moet_cqe *out, int timeout_ms);
+/* The same entry over the socket instead of the ring (slow path, tests). */
+int moet_submit_socket(moet_ctx *ctx, const struct moet_sqe *sqe, struct moet_cqe *out);
+
+/* Address of a slot's payload in this process (host arena or emulated GPU
+ * region, mapped read-only at attach), or NULL. */
+const void *moet_slot_ptr(moet_ctx *ctx, unsigned tier, int32_t slot);
+
+/* Residency without a round trip: mask[e] = 1 when expert e of `layer` is
+ * resident in tier (the shape of ktransformers' gpu_experts_mask). n must
+ * be >= n_experts. Returns the number resident. */
+int moet_resident(moet_ctx *ctx, uint32_t layer, unsigned tier, uint8_t *mask, unsigned n);
+/* Waits until the residency of `layer` changes (a load finished), up to
+ * timeout_ms: the ready event for NOWAIT misses. 1 changed, 0 timeout. */
+int moet_wait_ready(moet_ctx *ctx, uint32_t layer, int timeout_ms);
+/* Per-(layer, expert) load statistics, EPLB shape: arrays of
+ * n_moe_layers * n_experts, row-major by layer; any may be NULL. */
+int moet_expert_counters(moet_ctx *ctx, uint64_t *hits, uint64_t *misses, uint64_t *loads, uint64_t *bytes);
+
+/* Admin and inspection (text replies are malloc'd; free them). */
+int moet_stats(moet_ctx *ctx, unsigned format, char **out);
+int moet_clients(moet_ctx *ctx, char **out);
+int moet_config_get(moet_ctx *ctx, const char *name, char **out);
+int moet_config_set(moet_ctx *ctx, const char *name, const char *value);
+int moet_pin(moet_ctx *ctx, uint32_t layer, uint32_t expert, unsigned tier);
+int moet_unpin(moet_ctx *ctx, uint32_t layer, uint32_t expert, unsigned tier);
+int moet_evict(moet_ctx *ctx, uint32_t layer, uint32_t expert, unsigned tier);
+
+/* The last error message from the daemon (ERROR replies), or "". With
+ * ctx == NULL: why this thread's last moet_connect failed. */
+const char *moet_last_error(moet_ctx *ctx);
+/* Names any return code of this library. */
+const char *moet_strerror(int code);
+/* The control socket (e.g. to poll it for hang-up). */
+int moet_socket_fd(moet_ctx *ctx);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,237 @@
+/* moetier/proto.h - the wire format between moetierd and its clients.
+ *
+ * Versioned and append-only: a field or opcode, once released, keeps its
+ * number, size and meaning; new ones take reserved space or new numbers and
+ * bump MOET_PROTO_VERSION. Both ends check the version at HELLO.
+ *
+ * Control plane: a SOCK_SEQPACKET unix socket; every message is one
+ * struct moet_msg followed by `len` payload bytes; file descriptors travel
+ * with SCM_RIGHTS. Large replies (stats, client lists) come back as a sealed
+ * memfd rather than in the message, so no reply is ever truncated.
+ *
+ * Data plane: per client one shared-memory region (a memfd the daemon
+ * creates and passes at HELLO) holding a submission ring (client -> daemon),
+ * a completion ring (daemon -> client) and a scratch area (router logits).
+ * Each ring is single-producer single-consumer; its indices are free-running
+ * u32 counters; doorbells are futexes on the tail index (see daemon/ring.h).
+ */
+#ifndef MOETIER_PROTO_H
+#define MOETIER_PROTO_H
+
+#include <stdint.h>
+
+#define MOET_PROTO_VERSION 1
+#define MOET_PROTO_MIN_VERSION 1
+#define MOET_MSG_MAGIC 0x544f454du /* "MOET" little-endian */
+#define MOET_MAX_BATCH 32          /* experts per ring entry */
+#define MOET_MAX_MSG 4096          /* largest control message accepted */
+#define MOET_DEFAULT_SOCKET "/run/moetier/moetierd.sock"
+
+/* ---- control plane -------------------------------------------------------- */
+
+enum moet_msg_type {
+	MOET_MSG_HELLO = 1,        /* C->S moet_hello; reply HELLO_REPLY + fds */
+	MOET_MSG_HELLO_REPLY = 2,
+	MOET_MSG_ERROR = 3,        /* S->C: status < 0, payload = message text */
+	MOET_MSG_SUBMIT = 4,       /* C->S one moet_sqe; reply SUBMIT_REPLY = one moet_cqe
+				    * (the same operations as the ring, over the socket) */
+	MOET_MSG_SUBMIT_REPLY = 5,
+	MOET_MSG_STATS = 16,       /* admin: arg = moet_stats_format; reply OK + memfd */
+	MOET_MSG_CONFIG_GET = 17,  /* payload: option name, or empty for all; reply OK + text */
+	MOET_MSG_CONFIG_SET = 18,  /* admin: payload "name=value" */
+	MOET_MSG_PIN = 19,         /* admin: moet_expert_arg */
+	MOET_MSG_UNPIN = 20,
+	MOET_MSG_EVICT = 21,
+	MOET_MSG_CLIENTS = 22,     /* admin: reply OK + memfd */
+	MOET_MSG_OK = 23,          /* generic success reply; payload depends on request */
+};
+
+struct moet_msg {
+	uint32_t magic;    /* MOET_MSG_MAGIC */
+	uint16_t version;  /* MOET_PROTO_VERSION of the sender */
+	uint16_t type;     /* enum moet_msg_type */
+	uint32_t seq;      /* echoed in the reply */
+	int32_t status;    /* replies: 0 or a negative errno */
+	uint32_t arg;      /* small request argument */
+	uint32_t len;      /* payload bytes that follow */
+};
+_Static_assert(sizeof(struct moet_msg) == 24, "moet_msg layout");
+
+enum moet_caps {
+	MOET_CAP_RING = 1u << 0,       /* shared-memory rings */
+	MOET_CAP_HOST_ARENA = 1u << 1, /* host arena memfd (read-only) */
+	MOET_CAP_GPU_EMU = 1u << 2,    /* emulated GPU region memfd (read-only) */
+	MOET_CAP_GPU_VMM = 1u << 3,    /* CUDA VMM export handles */
+	MOET_CAP_ROUTE = 1u << 4,      /* ROUTE opcode */
+	MOET_CAP_COMPUTE = 1u << 5,    /* COMPUTE opcode */
+	MOET_CAP_ADMIN = 1u << 6,      /* this peer may send admin requests */
+};
+
+struct moet_hello {
+	uint32_t version_min;   /* oldest protocol version the client speaks */
+	uint32_t version_max;   /* newest */
+	uint32_t caps_wanted;   /* caps the client cannot work without */
+	uint32_t flags;         /* MOET_HELLO_* */
+	char client_name[32];   /* for `moectl clients`; NUL-terminated */
+	char model[64];         /* model name; empty = the first model served */
+};
+
+enum moet_hello_flags {
+	MOET_HELLO_CONTROL_ONLY = 1u << 0, /* no rings/arenas (moectl) */
+};
+
+/* Which fds follow a HELLO_REPLY, in this order, when the bit is set. */
+enum moet_hello_fds {
+	MOET_FD_RING = 1u << 0,
+	MOET_FD_HOST = 1u << 1,
+	MOET_FD_GPU = 1u << 2,
+	MOET_FD_SHARED = 1u << 3,
+};
+
+struct moet_hello_reply {
+	uint32_t version;       /* protocol version chosen */
+	uint32_t caps;          /* enum moet_caps */
+	uint32_t client_id;
+	uint32_t fds;           /* enum moet_hello_fds */
+	/* model */
+	char model[64];
+	uint32_t family, dtype, hidden, expert_width;
+	uint32_t n_experts, top_k, n_moe_layers, first_moe_layer;
+	uint32_t moe_layer_step, scoring, norm_topk_prob, reserved0;
+	uint64_t extent_payload; /* bytes of one expert's payload */
+	/* arenas: tier 0 = GPU, 1 = host */
+	uint64_t arena_bytes[2];
+	uint64_t slot_bytes[2];  /* slot i of tier t is at i * slot_bytes[t] */
+	uint32_t n_slots[2];
+	/* ring region */
+	uint64_t ring_bytes;
+	/* shared state region (residency bitmaps, counters) */
+	uint64_t shared_bytes;
+	uint32_t reserved[16];
+};
+
+enum moet_stats_format {
+	MOET_STATS_TEXT = 0,
+	MOET_STATS_JSON = 1,
+	MOET_STATS_PROMETHEUS = 2,
+};
+
+struct moet_expert_arg {
+	uint32_t layer;  /* MoE layer index */
+	uint32_t expert;
+	uint32_t tier;   /* 0 GPU, 1 host */
+	uint32_t reserved;
+};
+
+/* ---- data plane ----------------------------------------------------------- */
+
+enum moet_opcode {
+	MOET_OP_NOP = 1,
+	MOET_OP_ACQUIRE = 2,   /* ids[count] of `layer` -> slot/tier per id + lease */
+	MOET_OP_RELEASE = 3,   /* lease */
+	MOET_OP_PREFETCH = 4,  /* ids[count] of `layer`, hint into `tier` */
+	MOET_OP_ROUTE = 5,     /* logits f32[n_experts] at scratch[data_off] -> top-k ids,
+				* weights, then ACQUIRE of them (flags as ACQUIRE) */
+	MOET_OP_COMPUTE = 6,   /* reserved */
+};
+
+enum moet_sqe_flags {
+	MOET_F_NOWAIT = 1u << 0,   /* misses complete at once (slot -1), loads start */
+	MOET_F_WANT_GPU = 1u << 1, /* serve from the GPU tier when possible */
+};
+
+struct moet_sqe {
+	uint8_t opcode;      /* enum moet_opcode */
+	uint8_t flags;       /* enum moet_sqe_flags */
+	uint16_t count;      /* ids used (ACQUIRE, PREFETCH) */
+	uint32_t layer;      /* MoE layer index */
+	uint64_t user_tag;   /* echoed in the completion */
+	uint64_t lease;      /* RELEASE */
+	uint32_t data_off;   /* ROUTE: byte offset of the logits in the scratch area */
+	uint32_t data_len;   /* ROUTE: bytes of logits (n_experts * 4) */
+	uint32_t tier;       /* PREFETCH target tier */
+	uint32_t reserved[3];
+	uint16_t ids[MOET_MAX_BATCH];
+};
+_Static_assert(sizeof(struct moet_sqe) == 112, "sqe layout");
+
+struct moet_cqe {
+	uint64_t user_tag;
+	uint64_t lease;      /* 0 when nothing is held */
+	int32_t result;      /* >= 0: entries served (ACQUIRE/ROUTE), 0 for others;
+			      * < 0: the whole entry failed (negative errno) */
+	uint16_t count;
+	uint8_t opcode;
+	uint8_t flags;
+	uint32_t n_hit;
+	uint32_t n_miss;
+	int32_t slot[MOET_MAX_BATCH];    /* -1 for a miss */
+	uint8_t tier[MOET_MAX_BATCH];    /* tier of slot[i] (0 GPU, 1 host) */
+	uint16_t ids[MOET_MAX_BATCH];    /* the experts (ROUTE: the chosen ones) */
+	float weight[MOET_MAX_BATCH];    /* ROUTE: routing weights */
+};
+_Static_assert(sizeof(struct moet_cqe) == 384, "cqe layout");
+
+/* One ring's control block. Each index sits on its own cache line; the
+ * producer owns `tail`, the consumer owns `head` and `waiting`. The futex
+ * word is `tail`: a consumer sleeps on the tail value it last saw. */
+struct moet_ring_ctl {
+	uint32_t head;
+	uint32_t pad0[15];
+	uint32_t tail;
+	uint32_t pad1[15];
+	uint32_t waiting;    /* set and cleared only by the consumer */
+	uint32_t pad2[15];
+	uint32_t entries;    /* power of two */
+	uint32_t entry_size;
+	uint32_t pad3[14];
+};
+_Static_assert(sizeof(struct moet_ring_ctl) == 256, "ring ctl layout");
+
+#define MOET_RING_MAGIC 0x474e4952u /* "RING" */
+
+/* Page 0 of the ring region. */
+struct moet_ring_region {
+	uint32_t magic;
+	uint32_t version;
+	uint64_t total_bytes;
+	uint64_t sq_ctl_off, sq_off;       /* struct moet_ring_ctl, entries */
+	uint64_t cq_ctl_off, cq_off;
+	uint64_t scratch_off, scratch_bytes;
+};
+
+#define MOET_SHARED_MAGIC 0x44524853u /* "SHRD" */
+
+/* Header of the shared state region (one per model, read-only for clients).
+ * For MoE layer l:
+ *   seq   at layer_off + l * layer_stride: a seqlock (odd while the daemon
+ *         writes); also a futex word that changes whenever a load finishes
+ *         in that layer (the "ready event" for misses)
+ *   bits  at layer_off + l * layer_stride + 8: words u64[2][bitmap_words]
+ *         (tier 0 GPU then tier 1 host), bit e set = expert e resident
+ * Per (layer, expert), struct moet_expert_counters at
+ *   counters_off + (l * n_experts + e) * sizeof(struct moet_expert_counters)
+ * updated by the daemon with relaxed atomics (EPLB-style load statistics). */
+struct moet_shared_hdr {
+	uint32_t magic;
+	uint32_t version;
+	uint32_t n_moe_layers;
+	uint32_t n_experts;
+	uint32_t bitmap_words;
+	uint32_t reserved0;
+	uint64_t layer_off;
+	uint64_t layer_stride;
+	uint64_t counters_off;
+	uint64_t total_bytes;
+	uint32_t daemon_pid_unused;
+	uint32_t generation;   /* bumps when the daemon restarts the model */
+};
+
+struct moet_expert_counters {
+	uint64_t hits;    /* served from a memory tier */
+	uint64_t misses;  /* not resident when asked */
+	uint64_t loads;   /* loads from NVMe finished */
+	uint64_t bytes;   /* bytes loaded */
+};
+
+#endif

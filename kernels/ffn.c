@@ -1,0 +1,577 @@
+/* ffn.c - expert FFN: path selection, the portable C kernels, the extent
+ * layout, row splitting over threads, the activations and the top-k sum.
+ * The SIMD matmuls are in ffn_avx2.c / ffn_avx512.c (ffn_simd.h). */
+#include "config.h"
+#include "ffn.h"
+#include "ffn_impl.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* ---- portable C kernels --------------------------------------------------- */
+
+/* Decodes 32 columns (fewer at the end of a plain row) starting at c0 with
+ * moe_dequantize_row, so the reference path shares dtype.c's formulas, then
+ * accumulates in one float in column order. */
+static void ref_mm(enum moe_dtype dt, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
+		   uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
+{
+	const uint32_t be = moe_dtype_block_elems(dt), bb = moe_dtype_block_bytes(dt);
+	float tmp[32];
+
+	for (uint32_t r = r0; r < r1; r++) {
+		const uint8_t *row = W + (size_t)r * rb;
+		for (uint32_t t = 0; t < a->B; t++) {
+			const float *x = a->f + (size_t)t * a->ld;
+			float acc = 0.0f;
+			for (uint32_t c0 = 0; c0 < cols; c0 += 32) {
+				const uint32_t nn = cols - c0 < 32 ? cols - c0 : 32;
+				moe_dequantize_row(dt, row + (size_t)c0 / be * bb, tmp, nn);
+				for (uint32_t j = 0; j < nn; j++)
+					acc += tmp[j] * x[c0 + j];
+			}
+			y[(size_t)t * ldy + (r - r0)] = acc;
+		}
+	}
+}
+
+#define REF_MM(NAME, DT) \
+	static void NAME(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1, \
+			 const struct ffn_act *a, float *y, size_t ldy) \
+	{ \
+		ref_mm(DT, W, rb, cols, r0, r1, a, y, ldy); \
+	}
+REF_MM(ref_f32, MOE_DTYPE_F32)
+REF_MM(ref_f16, MOE_DTYPE_F16)
+REF_MM(ref_bf16, MOE_DTYPE_BF16)
+REF_MM(ref_q8_0, MOE_DTYPE_Q8_0)
+REF_MM(ref_q4_0, MOE_DTYPE_Q4_0)
+REF_MM(ref_mxfp4, MOE_DTYPE_MXFP4)
+
+static const struct ffn_isa_ops ffn_ops_ref = {
+	.mm = {
+		[MOE_DTYPE_F32] = ref_f32, [MOE_DTYPE_F16] = ref_f16, [MOE_DTYPE_BF16] = ref_bf16,
+		[MOE_DTYPE_Q8_0] = ref_q8_0, [MOE_DTYPE_Q4_0] = ref_q4_0, [MOE_DTYPE_MXFP4] = ref_mxfp4,
+	},
+	.bf16_act_mask = 0,
+};
+
+/* ---- path selection ------------------------------------------------------- */
+
+static const char *const isa_names[FFN_ISA_COUNT] = { "ref", "avx2", "avx512", "avx512bf16" };
+static const struct ffn_isa_ops *const isa_ops[FFN_ISA_COUNT] = {
+	&ffn_ops_ref, &ffn_ops_avx2, &ffn_ops_avx512, &ffn_ops_avx512bf16,
+};
+
+const char *ffn_isa_name(enum ffn_isa isa)
+{
+	return (unsigned)isa < FFN_ISA_COUNT ? isa_names[isa] : "invalid";
+}
+
+int ffn_isa_parse(const char *name)
+{
+	for (int i = 0; name && i < FFN_ISA_COUNT; i++)
+		if (strcasecmp(name, isa_names[i]) == 0)
+			return i;
+	return -1;
+}
+
+bool ffn_isa_supported(enum ffn_isa isa)
+{
+	__builtin_cpu_init();
+	/* __builtin_cpu_supports also checks that the OS saves the wide
+	 * registers (XCR0), so a "yes" here is safe to run. */
+	const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+			  __builtin_cpu_supports("f16c");
+	const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+			    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+			    __builtin_cpu_supports("avx512dq");
+	switch (isa) {
+	case FFN_ISA_REF: return true;
+	case FFN_ISA_AVX2: return avx2;
+	case FFN_ISA_AVX512: return avx512;
+	case FFN_ISA_AVX512BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
+	default: return false;
+	}
+}
+
+enum ffn_isa ffn_isa_best(void)
+{
+	for (int i = FFN_ISA_COUNT - 1; i > 0; i--)
+		if (ffn_isa_supported((enum ffn_isa)i))
+			return (enum ffn_isa)i;
+	return FFN_ISA_REF;
+}
+
+static int cur_isa = -1;
+static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
+
+static void isa_init(void)
+{
+	const char *env = getenv("MOETIER_FFN_ISA");
+	int isa = ffn_isa_best();
+
+	if (env && *env) {
+		int want = ffn_isa_parse(env);
+		if (want < 0)
+			moe_warn("MOETIER_FFN_ISA=%s is not a known path; using %s", env, ffn_isa_name(isa));
+		else if (!ffn_isa_supported(want))
+			moe_warn("MOETIER_FFN_ISA=%s: this CPU lacks it; using %s", env, ffn_isa_name(isa));
+		else
+			isa = want;
+	}
+	int expect = -1;
+	__atomic_compare_exchange_n(&cur_isa, &expect, isa, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+}
+
+enum ffn_isa ffn_get_isa(void)
+{
+	pthread_once(&isa_once, isa_init);
+	return (enum ffn_isa)__atomic_load_n(&cur_isa, __ATOMIC_ACQUIRE);
+}
+
+int ffn_set_isa(enum ffn_isa isa)
+{
+	if ((unsigned)isa >= FFN_ISA_COUNT)
+		return -EINVAL;
+	if (!ffn_isa_supported(isa))
+		return -ENOTSUP;
+	pthread_once(&isa_once, isa_init);
+	__atomic_store_n(&cur_isa, (int)isa, __ATOMIC_RELEASE);
+	return 0;
+}
+
+static const struct ffn_isa_ops *ops_now(void)
+{
+	return isa_ops[ffn_get_isa()];
+}
+
+bool ffn_dtype_supported(enum moe_dtype t)
+{
+	return (unsigned)t < MOE_DTYPE_COUNT && ffn_ops_ref.mm[t] != NULL;
+}
+
+/* ---- threads -------------------------------------------------------------- */
+
+typedef void (*range_fn)(void *arg, uint32_t lo, uint32_t hi);
+
+struct range_job {
+	range_fn fn;
+	void *arg;
+	uint32_t lo, hi;
+};
+
+static void *range_thread(void *p)
+{
+	struct range_job *j = p;
+	j->fn(j->arg, j->lo, j->hi);
+	return NULL;
+}
+
+#define MAX_THREADS 64
+
+/* Runs fn over [0, total) split into `threads` pieces aligned to `align`.
+ * The caller's thread takes the first piece; a piece whose thread cannot be
+ * created runs inline, so the result never depends on thread creation. */
+static void run_split(int threads, uint32_t total, uint32_t align, range_fn fn, void *arg)
+{
+	struct range_job jobs[MAX_THREADS];
+	pthread_t tids[MAX_THREADS];
+	bool started[MAX_THREADS];
+	uint32_t units = (total + align - 1) / align;
+	int n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+
+	if ((uint32_t)n > units)
+		n = units ? (int)units : 1;
+	if (n == 1) {
+		fn(arg, 0, total);
+		return;
+	}
+	for (int i = 0; i < n; i++) {
+		uint32_t lo = (uint32_t)((uint64_t)units * i / n) * align;
+		uint32_t hi = (uint32_t)((uint64_t)units * (i + 1) / n) * align;
+		jobs[i] = (struct range_job){ fn, arg, lo < total ? lo : total, hi < total ? hi : total };
+		started[i] = false;
+	}
+	for (int i = 1; i < n; i++)
+		started[i] = pthread_create(&tids[i], NULL, range_thread, &jobs[i]) == 0;
+	range_thread(&jobs[0]);
+	for (int i = 1; i < n; i++) {
+		if (started[i])
+			pthread_join(tids[i], NULL);
+		else
+			range_thread(&jobs[i]);
+	}
+}
+
+/* ---- matmul --------------------------------------------------------------- */
+
+/* Columns [lo, hi) of B rows of stride ld, rounded to nearest even bf16. */
+static void to_bf16(const float *x, size_t ld, uint32_t B, uint16_t *out, uint32_t lo, uint32_t hi)
+{
+	for (uint32_t t = 0; t < B; t++)
+		for (uint32_t c = lo; c < hi; c++)
+			out[(size_t)t * ld + c] = moe_f32_to_bf16(x[(size_t)t * ld + c]);
+}
+
+struct mm_job {
+	ffn_mm_fn fn;
+	const uint8_t *W;
+	size_t rb;
+	uint32_t cols;
+	const struct ffn_act *a;
+	float *y;
+	size_t ldy;
+};
+
+static void mm_range(void *p, uint32_t lo, uint32_t hi)
+{
+	struct mm_job *j = p;
+	if (lo < hi)
+		j->fn(j->W, j->rb, j->cols, lo, hi, j->a, j->y + lo, j->ldy);
+}
+
+int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols, const float *x, size_t ldx,
+	       uint32_t B, float *y, size_t ldy, int threads)
+{
+	const struct ffn_isa_ops *ops = ops_now();
+	uint64_t rb;
+	uint16_t *xb = NULL;
+
+	if (!ffn_dtype_supported(dt) || !moe_dtype_row_bytes(dt, cols, &rb) || !W || !x || !y ||
+	    ldx < cols || ldy < rows)
+		return -EINVAL;
+	if (!B || !rows)
+		return 0;
+	if (!cols) {
+		for (uint32_t t = 0; t < B; t++)
+			memset(y + (size_t)t * ldy, 0, (size_t)rows * sizeof(float));
+		return 0;
+	}
+	if (ops->bf16_act_mask & (1u << dt)) {
+		xb = malloc((size_t)B * ldx * sizeof(*xb));
+		if (!xb)
+			return -ENOMEM;
+		to_bf16(x, ldx, B, xb, 0, cols);
+	}
+	struct ffn_act a = { x, xb, B, ldx };
+	struct mm_job j = { ops->mm[dt], W, rb, cols, &a, y, ldy };
+	run_split(threads, rows, 4, mm_range, &j);
+	free(xb);
+	return 0;
+}
+
+/* ---- layout --------------------------------------------------------------- */
+
+static const struct pack_part_desc *find_part(const struct pack_part_desc *parts, uint32_t n, uint32_t role)
+{
+	for (uint32_t i = 0; i < n; i++)
+		if (parts[i].role == role)
+			return &parts[i];
+	return NULL;
+}
+
+static int take_mat(struct ffn_mat *M, const struct pack_part_desc *p, const char *what, uint32_t rows,
+		    uint32_t cols, uint64_t extent_bytes, struct moe_error *err)
+{
+	uint64_t rb, bytes, end;
+
+	if (!p)
+		return moe_error_set(err, -EINVAL, "expert layout has no %s part", what);
+	if (!ffn_dtype_supported(p->dtype))
+		return moe_error_set(err, -EINVAL, "%s: dtype %s is not supported by the FFN kernels", what,
+				     moe_dtype_name(p->dtype));
+	if (p->rows != rows || p->cols != cols)
+		return moe_error_set(err, -EINVAL, "%s is [%u x %u], the model needs [%u x %u]", what, p->rows,
+				     p->cols, rows, cols);
+	if (!moe_dtype_row_bytes(p->dtype, cols, &rb))
+		return moe_error_set(err, -EINVAL, "%s: %u columns are not whole %s blocks", what, cols,
+				     moe_dtype_name(p->dtype));
+	if (!moe_mul_u64(rb, rows, &bytes) || bytes != p->bytes)
+		return moe_error_set(err, -EINVAL, "%s: %llu bytes, expected %u rows of %llu", what,
+				     (unsigned long long)p->bytes, rows, (unsigned long long)rb);
+	if (!moe_add_u64(p->offset, bytes, &end) || end > extent_bytes)
+		return moe_error_set(err, -EINVAL, "%s: bytes [%llu, +%llu) run past the %llu-byte extent", what,
+				     (unsigned long long)p->offset, (unsigned long long)bytes,
+				     (unsigned long long)extent_bytes);
+	*M = (struct ffn_mat){ (enum moe_dtype)p->dtype, rows, cols, p->offset, rb };
+	return 0;
+}
+
+static int take_vec(struct ffn_vec *V, const struct pack_part_desc *p, const char *what, uint32_t len,
+		    uint64_t extent_bytes, struct moe_error *err)
+{
+	uint64_t bytes, end;
+
+	if (!p) {
+		*V = (struct ffn_vec){ MOE_DTYPE_INVALID, 0, 0 };
+		return 0;
+	}
+	if (!ffn_dtype_supported(p->dtype) || (uint64_t)p->rows * p->cols != len ||
+	    !moe_dtype_row_bytes(p->dtype, len, &bytes) || bytes != p->bytes)
+		return moe_error_set(err, -EINVAL, "%s: %s [%u x %u] of %llu bytes does not hold %u values", what,
+				     moe_dtype_name(p->dtype), p->rows, p->cols, (unsigned long long)p->bytes, len);
+	if (!moe_add_u64(p->offset, bytes, &end) || end > extent_bytes)
+		return moe_error_set(err, -EINVAL, "%s runs past the %llu-byte extent", what,
+				     (unsigned long long)extent_bytes);
+	*V = (struct ffn_vec){ (enum moe_dtype)p->dtype, len, p->offset };
+	return 0;
+}
+
+static uint64_t mat_end(const struct ffn_mat *M)
+{
+	return M->rows ? M->offset + M->row_bytes * M->rows : 0;
+}
+
+int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg, const struct pack_part_desc *parts,
+		    uint32_t n_parts, uint64_t extent_bytes, struct moe_error *err)
+{
+	int rc;
+
+	if (!L || !cfg || (!parts && n_parts))
+		return moe_error_set(err, -EINVAL, "ffn layout: missing argument");
+	memset(L, 0, sizeof(*L));
+	const uint32_t n = cfg->hidden, m = cfg->expert_width;
+	if (!n || !m || n > (1u << 20) || m > (1u << 20))
+		return moe_error_set(err, -EINVAL, "ffn layout: hidden %u / expert width %u out of range", n, m);
+	L->n = n;
+	L->m = m;
+	if (cfg->ffn_kind == MOE_FFN_SWIGLU) {
+		L->kind = MOE_FFN_SWIGLU;
+		if ((rc = take_mat(&L->gate, find_part(parts, n_parts, PACK_ROLE_GATE), "gate", m, n, extent_bytes, err)) ||
+		    (rc = take_mat(&L->up, find_part(parts, n_parts, PACK_ROLE_UP), "up", m, n, extent_bytes, err)))
+			return rc;
+	} else if (cfg->ffn_kind == MOE_FFN_GPTOSS) {
+		L->kind = MOE_FFN_GPTOSS;
+		if ((rc = take_mat(&L->gate_up, find_part(parts, n_parts, PACK_ROLE_GATE_UP), "gate_up", 2 * m, n,
+				   extent_bytes, err)) ||
+		    (rc = take_vec(&L->gate_up_bias, find_part(parts, n_parts, PACK_ROLE_GATE_UP_BIAS), "gate_up_bias",
+				   2 * m, extent_bytes, err)) ||
+		    (rc = take_vec(&L->down_bias, find_part(parts, n_parts, PACK_ROLE_DOWN_BIAS), "down_bias", n,
+				   extent_bytes, err)))
+			return rc;
+		if (!(cfg->swiglu_limit >= 0.0f) || !(cfg->glu_alpha >= 0.0f))
+			return moe_error_set(err, -EINVAL, "ffn layout: bad swiglu_limit %g / glu_alpha %g",
+					     (double)cfg->swiglu_limit, (double)cfg->glu_alpha);
+		L->limit = cfg->swiglu_limit;
+		L->alpha = cfg->glu_alpha;
+	} else {
+		return moe_error_set(err, -EINVAL, "ffn layout: unknown FFN kind %u", cfg->ffn_kind);
+	}
+	if ((rc = take_mat(&L->down, find_part(parts, n_parts, PACK_ROLE_DOWN), "down", n, m, extent_bytes, err)))
+		return rc;
+	L->weight_bytes = L->gate.row_bytes * L->gate.rows + L->up.row_bytes * L->up.rows +
+			  L->gate_up.row_bytes * L->gate_up.rows + L->down.row_bytes * L->down.rows;
+	L->payload = MOE_MAX(MOE_MAX(mat_end(&L->gate), mat_end(&L->up)), MOE_MAX(mat_end(&L->gate_up), mat_end(&L->down)));
+	return 0;
+}
+
+uint64_t ffn_layout_flops_per_token(const struct ffn_layout *L)
+{
+	return 2ull * L->n * L->m * 3;
+}
+
+/* ---- the expert ----------------------------------------------------------- */
+
+struct expert_job {
+	const struct ffn_layout *L;
+	const struct ffn_isa_ops *ops;
+	const uint8_t *ext;
+	struct ffn_act x;      /* [B x n] */
+	float *g, *u;          /* SWIGLU [B x m] each; GPTOSS: g is [B x 2m] */
+	float *h;              /* [B x m] */
+	uint16_t *hb;          /* [B x m] bf16 copy of h, or NULL */
+	const float *gu_bias;  /* [2m] or NULL */
+	const float *down_bias;/* [n] or NULL */
+	float *out;            /* [B x ldo] */
+	size_t ldo;
+	float *y;              /* accumulation target or NULL */
+	size_t ldy;
+	const float *scale;
+};
+
+static inline float sigmoidf_(float v)
+{
+	return 1.0f / (1.0f + expf(-v));
+}
+
+/* Phase 1 over expert-width units [lo, hi): gate/up rows, activation, and
+ * the bf16 copy of h for those columns. */
+static void expert_phase1(void *p, uint32_t lo, uint32_t hi)
+{
+	struct expert_job *j = p;
+	const struct ffn_layout *L = j->L;
+	const uint32_t B = j->x.B, m = L->m;
+
+	if (lo >= hi)
+		return;
+	if (L->kind == MOE_FFN_SWIGLU) {
+		j->ops->mm[L->gate.dtype](j->ext + L->gate.offset, L->gate.row_bytes, L->n, lo, hi, &j->x, j->g + lo, m);
+		j->ops->mm[L->up.dtype](j->ext + L->up.offset, L->up.row_bytes, L->n, lo, hi, &j->x, j->u + lo, m);
+		for (uint32_t t = 0; t < B; t++) {
+			const float *g = j->g + (size_t)t * m, *u = j->u + (size_t)t * m;
+			float *h = j->h + (size_t)t * m;
+			for (uint32_t i = lo; i < hi; i++)
+				h[i] = g[i] * sigmoidf_(g[i]) * u[i];
+		}
+	} else {
+		const float lim = L->limit, alpha = L->alpha > 0.0f ? L->alpha : 1.0f;
+		j->ops->mm[L->gate_up.dtype](j->ext + L->gate_up.offset, L->gate_up.row_bytes, L->n, 2 * lo, 2 * hi,
+					     &j->x, j->g + 2 * lo, 2 * (size_t)m);
+		for (uint32_t t = 0; t < B; t++) {
+			const float *gu = j->g + (size_t)t * 2 * m;
+			float *h = j->h + (size_t)t * m;
+			for (uint32_t i = lo; i < hi; i++) {
+				float g = gu[2 * i], u = gu[2 * i + 1];
+				if (j->gu_bias) {
+					g += j->gu_bias[2 * i];
+					u += j->gu_bias[2 * i + 1];
+				}
+				if (lim > 0.0f) {
+					g = fminf(g, lim);
+					u = fminf(fmaxf(u, -lim), lim);
+				}
+				h[i] = (u + 1.0f) * (g * sigmoidf_(alpha * g));
+			}
+		}
+	}
+	if (j->hb)
+		to_bf16(j->h, m, B, j->hb, lo, hi);
+}
+
+/* Phase 2 over hidden rows [lo, hi): down projection, bias, accumulation. */
+static void expert_phase2(void *p, uint32_t lo, uint32_t hi)
+{
+	struct expert_job *j = p;
+	const struct ffn_layout *L = j->L;
+	const uint32_t B = j->x.B;
+	struct ffn_act h = { j->h, j->hb, B, L->m };
+
+	if (lo >= hi)
+		return;
+	j->ops->mm[L->down.dtype](j->ext + L->down.offset, L->down.row_bytes, L->m, lo, hi, &h, j->out + lo, j->ldo);
+	for (uint32_t t = 0; t < B; t++) {
+		float *o = j->out + (size_t)t * j->ldo;
+		if (j->down_bias)
+			for (uint32_t i = lo; i < hi; i++)
+				o[i] += j->down_bias[i];
+		if (j->y)
+			ffn_axpy(j->y + (size_t)t * j->ldy + lo, j->scale ? j->scale[t] : 1.0f, o + lo, hi - lo);
+	}
+}
+
+void ffn_axpy(float *y, float s, const float *v, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		y[i] = y[i] + s * v[i];
+}
+
+int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, size_t ldx, uint32_t B, float *y,
+	       size_t ldy, const float *scale, unsigned flags, int threads)
+{
+	const struct ffn_isa_ops *ops = ops_now();
+	const bool acc = flags & FFN_ACCUMULATE;
+
+	if (!L || !L->n || !extent || !x || !y || ldx < L->n || ldy < L->n || (flags & ~FFN_ACCUMULATE))
+		return -EINVAL;
+	if (!B)
+		return 0;
+
+	const uint32_t n = L->n, m = L->m;
+	const bool gptoss = L->kind == MOE_FFN_GPTOSS;
+	const enum moe_dtype in_dt = gptoss ? L->gate_up.dtype : L->gate.dtype;
+	const bool xbf = (ops->bf16_act_mask & (1u << in_dt)) ||
+			 (!gptoss && (ops->bf16_act_mask & (1u << L->up.dtype)));
+	const bool hbf = ops->bf16_act_mask & (1u << L->down.dtype);
+
+	/* One allocation for every scratch array; sizes are bounded by the
+	 * layout check (n, m <= 2^20) and B (u32), so size_t cannot wrap. */
+	size_t nf = (size_t)B * m * 3 + (gptoss ? 2 * (size_t)m + n : 0) + (acc ? (size_t)B * n : 0);
+	size_t nh = (xbf ? (size_t)B * ldx : 0) + (hbf ? (size_t)B * m : 0);
+	float *buf = malloc(nf * sizeof(float) + nh * sizeof(uint16_t) + 64);
+	if (!buf)
+		return -ENOMEM;
+	float *f = buf;
+	struct expert_job j = { .L = L, .ops = ops, .ext = extent, .x = { x, NULL, B, ldx } };
+	j.g = f; /* SWIGLU: g [B x m] then u [B x m]; GPTOSS: gu [B x 2m] */
+	j.u = f + (size_t)B * m;
+	f += (size_t)B * m * 2;
+	j.h = f;
+	f += (size_t)B * m;
+	if (gptoss) {
+		float *gb = f, *db = f + 2 * (size_t)m;
+		f += 2 * (size_t)m + n;
+		if (L->gate_up_bias.dtype != MOE_DTYPE_INVALID) {
+			moe_dequantize_row(L->gate_up_bias.dtype, j.ext + L->gate_up_bias.offset, gb, 2 * (size_t)m);
+			j.gu_bias = gb;
+		}
+		if (L->down_bias.dtype != MOE_DTYPE_INVALID) {
+			moe_dequantize_row(L->down_bias.dtype, j.ext + L->down_bias.offset, db, n);
+			j.down_bias = db;
+		}
+	}
+	if (acc) {
+		j.out = f;
+		j.ldo = n;
+		f += (size_t)B * n;
+		j.y = y;
+		j.ldy = ldy;
+		j.scale = scale;
+	} else {
+		j.out = y;
+		j.ldo = ldy;
+	}
+	uint16_t *hp = (uint16_t *)f;
+	if (xbf) {
+		to_bf16(x, ldx, B, hp, 0, n);
+		j.x.bf = hp;
+		hp += (size_t)B * ldx;
+	}
+	if (hbf)
+		j.hb = hp;
+
+	run_split(threads, m, 4, expert_phase1, &j);
+	run_split(threads, n, 4, expert_phase2, &j);
+	free(buf);
+	return 0;
+}
+
+int ffn_moe_token(const struct ffn_layout *L, const void *const *extents, const float *w, uint32_t k,
+		  const float *x, float *y, int threads)
+{
+	if (!L || !extents || (!w && k) || !x || !y)
+		return -EINVAL;
+	memset(y, 0, (size_t)L->n * sizeof(float));
+	for (uint32_t i = 0; i < k; i++) {
+		if (!extents[i])
+			return -EINVAL;
+		int rc = ffn_expert(L, extents[i], x, L->n, 1, y, L->n, &w[i], FFN_ACCUMULATE, threads);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+/* ---- the CUDA fatbin ------------------------------------------------------ */
+
+#ifdef HAVE_NVCC
+extern const unsigned char moe_ffn_fatbin_start[];
+extern const unsigned char moe_ffn_fatbin_end[];
+#endif
+
+const void *ffn_cuda_fatbin(size_t *len)
+{
+#ifdef HAVE_NVCC
+	if (len)
+		*len = (size_t)(moe_ffn_fatbin_end - moe_ffn_fatbin_start);
+	return moe_ffn_fatbin_start;
+#else
+	if (len)
+		*len = 0;
+	return NULL;
+#endif
+}

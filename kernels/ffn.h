@@ -1,0 +1,128 @@
+/* ffn.h - the routed-expert FFN on the CPU, computed straight from an
+ * expert's extent bytes (the pack layout: parts described by
+ * struct pack_part_desc).
+ *
+ *   SwiGLU:  y = W_down (silu(W_gate x) * (W_up x))
+ *   GPT-OSS: gu = W_gate_up x + b (rows interleaved gate0, up0, gate1, ...),
+ *            g = min(gate, L), u = clamp(up, -L, L), glu = g * sigmoid(alpha g),
+ *            y = W_down ((u + 1) * glu) + b_down
+ *
+ * Activations are f32; weights f32, f16, bf16, q8_0, q4_0, mxfp4 (ggml block
+ * layouts, dtype.h). One implementation per instruction set (portable C,
+ * AVX2+FMA+F16C, AVX-512, AVX-512 + AVX512-BF16 vdpbf16ps) is chosen once by
+ * CPUID; MOETIER_FFN_ISA=ref|avx2|avx512|avx512bf16 or ffn_set_isa() forces
+ * one (tests run every path the CPU has).
+ *
+ * Results do not depend on the batch size nor on the thread count: every
+ * (row, token) dot product is accumulated in the same order whatever tile
+ * it falls in, so a token computed alone or in a batch of 64 gives the same
+ * bits. compute.c relies on that. */
+#ifndef MOETIER_FFN_H
+#define MOETIER_FFN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dtype.h"
+#include "model.h"
+#include "pack.h"
+#include "util.h"
+
+enum ffn_isa {
+	FFN_ISA_REF = 0,        /* portable C, float accumulation */
+	FFN_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C, weights widened to f32 on the fly */
+	FFN_ISA_AVX512 = 2,     /* AVX-512 F/BW/VL/DQ, the same algorithm 16 wide */
+	FFN_ISA_AVX512BF16 = 3, /* AVX-512 + vdpbf16ps for bf16 weights (x rounded to bf16) */
+	FFN_ISA_COUNT
+};
+
+/* "ref", "avx2", "avx512", "avx512bf16". */
+const char *ffn_isa_name(enum ffn_isa isa);
+/* Parses the names above; -1 when unknown. */
+int ffn_isa_parse(const char *name);
+/* Whether this CPU (and OS) can run the path. REF always can. */
+bool ffn_isa_supported(enum ffn_isa isa);
+/* The best supported path. */
+enum ffn_isa ffn_isa_best(void);
+/* The path in use: the best one, or MOETIER_FFN_ISA when set and supported
+ * (read on first use). */
+enum ffn_isa ffn_get_isa(void);
+/* Forces a path for the whole process: 0, -EINVAL for an unknown value,
+ * -ENOTSUP when the CPU lacks it. */
+int ffn_set_isa(enum ffn_isa isa);
+
+/* One weight matrix inside the extent. */
+struct ffn_mat {
+	enum moe_dtype dtype;
+	uint32_t rows, cols;
+	uint64_t offset;    /* bytes from the extent start */
+	uint64_t row_bytes;
+};
+
+/* One bias vector inside the extent (absent: dtype INVALID). */
+struct ffn_vec {
+	enum moe_dtype dtype;
+	uint32_t len;
+	uint64_t offset;
+};
+
+/* Where an expert's tensors are, resolved once per model from its parts. */
+struct ffn_layout {
+	enum moe_ffn_kind kind;
+	uint32_t n;              /* hidden */
+	uint32_t m;              /* expert width */
+	struct ffn_mat gate, up; /* SWIGLU */
+	struct ffn_mat gate_up;  /* GPTOSS: 2m rows */
+	struct ffn_vec gate_up_bias, down_bias; /* GPTOSS */
+	struct ffn_mat down;     /* n rows x m cols */
+	float limit;             /* GPTOSS clamp; 0 = none */
+	float alpha;             /* GPTOSS glu alpha; 0 = 1 (plain silu) */
+	uint64_t payload;        /* bytes of the extent the parts cover */
+	uint64_t weight_bytes;   /* matrix bytes streamed per expert run */
+};
+
+/* Resolves and checks the parts against the model (roles present, shapes
+ * [m x n] / [n x m] / [2m x n], dtypes the kernels support, block types with
+ * cols % 32 == 0, offsets inside extent_bytes). 0 or -EINVAL with a message. */
+int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg,
+		    const struct pack_part_desc *parts, uint32_t n_parts, uint64_t extent_bytes,
+		    struct moe_error *err);
+/* Multiply-adds of one token through one expert (2 per weight). */
+uint64_t ffn_layout_flops_per_token(const struct ffn_layout *L);
+
+/* Whether the kernels take this weight dtype (f32, f16, bf16, q8_0, q4_0, mxfp4). */
+bool ffn_dtype_supported(enum moe_dtype t);
+
+/* y[t*ldy + r] = sum_c W[r][c] * x[t*ldx + c] for r in [0, rows), t in [0, B).
+ * W: rows of row_bytes (moe_dtype_row_bytes(dt, cols)). threads >= 1 splits
+ * the rows. For tests and benchmarks; 0 or a negative errno. */
+int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols,
+	       const float *x, size_t ldx, uint32_t B, float *y, size_t ldy, int threads);
+
+enum ffn_flags {
+	FFN_ACCUMULATE = 1 << 0, /* y += scale * expert(x) instead of y = expert(x) */
+};
+
+/* Runs one expert over B tokens: x is [B x n] with row stride ldx, y is
+ * [B x n] with stride ldy. With FFN_ACCUMULATE, y[t] += scale[t] * out[t]
+ * (scale NULL means 1) through ffn_axpy. threads >= 1 splits rows (the caller
+ * decides; 1 is the right default on a shared 2-vCPU host).
+ * Returns 0, -EINVAL (bad arguments), -ENOMEM. */
+int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, size_t ldx,
+	       uint32_t B, float *y, size_t ldy, const float *scale, unsigned flags, int threads);
+
+/* One token through its top-k experts: y = sum_j w[j] * expert_j(x), the
+ * terms added in j order with ffn_axpy. */
+int ffn_moe_token(const struct ffn_layout *L, const void *const *extents, const float *w,
+		  uint32_t k, const float *x, float *y, int threads);
+
+/* y[i] += s * v[i], the one accumulation every caller uses so that results
+ * are bit-identical whichever path grouped the work. */
+void ffn_axpy(float *y, float s, const float *v, size_t n);
+
+/* The embedded CUDA fatbin (kernels/ffn.cu) and its size, or NULL when the
+ * build had no nvcc. */
+const void *ffn_cuda_fatbin(size_t *len);
+
+#endif

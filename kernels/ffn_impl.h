@@ -1,0 +1,45 @@
+/* ffn_impl.h - private interface between ffn.c (dispatch, threads, the
+ * activation) and the per-ISA matmul kernels (ffn_avx2.c, ffn_avx512.c). */
+#ifndef MOETIER_FFN_IMPL_H
+#define MOETIER_FFN_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dtype.h"
+
+/* B tokens of activations, row stride ld (elements). bf is x rounded to
+ * bf16 with the same stride, filled only for the dtypes in a table's
+ * bf16_act_mask (the vdpbf16ps kernel multiplies bf16 by bf16). */
+struct ffn_act {
+	const float *f;
+	const uint16_t *bf;
+	uint32_t B;
+	size_t ld;
+};
+
+/* y[t*ldy + (r - r0)] = sum_c W[r][c] x[t][c] for r in [r0, r1), t < B.
+ * W points at row 0; rows are rb bytes apart. */
+typedef void (*ffn_mm_fn)(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+			  const struct ffn_act *x, float *y, size_t ldy);
+
+struct ffn_isa_ops {
+	ffn_mm_fn mm[MOE_DTYPE_COUNT];
+	uint32_t bf16_act_mask; /* 1u << dtype when mm[dtype] reads x->bf */
+};
+
+extern const struct ffn_isa_ops ffn_ops_avx2;
+extern const struct ffn_isa_ops ffn_ops_avx512;
+extern const struct ffn_isa_ops ffn_ops_avx512bf16;
+
+/* ggml's block_mxfp4 scale 2^(e-128) (denormal for e < 2), exactly as
+ * moe_dequantize_row computes it. */
+static inline float ffn_e8m0_half(uint8_t e)
+{
+	uint32_t u = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+	float f;
+	memcpy(&f, &u, 4);
+	return f;
+}
+
+#endif

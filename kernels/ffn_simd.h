@@ -1,0 +1,278 @@
+/* ffn_simd.h - the matmul kernels, written once for any vector width and
+ * included by ffn_avx2.c (8 floats) and ffn_avx512.c (16 floats). Sharing
+ * the body means the tiling, block decoding and tails that AVX2 tests
+ * exercise are the same lines the AVX-512 build runs.
+ *
+ * The includer defines:
+ *   SIMD_W            floats per vector (8 or 16)
+ *   RMAX, TMAX        tile: weight rows x tokens computed together (TMAX 2 or 4)
+ *   vf                the float vector type
+ *   FN_ATTR           __attribute__((target(...))) for every function
+ *   SFX(name)         name with the ISA suffix
+ *   VZERO() VSET1(s) VLOADU(p) VSTOREU(p, v) VFMA(a, b, c) (a*b + c) VMUL(a, b)
+ *   VLOAD_F16(p) VLOAD_BF16(p)   SIMD_W halves / bfloats at p, widened
+ *   LOADB(p)          __m128i holding the SIMD_W bytes at p in its low lanes
+ *   CVT_I8(v)         vf from the low SIMD_W signed bytes of v
+ *   vhsum(v)          (function) horizontal sum, the same order for every tile
+ *
+ * Algorithm: a tile keeps RMAX weight rows in registers per step and
+ * multiplies them by TMAX tokens, so each weight chunk is read from memory
+ * once per row block and reused TMAX times from registers (and once per
+ * token tile from L1). Every (row, token) accumulator runs the same chunk
+ * sequence whatever R and T are, so results are independent of the batch.
+ * Block types are widened to f32 on the fly: w = (float)q * d, exactly the
+ * value moe_dequantize_row produces, then fused multiply-add with x. */
+
+#include <stdlib.h>
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* Nibble -> value tables (pshufb). q4_0: q - 8. mxfp4: ggml's doubled E2M1. */
+static const int8_t SFX(tab_q4)[16] __attribute__((aligned(16))) = {
+	-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7 };
+static const int8_t SFX(tab_mxfp4)[16] __attribute__((aligned(16))) = {
+	0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12 };
+
+/* Elements [k*W, k*W + W) of a 32-element nibble block: low nibbles hold
+ * elements 0..15, high nibbles 16..31 (ggml order). */
+static FN_ATTR ALWAYS_INLINE vf SFX(nib_vals)(const uint8_t *qs, int k, const int8_t *tab)
+{
+	const int e0 = k * SIMD_W;
+	__m128i b = LOADB(qs + (e0 & 15));
+	if (e0 >= 16)
+		b = _mm_srli_epi16(b, 4);
+	b = _mm_and_si128(b, _mm_set1_epi8(0x0f));
+	b = _mm_shuffle_epi8(_mm_load_si128((const __m128i *)tab), b);
+	return CVT_I8(b);
+}
+
+static FN_ATTR ALWAYS_INLINE float SFX(scalar_w)(const int DT, const uint8_t *row, uint32_t c)
+{
+	uint16_t h;
+	switch (DT) {
+	case MOE_DTYPE_F32: {
+		float f;
+		memcpy(&f, row + (size_t)c * 4, 4);
+		return f;
+	}
+	case MOE_DTYPE_F16:
+		memcpy(&h, row + (size_t)c * 2, 2);
+		return _cvtsh_ss(h);
+	default: /* BF16 */
+		memcpy(&h, row + (size_t)c * 2, 2);
+		return moe_bf16_to_f32(h);
+	}
+}
+
+static FN_ATTR ALWAYS_INLINE vf SFX(plain_w)(const int DT, const uint8_t *row, uint32_t c)
+{
+	switch (DT) {
+	case MOE_DTYPE_F32: return VLOADU((const float *)(const void *)(row + (size_t)c * 4));
+	case MOE_DTYPE_F16: return VLOAD_F16(row + (size_t)c * 2);
+	default: return VLOAD_BF16(row + (size_t)c * 2);
+	}
+}
+
+static FN_ATTR ALWAYS_INLINE void SFX(tile)(const int DT, const int R, const int T, const uint8_t *W,
+					     size_t rb, uint32_t cols, const float *x, size_t ldx,
+					     float *y, size_t ldy)
+{
+	vf acc[RMAX][TMAX];
+	float tail[RMAX][TMAX];
+
+#pragma GCC unroll 8
+	for (int i = 0; i < R; i++)
+#pragma GCC unroll 8
+		for (int t = 0; t < T; t++) {
+			acc[i][t] = VZERO();
+			tail[i][t] = 0.0f;
+		}
+
+	if (DT == MOE_DTYPE_Q8_0 || DT == MOE_DTYPE_Q4_0 || DT == MOE_DTYPE_MXFP4) {
+		const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : DT == MOE_DTYPE_Q4_0 ? 18 : 17;
+		const uint32_t nb = cols / 32;
+		for (uint32_t b = 0; b < nb; b++) {
+			vf d[RMAX];
+			const uint8_t *qs[RMAX];
+#pragma GCC unroll 8
+			for (int i = 0; i < R; i++) {
+				const uint8_t *blk = W + (size_t)i * rb + (size_t)b * bb;
+				uint16_t h;
+				if (DT == MOE_DTYPE_MXFP4) {
+					d[i] = VSET1(ffn_e8m0_half(blk[0]));
+					qs[i] = blk + 1;
+				} else {
+					memcpy(&h, blk, 2);
+					d[i] = VSET1(_cvtsh_ss(h));
+					qs[i] = blk + 2;
+				}
+			}
+#pragma GCC unroll 4
+			for (int k = 0; k < 32 / SIMD_W; k++) {
+				vf w[RMAX];
+#pragma GCC unroll 8
+				for (int i = 0; i < R; i++) {
+					vf q;
+					if (DT == MOE_DTYPE_Q8_0)
+						q = CVT_I8(LOADB(qs[i] + k * SIMD_W));
+					else
+						q = SFX(nib_vals)(qs[i], k, DT == MOE_DTYPE_Q4_0 ? SFX(tab_q4) : SFX(tab_mxfp4));
+					w[i] = VMUL(q, d[i]);
+				}
+#pragma GCC unroll 8
+				for (int t = 0; t < T; t++) {
+					const vf xv = VLOADU(x + (size_t)t * ldx + (size_t)b * 32 + (size_t)k * SIMD_W);
+#pragma GCC unroll 8
+					for (int i = 0; i < R; i++)
+						acc[i][t] = VFMA(w[i], xv, acc[i][t]);
+				}
+			}
+		}
+	} else {
+		uint32_t c = 0;
+		for (; c + SIMD_W <= cols; c += SIMD_W) {
+			vf w[RMAX];
+#pragma GCC unroll 8
+			for (int i = 0; i < R; i++)
+				w[i] = SFX(plain_w)(DT, W + (size_t)i * rb, c);
+#pragma GCC unroll 8
+			for (int t = 0; t < T; t++) {
+				const vf xv = VLOADU(x + (size_t)t * ldx + c);
+#pragma GCC unroll 8
+				for (int i = 0; i < R; i++)
+					acc[i][t] = VFMA(w[i], xv, acc[i][t]);
+			}
+		}
+		for (; c < cols; c++)
+			for (int i = 0; i < R; i++) {
+				const float wi = SFX(scalar_w)(DT, W + (size_t)i * rb, c);
+				for (int t = 0; t < T; t++)
+					tail[i][t] = __builtin_fmaf(wi, x[(size_t)t * ldx + c], tail[i][t]);
+			}
+	}
+
+#pragma GCC unroll 8
+	for (int i = 0; i < R; i++)
+#pragma GCC unroll 8
+		for (int t = 0; t < T; t++)
+			y[(size_t)t * ldy + i] = SFX(vhsum)(acc[i][t]) + tail[i][t];
+}
+
+/* Widens R rows to f32 into out (rows of `cols` floats): the same values,
+ * chunk by chunk, that the tile computes on the fly, so a tile over `out`
+ * as f32 runs the identical FMA sequence. */
+static FN_ATTR ALWAYS_INLINE void SFX(widen_rows)(const int DT, uint32_t R, const uint8_t *W, size_t rb,
+						  uint32_t cols, float *out)
+{
+	for (uint32_t i = 0; i < R; i++) {
+		const uint8_t *row = W + (size_t)i * rb;
+		float *o = out + (size_t)i * cols;
+		if (DT == MOE_DTYPE_Q8_0 || DT == MOE_DTYPE_Q4_0 || DT == MOE_DTYPE_MXFP4) {
+			const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : DT == MOE_DTYPE_Q4_0 ? 18 : 17;
+			for (uint32_t b = 0; b < cols / 32; b++) {
+				const uint8_t *blk = row + (size_t)b * bb, *qs;
+				vf d;
+				uint16_t h;
+				if (DT == MOE_DTYPE_MXFP4) {
+					d = VSET1(ffn_e8m0_half(blk[0]));
+					qs = blk + 1;
+				} else {
+					memcpy(&h, blk, 2);
+					d = VSET1(_cvtsh_ss(h));
+					qs = blk + 2;
+				}
+#pragma GCC unroll 4
+				for (int k = 0; k < 32 / SIMD_W; k++) {
+					vf q;
+					if (DT == MOE_DTYPE_Q8_0)
+						q = CVT_I8(LOADB(qs + k * SIMD_W));
+					else
+						q = SFX(nib_vals)(qs, k, DT == MOE_DTYPE_Q4_0 ? SFX(tab_q4) : SFX(tab_mxfp4));
+					VSTOREU(o + (size_t)b * 32 + (size_t)k * SIMD_W, VMUL(q, d));
+				}
+			}
+		} else {
+			uint32_t c = 0;
+			for (; c + SIMD_W <= cols; c += SIMD_W)
+				VSTOREU(o + c, SFX(plain_w)(DT, row, c));
+			for (; c < cols; c++)
+				o[c] = SFX(scalar_w)(DT, row, c);
+		}
+	}
+}
+
+/* One switch case per tile shape so each is compiled with constant R, T. */
+#define TILE_CALL(DT, RR, TT) \
+	SFX(tile)(DT, RR, TT, Wt, rbt, cols, a->f + (size_t)t * a->ld, a->ld, \
+		  y + (size_t)t * ldy + (r - r0), ldy)
+
+#if TMAX == 4
+#define TILE_ROW_CASES(DT, RR) \
+	case RR * 8 + 1: TILE_CALL(DT, RR, 1); break; \
+	case RR * 8 + 2: TILE_CALL(DT, RR, 2); break; \
+	case RR * 8 + 3: TILE_CALL(DT, RR, 3); break; \
+	case RR * 8 + 4: TILE_CALL(DT, RR, 4); break;
+#elif TMAX == 2
+#define TILE_ROW_CASES(DT, RR) \
+	case RR * 8 + 1: TILE_CALL(DT, RR, 1); break; \
+	case RR * 8 + 2: TILE_CALL(DT, RR, 2); break;
+#else
+#error "TMAX must be 2 or 4"
+#endif
+
+#if RMAX != 4
+#error "RMAX must be 4"
+#endif
+
+#define TILE_SWITCH(DT) \
+	switch (R * 8 + T) { \
+	TILE_ROW_CASES(DT, 1) \
+	TILE_ROW_CASES(DT, 2) \
+	TILE_ROW_CASES(DT, 3) \
+	TILE_ROW_CASES(DT, 4) \
+	default: __builtin_unreachable(); \
+	}
+
+/* With more tokens than one tile, each row block is widened to f32 once
+ * (RMAX x cols floats, L1/L2 resident) instead of once per token tile; the
+ * result is bit-identical (see widen_rows). Without memory for that, the
+ * fused path runs. */
+#define DEFINE_MM(NAME, DT) \
+	static FN_ATTR void SFX(NAME)(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, \
+				     uint32_t r1, const struct ffn_act *a, float *y, size_t ldy) \
+	{ \
+		float *wide = NULL; \
+		if (DT != MOE_DTYPE_F32 && a->B > TMAX) \
+			wide = aligned_alloc(64, ((size_t)RMAX * cols * sizeof(float) + 63) & ~(size_t)63); \
+		for (uint32_t r = r0; r < r1; r += RMAX) { \
+			const uint32_t R = r1 - r < RMAX ? r1 - r : RMAX; \
+			const uint8_t *Wt = W + (size_t)r * rb; \
+			size_t rbt = rb; \
+			if (wide) { \
+				SFX(widen_rows)(DT, R, Wt, rb, cols, wide); \
+				Wt = (const uint8_t *)wide; \
+				rbt = (size_t)cols * sizeof(float); \
+			} \
+			for (uint32_t t = 0; t < a->B; t += TMAX) { \
+				const uint32_t T = a->B - t < TMAX ? a->B - t : TMAX; \
+				if (wide) { \
+					TILE_SWITCH(MOE_DTYPE_F32) \
+				} else { \
+					TILE_SWITCH(DT) \
+				} \
+			} \
+		} \
+		free(wide); \
+	}
+
+DEFINE_MM(mm_f32, MOE_DTYPE_F32)
+DEFINE_MM(mm_f16, MOE_DTYPE_F16)
+DEFINE_MM(mm_bf16, MOE_DTYPE_BF16)
+DEFINE_MM(mm_q8_0, MOE_DTYPE_Q8_0)
+DEFINE_MM(mm_q4_0, MOE_DTYPE_Q4_0)
+DEFINE_MM(mm_mxfp4, MOE_DTYPE_MXFP4)
+
+#define SIMD_MM_TABLE \
+	[MOE_DTYPE_F32] = SFX(mm_f32), [MOE_DTYPE_F16] = SFX(mm_f16), \
+	[MOE_DTYPE_BF16] = SFX(mm_bf16), [MOE_DTYPE_Q8_0] = SFX(mm_q8_0), \
+	[MOE_DTYPE_Q4_0] = SFX(mm_q4_0), [MOE_DTYPE_MXFP4] = SFX(mm_mxfp4)

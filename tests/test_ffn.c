@@ -1,0 +1,707 @@
+/* test_ffn.c - the CPU expert FFN kernels against a double-precision
+ * reference, on every path this CPU has (reference C, AVX2, AVX-512,
+ * AVX512-BF16; a path is skipped only when the CPU lacks it).
+ *
+ * Tolerances (u = 2^-24, the f32 unit roundoff; K = the dot length):
+ * - Weights are decoded exactly (the kernels produce the same f32 weight
+ *   value the formulas give, checked bit for bit below), so a matmul output
+ *   only carries the f32 accumulation error. Any summation order of K
+ *   products, with or without FMA, is within gamma_K = K u / (1 - K u) of
+ *   the exact sum relative to S = sum |w_c x_c|:
+ *       |y - y_exact| <= gamma_K * S.
+ * - The vdpbf16ps path rounds x to bf16 first (relative error <= 2^-9 per
+ *   element), so its bound is (2^-9 + 2^-9 + gamma_K) * S; the extra 2^-9
+ *   covers the products that the instruction rounds (it flushes denormals
+ *   and the Intel pseudo-code rounds each pair sum).
+ * - Whole expert: the bound is propagated to first order through the
+ *   activation (|d silu(g)/dg| <= 1.1, the GPT-OSS glu likewise, clamps are
+ *   1-Lipschitz, exp/sigmoid add a few u of |h|) and through the down
+ *   projection; the check allows 2x that first-order bound plus 1e-30. */
+#include "config.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dtype.h"
+#include "ffn.h"
+#include "model.h"
+#include "pack.h"
+
+#define U_F32 (1.0 / 16777216.0)
+
+/* ---- random numbers (deterministic per test) ------------------------------ */
+
+static uint64_t rng_state;
+static void rng_seed(uint64_t s) { rng_state = s * 0x9e3779b97f4a7c15ull + 1; }
+static uint64_t rng_u64(void)
+{
+	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+static float rng_f(float lo, float hi) { return lo + (hi - lo) * (float)((rng_u64() >> 40) * (1.0 / 16777216.0)); }
+
+/* ---- an independent decoder: the formulas of formats.md 4.5, written here
+ * without dtype.c's helpers ---------------------------------------------- */
+
+static float ind_f16(uint16_t h)
+{
+	int e = (h >> 10) & 31, mant = h & 1023;
+	double v;
+	if (e == 0)
+		v = ldexp(mant, -24);
+	else if (e == 31)
+		v = mant ? NAN : INFINITY;
+	else
+		v = ldexp(1024 + mant, e - 25);
+	return (float)((h & 0x8000) ? -v : v);
+}
+
+static float ind_bf16(uint16_t b)
+{
+	union { uint32_t u; float f; } c = { .u = (uint32_t)b << 16 };
+	return c.f;
+}
+
+static void ind_decode_row(enum moe_dtype t, const uint8_t *src, float *dst, uint32_t n)
+{
+	static const int kv[16] = { 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12 };
+	for (uint32_t i = 0; i < n; i++) {
+		uint32_t b = i / 32, j = i % 32;
+		uint16_t h;
+		switch (t) {
+		case MOE_DTYPE_F32: memcpy(&dst[i], src + 4 * i, 4); break;
+		case MOE_DTYPE_F16: memcpy(&h, src + 2 * i, 2); dst[i] = ind_f16(h); break;
+		case MOE_DTYPE_BF16: memcpy(&h, src + 2 * i, 2); dst[i] = ind_bf16(h); break;
+		case MOE_DTYPE_Q8_0:
+			memcpy(&h, src + 34 * b, 2);
+			dst[i] = (float)(int8_t)src[34 * b + 2 + j] * ind_f16(h);
+			break;
+		case MOE_DTYPE_Q4_0: {
+			uint8_t q = src[18 * b + 2 + (j % 16)];
+			int v = (j < 16 ? (q & 15) : (q >> 4)) - 8;
+			memcpy(&h, src + 18 * b, 2);
+			dst[i] = (float)v * ind_f16(h);
+			break;
+		}
+		case MOE_DTYPE_MXFP4: {
+			uint8_t q = src[17 * b + 1 + (j % 16)];
+			int v = kv[j < 16 ? (q & 15) : (q >> 4)];
+			/* 2^(e-128), exact in f32 down to e = 0 (2^-128 is subnormal) */
+			dst[i] = (float)v * (float)ldexp(1.0, (int)src[17 * b] - 128);
+			break;
+		}
+		default: cr_assert_fail("dtype %d", t);
+		}
+	}
+}
+
+static uint64_t row_bytes(enum moe_dtype t, uint32_t cols)
+{
+	uint64_t rb = 0;
+	cr_assert(moe_dtype_row_bytes(t, cols, &rb), "%s cols %u", moe_dtype_name(t), cols);
+	return rb;
+}
+
+/* Random weights in dtype t: f32 values in [-a, a] encoded with the
+ * project's quantizers (so scales and codes look like real checkpoints). */
+static uint8_t *make_weights(enum moe_dtype t, uint32_t rows, uint32_t cols, float a)
+{
+	uint64_t rb = row_bytes(t, cols);
+	uint8_t *w = malloc(rb * rows + 64);
+	float *tmp = malloc(sizeof(float) * cols);
+	cr_assert(w && tmp);
+	for (uint32_t r = 0; r < rows; r++) {
+		uint8_t *row = w + rb * r;
+		for (uint32_t c = 0; c < cols; c++)
+			tmp[c] = rng_f(-a, a);
+		switch (t) {
+		case MOE_DTYPE_F32: memcpy(row, tmp, 4ull * cols); break;
+		case MOE_DTYPE_F16:
+			for (uint32_t c = 0; c < cols; c++) {
+				uint16_t h = moe_f32_to_f16(tmp[c]);
+				memcpy(row + 2 * c, &h, 2);
+			}
+			break;
+		case MOE_DTYPE_BF16:
+			for (uint32_t c = 0; c < cols; c++) {
+				uint16_t h = moe_f32_to_bf16(tmp[c]);
+				memcpy(row + 2 * c, &h, 2);
+			}
+			break;
+		case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(tmp, (void *)row, cols); break;
+		case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(tmp, (void *)row, cols); break;
+		case MOE_DTYPE_MXFP4: moe_quantize_row_mxfp4(tmp, (void *)row, cols); break;
+		default: cr_assert_fail();
+		}
+	}
+	free(tmp);
+	return w;
+}
+
+static double *decode_matrix(enum moe_dtype t, const uint8_t *w, uint32_t rows, uint32_t cols)
+{
+	uint64_t rb = row_bytes(t, cols);
+	double *d = malloc(sizeof(double) * rows * cols);
+	float *tmp = malloc(sizeof(float) * cols);
+	for (uint32_t r = 0; r < rows; r++) {
+		ind_decode_row(t, w + rb * r, tmp, cols);
+		for (uint32_t c = 0; c < cols; c++)
+			d[(size_t)r * cols + c] = tmp[c];
+	}
+	free(tmp);
+	return d;
+}
+
+static float *make_x(uint32_t B, uint32_t n, float a)
+{
+	float *x = malloc(sizeof(float) * B * n + 64);
+	for (size_t i = 0; i < (size_t)B * n; i++)
+		x[i] = rng_f(-a, a);
+	return x;
+}
+
+/* ---- paths ----------------------------------------------------------------- */
+
+static const enum moe_dtype all_dtypes[] = { MOE_DTYPE_F32, MOE_DTYPE_F16, MOE_DTYPE_BF16,
+					     MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_MXFP4 };
+#define N_DTYPES (sizeof(all_dtypes) / sizeof(all_dtypes[0]))
+
+static void use_isa(enum ffn_isa isa)
+{
+	if (!ffn_isa_supported(isa))
+		cr_skip_test("this CPU lacks the %s path", ffn_isa_name(isa));
+	cr_assert_eq(ffn_set_isa(isa), 0);
+	cr_assert_eq(ffn_get_isa(), isa);
+}
+
+/* Relative bound on |y - exact| / sum|w x| for one dot of length K. */
+static double dot_tol(enum ffn_isa isa, enum moe_dtype t, uint32_t K)
+{
+	double g = K * U_F32 / (1.0 - K * U_F32);
+	if (isa == FFN_ISA_AVX512BF16 && t == MOE_DTYPE_BF16)
+		g += 2.0 / 512.0;
+	return g;
+}
+
+static bool is_block(enum moe_dtype t) { return moe_dtype_block_elems(t) > 1; }
+
+/* ---- matmul: exact decode, bounds, batch and thread independence ---------- */
+
+/* x = e_c (one-hot) makes y[r] = W[r][c] exactly (the other products are
+ * +-0), so this reads the in-kernel dequantization back bit for bit. */
+static void check_onehot(enum ffn_isa isa)
+{
+	use_isa(isa);
+	rng_seed(11);
+	for (size_t d = 0; d < N_DTYPES; d++) {
+		const enum moe_dtype t = all_dtypes[d];
+		const uint32_t rows = 7, cols = 64;
+		uint64_t rb = row_bytes(t, cols);
+		uint8_t *w = malloc(rb * rows);
+		/* random bytes: every code and scale pattern; scales kept finite
+		 * (f16 exponent < 31, e8m0 < 255) and, for bf16, normal or zero
+		 * values (vdpbf16ps treats bf16 denormals as zero) */
+		for (uint64_t i = 0; i < rb * rows; i++)
+			w[i] = (uint8_t)rng_u64();
+		for (uint32_t r = 0; r < rows; r++) {
+			uint8_t *row = w + rb * r;
+			for (uint32_t b = 0; b < cols / 32; b++) {
+				if (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0) {
+					uint8_t *hi = row + b * (t == MOE_DTYPE_Q8_0 ? 34 : 18) + 1;
+					*hi = (uint8_t)(*hi & 0xbb); /* exponent bits 14..10: clear bit 14 */
+				} else if (t == MOE_DTYPE_MXFP4 && row[b * 17] == 255) {
+					row[b * 17] = 254;
+				}
+			}
+			if (t == MOE_DTYPE_F16)
+				for (uint32_t c = 0; c < cols; c++)
+					row[2 * c + 1] &= 0xbb;
+			if (t == MOE_DTYPE_BF16 || t == MOE_DTYPE_F32)
+				for (uint32_t c = 0; c < cols; c++) {
+					/* keep exponents away from 0 and all-ones */
+					uint8_t *hb = row + (t == MOE_DTYPE_BF16 ? 2 * c + 1 : 4 * c + 3);
+					*hb = (uint8_t)((*hb & 0x80) | 0x3c | (*hb & 0x03));
+				}
+		}
+		float *x = calloc((size_t)cols * cols, sizeof(float));
+		float *y = calloc((size_t)cols * rows, sizeof(float));
+		float *ref = malloc(sizeof(float) * cols);
+		float *mine = malloc(sizeof(float) * cols);
+		for (uint32_t c = 0; c < cols; c++)
+			x[(size_t)c * cols + c] = 1.0f;
+		cr_assert_eq(ffn_matmul(t, w, rows, cols, x, cols, cols, y, rows, 1), 0);
+		for (uint32_t r = 0; r < rows; r++) {
+			moe_dequantize_row(t, w + rb * r, ref, cols);
+			ind_decode_row(t, w + rb * r, mine, cols);
+			for (uint32_t c = 0; c < cols; c++) {
+				cr_assert(memcmp(&ref[c], &mine[c], 4) == 0,
+					  "%s: moe_dequantize_row %a != formula %a at r%u c%u", moe_dtype_name(t),
+					  (double)ref[c], (double)mine[c], r, c);
+				cr_assert(y[(size_t)c * rows + r] == ref[c], "%s/%s: kernel weight %a != %a at r%u c%u",
+					  ffn_isa_name(isa), moe_dtype_name(t), (double)y[(size_t)c * rows + r],
+					  (double)ref[c], r, c);
+			}
+		}
+		free(w);
+		free(x);
+		free(y);
+		free(ref);
+		free(mine);
+	}
+}
+
+static void check_matmul_bounds(enum ffn_isa isa)
+{
+	static const uint32_t Bs[] = { 1, 3, 16, 64 };
+	/* plain types: odd shapes (not multiples of 8 or 16); blocks: 32k */
+	static const uint32_t plain_shapes[][2] = { { 13, 37 }, { 1, 1 }, { 6, 7 }, { 9, 100 }, { 4, 64 } };
+	static const uint32_t block_shapes[][2] = { { 13, 32 }, { 5, 96 }, { 8, 256 } };
+
+	use_isa(isa);
+	rng_seed(22);
+	for (size_t d = 0; d < N_DTYPES; d++) {
+		const enum moe_dtype t = all_dtypes[d];
+		const uint32_t(*shapes)[2] = is_block(t) ? block_shapes : plain_shapes;
+		const size_t nshapes = is_block(t) ? 3 : 5;
+		for (size_t s = 0; s < nshapes; s++) {
+			const uint32_t rows = shapes[s][0], cols = shapes[s][1];
+			uint8_t *w = make_weights(t, rows, cols, 1.0f);
+			double *wd = decode_matrix(t, w, rows, cols);
+			for (size_t bi = 0; bi < 4; bi++) {
+				const uint32_t B = Bs[bi];
+				const size_t ldx = cols + 3, ldy = rows + 2; /* strides wider than the data */
+				float *x = make_x(B, (uint32_t)ldx, 2.0f);
+				float *y = malloc(sizeof(float) * B * ldy);
+				float *y1 = malloc(sizeof(float) * rows);
+				cr_assert_eq(ffn_matmul(t, w, rows, cols, x, ldx, B, y, ldy, 1), 0);
+				for (uint32_t tk = 0; tk < B; tk++) {
+					/* the same token alone gives the same bits */
+					cr_assert_eq(ffn_matmul(t, w, rows, cols, x + tk * ldx, ldx, 1, y1, rows, 1), 0);
+					for (uint32_t r = 0; r < rows; r++) {
+						double ex = 0, S = 0;
+						for (uint32_t c = 0; c < cols; c++) {
+							double p = wd[(size_t)r * cols + c] * x[tk * ldx + c];
+							ex += p;
+							S += fabs(p);
+						}
+						double got = y[tk * ldy + r];
+						double bound = dot_tol(isa, t, cols) * S + 1e-30;
+						cr_assert(fabs(got - ex) <= bound,
+							  "%s/%s %ux%u B=%u tok %u row %u: %.9g vs %.9g (bound %.3g)",
+							  ffn_isa_name(isa), moe_dtype_name(t), rows, cols, B, tk, r, got,
+							  ex, bound);
+						cr_assert(memcmp(&y1[r], &y[tk * ldy + r], 4) == 0,
+							  "%s/%s: token %u alone %a != in batch of %u %a", ffn_isa_name(isa),
+							  moe_dtype_name(t), tk, (double)y1[r], B, (double)y[tk * ldy + r]);
+					}
+				}
+				/* threads split rows and give the same bits */
+				float *y3 = malloc(sizeof(float) * B * ldy);
+				cr_assert_eq(ffn_matmul(t, w, rows, cols, x, ldx, B, y3, ldy, 3), 0);
+				for (uint32_t tk = 0; tk < B; tk++)
+					cr_assert(memcmp(y3 + tk * ldy, y + tk * ldy, 4 * rows) == 0,
+						  "%s/%s: 3 threads differ from 1", ffn_isa_name(isa), moe_dtype_name(t));
+				free(x);
+				free(y);
+				free(y1);
+				free(y3);
+			}
+			free(w);
+			free(wd);
+		}
+	}
+}
+
+/* ---- whole experts --------------------------------------------------------- */
+
+struct fake_expert {
+	struct moe_model_config cfg;
+	struct pack_part_desc parts[PACK_MAX_PARTS];
+	uint32_t n_parts;
+	uint8_t *ext;
+	uint64_t ext_bytes;
+	struct ffn_layout L;
+	/* decoded copies for the reference */
+	double *gate, *up, *gate_up, *down, *gu_bias, *down_bias;
+};
+
+static void add_part(struct fake_expert *e, uint32_t role, enum moe_dtype t, uint32_t rows, uint32_t cols)
+{
+	struct pack_part_desc *p = &e->parts[e->n_parts++];
+	p->role = role;
+	p->dtype = t;
+	p->rows = rows;
+	p->cols = cols;
+	p->offset = e->ext_bytes;
+	p->bytes = row_bytes(t, cols) * rows;
+	e->ext_bytes += (p->bytes + 63) & ~63ull;
+}
+
+static double *fill_part(struct fake_expert *e, uint32_t i, float a)
+{
+	struct pack_part_desc *p = &e->parts[i];
+	uint8_t *w = make_weights(p->dtype, p->rows, p->cols, a);
+	memcpy(e->ext + p->offset, w, p->bytes);
+	double *d = decode_matrix(p->dtype, w, p->rows, p->cols);
+	free(w);
+	return d;
+}
+
+static void fake_swiglu(struct fake_expert *e, uint32_t n, uint32_t m, enum moe_dtype tg, enum moe_dtype tu,
+			enum moe_dtype td)
+{
+	memset(e, 0, sizeof(*e));
+	moe_model_set_family_defaults(&e->cfg, MOE_FAMILY_DEEPSEEK_V2);
+	e->cfg.hidden = n;
+	e->cfg.expert_width = m;
+	add_part(e, PACK_ROLE_GATE, tg, m, n);
+	add_part(e, PACK_ROLE_UP, tu, m, n);
+	add_part(e, PACK_ROLE_DOWN, td, n, m);
+	e->ext = calloc(1, e->ext_bytes);
+	e->gate = fill_part(e, 0, 0.5f);
+	e->up = fill_part(e, 1, 0.5f);
+	e->down = fill_part(e, 2, 0.5f);
+	struct moe_error err = { { 0 } };
+	cr_assert_eq(ffn_layout_init(&e->L, &e->cfg, e->parts, e->n_parts, e->ext_bytes, &err), 0, "%s", err.msg);
+}
+
+static void fake_gptoss(struct fake_expert *e, uint32_t n, uint32_t m, enum moe_dtype tw, enum moe_dtype tb,
+			float limit)
+{
+	memset(e, 0, sizeof(*e));
+	moe_model_set_family_defaults(&e->cfg, MOE_FAMILY_GPT_OSS);
+	e->cfg.hidden = n;
+	e->cfg.expert_width = m;
+	e->cfg.swiglu_limit = limit;
+	add_part(e, PACK_ROLE_GATE_UP, tw, 2 * m, n);
+	add_part(e, PACK_ROLE_GATE_UP_BIAS, tb, 1, 2 * m);
+	add_part(e, PACK_ROLE_DOWN, tw, n, m);
+	add_part(e, PACK_ROLE_DOWN_BIAS, tb, 1, n);
+	e->ext = calloc(1, e->ext_bytes);
+	e->gate_up = fill_part(e, 0, 0.5f);
+	e->gu_bias = fill_part(e, 1, 0.5f);
+	e->down = fill_part(e, 2, 0.5f);
+	e->down_bias = fill_part(e, 3, 0.5f);
+	struct moe_error err = { { 0 } };
+	cr_assert_eq(ffn_layout_init(&e->L, &e->cfg, e->parts, e->n_parts, e->ext_bytes, &err), 0, "%s", err.msg);
+}
+
+static void free_fake(struct fake_expert *e)
+{
+	free(e->ext);
+	free(e->gate);
+	free(e->up);
+	free(e->gate_up);
+	free(e->down);
+	free(e->gu_bias);
+	free(e->down_bias);
+}
+
+/* Reference forward in double, with the first-order error bound of each
+ * output (see the header comment). */
+static void ref_forward(const struct fake_expert *e, enum ffn_isa isa, const float *x, double *y, double *bound)
+{
+	const uint32_t n = e->cfg.hidden, m = e->cfg.expert_width;
+	const bool oss = e->cfg.ffn_kind == MOE_FFN_GPTOSS;
+	const double lim = e->cfg.swiglu_limit, alpha = e->cfg.glu_alpha > 0 ? e->cfg.glu_alpha : 1.0;
+	double *h = malloc(sizeof(double) * m), *dh = malloc(sizeof(double) * m);
+	const enum moe_dtype tin = (enum moe_dtype)e->parts[0].dtype;
+	const enum moe_dtype tdn = (enum moe_dtype)e->parts[2].dtype; /* down, both kinds */
+	const double ein = dot_tol(isa, tin, n), edn = dot_tol(isa, tdn, m);
+
+	for (uint32_t i = 0; i < m; i++) {
+		double g = 0, u = 0, Sg = 0, Su = 0;
+		const double *wg = oss ? e->gate_up + (size_t)(2 * i) * n : e->gate + (size_t)i * n;
+		const double *wu = oss ? e->gate_up + (size_t)(2 * i + 1) * n : e->up + (size_t)i * n;
+		for (uint32_t c = 0; c < n; c++) {
+			g += wg[c] * x[c];
+			u += wu[c] * x[c];
+			Sg += fabs(wg[c] * x[c]);
+			Su += fabs(wu[c] * x[c]);
+		}
+		double dg = ein * Sg, du = ein * Su;
+		if (oss) {
+			g += e->gu_bias[2 * i];
+			u += e->gu_bias[2 * i + 1];
+			dg += U_F32 * (Sg + fabs(e->gu_bias[2 * i]));
+			du += U_F32 * (Su + fabs(e->gu_bias[2 * i + 1]));
+			if (lim > 0) {
+				g = fmin(g, lim);
+				u = fmin(fmax(u, -lim), lim);
+			}
+			double glu = g / (1.0 + exp(-alpha * g));
+			h[i] = (u + 1.0) * glu;
+			dh[i] = fabs(u + 1.0) * 1.1 * dg + fabs(glu) * du + 8 * U_F32 * fabs(h[i]);
+		} else {
+			double s = g / (1.0 + exp(-g));
+			h[i] = s * u;
+			dh[i] = 1.1 * dg * fabs(u) + fabs(s) * du + 8 * U_F32 * fabs(h[i]);
+		}
+		if (isa == FFN_ISA_AVX512BF16 && tdn == MOE_DTYPE_BF16)
+			dh[i] += fabs(h[i]) / 256.0; /* h rounded to bf16 for the down matmul */
+	}
+	for (uint32_t k = 0; k < n; k++) {
+		double acc = 0, S = 0, P = 0;
+		for (uint32_t i = 0; i < m; i++) {
+			const double w = e->down[(size_t)k * m + i];
+			acc += w * h[i];
+			S += fabs(w * h[i]);
+			P += fabs(w) * dh[i];
+		}
+		if (oss) {
+			acc += e->down_bias[k];
+			S += fabs(e->down_bias[k]);
+		}
+		y[k] = acc;
+		bound[k] = 2.0 * (edn * S + P + U_F32 * S) + 1e-30;
+	}
+	free(h);
+	free(dh);
+}
+
+static void check_expert(struct fake_expert *e, enum ffn_isa isa, uint32_t B, int threads)
+{
+	const uint32_t n = e->cfg.hidden;
+	float *x = make_x(B, n, 1.0f);
+	float *y = malloc(sizeof(float) * B * n);
+	double *ry = malloc(sizeof(double) * n), *bd = malloc(sizeof(double) * n);
+
+	cr_assert_eq(ffn_expert(&e->L, e->ext, x, n, B, y, n, NULL, 0, threads), 0);
+	for (uint32_t t = 0; t < B; t++) {
+		ref_forward(e, isa, x + (size_t)t * n, ry, bd);
+		for (uint32_t k = 0; k < n; k++)
+			cr_assert(fabs(y[(size_t)t * n + k] - ry[k]) <= bd[k],
+				  "%s %s/%s B=%u tok %u out %u: %.9g vs %.9g (bound %.3g)", ffn_isa_name(isa),
+				  moe_dtype_name(e->parts[0].dtype), moe_dtype_name(e->parts[e->n_parts - 1].dtype), B,
+				  t, k, (double)y[(size_t)t * n + k], ry[k], bd[k]);
+	}
+	/* one token alone, and two threads, give the same bits */
+	float *y1 = malloc(sizeof(float) * n);
+	float *y2 = malloc(sizeof(float) * B * n);
+	cr_assert_eq(ffn_expert(&e->L, e->ext, x + (size_t)(B - 1) * n, n, 1, y1, n, NULL, 0, 1), 0);
+	cr_assert(memcmp(y1, y + (size_t)(B - 1) * n, 4ull * n) == 0, "batch of %u differs from one token", B);
+	cr_assert_eq(ffn_expert(&e->L, e->ext, x, n, B, y2, n, NULL, 0, threads == 1 ? 2 : 1), 0);
+	cr_assert(memcmp(y2, y, 4ull * n * B) == 0, "thread count changed the result");
+	free(x);
+	free(y);
+	free(y1);
+	free(y2);
+	free(ry);
+	free(bd);
+}
+
+static void check_swiglu(enum ffn_isa isa)
+{
+	static const uint32_t Bs[] = { 1, 3, 16, 64 };
+	use_isa(isa);
+	rng_seed(33);
+	for (size_t d = 0; d < N_DTYPES; d++) {
+		const enum moe_dtype t = all_dtypes[d];
+		/* plain types get odd widths; blocks need multiples of 32 */
+		const uint32_t n = is_block(t) ? 96 : 71, m = is_block(t) ? 64 : 45;
+		struct fake_expert e;
+		fake_swiglu(&e, n, m, t, t, t);
+		for (size_t b = 0; b < 4; b++)
+			check_expert(&e, isa, Bs[b], b == 2 ? 2 : 1);
+		free_fake(&e);
+	}
+	/* mixed dtypes per part (packs keep each source tensor's type) */
+	struct fake_expert e;
+	fake_swiglu(&e, 64, 32, MOE_DTYPE_Q4_0, MOE_DTYPE_BF16, MOE_DTYPE_Q8_0);
+	check_expert(&e, isa, 5, 1);
+	free_fake(&e);
+}
+
+static void check_gptoss(enum ffn_isa isa)
+{
+	static const enum moe_dtype tw[] = { MOE_DTYPE_MXFP4, MOE_DTYPE_BF16 };
+	static const enum moe_dtype tb[] = { MOE_DTYPE_BF16, MOE_DTYPE_F32 };
+	use_isa(isa);
+	rng_seed(44);
+	for (int i = 0; i < 2; i++) {
+		struct fake_expert e;
+		/* a small limit so that both clamps trigger on random data */
+		fake_gptoss(&e, 64, 32, tw[i], tb[i], 0.6f);
+		check_expert(&e, isa, 1, 1);
+		check_expert(&e, isa, 16, 2);
+		free_fake(&e);
+		fake_gptoss(&e, 32, 64, tw[i], tb[i], 0.0f); /* no clamp */
+		check_expert(&e, isa, 3, 1);
+		free_fake(&e);
+	}
+}
+
+/* y = sum_j w_j expert_j(x) over k = 4 experts, against the double
+ * reference (bound: the sum of the weighted per-expert bounds plus the k
+ * additions), and bit-equal to ffn_axpy over separately computed outputs. */
+static void check_topk(enum ffn_isa isa)
+{
+	use_isa(isa);
+	rng_seed(55);
+	const uint32_t n = 64, m = 32, k = 4;
+	struct fake_expert e[4];
+	const void *ext[4];
+	float w[4] = { 0.4f, 0.3f, 0.2f, 0.1f };
+	/* one layout for all k experts, as in a pack */
+	for (uint32_t j = 0; j < k; j++) {
+		fake_swiglu(&e[j], n, m, MOE_DTYPE_F16, MOE_DTYPE_Q4_0, MOE_DTYPE_BF16);
+		ext[j] = e[j].ext;
+	}
+	float *x = make_x(1, n, 1.0f), *y = malloc(sizeof(float) * n), *yy = calloc(n, sizeof(float));
+	float *o = malloc(sizeof(float) * n);
+	double *ry = calloc(n, sizeof(double)), *rb = calloc(n, sizeof(double));
+	double *t1 = malloc(sizeof(double) * n), *t2 = malloc(sizeof(double) * n);
+	cr_assert_eq(ffn_moe_token(&e[0].L, ext, w, k, x, y, 1), 0);
+	for (uint32_t j = 0; j < k; j++) {
+		ref_forward(&e[j], isa, x, t1, t2);
+		for (uint32_t i = 0; i < n; i++) {
+			ry[i] += w[j] * t1[i];
+			rb[i] += w[j] * t2[i] + 2 * U_F32 * fabs(ry[i]);
+		}
+		cr_assert_eq(ffn_expert(&e[j].L, ext[j], x, n, 1, o, n, NULL, 0, 1), 0);
+		ffn_axpy(yy, w[j], o, n);
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		cr_assert(fabs(y[i] - ry[i]) <= rb[i], "out %u: %.9g vs %.9g (bound %.3g)", i, (double)y[i], ry[i], rb[i]);
+		cr_assert(memcmp(&y[i], &yy[i], 4) == 0);
+	}
+	for (uint32_t j = 0; j < k; j++)
+		free_fake(&e[j]);
+	free(x), free(y), free(yy), free(o), free(ry), free(rb), free(t1), free(t2);
+}
+
+#define PER_ISA(NAME, FN, TMO) \
+	Test(ffn, NAME##_ref, .timeout = TMO) { FN(FFN_ISA_REF); } \
+	Test(ffn, NAME##_avx2, .timeout = TMO) { FN(FFN_ISA_AVX2); } \
+	Test(ffn, NAME##_avx512, .timeout = TMO) { FN(FFN_ISA_AVX512); } \
+	Test(ffn, NAME##_avx512bf16, .timeout = TMO) { FN(FFN_ISA_AVX512BF16); }
+
+PER_ISA(onehot_dequant, check_onehot, 30)
+PER_ISA(matmul_bounds, check_matmul_bounds, 60)
+PER_ISA(swiglu, check_swiglu, 60)
+PER_ISA(gptoss, check_gptoss, 60)
+PER_ISA(topk, check_topk, 30)
+
+/* ---- dequantization: dtype.c against the formulas, all code values -------- */
+
+Test(ffn, dequant_formulas_exhaustive, .timeout = 30)
+{
+	/* every f16 and bf16 bit pattern except NaN */
+	for (uint32_t h = 0; h < 65536; h++) {
+		float a = moe_f16_to_f32((uint16_t)h), b = ind_f16((uint16_t)h);
+		if (!isnan(b))
+			cr_assert(memcmp(&a, &b, 4) == 0, "f16 %04x: %a vs %a", h, (double)a, (double)b);
+		a = moe_bf16_to_f32((uint16_t)h);
+		b = ind_bf16((uint16_t)h);
+		if (!isnan(b))
+			cr_assert(memcmp(&a, &b, 4) == 0, "bf16 %04x", h);
+	}
+	/* every mxfp4 exponent, every q byte */
+	uint8_t blk[17];
+	float a[32], b[32];
+	for (int e = 0; e < 255; e++)
+		for (int q = 0; q < 256; q += 17) {
+			blk[0] = (uint8_t)e;
+			for (int j = 0; j < 16; j++)
+				blk[1 + j] = (uint8_t)(q + j * 16 + j);
+			moe_dequantize_row(MOE_DTYPE_MXFP4, blk, a, 32);
+			ind_decode_row(MOE_DTYPE_MXFP4, blk, b, 32);
+			cr_assert(memcmp(a, b, sizeof(a)) == 0, "mxfp4 e=%d", e);
+		}
+}
+
+/* ---- layout validation and path selection --------------------------------- */
+
+Test(ffn, layout_errors, .timeout = 10)
+{
+	struct fake_expert e;
+	struct moe_error err = { { 0 } };
+	struct ffn_layout L;
+	struct pack_part_desc p[PACK_MAX_PARTS];
+
+	rng_seed(66);
+	fake_swiglu(&e, 64, 32, MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0);
+	cr_assert_eq(ffn_layout_flops_per_token(&e.L), 2ull * 3 * 64 * 32);
+	cr_assert_eq(e.L.weight_bytes, 3ull * 32 * 2 * 34);
+
+	memcpy(p, e.parts, sizeof(p));
+	cr_assert_eq(ffn_layout_init(&L, &e.cfg, p, 2, e.ext_bytes, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "down"), "%s", err.msg);
+
+	memcpy(p, e.parts, sizeof(p));
+	p[1].rows = 31;
+	cr_assert_eq(ffn_layout_init(&L, &e.cfg, p, 3, e.ext_bytes, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "up is [31 x 64]"), "%s", err.msg);
+
+	memcpy(p, e.parts, sizeof(p));
+	cr_assert_eq(ffn_layout_init(&L, &e.cfg, p, 3, e.ext_bytes - 1, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "past"), "%s", err.msg);
+
+	memcpy(p, e.parts, sizeof(p));
+	p[0].dtype = MOE_DTYPE_I32;
+	cr_assert_eq(ffn_layout_init(&L, &e.cfg, p, 3, e.ext_bytes, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "not supported"), "%s", err.msg);
+
+	struct moe_model_config c = e.cfg;
+	c.hidden = 48; /* q8_0 needs whole blocks of 32 */
+	memcpy(p, e.parts, sizeof(p));
+	p[0].cols = p[1].cols = 48;
+	p[2].rows = 48;
+	cr_assert_eq(ffn_layout_init(&L, &c, p, 3, e.ext_bytes, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "blocks"), "%s", err.msg);
+
+	c = e.cfg;
+	c.ffn_kind = MOE_FFN_GPTOSS;
+	cr_assert_eq(ffn_layout_init(&L, &c, e.parts, 3, e.ext_bytes, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "gate_up"), "%s", err.msg);
+
+	float x[64], y[64];
+	cr_assert_eq(ffn_expert(&e.L, e.ext, x, 63, 1, y, 64, NULL, 0, 1), -EINVAL);
+	cr_assert_eq(ffn_expert(&e.L, NULL, x, 64, 1, y, 64, NULL, 0, 1), -EINVAL);
+	cr_assert_eq(ffn_matmul(MOE_DTYPE_Q4_0, e.ext, 2, 40, x, 64, 1, y, 2, 1), -EINVAL);
+	free_fake(&e);
+}
+
+Test(ffn, isa_selection, .timeout = 10)
+{
+	cr_assert(ffn_isa_supported(FFN_ISA_REF));
+	cr_assert_eq(ffn_isa_parse("AVX2"), FFN_ISA_AVX2);
+	cr_assert_eq(ffn_isa_parse("avx512bf16"), FFN_ISA_AVX512BF16);
+	cr_assert_eq(ffn_isa_parse("sse"), -1);
+	cr_assert_str_eq(ffn_isa_name(FFN_ISA_AVX512), "avx512");
+	cr_assert(ffn_isa_supported(ffn_isa_best()));
+	cr_assert_eq(ffn_set_isa(FFN_ISA_COUNT), -EINVAL);
+	for (int i = 0; i < FFN_ISA_COUNT; i++)
+		cr_assert_eq(ffn_set_isa((enum ffn_isa)i), ffn_isa_supported((enum ffn_isa)i) ? 0 : -ENOTSUP);
+	/* each feature implies the one below it */
+	if (ffn_isa_supported(FFN_ISA_AVX512BF16))
+		cr_assert(ffn_isa_supported(FFN_ISA_AVX512));
+	if (ffn_isa_supported(FFN_ISA_AVX512))
+		cr_assert(ffn_isa_supported(FFN_ISA_AVX2));
+}
+
+Test(ffn, isa_env_override, .timeout = 10)
+{
+	/* BoxFort runs each test in a fresh process, so the first use reads it */
+	setenv("MOETIER_FFN_ISA", "ref", 1);
+	cr_assert_eq(ffn_get_isa(), FFN_ISA_REF);
+}
+
+Test(ffn, cuda_fatbin, .timeout = 10)
+{
+	size_t len = 1;
+	const unsigned char *fb = ffn_cuda_fatbin(&len);
+#ifdef HAVE_NVCC
+	uint32_t magic;
+	cr_assert(fb && len > 16, "fatbin missing");
+	memcpy(&magic, fb, 4);
+	cr_assert_eq(magic, 0xBA55ED50u, "fatbin magic %08x", magic);
+#else
+	cr_assert(!fb && len == 0);
+#endif
+}

@@ -1,0 +1,516 @@
+/* test_server.c - moetierd integration tests: each test starts its own
+ * daemon (the built binary) on a tiny generated model in a temporary
+ * directory and talks to it through libmoetier and raw socket messages. */
+#include "config.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "moetier/moetier.h"
+#include "pack.h"
+#include "testutil.h"
+
+struct env {
+	char *dir;
+	char pack[512];
+	char sock[512];
+	char log[512];
+	pid_t pid;
+};
+
+static void sleep_ms(int ms)
+{
+	struct timespec d = { ms / 1000, (long)(ms % 1000) * 1000000L };
+	nanosleep(&d, NULL);
+}
+
+static void make_model(struct env *e)
+{
+	e->dir = tu_mkdtemp("server");
+	cr_assert_eq(chmod(e->dir, 0755), 0);
+	snprintf(e->pack, sizeof(e->pack), "%s/tiny.moepack", e->dir);
+	snprintf(e->sock, sizeof(e->sock), "%s/run/moetierd.sock", e->dir);
+	snprintf(e->log, sizeof(e->log), "%s/moetierd.log", e->dir);
+	char run[600];
+	snprintf(run, sizeof(run), "%s/run", e->dir);
+	cr_assert_eq(mkdir(run, 0755), 0);
+	/* Generator and packer binaries are separate tools; launched by path. */
+	char gen[4096], packer[4096];
+	snprintf(gen, sizeof(gen), "%s", tu_build_path("tools/moe-gen"));
+	snprintf(packer, sizeof(packer), "%s", tu_build_path("tools/moe-pack"));
+	cr_assert_eq(tu_sh("%s model --family qwen2_moe --preset tiny --experts 16 --out %s/src >/dev/null", gen, e->dir), 0);
+	cr_assert_eq(tu_sh("%s convert %s/src -o %s -q >/dev/null", packer, e->dir, e->pack), 0);
+}
+
+/* Starts the daemon; extra args (NULL-terminated). Waits until it answers. */
+static void start_daemon(struct env *e, const char *host_bytes, const char *extra)
+{
+	pid_t p = fork();
+	cr_assert(p >= 0);
+	if (p == 0) {
+		char hb[64], so[600];
+		snprintf(hb, sizeof(hb), "--host-bytes=%s", host_bytes);
+		snprintf(so, sizeof(so), "--socket=%s", e->sock);
+		int fd = open(e->log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+		if (fd >= 0) {
+			dup2(fd, 2);
+			close(fd);
+		}
+		execl(tu_build_path("moetierd"), "moetierd", "--foreground", "--config=", so, hb, "--socket-group=",
+		      "--log-level=debug", extra ? extra : "--seccomp", e->pack, (char *)NULL);
+		_exit(127);
+	}
+	e->pid = p;
+	for (int i = 0; i < 200; i++) {
+		moet_ctx *c;
+		struct moet_connect_opts o = { sizeof(o), e->sock, NULL, "probe", 0, 1, 0 };
+		if (moet_connect(&o, &c) == 0) {
+			moet_close(c);
+			return;
+		}
+		int st;
+		if (waitpid(p, &st, WNOHANG) == p) {
+			tu_sh("cat %s >&2", e->log);
+			cr_assert_fail("moetierd exited during start-up");
+		}
+		sleep_ms(50);
+	}
+	cr_assert_fail("moetierd did not come up");
+}
+
+static int stop_daemon(struct env *e)
+{
+	int st = -1;
+	if (e->pid > 0) {
+		kill(e->pid, SIGTERM);
+		for (int i = 0; i < 200 && waitpid(e->pid, &st, WNOHANG) == 0; i++)
+			sleep_ms(50);
+		if (waitpid(e->pid, &st, WNOHANG) == 0) {
+			kill(e->pid, SIGKILL);
+			waitpid(e->pid, &st, 0);
+		}
+		e->pid = 0;
+	}
+	return st;
+}
+
+static void teardown(struct env *e)
+{
+	stop_daemon(e);
+	tu_rmtree(e->dir);
+	e->dir = NULL;
+}
+
+static moet_ctx *attach(struct env *e, const char *name)
+{
+	moet_ctx *c = NULL;
+	struct moet_connect_opts o = { sizeof(o), e->sock, NULL, name, MOET_CAP_RING | MOET_CAP_HOST_ARENA, 0, 20 };
+	int rc = moet_connect(&o, &c);
+	cr_assert_eq(rc, 0, "connect: %s (%s)", moet_strerror(rc), moet_last_error(NULL));
+	return c;
+}
+
+/* ---- 8 concurrent clients, byte-checked against the pack ------------------- */
+
+static int client_loop(struct env *e, unsigned seed, unsigned iters)
+{
+	struct pack_file *pf;
+	struct moe_error err;
+	if (pack_open(e->pack, PACK_OPEN_NO_DIRECT, &pf, &err))
+		return 10;
+	uint64_t xb = pack_extent_bytes(pf);
+	uint8_t *ref = aligned_alloc(4096, xb);
+	moet_ctx *c;
+	struct moet_connect_opts o = { sizeof(o), e->sock, NULL, "stress", 0, 0, 20 };
+	if (moet_connect(&o, &c))
+		return 11;
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	moet_model_info(c, &mi);
+	int bad = 0;
+	for (unsigned it = 0; it < iters && !bad; it++) {
+		uint32_t layer = rand_r(&seed) % mi.n_moe_layers, ids[4];
+		unsigned n = 1 + rand_r(&seed) % 4;
+		for (unsigned i = 0; i < n; i++)
+			ids[i] = rand_r(&seed) % mi.n_experts;
+		int32_t slots[4];
+		uint8_t tiers[4];
+		moet_lease lease;
+		int rc = moet_acquire(c, layer, ids, n, 0, slots, tiers, &lease);
+		if (rc < 0) {
+			bad = 12;
+			break;
+		}
+		for (unsigned i = 0; i < n; i++) {
+			if (slots[i] < 0)
+				continue; /* every slot leased by others: allowed, checked by count */
+			const uint8_t *p = moet_slot_ptr(c, tiers[i], slots[i]);
+			if (!p || pack_read_expert(pf, layer, ids[i], ref, &err) ||
+			    memcmp(p, ref, pf->hdr->extent_payload) != 0)
+				bad = 13;
+		}
+		if (moet_release(c, lease))
+			bad = 14;
+	}
+	moet_close(c);
+	pack_close(pf);
+	free(ref);
+	return bad;
+}
+
+Test(server, eight_clients_read_correct_bytes, .timeout = 120)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	/* 20 slots for 48 experts: constant eviction under 8 clients. */
+	start_daemon(&e, "240K", NULL);
+	pid_t kids[8];
+	for (unsigned i = 0; i < 8; i++) {
+		kids[i] = fork();
+		if (kids[i] == 0)
+			_exit(client_loop(&e, 1000 + i, 150));
+	}
+	for (unsigned i = 0; i < 8; i++) {
+		int st;
+		waitpid(kids[i], &st, 0);
+		cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "client %u failed: status %d", i, WEXITSTATUS(st));
+	}
+	moet_ctx *c = attach(&e, "stats");
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_TEXT, &txt), 0);
+	cr_expect(strstr(txt, "server_clients_accepted") != NULL);
+	free(txt);
+	moet_close(c);
+	cr_expect_eq(stop_daemon(&e), 0, "moetierd did not exit cleanly");
+	teardown(&e);
+}
+
+/* ---- a client killed while holding leases ---------------------------------- */
+
+Test(server, killed_client_leases_reclaimed, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "240K", NULL);
+	int pfd[2];
+	cr_assert_eq(pipe(pfd), 0);
+	pid_t kid = fork();
+	if (kid == 0) {
+		moet_ctx *c;
+		struct moet_connect_opts o = { sizeof(o), e.sock, NULL, "victim", 0, 0, 20 };
+		if (moet_connect(&o, &c))
+			_exit(1);
+		uint32_t ids[2] = { 3, 4 };
+		int32_t slots[2];
+		moet_lease l;
+		int rc = moet_acquire(c, 1, ids, 2, 0, slots, NULL, &l);
+		char ok = rc == 2 ? 'y' : 'n';
+		if (write(pfd[1], &ok, 1) != 1)
+			_exit(2);
+		pause();
+		_exit(0);
+	}
+	close(pfd[1]);
+	char ok = 0;
+	cr_assert_eq(read(pfd[0], &ok, 1), 1);
+	cr_assert_eq(ok, 'y');
+	moet_ctx *adm = attach(&e, "admin");
+	/* Held by the victim: not evictable. */
+	cr_expect_eq(moet_evict(adm, 1, 3, MOET_TIER_HOST), -EBUSY);
+	kill(kid, SIGKILL);
+	waitpid(kid, NULL, 0);
+	int rc = -EBUSY;
+	for (int i = 0; i < 100 && rc == -EBUSY; i++) {
+		sleep_ms(20);
+		rc = moet_evict(adm, 1, 3, MOET_TIER_HOST);
+	}
+	cr_expect_eq(rc, 0, "expert still busy after its client died: %s", moet_strerror(rc));
+	cr_expect_eq(moet_evict(adm, 1, 4, MOET_TIER_HOST), 0);
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(adm, MOET_STATS_JSON, &txt), 0);
+	cr_expect(strstr(txt, "\"leases_reclaimed\": 2") != NULL, "%s", txt);
+	free(txt);
+	moet_close(adm);
+	close(pfd[0]);
+	teardown(&e);
+}
+
+/* ---- malformed control messages and ring entries --------------------------- */
+
+static int raw_connect(struct env *e)
+{
+	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	cr_assert(strlen(e->sock) < sizeof(sa.sun_path));
+	memcpy(sa.sun_path, e->sock, strlen(e->sock) + 1);
+	cr_assert_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	return fd;
+}
+
+/* Sends bytes, returns the status of the reply (or 1 for no reply / EOF). */
+static int raw_exchange(int fd, const void *buf, size_t len)
+{
+	uint8_t rep[4096];
+	if (send(fd, buf, len, MSG_NOSIGNAL) < 0)
+		return 1;
+	struct timeval tv = { 5, 0 };
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	ssize_t n = recv(fd, rep, sizeof(rep), 0);
+	if (n < (ssize_t)sizeof(struct moet_msg))
+		return 1;
+	struct moet_msg h;
+	memcpy(&h, rep, sizeof(h));
+	return h.type == MOET_MSG_ERROR ? h.status : 0;
+}
+
+static void check_alive(moet_ctx *good)
+{
+	uint32_t id = 1;
+	int32_t slot;
+	moet_lease l;
+	cr_assert_eq(moet_acquire(good, 0, &id, 1, 0, &slot, NULL, &l), 1);
+	cr_assert_eq(moet_release(good, l), 0);
+}
+
+Test(server, malformed_messages_and_entries, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "1M", NULL);
+	moet_ctx *good = attach(&e, "bystander");
+	check_alive(good);
+
+	struct moet_hello hello = { 1, 1, 0, 0, "raw", "" };
+	struct {
+		const char *what;
+		struct moet_msg h;
+		size_t len; /* bytes actually sent */
+		int expect;
+	} table[] = {
+		{ "truncated header", { MOET_MSG_MAGIC, 1, MOET_MSG_HELLO, 1, 0, 0, 0 }, 10, -EPROTO },
+		{ "bad magic", { 0xdeadbeef, 1, MOET_MSG_HELLO, 1, 0, 0, sizeof(hello) }, 0, -EPROTO },
+		{ "wrong version", { MOET_MSG_MAGIC, 99, MOET_MSG_HELLO, 1, 0, 0, sizeof(hello) }, 0, -EPROTONOSUPPORT },
+		{ "length mismatch", { MOET_MSG_MAGIC, 1, MOET_MSG_HELLO, 1, 0, 0, 9999 }, 0, -EPROTO },
+		{ "not HELLO first", { MOET_MSG_MAGIC, 1, MOET_MSG_STATS, 1, 0, 0, sizeof(hello) }, 0, -EPROTO },
+		{ "short HELLO", { MOET_MSG_MAGIC, 1, MOET_MSG_HELLO, 1, 0, 0, 8 }, sizeof(struct moet_msg) + 8, -EPROTO },
+	};
+	for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
+		uint8_t buf[sizeof(struct moet_msg) + sizeof(hello)];
+		memcpy(buf, &table[i].h, sizeof(table[i].h));
+		memcpy(buf + sizeof(table[i].h), &hello, sizeof(hello));
+		int fd = raw_connect(&e);
+		int st = raw_exchange(fd, buf, table[i].len ? table[i].len : sizeof(buf));
+		cr_expect_eq(st, table[i].expect, "%s: got %d", table[i].what, st);
+		close(fd);
+		check_alive(good);
+	}
+	/* A HELLO asking for an impossible version range. */
+	{
+		struct moet_hello h2 = { 7, 9, 0, 0, "future", "" };
+		uint8_t buf[sizeof(struct moet_msg) + sizeof(h2)];
+		struct moet_msg h = { MOET_MSG_MAGIC, 1, MOET_MSG_HELLO, 1, 0, 0, sizeof(h2) };
+		memcpy(buf, &h, sizeof(h));
+		memcpy(buf + sizeof(h), &h2, sizeof(h2));
+		int fd = raw_connect(&e);
+		cr_expect_eq(raw_exchange(fd, buf, sizeof(buf)), -EPROTONOSUPPORT);
+		close(fd);
+	}
+	/* An attached client sending an unknown type and an oversized message. */
+	{
+		moet_ctx *c = attach(&e, "raw-after-hello");
+		int fd = moet_socket_fd(c);
+		struct moet_msg h = { MOET_MSG_MAGIC, 1, 200, 5, 0, 0, 0 };
+		cr_expect_eq(raw_exchange(fd, &h, sizeof(h)), -EOPNOTSUPP);
+		static uint8_t big[MOET_MAX_MSG + 100];
+		struct moet_msg hb = { MOET_MSG_MAGIC, 1, MOET_MSG_SUBMIT, 6, 0, 0, sizeof(big) - sizeof(hb) };
+		memcpy(big, &hb, sizeof(hb));
+		cr_expect_eq(raw_exchange(fd, big, sizeof(big)), -EMSGSIZE);
+		struct moet_msg hs = { MOET_MSG_MAGIC, 1, MOET_MSG_SUBMIT, 7, 0, 0, 0 };
+		cr_expect_eq(raw_exchange(fd, &hs, sizeof(hs)), -EPROTO);
+		check_alive(good);
+		/* Bad ring entries: each fails alone. */
+		struct {
+			const char *what;
+			struct moet_sqe q;
+			int expect;
+		} ents[] = {
+			{ "bad opcode", { .opcode = 77, .count = 1 }, -EOPNOTSUPP },
+			{ "layer out of range", { .opcode = MOET_OP_ACQUIRE, .count = 1, .layer = 1000 }, -ERANGE },
+			{ "expert out of range", { .opcode = MOET_OP_ACQUIRE, .count = 1, .ids = { 5000 } }, -ERANGE },
+			{ "zero count", { .opcode = MOET_OP_ACQUIRE, .count = 0 }, -EINVAL },
+			{ "huge count", { .opcode = MOET_OP_ACQUIRE, .count = 60000 }, -E2BIG },
+			{ "bad flags", { .opcode = MOET_OP_ACQUIRE, .flags = 0x80, .count = 1 }, -EINVAL },
+			{ "bogus lease", { .opcode = MOET_OP_RELEASE, .lease = 0x1234500000007ull }, -ESTALE },
+			{ "route: offset past scratch", { .opcode = MOET_OP_ROUTE, .data_off = 0x7ffffff0, .data_len = 64 }, -EFAULT },
+			{ "route: wrong length", { .opcode = MOET_OP_ROUTE, .data_off = 0, .data_len = 3 }, -EFAULT },
+			{ "prefetch: bad tier", { .opcode = MOET_OP_PREFETCH, .count = 1, .tier = 9 }, -EINVAL },
+		};
+		for (size_t i = 0; i < sizeof(ents) / sizeof(ents[0]); i++) {
+			ents[i].q.user_tag = 100 + i;
+			cr_assert_eq(moet_submit(c, &ents[i].q), 0);
+			struct moet_cqe out;
+			cr_assert_eq(moet_reap(c, &out, 10000), 1, "%s: no completion", ents[i].what);
+			cr_expect_eq(out.user_tag, 100 + i);
+			cr_expect_eq(out.result, ents[i].expect, "%s: result %d", ents[i].what, out.result);
+			/* The same entry over the socket fails the same way. */
+			cr_assert_eq(moet_submit_socket(c, &ents[i].q, &out), 0);
+			cr_expect_eq(out.result, ents[i].expect, "%s (socket): result %d", ents[i].what, out.result);
+			check_alive(good);
+		}
+		/* The client that sent all that still works too. */
+		check_alive(c);
+		moet_close(c);
+	}
+	moet_close(good);
+	teardown(&e);
+}
+
+/* ---- an unauthorised uid ---------------------------------------------------- */
+
+Test(server, unauthorised_uid_refused, .timeout = 60)
+{
+	if (geteuid() != 0)
+		cr_skip_test("needs root to switch to uid 65534");
+	struct env e = { 0 };
+	make_model(&e);
+	/* The socket is connectable by anyone; the daemon must still refuse. */
+	start_daemon(&e, "1M", "--socket-mode=0666");
+	pid_t kid = fork();
+	if (kid == 0) {
+		if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+			_exit(3);
+		moet_ctx *c;
+		struct moet_connect_opts o = { sizeof(o), e.sock, NULL, "intruder", 0, 0, 0 };
+		int rc = moet_connect(&o, &c);
+		_exit(rc == MOET_E_REFUSED ? 0 : rc == 0 ? 4 : 5);
+	}
+	int st;
+	waitpid(kid, &st, 0);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "unprivileged client: status %d", WEXITSTATUS(st));
+	moet_ctx *c = attach(&e, "root");
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_JSON, &txt), 0);
+	cr_expect(strstr(txt, "\"clients_refused\": 1") != NULL);
+	free(txt);
+	moet_close(c);
+	teardown(&e);
+}
+
+/* ---- restart under a connected client --------------------------------------- */
+
+Test(server, restart_under_client, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "1M", NULL);
+	moet_ctx *c = attach(&e, "survivor");
+	check_alive(c);
+	cr_assert_eq(stop_daemon(&e), 0);
+	uint32_t id = 2;
+	int32_t slot;
+	moet_lease l;
+	int rc = moet_acquire(c, 0, &id, 1, 0, &slot, NULL, &l);
+	cr_expect_eq(rc, MOET_E_DISCONNECTED, "got %d (%s)", rc, moet_strerror(rc));
+	moet_close(c);
+	moet_ctx *none;
+	struct moet_connect_opts o = { sizeof(o), e.sock, NULL, "x", 0, 0, 0 };
+	cr_expect_eq(moet_connect(&o, &none), MOET_E_UNAVAILABLE);
+	start_daemon(&e, "1M", NULL);
+	c = attach(&e, "survivor-again");
+	check_alive(c);
+	moet_close(c);
+	teardown(&e);
+}
+
+/* ---- misc: residency bitmap, counters, route, socket dir check ------------ */
+
+Test(server, residency_counters_route, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "1M", NULL);
+	moet_ctx *c = attach(&e, "observer");
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	uint8_t mask[64];
+	cr_assert_eq(moet_resident(c, 2, MOET_TIER_HOST, mask, sizeof(mask)), 0);
+	uint32_t ids[2] = { 5, 9 };
+	int32_t slots[2];
+	moet_lease l;
+	cr_assert_eq(moet_acquire(c, 2, ids, 2, MOET_F_NOWAIT, slots, NULL, &l), 0);
+	cr_expect_eq(slots[0], -1);
+	/* The ready event: wait until both loads show in the bitmap. */
+	int res = 0;
+	for (int i = 0; i < 100 && res < 2; i++) {
+		moet_wait_ready(c, 2, 100);
+		res = moet_resident(c, 2, MOET_TIER_HOST, mask, sizeof(mask));
+	}
+	cr_expect_eq(res, 2);
+	cr_expect(mask[5] && mask[9] && !mask[0]);
+	cr_assert_eq(moet_acquire(c, 2, ids, 2, MOET_F_NOWAIT, slots, NULL, &l), 2);
+	cr_assert_eq(moet_release(c, l), 0);
+	size_t n = (size_t)mi.n_moe_layers * mi.n_experts;
+	uint64_t *h = calloc(n, 8), *m = calloc(n, 8), *ld = calloc(n, 8);
+	cr_assert_eq(moet_expert_counters(c, h, m, ld, NULL), (int)n);
+	cr_expect_eq(m[2 * mi.n_experts + 5], 1);
+	cr_expect_eq(h[2 * mi.n_experts + 5], 1);
+	cr_expect_eq(ld[2 * mi.n_experts + 9], 1);
+	free(h);
+	free(m);
+	free(ld);
+	/* ROUTE: logits with a clear top-2 (experts 7 and 3). */
+	float logits[64] = { 0 };
+	logits[7] = 5;
+	logits[3] = 4;
+	uint32_t ex[MOET_MAX_BATCH];
+	float w[MOET_MAX_BATCH];
+	int k = moet_route(c, 0, logits, mi.n_experts, 0, ex, w, slots, NULL, &l);
+	cr_assert_eq(k, (int)mi.top_k);
+	cr_expect_eq(ex[0], 7);
+	cr_expect_eq(ex[1], 3);
+	cr_expect(w[0] > w[1] && w[1] > 0);
+	cr_expect(slots[0] >= 0);
+	cr_expect_eq(moet_release(c, l), 0);
+	cr_expect_eq(moet_release(c, l), -ESTALE);
+	/* The host arena is mapped read-only. */
+	const void *p = moet_slot_ptr(c, MOET_TIER_HOST, 0);
+	cr_assert_not_null(p);
+	cr_expect_eq(mprotect((void *)((uintptr_t)p & ~4095ul), 4096, PROT_READ | PROT_WRITE), -1);
+	moet_close(c);
+	teardown(&e);
+}
+
+Test(server, refuses_world_writable_socket_dir, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	char run[600];
+	snprintf(run, sizeof(run), "%s/run", e.dir);
+	cr_assert_eq(chmod(run, 0777), 0);
+	int st = tu_sh("%s --foreground --config= --socket=%s --socket-group= %s 2>%s", tu_build_path("moetierd"), e.sock,
+		       e.pack, e.log);
+	cr_expect_eq(st, 1);
+	size_t len;
+	char *log = tu_read_file(e.log, &len);
+	cr_expect(log && strstr(log, "writable by others"), "%s", log ? log : "");
+	free(log);
+	teardown(&e);
+}
+
+Test(server, no_daemon_is_unavailable, .timeout = 10)
+{
+	moet_ctx *c;
+	struct moet_connect_opts o = { sizeof(o), "/nonexistent/moetierd.sock", NULL, "x", 0, 0, 0 };
+	cr_expect_eq(moet_connect(&o, &c), MOET_E_UNAVAILABLE);
+	cr_expect(strlen(moet_strerror(MOET_E_UNAVAILABLE)) > 0);
+}

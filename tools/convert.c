@@ -1,0 +1,1272 @@
+/* convert.c - safetensors / GGUF checkpoints -> .moepack (see convert.h).
+ *
+ * Everything is read through the strict readers (daemon/safetensors.c,
+ * daemon/gguf.c) with pread in chunks; nothing is mmapped, so the resident
+ * set stays a few MiB whatever the model size. */
+#include "config.h"
+#include "convert.h"
+#include "gguf.h"
+#include "safetensors.h"
+
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define CHUNK (4u << 20)
+#define MAX_DIMS 8
+
+enum src_kind { SRC_ST = 1, SRC_GGUF = 2 };
+
+/* Where the routed experts of a layer are, by naming scheme. */
+enum expert_layout {
+	LAY_HF_MLP = 1,   /* model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight */
+	LAY_HF_MIXTRAL,   /* model.layers.L.block_sparse_moe.experts.E.{w1,w3,w2}.weight */
+	LAY_HF_GPTOSS,    /* model.layers.L.mlp.experts.{gate_up_proj,down_proj}[_bias], [E, in, out] */
+	LAY_HF_GPTOSS_MX, /* ..._blocks / ..._scales (MXFP4) */
+	LAY_GGUF_STACK,   /* blk.L.ffn_{gate,up,down}_exps.weight [E][rows][cols] */
+	LAY_GGUF_SPLIT,   /* old Mixtral GGUFs: blk.L.ffn_{gate,up,down}.E.weight */
+};
+
+/* A tensor of either source kind, shape in PyTorch order (outermost first). */
+struct stensor {
+	const char *name;
+	enum moe_dtype dtype;
+	uint32_t n_dims;
+	uint64_t shape[MAX_DIMS];
+	uint64_t bytes;
+	const struct safetensors_tensor *st;
+	const struct gguf_tensor *gg;
+};
+
+enum recipe_kind {
+	R_COPY = 1,   /* bytes [a_off, a_off + bytes) of a */
+	R_INTERLEAVE, /* rows units of `unit` bytes alternately from a and b */
+	R_TRANSPOSE,  /* a holds [rows][cols] elements of `unit` bytes; write [cols][rows] */
+	R_MX_HF,      /* a: HF blocks [rows][cols groups][16], b: scales [rows][cols] -> block_mxfp4 */
+};
+
+/* How to produce one part of one expert. */
+struct recipe {
+	enum recipe_kind kind;
+	struct stensor a, b;
+	uint64_t a_off, b_off;
+	uint64_t rows, cols, unit;
+	struct pack_part_desc part; /* role, dtype, rows, cols, bytes */
+};
+
+struct resident {
+	struct stensor t;
+	uint32_t role, layer;
+};
+
+struct convert_source {
+	enum src_kind kind;
+	char *path;
+	struct safetensors_model *st;
+	struct gguf_file *gg;
+	enum expert_layout layout;
+	struct moe_model_config model;
+	struct pack_part_desc parts[PACK_MAX_PARTS];
+	uint32_t n_parts;
+	struct resident *res;
+	uint32_t n_res, cap_res;
+	bool progress;
+	/* streaming buffers, grown on demand */
+	uint8_t *buf[3];
+	size_t cap[3];
+};
+
+/* ---- tensors of either source ---- */
+
+static bool find_tensor(const struct convert_source *s, const char *name, struct stensor *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (s->kind == SRC_ST) {
+		const struct safetensors_tensor *t = safetensors_model_find(s->st, name);
+		if (!t)
+			return false;
+		out->name = t->name;
+		out->dtype = t->dtype;
+		out->n_dims = t->n_dims;
+		for (uint32_t d = 0; d < t->n_dims && d < MAX_DIMS; d++)
+			out->shape[d] = t->shape[d];
+		out->bytes = t->bytes;
+		out->st = t;
+	} else {
+		const struct gguf_tensor *t = gguf_find_tensor(s->gg, name);
+		if (!t)
+			return false;
+		out->name = t->name.data;
+		out->dtype = t->dtype;
+		out->n_dims = t->n_dims;
+		for (uint32_t d = 0; d < t->n_dims; d++)
+			out->shape[d] = t->ne[t->n_dims - 1 - d];
+		out->bytes = t->bytes;
+		out->gg = t;
+	}
+	return true;
+}
+
+static bool has_tensor(const struct convert_source *s, const char *name)
+{
+	struct stensor t;
+	return find_tensor(s, name, &t);
+}
+
+static void fmt_shape(const struct stensor *t, char *buf, size_t len)
+{
+	size_t o = 0;
+	o += (size_t)snprintf(buf + o, len - o, "[");
+	for (uint32_t d = 0; d < t->n_dims && o < len; d++)
+		o += (size_t)snprintf(buf + o, len - o, "%s%" PRIu64, d ? ", " : "", t->shape[d]);
+	if (o < len)
+		snprintf(buf + o, len - o, "]");
+}
+
+/* Finds name and checks its shape (nd dims given in shape[]). */
+static int need(const struct convert_source *s, const char *name, uint32_t nd, const uint64_t *shape,
+		struct stensor *out, struct moe_error *err)
+{
+	char have[128];
+	if (!find_tensor(s, name, out))
+		return moe_error_set(err, -ENOENT, "tensor %s not found", name);
+	bool ok = out->n_dims == nd;
+	for (uint32_t d = 0; ok && d < nd; d++)
+		ok = out->shape[d] == shape[d];
+	if (!ok) {
+		struct stensor w = { .n_dims = nd };
+		char want[128];
+		memcpy(w.shape, shape, nd * sizeof(*shape));
+		fmt_shape(out, have, sizeof(have));
+		fmt_shape(&w, want, sizeof(want));
+		return moe_error_set(err, -EINVAL, "tensor %s has shape %s, expected %s", name, have, want);
+	}
+	if (out->dtype == MOE_DTYPE_INVALID) {
+		const char *tn = out->st ? out->st->dtype_str : "?";
+		if (out->gg)
+			gguf_ggml_type_info(out->gg->ggml_type, &tn, NULL, NULL, NULL);
+		return moe_error_set(err, -ENOTSUP, "tensor %s has type %s, which moe-pack does not support", name,
+				     tn ? tn : "?");
+	}
+	return 0;
+}
+
+static int src_read(const struct convert_source *s, const struct stensor *t, uint64_t off, void *buf, size_t len,
+		    struct moe_error *err)
+{
+	int rc, fd;
+	uint64_t abs;
+	if (s->kind == SRC_ST) {
+		rc = safetensors_model_read(s->st, t->st, off, buf, len, err);
+		fd = safetensors_model_file(s->st, t->st)->fd;
+		abs = t->st->offset + off;
+	} else {
+		rc = gguf_read(s->gg, t->gg, off, buf, len, err);
+		fd = s->gg->fd;
+		abs = t->gg->offset + off;
+	}
+	/* each source byte is read once: keep the page cache for others */
+	if (rc == 0 && fd >= 0)
+		posix_fadvise(fd, (off_t)abs, (off_t)len, POSIX_FADV_DONTNEED);
+	return rc;
+}
+
+static bool weight_dtype_ok(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_F32:
+	case MOE_DTYPE_F16:
+	case MOE_DTYPE_BF16:
+	case MOE_DTYPE_Q8_0:
+	case MOE_DTYPE_Q4_0:
+	case MOE_DTYPE_MXFP4:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static int check_weight_dtype(const struct stensor *t, bool quant_ok, struct moe_error *err)
+{
+	const char *name = t->st ? t->st->dtype_str : NULL;
+	if (t->gg)
+		gguf_ggml_type_info(t->gg->ggml_type, &name, NULL, NULL, NULL);
+	if (!weight_dtype_ok(t->dtype) || (!quant_ok && moe_dtype_is_quantized(t->dtype)))
+		return moe_error_set(err, -ENOTSUP, "tensor %s has type %s; moe-pack supports %s", t->name,
+				     name ? name : moe_dtype_name(t->dtype),
+				     quant_ok ? "f32, f16, bf16, q8_0, q4_0 and mxfp4" : "f32, f16 and bf16 here");
+	return 0;
+}
+
+/* ---- expert recipes ---- */
+
+static void set_part(struct recipe *r, uint32_t role, enum moe_dtype dt, uint64_t rows, uint64_t cols)
+{
+	uint64_t rb = 0;
+	r->part.role = role;
+	r->part.dtype = dt;
+	r->part.rows = (uint32_t)rows;
+	r->part.cols = (uint32_t)cols;
+	moe_dtype_row_bytes(dt, cols, &rb);
+	r->part.bytes = rb * rows;
+}
+
+/* A COPY of expert e's slab of a tensor [E][rows][cols] (or [rows][cols]
+ * when stacked is false). */
+static int copy_recipe(const struct convert_source *s, struct recipe *r, const char *name, bool stacked, uint32_t e,
+		       uint32_t role, uint64_t rows, uint64_t cols, bool vector, bool quant_ok, struct moe_error *err)
+{
+	uint64_t shape[3], nd = 0;
+	int rc;
+	if (stacked)
+		shape[nd++] = s->model.n_experts;
+	if (!vector)
+		shape[nd++] = rows;
+	shape[nd++] = cols;
+	memset(r, 0, sizeof(*r));
+	rc = need(s, name, (uint32_t)nd, shape, &r->a, err);
+	if (rc < 0)
+		return rc;
+	rc = check_weight_dtype(&r->a, quant_ok, err);
+	if (rc < 0)
+		return rc;
+	r->kind = R_COPY;
+	set_part(r, role, r->a.dtype, rows, cols);
+	if (!moe_dtype_row_bytes(r->a.dtype, cols, &r->unit))
+		return moe_error_set(err, -EINVAL, "tensor %s: %" PRIu64 " columns are not whole %s blocks", name, cols,
+				     moe_dtype_name(r->a.dtype));
+	r->a_off = stacked ? (uint64_t)e * r->part.bytes : 0;
+	return 0;
+}
+
+static int expert_recipes(const struct convert_source *s, uint32_t l, uint32_t e, struct recipe *r, uint32_t *n,
+			  struct moe_error *err)
+{
+	const struct moe_model_config *m = &s->model;
+	const uint64_t N = m->hidden, M = m->expert_width, E = m->n_experts;
+	const uint32_t L = moe_model_layer_of(m, l);
+	static const char *const hf[3] = { "gate_proj", "up_proj", "down_proj" };
+	static const char *const mx[3] = { "w1", "w3", "w2" };
+	static const char *const gg[3] = { "gate", "up", "down" };
+	static const uint32_t roles[3] = { PACK_ROLE_GATE, PACK_ROLE_UP, PACK_ROLE_DOWN };
+	char name[256], name2[128];
+	int rc = 0;
+
+	switch (s->layout) {
+	case LAY_HF_MLP:
+	case LAY_HF_MIXTRAL:
+	case LAY_GGUF_STACK:
+	case LAY_GGUF_SPLIT:
+		for (int k = 0; k < 3 && rc == 0; k++) {
+			bool down = k == 2, stacked = s->layout == LAY_GGUF_STACK;
+			if (s->layout == LAY_HF_MLP)
+				snprintf(name, sizeof(name), "model.layers.%u.mlp.experts.%u.%s.weight", L, e, hf[k]);
+			else if (s->layout == LAY_HF_MIXTRAL)
+				snprintf(name, sizeof(name), "model.layers.%u.block_sparse_moe.experts.%u.%s.weight", L, e,
+					 mx[k]);
+			else if (stacked)
+				snprintf(name, sizeof(name), "blk.%u.ffn_%s_exps.weight", L, gg[k]);
+			else
+				snprintf(name, sizeof(name), "blk.%u.ffn_%s.%u.weight", L, gg[k], e);
+			rc = copy_recipe(s, &r[k], name, stacked, e, roles[k], down ? N : M, down ? M : N, false, true, err);
+		}
+		*n = 3;
+		break;
+	case LAY_HF_GPTOSS: {
+		const char *p = name2;
+		snprintf(name2, sizeof(name2), "model.layers.%u.mlp.experts", L);
+		/* gate_up_proj [E, n, 2m] -> GATE_UP [2m x n] */
+		uint64_t sh[3] = { E, N, 2 * M };
+		snprintf(name, sizeof(name), "%s.gate_up_proj", p);
+		memset(r, 0, 4 * sizeof(*r));
+		if ((rc = need(s, name, 3, sh, &r[0].a, err)) < 0 || (rc = check_weight_dtype(&r[0].a, false, err)) < 0)
+			return rc;
+		r[0].kind = R_TRANSPOSE;
+		r[0].rows = N;
+		r[0].cols = 2 * M;
+		r[0].unit = moe_dtype_block_bytes(r[0].a.dtype);
+		r[0].a_off = e * N * 2 * M * r[0].unit;
+		set_part(&r[0], PACK_ROLE_GATE_UP, r[0].a.dtype, 2 * M, N);
+		snprintf(name, sizeof(name), "%s.gate_up_proj_bias", p);
+		if ((rc = copy_recipe(s, &r[1], name, true, e, PACK_ROLE_GATE_UP_BIAS, 1, 2 * M, true, false, err)) < 0)
+			return rc;
+		/* down_proj [E, m, n] -> DOWN [n x m] */
+		uint64_t sd[3] = { E, M, N };
+		snprintf(name, sizeof(name), "%s.down_proj", p);
+		if ((rc = need(s, name, 3, sd, &r[2].a, err)) < 0 || (rc = check_weight_dtype(&r[2].a, false, err)) < 0)
+			return rc;
+		r[2].kind = R_TRANSPOSE;
+		r[2].rows = M;
+		r[2].cols = N;
+		r[2].unit = moe_dtype_block_bytes(r[2].a.dtype);
+		r[2].a_off = e * M * N * r[2].unit;
+		set_part(&r[2], PACK_ROLE_DOWN, r[2].a.dtype, N, M);
+		snprintf(name, sizeof(name), "%s.down_proj_bias", p);
+		rc = copy_recipe(s, &r[3], name, true, e, PACK_ROLE_DOWN_BIAS, 1, N, true, false, err);
+		*n = 4;
+		break;
+	}
+	case LAY_HF_GPTOSS_MX: {
+		snprintf(name2, sizeof(name2), "model.layers.%u.mlp.experts", L);
+		memset(r, 0, 4 * sizeof(*r));
+		for (int k = 0; k < 2; k++) {
+			struct recipe *x = &r[k * 2];
+			uint64_t rows = k ? N : 2 * M, cols = k ? M : N;
+			const char *w = k ? "down_proj" : "gate_up_proj";
+			if (cols % MOE_QK)
+				return moe_error_set(err, -EINVAL, "%s.%s: %" PRIu64 " columns are not whole MXFP4 blocks",
+						     name2, w, cols);
+			uint64_t sb[4] = { E, rows, cols / MOE_QK, 16 }, ss[3] = { E, rows, cols / MOE_QK };
+			snprintf(name, sizeof(name), "%s.%s_blocks", name2, w);
+			if ((rc = need(s, name, 4, sb, &x->a, err)) < 0)
+				return rc;
+			snprintf(name, sizeof(name), "%s.%s_scales", name2, w);
+			if ((rc = need(s, name, 3, ss, &x->b, err)) < 0)
+				return rc;
+			if (x->a.dtype != MOE_DTYPE_U8 || x->b.dtype != MOE_DTYPE_U8)
+				return moe_error_set(err, -EINVAL, "%s.%s_blocks/_scales must be U8", name2, w);
+			x->kind = R_MX_HF;
+			x->rows = rows;
+			x->cols = cols / MOE_QK;
+			x->a_off = e * rows * x->cols * 16;
+			x->b_off = e * rows * x->cols;
+			set_part(x, k ? PACK_ROLE_DOWN : PACK_ROLE_GATE_UP, MOE_DTYPE_MXFP4, rows, cols);
+			snprintf(name, sizeof(name), "%s.%s_bias", name2, w);
+			rc = copy_recipe(s, &r[k * 2 + 1], name, true, e, k ? PACK_ROLE_DOWN_BIAS : PACK_ROLE_GATE_UP_BIAS,
+					 1, rows, true, false, err);
+			if (rc < 0)
+				return rc;
+		}
+		*n = 4;
+		break;
+	}
+	}
+	/* GGUF gpt-oss keeps gate and up apart: interleave them */
+	if (rc == 0 && s->layout == LAY_GGUF_STACK && m->family == MOE_FAMILY_GPT_OSS) {
+		struct recipe gate = r[0], up = r[1], down = r[2], b[3];
+		for (int k = 0; k < 3 && rc == 0; k++) {
+			snprintf(name, sizeof(name), "blk.%u.ffn_%s_exps.bias", L, gg[k]);
+			rc = copy_recipe(s, &b[k], name, true, e, PACK_ROLE_GATE_UP_BIAS, 1, k == 2 ? N : M, true, false,
+					 err);
+		}
+		if (rc < 0)
+			return rc;
+		if (gate.a.dtype != up.a.dtype || b[0].a.dtype != b[1].a.dtype)
+			return moe_error_set(err, -EINVAL, "blk.%u: gate and up experts have different types", L);
+		memset(r, 0, 4 * sizeof(*r));
+		r[0].kind = R_INTERLEAVE;
+		r[0].a = gate.a;
+		r[0].b = up.a;
+		r[0].a_off = gate.a_off;
+		r[0].b_off = up.a_off;
+		r[0].rows = M;
+		r[0].unit = gate.unit;
+		set_part(&r[0], PACK_ROLE_GATE_UP, gate.a.dtype, 2 * M, N);
+		r[1].kind = R_INTERLEAVE;
+		r[1].a = b[0].a;
+		r[1].b = b[1].a;
+		r[1].a_off = b[0].a_off;
+		r[1].b_off = b[1].a_off;
+		r[1].rows = M;
+		r[1].unit = moe_dtype_block_bytes(b[0].a.dtype);
+		set_part(&r[1], PACK_ROLE_GATE_UP_BIAS, b[0].a.dtype, 1, 2 * M);
+		r[2] = down;
+		r[3] = b[2];
+		r[3].part.role = PACK_ROLE_DOWN_BIAS;
+		*n = 4;
+	}
+	return rc;
+}
+
+/* ---- streaming ---- */
+
+static uint8_t *grow(struct convert_source *s, int i, size_t len, struct moe_error *err)
+{
+	if (s->cap[i] < len) {
+		free(s->buf[i]);
+		s->buf[i] = malloc(len);
+		s->cap[i] = s->buf[i] ? len : 0;
+		if (!s->buf[i])
+			moe_error_set(err, -ENOMEM, "out of memory (%zu bytes)", len);
+	}
+	return s->buf[i];
+}
+
+void convert_mxfp4_hf_to_ggml(const uint8_t *blocks, const uint8_t *scales, uint64_t groups,
+			      struct moe_block_mxfp4 *out)
+{
+	for (uint64_t g = 0; g < groups; g++) {
+		const uint8_t *b = blocks + g * 16;
+		uint8_t code[32];
+		for (int k = 0; k < 16; k++) {
+			code[2 * k] = b[k] & 0x0f;
+			code[2 * k + 1] = b[k] >> 4;
+		}
+		/* 2^(s-127) x E2M1 == 2^(e-128) x doubled table: same exponent byte */
+		out[g].e = scales[g];
+		for (int j = 0; j < 16; j++)
+			out[g].qs[j] = (uint8_t)(code[j] | code[j + 16] << 4);
+	}
+}
+
+static void transpose(const uint8_t *in, uint64_t rows, uint64_t cols, uint64_t unit, uint64_t c0, uint64_t c1,
+		      uint8_t *out)
+{
+	/* out row c (c0 <= c < c1) = column c of in */
+	for (uint64_t c = c0; c < c1; c++) {
+		uint8_t *o = out + (c - c0) * rows * unit;
+		if (unit == 2) {
+			const uint16_t *src = (const uint16_t *)in + c;
+			uint16_t *dst = (uint16_t *)o;
+			for (uint64_t r = 0; r < rows; r++)
+				dst[r] = src[r * cols];
+		} else if (unit == 4) {
+			const uint32_t *src = (const uint32_t *)in + c;
+			uint32_t *dst = (uint32_t *)o;
+			for (uint64_t r = 0; r < rows; r++)
+				dst[r] = src[r * cols];
+		} else {
+			for (uint64_t r = 0; r < rows; r++)
+				memcpy(o + r * unit, in + (r * cols + c) * unit, unit);
+		}
+	}
+}
+
+static int stream_recipe(struct convert_source *s, const struct recipe *r, struct pack_writer *w,
+			 struct moe_error *err)
+{
+	uint8_t *a, *b, *o;
+	int rc = 0;
+
+	switch (r->kind) {
+	case R_COPY:
+		if (!(a = grow(s, 0, CHUNK, err)))
+			return -ENOMEM;
+		for (uint64_t off = 0; off < r->part.bytes && rc == 0; off += CHUNK) {
+			size_t len = (size_t)MOE_MIN((uint64_t)CHUNK, r->part.bytes - off);
+			rc = src_read(s, &r->a, r->a_off + off, a, len, err);
+			if (rc == 0)
+				rc = pack_writer_write(w, a, len, err);
+		}
+		return rc;
+	case R_INTERLEAVE: {
+		uint64_t k = MOE_MAX(1u, CHUNK / (r->unit * 2));
+		size_t step = (size_t)(k * r->unit);
+		if (!(a = grow(s, 0, step, err)) || !(b = grow(s, 1, step, err)) || !(o = grow(s, 2, 2 * step, err)))
+			return -ENOMEM;
+		for (uint64_t r0 = 0; r0 < r->rows && rc == 0; r0 += k) {
+			uint64_t kk = MOE_MIN(k, r->rows - r0);
+			size_t len = (size_t)(kk * r->unit);
+			rc = src_read(s, &r->a, r->a_off + r0 * r->unit, a, len, err);
+			if (rc == 0)
+				rc = src_read(s, &r->b, r->b_off + r0 * r->unit, b, len, err);
+			if (rc < 0)
+				break;
+			for (uint64_t i = 0; i < kk; i++) {
+				memcpy(o + 2 * i * r->unit, a + i * r->unit, r->unit);
+				memcpy(o + (2 * i + 1) * r->unit, b + i * r->unit, r->unit);
+			}
+			rc = pack_writer_write(w, o, 2 * len, err);
+		}
+		return rc;
+	}
+	case R_TRANSPOSE: {
+		/* needs the whole [rows][cols] slab of this expert: one part */
+		size_t slab = (size_t)(r->rows * r->cols * r->unit), orow = (size_t)(r->rows * r->unit);
+		uint64_t k = MOE_MAX(1u, CHUNK / orow);
+		if (!(a = grow(s, 0, slab, err)) || !(o = grow(s, 2, (size_t)k * orow, err)))
+			return -ENOMEM;
+		rc = src_read(s, &r->a, r->a_off, a, slab, err);
+		for (uint64_t c0 = 0; c0 < r->cols && rc == 0; c0 += k) {
+			uint64_t c1 = MOE_MIN(r->cols, c0 + k);
+			transpose(a, r->rows, r->cols, r->unit, c0, c1, o);
+			rc = pack_writer_write(w, o, (size_t)(c1 - c0) * orow, err);
+		}
+		return rc;
+	}
+	case R_MX_HF: {
+		uint64_t g = r->cols, k = MOE_MAX(1u, CHUNK / (g * 17));
+		if (!(a = grow(s, 0, (size_t)(k * g * 16), err)) || !(b = grow(s, 1, (size_t)(k * g), err)) ||
+		    !(o = grow(s, 2, (size_t)(k * g * 17), err)))
+			return -ENOMEM;
+		for (uint64_t r0 = 0; r0 < r->rows && rc == 0; r0 += k) {
+			uint64_t kk = MOE_MIN(k, r->rows - r0);
+			rc = src_read(s, &r->a, r->a_off + r0 * g * 16, a, (size_t)(kk * g * 16), err);
+			if (rc == 0)
+				rc = src_read(s, &r->b, r->b_off + r0 * g, b, (size_t)(kk * g), err);
+			if (rc < 0)
+				break;
+			for (uint64_t i = 0; i < kk; i++)
+				convert_mxfp4_hf_to_ggml(a + i * g * 16, b + i * g, g,
+							 (struct moe_block_mxfp4 *)(o + i * g * 17));
+			rc = pack_writer_write(w, o, (size_t)(kk * g * 17), err);
+		}
+		return rc;
+	}
+	}
+	return moe_error_set(err, -EINVAL, "internal: unknown recipe");
+}
+
+/* ---- resident tensors ---- */
+
+static int add_resident(struct convert_source *s, const char *name, uint32_t role, uint32_t layer, bool required,
+			uint32_t nd, const uint64_t *shape, bool *found, struct moe_error *err)
+{
+	struct stensor t;
+	int rc;
+	if (found)
+		*found = false;
+	if (!has_tensor(s, name)) {
+		if (required)
+			return moe_error_set(err, -ENOENT, "tensor %s not found", name);
+		return 0;
+	}
+	rc = need(s, name, nd, shape, &t, err);
+	/* a [1, n] gate may be stored as a vector [n] (GGUF) */
+	if (rc == -EINVAL && nd == 2 && shape[0] == 1)
+		rc = need(s, name, 1, shape + 1, &t, err);
+	if (rc < 0)
+		return rc;
+	if (strlen(name) >= PACK_TENSOR_NAME_MAX)
+		return moe_error_set(err, -ENAMETOOLONG, "tensor name %s is longer than %d bytes", name,
+				     PACK_TENSOR_NAME_MAX - 1);
+	if (t.n_dims < 1 || t.n_dims > 4)
+		return moe_error_set(err, -EINVAL, "tensor %s has %u dimensions (1..4 supported)", name, t.n_dims);
+	if (s->n_res == s->cap_res) {
+		uint32_t cap = s->cap_res ? s->cap_res * 2 : 32;
+		void *p = realloc(s->res, cap * sizeof(*s->res));
+		if (!p)
+			return moe_error_set(err, -ENOMEM, "out of memory");
+		s->res = p;
+		s->cap_res = cap;
+	}
+	s->res[s->n_res++] = (struct resident){ .t = t, .role = role, .layer = layer };
+	if (found)
+		*found = true;
+	return 0;
+}
+
+static int collect_residents(struct convert_source *s, struct moe_error *err)
+{
+	struct moe_model_config *m = &s->model;
+	const uint64_t N = m->hidden, E = m->n_experts, S = m->shared_width;
+	bool gg = s->kind == SRC_GGUF, found, any_score = false, any_rbias = false;
+	char name[256], pre[128];
+	int rc;
+
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		uint32_t L = moe_model_layer_of(m, l);
+		uint64_t sr[2] = { E, N }, sb[1] = { E };
+		if (gg)
+			snprintf(pre, sizeof(pre), "blk.%u", L);
+		else
+			snprintf(pre, sizeof(pre), "model.layers.%u.%s", L,
+				 s->layout == LAY_HF_MIXTRAL ? "block_sparse_moe" : "mlp");
+		bool oss = m->family == MOE_FAMILY_GPT_OSS;
+		snprintf(name, sizeof(name), gg ? "%s.ffn_gate_inp.weight" : oss ? "%s.router.weight" : "%s.gate.weight",
+			 pre);
+		if ((rc = add_resident(s, name, PACK_ROLE_ROUTER, L, true, 2, sr, NULL, err)) < 0)
+			return rc;
+		snprintf(name, sizeof(name), gg ? "%s.ffn_gate_inp.bias" : oss ? "%s.router.bias" : "%s.gate.bias", pre);
+		if ((rc = add_resident(s, name, PACK_ROLE_ROUTER_BIAS, L, oss, 1, sb, &found, err)) < 0)
+			return rc;
+		any_rbias |= found;
+		snprintf(name, sizeof(name), gg ? "%s.exp_probs_b.bias" : "%s.gate.e_score_correction_bias", pre);
+		if ((rc = add_resident(s, name, PACK_ROLE_SCORE_BIAS, L, m->family == MOE_FAMILY_DEEPSEEK_V3, 1, sb, &found,
+				       err)) < 0)
+			return rc;
+		any_score |= found;
+		if (S) {
+			static const char *const gn[3] = { "gate", "up", "down" };
+			const char *sh = m->family == MOE_FAMILY_QWEN2_MOE ? "shared_expert" : "shared_experts";
+			for (int k = 0; k < 3; k++) {
+				uint64_t shape[2] = { k == 2 ? N : S, k == 2 ? S : N };
+				if (gg)
+					snprintf(name, sizeof(name), "%s.ffn_%s_shexp.weight", pre, gn[k]);
+				else
+					snprintf(name, sizeof(name), "%s.%s.%s_proj.weight", pre, sh, gn[k]);
+				if ((rc = add_resident(s, name, PACK_ROLE_SHARED_GATE + (uint32_t)k, L, true, 2, shape, NULL,
+						       err)) < 0)
+					return rc;
+			}
+			uint64_t sg[2] = { 1, N };
+			snprintf(name, sizeof(name), gg ? "%s.ffn_gate_inp_shexp.weight" : "%s.shared_expert_gate.weight", pre);
+			if ((rc = add_resident(s, name, PACK_ROLE_SHARED_EXPERT_GATE, L,
+					       m->family == MOE_FAMILY_QWEN2_MOE, 2, sg, NULL, err)) < 0)
+				return rc;
+		}
+	}
+	m->has_score_bias = any_score;
+	m->has_router_bias = any_rbias;
+	return 0;
+}
+
+/* ---- model config: HF config.json ---- */
+
+/* 1 when absent (or null), 0 when read, negative on a bad value. */
+static int j_u32(json_t *c, const char *key, uint32_t *out, struct moe_error *err)
+{
+	json_t *v = json_object_get(c, key);
+	if (!v || json_is_null(v))
+		return 1;
+	if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > (json_int_t)UINT32_MAX)
+		return moe_error_set(err, -EINVAL, "config.json: %s must be a non-negative integer", key);
+	*out = (uint32_t)json_integer_value(v);
+	return 0;
+}
+
+static int j_f32(json_t *c, const char *key, float *out, struct moe_error *err)
+{
+	json_t *v = json_object_get(c, key);
+	if (!v || json_is_null(v))
+		return 1;
+	if (!json_is_number(v))
+		return moe_error_set(err, -EINVAL, "config.json: %s must be a number", key);
+	*out = (float)json_number_value(v);
+	return 0;
+}
+
+static int j_bool(json_t *c, const char *key, uint32_t *out, struct moe_error *err)
+{
+	json_t *v = json_object_get(c, key);
+	if (!v || json_is_null(v))
+		return 1;
+	if (!json_is_boolean(v))
+		return moe_error_set(err, -EINVAL, "config.json: %s must be true or false", key);
+	*out = json_is_true(v);
+	return 0;
+}
+
+static int j_need_u32(json_t *c, const char *key, uint32_t *out, struct moe_error *err)
+{
+	int rc = j_u32(c, key, out, err);
+	if (rc == 1)
+		return moe_error_set(err, -EINVAL, "config.json: %s is missing", key);
+	return rc;
+}
+
+static enum moe_family family_from_arch(const char *arch)
+{
+	/* "Qwen2MoeForCausalLM" -> "qwen2moe" */
+	char buf[64];
+	size_t n = strlen(arch);
+	const char *suf = "ForCausalLM";
+	if (n > strlen(suf) && strcmp(arch + n - strlen(suf), suf) == 0)
+		n -= strlen(suf);
+	if (n >= sizeof(buf))
+		return MOE_FAMILY_UNKNOWN;
+	memcpy(buf, arch, n);
+	buf[n] = '\0';
+	return moe_family_parse(buf);
+}
+
+/* Which layers have routed experts must be evenly spaced: first + i * step. */
+static int set_moe_layers(struct moe_model_config *m, const bool *is_moe, struct moe_error *err)
+{
+	int64_t first = -1, prev = -1, step = 0;
+	uint32_t count = 0;
+	bool even = true;
+	for (uint32_t L = 0; L < m->n_layers; L++) {
+		if (!is_moe[L])
+			continue;
+		if (first < 0)
+			first = L;
+		else if (step == 0)
+			step = L - prev;
+		else if (L - prev != step)
+			even = false;
+		prev = L;
+		count++;
+	}
+	if (count == 0)
+		return moe_error_set(err, -EINVAL, "the model has no layer with routed experts");
+	if (!even) {
+		char list[200];
+		size_t o = 0;
+		for (uint32_t L = 0; L < m->n_layers && o < sizeof(list) - 8; L++)
+			if (is_moe[L])
+				o += (size_t)snprintf(list + o, sizeof(list) - o, "%s%u", o ? ", " : "", L);
+		return moe_error_set(err, -ENOTSUP,
+				     "MoE layers %s are not evenly spaced; moetierd needs them at first + i * step", list);
+	}
+	m->first_moe_layer = (uint32_t)first;
+	m->moe_layer_step = step ? (uint32_t)step : 1;
+	m->n_moe_layers = count;
+	return 0;
+}
+
+static int hf_config(struct convert_source *s, const char *cfg_path, const struct convert_options *opt,
+		     struct moe_error *err)
+{
+	struct moe_model_config *m = &s->model;
+	json_error_t je;
+	json_t *c = json_load_file(cfg_path, 0, &je);
+	enum moe_family f = MOE_FAMILY_UNKNOWN;
+	bool *is_moe = NULL;
+	int rc = 0;
+
+	if (!c)
+		return moe_error_set(err, -EINVAL, "%s: %s (line %d)", cfg_path, je.text, je.line);
+	if (!json_is_object(c)) {
+		rc = moe_error_set(err, -EINVAL, "%s: not a JSON object", cfg_path);
+		goto out;
+	}
+	if (opt->family) {
+		f = moe_family_parse(opt->family);
+		if (f == MOE_FAMILY_UNKNOWN) {
+			rc = moe_error_set(err, -EINVAL, "unknown family '%s'", opt->family);
+			goto out;
+		}
+	} else {
+		const char *mt = json_string_value(json_object_get(c, "model_type"));
+		json_t *archs = json_object_get(c, "architectures");
+		f = moe_family_parse(mt);
+		if (f == MOE_FAMILY_UNKNOWN && json_is_array(archs) && json_array_size(archs) > 0 &&
+		    json_is_string(json_array_get(archs, 0)))
+			f = family_from_arch(json_string_value(json_array_get(archs, 0)));
+		if (f == MOE_FAMILY_UNKNOWN) {
+			rc = moe_error_set(err, -ENOTSUP,
+					   "%s: model_type '%s' is not a supported MoE family (mixtral, qwen2_moe, qwen3_moe, "
+					   "deepseek_v2, deepseek_v3, olmoe, gpt_oss); use --family to override",
+					   cfg_path, mt ? mt : "(none)");
+			goto out;
+		}
+	}
+	moe_model_set_family_defaults(m, f);
+	m->moe_layer_step = 1;
+	if ((rc = j_need_u32(c, "hidden_size", &m->hidden, err)) < 0 ||
+	    (rc = j_need_u32(c, "num_hidden_layers", &m->n_layers, err)) < 0)
+		goto out;
+	if (m->n_layers == 0 || m->n_layers > 1024) {
+		rc = moe_error_set(err, -EINVAL, "config.json: num_hidden_layers %u out of range", m->n_layers);
+		goto out;
+	}
+	rc = j_u32(c, "num_experts_per_tok", &m->top_k, err);
+	if (rc == 1 && f == MOE_FAMILY_GPT_OSS)
+		rc = j_u32(c, "experts_per_token", &m->top_k, err);
+	if (rc == 1)
+		rc = moe_error_set(err, -EINVAL, "config.json: num_experts_per_tok is missing");
+	if (rc < 0)
+		goto out;
+	if ((rc = j_bool(c, "norm_topk_prob", &m->norm_topk_prob, err)) < 0)
+		goto out;
+	is_moe = calloc(m->n_layers, sizeof(*is_moe));
+	if (!is_moe) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (uint32_t L = 0; L < m->n_layers; L++)
+		is_moe[L] = true;
+
+	switch (f) {
+	case MOE_FAMILY_MIXTRAL:
+	case MOE_FAMILY_GPT_OSS:
+		if ((rc = j_need_u32(c, "num_local_experts", &m->n_experts, err)) < 0 ||
+		    (rc = j_need_u32(c, "intermediate_size", &m->expert_width, err)) < 0)
+			goto out;
+		if (f == MOE_FAMILY_MIXTRAL)
+			m->norm_topk_prob = 1; /* Mixtral always renormalizes */
+		if (f == MOE_FAMILY_GPT_OSS && (rc = j_f32(c, "swiglu_limit", &m->swiglu_limit, err)) < 0)
+			goto out;
+		break;
+	case MOE_FAMILY_OLMOE:
+		if ((rc = j_need_u32(c, "num_experts", &m->n_experts, err)) < 0 ||
+		    (rc = j_need_u32(c, "intermediate_size", &m->expert_width, err)) < 0)
+			goto out;
+		break;
+	case MOE_FAMILY_QWEN2_MOE:
+	case MOE_FAMILY_QWEN3_MOE: {
+		uint32_t step = 1, sw = 0;
+		json_t *mlp_only = json_object_get(c, "mlp_only_layers");
+		if ((rc = j_need_u32(c, "num_experts", &m->n_experts, err)) < 0 ||
+		    (rc = j_need_u32(c, "moe_intermediate_size", &m->expert_width, err)) < 0 ||
+		    (rc = j_u32(c, "decoder_sparse_step", &step, err)) < 0 ||
+		    (rc = j_u32(c, "shared_expert_intermediate_size", &sw, err)) < 0)
+			goto out;
+		if (step == 0) {
+			rc = moe_error_set(err, -EINVAL, "config.json: decoder_sparse_step must be >= 1");
+			goto out;
+		}
+		for (uint32_t L = 0; L < m->n_layers; L++)
+			is_moe[L] = (L + 1) % step == 0;
+		if (mlp_only && !json_is_null(mlp_only)) {
+			size_t i;
+			json_t *v;
+			if (!json_is_array(mlp_only)) {
+				rc = moe_error_set(err, -EINVAL, "config.json: mlp_only_layers must be a list");
+				goto out;
+			}
+			json_array_foreach(mlp_only, i, v) {
+				if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+				    json_integer_value(v) >= (json_int_t)m->n_layers) {
+					rc = moe_error_set(err, -EINVAL, "config.json: mlp_only_layers[%zu] is not a layer index", i);
+					goto out;
+				}
+				is_moe[json_integer_value(v)] = false;
+			}
+		}
+		if (f == MOE_FAMILY_QWEN2_MOE && sw) {
+			m->n_shared_experts = 1;
+			m->shared_width = sw;
+		}
+		break;
+	}
+	case MOE_FAMILY_DEEPSEEK_V2:
+	case MOE_FAMILY_DEEPSEEK_V3: {
+		uint32_t first = 0, freq = 1, ns = 0;
+		json_t *sf = json_object_get(c, "scoring_func"), *tm = json_object_get(c, "topk_method");
+		if ((rc = j_need_u32(c, "n_routed_experts", &m->n_experts, err)) < 0 ||
+		    (rc = j_need_u32(c, "moe_intermediate_size", &m->expert_width, err)) < 0 ||
+		    (rc = j_u32(c, "first_k_dense_replace", &first, err)) < 0 ||
+		    (rc = j_u32(c, "moe_layer_freq", &freq, err)) < 0 || (rc = j_u32(c, "n_shared_experts", &ns, err)) < 0 ||
+		    (rc = j_u32(c, "n_group", &m->n_group, err)) < 0 ||
+		    (rc = j_u32(c, "topk_group", &m->topk_group, err)) < 0 ||
+		    (rc = j_f32(c, "routed_scaling_factor", &m->routed_scaling_factor, err)) < 0)
+			goto out;
+		if (freq == 0) {
+			rc = moe_error_set(err, -EINVAL, "config.json: moe_layer_freq must be >= 1");
+			goto out;
+		}
+		for (uint32_t L = 0; L < m->n_layers; L++)
+			is_moe[L] = L >= first && L % freq == 0;
+		m->n_shared_experts = ns;
+		m->shared_width = ns * m->expert_width;
+		if (sf && !json_is_null(sf)) {
+			const char *v = json_string_value(sf);
+			if (v && strcmp(v, "softmax") == 0)
+				m->scoring = MOE_SCORING_SOFTMAX;
+			else if (v && strcmp(v, "sigmoid") == 0)
+				m->scoring = MOE_SCORING_SIGMOID;
+			else {
+				rc = moe_error_set(err, -ENOTSUP, "config.json: scoring_func '%s' is not supported (softmax, sigmoid)",
+						   v ? v : "?");
+				goto out;
+			}
+		}
+		if (tm && !json_is_null(tm)) {
+			const char *v = json_string_value(tm);
+			if (v && strcmp(v, "greedy") == 0)
+				m->topk_method = MOE_TOPK_GREEDY;
+			else if (v && (strcmp(v, "group_limited_greedy") == 0 || strcmp(v, "noaux_tc") == 0))
+				m->topk_method = MOE_TOPK_GROUP_LIMITED;
+			else {
+				rc = moe_error_set(err, -ENOTSUP,
+						   "config.json: topk_method '%s' is not supported (greedy, group_limited_greedy, noaux_tc)",
+						   v ? v : "?");
+				goto out;
+			}
+		} else if (m->n_group > 1) {
+			m->topk_method = MOE_TOPK_GROUP_LIMITED;
+		}
+		break;
+	}
+	default:
+		rc = moe_error_set(err, -ENOTSUP, "family %s is not supported", moe_family_name(f));
+		goto out;
+	}
+	rc = set_moe_layers(m, is_moe, err);
+	if (rc < 0)
+		goto out;
+	/* the checkpoint must agree with the config about which layers have experts */
+	for (uint32_t L = 0; L < m->n_layers; L++) {
+		char name[160];
+		if (f == MOE_FAMILY_GPT_OSS)
+			snprintf(name, sizeof(name), "model.layers.%u.mlp.router.weight", L);
+		else
+			snprintf(name, sizeof(name), "model.layers.%u.%s.gate.weight", L,
+				 f == MOE_FAMILY_MIXTRAL ? "block_sparse_moe" : "mlp");
+		if (has_tensor(s, name) != is_moe[L]) {
+			rc = moe_error_set(err, -EINVAL, "config.json says layer %u %s routed experts, but the checkpoint %s %s",
+					   L, is_moe[L] ? "has" : "has no", is_moe[L] ? "lacks" : "has", name);
+			goto out;
+		}
+	}
+out:
+	free(is_moe);
+	json_decref(c);
+	return rc;
+}
+
+/* ---- model config: GGUF metadata ---- */
+
+static int g_u32(const struct gguf_file *g, const char *arch, const char *key, uint32_t *out, struct moe_error *err)
+{
+	char k[160];
+	snprintf(k, sizeof(k), "%s.%s", arch, key);
+	int rc = gguf_get_u32(g, k, out);
+	if (rc == -ENOENT)
+		return 1;
+	if (rc < 0)
+		return moe_error_set(err, rc, "GGUF key %s: %s", k, rc == -EINVAL ? "not an integer" : "out of range");
+	return 0;
+}
+
+static int g_need_u32(const struct gguf_file *g, const char *arch, const char *key, uint32_t *out,
+		      struct moe_error *err)
+{
+	int rc = g_u32(g, arch, key, out, err);
+	if (rc == 1)
+		return moe_error_set(err, -EINVAL, "GGUF key %s.%s is missing", arch, key);
+	return rc;
+}
+
+static int gguf_config(struct convert_source *s, const struct convert_options *opt, struct moe_error *err)
+{
+	struct moe_model_config *m = &s->model;
+	const struct gguf_file *g = s->gg;
+	const char *arch = NULL;
+	enum moe_family f;
+	uint32_t leading = 0, gating = 0, ns = 0, ngroup = 0, ugroup = 0;
+	char k[160], name[160];
+	float scale;
+	bool norm, *is_moe;
+	int rc;
+
+	if (gguf_get_str(g, "general.architecture", &arch, NULL) < 0)
+		return moe_error_set(err, -EINVAL, "GGUF key general.architecture is missing or not a string");
+	f = moe_family_parse(opt->family ? opt->family : arch);
+	if (f == MOE_FAMILY_UNKNOWN)
+		return moe_error_set(err, -ENOTSUP, "%s '%s' is not a supported MoE family%s",
+				     opt->family ? "family" : "GGUF architecture", opt->family ? opt->family : arch,
+				     opt->family ? "" : "; use --family to override");
+	if ((rc = g_need_u32(g, arch, "block_count", &m->n_layers, err)) < 0 ||
+	    (rc = g_need_u32(g, arch, "embedding_length", &m->hidden, err)) < 0 ||
+	    (rc = g_need_u32(g, arch, "expert_count", &m->n_experts, err)) < 0 ||
+	    (rc = g_need_u32(g, arch, "expert_used_count", &m->top_k, err)) < 0 ||
+	    (rc = g_u32(g, arch, "leading_dense_block_count", &leading, err)) < 0 ||
+	    (rc = g_u32(g, arch, "expert_gating_func", &gating, err)) < 0 ||
+	    (rc = g_u32(g, arch, "expert_shared_count", &ns, err)) < 0 ||
+	    (rc = g_u32(g, arch, "expert_group_count", &ngroup, err)) < 0 ||
+	    (rc = g_u32(g, arch, "expert_group_used_count", &ugroup, err)) < 0)
+		return rc;
+	if (m->n_layers == 0 || m->n_layers > 1024)
+		return moe_error_set(err, -EINVAL, "GGUF %s.block_count %u out of range", arch, m->n_layers);
+	rc = g_u32(g, arch, "expert_feed_forward_length", &m->expert_width, err);
+	if (rc == 1)
+		rc = g_need_u32(g, arch, "feed_forward_length", &m->expert_width, err);
+	if (rc < 0)
+		return rc;
+
+	/* which layers have experts: from the tensors */
+	is_moe = calloc(m->n_layers, sizeof(*is_moe));
+	if (!is_moe)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	bool stacked = false, split = false;
+	for (uint32_t L = 0; L < m->n_layers; L++) {
+		snprintf(name, sizeof(name), "blk.%u.ffn_gate_exps.weight", L);
+		bool a = has_tensor(s, name);
+		snprintf(name, sizeof(name), "blk.%u.ffn_gate.0.weight", L);
+		bool b = has_tensor(s, name);
+		is_moe[L] = a || b;
+		stacked |= a;
+		split |= b;
+	}
+	rc = set_moe_layers(m, is_moe, err);
+	free(is_moe);
+	if (rc < 0)
+		return rc;
+	if (stacked && split)
+		return moe_error_set(err, -ENOTSUP, "GGUF mixes stacked (ffn_*_exps) and split (ffn_*.E) experts");
+	s->layout = stacked ? LAY_GGUF_STACK : LAY_GGUF_SPLIT;
+	if (leading && leading != m->first_moe_layer)
+		return moe_error_set(err, -EINVAL, "GGUF %s.leading_dense_block_count is %u but the first expert layer is %u",
+				     arch, leading, m->first_moe_layer);
+
+	/* DeepSeek-V3 GGUFs say "deepseek2" too: sigmoid gating / score bias tell them apart */
+	snprintf(name, sizeof(name), "blk.%u.exp_probs_b.bias", m->first_moe_layer);
+	if (!opt->family && f == MOE_FAMILY_DEEPSEEK_V2 && (gating == 2 || has_tensor(s, name)))
+		f = MOE_FAMILY_DEEPSEEK_V3;
+	uint32_t keep[6] = { m->hidden, m->expert_width, m->n_experts, m->top_k, m->n_layers, m->first_moe_layer };
+	uint32_t nm = m->n_moe_layers, step = m->moe_layer_step;
+	moe_model_set_family_defaults(m, f);
+	m->hidden = keep[0];
+	m->expert_width = keep[1];
+	m->n_experts = keep[2];
+	m->top_k = keep[3];
+	m->n_layers = keep[4];
+	m->first_moe_layer = keep[5];
+	m->n_moe_layers = nm;
+	m->moe_layer_step = step;
+
+	if (gating == 1)
+		m->scoring = MOE_SCORING_SOFTMAX;
+	else if (gating == 2)
+		m->scoring = MOE_SCORING_SIGMOID;
+	else if (gating != 0)
+		return moe_error_set(err, -ENOTSUP, "GGUF %s.expert_gating_func %u is not supported (1 softmax, 2 sigmoid)",
+				     arch, gating);
+	snprintf(k, sizeof(k), "%s.expert_weights_scale", arch);
+	if (gguf_get_f32(g, k, &scale) == 0 && scale > 0)
+		m->routed_scaling_factor = scale;
+	snprintf(k, sizeof(k), "%s.expert_weights_norm", arch);
+	if (gguf_get_bool(g, k, &norm) == 0)
+		m->norm_topk_prob = norm;
+	if (ngroup) {
+		m->n_group = ngroup;
+		m->topk_group = ugroup ? ugroup : 1;
+		if (ngroup > 1)
+			m->topk_method = MOE_TOPK_GROUP_LIMITED;
+	}
+	/* shared experts: the width from the tensors, the count from the keys */
+	snprintf(name, sizeof(name), "blk.%u.ffn_gate_shexp.weight", m->first_moe_layer);
+	struct stensor t;
+	if (find_tensor(s, name, &t)) {
+		if (t.n_dims != 2 || t.shape[0] == 0 || t.shape[0] > UINT32_MAX)
+			return moe_error_set(err, -EINVAL, "tensor %s: unexpected shape", name);
+		m->shared_width = (uint32_t)t.shape[0];
+		if (f == MOE_FAMILY_QWEN2_MOE)
+			m->n_shared_experts = 1;
+		else
+			m->n_shared_experts = ns ? ns
+						 : (m->shared_width % m->expert_width == 0 ? m->shared_width / m->expert_width : 1);
+	}
+	return 0;
+}
+
+/* ---- open / write ---- */
+
+static bool is_gguf_file(const char *path)
+{
+	char magic[4];
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	bool yes = false;
+	if (fd >= 0) {
+		yes = pread(fd, magic, 4, 0) == 4 && memcmp(magic, "GGUF", 4) == 0;
+		close(fd);
+	}
+	return yes;
+}
+
+static void set_name(struct convert_source *s, const struct convert_options *opt, const char *fallback)
+{
+	const char *n = opt->name ? opt->name : fallback;
+	snprintf(s->model.name, sizeof(s->model.name), "%s", n && *n ? n : "model");
+}
+
+static int open_source(struct convert_source *s, const char *src, const struct convert_options *opt,
+		       struct moe_error *err)
+{
+	struct stat st;
+	int rc;
+
+	if (stat(src, &st) < 0)
+		return moe_error_set(err, -errno, "%s: %s", src, strerror(errno));
+	if (S_ISREG(st.st_mode) && is_gguf_file(src)) {
+		const char *gname = NULL;
+		s->kind = SRC_GGUF;
+		if ((rc = gguf_open(src, &s->gg, err)) < 0)
+			return rc;
+		if ((rc = gguf_config(s, opt, err)) < 0)
+			return rc;
+		gguf_get_str(s->gg, "general.name", &gname, NULL);
+		char *dup = strdup(src), *base = basename(dup);
+		char *dot = strrchr(base, '.');
+		if (dot && dot != base)
+			*dot = '\0';
+		set_name(s, opt, gname ? gname : base);
+		free(dup);
+		return 0;
+	}
+	/* safetensors: config.json lives next to the weights */
+	char *dup = strdup(src), *dir, cfg[4096], *base;
+	if (!dup)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	dir = S_ISDIR(st.st_mode) ? dup : dirname(dup);
+	snprintf(cfg, sizeof(cfg), "%s/config.json", dir);
+	s->kind = SRC_ST;
+	rc = safetensors_model_open(src, &s->st, err);
+	if (rc == 0 && access(cfg, R_OK) < 0)
+		rc = moe_error_set(err, -ENOENT, "%s: no config.json next to the weights (it gives the model shape)", dir);
+	if (rc == 0)
+		rc = hf_config(s, cfg, opt, err);
+	if (rc == 0) {
+		char *d2 = strdup(dir);
+		base = d2 ? basename(d2) : NULL;
+		set_name(s, opt, base);
+		free(d2);
+	}
+	free(dup);
+	if (rc < 0)
+		return rc;
+	uint32_t F = s->model.first_moe_layer;
+	char name[160];
+	if (s->model.family == MOE_FAMILY_GPT_OSS) {
+		snprintf(name, sizeof(name), "model.layers.%u.mlp.experts.gate_up_proj_blocks", F);
+		s->layout = has_tensor(s, name) ? LAY_HF_GPTOSS_MX : LAY_HF_GPTOSS;
+	} else {
+		s->layout = s->model.family == MOE_FAMILY_MIXTRAL ? LAY_HF_MIXTRAL : LAY_HF_MLP;
+	}
+	return 0;
+}
+
+int convert_open(const char *src, const struct convert_options *opt, struct convert_source **out,
+		 struct moe_error *err)
+{
+	static const struct convert_options none;
+	struct convert_source *s = calloc(1, sizeof(*s));
+	struct recipe r[PACK_MAX_PARTS];
+	uint32_t n = 0;
+	int rc;
+
+	*out = NULL;
+	if (!opt)
+		opt = &none;
+	if (!s)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	s->progress = opt->progress;
+	s->path = strdup(src);
+	rc = s->path ? open_source(s, src, opt, err) : moe_error_set(err, -ENOMEM, "out of memory");
+	if (rc < 0)
+		goto fail;
+	if (s->model.family == MOE_FAMILY_GPT_OSS && s->layout != LAY_HF_GPTOSS && s->layout != LAY_HF_GPTOSS_MX &&
+	    s->layout != LAY_GGUF_STACK) {
+		rc = moe_error_set(err, -ENOTSUP, "gpt_oss experts must be stacked");
+		goto fail;
+	}
+	/* the part layout is expert (0, 0)'s; every other expert must match it */
+	rc = expert_recipes(s, 0, 0, r, &n, err);
+	if (rc < 0)
+		goto fail;
+	for (uint32_t i = 0; i < n; i++)
+		s->parts[i] = r[i].part;
+	s->n_parts = n;
+	s->model.dtype = r[0].part.dtype;
+	if ((rc = collect_residents(s, err)) < 0)
+		goto fail;
+	if ((rc = moe_model_validate(&s->model, err)) < 0) {
+		moe_error_prefix(err, rc, "model config");
+		goto fail;
+	}
+	*out = s;
+	return 0;
+fail:
+	moe_error_prefix(err, rc, "%s", src);
+	convert_close(s);
+	return rc;
+}
+
+void convert_close(struct convert_source *s)
+{
+	if (!s)
+		return;
+	safetensors_model_close(s->st);
+	gguf_close(s->gg);
+	for (int i = 0; i < 3; i++)
+		free(s->buf[i]);
+	free(s->res);
+	free(s->path);
+	free(s);
+}
+
+const char *convert_source_kind(const struct convert_source *s)
+{
+	return s->kind == SRC_GGUF ? "gguf" : "safetensors";
+}
+
+const struct moe_model_config *convert_model(const struct convert_source *s)
+{
+	return &s->model;
+}
+
+uint32_t convert_parts(const struct convert_source *s, const struct pack_part_desc **parts)
+{
+	*parts = s->parts;
+	return s->n_parts;
+}
+
+uint32_t convert_n_resident(const struct convert_source *s)
+{
+	return s->n_res;
+}
+
+static int write_expert(struct convert_source *s, struct pack_writer *w, uint32_t l, uint32_t e,
+			struct convert_stats *st, struct moe_error *err)
+{
+	struct recipe r[PACK_MAX_PARTS];
+	uint32_t n = 0;
+	int rc = expert_recipes(s, l, e, r, &n, err);
+	if (rc < 0)
+		return rc;
+	for (uint32_t i = 0; i < n; i++) {
+		const struct pack_part_desc *want = &s->parts[i], *have = &r[i].part;
+		if (n != s->n_parts || have->role != want->role || have->dtype != want->dtype || have->rows != want->rows ||
+		    have->cols != want->cols)
+			return moe_error_set(err, -ENOTSUP, "%s is %s [%u x %u], but layer 0 expert 0 has %s [%u x %u]; "
+					     "every expert must have the same layout",
+					     r[i].a.name, moe_dtype_name(have->dtype), have->rows, have->cols,
+					     moe_dtype_name(want->dtype), want->rows, want->cols);
+	}
+	if ((rc = pack_writer_begin_expert(w, l, e, err)) < 0)
+		return rc;
+	for (uint32_t i = 0; i < n && rc == 0; i++)
+		rc = stream_recipe(s, &r[i], w, err);
+	if (rc == 0)
+		rc = pack_writer_end_expert(w, err);
+	if (rc == 0) {
+		st->experts++;
+		for (uint32_t i = 0; i < n; i++)
+			st->bytes += r[i].part.bytes;
+	}
+	return rc;
+}
+
+int convert_write(struct convert_source *s, const char *out, struct convert_stats *stp, struct moe_error *err)
+{
+	const struct moe_model_config *m = &s->model;
+	struct pack_writer *w;
+	struct convert_stats st = { 0 };
+	int rc;
+
+	rc = pack_writer_create(out, m, s->parts, s->n_parts, convert_source_kind(s), &w, err);
+	if (rc < 0)
+		return rc;
+	for (uint32_t l = 0; l < m->n_moe_layers && rc == 0; l++) {
+		for (uint32_t e = 0; e < m->n_experts && rc == 0; e++) {
+			rc = write_expert(s, w, l, e, &st, err);
+			if (rc < 0)
+				moe_error_prefix(err, rc, "layer %u (model layer %u) expert %u", l, moe_model_layer_of(m, l),
+						 e);
+		}
+		if (rc == 0 && s->progress)
+			fprintf(stderr, "moe-pack: layer %u/%u (model layer %u): %u experts\n", l + 1, m->n_moe_layers,
+				moe_model_layer_of(m, l), m->n_experts);
+	}
+	for (uint32_t i = 0; i < s->n_res && rc == 0; i++) {
+		const struct resident *x = &s->res[i];
+		struct pack_tensor_entry t;
+		struct recipe r = { .kind = R_COPY, .a = x->t };
+		memset(&t, 0, sizeof(t));
+		snprintf(t.name, sizeof(t.name), "%s", x->t.name);
+		t.role = x->role;
+		t.dtype = x->t.dtype;
+		t.layer = x->layer;
+		t.n_dims = x->t.n_dims;
+		for (uint32_t d = 0; d < t.n_dims; d++)
+			t.shape[d] = x->t.shape[d];
+		r.part.bytes = x->t.bytes;
+		rc = pack_writer_begin_tensor(w, &t, err);
+		if (rc == 0)
+			rc = stream_recipe(s, &r, w, err);
+		if (rc == 0)
+			rc = pack_writer_end_tensor(w, err);
+		if (rc == 0) {
+			st.tensors++;
+			st.bytes += x->t.bytes;
+		}
+	}
+	if (rc < 0) {
+		pack_writer_abort(w);
+		return rc;
+	}
+	rc = pack_writer_finish(w, err);
+	if (rc == 0 && stp)
+		*stp = st;
+	return rc;
+}
