@@ -6,7 +6,6 @@
 
 #include <dirent.h>
 #include <errno.h>
-#include <ftw.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,27 +19,50 @@
 static inline char *tu_mkdtemp(const char *tag)
 {
 	const char *base = getenv("TMPDIR");
+	size_t len;
 	char *p;
 	if (!base || !*base)
 		base = "/tmp";
-	if (asprintf(&p, "%s/moetier-%s-XXXXXX", base, tag) < 0 || !mkdtemp(p)) {
+	/* snprintf, not asprintf: tests may include this before _GNU_SOURCE */
+	len = strlen(base) + strlen(tag) + 32;
+	p = malloc(len);
+	if (!p || snprintf(p, len, "%s/moetier-%s-XXXXXX", base, tag) < 0 || !mkdtemp(p)) {
 		perror("tu_mkdtemp");
 		abort();
 	}
 	return p;
 }
 
-static inline int tu__rm(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+/* rm -rf path (no symlink following; plain readdir so this header needs no
+ * feature macros). */
+static inline void tu__rm(const char *path)
 {
-	(void)st; (void)flag; (void)ftw;
-	return remove(path);
+	struct stat st;
+	if (lstat(path, &st) != 0)
+		return;
+	if (S_ISDIR(st.st_mode)) {
+		DIR *d = opendir(path);
+		struct dirent *de;
+		while (d && (de = readdir(d))) {
+			char sub[4096];
+			if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+				continue;
+			snprintf(sub, sizeof(sub), "%s/%s", path, de->d_name);
+			tu__rm(sub);
+		}
+		if (d)
+			closedir(d);
+		rmdir(path);
+	} else {
+		unlink(path);
+	}
 }
 
 /* rm -rf path, then free it. */
 static inline void tu_rmtree(char *path)
 {
 	if (path) {
-		nftw(path, tu__rm, 16, FTW_DEPTH | FTW_PHYS);
+		tu__rm(path);
 		free(path);
 	}
 }
