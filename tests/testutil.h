@@ -44,11 +44,19 @@ static inline void tu__rm(const char *path)
 		DIR *d = opendir(path);
 		struct dirent *de;
 		while (d && (de = readdir(d))) {
-			char sub[4096];
+			size_t n;
+			char *sub;
 			if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
 				continue;
-			snprintf(sub, sizeof(sub), "%s/%s", path, de->d_name);
+			n = strlen(path) + strlen(de->d_name) + 2;
+			sub = malloc(n);
+			if (!sub)
+				break;
+			memcpy(sub, path, strlen(path));
+			sub[strlen(path)] = '/';
+			memcpy(sub + strlen(path) + 1, de->d_name, strlen(de->d_name) + 1);
 			tu__rm(sub);
+			free(sub);
 		}
 		if (d)
 			closedir(d);
