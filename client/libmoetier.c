@@ -714,3 +714,34 @@ static int expert_request(moet_ctx *c, uint16_t type, uint32_t layer, uint32_t e
 int moet_pin(moet_ctx *c, uint32_t l, uint32_t e, unsigned t) { return expert_request(c, MOET_MSG_PIN, l, e, t); }
 int moet_unpin(moet_ctx *c, uint32_t l, uint32_t e, unsigned t) { return expert_request(c, MOET_MSG_UNPIN, l, e, t); }
 int moet_evict(moet_ctx *c, uint32_t l, uint32_t e, unsigned t) { return expert_request(c, MOET_MSG_EVICT, l, e, t); }
+
+int moet_compute(moet_ctx *c, uint32_t layer, uint32_t tokens, uint32_t k, const uint32_t *experts,
+		 const float *weights, const float *x, float *y)
+{
+	struct moet_sqe q;
+	struct moet_cqe e;
+	struct moet_compute_args a = { tokens, k, { 0, 0 } };
+	if (!c || !c->ring_map || !experts || !weights || !x || !y || !tokens || !k)
+		return -EINVAL;
+	uint64_t n = c->info.hidden, tk = (uint64_t)tokens * k, tn = (uint64_t)tokens * n;
+	uint64_t need = sizeof(a) + tk * 8 + tn * 8;
+	if (need > c->reg.scratch_bytes || need > UINT32_MAX)
+		return -E2BIG;
+	uint8_t *s = c->ring_map + c->reg.scratch_off;
+	memcpy(s, &a, sizeof(a));
+	memcpy(s + sizeof(a), experts, tk * 4);
+	memcpy(s + sizeof(a) + tk * 4, weights, tk * 4);
+	memcpy(s + sizeof(a) + tk * 8, x, tn * 4);
+	memset(&q, 0, sizeof(q));
+	q.opcode = MOET_OP_COMPUTE;
+	q.layer = layer;
+	q.data_off = 0;
+	q.data_len = (uint32_t)need;
+	int rc = sync_entry(c, &q, &e);
+	if (rc)
+		return rc;
+	if (e.result < 0)
+		return e.result;
+	memcpy(y, s + sizeof(a) + tk * 8 + tn * 4, tn * 4);
+	return e.result;
+}

@@ -345,6 +345,8 @@ static int start_gpu_copy(struct cache *c, uint32_t id)
 	return 0;
 }
 
+static void finish_host_load(struct cache *c, uint32_t id, int res);
+
 /* ---- leases -------------------------------------------------------------- */
 
 static struct client *client_get(struct cache *c, uint32_t client, bool create)
@@ -719,6 +721,45 @@ int cache_prefetch(struct cache *c, const struct cache_key *keys, size_t n, enum
 	update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
 	return started;
+}
+
+int cache_prefetch_cancel(struct cache *c, const struct cache_key *keys, size_t n)
+{
+	if (!c || (n && !keys))
+		return -EINVAL;
+	int asked = 0;
+	pthread_mutex_lock(&c->mu);
+	for (size_t i = 0; i < n; i++) {
+		if (keys[i].layer >= c->n_layers || keys[i].expert >= c->n_experts)
+			continue;
+		uint32_t id = id_of(c, keys[i]);
+		struct expert_state *e = &c->ex[id];
+		if (e->st[T_HOST] != CACHE_LOADING || !e->prefetch || e->cancel_asked)
+			continue;
+		e->cancel_asked = true;
+		e->want_gpu = false;
+		/* Still in our job list: the I/O thread never saw it. */
+		struct job **pp = &c->jobs_head, *prev = NULL;
+		while (*pp && !((*pp)->kind == JOB_LOAD && (*pp)->expert == id)) {
+			prev = *pp;
+			pp = &(*pp)->next;
+		}
+		if (*pp) {
+			struct job *j = *pp;
+			*pp = j->next;
+			if (c->jobs_tail == j)
+				c->jobs_tail = prev;
+			free(j);
+			finish_host_load(c, id, -ECANCELED);
+			notify_ready(c);
+			asked++;
+		} else if (push_job(c, JOB_CANCEL, id, e->slot[T_HOST], NONE, true) == 0) {
+			asked++;
+		}
+	}
+	update_gauges(c);
+	pthread_mutex_unlock(&c->mu);
+	return asked;
 }
 
 int cache_pin(struct cache *c, struct cache_key key, enum cache_tier tier)
@@ -1368,6 +1409,7 @@ void cache_destroy(struct cache *c)
 	/* Waits for reads in flight before the arena goes away. */
 	tier_nvme_destroy(c->nvme);
 	if (c->gpu) {
+		tier_gpu_unregister_host(c->gpu);
 		tier_gpu_destroy(c->gpu);
 	}
 	tier_host_destroy(c->host);

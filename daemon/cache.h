@@ -151,6 +151,12 @@ size_t cache_release_client(struct cache *c, uint32_t client);
  * Returns the number of loads started. */
 int cache_prefetch(struct cache *c, const struct cache_key *keys, size_t n, enum cache_tier tier);
 
+/* Withdraws prefetches no longer wanted: a prefetch read of one of these
+ * experts that has not reached the device yet is cancelled and its slot
+ * freed (a read already in flight completes normally). Loads a demand has
+ * joined are left alone. Returns the number of cancels requested. */
+int cache_prefetch_cancel(struct cache *c, const struct cache_key *keys, size_t n);
+
 /* Pins an expert in a tier (loading it if needed; pins nest): a pinned
  * expert is never chosen for eviction. Pinning in the GPU tier pins the host
  * copy too when the host tier is inclusive. */

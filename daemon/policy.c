@@ -1,4 +1,6 @@
 /* policy.c - the policy registry and the checks every policy shares. */
+#include "config.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>

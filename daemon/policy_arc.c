@@ -3,6 +3,8 @@
  * recent victims of each, and a hit on a ghost moves the target size p of T1
  * toward the list that would have kept it. Victims come from T1 while it is
  * above p, else from T2 (the other list when none there is evictable). */
+#include "config.h"
+
 #include <stdlib.h>
 
 #include "policy_impl.h"

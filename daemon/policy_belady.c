@@ -2,6 +2,8 @@
  * evictable entry whose next use is farthest in the future, as told by the
  * next_use oracle (the simulator knows the whole trace). Ties go to the least
  * recently inserted. */
+#include "config.h"
+
 #include <stdlib.h>
 
 #include "policy_impl.h"

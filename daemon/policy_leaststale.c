@@ -1,6 +1,8 @@
 /* policy_leaststale.c - Least-Stale (SpecMD): entries not used by the current
  * forward pass (token) are evicted before entries the current pass used;
  * within each class the order is FIFO (insertion order; hits do not reorder). */
+#include "config.h"
+
 #include <stdlib.h>
 
 #include "policy_impl.h"

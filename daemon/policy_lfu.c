@@ -9,6 +9,8 @@
  * LFRU: priority = (1 - r) * count / max_count_in_group + r / (1 + age), age
  * in accesses since the entry was last used, r = lfru_recency; the victim has
  * the lowest priority. */
+#include "config.h"
+
 #include <stdlib.h>
 
 #include "policy_impl.h"

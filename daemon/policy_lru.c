@@ -1,5 +1,7 @@
 /* policy_lru.c - least recently used: one recency list per group; the victim
  * is the oldest evictable entry. Hits and inserts move an entry to the front. */
+#include "config.h"
+
 #include <stdlib.h>
 
 #include "policy_impl.h"

@@ -4,13 +4,15 @@
  *   header, 64 bytes: magic "MOEPRED\0", u32 version, u32 n_layers,
  *     u32 n_experts, u32 k, u32 tok_slots, u32 n_eam, u32 n_combo,
  *     u32 payload_crc32c, u64 payload_bytes, 12 reserved bytes (zero)
- *   payload: f32 bias[L][E]; f32 w_cur[DMAX][L][E][E]; f32 w_cur2, w_prev,
- *     w_prevn, w_prev2 [L][E][E]; u32 tok_key[S]; u16 tok_total[S];
+ *   payload: f32 bias[L][E]; f32 w_cur[DMAX][L][E][E]; f32 w_cur2, w_cur3, w_prev,
+ *     w_prevn, w_prev2 [L][E][E]; f32 w_pair[L][E][E][E] (only if E <= 64); u32 tok_key[S]; u16 tok_total[S];
  *     u8 tok_freq[S][L][E]; f32 tok_prior[L][E]; f32 eam[n_eam][L][E];
  *     f32 combo[L][n_combo + 1]
  * Any mismatch (magic, version, sizes, CRC, non-finite weights, a table size
  * that is not a power of two) rejects the file.
  */
+#include "config.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -257,9 +259,11 @@ static size_t model_sections(const struct predict_model *m, struct section *sec)
 	for (int d = 0; d < PREDICT_DMAX; d++)
 		sec[n++] = (struct section){ m->w_cur[d], LEE * 4, true };
 	sec[n++] = (struct section){ m->w_cur2, LEE * 4, true };
+	sec[n++] = (struct section){ m->w_cur3, LEE * 4, true };
 	sec[n++] = (struct section){ m->w_prev, LEE * 4, true };
 	sec[n++] = (struct section){ m->w_prevn, LEE * 4, true };
 	sec[n++] = (struct section){ m->w_prev2, LEE * 4, true };
+	sec[n++] = (struct section){ m->w_pair, m->n_experts <= PREDICT_PAIR_MAX_E ? LEE * m->n_experts * 4 : 0, true };
 	sec[n++] = (struct section){ m->tok_key, (size_t)m->tok_slots * 4, false };
 	sec[n++] = (struct section){ m->tok_total, (size_t)m->tok_slots * 2, false };
 	sec[n++] = (struct section){ m->tok_freq, (size_t)m->tok_slots * LE, false };
@@ -307,9 +311,12 @@ int predict_model_alloc(struct predict_model **out, uint32_t n_layers, uint32_t 
 	for (int d = 0; d < PREDICT_DMAX; d++)
 		m->w_cur[d] = calloc(LEE, 4);
 	m->w_cur2 = calloc(LEE, 4);
+	m->w_cur3 = calloc(LEE, 4);
 	m->w_prev = calloc(LEE, 4);
 	m->w_prevn = calloc(LEE, 4);
 	m->w_prev2 = calloc(LEE, 4);
+	if (n_experts <= PREDICT_PAIR_MAX_E)
+		m->w_pair = calloc(LEE * n_experts, 4);
 	m->tok_key = calloc(tok_slots ? tok_slots : 1, 4);
 	m->tok_total = calloc(tok_slots ? tok_slots : 1, 2);
 	m->tok_freq = calloc(tok_slots ? (size_t)tok_slots * LE : 1, 1);
@@ -318,7 +325,7 @@ int predict_model_alloc(struct predict_model **out, uint32_t n_layers, uint32_t 
 	m->combo = calloc((size_t)n_layers * (m->n_combo + 1), 4);
 	n = model_sections(m, sec);
 	for (size_t i = 0; i < n; i++) {
-		if (!sec[i].ptr) {
+		if (!sec[i].ptr && sec[i].bytes) {
 			predict_model_free(m);
 			return moe_error_set(err, -ENOMEM, "predict model: out of memory");
 		}

@@ -41,6 +41,7 @@
 #define PREDICT_MAX_EXPERTS 1024
 #define PREDICT_DMAX 3          /* look-ahead distances with their own weights */
 #define PREDICT_MODEL_VERSION 1
+#define PREDICT_PAIR_MAX_E 64    /* pair weights cost E^3 floats per layer */
 
 /* What the stream knows (shared by every predictor of one stream). */
 struct predict_stream {
@@ -69,6 +70,9 @@ struct predict_model {
 	float *bias;                        /* [L][E] */
 	float *w_cur[PREDICT_DMAX];         /* [L][E][E]: (t, L-d), d = 1..DMAX */
 	float *w_cur2;                      /* [L][E][E]: (t, L-d-1) */
+	float *w_cur3;                      /* [L][E][E]: (t, L-d-2) */
+	float *w_pair;                      /* [L][E*E][E]: pairs a < b of (t, L-1), d = 1
+	                                     * only; NULL when E > PREDICT_PAIR_MAX_E */
 	float *w_prev;                      /* [L][E][E]: (t-1, L) */
 	float *w_prevn;                     /* [L][E][E]: (t-1, L+1) */
 	float *w_prev2;                     /* [L][E][E]: (t-2, L) */
@@ -158,6 +162,11 @@ float predict_learned_logit(const struct predict_model *m, const struct predict_
 			    uint32_t layer, uint32_t expert);
 void predict_learned_logits(const struct predict_model *m, const struct predict_stream *s,
 			    uint32_t layer, float *out);
+/* Pair features of the latest routed layer (d = 1): adds their rows to out,
+ * or (training) moves them by -lr * grad when grad is non-NULL. The weights
+ * are written through the const model only in that training case. */
+void predict_learned_pairs(const struct predict_model *m, const struct predict_stream *s, uint32_t layer,
+			   float *out, const float *grad, float lr);
 
 /* combo only: the component predictors' clamped log-odds for layer L,
  * feat[i][e] for component i in PREDICT_COMBO_N order (for fitting weights). */

@@ -3,6 +3,8 @@
  * d = 1..PREDICT_DMAX. The score of b is the mean over the experts a of the
  * latest routed layer of P(b | a), smoothed toward b's base rate. The tables
  * keep learning across streams (nothing here is trained offline). */
+#include "config.h"
+
 #include <stdlib.h>
 #include <string.h>
 

@@ -2,6 +2,8 @@
  * decayed count of each expert's use at layer L over this stream's tokens
  * (consecutive tokens share ~1.6 of 6 experts on the DeepSeek-V2-Lite traces,
  * 3x chance). Scores are scaled so an expert used by every token scores 1. */
+#include "config.h"
+
 #include <stdlib.h>
 #include <string.h>
 

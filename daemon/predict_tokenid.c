@@ -1,6 +1,8 @@
 /* predict_tokenid.c - token identity: how often each expert served this token
  * (by key) at layer L in the training traces, shrunk toward the layer's
  * overall frequency when the token was rare; unseen tokens get that prior. */
+#include "config.h"
+
 #include "predict.h"
 
 #define TOKENID_SHRINK 2.0f /* pseudo-occurrences at the prior */

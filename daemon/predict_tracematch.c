@@ -4,6 +4,8 @@
  * per-token activation frequency) are ranked by cosine similarity, and the
  * best match's row for layer L is the score. Dot products are kept up to date
  * incrementally, so an observation costs n_eam * k additions. */
+#include "config.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -1,4 +1,6 @@
 /* prefetch.c - see prefetch.h. */
+#include "config.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

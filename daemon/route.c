@@ -1,4 +1,6 @@
 /* route.c - family routing functions and cache-aware routing (see route.h). */
+#include "config.h"
+
 #include <errno.h>
 #include <math.h>
 #include <string.h>

@@ -84,7 +84,7 @@ struct safetensors_model {
 	char *dir;                        /* directory of the shards */
 	char *index_path;                 /* the index.json, NULL for a single file */
 	uint32_t n_files;
-	struct safetensors_file **files;  /* each shard opened once, in first-use order */
+	struct safetensors_file **files;  /* each shard opened once, sorted by file name */
 	uint32_t n_tensors;               /* across all shards */
 	const struct safetensors_tensor **tensors; /* sorted by name */
 	uint64_t total_bytes;             /* sum of tensor bytes */

@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "cache.h"
+#include "compute.h"
 #include "pack.h"
 #include "ring.h"
 #include "route.h"
@@ -71,6 +72,7 @@ struct model {
 	struct moet_shared_hdr *hdr;
 	_Atomic uint64_t *dirty;  /* [n_layers/64+1] layers with a finished load */
 	uint64_t last_refresh_ns;
+	struct compute_ctx *compute; /* NULL when the kernels do not take this model */
 	struct cache_arena_info arena[2];
 	int arena_ro_fd[2];       /* read-only fds handed to clients */
 	int shared_ro_fd;
@@ -525,6 +527,110 @@ static void finish_acquire(struct client *c, struct moet_cqe *out, uint32_t lidx
 	}
 }
 
+struct compute_lookup {
+	uint32_t n;
+	uint16_t expert[ROUTE_MAX_EXPERTS]; /* open_model caps n_experts at this */
+	const void *ptr[ROUTE_MAX_EXPERTS];
+};
+
+static const void *lookup_leased(void *ctx, uint32_t layer, uint32_t expert)
+{
+	struct compute_lookup *lk = ctx;
+	(void)layer;
+	for (uint32_t i = 0; i < lk->n; i++)
+		if (lk->expert[i] == expert)
+			return lk->ptr[i];
+	return NULL;
+}
+
+/* COMPUTE (see proto.h): the inputs are copied out of the scratch area once,
+ * checked, the distinct experts leased on the host tier for the duration,
+ * the FFNs run, and y copied back. Runs on the ring thread: a long request
+ * delays other clients by its compute time. */
+static int exec_compute(struct client *c, const struct moet_sqe *q, struct moet_cqe *out)
+{
+	struct model *m = c->m;
+	struct moet_compute_args a;
+	uint64_t n = m->pack->model->hidden, need;
+	if (q->layer >= m->n_layers)
+		return -ERANGE;
+	if (!c->region || (q->data_off & 3) || q->data_off > c->reg.scratch_bytes ||
+	    q->data_len > c->reg.scratch_bytes - q->data_off || q->data_len < sizeof(a))
+		return -EFAULT;
+	const uint8_t *base = c->region + c->reg.scratch_off + q->data_off;
+	memcpy(&a, base, sizeof(a));
+	if (a.tokens == 0 || a.k == 0 || a.k > MOET_MAX_BATCH || a.tokens > 4096)
+		return a.tokens > 4096 ? -E2BIG : -EINVAL;
+	uint64_t tk = (uint64_t)a.tokens * a.k, tn = (uint64_t)a.tokens * n;
+	need = sizeof(a) + tk * 8 + tn * 8;
+	if (need > q->data_len)
+		return -EFAULT;
+	size_t in_bytes = sizeof(a) + tk * 8 + tn * 4;
+	uint8_t *buf = malloc(in_bytes + tn * 4);
+	struct compute_lookup *lk = calloc(1, sizeof(*lk));
+	struct cache_key *keys = calloc(m->n_experts, sizeof(*keys));
+	struct cache_loc *locs = calloc(m->n_experts, sizeof(*locs));
+	int rc = 0;
+	if (!buf || !lk || !keys || !locs) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	memcpy(buf, base, in_bytes);
+	const uint32_t *experts = (const uint32_t *)(buf + sizeof(a));
+	const float *weights = (const float *)(buf + sizeof(a) + tk * 4);
+	const float *x = (const float *)(buf + sizeof(a) + tk * 8);
+	float *y = (float *)(buf + in_bytes);
+	for (uint64_t i = 0; i < tk; i++) {
+		if (experts[i] >= m->n_experts) {
+			rc = -ERANGE;
+			goto out;
+		}
+		{
+			bool seen = false;
+			for (uint32_t j = 0; j < lk->n && !seen; j++)
+				seen = lk->expert[j] == experts[i];
+			if (!seen) {
+				keys[lk->n] = (struct cache_key){ q->layer, experts[i] };
+				lk->expert[lk->n++] = (uint16_t)experts[i];
+			}
+		}
+	}
+	rc = cache_acquire(m->cache, c->cache_id, keys, lk->n, CACHE_NOWAIT, locs);
+	if (rc < 0)
+		goto out;
+	uint32_t missing = 0;
+	for (uint32_t i = 0; i < lk->n; i++) {
+		lk->ptr[i] = NULL;
+		if (locs[i].status == 0 && locs[i].tier == CACHE_TIER_HOST)
+			lk->ptr[i] = cache_slot_ptr(m->cache, CACHE_TIER_HOST, locs[i].slot);
+		if (!lk->ptr[i])
+			missing++;
+	}
+	out->n_miss = missing;
+	out->n_hit = lk->n - missing;
+	if (missing) {
+		rc = -EAGAIN;
+	} else {
+		struct moe_error err;
+		rc = compute_run(m->compute, q->layer, a.tokens, x, n, a.k, experts, weights, y, n, lookup_leased, lk, &err);
+		if (rc == 0) {
+			memcpy(c->region + c->reg.scratch_off + q->data_off + in_bytes, y, tn * 4);
+			rc = (int)a.tokens;
+		} else {
+			moe_debug("client %u: compute: %s", c->id, err.msg);
+		}
+	}
+	for (uint32_t i = 0; i < lk->n; i++)
+		if (locs[i].status == 0)
+			cache_release(m->cache, c->cache_id, &locs[i].lease);
+out:
+	free(buf);
+	free(lk);
+	free(keys);
+	free(locs);
+	return rc;
+}
+
 /* Runs one entry (already copied out of shared memory). Returns 1 when the
  * completion is ready in *out, 0 when the entry was parked (ring only). */
 static int exec_entry(struct server *s, struct client *c, const struct moet_sqe *q, struct moet_cqe *out,
@@ -624,6 +730,16 @@ static int exec_entry(struct server *s, struct client *c, const struct moet_sqe 
 		count_hits(m, q->layer, out);
 		return 1;
 	}
+	case MOET_OP_COMPUTE:
+		if (!m->compute) {
+			rc = -EOPNOTSUPP;
+			goto bad;
+		}
+		rc = exec_compute(c, q, out);
+		if (rc < 0 && rc != -EAGAIN)
+			goto bad;
+		out->result = rc;
+		return 1;
 	default:
 		rc = -EOPNOTSUPP;
 		goto bad;
@@ -1003,7 +1119,7 @@ static void do_hello(struct server *s, struct client *c, const struct moet_msg *
 	c->m = m;
 	snprintf(c->name, sizeof(c->name), "%s", hello.client_name);
 	c->version = MOET_PROTO_VERSION;
-	uint32_t caps = MOET_CAP_RING | MOET_CAP_ROUTE | (c->admin ? MOET_CAP_ADMIN : 0);
+	uint32_t caps = MOET_CAP_RING | MOET_CAP_ROUTE | (c->admin ? MOET_CAP_ADMIN : 0) | (m->compute ? MOET_CAP_COMPUTE : 0);
 	struct moet_hello_reply r;
 	memset(&r, 0, sizeof(r));
 	int fds[4];
@@ -1407,6 +1523,13 @@ static int open_model(struct server *s, struct model *m, const char *path, unsig
 				return rc;
 		}
 	}
+	struct compute_opts co = { .threads = 1, .kernel_threads = 1 };
+	struct moe_error cerr;
+	if (compute_create(mc, m->pack->hdr->parts, m->pack->hdr->n_parts, pack_extent_bytes(m->pack), &co, &m->compute,
+			   &cerr)) {
+		moe_info("model %s: COMPUTE not offered: %s", m->name, cerr.msg);
+		m->compute = NULL;
+	}
 	route_params_from_model(&m->rp, mc, NULL);
 	if ((rc = route_params_check(&m->rp, err)))
 		return moe_error_prefix(err, rc, "%s: routing", path);
@@ -1452,6 +1575,8 @@ static int open_model(struct server *s, struct model *m, const char *path, unsig
 
 static void close_model(struct model *m)
 {
+	if (m->compute)
+		compute_destroy(m->compute);
 	if (m->cache)
 		cache_destroy(m->cache);
 	if (m->pack)

@@ -284,8 +284,6 @@ static int start(struct tier_gpu *g, uint32_t slot, bool to_host, void *host, si
 	if (to_host && bytes > s->bytes)
 		return moe_error_set(err, -EINVAL, "GPU slot %u holds %llu bytes, %zu asked", slot,
 				     (unsigned long long)s->bytes, bytes);
-	if (!in_host_arena(g, host, bytes))
-		g->st.unpinned_copies++;
 	atomic_store_explicit(&s->emu_done, 0, memory_order_relaxed);
 	s->to_host = to_host;
 	s->op_bytes = bytes;
@@ -298,6 +296,8 @@ static int start(struct tier_gpu *g, uint32_t slot, bool to_host, void *host, si
 			g->st.oom++;
 		return r;
 	}
+	if (!in_host_arena(g, host, bytes))
+		g->st.unpinned_copies++;
 	s->token = next_token(g, slot);
 	s->reported = false;
 	s->result = 0;
@@ -388,7 +388,6 @@ int tier_gpu_poll(struct tier_gpu *g, uint64_t token)
 
 int tier_gpu_reap(struct tier_gpu *g, struct tier_gpu_done *out, unsigned max)
 {
-	uint64_t cnt;
 	unsigned n = 0;
 
 	/* Drain first: a completion that lands after this re-arms the fd,
@@ -423,7 +422,6 @@ int tier_gpu_wait(struct tier_gpu *g, uint64_t token, int timeout_ms)
 	uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : moe_now_ns() + (uint64_t)timeout_ms * 1000000ull;
 	struct pollfd pfd = { .fd = g->efd, .events = POLLIN };
 	bool drained = false;
-	uint64_t cnt;
 	int r;
 
 	for (;;) {

@@ -89,7 +89,8 @@ struct tier_gpu_done {
 /* What a client needs to map the arena read-only in its own address space.
  * Filled by tier_gpu_export(); the fds belong to the caller (pass them with
  * SCM_RIGHTS, then tier_gpu_export_free()).
- *   emulated: nfds = 1, a memfd sealed against shrink/grow/writable maps,
+ *   emulated: nfds = 1, a read-only open of the region's memfd (sealed
+ *             against shrink and grow; a writable mapping is refused),
  *             covering all slots; slot i is at offset i * slot_stride.
  *   vmm:      nfds = nslots; fds[i] is the POSIX fd of slot i's physical
  *             chunk (chunk_bytes long), -1 where slot i has no chunk yet.

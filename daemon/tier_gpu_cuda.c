@@ -165,6 +165,22 @@ static int set_nslots(struct tier_gpu *g, const struct tier_gpu_config *cfg, uin
 	return 0;
 }
 
+/* Chunks are created lazily, so an arena larger than the device only fails
+ * when it fills up: say so at start instead. */
+static void warn_capacity(const struct cuda *c, const struct tier_gpu_config *cfg)
+{
+	size_t free_b = 0, total_b = 0;
+	CUresult rc = c->cu->cuMemGetInfo(&free_b, &total_b);
+
+	if (rc != CUDA_SUCCESS)
+		culog(c, rc, "cuMemGetInfo");
+	else if (cfg->capacity > free_b)
+		moe_warn("gpu tier: capacity %llu bytes exceeds the %llu bytes free on device %d "
+			 "(of %llu); fills will fail with ENOMEM once it is full",
+			 (unsigned long long)cfg->capacity, (unsigned long long)free_b, cfg->device,
+			 (unsigned long long)total_b);
+}
+
 static int vmm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struct moe_error *err)
 {
 	struct cuda *c;
@@ -200,6 +216,7 @@ static int vmm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struc
 	r = set_nslots(g, cfg, gran, err);
 	if (r < 0)
 		return r;
+	warn_capacity(c, cfg);
 	c->va_len = (size_t)g->nslots * g->stride;
 	rc = c->cu->cuMemAddressReserve(&c->va, c->va_len, gran, 0, 0);
 	if (rc != CUDA_SUCCESS) {
@@ -236,6 +253,7 @@ static int uvm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struc
 	r = set_nslots(g, cfg, UVM_PAGE, err);
 	if (r < 0)
 		return r;
+	warn_capacity(c, cfg);
 	c->va_len = (size_t)g->nslots * g->stride;
 	rc = c->cu->cuMemAllocManaged(&c->va, c->va_len, CU_MEM_ATTACH_GLOBAL);
 	if (rc != CUDA_SUCCESS) {

@@ -52,12 +52,33 @@ REF_MM(ref_q8_0, MOE_DTYPE_Q8_0)
 REF_MM(ref_q4_0, MOE_DTYPE_Q4_0)
 REF_MM(ref_mxfp4, MOE_DTYPE_MXFP4)
 
+/* q8_0 x q8_0: exact integer sum per block, then scaled by d_w * d_x. */
+static void ref_q8int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		      const struct ffn_act *a, float *y, size_t ldy)
+{
+	for (uint32_t r = r0; r < r1; r++) {
+		const struct moe_block_q8_0 *wb = (const void *)(W + (size_t)r * rb);
+		for (uint32_t t = 0; t < a->B; t++) {
+			const struct moe_block_q8_0 *xb = a->q8 + (size_t)t * a->ldq;
+			float acc = 0.0f;
+			for (uint32_t b = 0; b < cols / 32; b++) {
+				int32_t isum = 0;
+				for (int j = 0; j < 32; j++)
+					isum += (int32_t)wb[b].qs[j] * xb[b].qs[j];
+				acc += (float)isum * (moe_f16_to_f32(wb[b].d) * moe_f16_to_f32(xb[b].d));
+			}
+			y[(size_t)t * ldy + (r - r0)] = acc;
+		}
+	}
+}
+
 static const struct ffn_isa_ops ffn_ops_ref = {
 	.mm = {
 		[MOE_DTYPE_F32] = ref_f32, [MOE_DTYPE_F16] = ref_f16, [MOE_DTYPE_BF16] = ref_bf16,
 		[MOE_DTYPE_Q8_0] = ref_q8_0, [MOE_DTYPE_Q4_0] = ref_q4_0, [MOE_DTYPE_MXFP4] = ref_mxfp4,
 	},
 	.bf16_act_mask = 0,
+	.mm_q8int = ref_q8int,
 };
 
 /* ---- path selection ------------------------------------------------------- */
@@ -108,10 +129,17 @@ enum ffn_isa ffn_isa_best(void)
 }
 
 static int cur_isa = -1;
+static int cur_q8 = FFN_Q8_EXACT;
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 
 static void isa_init(void)
 {
+	const char *q8 = getenv("MOETIER_FFN_Q8");
+	if (q8 && !strcasecmp(q8, "int"))
+		__atomic_store_n(&cur_q8, FFN_Q8_INT, __ATOMIC_RELEASE);
+	else if (q8 && *q8 && strcasecmp(q8, "exact"))
+		moe_warn("MOETIER_FFN_Q8=%s is not exact or int; using exact", q8);
+
 	const char *env = getenv("MOETIER_FFN_ISA");
 	int isa = ffn_isa_best();
 
@@ -145,9 +173,45 @@ int ffn_set_isa(enum ffn_isa isa)
 	return 0;
 }
 
-static const struct ffn_isa_ops *ops_now(void)
+int ffn_set_q8_mode(enum ffn_q8_mode mode)
 {
-	return isa_ops[ffn_get_isa()];
+	if (mode != FFN_Q8_EXACT && mode != FFN_Q8_INT)
+		return -EINVAL;
+	pthread_once(&isa_once, isa_init);
+	__atomic_store_n(&cur_q8, (int)mode, __ATOMIC_RELEASE);
+	return 0;
+}
+
+enum ffn_q8_mode ffn_get_q8_mode(void)
+{
+	pthread_once(&isa_once, isa_init);
+	return (enum ffn_q8_mode)__atomic_load_n(&cur_q8, __ATOMIC_ACQUIRE);
+}
+
+/* The kernels for one call: the path's table, with q8_0 switched to the
+ * integer kernel in FFN_Q8_INT mode. */
+struct mm_sel {
+	ffn_mm_fn mm[MOE_DTYPE_COUNT];
+	uint32_t bf16_mask, q8_mask;
+};
+
+static void ops_now(struct mm_sel *s)
+{
+	const struct ffn_isa_ops *o = isa_ops[ffn_get_isa()];
+	memcpy(s->mm, o->mm, sizeof(s->mm));
+	s->bf16_mask = o->bf16_act_mask;
+	s->q8_mask = 0;
+	if (ffn_get_q8_mode() == FFN_Q8_INT && o->mm_q8int) {
+		s->mm[MOE_DTYPE_Q8_0] = o->mm_q8int;
+		s->q8_mask = 1u << MOE_DTYPE_Q8_0;
+	}
+}
+
+/* B rows of cols (a multiple of 32) floats, stride ld, to q8_0 blocks. */
+static void to_q8(const float *x, size_t ld, uint32_t B, uint32_t cols, struct moe_block_q8_0 *out, size_t ldq)
+{
+	for (uint32_t t = 0; t < B; t++)
+		moe_quantize_row_q8_0(x + (size_t)t * ld, out + (size_t)t * ldq, cols);
 }
 
 bool ffn_dtype_supported(enum moe_dtype t)
@@ -238,9 +302,10 @@ static void mm_range(void *p, uint32_t lo, uint32_t hi)
 int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols, const float *x, size_t ldx,
 	       uint32_t B, float *y, size_t ldy, int threads)
 {
-	const struct ffn_isa_ops *ops = ops_now();
+	struct mm_sel ops;
 	uint64_t rb;
 	uint16_t *xb = NULL;
+	struct moe_block_q8_0 *xq = NULL;
 
 	if (!ffn_dtype_supported(dt) || !moe_dtype_row_bytes(dt, cols, &rb) || !W || !x || !y ||
 	    ldx < cols || ldy < rows)
@@ -252,16 +317,24 @@ int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols, c
 			memset(y + (size_t)t * ldy, 0, (size_t)rows * sizeof(float));
 		return 0;
 	}
-	if (ops->bf16_act_mask & (1u << dt)) {
+	ops_now(&ops);
+	if (ops.bf16_mask & (1u << dt)) {
 		xb = malloc((size_t)B * ldx * sizeof(*xb));
 		if (!xb)
 			return -ENOMEM;
 		to_bf16(x, ldx, B, xb, 0, cols);
 	}
-	struct ffn_act a = { x, xb, B, ldx };
-	struct mm_job j = { ops->mm[dt], W, rb, cols, &a, y, ldy };
+	if (ops.q8_mask & (1u << dt)) {
+		xq = malloc((size_t)B * (cols / 32) * sizeof(*xq));
+		if (!xq)
+			return -ENOMEM;
+		to_q8(x, ldx, B, cols, xq, cols / 32);
+	}
+	struct ffn_act a = { x, xb, xq, B, ldx, cols / 32 };
+	struct mm_job j = { ops.mm[dt], W, rb, cols, &a, y, ldy };
 	run_split(threads, rows, 4, mm_range, &j);
 	free(xb);
+	free(xq);
 	return 0;
 }
 
@@ -379,12 +452,13 @@ uint64_t ffn_layout_flops_per_token(const struct ffn_layout *L)
 
 struct expert_job {
 	const struct ffn_layout *L;
-	const struct ffn_isa_ops *ops;
+	const struct mm_sel *ops;
 	const uint8_t *ext;
 	struct ffn_act x;      /* [B x n] */
 	float *g, *u;          /* SWIGLU [B x m] each; GPTOSS: g is [B x 2m] */
 	float *h;              /* [B x m] */
 	uint16_t *hb;          /* [B x m] bf16 copy of h, or NULL */
+	struct moe_block_q8_0 *hq; /* [B x m/32] q8_0 copy of h, or NULL */
 	const float *gu_bias;  /* [2m] or NULL */
 	const float *down_bias;/* [n] or NULL */
 	float *out;            /* [B x ldo] */
@@ -449,7 +523,7 @@ static void expert_phase2(void *p, uint32_t lo, uint32_t hi)
 	struct expert_job *j = p;
 	const struct ffn_layout *L = j->L;
 	const uint32_t B = j->x.B;
-	struct ffn_act h = { j->h, j->hb, B, L->m };
+	struct ffn_act h = { j->h, j->hb, j->hq, B, L->m, L->m / 32 };
 
 	if (lo >= hi)
 		return;
@@ -473,30 +547,34 @@ void ffn_axpy(float *y, float s, const float *v, size_t n)
 int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, size_t ldx, uint32_t B, float *y,
 	       size_t ldy, const float *scale, unsigned flags, int threads)
 {
-	const struct ffn_isa_ops *ops = ops_now();
+	struct mm_sel sel;
+	const struct mm_sel *ops = &sel;
 	const bool acc = flags & FFN_ACCUMULATE;
 
 	if (!L || !L->n || !extent || !x || !y || ldx < L->n || ldy < L->n || (flags & ~FFN_ACCUMULATE))
 		return -EINVAL;
 	if (!B)
 		return 0;
+	ops_now(&sel);
 
 	const uint32_t n = L->n, m = L->m;
 	const bool gptoss = L->kind == MOE_FFN_GPTOSS;
-	const enum moe_dtype in_dt = gptoss ? L->gate_up.dtype : L->gate.dtype;
-	const bool xbf = (ops->bf16_act_mask & (1u << in_dt)) ||
-			 (!gptoss && (ops->bf16_act_mask & (1u << L->up.dtype)));
-	const bool hbf = ops->bf16_act_mask & (1u << L->down.dtype);
+	const uint32_t in_mask = gptoss ? 1u << L->gate_up.dtype : (1u << L->gate.dtype) | (1u << L->up.dtype);
+	const bool xbf = ops->bf16_mask & in_mask;
+	const bool hbf = ops->bf16_mask & (1u << L->down.dtype);
+	const bool xq8 = ops->q8_mask & in_mask;
+	const bool hq8 = ops->q8_mask & (1u << L->down.dtype);
 
 	/* One allocation for every scratch array; sizes are bounded by the
 	 * layout check (n, m <= 2^20) and B (u32), so size_t cannot wrap. */
 	size_t nf = (size_t)B * m * 3 + (gptoss ? 2 * (size_t)m + n : 0) + (acc ? (size_t)B * n : 0);
 	size_t nh = (xbf ? (size_t)B * ldx : 0) + (hbf ? (size_t)B * m : 0);
-	float *buf = malloc(nf * sizeof(float) + nh * sizeof(uint16_t) + 64);
+	size_t nq = (xq8 ? (size_t)B * (n / 32) : 0) + (hq8 ? (size_t)B * (m / 32) : 0);
+	float *buf = malloc(nf * sizeof(float) + nh * sizeof(uint16_t) + nq * sizeof(struct moe_block_q8_0) + 64);
 	if (!buf)
 		return -ENOMEM;
 	float *f = buf;
-	struct expert_job j = { .L = L, .ops = ops, .ext = extent, .x = { x, NULL, B, ldx } };
+	struct expert_job j = { .L = L, .ops = ops, .ext = extent, .x = { x, NULL, NULL, B, ldx, n / 32 } };
 	j.g = f; /* SWIGLU: g [B x m] then u [B x m]; GPTOSS: gu [B x 2m] */
 	j.u = f + (size_t)B * m;
 	f += (size_t)B * m * 2;
@@ -531,10 +609,23 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 		j.x.bf = hp;
 		hp += (size_t)B * ldx;
 	}
-	if (hbf)
+	if (hbf) {
 		j.hb = hp;
+		hp += (size_t)B * m;
+	}
+	struct moe_block_q8_0 *qp = (struct moe_block_q8_0 *)hp;
+	if (xq8) {
+		to_q8(x, ldx, B, n, qp, n / 32);
+		j.x.q8 = qp;
+		qp += (size_t)B * (n / 32);
+	}
 
 	run_split(threads, m, 4, expert_phase1, &j);
+	if (hq8) {
+		/* whole 32-column blocks of h, so after every thread's phase 1 */
+		to_q8(j.h, m, B, m, qp, m / 32);
+		j.hq = qp;
+	}
 	run_split(threads, n, 4, expert_phase2, &j);
 	free(buf);
 	return 0;

@@ -52,6 +52,19 @@ enum ffn_isa ffn_get_isa(void);
  * -ENOTSUP when the CPU lacks it. */
 int ffn_set_isa(enum ffn_isa isa);
 
+/* How q8_0 weights meet x. EXACT (default): weights widened to f32 on the
+ * fly, f32 x, results within f32 rounding of the exact product. INT: x (and
+ * h) quantized to q8_0 per 32-block as ggml does, integer dot per block;
+ * fewer instructions per weight byte, but x carries up to ~0.6/127 of each
+ * block's max |x| of quantization error. MOETIER_FFN_Q8=exact|int or
+ * ffn_set_q8_mode() (process-wide; 0 or -EINVAL). */
+enum ffn_q8_mode {
+	FFN_Q8_EXACT = 0,
+	FFN_Q8_INT = 1,
+};
+int ffn_set_q8_mode(enum ffn_q8_mode mode);
+enum ffn_q8_mode ffn_get_q8_mode(void);
+
 /* One weight matrix inside the extent. */
 struct ffn_mat {
 	enum moe_dtype dtype;

@@ -39,7 +39,46 @@ static FN_ATTR inline float vhsum_avx2(__m256 v)
 
 #include "ffn_simd.h"
 
+/* q8_0 weights times x quantized to q8_0 (ggml's scheme): per block an
+ * exact integer dot (|w| as unsigned bytes times x with w's sign, pairs
+ * summed by vpmaddubsw, then vpmaddwd), converted to f32 and scaled by
+ * d_w * d_x into 8 lanes; the lanes are summed at the end. Each (row,
+ * token) runs the same sequence, so batches give the same bits. */
+FN_ATTR void ffn_mm_q8int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+			       const struct ffn_act *a, float *y, size_t ldy)
+{
+	const uint32_t nb = cols / 32;
+	const size_t ldq = a->ldq;
+	const __m256i ones = _mm256_set1_epi16(1);
+
+	for (uint32_t r = r0; r < r1; r += RMAX) {
+		const uint32_t R = r1 - r < RMAX ? r1 - r : RMAX;
+		for (uint32_t t = 0; t < a->B; t++) {
+			const struct moe_block_q8_0 *xq = a->q8 + (size_t)t * ldq;
+			__m256 acc[RMAX] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+					     _mm256_setzero_ps() };
+			for (uint32_t b = 0; b < nb; b++) {
+				const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)xq[b].qs);
+				const float dx = _cvtsh_ss(xq[b].d);
+				for (uint32_t i = 0; i < R; i++) {
+					const uint8_t *blk = W + (size_t)(r + i) * rb + (size_t)b * 34;
+					uint16_t h;
+					memcpy(&h, blk, 2);
+					const __m256i wv = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 2));
+					const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
+										 _mm256_sign_epi8(xv, wv));
+					const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+					acc[i] = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(h) * dx), acc[i]);
+				}
+			}
+			for (uint32_t i = 0; i < R; i++)
+				y[(size_t)t * ldy + (r - r0) + i] = vhsum_avx2(acc[i]);
+		}
+	}
+}
+
 const struct ffn_isa_ops ffn_ops_avx2 = {
 	.mm = { SIMD_MM_TABLE },
 	.bf16_act_mask = 0,
+	.mm_q8int = ffn_mm_q8int_avx2,
 };

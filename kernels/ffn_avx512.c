@@ -50,6 +50,7 @@ static FN_ATTR inline float vhsum_avx512(__m512 v)
 const struct ffn_isa_ops ffn_ops_avx512 = {
 	.mm = { SIMD_MM_TABLE },
 	.bf16_act_mask = 0,
+	.mm_q8int = ffn_mm_q8int_avx2,
 };
 
 /* ---- bf16 x bf16 with vdpbf16ps ------------------------------------------ */
@@ -132,4 +133,5 @@ const struct ffn_isa_ops ffn_ops_avx512bf16 = {
 		[MOE_DTYPE_Q4_0] = mm_q4_0_avx512, [MOE_DTYPE_MXFP4] = mm_mxfp4_avx512,
 	},
 	.bf16_act_mask = 1u << MOE_DTYPE_BF16,
+	.mm_q8int = ffn_mm_q8int_avx2,
 };

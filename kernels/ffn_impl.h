@@ -14,8 +14,10 @@
 struct ffn_act {
 	const float *f;
 	const uint16_t *bf;
+	const struct moe_block_q8_0 *q8; /* x quantized to q8_0 (FFN_Q8_INT), ldq blocks apart */
 	uint32_t B;
 	size_t ld;
+	size_t ldq;
 };
 
 /* y[t*ldy + (r - r0)] = sum_c W[r][c] x[t][c] for r in [r0, r1), t < B.
@@ -26,7 +28,13 @@ typedef void (*ffn_mm_fn)(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r
 struct ffn_isa_ops {
 	ffn_mm_fn mm[MOE_DTYPE_COUNT];
 	uint32_t bf16_act_mask; /* 1u << dtype when mm[dtype] reads x->bf */
+	ffn_mm_fn mm_q8int;     /* q8_0 weights x q8_0-quantized x, integer dot (FFN_Q8_INT) */
 };
+
+/* The AVX2 integer q8_0 kernel, shared by the AVX-512 tables (it is
+ * load-bound on 34-byte blocks, which 512-bit registers do not help). */
+void ffn_mm_q8int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		       const struct ffn_act *x, float *y, size_t ldy);
 
 extern const struct ffn_isa_ops ffn_ops_avx2;
 extern const struct ffn_isa_ops ffn_ops_avx512;

@@ -28,3 +28,7 @@ tests_test_sim_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
 tests_test_sim_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_sim_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
 endif
+
+dist_noinst_SCRIPTS += bench/hitrate
+dist_man_MANS += doc/moe-sim.1
+dist_doc_DATA += doc/placement.md

@@ -58,3 +58,19 @@ tmpfilesdir = $(prefix)/lib/tmpfiles.d
 dist_tmpfiles_DATA = etc/tmpfiles.d/moetier.conf
 sysusersdir = $(prefix)/lib/sysusers.d
 dist_sysusers_DATA = etc/sysusers.d/moetier.conf
+
+# The ctypes binding needs no build; installed for PYTHONPATH use.
+moetierpydir = $(pkgdatadir)/python
+dist_moetierpy_DATA = client/python/moetier.py
+TESTS += tests/test_python.sh
+EXTRA_DIST += tests/test_python.sh tests/test_python.py
+dist_doc_DATA += doc/service.md
+
+# --enable-debug: the same daemon on the fault-injection core (MOETIER_FAULTS).
+if ENABLE_DEBUG
+sbin_PROGRAMS += moetierd-debug
+moetierd_debug_SOURCES = daemon/main.c
+moetierd_debug_CPPFLAGS = $(AM_CPPFLAGS) -DMOETIER_FAULT_INJECTION
+moetierd_debug_LDADD = $(FAULT_LINK)
+moetierd_debug_DEPENDENCIES = libmoecore_fault.a
+endif

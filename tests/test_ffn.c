@@ -190,6 +190,23 @@ static double dot_tol(enum ffn_isa isa, enum moe_dtype t, uint32_t K)
 
 static bool is_block(enum moe_dtype t) { return moe_dtype_block_elems(t) > 1; }
 
+/* FFN_Q8_INT: x (or h) is quantized to q8_0 before a q8_0 matmul. Each
+ * element then errs by at most |q (f16(d) - d)| + d/2 <= (127 * 2^-11 +
+ * 0.5) d < 0.57 d, d = (block max |x|) / 127. q8_err fills that per element
+ * (0 when the mode or dtype does not quantize). */
+static bool g_q8int;
+
+static void q8_err(enum moe_dtype t, const double *v, const double *slack, uint32_t n, double *e)
+{
+	for (uint32_t b = 0; b < n; b += 32) {
+		double amax = 0;
+		for (uint32_t i = b; i < b + 32 && i < n; i++)
+			amax = fmax(amax, fabs(v[i]) + (slack ? slack[i] : 0));
+		for (uint32_t i = b; i < b + 32 && i < n; i++)
+			e[i] = g_q8int && t == MOE_DTYPE_Q8_0 ? 0.57 * amax / 127.0 : 0.0;
+	}
+}
+
 /* ---- matmul: exact decode, bounds, batch and thread independence ---------- */
 
 /* x = e_c (one-hot) makes y[r] = W[r][c] exactly (the other products are
@@ -279,18 +296,23 @@ static void check_matmul_bounds(enum ffn_isa isa)
 				float *y = malloc(sizeof(float) * B * ldy);
 				float *y1 = malloc(sizeof(float) * rows);
 				cr_assert_eq(ffn_matmul(t, w, rows, cols, x, ldx, B, y, ldy, 1), 0);
+				double *xd = calloc(cols, sizeof(double)), *xe = calloc(cols, sizeof(double));
 				for (uint32_t tk = 0; tk < B; tk++) {
 					/* the same token alone gives the same bits */
 					cr_assert_eq(ffn_matmul(t, w, rows, cols, x + tk * ldx, ldx, 1, y1, rows, 1), 0);
+					for (uint32_t c = 0; c < cols; c++)
+						xd[c] = x[tk * ldx + c];
+					q8_err(t, xd, NULL, cols, xe);
 					for (uint32_t r = 0; r < rows; r++) {
-						double ex = 0, S = 0;
+						double ex = 0, S = 0, Q = 0;
 						for (uint32_t c = 0; c < cols; c++) {
 							double p = wd[(size_t)r * cols + c] * x[tk * ldx + c];
 							ex += p;
 							S += fabs(p);
+							Q += fabs(wd[(size_t)r * cols + c]) * xe[c];
 						}
 						double got = y[tk * ldy + r];
-						double bound = dot_tol(isa, t, cols) * S + 1e-30;
+						double bound = dot_tol(isa, t, cols) * (S + Q) + Q + 1e-30;
 						cr_assert(fabs(got - ex) <= bound,
 							  "%s/%s %ux%u B=%u tok %u row %u: %.9g vs %.9g (bound %.3g)",
 							  ffn_isa_name(isa), moe_dtype_name(t), rows, cols, B, tk, r, got,
@@ -310,6 +332,8 @@ static void check_matmul_bounds(enum ffn_isa isa)
 				free(y);
 				free(y1);
 				free(y3);
+				free(xd);
+				free(xe);
 			}
 			free(w);
 			free(wd);
@@ -409,13 +433,17 @@ static void ref_forward(const struct fake_expert *e, enum ffn_isa isa, const flo
 	const uint32_t n = e->cfg.hidden, m = e->cfg.expert_width;
 	const bool oss = e->cfg.ffn_kind == MOE_FFN_GPTOSS;
 	const double lim = e->cfg.swiglu_limit, alpha = e->cfg.glu_alpha > 0 ? e->cfg.glu_alpha : 1.0;
-	double *h = malloc(sizeof(double) * m), *dh = malloc(sizeof(double) * m);
+	double *h = calloc(m, sizeof(double)), *dh = calloc(m, sizeof(double));
+	double *xd = calloc(n, sizeof(double)), *xe = calloc(n, sizeof(double)), *he = calloc(m, sizeof(double));
 	const enum moe_dtype tin = (enum moe_dtype)e->parts[0].dtype;
 	const enum moe_dtype tdn = (enum moe_dtype)e->parts[2].dtype; /* down, both kinds */
 	const double ein = dot_tol(isa, tin, n), edn = dot_tol(isa, tdn, m);
 
+	for (uint32_t c = 0; c < n; c++)
+		xd[c] = x[c];
+	q8_err(tin, xd, NULL, n, xe); /* gate and up share the dtype in these tests */
 	for (uint32_t i = 0; i < m; i++) {
-		double g = 0, u = 0, Sg = 0, Su = 0;
+		double g = 0, u = 0, Sg = 0, Su = 0, Qg = 0, Qu = 0;
 		const double *wg = oss ? e->gate_up + (size_t)(2 * i) * n : e->gate + (size_t)i * n;
 		const double *wu = oss ? e->gate_up + (size_t)(2 * i + 1) * n : e->up + (size_t)i * n;
 		for (uint32_t c = 0; c < n; c++) {
@@ -423,8 +451,10 @@ static void ref_forward(const struct fake_expert *e, enum ffn_isa isa, const flo
 			u += wu[c] * x[c];
 			Sg += fabs(wg[c] * x[c]);
 			Su += fabs(wu[c] * x[c]);
+			Qg += fabs(wg[c]) * xe[c];
+			Qu += fabs(wu[c]) * xe[c];
 		}
-		double dg = ein * Sg, du = ein * Su;
+		double dg = ein * (Sg + Qg) + Qg, du = ein * (Su + Qu) + Qu;
 		if (oss) {
 			g += e->gu_bias[2 * i];
 			u += e->gu_bias[2 * i + 1];
@@ -445,13 +475,14 @@ static void ref_forward(const struct fake_expert *e, enum ffn_isa isa, const flo
 		if (isa == FFN_ISA_AVX512BF16 && tdn == MOE_DTYPE_BF16)
 			dh[i] += fabs(h[i]) / 256.0; /* h rounded to bf16 for the down matmul */
 	}
+	q8_err(tdn, h, dh, m, he);
 	for (uint32_t k = 0; k < n; k++) {
 		double acc = 0, S = 0, P = 0;
 		for (uint32_t i = 0; i < m; i++) {
 			const double w = e->down[(size_t)k * m + i];
 			acc += w * h[i];
 			S += fabs(w * h[i]);
-			P += fabs(w) * dh[i];
+			P += fabs(w) * (dh[i] + he[i] * (1 + edn));
 		}
 		if (oss) {
 			acc += e->down_bias[k];
@@ -462,6 +493,9 @@ static void ref_forward(const struct fake_expert *e, enum ffn_isa isa, const flo
 	}
 	free(h);
 	free(dh);
+	free(xd);
+	free(xe);
+	free(he);
 }
 
 static void check_expert(struct fake_expert *e, enum ffn_isa isa, uint32_t B, int threads)
@@ -575,6 +609,26 @@ static void check_topk(enum ffn_isa isa)
 	free(x), free(y), free(yy), free(o), free(ry), free(rb), free(t1), free(t2);
 }
 
+/* FFN_Q8_INT: the integer q8_0 kernels, with x and h quantized. */
+static void check_q8int(enum ffn_isa isa)
+{
+	use_isa(isa);
+	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_INT), 0);
+	cr_assert_eq(ffn_get_q8_mode(), FFN_Q8_INT);
+	g_q8int = true;
+	check_matmul_bounds(isa);
+	rng_seed(77);
+	struct fake_expert e;
+	fake_swiglu(&e, 96, 64, MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0);
+	check_expert(&e, isa, 1, 1);
+	check_expert(&e, isa, 16, 2);
+	check_expert(&e, isa, 64, 1);
+	free_fake(&e);
+	fake_swiglu(&e, 64, 32, MOE_DTYPE_BF16, MOE_DTYPE_BF16, MOE_DTYPE_Q8_0); /* only h quantized */
+	check_expert(&e, isa, 3, 1);
+	free_fake(&e);
+}
+
 #define PER_ISA(NAME, FN, TMO) \
 	Test(ffn, NAME##_ref, .timeout = TMO) { FN(FFN_ISA_REF); } \
 	Test(ffn, NAME##_avx2, .timeout = TMO) { FN(FFN_ISA_AVX2); } \
@@ -586,6 +640,7 @@ PER_ISA(matmul_bounds, check_matmul_bounds, 60)
 PER_ISA(swiglu, check_swiglu, 60)
 PER_ISA(gptoss, check_gptoss, 60)
 PER_ISA(topk, check_topk, 30)
+PER_ISA(q8int, check_q8int, 60)
 
 /* ---- dequantization: dtype.c against the formulas, all code values -------- */
 
@@ -676,6 +731,8 @@ Test(ffn, isa_selection, .timeout = 10)
 	cr_assert_str_eq(ffn_isa_name(FFN_ISA_AVX512), "avx512");
 	cr_assert(ffn_isa_supported(ffn_isa_best()));
 	cr_assert_eq(ffn_set_isa(FFN_ISA_COUNT), -EINVAL);
+	cr_assert_eq(ffn_get_q8_mode(), FFN_Q8_EXACT);
+	cr_assert_eq(ffn_set_q8_mode((enum ffn_q8_mode)7), -EINVAL);
 	for (int i = 0; i < FFN_ISA_COUNT; i++)
 		cr_assert_eq(ffn_set_isa((enum ffn_isa)i), ffn_isa_supported((enum ffn_isa)i) ? 0 : -ENOTSUP);
 	/* each feature implies the one below it */

@@ -70,6 +70,10 @@ Test(gen, encode_matches_dtype_h)
 	v[1] = -0.0f;
 	v[2] = 1e-40f;
 	v[3] = 3.0e38f;
+	v[4] = INFINITY;
+	v[5] = -INFINITY;
+	v[6] = NAN;
+	v[7] = -NAN;
 	cr_assert_eq(gen_encode(MOE_DTYPE_BF16, v, N, h), (size_t)N * 2);
 	for (size_t i = 0; i < N; i++)
 		cr_assert_eq(h[i], moe_f32_to_bf16(v[i]), "bf16 of %a", v[i]);

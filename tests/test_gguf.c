@@ -237,7 +237,7 @@ static void check_valid(struct gguf_file *f)
 	cr_expect_eq(f->tensors[2].ne[2], 1);
 }
 
-Test(gguf, valid_buffer_and_file)
+Test(gguf, valid_buffer_and_file, .timeout = 30)
 {
 	struct gb g = { 0 };
 	valid_file(&g);
@@ -275,7 +275,7 @@ Test(gguf, valid_buffer_and_file)
 	free(g.b);
 }
 
-Test(gguf, version2_default_alignment_no_tensors)
+Test(gguf, version2_default_alignment_no_tensors, .timeout = 30)
 {
 	struct gb g = { 0 };
 	header(&g, 2, 1, 1);
@@ -302,7 +302,7 @@ Test(gguf, version2_default_alignment_no_tensors)
 	free(g.b);
 }
 
-Test(gguf, ggml_type_table)
+Test(gguf, ggml_type_table, .timeout = 30)
 {
 	/* The types moetier computes on agree with dtype.h's block geometry. */
 	for (uint32_t id = 0; id < 64; id++) {
@@ -330,7 +330,7 @@ Test(gguf, ggml_type_table)
 	cr_expect_str_eq(gguf_type_name(13), "?");
 }
 
-Test(gguf, hostile_header)
+Test(gguf, hostile_header, .timeout = 30)
 {
 	struct gb g = { 0 };
 	put(&g, "GGML", 4); u32(&g, 3); u64(&g, 0); u64(&g, 0);
@@ -352,7 +352,7 @@ Test(gguf, hostile_header)
 	expect_bad(&g, "truncated: magic");
 }
 
-Test(gguf, hostile_kv)
+Test(gguf, hostile_kv, .timeout = 30)
 {
 	struct gb g = { 0 };
 	header(&g, 3, 0, 1);
@@ -417,7 +417,7 @@ static void one_tensor(struct gb *g, const char *name, uint32_t n_dims, const ui
 	data(g, data_len);
 }
 
-Test(gguf, hostile_tensors)
+Test(gguf, hostile_tensors, .timeout = 30)
 {
 	struct gb g = { 0 };
 	const uint64_t ne5[] = { 32, 1, 1, 1, 1 };

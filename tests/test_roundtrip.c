@@ -9,6 +9,7 @@
 #include "config.h"
 
 #include <criterion/criterion.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -444,6 +445,52 @@ Test(roundtrip, mxfp4_nibble_order)
 	moe_dequantize_row(MOE_DTYPE_MXFP4, &b, deq, 32);
 	for (int i = 0; i < 32; i++)
 		cr_assert_eq(deq[i], hf_mx_value(hf, &scale, (uint64_t)i), "element %d", i);
+}
+
+/* `moe-pack info --json` describes the pack that pack_open sees. */
+Test(roundtrip, info_json, .timeout = 60)
+{
+	char *dir = tu_mkdtemp("rtinfo"), cmd[16384], *txt;
+	char *gen = strdup(tu_build_path("tools/moe-gen")), *pk = strdup(tu_build_path("tools/moe-pack"));
+	struct pack_file *p;
+	struct moe_error err = { "" };
+	snprintf(cmd, sizeof(cmd), "'%s' model --family deepseek_v3 --preset tiny --out '%s/m' > /dev/null 2>&1 && "
+		 "'%s' convert '%s/m' -o '%s/x.moepack' --name my-model -q && '%s' info --json '%s/x.moepack' > '%s/j'",
+		 gen, dir, pk, dir, dir, pk, dir, dir);
+	free(gen);
+	free(pk);
+	cr_assert_eq(tu_sh("%s", cmd), 0);
+	snprintf(cmd, sizeof(cmd), "%s/x.moepack", dir);
+	cr_assert_eq(pack_open(cmd, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_str_eq(p->model->name, "my-model");
+	snprintf(cmd, sizeof(cmd), "%s/j", dir);
+	txt = tu_read_file(cmd, NULL);
+	json_error_t je;
+	json_t *o = json_loads(txt, 0, &je);
+	cr_assert_not_null(o, "%s: %s", je.text, txt);
+	json_t *m = json_object_get(o, "model");
+	cr_assert_str_eq(json_string_value(json_object_get(m, "name")), "my-model");
+	cr_assert_str_eq(json_string_value(json_object_get(m, "family")), "deepseek_v3");
+	cr_assert_str_eq(json_string_value(json_object_get(m, "scoring")), "sigmoid");
+	cr_assert_eq(json_integer_value(json_object_get(m, "n_experts")), p->model->n_experts);
+	cr_assert_eq(json_integer_value(json_object_get(m, "first_moe_layer")), p->model->first_moe_layer);
+	cr_assert(json_is_true(json_object_get(m, "has_score_bias")));
+	cr_assert_eq(json_integer_value(json_object_get(o, "extents")), p->hdr->index_count);
+	cr_assert_eq(json_integer_value(json_object_get(o, "extent_bytes")), p->hdr->extent_bytes);
+	json_t *parts = json_object_get(o, "parts");
+	cr_assert_eq(json_array_size(parts), 3);
+	cr_assert_str_eq(json_string_value(json_object_get(json_array_get(parts, 2), "role")), "down");
+	cr_assert_eq(json_integer_value(json_object_get(json_array_get(parts, 2), "rows")), p->model->hidden);
+	json_t *ts = json_object_get(o, "tensors");
+	cr_assert_eq(json_array_size(ts), p->hdr->n_tensors);
+	for (size_t i = 0; i < json_array_size(ts); i++) {
+		const char *name = json_string_value(json_object_get(json_array_get(ts, i), "name"));
+		cr_assert_not_null(pack_find_tensor(p, name), "%s", name);
+	}
+	json_decref(o);
+	free(txt);
+	pack_close(p);
+	tu_rmtree(dir);
 }
 
 /* ---- bad sources: clear errors, non-zero exit ---- */

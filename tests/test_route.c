@@ -1,6 +1,8 @@
 /* test_route.c - family routing against straightforward reference
  * implementations (full sorts, written independently here), and the
  * cache-aware rules: top-J kept, margin respected, J = k exact, counters. */
+#include "config.h"
+
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdlib.h>

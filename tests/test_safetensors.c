@@ -69,7 +69,7 @@ static void expect_bad(const char *json, size_t data_len, const char *what)
 	"\"f4\":{\"dtype\":\"F4\",\"shape\":[2,2],\"data_offsets\":[38,40]}}"
 #define VALID_DATA 40
 
-Test(safetensors, valid_single_file)
+Test(safetensors, valid_single_file, .timeout = 30)
 {
 	char *dir = tu_mkdtemp("st");
 	char path[4200];
@@ -153,7 +153,7 @@ Test(safetensors, valid_single_file)
 	tu_rmtree(dir);
 }
 
-Test(safetensors, dtype_table)
+Test(safetensors, dtype_table, .timeout = 30)
 {
 	const char *all[] = { "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3",
 			      "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32",
@@ -176,7 +176,7 @@ Test(safetensors, dtype_table)
 
 #define T1(x) "{\"t\":{" x "}}"
 
-Test(safetensors, hostile_headers)
+Test(safetensors, hostile_headers, .timeout = 30)
 {
 	expect_bad("[1,2]", 0, "does not start with '{'");
 	expect_bad(" {}", 0, "does not start with '{'");
@@ -223,7 +223,7 @@ Test(safetensors, hostile_headers)
 	expect_bad("{\"t\":5}", 0, "tensor 't': entry is not a JSON object");
 }
 
-Test(safetensors, hostile_lengths)
+Test(safetensors, hostile_lengths, .timeout = 30)
 {
 	struct safetensors_file *f = NULL;
 	struct moe_error err;
@@ -328,7 +328,7 @@ static void write_index(const char *dir, const char *weight_map)
 	"{\"a.0\": \"model-00001-of-00002.safetensors\", \"b.0\": \"model-00002-of-00002.safetensors\"," \
 	" \"a.1\": \"model-00001-of-00002.safetensors\"}"
 
-Test(safetensors, sharded)
+Test(safetensors, sharded, .timeout = 30)
 {
 	char *dir = tu_mkdtemp("stsh");
 	write_shards(dir);
@@ -380,7 +380,7 @@ static void expect_bad_index(const char *weight_map, int want_rc, const char *wh
 	tu_rmtree(dir);
 }
 
-Test(safetensors, sharded_hostile)
+Test(safetensors, sharded_hostile, .timeout = 30)
 {
 	expect_bad_index("{\"a.0\": \"model-00001-of-00002.safetensors\", \"b.0\": \"model-00003.safetensors\","
 			 " \"a.1\": \"model-00001-of-00002.safetensors\"}", -ENOENT,

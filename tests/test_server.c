@@ -18,7 +18,11 @@
 #include <unistd.h>
 
 #include "moetier/moetier.h"
+#include "ffn.h"
 #include "pack.h"
+/* testutil.h's tu__rm builds "%s/%s" paths into 4 KiB: GCC's truncation
+ * analysis flags it under -Werror; the paths here are short. */
+#pragma GCC diagnostic ignored "-Wformat-truncation"
 #include "testutil.h"
 
 struct env {
@@ -513,4 +517,105 @@ Test(server, no_daemon_is_unavailable, .timeout = 10)
 	struct moet_connect_opts o = { sizeof(o), "/nonexistent/moetierd.sock", NULL, "x", 0, 0, 0 };
 	cr_expect_eq(moet_connect(&o, &c), MOET_E_UNAVAILABLE);
 	cr_expect(strlen(moet_strerror(MOET_E_UNAVAILABLE)) > 0);
+}
+
+/* ---- privileges after start-up ---------------------------------------------- */
+
+static uint64_t status_hex(pid_t pid, const char *key)
+{
+	char path[64], line[256];
+	uint64_t v = ~0ull;
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return v;
+	size_t kl = strlen(key);
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, key, kl) && line[kl] == ':')
+			v = strtoull(line + kl + 1, NULL, 16);
+	fclose(f);
+	return v;
+}
+
+Test(server, drops_capabilities_and_installs_seccomp, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "1M", NULL);
+	/* Only CAP_IPC_LOCK(14), CAP_SYS_NICE(23), CAP_PERFMON(38), CAP_BPF(39)
+	 * may remain, in every set, whatever we started with. */
+	const uint64_t allowed = (1ull << 14) | (1ull << 23) | (1ull << 38) | (1ull << 39);
+	const char *sets[] = { "CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb" };
+	for (unsigned i = 0; i < 5; i++) {
+		uint64_t v = status_hex(e.pid, sets[i]);
+		cr_expect_eq(v & ~allowed, 0, "%s = %#lx keeps more than allowed", sets[i], (unsigned long)v);
+	}
+	cr_expect_eq(status_hex(e.pid, "NoNewPrivs"), 1);
+	cr_expect_eq(status_hex(e.pid, "Seccomp"), 2, "no seccomp filter (mode 2)");
+	/* And it still serves (io_uring loads after the filter). */
+	moet_ctx *c = attach(&e, "after-lockdown");
+	uint32_t ids[3] = { 0, 8, 15 };
+	int32_t slots[3];
+	moet_lease l;
+	cr_expect_eq(moet_acquire(c, 2, ids, 3, 0, slots, NULL, &l), 3);
+	cr_expect_eq(moet_release(c, l), 0);
+	moet_close(c);
+	teardown(&e);
+}
+
+/* ---- COMPUTE against the kernels run here on bytes read from the pack ------ */
+
+Test(server, compute_matches_local_ffn, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "1M", NULL);
+	moet_ctx *c = attach(&e, "compute");
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	moet_model_info(c, &mi);
+	cr_assert(mi.caps & MOET_CAP_COMPUTE);
+	enum { T = 3, K = 2 };
+	uint32_t n = mi.hidden, experts[T * K] = { 1, 4, 4, 9, 15, 1 };
+	float w[T * K] = { 0.75f, 0.25f, 0.5f, 0.5f, 0.9f, 0.1f };
+	float *x = calloc((size_t)T * n, 4), *y = calloc((size_t)T * n, 4), *ref = calloc((size_t)T * n, 4);
+	for (uint32_t i = 0; i < T * n; i++)
+		x[i] = (float)((i * 37 % 23) - 11) / 16.0f;
+	/* Not resident yet: -EAGAIN, and the loads start. */
+	int rc = moet_compute(c, 1, T, K, experts, w, x, y);
+	cr_expect_eq(rc, -EAGAIN, "got %d", rc);
+	for (int i = 0; i < 200 && rc == -EAGAIN; i++) {
+		moet_wait_ready(c, 1, 50);
+		rc = moet_compute(c, 1, T, K, experts, w, x, y);
+	}
+	cr_assert_eq(rc, T, "compute: %s", moet_strerror(rc));
+	/* Reference: the same kernels, run here on the pack's own bytes. */
+	struct pack_file *pf;
+	struct moe_error err;
+	cr_assert_eq(pack_open(e.pack, PACK_OPEN_NO_DIRECT, &pf, &err), 0, "%s", err.msg);
+	struct ffn_layout L;
+	cr_assert_eq(ffn_layout_init(&L, pf->model, pf->hdr->parts, pf->hdr->n_parts, pack_extent_bytes(pf), &err), 0,
+		     "%s", err.msg);
+	void *ext[K];
+	for (unsigned t = 0; t < T; t++) {
+		for (unsigned j = 0; j < K; j++) {
+			ext[j] = aligned_alloc(4096, pack_extent_bytes(pf));
+			cr_assert_eq(pack_read_expert(pf, 1, experts[t * K + j], ext[j], &err), 0);
+		}
+		cr_assert_eq(ffn_moe_token(&L, (const void *const *)ext, &w[t * K], K, &x[t * n], &ref[t * n], 1), 0);
+		for (unsigned j = 0; j < K; j++)
+			free(ext[j]);
+	}
+	for (uint32_t i = 0; i < T * n; i++)
+		cr_expect_eq(y[i], ref[i], "y[%u] = %g, local %g", i, y[i], ref[i]);
+	/* Bad requests fail alone. */
+	uint32_t bad[T * K] = { 1, 4, 4, 999, 15, 1 };
+	cr_expect_eq(moet_compute(c, 1, T, K, bad, w, x, y), -ERANGE);
+	cr_expect_eq(moet_compute(c, 77, T, K, experts, w, x, y), -ERANGE);
+	check_alive(c);
+	pack_close(pf);
+	free(x);
+	free(y);
+	free(ref);
+	moet_close(c);
+	teardown(&e);
 }

@@ -121,7 +121,7 @@ Test(trace, prompt_1_shape, .timeout = 30)
 	trace_free(tr);
 }
 
-Test(trace, small_valid)
+Test(trace, small_valid, .timeout = 30)
 {
 	struct trace *tr;
 	struct moe_error err;
@@ -153,7 +153,7 @@ Test(trace, small_valid)
 	trace_free(tr);
 }
 
-Test(trace, malformed)
+Test(trace, malformed, .timeout = 30)
 {
 	expect_error(HDR "1,0,\"abc,\"[1, 2]\"\r\n", "t.csv:", "character after a closing quote");
 	expect_error(HDR "1,0,x,\"[1, 2]\"\r\n1,0,\"abc,[1]\r\n", "t.csv:3:", "unterminated quoted field");
@@ -201,7 +201,7 @@ Test(trace, malformed)
 	free(big);
 }
 
-Test(trace, write_parse_roundtrip)
+Test(trace, write_parse_roundtrip, .timeout = 30)
 {
 	const char *toks[] = { "plain", "with,comma", "say \"hi\"", "two\nlines", "cr\r\nlf", "", " sp ", "\xC4\xA0tok" };
 	const uint32_t nt = 8, nl = 3, k = 4;
@@ -261,7 +261,7 @@ Test(trace, write_parse_roundtrip)
 	free(tr.batch);
 }
 
-Test(trace, load_errors)
+Test(trace, load_errors, .timeout = 30)
 {
 	struct trace *tr;
 	struct moe_error err;

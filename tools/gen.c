@@ -99,14 +99,15 @@ size_t gen_encode(enum moe_dtype t, const float *src, size_t n, void *dst)
 		return n * 2;
 	}
 	case MOE_DTYPE_BF16: {
-		/* moe_f32_to_bf16 inlined for speed (the hot loop of multi-GiB
-		 * bf16 models); generated values are never NaN, and test_gen
-		 * checks this against dtype.h on every value. */
+		/* moe_f32_to_bf16's rounding inlined for speed (the hot loop of
+		 * multi-GiB bf16 models); NaNs take the dtype.h path. test_gen
+		 * checks both agree. */
 		uint8_t *d = dst;
 		for (i = 0; i < n; i++) {
 			uint32_t u;
 			memcpy(&u, &src[i], 4);
-			uint16_t b = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+			uint16_t b = (u & 0x7fffffffu) > 0x7f800000u ? moe_f32_to_bf16(src[i])
+								     : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 			memcpy(d + 2 * i, &b, 2);
 		}
 		return n * 2;
@@ -277,7 +278,7 @@ int gen_tensor_read(const struct gen_model *g, const struct gen_tensor *t, uint6
 		    void *buf, size_t len)
 {
 	uint8_t *dst = buf, *scratch = NULL;
-	if (off > t->nbytes || len > t->nbytes - off)
+	if (!t->row_bytes || off > t->nbytes || len > t->nbytes - off)
 		return -EINVAL;
 	while (len) {
 		uint64_t r = off / t->row_bytes, in = off % t->row_bytes;

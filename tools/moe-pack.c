@@ -181,7 +181,7 @@ static void info_text(const struct pack_file *p)
 	       m->moe_layer_step);
 	if (m->shared_width)
 		printf("shared:        %u expert(s), width %u\n", m->n_shared_experts, m->shared_width);
-	printf("routing:       %s, %s, norm_topk_prob %u, groups %u/%u, scale %g%s%s\n", scoring_name(m->scoring),
+	printf("routing:       %s, %s, norm_topk_prob %u, top-%u of %u groups, scale %g%s%s\n", scoring_name(m->scoring),
 	       topk_name(m->topk_method), m->norm_topk_prob, m->topk_group, m->n_group, (double)m->routed_scaling_factor,
 	       m->has_score_bias ? ", score bias" : "", m->has_router_bias ? ", router bias" : "");
 	if (m->ffn_kind == MOE_FFN_GPTOSS)

@@ -1,5 +1,7 @@
 /* moe-sim - offline replay of routing traces through moetierd's own eviction
  * policies, predictors, prefetch scheduler and routing code (see moe-sim(1)). */
+#include "config.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
@@ -23,6 +25,7 @@ struct opts {
 	double fit_fraction;
 	uint32_t epochs;
 	bool verbose;
+	bool brief;
 };
 
 static void usage(FILE *f)
@@ -47,7 +50,8 @@ static void usage(FILE *f)
 	      "  --route-keep J      cache-aware routing keeping the router's top-J (0 = exact)\n"
 	      "  --route-margin M    logit margin for a substitution (default 1.0)\n"
 	      "  --range A-B         only prompt_N files with A <= N <= B from directories\n"
-	      "  --experts N         experts per layer (default: 64, or the traces' largest id + 1)\n",
+	      "  --experts N         experts per layer (default: 64, or the traces' largest id + 1)\n"
+	      "  --brief             replay: one line of key=value results\n",
 	      f);
 }
 
@@ -411,7 +415,7 @@ int main(int argc, char **argv)
 		{ "range", 1, NULL, 'r' }, { "experts", 1, NULL, 'E' }, { "out", 1, NULL, 'o' },
 		{ "plot", 1, NULL, 'P' }, { "policies", 1, NULL, 'L' }, { "sizes", 1, NULL, 'Z' },
 		{ "fit-fraction", 1, NULL, 'F' }, { "epochs", 1, NULL, 'e' }, { "verbose", 0, NULL, 'v' },
-		{ "help", 0, NULL, 'h' }, { NULL, 0, NULL, 0 },
+		{ "brief", 0, NULL, 'b' }, { "help", 0, NULL, 'h' }, { NULL, 0, NULL, 0 },
 	};
 	struct opts o;
 	const char *cmd;
@@ -512,6 +516,7 @@ int main(int argc, char **argv)
 			o.epochs = (uint32_t)v;
 			break;
 		case 'v': o.verbose = true; break;
+		case 'b': o.brief = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -581,6 +586,14 @@ bad:
 		struct sim_stats st;
 		if (run_sim(&o.sc, tr, tl.n, E, &st) < 0) {
 			rc = 1;
+			goto out;
+		}
+		if (o.brief) {
+			printf("hit=%.4f loads=%.3f stall_ms_per_token=%.3f precision=%.4f recall=%.4f us_per_tl=%.2f "
+			       "subst=%.4f\n", sim_hit_rate(&st), sim_loads_per_tl(&st, o.sc.cost.expert_bytes),
+			       st.tokens ? (double)st.stall_ns / 1e6 / (double)st.tokens : 0.0, sim_pf_precision(&st),
+			       sim_pf_recall(&st), st.token_layers ? (double)st.pred_ns / 1e3 / (double)st.token_layers : 0.0,
+			       st.accesses ? (double)st.route_subst / (double)st.accesses : 0.0);
 			goto out;
 		}
 		printf("policy %s, cache %u %s, %s, predictor %s%s\n", o.sc.policy, o.sc.cache,

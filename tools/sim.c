@@ -1,4 +1,6 @@
 /* sim.c - the replay engine behind moe-sim (see sim.h). */
+#include "config.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -8,6 +10,15 @@
 #include "sim.h"
 
 enum { ABSENT = 0, RESIDENT = 1, LOADING = 2 };
+
+/* The predictor's cost is measured in thread CPU time, so a busy shared
+ * machine (other processes taking the core) does not inflate it. */
+static uint64_t cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 struct sim {
 	struct sim_config cfg;
@@ -25,6 +36,7 @@ struct sim {
 
 	/* Prefetch link queue (timed mode), FIFO of ids. */
 	uint32_t *q;
+	size_t *qpos;        /* [n_ids] index of id's live queue entry */
 	size_t qhead, qtail, qcap;
 	double *rem_ns, *tot_ns, *issue_ns; /* [n_ids] */
 	double now_ns, link_ns;
@@ -96,6 +108,7 @@ void sim_destroy(struct sim *s)
 	free(s->occ);
 	free(s->host_occ);
 	free(s->q);
+	free(s->qpos);
 	free(s->rem_ns);
 	free(s->tot_ns);
 	free(s->issue_ns);
@@ -145,6 +158,7 @@ int sim_create(const struct sim_config *cfg, uint32_t n_layers, uint32_t n_exper
 	s->host_occ = calloc(n_layers, sizeof(*s->host_occ));
 	s->qcap = (size_t)s->n_ids * 4 + 16;
 	s->q = calloc(s->qcap, sizeof(*s->q));
+	s->qpos = calloc(s->n_ids, sizeof(*s->qpos));
 	s->rem_ns = calloc(s->n_ids, sizeof(double));
 	s->tot_ns = calloc(s->n_ids, sizeof(double));
 	s->issue_ns = calloc(s->n_ids, sizeof(double));
@@ -153,7 +167,7 @@ int sim_create(const struct sim_config *cfg, uint32_t n_layers, uint32_t n_exper
 	s->in_access = calloc(n_experts, 1);
 	s->fut_start = calloc(s->n_ids + 1, sizeof(uint32_t));
 	s->fut_pos = calloc(s->n_ids, sizeof(uint32_t));
-	if (!s->state || !s->pf_unused || !s->occ || !s->host_occ || !s->q || !s->rem_ns || !s->tot_ns ||
+	if (!s->state || !s->pf_unused || !s->occ || !s->host_occ || !s->q || !s->qpos || !s->rem_ns || !s->tot_ns ||
 	    !s->issue_ns || !s->view_res || !s->view_ev || !s->in_access || !s->fut_start || !s->fut_pos) {
 		sim_destroy(s);
 		return moe_error_set(err, -ENOMEM, "sim: out of memory");
@@ -292,7 +306,8 @@ static void advance(struct sim *s, double t)
 {
 	while (s->qhead < s->qtail) {
 		uint32_t id = s->q[s->qhead];
-		if (s->state[id] != LOADING || s->rem_ns[id] <= 0) {
+		/* Stale entries: cancelled, finished as demand, or re-queued later. */
+		if (s->state[id] != LOADING || s->rem_ns[id] <= 0 || s->qpos[id] != s->qhead) {
 			s->qhead++;
 			continue;
 		}
@@ -320,12 +335,17 @@ static void enqueue(struct sim *s, uint32_t id)
 	if (s->qtail == s->qcap) {
 		/* Compact: drop finished or cancelled entries. */
 		size_t n = 0;
-		for (size_t i = s->qhead; i < s->qtail; i++)
-			if (s->state[s->q[i]] == LOADING)
-				s->q[n++] = s->q[i];
+		for (size_t i = s->qhead; i < s->qtail; i++) {
+			uint32_t x = s->q[i];
+			if (s->state[x] == LOADING && s->qpos[x] == i) {
+				s->qpos[x] = n;
+				s->q[n++] = x;
+			}
+		}
 		s->qhead = 0;
 		s->qtail = n;
 	}
+	s->qpos[id] = s->qtail;
 	s->q[s->qtail++] = id;
 }
 
@@ -453,13 +473,16 @@ static void access_layer(struct sim *s, uint32_t t, uint32_t l, const uint16_t *
 		struct route_result r;
 		struct route_cache_opts o = { s->cfg.route_keep, s->cfg.route_margin, route_resident, s };
 		synth_logits(s, row, n, logits);
+		memcpy(ids, row, n * sizeof(*ids));
 		if (n == s->k && route_cache_aware(&s->rp, logits, &o, &r) == 0) {
+			/* Keep the trace's order: substitutes take their slot's place. */
 			for (uint32_t i = 0; i < n; i++)
-				ids[i] = (uint16_t)r.experts[i];
+				if (r.subst_mask & (1u << i))
+					for (uint32_t j = 0; j < n; j++)
+						if (ids[j] == r.exact[i])
+							ids[j] = (uint16_t)r.experts[i];
 			s->st.route_subst += r.n_subst;
 			s->st.route_slots_open += (uint64_t)__builtin_popcount(r.open_mask);
-		} else {
-			memcpy(ids, row, n * sizeof(*ids));
 		}
 	} else {
 		memcpy(ids, row, n * sizeof(*ids));
@@ -517,9 +540,9 @@ static void access_layer(struct sim *s, uint32_t t, uint32_t l, const uint16_t *
 		s->st.stall_ns += (uint64_t)demand;
 	}
 	if (s->have_ps) {
-		uint64_t t0 = moe_now_ns();
+		uint64_t t0 = cpu_ns();
 		prefetch_step(&s->ps, s->pred, l, ids, n, pf_view, pf_issue, s);
-		s->st.pred_ns += moe_now_ns() - t0;
+		s->st.pred_ns += cpu_ns() - t0;
 		s->st.pred_calls++;
 		if (s->cfg.timed)
 			prefetch_note_layer(&s->ps, s->cfg.cost.layer_s);
@@ -590,10 +613,10 @@ int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 	for (uint32_t t = 0; t < tr->n_tokens; t++) {
 		s->st.tokens++;
 		if (s->pred) {
-			uint64_t t0 = moe_now_ns();
+			uint64_t t0 = cpu_ns();
 			predict_token(s->pred, predict_token_key(tr->token && tr->token[t] ? tr->token[t] : ""));
 			prefetch_step(&s->ps, s->pred, UINT32_MAX, NULL, 0, pf_view, pf_issue, s);
-			s->st.pred_ns += moe_now_ns() - t0;
+			s->st.pred_ns += cpu_ns() - t0;
 		}
 		for (uint32_t l = 0; l < s->L; l++) {
 			uint32_t n = tr->count[(size_t)t * s->L + l];

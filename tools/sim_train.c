@@ -8,6 +8,8 @@
  *                       the components did not see.
  * Deterministic: no random numbers, traces visited in the given order.
  */
+#include "config.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -266,12 +268,14 @@ static int train_learned(struct predict_model *m, struct trace *const *tr, uint3
 				for (uint32_t l = 0; l < L; l++) {
 					uint32_t cnt = t_->count[(size_t)t * L + l];
 					const uint16_t *r = trace_row(t_, t, l);
-					/* Train each look-ahead distance in turn. */
-					uint32_t d = 1 + (t * 7 + l) % (PREDICT_DMAX + 1);
+					/* Train each look-ahead distance in turn, the next
+					 * layer (d = 1) half of the time: it is the one a
+					 * prefetch plan sees last. d = DMAX + 1 stands for
+					 * "no layer of this token routed yet". */
+					uint32_t ph = (t * 7 + l) % (2 * PREDICT_DMAX + 2);
+					uint32_t d = ph <= PREDICT_DMAX ? 1 : ph - PREDICT_DMAX + 1;
 					int32_t saved = s->last_layer;
 					s->last_layer = d > PREDICT_DMAX || (int32_t)l - (int32_t)d < 0 ? -1 : (int32_t)(l - d);
-					if (d == 1)
-						s->last_layer = (int32_t)l - 1;
 					predict_learned_logits(m, s, l, z);
 					memset(y, 0, E);
 					for (uint32_t j = 0; j < cnt; j++)
@@ -292,6 +296,11 @@ static int train_learned(struct predict_model *m, struct trace *const *tr, uint3
 						if (last >= 1)
 							sgd_rows(m->w_cur2, E, l, &s->cur[(size_t)(last - 1) * s->k],
 								 s->cur_n[last - 1], g, lr);
+						if (last >= 2)
+							sgd_rows(m->w_cur3, E, l, &s->cur[(size_t)(last - 2) * s->k],
+								 s->cur_n[last - 2], g, lr);
+						if (l - last == 1 && m->w_pair)
+							predict_learned_pairs(m, s, l, NULL, g, lr);
 					}
 					uint32_t n;
 					const uint16_t *ids = predict_stream_prev(s, 0, l, &n);

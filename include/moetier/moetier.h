@@ -89,6 +89,15 @@ int moet_release(moet_ctx *ctx, moet_lease lease);
 int moet_route(moet_ctx *ctx, uint32_t layer, const float *logits, unsigned n_logits, unsigned flags,
 	       uint32_t *experts, float *weights, int32_t *slots, uint8_t *tiers, moet_lease *lease);
 
+/* Expert FFN by the daemon on the host tier (compute where the expert
+ * lives): y[t] = sum_j weights[t*k+j] * expert_{experts[t*k+j]}(x[t]) for
+ * `tokens` tokens of `hidden` floats each (x, y: [tokens x hidden]). All
+ * experts must be resident on the host: otherwise -EAGAIN and their loads
+ * start (retry, or compute elsewhere). Needs MOET_CAP_COMPUTE. Returns
+ * tokens or a negative code. */
+int moet_compute(moet_ctx *ctx, uint32_t layer, uint32_t tokens, uint32_t k, const uint32_t *experts,
+		 const float *weights, const float *x, float *y);
+
 /* Fire-and-forget prefetch hint (e.g. straight from the router output of
  * the previous layer) into tier (MOET_TIER_HOST or _GPU). */
 int moet_prefetch(moet_ctx *ctx, uint32_t layer, const uint32_t *ids, unsigned n, unsigned tier);

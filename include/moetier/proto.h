@@ -132,7 +132,22 @@ enum moet_opcode {
 	MOET_OP_PREFETCH = 4,  /* ids[count] of `layer`, hint into `tier` */
 	MOET_OP_ROUTE = 5,     /* logits f32[n_experts] at scratch[data_off] -> top-k ids,
 				* weights, then ACQUIRE of them (flags as ACQUIRE) */
-	MOET_OP_COMPUTE = 6,   /* reserved */
+	MOET_OP_COMPUTE = 6,   /* expert FFN on the host tier: struct moet_compute_args at
+				* scratch[data_off] (data_len bytes cover it all); see below */
+};
+
+/* COMPUTE: at scratch[data_off], this header, then
+ *   uint32_t experts[tokens * k]   the experts of each token (MoE layer `layer`)
+ *   float    weights[tokens * k]   their routing weights
+ *   float    x[tokens * hidden]    hidden states in
+ *   float    y[tokens * hidden]    written by the daemon: sum_j w * expert_j(x)
+ * Every expert must be resident in the host tier: otherwise the entry fails
+ * with -EAGAIN (n_miss says how many), their loads start, and the client
+ * retries or computes elsewhere. result = tokens on success. */
+struct moet_compute_args {
+	uint32_t tokens;
+	uint32_t k;
+	uint32_t reserved[2];
 };
 
 enum moet_sqe_flags {
