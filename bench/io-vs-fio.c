@@ -201,7 +201,7 @@ static struct run run_ours(unsigned qd, bool check_crc)
 	return (struct run){ .gbps = (double)n_ext * (double)ext_bytes / dt / 1e9, .cpu = 100.0 * dc / dt };
 }
 
-static struct run run_fio(unsigned qd)
+static struct run run_fio(unsigned qd, bool fixed)
 {
 	char cmd[1024];
 	char out[] = "/tmp/io-vs-fio-XXXXXX";
@@ -216,9 +216,11 @@ static struct run run_fio(unsigned qd)
 	 * each block once (fio's random map). */
 	fprintf(f,
 		"[experts]\nfilename=%s\nioengine=io_uring\ndirect=1\nrw=randread\nbs=%llu\n"
-		"offset=%llu\nsize=%llu\niodepth=%u\nrandrepeat=0\nthread=1\n",
+		"offset=%llu\nsize=%llu\niodepth=%u\nrandrepeat=0\nthread=1\n%s",
 		pack_path, (unsigned long long)ext_bytes, (unsigned long long)first_off,
-		(unsigned long long)ext_bytes * n_ext, qd);
+		(unsigned long long)ext_bytes * n_ext, qd,
+		/* The same io_uring features tier_nvme uses. */
+		fixed ? "fixedbufs=1\nregisterfiles=1\n" : "");
 	fclose(f);
 	snprintf(cmd, sizeof(cmd), "fio --output-format=json --output=%s %s >/dev/null 2>&1", out, fio_job);
 	uint64_t reqs0 = disk_reads();
@@ -349,12 +351,12 @@ static int make_pack(const char *path, uint64_t bytes)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: io-vs-fio [--quick] [--pairs N] [--size BYTES] [--pack PATH] [--keep] [--dir DIR] [--make-only]\n");
+	fprintf(stderr, "usage: io-vs-fio [--quick] [--pairs N] [--size BYTES] [--pack PATH] [--keep] [--dir DIR] [--make-only] [--anon]\n");
 }
 
 int main(int argc, char **argv)
 {
-	bool quick = false, keep = false, make_only = false;
+	bool quick = false, keep = false, make_only = false, anon = false;
 	int pairs = 5;
 	uint64_t size = 4ull << 30;
 	const char *given = NULL, *dir = "/var/tmp";
@@ -362,10 +364,10 @@ int main(int argc, char **argv)
 		{ "quick", no_argument, NULL, 'q' }, { "pairs", required_argument, NULL, 'n' },
 		{ "size", required_argument, NULL, 's' }, { "pack", required_argument, NULL, 'p' },
 		{ "keep", no_argument, NULL, 'k' }, { "dir", required_argument, NULL, 'd' },
-		{ "make-only", no_argument, NULL, 'm' }, { "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 }
+		{ "make-only", no_argument, NULL, 'm' }, { "anon", no_argument, NULL, 'a' }, { "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 }
 	};
 	int o;
-	while ((o = getopt_long(argc, argv, "qn:s:p:kd:mh", opts, NULL)) != -1) {
+	while ((o = getopt_long(argc, argv, "qn:s:p:kd:mah", opts, NULL)) != -1) {
 		switch (o) {
 		case 'q': quick = true; break;
 		case 'n': pairs = atoi(optarg); break;
@@ -379,6 +381,7 @@ int main(int argc, char **argv)
 		case 'k': keep = true; break;
 		case 'd': dir = optarg; break;
 		case 'm': make_only = true; break;
+		case 'a': anon = true; break;
 		default: usage(); return o == 'h' ? 0 : 2;
 		}
 	}
@@ -442,35 +445,53 @@ int main(int argc, char **argv)
 	fprintf(stderr, "io-vs-fio: extents at [%llu, %llu) of %s\n", (unsigned long long)first_off,
 		(unsigned long long)(first_off + ext_bytes * n_ext), path);
 	struct tier_host_class cls = { .slot_bytes = ext_bytes, .n_slots = ARENA_SLOTS };
-	struct tier_host_config hc = { .classes = &cls, .n_classes = 1, .numa_node = TIER_HOST_NUMA_DEFAULT };
+	struct tier_host_config hc = { .classes = &cls, .n_classes = 1, .numa_node = TIER_HOST_NUMA_DEFAULT,
+				       .anonymous = anon };
 	if (tier_host_create(&hc, NULL, &arena, &err) < 0) {
 		fprintf(stderr, "io-vs-fio: %s\n", err.msg);
 		return 1;
 	}
 	double loadavg[1] = { 0 };
 	getloadavg(loadavg, 1);
-	printf("io-vs-fio: %u experts x %llu B = %.2f GiB, %d pairs, arena %u slots (memfd, %s, populate %.0f ms), load average %.2f\n",
+	printf("io-vs-fio: %u experts x %llu B = %.2f GiB, %d pairs, arena %u slots (%s, %s, populate %.0f ms), load average %.2f\n",
 	       n_ext, (unsigned long long)ext_bytes, (double)n_ext * (double)ext_bytes / (1 << 30), pairs, ARENA_SLOTS,
-	       tier_host_locked(arena) ? "mlocked" : "not locked", (double)tier_host_populate_ns(arena) / 1e6,
+	       anon ? "anonymous THP" : "memfd", tier_host_locked(arena) ? "mlocked" : "not locked", (double)tier_host_populate_ns(arena) / 1e6,
 	       loadavg[0]);
 
 	static const unsigned qds[3] = { 1, 4, 8 };
-	struct run ours[3][20], fio[3][20], crc[20], mm[20], pr[20];
+	struct run ours[3][20], fio[3][20], fio_plain[20], crc[20], mm[20], pr[20];
 	for (int p = 0; p < pairs; p++) {
 		for (int q = 0; q < 3; q++) {
-			drop_caches();
-			ours[q][p] = run_ours(qds[q], false);
-			drop_caches();
-			uint64_t our_reqs = last_reqs;
-			fio[q][p] = run_fio(qds[q]);
+			/* A B in odd pairs, B A in even ones: neither side always
+			 * runs right after the other's reads. */
+			uint64_t our_reqs, fio_reqs;
+			if (p % 2 == 0) {
+				drop_caches();
+				ours[q][p] = run_ours(qds[q], false);
+				our_reqs = last_reqs;
+				drop_caches();
+				fio[q][p] = run_fio(qds[q], true);
+				fio_reqs = last_reqs;
+			} else {
+				drop_caches();
+				fio[q][p] = run_fio(qds[q], true);
+				fio_reqs = last_reqs;
+				drop_caches();
+				ours[q][p] = run_ours(qds[q], false);
+				our_reqs = last_reqs;
+			}
 			fprintf(stderr,
 				"  pair %d qd %u: ours %.2f GB/s %.0f%% cpu %.1f disk reqs/expert | fio %.2f GB/s %.0f%% cpu %.1f disk reqs/expert\n",
 				p + 1, qds[q], ours[q][p].gbps, ours[q][p].cpu, (double)our_reqs / n_ext, fio[q][p].gbps,
-				fio[q][p].cpu, (double)last_reqs / n_ext);
+				fio[q][p].cpu, (double)fio_reqs / n_ext);
 		}
 		/* The comparison rows run once in --quick (they are not the ratio). */
 		if (quick && p > 0)
 			continue;
+		drop_caches();
+		fio_plain[p] = run_fio(8, false);
+		fprintf(stderr, "  pair %d: fio without fixedbufs, qd 8: %.2f GB/s, %.1f disk reqs/expert\n", p + 1,
+			fio_plain[p].gbps, (double)last_reqs / n_ext);
 		drop_caches();
 		crc[p] = run_ours(8, true);
 		drop_caches();
@@ -480,7 +501,7 @@ int main(int argc, char **argv)
 	}
 	int n_extra = quick ? 1 : pairs;
 	getloadavg(loadavg, 1);
-	printf("%-34s %10s %10s %10s %8s\n", "method", "GB/s med", "GB/s min", "GB/s max", "CPU% med");
+	printf("%-36s %10s %10s %10s %8s\n", "method", "GB/s med", "GB/s min", "GB/s max", "CPU% med");
 	double med_ours8 = 0, med_fio8 = 0, cpu_ours8 = 0, cpu_fio8 = 0;
 	for (int q = 0; q < 3; q++) {
 		for (int which = 0; which < 2; which++) {
@@ -496,9 +517,9 @@ int main(int argc, char **argv)
 				hi = MOE_MAX(hi, g[p]);
 			}
 			char name[64];
-			snprintf(name, sizeof(name), "%s QD %u", which ? "fio io_uring O_DIRECT" : "tier_nvme io_uring O_DIRECT",
+			snprintf(name, sizeof(name), "%s QD %u", which ? "fio io_uring O_DIRECT fixedbufs" : "tier_nvme io_uring O_DIRECT",
 				 qds[q]);
-			printf("%-34s %10.2f %10.2f %10.2f %8.1f\n", name, median(g, pairs), lo, hi, median(c, pairs));
+			printf("%-36s %10.2f %10.2f %10.2f %8.1f\n", name, median(g, pairs), lo, hi, median(c, pairs));
 			if (qds[q] == 8) {
 				if (which) {
 					med_fio8 = median(g, pairs);
@@ -510,10 +531,10 @@ int main(int argc, char **argv)
 			}
 		}
 	}
-	struct { const char *name; struct run *r; } extra[3] = {
-		{ "tier_nvme QD 8 + CRC32C check", crc }, { "mmap + memcpy (page cache)", mm },
-		{ "buffered pread (page cache)", pr } };
-	for (int x = 0; x < 3; x++) {
+	struct { const char *name; struct run *r; } extra[4] = {
+		{ "fio QD 8, unregistered buffers", fio_plain }, { "tier_nvme QD 8 + CRC32C check", crc },
+		{ "mmap + memcpy (page cache)", mm }, { "buffered pread (page cache)", pr } };
+	for (int x = 0; x < 4; x++) {
 		double g[20], c[20], lo = 1e30, hi = 0;
 		for (int p = 0; p < n_extra; p++) {
 			g[p] = extra[x].r[p].gbps;
@@ -521,10 +542,10 @@ int main(int argc, char **argv)
 			lo = MOE_MIN(lo, g[p]);
 			hi = MOE_MAX(hi, g[p]);
 		}
-		printf("%-34s %10.2f %10.2f %10.2f %8.1f\n", extra[x].name, median(g, n_extra), lo, hi, median(c, n_extra));
+		printf("%-36s %10.2f %10.2f %10.2f %8.1f\n", extra[x].name, median(g, n_extra), lo, hi, median(c, n_extra));
 	}
 	printf("load average at the end: %.2f (2 vCPUs, shared)\n", loadavg[0]);
-	printf("io-vs-fio: ratio=%.3f (median ours / median fio, QD 8; %.2f vs %.2f GB/s; CPU%% %.1f vs %.1f; %d pairs)\n",
+	printf("io-vs-fio: ratio=%.3f (median ours / median fio fixedbufs, QD 8; %.2f vs %.2f GB/s; CPU%% %.1f vs %.1f; %d pairs)\n",
 	       med_fio8 > 0 ? med_ours8 / med_fio8 : 0.0, med_ours8, med_fio8, cpu_ours8, cpu_fio8, pairs);
 
 	tier_host_destroy(arena);

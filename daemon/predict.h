@@ -138,8 +138,9 @@ void predict_token(struct predictor *p, uint32_t token_key);
 /* Records the route of layer `layer` (0-based MoE layer index) of the current
  * token; ids >= n_experts are ignored. */
 void predict_observe(struct predictor *p, uint32_t layer, const uint16_t *experts, uint32_t n);
-/* out: [n_experts]. Layers <= last observed are scored as for the next
- * layer's shape anyway (the caller asked for a layer already known). */
+/* out: [n_experts] scores for `layer` of the current token. Meant for layers
+ * after the last observed one; asking for an observed layer gives a score
+ * from the same features (no error). layer >= n_layers leaves out untouched. */
 void predict_score(struct predictor *p, uint32_t layer, float *out);
 
 /* FNV-1a of the token text: the token key the tokenid table is built on

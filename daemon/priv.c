@@ -114,9 +114,13 @@ int priv_lockdown(bool use_seccomp, struct moe_error *err)
 			continue; /* not on this architecture */
 		rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0);
 	}
-	/* A debugger attaching to the daemon is an attack, not a use. */
+	/* A debugger attaching to the daemon is an attack, not a use. Sanitizer
+	 * builds are the exception: LeakSanitizer stops the world with ptrace
+	 * at exit (killing it there hangs the exit). */
+#if !defined(__SANITIZE_ADDRESS__)
 	if (!rc)
 		rc = seccomp_rule_add(ctx, SCMP_ACT_KILL_PROCESS, SCMP_SYS(ptrace), 0);
+#endif
 	/* Rings are created at start-up; existing rings keep working because
 	 * io_uring operations do not pass through seccomp. */
 	if (!rc)

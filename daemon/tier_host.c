@@ -80,6 +80,10 @@ static int place(struct tier_host *h, int node, struct moe_error *err)
 static int populate(struct tier_host *h)
 {
 	uint64_t t0 = moe_now_ns();
+	/* memfd: allocate the shmem pages in one pass over the file (after
+	 * mbind, so they follow the range's policy), then map them all. */
+	if (h->fd >= 0 && !h->hugetlb && fallocate(h->fd, 0, 0, (off_t)h->bytes) != 0)
+		moe_debug("host arena: fallocate: %s", strerror(errno));
 	if (madvise(h->base, h->bytes, MADV_POPULATE_WRITE) != 0) {
 		/* Kernels before 5.14: touch one byte per page ourselves. */
 		long pg = sysconf(_SC_PAGESIZE);
@@ -220,6 +224,12 @@ int tier_host_create(const struct tier_host_config *cfg, struct stats *st, struc
 					   (unsigned long long)h->bytes, strerror(errno));
 			goto fail;
 		}
+		/* THP for shmem takes effect where shmem_enabled is "advise" (it is
+		 * "never" on the build machine); huge folios let one registered
+		 * buffer segment cover 2 MiB, so an expert read needs ~3x fewer
+		 * device requests (doc/tiers.md). Harmless elsewhere. */
+		if (!h->hugetlb)
+			madvise(h->base, h->bytes, MADV_HUGEPAGE);
 	}
 	rc = place(h, cfg->numa_node, err);
 	if (rc < 0)

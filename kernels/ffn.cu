@@ -33,12 +33,17 @@ static_assert(NT == 256 && TR == 32 && TP == 32, "each thread computes a 2x2 (x2
 
 __constant__ int8_t c_kv_mxfp4[16] = { 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12 };
 
-// Block structs are 34/18/17 bytes, so their fields are unaligned: read
-// them byte by byte. Plain types are element-aligned (the host checks
-// offsets and row sizes).
+// Block structs are 34/18/17 bytes and parts may start at any offset in an
+// extent, so nothing is assumed aligned: values are assembled from bytes
+// (little-endian, as the pack stores them).
+__device__ __forceinline__ uint32_t u16_bytes(const uint8_t *p)
+{
+	return (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+}
+
 __device__ __forceinline__ float f16_bytes(const uint8_t *p)
 {
-	return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+	return __half2float(__ushort_as_half((unsigned short)u16_bytes(p)));
 }
 
 __device__ __forceinline__ float e8m0_half(uint32_t e)
@@ -50,12 +55,14 @@ __device__ __forceinline__ float e8m0_half(uint32_t e)
 __device__ __forceinline__ float dq(uint32_t dt, const uint8_t *row, uint32_t c)
 {
 	switch (dt) {
-	case DT_F32:
-		return reinterpret_cast<const float *>(row)[c];
+	case DT_F32: {
+		const uint8_t *p = row + (size_t)c * 4;
+		return __uint_as_float(u16_bytes(p) | (u16_bytes(p + 2) << 16));
+	}
 	case DT_F16:
-		return __half2float(__ushort_as_half(reinterpret_cast<const unsigned short *>(row)[c]));
+		return f16_bytes(row + (size_t)c * 2);
 	case DT_BF16:
-		return __uint_as_float((uint32_t)reinterpret_cast<const unsigned short *>(row)[c] << 16);
+		return __uint_as_float(u16_bytes(row + (size_t)c * 2) << 16);
 	case DT_Q8_0: {
 		const uint8_t *b = row + (size_t)(c / 32) * 34;
 		return (float)(int8_t)b[2 + c % 32] * f16_bytes(b);
@@ -133,7 +140,7 @@ extern "C" __global__ void __launch_bounds__(NT) moe_ffn_gate_up(const ffn_cuda_
 		for (uint32_t e = threadIdx.x; e < TP * TK; e += NT) {
 			const uint32_t p = e / TK, k = e % TK;
 			float v = 0.0f;
-			if (p0 + p < p_end && k0 + k < a.n)
+			if (p0 + p < p_end && k0 + k < a.n && ptok[p0 + p] < a.n_tokens)
 				v = x[(size_t)ptok[p0 + p] * a.n + k0 + k];
 			xs[p][k] = v;
 		}
@@ -240,7 +247,7 @@ extern "C" __global__ void __launch_bounds__(NT) moe_ffn_down(const ffn_cuda_arg
 		const float b = a.kind == KIND_GPTOSS ? bias_at(a.down_bias_dtype, base + a.down_bias_offset, r) : 0.0f;
 		for (int pi = 0; pi < 2; pi++) {
 			const uint32_t p = p0 + tx * 2 + pi;
-			if (p >= p_end)
+			if (p >= p_end || ptok[p] >= a.n_tokens)
 				continue;
 			atomicAdd(&y[(size_t)ptok[p] * a.n + r], pw[p] * (acc[ri][pi] + b));
 		}

@@ -13,8 +13,10 @@
  * Launch: block FFN_CUDA_THREADS threads; gate_up grid
  * (ceil(m / FFN_CUDA_TILE_ROWS), n_groups, ceil(max_group_pairs /
  * FFN_CUDA_TILE_PAIRS)); down grid (ceil(n / FFN_CUDA_TILE_ROWS), n_groups,
- * the same z). Both kernels check every index against n, m and the group's
- * pair count, so partial tiles are safe. */
+ * the same z). Both kernels check every index against n, m, n_tokens and
+ * the group's pair count, so partial tiles are safe. Weights are read byte
+ * by byte where a type's alignment is not guaranteed (parts may sit at any
+ * offset in a pack extent). */
 #ifndef MOETIER_FFN_CUDA_H
 #define MOETIER_FFN_CUDA_H
 
@@ -45,6 +47,8 @@ struct ffn_cuda_args {
 	struct ffn_cuda_mat gate, up, gate_up, down;
 	uint32_t n_groups;
 	uint32_t max_group_pairs;
+	uint32_t n_tokens;     /* rows of x and y; pairs naming a token >= n_tokens are skipped */
+	uint32_t pad1;
 	uint64_t group_slot;   /* const uint32_t[n_groups] */
 	uint64_t group_start;  /* const uint32_t[n_groups + 1] */
 	uint64_t pair_token;   /* const uint32_t[n_pairs] */

@@ -15,13 +15,14 @@
  *   CVT_I8(v)         vf from the low SIMD_W signed bytes of v
  *   vhsum(v)          (function) horizontal sum, the same order for every tile
  *
- * Algorithm: a tile keeps RMAX weight rows in registers per step and
- * multiplies them by TMAX tokens, so each weight chunk is read from memory
- * once per row block and reused TMAX times from registers (and once per
- * token tile from L1). Every (row, token) accumulator runs the same chunk
- * sequence whatever R and T are, so results are independent of the batch.
- * Block types are widened to f32 on the fly: w = (float)q * d, exactly the
- * value moe_dequantize_row produces, then fused multiply-add with x. */
+ * Algorithm: one token (decode) runs a fused kernel: RMAX weight rows are
+ * decoded in registers chunk by chunk (w = (float)q * d for block types,
+ * exactly the value moe_dequantize_row produces) and multiplied into the
+ * token with FMA. For a batch, each block of RMAX rows is widened to f32
+ * once and an f32 tile multiplies it by TMAX tokens at a time, so weights
+ * come from memory once per row block and from L1 for every token tile.
+ * Every (row, token) accumulator runs the same chunk sequence whatever
+ * path, R and T, so results are independent of the batch. */
 
 #include <stdlib.h>
 
@@ -203,62 +204,71 @@ static FN_ATTR ALWAYS_INLINE void SFX(widen_rows)(const int DT, uint32_t R, cons
 
 /* One switch case per tile shape so each is compiled with constant R, T. */
 #define TILE_CALL(DT, RR, TT) \
-	SFX(tile)(DT, RR, TT, Wt, rbt, cols, a->f + (size_t)t * a->ld, a->ld, \
-		  y + (size_t)t * ldy + (r - r0), ldy)
+	SFX(tile)(DT, RR, TT, Wt, rbt, cols, a->f + (size_t)t * a->ld, a->ld, yr + (size_t)t * ldy, ldy)
 
-#if TMAX == 4
-#define TILE_ROW_CASES(DT, RR) \
-	case RR * 8 + 1: TILE_CALL(DT, RR, 1); break; \
-	case RR * 8 + 2: TILE_CALL(DT, RR, 2); break; \
-	case RR * 8 + 3: TILE_CALL(DT, RR, 3); break; \
-	case RR * 8 + 4: TILE_CALL(DT, RR, 4); break;
-#elif TMAX == 2
-#define TILE_ROW_CASES(DT, RR) \
-	case RR * 8 + 1: TILE_CALL(DT, RR, 1); break; \
-	case RR * 8 + 2: TILE_CALL(DT, RR, 2); break;
-#else
+/* Full tiles of TMAX tokens, then the rest one token at a time: two shapes
+ * per row count keep the inlined code (and the compile time) small. */
+#if TMAX != 2 && TMAX != 4
 #error "TMAX must be 2 or 4"
 #endif
+#define TILE_ROW_CASES(DT, RR) \
+	case RR * 8 + 1: TILE_CALL(DT, RR, 1); break; \
+	case RR * 8 + TMAX: TILE_CALL(DT, RR, TMAX); break;
 
 #if RMAX != 4
 #error "RMAX must be 4"
 #endif
 
-#define TILE_SWITCH(DT) \
-	switch (R * 8 + T) { \
-	TILE_ROW_CASES(DT, 1) \
-	TILE_ROW_CASES(DT, 2) \
-	TILE_ROW_CASES(DT, 3) \
-	TILE_ROW_CASES(DT, 4) \
-	default: __builtin_unreachable(); \
+/* R (<= RMAX) rows of f32 weights (a matrix, or a row block widened by
+ * widen_rows) times every token, tile by tile. One copy serves every
+ * dtype, which keeps the number of inlined tiles (and compile time) small. */
+static FN_ATTR __attribute__((noinline)) void SFX(rows_f32)(const uint8_t *Wt, size_t rbt, uint32_t cols,
+							     uint32_t R, const struct ffn_act *a, float *yr,
+							     size_t ldy)
+{
+	for (uint32_t t = 0; t < a->B;) {
+		const uint32_t T = a->B - t >= TMAX ? TMAX : 1;
+		switch (R * 8 + T) {
+		TILE_ROW_CASES(MOE_DTYPE_F32, 1)
+		TILE_ROW_CASES(MOE_DTYPE_F32, 2)
+		TILE_ROW_CASES(MOE_DTYPE_F32, 3)
+		TILE_ROW_CASES(MOE_DTYPE_F32, 4)
+		default: __builtin_unreachable();
+		}
+		t += T;
 	}
+}
 
-/* With more tokens than one tile, each row block is widened to f32 once
- * (RMAX x cols floats, L1/L2 resident) instead of once per token tile; the
- * result is bit-identical (see widen_rows). Without memory for that, the
- * fused path runs. */
+/* One token: the fused kernel decodes weights in registers (nothing is
+ * written back). With more tokens, each row block is widened to f32 once
+ * (RMAX x cols floats, L1/L2 resident) and reused by every token tile; the
+ * result is bit-identical (see widen_rows). Without memory for the
+ * widened block, the fused kernel runs token by token. */
 #define DEFINE_MM(NAME, DT) \
 	static FN_ATTR void SFX(NAME)(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, \
 				     uint32_t r1, const struct ffn_act *a, float *y, size_t ldy) \
 	{ \
 		float *wide = NULL; \
-		if (DT != MOE_DTYPE_F32 && a->B > TMAX) \
+		if (DT != MOE_DTYPE_F32 && a->B > 1) \
 			wide = aligned_alloc(64, ((size_t)RMAX * cols * sizeof(float) + 63) & ~(size_t)63); \
 		for (uint32_t r = r0; r < r1; r += RMAX) { \
 			const uint32_t R = r1 - r < RMAX ? r1 - r : RMAX; \
 			const uint8_t *Wt = W + (size_t)r * rb; \
-			size_t rbt = rb; \
-			if (wide) { \
+			float *yr = y + (r - r0); \
+			if (DT == MOE_DTYPE_F32) { \
+				SFX(rows_f32)(Wt, rb, cols, R, a, yr, ldy); \
+			} else if (wide) { \
 				SFX(widen_rows)(DT, R, Wt, rb, cols, wide); \
-				Wt = (const uint8_t *)wide; \
-				rbt = (size_t)cols * sizeof(float); \
-			} \
-			for (uint32_t t = 0; t < a->B; t += TMAX) { \
-				const uint32_t T = a->B - t < TMAX ? a->B - t : TMAX; \
-				if (wide) { \
-					TILE_SWITCH(MOE_DTYPE_F32) \
-				} else { \
-					TILE_SWITCH(DT) \
+				SFX(rows_f32)((const uint8_t *)wide, (size_t)cols * sizeof(float), cols, R, a, yr, ldy); \
+			} else { \
+				const size_t rbt = rb; \
+				for (uint32_t t = 0; t < a->B; t++) { \
+					switch (R) { \
+					case 1: TILE_CALL(DT, 1, 1); break; \
+					case 2: TILE_CALL(DT, 2, 1); break; \
+					case 3: TILE_CALL(DT, 3, 1); break; \
+					default: TILE_CALL(DT, 4, 1); break; \
+					} \
 				} \
 			} \
 		} \

@@ -255,6 +255,7 @@ static int run_case(CUfunction f_up, CUfunction f_down, enum moe_ffn_kind kind, 
 	a.down = cmat(&L.down);
 	a.n_groups = ng;
 	a.max_group_pairs = maxp;
+	a.n_tokens = T;
 	a.group_slot = d_gslot;
 	a.group_start = d_gstart;
 	a.pair_token = d_ptok;

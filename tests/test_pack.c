@@ -140,7 +140,7 @@ TestSuite(pack, .init = setup, .fini = teardown, .timeout = 60);
 static void check_contents(struct pack_file *p)
 {
 	struct moe_error err = { "" };
-	unsigned char *want = malloc(PAYLOAD), *abuf, *ubuf = malloc(pack_extent_bytes(p) + 1);
+	unsigned char *want = malloc(PAYLOAD), *abuf = NULL, *ubuf = malloc(pack_extent_bytes(p) + 1);
 	cr_assert_eq(posix_memalign((void **)&abuf, PACK_ALIGN, pack_extent_bytes(p)), 0);
 	for (uint32_t l = 0; l < N_MOE; l++)
 		for (uint32_t e = 0; e < N_EXP; e++) {
