@@ -106,11 +106,12 @@ static int create_common(const struct predict_ops *ops, const char *name, struct
 		return moe_error_set(err, -EINVAL, "predictor %s needs a model file (moe-sim train)", name);
 	}
 	if (model && (model->n_layers != s->n_layers || model->n_experts != s->n_experts || model->k != s->k)) {
+		rc = moe_error_set(err, -EINVAL,
+				   "predictor %s: model is %u layers x %u experts top-%u, stream is %u x %u top-%u",
+				   name, model->n_layers, model->n_experts, model->k, s->n_layers, s->n_experts, s->k);
 		if (owns)
 			stream_free(s);
-		return moe_error_set(err, -EINVAL,
-				     "predictor %s: model is %u layers x %u experts top-%u, stream is %u x %u top-%u",
-				     name, model->n_layers, model->n_experts, model->k, s->n_layers, s->n_experts, s->k);
+		return rc;
 	}
 	p = calloc(1, sizeof(*p));
 	if (!p || (ops->priv_size && !(p->priv = calloc(1, ops->priv_size)))) {
