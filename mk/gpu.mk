@@ -21,4 +21,5 @@ bench_h2d_SOURCES = bench/h2d.c
 bench_h2d_LDADD = $(CORE_LINK)
 
 EXTRA_DIST += doc/gpu-tier.md
-dist_man_MANS += doc/h2d.1
+# Benchmarks are not installed, so neither are their pages.
+EXTRA_DIST += doc/h2d.1

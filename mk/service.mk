@@ -13,7 +13,9 @@ client_libmoetier_la_SOURCES = client/libmoetier.c daemon/ring.c daemon/ring.h
 client_libmoetier_la_CPPFLAGS = $(AM_CPPFLAGS)
 client_libmoetier_la_LDFLAGS = -version-info 0:0:0 -Wl,--version-script=$(top_srcdir)/client/libmoetier.map
 EXTRA_client_libmoetier_la_DEPENDENCIES = client/libmoetier.map
-pkginclude_HEADERS += include/moetier/moetier.h include/moetier/proto.h
+# Installed as <moetier/moetier.h>, the path the headers and libmoetier.pc use.
+moetierincludedir = $(includedir)/moetier
+moetierinclude_HEADERS = include/moetier/moetier.h include/moetier/proto.h
 pkgconfig_DATA += client/libmoetier.pc
 EXTRA_DIST += client/libmoetier.map
 

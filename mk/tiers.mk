@@ -24,5 +24,6 @@ endif
 noinst_PROGRAMS += bench/io-vs-fio
 bench_io_vs_fio_SOURCES = bench/io-vs-fio.c
 bench_io_vs_fio_LDADD = $(CORE_LINK)
-dist_man_MANS += doc/io-vs-fio.1
+# Benchmarks are not installed, so neither are their pages.
+EXTRA_DIST += doc/io-vs-fio.1
 dist_doc_DATA += doc/tiers.md
