@@ -212,6 +212,18 @@ void moe_dequantize_row(enum moe_dtype t, const void *src, float *dst, size_t n)
 	}
 }
 
+/* roundf() for |x| <= 128 without the libm call (q8_0 scales keep
+ * |x| <= 127): truncate, then step away from zero at .5. NaN gives 0. */
+static inline int round_half_away(float x)
+{
+	if (!(x == x))
+		return 0;
+	int i = (int)x;
+	if (fabsf(x - (float)i) >= 0.5f)
+		i += x > 0.0f ? 1 : -1;
+	return i;
+}
+
 void moe_quantize_row_q8_0(const float *src, struct moe_block_q8_0 *dst, size_t n)
 {
 	for (size_t i = 0; i < n / 32; i++) {
@@ -222,7 +234,7 @@ void moe_quantize_row_q8_0(const float *src, struct moe_block_q8_0 *dst, size_t 
 		const float id = d ? 1.0f / d : 0.0f;
 		dst[i].d = moe_f32_to_f16(d);
 		for (int j = 0; j < 32; j++)
-			dst[i].qs[j] = (int8_t)roundf(src[i * 32 + j] * id);
+			dst[i].qs[j] = (int8_t)round_half_away(src[i * 32 + j] * id);
 	}
 }
 
@@ -250,19 +262,14 @@ void moe_quantize_row_q4_0(const float *src, struct moe_block_q4_0 *dst, size_t 
 	}
 }
 
+/* Nearest entry of the doubled table for x (already scaled by 1/d), ties to
+ * the smaller magnitude and +0 over -0: the same answer as ggml's
+ * first-minimum search over the 16 entries, without the search. */
 static int mxfp4_best_index(float x)
 {
-	/* nearest entry of the doubled table (x is already scaled by 1/d) */
-	int best = 0;
-	float bestd = INFINITY;
-	for (int k = 0; k < 16; k++) {
-		float dd = fabsf(x - (float)moe_kvalues_mxfp4[k]);
-		if (dd < bestd) {
-			bestd = dd;
-			best = k;
-		}
-	}
-	return best;
+	const float a = fabsf(x);
+	const int m = (a > 0.5f) + (a > 1.5f) + (a > 2.5f) + (a > 3.5f) + (a > 5.0f) + (a > 7.0f) + (a > 10.0f);
+	return m == 0 ? 0 : (x < 0.0f ? 8 + m : m);
 }
 
 void moe_quantize_row_mxfp4(const float *src, struct moe_block_mxfp4 *dst, size_t n)
