@@ -40,6 +40,7 @@ struct moet_ctx {
 	struct moet_cqe *backlog; /* completions of user submits seen by sync calls */
 	size_t n_backlog, cap_backlog;
 	char last_error[512];
+	uint32_t token_key, token_pos; /* moet_set_token: hints for ACQUIRE/ROUTE */
 };
 
 static void set_error(moet_ctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -426,6 +427,8 @@ int moet_acquire(moet_ctx *c, uint32_t layer, const uint32_t *ids, unsigned n, u
 	q.flags = (uint8_t)flags;
 	q.count = (uint16_t)n;
 	q.layer = layer;
+	q.token_key = c->token_key;
+	q.token_pos = c->token_pos;
 	for (unsigned i = 0; i < n; i++) {
 		if (ids[i] > UINT16_MAX)
 			return -ERANGE;
@@ -440,6 +443,24 @@ int moet_acquire(moet_ctx *c, uint32_t layer, const uint32_t *ids, unsigned n, u
 		return e.result;
 	fill_out(&e, n, slots, tiers, lease);
 	return e.result;
+}
+
+int moet_set_token(moet_ctx *c, uint32_t token_key, uint32_t position)
+{
+	if (!c)
+		return -EINVAL;
+	c->token_key = token_key;
+	c->token_pos = position == UINT32_MAX ? 0 : position + 1;
+	/* One NOP carries the announcement: the daemon's predictor can plan
+	 * the token's first layers before their ACQUIREs arrive. */
+	struct moet_sqe q;
+	struct moet_cqe e;
+	memset(&q, 0, sizeof(q));
+	q.opcode = MOET_OP_NOP;
+	q.token_key = c->token_key;
+	q.token_pos = c->token_pos;
+	int rc = sync_entry(c, &q, &e);
+	return rc ? rc : e.result < 0 ? e.result : 0;
 }
 
 int moet_release(moet_ctx *c, moet_lease lease)
@@ -472,6 +493,8 @@ int moet_route(moet_ctx *c, uint32_t layer, const float *logits, unsigned n_logi
 	q.opcode = MOET_OP_ROUTE;
 	q.flags = (uint8_t)flags;
 	q.layer = layer;
+	q.token_key = c->token_key;
+	q.token_pos = c->token_pos;
 	q.data_off = 0;
 	q.data_len = (uint32_t)bytes;
 	int rc = sync_entry(c, &q, &e);
@@ -672,6 +695,80 @@ static int text_request(moet_ctx *c, uint16_t type, uint32_t arg, const void *pa
 		return -EIO;
 	*out = buf;
 	return 0;
+}
+
+int moet_advise(moet_ctx *c, uint32_t layer, const uint32_t *ids, unsigned n, uint32_t tokens, uint8_t *where,
+		uint8_t *tier, float *host_us, float *move_us)
+{
+	struct moet_advise_req q;
+	struct moet_advise_reply r;
+	struct moet_msg h;
+	if (!c || !ids || !where || n == 0 || n > MOET_MAX_BATCH)
+		return -EINVAL;
+	memset(&q, 0, sizeof(q));
+	q.layer = layer;
+	q.tokens = tokens;
+	q.n = n;
+	memcpy(q.ids, ids, n * sizeof(*ids));
+	int rc = send_req(c, MOET_MSG_ADVISE, 0, &q, sizeof(q));
+	if (rc)
+		return rc;
+	memset(&r, 0, sizeof(r));
+	rc = recv_reply(c, &h, &r, sizeof(r), NULL, NULL, 30000);
+	if (rc < 0)
+		return rc;
+	if (h.len != sizeof(r) || r.n != n)
+		return -EPROTO;
+	for (unsigned i = 0; i < n; i++) {
+		where[i] = r.where[i];
+		if (tier)
+			tier[i] = r.tier[i];
+		if (host_us)
+			host_us[i] = r.host_us[i];
+		if (move_us)
+			move_us[i] = r.move_us[i];
+	}
+	return (int)n;
+}
+
+int moet_gpu_export(moet_ctx *c, unsigned first, struct moet_gpu_export *info, int *fds, uint64_t *offsets,
+		    unsigned max)
+{
+	struct {
+		struct moet_gpu_export x;
+		uint64_t offsets[MOET_GPU_EXPORT_BATCH];
+	} r;
+	int got_fds[MOET_GPU_EXPORT_BATCH];
+	unsigned nfds = MOET_GPU_EXPORT_BATCH;
+	struct moet_msg h;
+	if (!c || !info || (max && (!fds || !offsets)))
+		return -EINVAL;
+	int rc = send_req(c, MOET_MSG_GPU_EXPORT, first, NULL, 0);
+	if (rc)
+		return rc;
+	memset(&r, 0, sizeof(r));
+	rc = recv_reply(c, &h, &r, sizeof(r), got_fds, &nfds, 30000);
+	if (rc == 0 && (h.len < sizeof(r.x) || r.x.n > MOET_GPU_EXPORT_BATCH || r.x.n != nfds ||
+			h.len != sizeof(r.x) + r.x.n * sizeof(uint64_t)))
+		rc = -EPROTO;
+	if (rc < 0) {
+		for (unsigned i = 0; i < nfds; i++)
+			close(got_fds[i]);
+		return rc;
+	}
+	*info = r.x;
+	unsigned n = 0;
+	for (unsigned i = 0; i < nfds; i++) {
+		if (n < max) {
+			fds[n] = got_fds[i];
+			offsets[n] = r.offsets[i];
+			n++;
+		} else {
+			close(got_fds[i]);
+		}
+	}
+	info->n = n;
+	return (int)n;
 }
 
 int moet_stats(moet_ctx *c, unsigned format, char **out)

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "moetier/moetier.h"
+#include "predict.h"
 #include "trace.h"
 
 static const char *sock_path, *model_name;
@@ -26,7 +27,7 @@ static void usage(FILE *f)
 		   "          [--nowait] [--gpu]\n"
 		   "  bench [--seconds S] [--clients N]\n"
 		   "                                ACQUIRE+RELEASE round trips/s with 1 and N clients\n"
-		   "  replay [--nowait-only] [--tokens N] TRACE...\n"
+		   "  replay [--nowait-only] [--tokens N] [--cold] [--layer-us US] [--no-hints] [--brief] TRACE...\n"
 		   "                                replay routing traces (CSV) through the daemon\n"
 		   "See moe-client(1).\n");
 }
@@ -294,14 +295,52 @@ static void progress(size_t done, size_t total, bool tty)
 		fprintf(stderr, "\n");
 }
 
+/* --cold: every expert of the host tier is evicted so the next prompt
+ * starts from an empty cache (moe-sim's default). Loads still in flight
+ * (prefetches) are waited for. */
+static int evict_all(moet_ctx *c, const struct moet_model_info *mi)
+{
+	for (int tries = 0; tries < 5000; tries++) {
+		unsigned busy = 0;
+		for (uint32_t l = 0; l < mi->n_moe_layers; l++)
+			for (uint32_t e = 0; e < mi->n_experts; e++) {
+				int r = moet_evict(c, l, e, MOET_TIER_HOST);
+				if (r == -EBUSY)
+					busy++;
+				else if (r < 0 && r != -ENOENT)
+					return r;
+			}
+		if (!busy)
+			return 0;
+		struct timespec ts = { 0, 1000000 };
+		nanosleep(&ts, NULL);
+	}
+	return -EBUSY;
+}
+
+static void sleep_us(long us)
+{
+	struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
+	while (nanosleep(&ts, &ts) && errno == EINTR)
+		;
+}
+
 static int cmd_replay(int argc, char **argv)
 {
-	bool nowait_only = false;
-	long max_tokens = -1;
+	bool nowait_only = false, cold = false, hints = true, brief = false;
+	long max_tokens = -1, layer_us = 0;
 	int first = -1;
 	for (int i = 0; i < argc; i++) {
 		if (!strcmp(argv[i], "--nowait-only"))
 			nowait_only = true;
+		else if (!strcmp(argv[i], "--cold"))
+			cold = true;
+		else if (!strcmp(argv[i], "--no-hints"))
+			hints = false;
+		else if (!strcmp(argv[i], "--brief"))
+			brief = true;
+		else if (!strcmp(argv[i], "--layer-us") && i + 1 < argc)
+			layer_us = atol(argv[++i]);
 		else if (!strcmp(argv[i], "--tokens") && i + 1 < argc)
 			max_tokens = atol(argv[++i]);
 		else if (argv[i][0] == '-' && argv[i][1]) {
@@ -329,10 +368,12 @@ static int cmd_replay(int argc, char **argv)
 	for (int a = first; a < argc && rc == 0 && lat; a++) {
 		if (argv[a][0] == '-')
 			continue;
-		if (!strcmp(argv[a], "--tokens")) {
+		if (!strcmp(argv[a], "--tokens") || !strcmp(argv[a], "--layer-us")) {
 			a++;
 			continue;
 		}
+		if (cold && (rc = evict_all(c, &mi)))
+			break;
 		struct trace *tr;
 		struct moe_error err;
 		if ((rc = trace_load(argv[a], &tr, &err))) {
@@ -345,6 +386,11 @@ static int cmd_replay(int argc, char **argv)
 		if (max_tokens >= 0 && (size_t)max_tokens < nt)
 			nt = (size_t)max_tokens;
 		for (size_t t = 0; t < nt && rc == 0; t++) {
+			/* Announce the token (its text's key, its position) before
+			 * its first layer, as an engine would after sampling it. */
+			if (hints && (rc = moet_set_token(c, predict_token_key(tr->token && tr->token[t] ? tr->token[t] : ""),
+							  (uint32_t)t)))
+				break;
 			for (uint32_t li = 0; li < tr->n_layers && rc == 0; li++) {
 				uint8_t cnt = tr->count[(size_t)t * tr->n_layers + li];
 				if (!cnt)
@@ -405,6 +451,9 @@ static int cmd_replay(int argc, char **argv)
 					rc = r;
 					break;
 				}
+				/* The layer's compute, during which prefetches land. */
+				if (layer_us > 0)
+					sleep_us(layer_us);
 			}
 			tokens++;
 			if (tokens % 16 == 0 || t + 1 == nt)
@@ -421,6 +470,13 @@ static int cmd_replay(int argc, char **argv)
 	}
 	qsort(lat, n_lat, sizeof(*lat), cmp_u64);
 	double L = lookups ? (double)lookups : 1;
+	if (brief) {
+		printf("hit=%.4f gpu=%.4f host=%.4f lookups=%" PRIu64 " tokens=%zu unserved=%" PRIu64 "\n",
+		       (double)(hit[0] + hit[1]) / L, (double)hit[0] / L, (double)hit[1] / L, lookups, tokens, unserved);
+		free(lat);
+		moet_close(c);
+		return unserved ? 1 : 0;
+	}
 	printf("replayed %zu tokens, %" PRIu64 " expert lookups in %.2f s%s\n", tokens, lookups, el,
 	       folded ? " (trace folded onto the model: layer % layers, expert % experts)" : "");
 	printf("hit rate:      gpu %.1f%%  host %.1f%%  miss %.1f%%\n", 100.0 * (double)hit[0] / L,

@@ -49,6 +49,7 @@ struct expert_state {
 	uint32_t pins[2];
 	uint32_t seq;         /* bumped when a load or copy of it finishes */
 	int err;              /* result of the last failed load/copy, 0 if none */
+	uint64_t mark;        /* c->calls of the last acquire naming it */
 };
 
 struct lease_rec {
@@ -63,12 +64,21 @@ struct client {
 	size_t n, cap;
 };
 
-enum job_kind { JOB_LOAD, JOB_PROMOTE, JOB_CANCEL, JOB_GPU_COPY, JOB_GPU_EVICT };
+enum job_kind { JOB_LOAD, JOB_PROMOTE, JOB_CANCEL, JOB_GPU_COPY, JOB_GPU_EVICT, JOB_GPU_EXPORT };
+
+/* A GPU export runs on the I/O thread, which alone drives tier_gpu. */
+struct gpu_export_req {
+	struct tier_gpu_export *out;
+	struct moe_error err;
+	int rc;
+	bool done; /* [mu] */
+};
 
 struct job {
 	enum job_kind kind;
 	uint32_t expert, slot, gslot;
 	bool prefetch;
+	struct gpu_export_req *export_req; /* JOB_GPU_EXPORT */
 	struct job *next;
 };
 
@@ -83,6 +93,9 @@ struct cache {
 	struct tier_nvme *nvme;
 	struct tier_gpu *gpu;
 	uint32_t n_gslots;
+	/* Emulated GPU region exported once (read-only memfd) for clients. */
+	struct tier_gpu_export gpu_exp;
+	bool gpu_exp_valid;
 
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
@@ -97,6 +110,8 @@ struct cache {
 	struct job *jobs_head, *jobs_tail; /* [mu] */
 	unsigned busy;               /* loads + copies queued or in flight [mu] */
 	uint64_t calls;              /* acquire calls, the policies' clock [mu] */
+	uint32_t *hocc;              /* host slots held per layer (layer_slots) [mu] */
+	bool retry;                  /* the acquire in progress repeats the last one [mu] */
 	bool stop;                   /* [mu] */
 
 	int wake_efd;                /* wakes the I/O thread */
@@ -185,6 +200,8 @@ static void drop_slot(struct cache *c, uint32_t id, int t)
 	ss->refs = ss->iref = 0;
 	if (t == T_HOST) {
 		tier_host_free(c->host, s);
+		if (c->hocc)
+			c->hocc[layer_of(c, id)]--;
 	} else {
 		c->gfree[c->n_gfree++] = s;
 		/* The arena itself is driven by the I/O thread; it clears the
@@ -220,8 +237,16 @@ static bool host_evictable(struct cache *c, uint32_t id)
 	return true;
 }
 
-static bool filter_host(void *ctx, uint32_t id) { return host_evictable(ctx, id); }
-static bool filter_gpu(void *ctx, uint32_t id) { return gpu_evictable(ctx, id); }
+/* Victims never come from the experts of the last acquire: one of its
+ * entries that was resident when the call began must not be pushed out by
+ * the load of another entry before it is leased (moe-sim's rule: victims
+ * are chosen among experts not in the current access). */
+static bool in_current_access(const struct cache *c, uint32_t id) { return c->calls && c->ex[id].mark == c->calls; }
+static bool filter_host(void *ctx, uint32_t id)
+{
+	return !in_current_access(ctx, id) && host_evictable(ctx, id);
+}
+static bool filter_gpu(void *ctx, uint32_t id) { return !in_current_access(ctx, id) && gpu_evictable(ctx, id); }
 
 static void evict_gpu(struct cache *c, uint32_t id)
 {
@@ -236,6 +261,8 @@ static void evict_host(struct cache *c, uint32_t id)
 	if (!c->cfg.exclusive && e->st[T_GPU] == CACHE_RESIDENT)
 		evict_gpu(c, id);
 	e->st[T_HOST] = CACHE_EVICTING;
+	if (e->prefetched)
+		stats_inc(c->st, STAT_cache_prefetch_wasted);
 	e->prefetched = false;
 	drop_slot(c, id, T_HOST);
 	stats_inc(c->st, STAT_cache_evictions_host);
@@ -243,10 +270,12 @@ static void evict_host(struct cache *c, uint32_t id)
 
 /* Asks the I/O thread to cancel one queued prefetch nobody demanded, so
  * that its slot comes back. */
-static void cancel_one_prefetch(struct cache *c)
+static void cancel_one_prefetch(struct cache *c, uint32_t layer)
 {
 	for (uint32_t id = 0; id < c->n_ids; id++) {
 		struct expert_state *e = &c->ex[id];
+		if (c->hocc && layer_of(c, id) != layer)
+			continue; /* only a slot of this layer's budget helps */
 		if (e->st[T_HOST] == CACHE_LOADING && e->prefetch && !e->cancel_asked) {
 			e->cancel_asked = true;
 			push_job(c, JOB_CANCEL, id, e->slot[T_HOST], NONE, true);
@@ -257,8 +286,19 @@ static void cancel_one_prefetch(struct cache *c)
 
 /* A free host slot, evicting if needed: slot number, -ENOBUFS when nothing
  * can be evicted, -ENOMEM on an allocation failure. */
-static int alloc_host(struct cache *c, bool demand)
+static int alloc_host(struct cache *c, uint32_t layer, bool demand)
 {
+	/* Per-layer budgets: make room in this layer first; the arena holds
+	 * n_layers * layer_slots slots, so a free one then exists. */
+	while (c->hocc && c->hocc[layer] >= c->cfg.layer_slots) {
+		uint32_t v = policy_victim(c->pol[T_HOST], layer, filter_host, c);
+		if (v == POLICY_NONE) {
+			if (demand)
+				cancel_one_prefetch(c, layer);
+			return -ENOBUFS;
+		}
+		evict_host(c, v);
+	}
 	for (;;) {
 		int s = tier_host_alloc(c->host, 0);
 		if (s >= 0 || s != -ENOSPC)
@@ -266,7 +306,7 @@ static int alloc_host(struct cache *c, bool demand)
 		uint32_t v = policy_victim(c->pol[T_HOST], 0, filter_host, c);
 		if (v == POLICY_NONE) {
 			if (demand)
-				cancel_one_prefetch(c);
+				cancel_one_prefetch(c, layer);
 			return -ENOBUFS;
 		}
 		evict_host(c, v);
@@ -293,9 +333,11 @@ static int alloc_gpu(struct cache *c)
 static int start_host_load(struct cache *c, uint32_t id, bool prefetch)
 {
 	struct expert_state *e = &c->ex[id];
-	int s = alloc_host(c, !prefetch);
+	int s = alloc_host(c, layer_of(c, id), !prefetch);
 	if (s < 0)
 		return s;
+	if (c->hocc)
+		c->hocc[layer_of(c, id)]++;
 	struct slot_state *ss = &c->hslot[s];
 	ss->owner = id;
 	ss->gen++;
@@ -443,7 +485,7 @@ static int try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned f
 		if (first) {
 			stats_inc(c->st, t == T_GPU ? STAT_cache_hits_gpu : STAT_cache_hits_host);
 			stats_expert_add(c->st, l, x, STAT_EXPERT_HITS, 1);
-			if (c->pol[t])
+			if (c->pol[t] && !c->retry)
 				policy_hit(c->pol[t], id);
 		}
 		if (e->prefetched) {
@@ -538,12 +580,24 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 		free(seq);
 		return -EMFILE;
 	}
+	/* A call naming only experts of the previous call, all of one layer,
+	 * is the retry of that access's misses (a client waiting for them, a
+	 * parked blocking acquire): not a new access for the policy, which
+	 * already saw it (no second begin, and the loads it waited for are
+	 * inserted, not hit: moe-sim's one event per expert and access). */
+	c->retry = n > 0 && c->calls > 0;
+	for (size_t i = 0; i < n && c->retry; i++)
+		c->retry = keys[i].layer < c->n_layers && keys[i].expert < c->n_experts &&
+			   keys[i].layer == keys[0].layer && c->ex[id_of(c, keys[i])].mark == c->calls;
 	c->calls++;
-	if (n && keys[0].layer < c->n_layers) {
+	if (n && keys[0].layer < c->n_layers && !c->retry) {
 		for (int t = 0; t < 2; t++)
 			if (c->pol[t])
 				policy_begin(c->pol[t], c->calls, keys[0].layer);
 	}
+	for (size_t i = 0; i < n; i++)
+		if (keys[i].layer < c->n_layers && keys[i].expert < c->n_experts)
+			c->ex[id_of(c, keys[i])].mark = c->calls;
 	size_t waiting = 0, served = 0;
 	for (size_t i = 0; i < n; i++) {
 		memset(&out[i], 0, sizeof(out[i]));
@@ -723,6 +777,25 @@ int cache_prefetch(struct cache *c, const struct cache_key *keys, size_t n, enum
 	return started;
 }
 
+int cache_layer_view(struct cache *c, uint32_t layer, uint8_t *resident, uint8_t *evictable, uint32_t *free_slots)
+{
+	if (!c || layer >= c->n_layers || !resident)
+		return -EINVAL;
+	pthread_mutex_lock(&c->mu);
+	for (uint32_t x = 0; x < c->n_experts; x++) {
+		uint32_t id = layer * c->n_experts + x;
+		uint8_t st = c->ex[id].st[T_HOST];
+		resident[x] = st == CACHE_RESIDENT || st == CACHE_LOADING;
+		if (evictable)
+			evictable[x] = filter_host(c, id);
+	}
+	if (free_slots)
+		*free_slots = !c->hocc ? UINT32_MAX
+			    : c->hocc[layer] < c->cfg.layer_slots ? c->cfg.layer_slots - c->hocc[layer] : 0;
+	pthread_mutex_unlock(&c->mu);
+	return 0;
+}
+
 int cache_prefetch_cancel(struct cache *c, const struct cache_key *keys, size_t n)
 {
 	if (!c || (n && !keys))
@@ -892,9 +965,33 @@ int cache_arena(struct cache *c, enum cache_tier tier, struct cache_arena_info *
 		out->slot_bytes = tier_gpu_slot_stride(c->gpu);
 		out->n_slots = c->n_gslots;
 		out->bytes = out->slot_bytes * c->n_gslots;
+		if (c->gpu_exp_valid && c->gpu_exp.nfds == 1 && c->gpu_exp.offsets[0] == 0)
+			out->fd = c->gpu_exp.fds[0];
 		return 0;
 	}
 	return -EINVAL;
+}
+
+int cache_gpu_export(struct cache *c, struct tier_gpu_export *out, struct moe_error *err)
+{
+	if (!c || !out)
+		return -EINVAL;
+	if (!c->gpu)
+		return moe_error_set(err, -ENODEV, "no GPU tier");
+	/* The I/O thread alone drives tier_gpu: it does the export. */
+	struct gpu_export_req r = { .out = out, .rc = -EINTR };
+	pthread_mutex_lock(&c->mu);
+	int rc = push_job(c, JOB_GPU_EXPORT, NONE, NONE, NONE, false);
+	if (rc == 0) {
+		c->jobs_tail->export_req = &r;
+		while (!r.done)
+			pthread_cond_wait(&c->cv, &c->mu);
+		rc = r.rc;
+	}
+	pthread_mutex_unlock(&c->mu);
+	if (rc < 0)
+		return moe_error_set(err, rc, "%s", r.err.msg[0] ? r.err.msg : strerror(-rc));
+	return rc;
 }
 
 void *cache_slot_ptr(struct cache *c, enum cache_tier tier, uint32_t slot)
@@ -1105,6 +1202,16 @@ static void run_jobs(struct cache *c, struct job *j)
 			/* -ENOENT: the slot never got its copy (a failed one). */
 			tier_gpu_evict(c->gpu, j->gslot, false);
 			break;
+		case JOB_GPU_EXPORT: {
+			struct gpu_export_req *r = j->export_req;
+			int rc = tier_gpu_export(c->gpu, r->out, &r->err);
+			pthread_mutex_lock(&c->mu);
+			r->rc = rc;
+			r->done = true;
+			pthread_cond_broadcast(&c->cv);
+			pthread_mutex_unlock(&c->mu);
+			break;
+		}
 		case JOB_GPU_COPY: {
 			struct moe_error err = { { 0 } };
 			uint64_t token = 0;
@@ -1280,6 +1387,21 @@ int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct 
 	}
 	if (n_host > n_ids64)
 		n_host = n_ids64; /* more slots than experts would never be used */
+	if (cfg->layer_slots) {
+		uint64_t need = (uint64_t)c->n_layers * (cfg->layer_slots < c->n_experts ? cfg->layer_slots : c->n_experts);
+		if (n_host < need) {
+			rc = moe_error_set(err, -EINVAL, "cache: %u slots per layer x %u layers need %llu host slots; "
+					   "the arena holds %llu (%llu bytes each)", cfg->layer_slots, c->n_layers,
+					   (unsigned long long)need, (unsigned long long)n_host,
+					   (unsigned long long)c->extent);
+			goto fail;
+		}
+		c->hocc = calloc(c->n_layers, sizeof(*c->hocc));
+		if (!c->hocc) {
+			rc = moe_error_set(err, -ENOMEM, "cache: out of memory");
+			goto fail;
+		}
+	}
 	c->st = stats_new(c->n_layers, c->n_experts);
 	c->ex = calloc(c->n_ids, sizeof(*c->ex));
 	c->clients = calloc(c->cfg.max_clients, sizeof(*c->clients));
@@ -1336,6 +1458,15 @@ int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct 
 		rc = tier_gpu_create(&gc, &c->gpu, err);
 		if (rc < 0)
 			goto fail;
+		/* The emulated region is one memfd: export it now so the service
+		 * can hand clients a read-only descriptor (VMM handles are
+		 * per-chunk and come and go with the experts). */
+		if (tier_gpu_backend_of(c->gpu) == TIER_GPU_EMULATED) {
+			rc = tier_gpu_export(c->gpu, &c->gpu_exp, err);
+			if (rc < 0)
+				goto fail;
+			c->gpu_exp_valid = true;
+		}
 		c->n_gslots = tier_gpu_nslots(c->gpu);
 		if (c->n_gslots > c->n_ids)
 			c->n_gslots = c->n_ids;
@@ -1360,8 +1491,10 @@ int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct 
 		if (t == T_GPU && !c->gpu)
 			continue;
 		struct policy_config pc;
-		policy_config_default(&pc, c->n_layers, c->n_experts, t == T_HOST ? (uint32_t)n_host : c->n_gslots,
-				      false);
+		bool per_layer = t == T_HOST && cfg->layer_slots;
+		policy_config_default(&pc, c->n_layers, c->n_experts,
+				      per_layer ? cfg->layer_slots : t == T_HOST ? (uint32_t)n_host : c->n_gslots,
+				      per_layer);
 		rc = policy_create(cfg->policy ? cfg->policy : "lru", &pc, &c->pol[t], err);
 		if (rc < 0)
 			goto fail;
@@ -1409,6 +1542,8 @@ void cache_destroy(struct cache *c)
 	/* Waits for reads in flight before the arena goes away. */
 	tier_nvme_destroy(c->nvme);
 	if (c->gpu) {
+		if (c->gpu_exp_valid)
+			tier_gpu_export_free(&c->gpu_exp);
 		tier_gpu_unregister_host(c->gpu);
 		tier_gpu_destroy(c->gpu);
 	}
@@ -1420,6 +1555,7 @@ void cache_destroy(struct cache *c)
 			free(c->clients[i].v);
 	free(c->clients);
 	free(c->ex);
+	free(c->hocc);
 	free(c->hslot);
 	free(c->gslot);
 	free(c->gfree);

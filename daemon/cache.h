@@ -84,6 +84,10 @@ struct cache_config {
 	 * load or copy finishes: status 0, or a negative errno. Must not block. */
 	void (*on_ready)(void *ctx, uint32_t layer, uint32_t expert, enum cache_tier tier, int status);
 	void *on_ready_ctx;
+	/* Host slots per MoE layer: each layer gets its own budget and its own
+	 * policy group (moe-sim's default "C slots per layer"); the arena must
+	 * hold n_layers * layer_slots slots. 0 = one budget for the arena. */
+	uint32_t layer_slots;
 };
 
 struct cache_key {
@@ -157,6 +161,15 @@ int cache_prefetch(struct cache *c, const struct cache_key *keys, size_t n, enum
  * joined are left alone. Returns the number of cancels requested. */
 int cache_prefetch_cancel(struct cache *c, const struct cache_key *keys, size_t n);
 
+/* The host tier of one layer as the prefetch scheduler sees it:
+ * resident[e] (n_experts bytes) nonzero when RESIDENT or LOADING;
+ * evictable[e] (may be NULL) nonzero when it could be evicted now (not
+ * leased, pinned, loading, nor named by the last acquire); *free_slots
+ * (may be NULL) = slots the layer may still fill without evicting with
+ * per-layer budgets, or UINT32_MAX with one budget (the cache then picks
+ * the victim itself). 0 or -EINVAL. */
+int cache_layer_view(struct cache *c, uint32_t layer, uint8_t *resident, uint8_t *evictable, uint32_t *free_slots);
+
 /* Pins an expert in a tier (loading it if needed; pins nest): a pinned
  * expert is never chosen for eviction. Pinning in the GPU tier pins the host
  * copy too when the host tier is inclusive. */
@@ -182,12 +195,19 @@ int cache_residency_bitmap(struct cache *c, enum cache_tier tier, uint32_t layer
 struct cache_arena_info {
 	void *base;        /* in this process */
 	uint64_t bytes;    /* mapped size */
-	int fd;            /* memfd of the host arena; -1 where there is none
-			    * (the GPU tier exports through tier_gpu) */
+	int fd;            /* host arena memfd; for the GPU tier the emulated
+			    * region's read-only memfd; -1 where there is none
+			    * (VMM handles are per chunk: tier_gpu_export).
+			    * Owned by the cache. */
 	uint64_t slot_bytes;
 	uint32_t n_slots;
 };
 int cache_arena(struct cache *c, enum cache_tier tier, struct cache_arena_info *out);
+/* The GPU arena's handles for clients (see tier_gpu_export): -ENODEV when
+ * the cache has no GPU tier. Free with tier_gpu_export_free. */
+struct tier_gpu_export;
+int cache_gpu_export(struct cache *c, struct tier_gpu_export *out, struct moe_error *err);
+
 /* Pointer to a slot's payload in this process (host or emulated GPU), e.g.
  * for compute.c. Only meaningful while a lease on it is held. */
 void *cache_slot_ptr(struct cache *c, enum cache_tier tier, uint32_t slot);

@@ -41,6 +41,22 @@ enum config_type { CONFIG_STR, CONFIG_SIZE, CONFIG_U32, CONFIG_I32, CONFIG_BOOL 
 	  "CUDA device ordinal") \
 	X("policy", policy, CONFIG_STR, 0, 0, "lru", false, \
 	  "eviction policy") \
+	X("layer-slots", layer_slots, CONFIG_U32, 0, 65536, "0", false, \
+	  "host slots per MoE layer, each layer its own budget (moe-sim's default); 0: one budget for the arena") \
+	X("predictor", predictor, CONFIG_STR, 0, 0, "none", false, \
+	  "expert predictor of each client stream: none, temporal, coact, tokenid, tracematch, learned, combo") \
+	X("predictor-model", predictor_model, CONFIG_STR, 0, 0, "", false, \
+	  "model file from 'moe-sim train' (tokenid, tracematch, learned, combo)") \
+	X("prefetch", prefetch, CONFIG_BOOL, 0, 1, "true", false, \
+	  "prefetch the predicted experts of the next layers (with a predictor)") \
+	X("prefetch-lookahead", prefetch_lookahead, CONFIG_U32, 0, 64, "0", false, \
+	  "layers planned ahead; 0 adapts 1..4 to the measured compute time per layer") \
+	X("compute-calibrate", compute_calibrate, CONFIG_BOOL, 0, 1, "true", false, \
+	  "measure the host expert-FFN rates at start-up for the move-or-compute cost model") \
+	X("link-nvme-mbps", link_nvme_mbps, CONFIG_U32, 0, 1000000, "4000", false, \
+	  "NVMe -> host bandwidth the cost model assumes, MB/s (0 = unknown)") \
+	X("link-h2g-mbps", link_h2g_mbps, CONFIG_U32, 0, 10000000, "25000", false, \
+	  "host -> GPU bandwidth the cost model assumes, MB/s (used when a GPU tier exists)") \
 	X("queue-depth", queue_depth, CONFIG_U32, 1, 256, "8", false, \
 	  "NVMe reads in flight") \
 	X("numa-node", numa_node, CONFIG_I32, -2, 4096, "-2", false, \

@@ -29,6 +29,8 @@
 #include "cache.h"
 #include "compute.h"
 #include "pack.h"
+#include "placement.h"
+#include "tier_gpu.h"
 #include "ring.h"
 #include "route.h"
 #include "server.h"
@@ -76,6 +78,10 @@ struct model {
 	struct cache_arena_info arena[2];
 	int arena_ro_fd[2];       /* read-only fds handed to clients */
 	int shared_ro_fd;
+	/* placement: each client stream gets its own predictor (placement.h) */
+	struct placement_config plc;
+	struct predict_model *pmodel; /* --predictor-model, shared read-only */
+	uint32_t top_k;
 };
 
 struct client {
@@ -102,6 +108,8 @@ struct client {
 	uint32_t n_leases_max, n_leases_used, lease_hint;
 	struct parked *parked;    /* ring thread only */
 	uint32_t n_parked, max_parked;
+	struct placement *pl;     /* this stream's predictor + prefetch [lock] */
+	bool pl_failed;           /* creating it failed once: do not retry */
 	_Atomic uint64_t ops;
 };
 
@@ -631,6 +639,22 @@ out:
 	return rc;
 }
 
+/* The client's placement (under c->lock), created at its first use; NULL
+ * when the model runs no predictor. */
+static struct placement *client_placement(struct client *c)
+{
+	struct model *m = c->m;
+	if (c->pl || c->pl_failed || !m || !placement_enabled(&m->plc))
+		return c->pl;
+	struct moe_error err;
+	if (placement_create(m->cache, m->n_layers, m->n_experts, m->top_k, m->pack->hdr->extent_payload, &m->plc,
+			     &c->pl, &err) < 0) {
+		moe_warn("client %u: no placement: %s", c->id, err.msg);
+		c->pl_failed = true;
+	}
+	return c->pl;
+}
+
 /* Runs one entry (already copied out of shared memory). Returns 1 when the
  * completion is ready in *out, 0 when the entry was parked (ring only). */
 static int exec_entry(struct server *s, struct client *c, const struct moet_sqe *q, struct moet_cqe *out,
@@ -648,6 +672,12 @@ static int exec_entry(struct server *s, struct client *c, const struct moet_sqe 
 	}
 	switch (q->opcode) {
 	case MOET_OP_NOP:
+		/* A NOP carrying a token hint announces the next token. */
+		if (q->token_pos || q->token_key) {
+			pthread_mutex_lock(&c->lock);
+			placement_token(client_placement(c), q->token_key, q->token_pos);
+			pthread_mutex_unlock(&c->lock);
+		}
 		out->result = 0;
 		return 1;
 	case MOET_OP_RELEASE:
@@ -714,6 +744,8 @@ static int exec_entry(struct server *s, struct client *c, const struct moet_sqe 
 			out->tier[i] = CACHE_TIER_NVME;
 		}
 		unsigned pending = try_acquire(c, q->layer, out, lidx, q->flags);
+		/* Demand loads are queued first; then the predictor looks ahead. */
+		placement_access(client_placement(c), q->layer, local.ids, local.count, q->token_key, q->token_pos);
 		if (pending && may_park && !(q->flags & MOET_F_NOWAIT) && out->result >= 0 &&
 		    c->n_parked < c->max_parked) {
 			struct parked *p = &c->parked[c->n_parked++];
@@ -785,6 +817,8 @@ static void client_teardown_data(struct server *s, struct client *c)
 	if (c->m) {
 		pthread_mutex_lock(&c->lock);
 		n = cache_release_client(c->m->cache, c->cache_id);
+		placement_destroy(c->pl);
+		c->pl = NULL;
 		for (uint32_t i = 0; i < c->n_leases_max; i++)
 			c->leases[i].used = false;
 		c->n_leases_used = 0;
@@ -1006,6 +1040,7 @@ static void client_free(struct client *c)
 		munmap(c->region, c->region_bytes);
 	free(c->leases);
 	free(c->parked);
+	placement_destroy(c->pl);
 	pthread_mutex_destroy(&c->lock);
 	free(c);
 }
@@ -1206,6 +1241,8 @@ static char *render_clients(struct server *s)
 	return buf;
 }
 
+static void render_compute(FILE *f, json_t *jm, uint32_t fmt, const struct model *m, bool first);
+
 static char *render_stats(struct server *s, uint32_t fmt)
 {
 	char *buf = NULL;
@@ -1245,14 +1282,19 @@ static char *render_stats(struct server *s, uint32_t fmt)
 			continue;
 		if (fmt == MOET_STATS_TEXT) {
 			fprintf(f, "\nmodel %s (%s engine)\n%s", m->name, cache_io_engine(m->cache), r);
+			render_compute(f, NULL, fmt, m, true);
 		} else if (fmt == MOET_STATS_JSON) {
 			json_error_t je;
 			json_t *j = json_loads(r, 0, &je);
-			if (j)
+			if (j) {
+				if (json_is_object(j))
+					render_compute(f, j, fmt, m, true);
 				json_object_set_new(json_object_get(root, "models"), m->name, j);
+			}
 		} else if (i == 0) {
 			/* One model per exposition: metric names carry no model label. */
 			fputs(r, f);
+			render_compute(f, NULL, fmt, m, true);
 		}
 		free(r);
 	}
@@ -1268,6 +1310,152 @@ static char *render_stats(struct server *s, uint32_t fmt)
 	return buf;
 }
 
+
+/* Move or compute, per expert, from where it is now and the cost model. */
+static void do_advise(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload)
+{
+	struct moet_advise_req q;
+	struct moet_advise_reply r;
+	if (!c->m || h->len != sizeof(q)) {
+		cnt(s, SERVER_bad_messages);
+		send_error(s, c, h->seq, -EPROTO, "ADVISE: expected one %zu-byte request from a model client", sizeof(q));
+		return;
+	}
+	memcpy(&q, payload, sizeof(q));
+	struct model *m = c->m;
+	if (!m->compute) {
+		send_error(s, c, h->seq, -EOPNOTSUPP, "ADVISE: no cost model for model %s (COMPUTE not offered)", m->name);
+		return;
+	}
+	if (q.n > MOET_MAX_BATCH || q.layer >= m->n_layers || q.tokens == 0 || q.tokens > (1u << 20)) {
+		cnt(s, SERVER_bad_messages);
+		send_error(s, c, h->seq, -EINVAL, "ADVISE: layer %u (of %u), %u experts (max %u), %u tokens out of range",
+			   q.layer, m->n_layers, q.n, MOET_MAX_BATCH, q.tokens);
+		return;
+	}
+	uint64_t gw[64] = { 0 }, hw[64] = { 0 }; /* n_experts <= 4096 */
+	if (cache_residency_bitmap(m->cache, CACHE_TIER_GPU, q.layer, gw, 64) < 0)
+		memset(gw, 0, sizeof(gw));
+	if (cache_residency_bitmap(m->cache, CACHE_TIER_HOST, q.layer, hw, 64) < 0)
+		memset(hw, 0, sizeof(hw));
+	memset(&r, 0, sizeof(r));
+	r.n = q.n;
+	for (uint32_t i = 0; i < q.n; i++) {
+		uint32_t e = q.ids[i];
+		if (e >= m->n_experts) {
+			cnt(s, SERVER_bad_messages);
+			send_error(s, c, h->seq, -EINVAL, "ADVISE: expert %u out of range (%u experts)", e, m->n_experts);
+			return;
+		}
+		bool on_gpu = gw[e / 64] >> (e % 64) & 1, on_host = hw[e / 64] >> (e % 64) & 1;
+		struct compute_decision d;
+		compute_decide(m->compute, on_gpu ? COMPUTE_TIER_GPU : on_host ? COMPUTE_TIER_HOST : COMPUTE_TIER_NVME,
+			       q.tokens, &d);
+		r.where[i] = d.where == COMPUTE_ON_HOST ? MOET_WHERE_HOST : MOET_WHERE_MOVE;
+		r.tier[i] = on_gpu ? 0 : on_host ? 1 : 2;
+		r.host_us[i] = (float)(d.host_s * 1e6);
+		r.move_us[i] = (float)(d.move_s * 1e6);
+	}
+	send_msg(c->fd, MOET_MSG_OK, h->seq, 0, 0, &r, sizeof(r), NULL, 0);
+}
+
+/* The cost model's inputs and decisions, in the stats of each model. */
+static void render_compute(FILE *f, json_t *jm, uint32_t fmt, const struct model *m, bool first)
+{
+	struct compute_model cm;
+	struct compute_counters cc;
+	if (!m->compute)
+		return;
+	compute_get_model(m->compute, &cm);
+	compute_get_counters(m->compute, &cc);
+	const struct {
+		const char *name;
+		double v;
+	} in[] = {
+		{ "expert_bytes", (double)cm.expert_bytes },
+		{ "flops_per_token", (double)cm.flops_per_token },
+		{ "host_bytes_per_s", cm.host_Bps },
+		{ "host_flops", cm.host_flops },
+		{ "host_fixed_us", cm.host_fixed_s * 1e6 },
+		{ "host_rates_measured", cm.measured ? 1.0 : 0.0 },
+		{ "nvme_to_host_bytes_per_s", cm.nvme_to_host_Bps },
+		{ "host_to_gpu_bytes_per_s", cm.host_to_gpu_Bps },
+		{ "gpu_flops", cm.gpu_flops },
+	};
+	json_t *jc = jm ? json_object() : NULL;
+	if (fmt == MOET_STATS_TEXT)
+		fprintf(f, "compute (%s kernels; cost model inputs, then counters)\n", ffn_isa_name(cm.isa));
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(in); i++) {
+		if (fmt == MOET_STATS_TEXT)
+			fprintf(f, "  compute_%-26s %.6g\n", in[i].name, in[i].v);
+		else if (jc)
+			json_object_set_new(jc, in[i].name, json_real(in[i].v));
+		else if (first)
+			fprintf(f, "# TYPE moetier_compute_%s gauge\nmoetier_compute_%s %.9g\n", in[i].name, in[i].name,
+				in[i].v);
+	}
+	for (unsigned i = 0; i < COMPUTE_CTR_COUNT; i++) {
+		const char *name = compute_counter_name((enum compute_counter)i);
+		uint64_t v = compute_counter_value(&cc, (enum compute_counter)i);
+		if (fmt == MOET_STATS_TEXT)
+			fprintf(f, "  compute_%-26s %" PRIu64 "\n", name, v);
+		else if (jc)
+			json_object_set_new(jc, name, json_integer((json_int_t)v));
+		else if (first)
+			fprintf(f, "# TYPE moetier_compute_%s counter\nmoetier_compute_%s %" PRIu64 "\n", name, name, v);
+	}
+	if (jc)
+		json_object_set_new(jm, "compute", jc);
+}
+
+/* Hands a data-plane client the GPU arena's handles, a batch at a time. */
+static void do_gpu_export(struct server *s, struct client *c, const struct moet_msg *h)
+{
+	struct tier_gpu_export e;
+	struct moe_error err = { { 0 } };
+	if (!c->region || !c->m) {
+		cnt(s, SERVER_bad_messages);
+		send_error(s, c, h->seq, -EPROTO, "GPU_EXPORT needs a data-plane client");
+		return;
+	}
+	int rc = cache_gpu_export(c->m->cache, &e, &err);
+	if (rc < 0) {
+		send_error(s, c, h->seq, rc, "GPU export: %s", err.msg);
+		return;
+	}
+	if (h->arg > e.nfds) {
+		cnt(s, SERVER_bad_messages);
+		send_error(s, c, h->seq, -EINVAL, "GPU_EXPORT: first handle %u past the %u there are", h->arg, e.nfds);
+		tier_gpu_export_free(&e);
+		return;
+	}
+	struct {
+		struct moet_gpu_export x;
+		uint64_t offsets[MOET_GPU_EXPORT_BATCH];
+	} r;
+	memset(&r, 0, sizeof(r));
+	unsigned n = e.nfds - h->arg;
+	if (n > MOET_GPU_EXPORT_BATCH)
+		n = MOET_GPU_EXPORT_BATCH;
+	r.x.backend = e.backend == TIER_GPU_EMULATED ? MOET_GPU_EMULATED
+		      : e.backend == TIER_GPU_VMM    ? MOET_GPU_VMM
+		      : e.backend == TIER_GPU_UVM    ? MOET_GPU_UVM
+						     : MOET_GPU_NONE;
+	r.x.device = e.device;
+	r.x.generation = e.generation;
+	r.x.slot_stride = e.slot_stride;
+	r.x.chunk_bytes = e.chunk_bytes;
+	r.x.total = e.nfds;
+	r.x.first = h->arg;
+	r.x.n = n;
+	for (unsigned i = 0; i < n; i++)
+		r.offsets[i] = e.offsets[h->arg + i];
+	rc = send_msg(c->fd, MOET_MSG_OK, h->seq, 0, 0, &r, (uint32_t)(sizeof(r.x) + n * sizeof(uint64_t)),
+		      n ? e.fds + h->arg : NULL, n);
+	if (rc < 0)
+		moe_debug("client %u: GPU export reply: %s", c->id, strerror(-rc));
+	tier_gpu_export_free(&e);
+}
 static void do_admin(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload)
 {
 	char text[1024];
@@ -1480,6 +1668,12 @@ static void client_readable(struct server *s, struct client *c)
 	case MOET_MSG_UNPIN: case MOET_MSG_EVICT: case MOET_MSG_CLIENTS:
 		do_admin(s, c, &h, payload);
 		return;
+	case MOET_MSG_GPU_EXPORT:
+		do_gpu_export(s, c, &h);
+		return;
+	case MOET_MSG_ADVISE:
+		do_advise(s, c, &h, payload);
+		return;
 	default:
 		cnt(s, SERVER_bad_messages);
 		send_error(s, c, h.seq, -EOPNOTSUPP, "unknown message type %u", h.type);
@@ -1523,7 +1717,11 @@ static int open_model(struct server *s, struct model *m, const char *path, unsig
 				return rc;
 		}
 	}
-	struct compute_opts co = { .threads = 1, .kernel_threads = 1 };
+	/* The move-or-compute cost model: host rates measured here (unless
+	 * turned off), link rates from the options; no GPU tier, no move. */
+	struct compute_opts co = { .threads = 1, .kernel_threads = 1, .calibrate = s->cfg->compute_calibrate,
+				   .nvme_to_host_Bps = (double)s->cfg->link_nvme_mbps * 1e6,
+				   .host_to_gpu_Bps = s->cfg->gpu_bytes ? (double)s->cfg->link_h2g_mbps * 1e6 : 0.0 };
 	struct moe_error cerr;
 	if (compute_create(mc, m->pack->hdr->parts, m->pack->hdr->n_parts, pack_extent_bytes(m->pack), &co, &m->compute,
 			   &cerr)) {
@@ -1544,6 +1742,7 @@ static int open_model(struct server *s, struct model *m, const char *path, unsig
 		.huge_pages = s->cfg->huge_pages,
 		.no_uring = s->cfg->no_uring,
 		.policy = s->cfg->policy,
+		.layer_slots = s->cfg->layer_slots,
 		.wait_timeout_ms = s->cfg->wait_timeout_ms,
 		.max_clients = s->max_clients + 1,
 		.on_ready = on_ready,
@@ -1551,6 +1750,30 @@ static int open_model(struct server *s, struct model *m, const char *path, unsig
 	};
 	if ((rc = cache_create(m->pack, &cc, &m->cache, err)))
 		return moe_error_prefix(err, rc, "%s", path);
+	m->top_k = mc->top_k;
+	m->plc = (struct placement_config){ .predictor = s->cfg->predictor, .prefetch = s->cfg->prefetch,
+					    .lookahead = s->cfg->prefetch_lookahead, .min_score = -1, .gain = -1 };
+	if (placement_enabled(&m->plc)) {
+		const struct predict_ops *po = predict_find(m->plc.predictor);
+		if (!po)
+			return moe_error_set(err, -EINVAL, "unknown predictor '%s'", m->plc.predictor);
+		if (s->cfg->predictor_model[0]) {
+			if ((rc = predict_model_load(s->cfg->predictor_model, &m->pmodel, err)))
+				return moe_error_prefix(err, rc, "predictor-model");
+			m->plc.model = m->pmodel;
+		} else if (po->needs_model) {
+			return moe_error_set(err, -EINVAL, "predictor '%s' needs a predictor-model file (moe-sim train)",
+					     m->plc.predictor);
+		}
+		/* Shape errors (model file vs pack) show up here, not per client. */
+		struct placement *probe;
+		if ((rc = placement_create(m->cache, m->n_layers, m->n_experts, m->top_k, m->pack->hdr->extent_payload,
+					   &m->plc, &probe, err)))
+			return moe_error_prefix(err, rc, "%s", path);
+		placement_destroy(probe);
+		moe_info("model %s: predictor %s, prefetch %s, look-ahead %s", m->name, m->plc.predictor,
+			 m->plc.prefetch ? "on" : "off", m->plc.lookahead ? "fixed" : "adaptive");
+	}
 	for (unsigned t = 0; t < 2; t++) {
 		if (cache_arena(m->cache, (enum cache_tier)t, &m->arena[t]) < 0)
 			memset(&m->arena[t], 0, sizeof(m->arena[t]));
@@ -1592,6 +1815,7 @@ static void close_model(struct model *m)
 		close(m->shared_ro_fd);
 	free(m->score_bias);
 	free(m->dirty);
+	predict_model_free(m->pmodel);
 }
 
 static int lookup_group(const char *name, gid_t *out)

@@ -619,3 +619,129 @@ Test(server, compute_matches_local_ffn, .timeout = 60)
 	moet_close(c);
 	teardown(&e);
 }
+
+/* ---- GPU arena handles for clients ------------------------------------------ */
+
+Test(server, gpu_arena_export_read_only_and_bytes, .timeout = 60)
+{
+	struct env e = { 0 };
+	struct pack_file *pf;
+	struct moe_error err;
+	make_model(&e);
+	start_daemon(&e, "1M", "--gpu-bytes=512K");
+	cr_assert_eq(pack_open(e.pack, PACK_OPEN_NO_DIRECT, &pf, &err), 0, "%s", err.msg);
+	moet_ctx *c = attach(&e, "gpu");
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	cr_assert_gt(mi.n_slots[MOET_TIER_GPU], 0);
+
+	struct moet_gpu_export x;
+	int fds[MOET_GPU_EXPORT_BATCH];
+	uint64_t off[MOET_GPU_EXPORT_BATCH];
+	int n = moet_gpu_export(c, 0, &x, fds, off, MOET_GPU_EXPORT_BATCH);
+	cr_assert_eq(n, 1, "gpu export: %d %s", n, moet_last_error(c));
+	cr_assert_eq(x.backend, MOET_GPU_EMULATED);
+	cr_assert_eq(x.total, 1);
+	cr_assert_eq(off[0], 0);
+	cr_assert_geq(x.chunk_bytes, x.slot_stride * mi.n_slots[MOET_TIER_GPU]);
+	/* A handle past the end is refused; the connection keeps working. */
+	struct moet_gpu_export x2;
+	cr_assert_eq(moet_gpu_export(c, 2, &x2, fds + 1, off + 1, 1), -EINVAL);
+
+	/* The client can map it only read-only. */
+	void *w = mmap(NULL, x.chunk_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+	cr_assert_eq(w, MAP_FAILED, "a writable mapping of the GPU region was allowed");
+	const uint8_t *g = mmap(NULL, x.chunk_bytes, PROT_READ, MAP_SHARED, fds[0], 0);
+	cr_assert_neq(g, MAP_FAILED, "mmap: %s", strerror(errno));
+
+	/* Ask for an expert on the GPU tier until it is served from there; its
+	 * bytes in the exported region equal the pack's. */
+	uint32_t id = 3;
+	int32_t slot = -1;
+	uint8_t tier = MOET_TIER_HOST;
+	for (int i = 0; i < 100 && tier != MOET_TIER_GPU; i++) {
+		moet_lease lease;
+		cr_assert_geq(moet_acquire(c, 0, &id, 1, MOET_F_WANT_GPU, &slot, &tier, &lease), 0);
+		if (tier == MOET_TIER_GPU) {
+			uint8_t *ref = aligned_alloc(4096, pack_extent_bytes(pf));
+			cr_assert_eq(pack_read_expert(pf, 0, id, ref, &err), 0, "%s", err.msg);
+			cr_assert_eq(memcmp(g + (uint64_t)slot * x.slot_stride, ref, pf->hdr->extent_payload), 0,
+				     "GPU slot %d differs from the pack", slot);
+			free(ref);
+		}
+		moet_release(c, lease);
+		if (tier != MOET_TIER_GPU)
+			sleep_ms(20);
+	}
+	cr_assert_eq(tier, MOET_TIER_GPU, "expert never served from the GPU tier");
+	munmap((void *)g, x.chunk_bytes);
+	close(fds[0]);
+	moet_close(c);
+	pack_close(pf);
+	teardown(&e);
+}
+
+/* ---- move or compute: ADVISE and the cost model in stats -------------------- */
+
+Test(server, advise_move_or_compute, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "1M", "--gpu-bytes=512K");
+	moet_ctx *c = attach(&e, "advise");
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+
+	/* Expert 2 is brought to the host tier; 5 stays on NVMe. */
+	uint32_t id = 2;
+	int32_t slot;
+	uint8_t t;
+	moet_lease lease;
+	cr_assert_eq(moet_acquire(c, 0, &id, 1, 0, &slot, &t, &lease), 1);
+	cr_assert_eq(t, MOET_TIER_HOST);
+	uint32_t ids[2] = { 2, 5 };
+	uint8_t where[2], tier[2];
+	float host_us[2], move_us[2];
+	cr_assert_eq(moet_advise(c, 0, ids, 2, 1, where, tier, host_us, move_us), 2, "%s", moet_last_error(c));
+	cr_assert_eq(tier[0], MOET_TIER_HOST);
+	cr_assert_eq(tier[1], MOET_TIER_NVME);
+	for (int i = 0; i < 2; i++) {
+		cr_assert(where[i] == MOET_WHERE_HOST || where[i] == MOET_WHERE_MOVE);
+		cr_assert_gt(host_us[i], 0.0f);
+		cr_assert_gt(move_us[i], 0.0f);
+		/* the answer is the cheaper of the two estimates */
+		cr_assert_eq(where[i] == MOET_WHERE_HOST, host_us[i] <= move_us[i], "expert %u: host %g us, move %g us",
+			     ids[i], host_us[i], move_us[i]);
+	}
+	/* An expert still on NVMe costs a read more either way. */
+	cr_assert_gt(host_us[1], host_us[0]);
+	/* More tokens cost the host more arithmetic, never less. */
+	float h64[2], m64[2];
+	cr_assert_eq(moet_advise(c, 0, ids, 2, 64, where, tier, h64, m64), 2);
+	cr_assert_geq(h64[0], host_us[0]);
+	moet_release(c, lease);
+
+	/* Bad requests fail alone. */
+	uint32_t bad = mi.n_experts;
+	cr_assert_eq(moet_advise(c, 0, &bad, 1, 1, where, NULL, NULL, NULL), -EINVAL);
+	cr_assert_eq(moet_advise(c, mi.n_moe_layers, ids, 1, 1, where, NULL, NULL, NULL), -EINVAL);
+	cr_assert_eq(moet_advise(c, 0, ids, 1, 0, where, NULL, NULL, NULL), -EINVAL);
+	cr_assert_eq(moet_advise(c, 0, ids, 2, 1, where, NULL, NULL, NULL), 2);
+
+	/* The decisions and the model's inputs are in the stats. */
+	char *st = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_TEXT, &st), 0);
+	cr_assert(strstr(st, "compute_host_bytes_per_s") && strstr(st, "compute_host_to_gpu_bytes_per_s"), "%s", st);
+	const char *d = strstr(st, "compute_decide_host");
+	const char *mv = strstr(st, "compute_decide_move");
+	cr_assert(d && mv);
+	unsigned long nh = strtoul(d + strlen("compute_decide_host"), NULL, 10);
+	unsigned long nm = strtoul(mv + strlen("compute_decide_move"), NULL, 10);
+	cr_assert_eq(nh + nm, 6, "6 decisions were asked for, stats count %lu + %lu", nh, nm);
+	free(st);
+	cr_assert_eq(moet_stats(c, MOET_STATS_JSON, &st), 0);
+	cr_assert(strstr(st, "\"decide_host\""), "%s", st);
+	free(st);
+	moet_close(c);
+	teardown(&e);
+}

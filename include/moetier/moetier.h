@@ -83,6 +83,15 @@ int moet_acquire(moet_ctx *ctx, uint32_t layer, const uint32_t *ids, unsigned n,
 		 int32_t *slots, uint8_t *tiers, moet_lease *lease);
 int moet_release(moet_ctx *ctx, moet_lease lease);
 
+/* Hints for the daemon's expert predictors, sent with every later ACQUIRE
+ * and ROUTE: the token being decoded (token_key = FNV-1a of its text, as
+ * moe-sim computes it; 0 = unknown) and its position in the sequence
+ * (UINT32_MAX = unknown). A position that goes back to 0 starts a new
+ * sequence. One round trip: the announcement lets the daemon plan the
+ * token's first layers before their ACQUIREs arrive. Optional: without
+ * hints the daemon infers token boundaries from the layer order. */
+int moet_set_token(moet_ctx *ctx, uint32_t token_key, uint32_t position);
+
 /* Routing by the daemon: logits f32[n_experts] of one token -> the model's
  * top-k experts and weights (the family's rule), then an acquire of them.
  * Returns k (> 0) or a negative code. slots/tiers/lease as moet_acquire. */
@@ -122,6 +131,25 @@ int moet_resident(moet_ctx *ctx, uint32_t layer, unsigned tier, uint8_t *mask, u
 /* Waits until the residency of `layer` changes (a load finished), up to
  * timeout_ms: the ready event for NOWAIT misses. 1 changed, 0 timeout. */
 int moet_wait_ready(moet_ctx *ctx, uint32_t layer, int timeout_ms);
+/* Move or compute? For `tokens` tokens routed to each of ids[n] of MoE layer
+ * `layer`: where[i] = MOET_WHERE_HOST when computing it on the host tier
+ * (moet_compute) is estimated cheaper than moving it to the GPU, else
+ * MOET_WHERE_MOVE; tier[i] is where it is now; host_us/move_us the
+ * estimates (any of tier/host_us/move_us may be NULL). One round trip on the
+ * control socket. Returns n or a negative code. */
+int moet_advise(moet_ctx *ctx, uint32_t layer, const uint32_t *ids, unsigned n, uint32_t tokens, uint8_t *where,
+		uint8_t *tier, float *host_us, float *move_us);
+
+/* The GPU arena's handles, for a client that maps it itself: the emulated
+ * region's read-only memfd, or CUDA VMM chunk fds to import with
+ * cuMemImportFromShareableHandle and map at offsets[i]. Fills info and up to
+ * `max` fds/offsets starting at handle `first`; returns how many were
+ * received (the caller owns and closes the fds). Ask again from first + n
+ * while first + n < info->total; fetch again when info->generation changes.
+ * -ENODEV when the daemon has no GPU tier. */
+int moet_gpu_export(moet_ctx *ctx, unsigned first, struct moet_gpu_export *info, int *fds, uint64_t *offsets,
+		    unsigned max);
+
 /* Per-(layer, expert) load statistics, EPLB shape: arrays of
  * n_moe_layers * n_experts, row-major by layer; any may be NULL. */
 int moet_expert_counters(moet_ctx *ctx, uint64_t *hits, uint64_t *misses, uint64_t *loads, uint64_t *bytes);

@@ -44,7 +44,61 @@ enum moet_msg_type {
 	MOET_MSG_EVICT = 21,
 	MOET_MSG_CLIENTS = 22,     /* admin: reply OK + memfd */
 	MOET_MSG_OK = 23,          /* generic success reply; payload depends on request */
+	MOET_MSG_ADVISE = 25,      /* C->S: struct moet_advise_req; reply OK with
+				    * struct moet_advise_reply (move or compute, per expert) */
+	MOET_MSG_GPU_EXPORT = 24,  /* C->S (data-plane client): arg = index of the first
+				    * handle wanted; reply OK with struct moet_gpu_export,
+				    * then uint64_t offsets[n], and n fds (SCM_RIGHTS) */
 };
+
+/* GPU arena handles for clients: the emulated region's read-only memfd, or
+ * the POSIX fds of the CUDA VMM chunks (cuMemImportFromShareableHandle in the
+ * client, then cuMemMap at offsets[i] of a range of slot_stride * n_slots).
+ * Handles come in batches of at most MOET_GPU_EXPORT_BATCH; a client asks
+ * again with first = first + n until first + n == total, and fetches the set
+ * again when `generation` changes (a chunk was created or released). */
+/* ADVISE: for `tokens` tokens routed to each of ids[n] (MoE layer `layer`),
+ * is it cheaper to move the expert to the GPU or to compute it where it is
+ * (the daemon's COMPUTE on the host tier)? The daemon answers from where
+ * each expert is now and its cost model (measured host rates, configured
+ * link rates); the inputs are in `moectl stats`. */
+enum moet_where { MOET_WHERE_HOST = 1, MOET_WHERE_MOVE = 2 };
+struct moet_advise_req {
+	uint32_t layer;
+	uint32_t tokens;
+	uint32_t n;
+	uint32_t reserved;
+	uint32_t ids[MOET_MAX_BATCH];
+};
+struct moet_advise_reply {
+	uint32_t n;
+	uint32_t reserved;
+	uint8_t where[MOET_MAX_BATCH]; /* enum moet_where */
+	uint8_t tier[MOET_MAX_BATCH];  /* where the expert is now: 0 GPU, 1 host, 2 NVMe */
+	float host_us[MOET_MAX_BATCH]; /* estimated time computing on the host (incl. a read) */
+	float move_us[MOET_MAX_BATCH]; /* estimated time moving + computing on the GPU; +inf without one */
+};
+_Static_assert(sizeof(struct moet_advise_reply) == 8 + 2 * MOET_MAX_BATCH + 8 * MOET_MAX_BATCH, "advise layout");
+
+#define MOET_GPU_EXPORT_BATCH 8
+enum moet_gpu_backend {
+	MOET_GPU_NONE = 0,
+	MOET_GPU_EMULATED = 1,
+	MOET_GPU_UVM = 2,   /* managed memory: nothing to export */
+	MOET_GPU_VMM = 3,
+};
+struct moet_gpu_export {
+	uint32_t backend;     /* enum moet_gpu_backend */
+	int32_t device;       /* CUDA device ordinal */
+	uint64_t generation;
+	uint64_t slot_stride; /* slot i starts at i * slot_stride */
+	uint64_t chunk_bytes; /* bytes behind each handle */
+	uint32_t total;       /* handles in the whole export */
+	uint32_t first;       /* index of the first handle in this reply */
+	uint32_t n;           /* handles and offsets in this reply */
+	uint32_t reserved;
+};
+_Static_assert(sizeof(struct moet_gpu_export) == 48, "moet_gpu_export layout");
 
 struct moet_msg {
 	uint32_t magic;    /* MOET_MSG_MAGIC */
@@ -165,7 +219,12 @@ struct moet_sqe {
 	uint32_t data_off;   /* ROUTE: byte offset of the logits in the scratch area */
 	uint32_t data_len;   /* ROUTE: bytes of logits (n_experts * 4) */
 	uint32_t tier;       /* PREFETCH target tier */
-	uint32_t reserved[3];
+	/* ACQUIRE/ROUTE hints for the daemon's predictors (taken from what was
+	 * reserved, zero-filled space: 0 = no hint, so peers that never set
+	 * them keep working unchanged). */
+	uint32_t token_key;  /* predict_token_key() of the token's text */
+	uint32_t token_pos;  /* the token's position in its sequence + 1 */
+	uint32_t reserved[1];
 	uint16_t ids[MOET_MAX_BATCH];
 };
 _Static_assert(sizeof(struct moet_sqe) == 112, "sqe layout");
