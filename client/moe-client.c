@@ -27,7 +27,7 @@ static void usage(FILE *f)
 		   "          [--nowait] [--gpu]\n"
 		   "  bench [--seconds S] [--clients N]\n"
 		   "                                ACQUIRE+RELEASE round trips/s with 1 and N clients\n"
-		   "  replay [--nowait-only] [--tokens N] [--cold] [--layer-us US] [--no-hints] [--brief] TRACE...\n"
+		   "  replay [--nowait-only] [--gpu] [--tokens N] [--cold] [--layer-us US] [--no-hints] [--brief] TRACE...\n"
 		   "                                replay routing traces (CSV) through the daemon\n"
 		   "See moe-client(1).\n");
 }
@@ -328,6 +328,7 @@ static void sleep_us(long us)
 static int cmd_replay(int argc, char **argv)
 {
 	bool nowait_only = false, cold = false, hints = true, brief = false;
+	unsigned want = 0; /* --gpu: ask for the GPU tier (promote host -> GPU) */
 	long max_tokens = -1, layer_us = 0;
 	int first = -1;
 	for (int i = 0; i < argc; i++) {
@@ -335,6 +336,8 @@ static int cmd_replay(int argc, char **argv)
 			nowait_only = true;
 		else if (!strcmp(argv[i], "--cold"))
 			cold = true;
+		else if (!strcmp(argv[i], "--gpu"))
+			want = MOET_F_WANT_GPU;
 		else if (!strcmp(argv[i], "--no-hints"))
 			hints = false;
 		else if (!strcmp(argv[i], "--brief"))
@@ -411,7 +414,7 @@ static int cmd_replay(int argc, char **argv)
 				uint8_t tiers[MOET_MAX_BATCH];
 				moet_lease l1 = 0, l2 = 0;
 				uint64_t t0 = now_ns();
-				int r = moet_acquire(c, layer, ids, n, MOET_F_NOWAIT, slots, tiers, &l1);
+				int r = moet_acquire(c, layer, ids, n, MOET_F_NOWAIT | want, slots, tiers, &l1);
 				if (r < 0) {
 					rc = r;
 					break;
@@ -429,7 +432,7 @@ static int cmd_replay(int argc, char **argv)
 				if (nm && !nowait_only) {
 					uint64_t s0 = now_ns();
 					int32_t s2[MOET_MAX_BATCH];
-					r = moet_acquire(c, layer, missing, nm, 0, s2, NULL, &l2);
+					r = moet_acquire(c, layer, missing, nm, want, s2, NULL, &l2);
 					if (r < 0) {
 						rc = r;
 						break;
