@@ -835,10 +835,16 @@ int cache_prefetch_cancel(struct cache *c, const struct cache_key *keys, size_t 
 	return asked;
 }
 
+/* An expert of the pack and a memory tier: what pin, unpin and evict accept. */
+static bool valid_key_tier(const struct cache *c, struct cache_key key, enum cache_tier tier)
+{
+	return c && key.layer < c->n_layers && key.expert < c->n_experts &&
+	       (tier == CACHE_TIER_HOST || tier == CACHE_TIER_GPU);
+}
+
 int cache_pin(struct cache *c, struct cache_key key, enum cache_tier tier)
 {
-	if (!c || key.layer >= c->n_layers || key.expert >= c->n_experts ||
-	    (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
+	if (!valid_key_tier(c, key, tier))
 		return -EINVAL;
 	if (tier == CACHE_TIER_GPU && !c->gpu)
 		return -ENODEV;
@@ -870,8 +876,7 @@ int cache_pin(struct cache *c, struct cache_key key, enum cache_tier tier)
 
 int cache_unpin(struct cache *c, struct cache_key key, enum cache_tier tier)
 {
-	if (!c || key.layer >= c->n_layers || key.expert >= c->n_experts ||
-	    (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
+	if (!valid_key_tier(c, key, tier))
 		return -EINVAL;
 	pthread_mutex_lock(&c->mu);
 	struct expert_state *e = &c->ex[id_of(c, key)];
@@ -890,8 +895,7 @@ int cache_unpin(struct cache *c, struct cache_key key, enum cache_tier tier)
 
 int cache_evict(struct cache *c, struct cache_key key, enum cache_tier tier)
 {
-	if (!c || key.layer >= c->n_layers || key.expert >= c->n_experts ||
-	    (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
+	if (!valid_key_tier(c, key, tier))
 		return -EINVAL;
 	pthread_mutex_lock(&c->mu);
 	uint32_t id = id_of(c, key);
