@@ -1011,6 +1011,16 @@ void *cache_slot_ptr(struct cache *c, enum cache_tier tier, uint32_t slot)
 
 struct stats *cache_stats(struct cache *c) { return c ? c->st : NULL; }
 int cache_eventfd(struct cache *c) { return c ? c->ready_efd : -1; }
+
+unsigned cache_busy(struct cache *c)
+{
+	if (!c)
+		return 0;
+	pthread_mutex_lock(&c->mu);
+	unsigned b = c->busy;
+	pthread_mutex_unlock(&c->mu);
+	return b;
+}
 const char *cache_io_engine(struct cache *c) { return c ? c->engine : "?"; }
 
 int cache_wait_idle(struct cache *c, unsigned timeout_ms)

@@ -219,6 +219,9 @@ struct stats *cache_stats(struct cache *c);
 /* Readable whenever a load or copy has finished since the last read (an
  * eventfd; read 8 bytes to reset it). Owned by the cache. */
 int cache_eventfd(struct cache *c);
+/* Loads and copies queued or in flight now (experts): what a new prefetch
+ * would wait behind. */
+unsigned cache_busy(struct cache *c);
 
 /* Waits until no load or copy is queued or in flight (tests, shutdown). */
 int cache_wait_idle(struct cache *c, unsigned timeout_ms);

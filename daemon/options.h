@@ -49,8 +49,10 @@ enum config_type { CONFIG_STR, CONFIG_SIZE, CONFIG_U32, CONFIG_I32, CONFIG_BOOL 
 	  "model file from 'moe-sim train' (tokenid, tracematch, learned, combo)") \
 	X("prefetch", prefetch, CONFIG_BOOL, 0, 1, "true", false, \
 	  "prefetch the predicted experts of the next layers (with a predictor)") \
-	X("prefetch-lookahead", prefetch_lookahead, CONFIG_U32, 0, 64, "0", false, \
-	  "layers planned ahead; 0 adapts 1..4 to the measured compute time per layer") \
+	X("prefetch-lookahead", prefetch_lookahead, CONFIG_U32, 0, 16, "0", false, \
+	  "layers planned ahead; 0 adapts 1..6 to the measured load and compute times") \
+	X("prefetch-deadline", prefetch_deadline, CONFIG_BOOL, 0, 1, "true", false, \
+	  "issue a prefetch only when it can land before its layer is accessed") \
 	X("compute-calibrate", compute_calibrate, CONFIG_BOOL, 0, 1, "true", false, \
 	  "measure the host expert-FFN rates at start-up for the move-or-compute cost model") \
 	X("link-nvme-mbps", link_nvme_mbps, CONFIG_U32, 0, 1000000, "4000", false, \

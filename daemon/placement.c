@@ -18,6 +18,9 @@ struct placement {
 	uint32_t pos;               /* its wire position (0 = no hint) */
 	int64_t last_layer;         /* last layer observed in this token, -1 */
 	uint64_t last_ns;           /* when that layer was routed */
+	uint64_t expert_bytes;
+	uint64_t bw_bytes, bw_ns;   /* throughput window start: host bytes loaded, time */
+	bool bw_busy;               /* a window is open (the cache was loading throughout) */
 	struct placement_counters ct;
 };
 
@@ -59,6 +62,14 @@ int placement_create(struct cache *c, uint32_t n_layers, uint32_t n_experts, uin
 		pc.min_score = cfg->min_score;
 	if (cfg->gain >= 0)
 		pc.gain = cfg->gain;
+	if (cfg->link_bw > 0)
+		pc.init_bw = cfg->link_bw;
+	pc.deadline = cfg->deadline;
+	/* A client announces its token before the embedding, attention and
+	 * any dense layers run: at least one layer of compute before the
+	 * first MoE layer is accessed. */
+	pc.start_lead = 1;
+	p->expert_bytes = pc.expert_bytes;
 	rc = prefetch_init(&p->ps, &pc, err);
 	if (rc < 0)
 		goto fail;
@@ -93,6 +104,34 @@ static void view(void *ctx, uint32_t layer, struct prefetch_view *v)
 	 * passes no evictable set in its global mode either). */
 	v->evictable = free_slots == UINT32_MAX ? NULL : p->ev;
 	v->free_slots = free_slots;
+	/* What a new prefetch queues behind (demand reads included: they go
+	 * first anyway). */
+	v->busy_s = (double)cache_busy(p->c) * (double)p->expert_bytes / p->ps.bw;
+}
+
+/* Load throughput for the deadline: bytes the host tier loaded over a window
+ * of at least 20 ms during which the cache was loading at every access we
+ * saw. An idle stretch would understate the link and a short window is all
+ * noise, so those are not measured. */
+#define BW_WINDOW_NS 20000000ull
+static void sample_bw(struct placement *p, uint64_t now)
+{
+	uint64_t bytes = stats_get(cache_stats(p->c), STAT_cache_load_bytes_host);
+	if (cache_busy(p->c) == 0) {
+		p->bw_busy = false;
+		return;
+	}
+	if (!p->bw_busy || now < p->bw_ns || bytes < p->bw_bytes) {
+		p->bw_busy = true;
+		p->bw_bytes = bytes;
+		p->bw_ns = now;
+		return;
+	}
+	if (now - p->bw_ns < BW_WINDOW_NS)
+		return;
+	prefetch_note_load(&p->ps, bytes - p->bw_bytes, (double)(now - p->bw_ns) / 1e9);
+	p->bw_bytes = bytes;
+	p->bw_ns = now;
 }
 
 static int issue(void *ctx, uint32_t layer, uint32_t expert, uint32_t victim)
@@ -116,6 +155,15 @@ static int issue(void *ctx, uint32_t layer, uint32_t expert, uint32_t victim)
 	return 0;
 }
 
+static void count_dropped(struct placement *p)
+{
+	uint64_t d = p->ps.c.deadline_dropped - p->ct.not_in_time;
+	if (d) {
+		p->ct.not_in_time += d;
+		stats_add(cache_stats(p->c), STAT_prefetch_not_in_time, d);
+	}
+}
+
 static void begin_token(struct placement *p, uint32_t key, uint32_t pos)
 {
 	/* Position 1 on the wire = token 0: a new sequence. */
@@ -127,6 +175,7 @@ static void begin_token(struct placement *p, uint32_t key, uint32_t pos)
 	p->last_layer = -1;
 	p->ct.tokens++;
 	prefetch_step(&p->ps, p->pred, UINT32_MAX, NULL, 0, view, issue, p);
+	count_dropped(p);
 }
 
 void placement_token(struct placement *p, uint32_t token_key, uint32_t token_pos)
@@ -156,8 +205,10 @@ void placement_access(struct placement *p, uint32_t layer, const uint16_t *ids, 
 		prefetch_note_layer(&p->ps, (double)(now - p->last_ns) / 1e9);
 	p->last_layer = layer;
 	p->last_ns = now;
+	sample_bw(p, now);
 	p->ct.observed++;
 	prefetch_step(&p->ps, p->pred, layer, ids, n, view, issue, p);
+	count_dropped(p);
 }
 
 const struct placement_counters *placement_counters(const struct placement *p) { return &p->ct; }

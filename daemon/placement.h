@@ -41,6 +41,9 @@ struct placement_config {
 	uint32_t lookahead;                 /* fixed look-ahead in layers; 0 = adaptive */
 	uint32_t max_per_layer;             /* 0 = the scheduler's default */
 	float min_score, gain;              /* < 0 = the scheduler's defaults */
+	double link_bw;                     /* bytes/s prefetch loads are assumed to take
+					     * until measured; 0 = the scheduler's default */
+	bool deadline;                      /* issue only prefetches that can land in time */
 };
 
 /* The counters of one placement (X-macro: name, help). */
@@ -48,7 +51,8 @@ struct placement_config {
 	X(tokens, "tokens begun")                                  \
 	X(observed, "routed layers observed by the predictor")     \
 	X(issued, "prefetches issued into the cache")              \
-	X(refused, "prefetches the cache could not start")
+	X(refused, "prefetches the cache could not start")          \
+	X(not_in_time, "planned prefetches not issued: they could not land in time")
 
 struct placement_counters {
 #define PLACEMENT_X(n, h) uint64_t n;

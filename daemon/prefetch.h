@@ -17,6 +17,16 @@
  * when it beats that score by more than `gain`. So a prefetch costs one load
  * only where the predictor expects it to pay.
  *
+ * Deadline (prefetch_config.deadline, on by default): a prefetch is issued
+ * only if it can land before its layer is accessed. Link time for prefetches
+ * exists while layers compute (demand reads go first), so with the owner's
+ * backlog busy_s, the measured load time t and layer time s, layer
+ * `current + d` can receive what fits in busy_s + d * s. The picks of all
+ * layers in the horizon compete best score first; what cannot land is not
+ * issued (counted in deadline_dropped): it would evict a resident that may
+ * be used, and still arrive late. The look-ahead then covers at least the
+ * layers a load needs: h >= ceil(t / s) + ceil(per-layer picks * t / s).
+ *
  * Thread safety: one scheduler per stream (like its predictor); the owner
  * serialises calls.
  */
@@ -39,9 +49,15 @@ struct prefetch_config {
 	uint64_t expert_bytes;
 	double init_bw;            /* bytes/s before any load was measured */
 	double init_layer_s;       /* seconds per layer before any was measured */
+	bool deadline;             /* issue only prefetches that can land in time */
+	uint32_t start_lead;       /* layers of compute between a token's start
+				    * and its first MoE layer (deadline only) */
 };
 
-/* Defaults: h 1..4 adaptive, 3 per layer, min_score 0.3, gain 0.2. */
+/* Longest look-ahead (h_max is bounded by it). */
+#define PREFETCH_MAX_H 16
+
+/* Defaults: h 1..6 adaptive, 3 per layer, min_score 0.3, gain 0.2, deadline on. */
 void prefetch_config_default(struct prefetch_config *c, uint32_t n_layers, uint32_t n_experts,
 			     uint64_t expert_bytes);
 
@@ -55,7 +71,8 @@ void prefetch_config_default(struct prefetch_config *c, uint32_t n_layers, uint3
 	X(wasted_bytes, "bytes moved for prefetches never used")                        \
 	X(cancelled, "prefetches cancelled before completion")                          \
 	X(cancelled_bytes, "bytes already moved by cancelled prefetches")               \
-	X(late, "prefetches still loading when their expert was needed")
+	X(late, "prefetches still loading when their expert was needed")              \
+	X(deadline_dropped, "prefetches planned but not issued: they could not land in time")
 
 struct prefetch_counters {
 #define PREFETCH_X(name, help) uint64_t name;
@@ -68,6 +85,7 @@ struct prefetch_view {
 	const uint8_t *resident;   /* [n_experts] nonzero: resident or loading */
 	const uint8_t *evictable;  /* [n_experts] nonzero: may be replaced now; NULL = none */
 	uint32_t free_slots;       /* UINT32_MAX: the owner finds room itself */
+	double busy_s;             /* link time still owed to queued prefetches (0: idle/unknown) */
 };
 
 typedef void (*prefetch_view_fn)(void *ctx, uint32_t layer, struct prefetch_view *out);
@@ -83,7 +101,10 @@ struct prefetch_sched {
 	double layer_s;       /* seconds, EWMA of measured layer compute */
 	double per_layer;     /* EWMA of prefetches issued per plan */
 	uint32_t h;           /* current look-ahead */
-	float *scores;        /* scratch [n_experts] */
+	float *scores;        /* [n_experts]: the scores of the layer being issued */
+	float *rows;          /* scratch [PREFETCH_MAX_H x n_experts] */
+	uint32_t *picks;      /* scratch [PREFETCH_MAX_H x n_experts] */
+	uint32_t *victims;    /* scratch [PREFETCH_MAX_H x n_experts] */
 };
 
 int prefetch_init(struct prefetch_sched *ps, const struct prefetch_config *cfg, struct moe_error *err);

@@ -1752,7 +1752,9 @@ static int open_model(struct server *s, struct model *m, const char *path, unsig
 		return moe_error_prefix(err, rc, "%s", path);
 	m->top_k = mc->top_k;
 	m->plc = (struct placement_config){ .predictor = s->cfg->predictor, .prefetch = s->cfg->prefetch,
-					    .lookahead = s->cfg->prefetch_lookahead, .min_score = -1, .gain = -1 };
+					    .lookahead = s->cfg->prefetch_lookahead, .min_score = -1, .gain = -1,
+					    .link_bw = (double)s->cfg->link_nvme_mbps * 1e6,
+					    .deadline = s->cfg->prefetch_deadline };
 	if (placement_enabled(&m->plc)) {
 		const struct predict_ops *po = predict_find(m->plc.predictor);
 		if (!po)

@@ -217,6 +217,46 @@ Test(live, placement_prefetches_what_the_predictor_expects)
 	cache_destroy(c);
 }
 
+Test(live, placement_deadline_holds_back_what_cannot_land)
+{
+	/* The same history as above, then the next token's plan on a link
+	 * assumed to move 1 byte/s: nothing can land, nothing is issued, the
+	 * plans are counted. The same plan on a fast link is issued. */
+	for (int fast = 0; fast < 2; fast++) {
+		struct cache *c = mk(16, 4);
+		struct placement_config pc = { .predictor = "temporal", .prefetch = true, .lookahead = 2,
+					       .min_score = -1, .gain = -1, .deadline = true,
+					       .link_bw = fast ? 1e12 : 1.0 };
+		struct placement *p;
+		struct moe_error err = { "" };
+		cr_assert_eq(placement_create(c, N_MOE, N_EXP, 2, pack->hdr->extent_payload, &pc, &p, &err), 0,
+			     "%s", err.msg);
+		const uint16_t r0[2] = { 3, 5 }, r1[2] = { 2, 7 };
+		for (uint32_t t = 1; t <= 3; t++) {
+			placement_token(p, 0, t);
+			placement_access(p, 0, r0, 2, 0, t);
+			placement_access(p, 1, r1, 2, 0, t);
+		}
+		cr_assert_eq(cache_wait_idle(c, 10000), 0);
+		for (uint32_t l = 0; l < N_MOE; l++)
+			for (uint32_t e = 0; e < N_EXP; e++)
+				cache_evict(c, (struct cache_key){ l, e }, CACHE_TIER_HOST);
+		uint64_t issued = placement_counters(p)->issued, dropped = placement_counters(p)->not_in_time;
+		placement_token(p, 0, 4);
+		cr_assert_eq(cache_wait_idle(c, 10000), 0);
+		if (fast) {
+			cr_assert_gt(placement_counters(p)->issued, issued);
+		} else {
+			cr_assert_eq(placement_counters(p)->issued, issued, "a 1 B/s link lands nothing in time");
+			cr_assert_gt(placement_counters(p)->not_in_time, dropped);
+			cr_assert_eq(stats_get(cache_stats(c), STAT_prefetch_not_in_time),
+				     placement_counters(p)->not_in_time);
+		}
+		placement_destroy(p);
+		cache_destroy(c);
+	}
+}
+
 Test(live, placement_refuses_unknown_or_modelless_predictors)
 {
 	struct cache *c = mk(4, 0);

@@ -133,11 +133,21 @@ Test(sim, prefetch_counts_only_in_time)
 	fast = run(&c, tr, 4);
 	cr_assert_eq(fast.hits, untimed.hits);
 	cr_assert_eq(fast.pf_late, 0);
-	/* Compute 0.01 ms: never in time; each useful prefetch becomes late. */
+	/* Compute 0.01 ms: never in time. With the deadline nothing is
+	 * issued (a load could only evict and arrive late): demand traffic
+	 * only, as without a predictor. */
 	c.cost.layer_s = 1e-5;
 	slow = run(&c, tr, 4);
 	cr_assert_eq(slow.hits, 0);
+	cr_assert_eq(slow.pf_issued, 0);
+	cr_assert_gt(slow.pf_dropped, 20, "the planned prefetches are counted as not issued");
+	cr_assert_eq(slow.gpu_bytes, none.gpu_bytes);
+	/* Without the deadline each useful prefetch becomes late. */
+	c.pf.deadline = false;
+	slow = run(&c, tr, 4);
+	cr_assert_eq(slow.hits, 0);
 	cr_assert_eq(slow.pf_late, untimed.pf_useful);
+	cr_assert_eq(slow.pf_dropped, 0);
 	/* Late prefetches are moved once: bytes equal the untimed run's. */
 	cr_assert_eq(slow.gpu_bytes, untimed.gpu_bytes);
 	cr_assert_gt(sim_pf_precision(&untimed), 0.5);
@@ -258,6 +268,7 @@ Test(prefetch, plan_gain_rule_and_horizon)
 	struct prefetch_sched ps;
 	struct moe_error err;
 	prefetch_config_default(&c, 4, 8, 1000000);
+	c.deadline = false; /* the look-ahead rule without a deadline */
 	c.max_per_layer = 3;
 	c.gain = 0.2f;
 	c.min_score = 0.3f;
@@ -265,14 +276,14 @@ Test(prefetch, plan_gain_rule_and_horizon)
 	/* Residents 0..3 (3 not evictable), candidates 4..7. */
 	float sc[8] = { 0.1f, 0.5f, 0.05f, 0.0f, 0.9f, 0.6f, 0.28f, 0.2f };
 	uint8_t res[8] = { 1, 1, 1, 1, 0, 0, 0, 0 }, ev[8] = { 1, 1, 1, 0, 0, 0, 0, 0 };
-	struct prefetch_view v = { res, ev, 0 };
+	struct prefetch_view v = { res, ev, 0, 0 };
 	struct issued r = { 0 };
 	/* 4 (0.9) replaces 2 (0.05); 5 (0.6) replaces 0 (0.1); 6 (0.28) vs 1
 	 * (0.5) has no gain: stop. Resident 3 is not evictable. */
 	cr_assert_eq(prefetch_plan_layer(&ps, 1, sc, &v, rec_issue, &r), 2);
 	cr_assert(r.expert[0] == 4 && r.victim[0] == 2 && r.expert[1] == 5 && r.victim[1] == 0);
 	/* Free slots: min_score decides. */
-	struct prefetch_view f = { res, NULL, 5 };
+	struct prefetch_view f = { res, NULL, 5, 0 };
 	memset(&r, 0, sizeof(r));
 	cr_assert_eq(prefetch_plan_layer(&ps, 1, sc, &f, rec_issue, &r), 2, "0.28 < min_score 0.3");
 	cr_assert(r.victim[0] == POLICY_NONE && r.victim[1] == POLICY_NONE);
@@ -294,6 +305,20 @@ Test(prefetch, plan_gain_rule_and_horizon)
 	cr_assert_gt(h_fast_layers, h_slow_layers);
 	cr_assert_leq(h_fast_layers, c.h_max);
 	prefetch_fini(&ps);
+	/* With the deadline the look-ahead starts at the first layer a load
+	 * can reach: 1 MB at 25 GB/s = 40 us. */
+	c.deadline = true;
+	cr_assert_eq(prefetch_init(&ps, &c, &err), 0, "%s", err.msg);
+	for (int i = 0; i < 200; i++)
+		prefetch_note_layer(&ps, 10e-3);
+	cr_assert_eq(prefetch_horizon(&ps), 2, "one layer covers the load, plus one");
+	for (int i = 0; i < 200; i++)
+		prefetch_note_layer(&ps, 10e-6);
+	cr_assert_eq(prefetch_horizon(&ps), 5, "ceil(40 / 10) + 1");
+	prefetch_fini(&ps);
 	c.h_min = 0;
+	cr_assert_eq(prefetch_init(&ps, &c, &err), -EINVAL);
+	c.h_min = 1;
+	c.h_max = PREFETCH_MAX_H + 1;
 	cr_assert_eq(prefetch_init(&ps, &c, &err), -EINVAL);
 }

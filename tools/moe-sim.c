@@ -43,7 +43,8 @@ static void usage(FILE *f)
 	      "  --prefetch on|off   (default on when a predictor is given)\n"
 	      "  --untimed           prefetches arrive at once (predictor quality)\n"
 	      "  --cost-model SPEC   h2d=BPS,nvme=BPS,layer=SEC,bytes=N,host=SLOTS\n"
-	      "  --lookahead H       fixed look-ahead in layers (default adaptive 1..4)\n"
+	      "  --lookahead H       fixed look-ahead in layers, 1..16 (default adaptive 1..6)\n"
+	      "  --no-deadline       timed: issue prefetches even when they cannot land in time\n"
 	      "  --max-prefetch N    prefetches per layer plan (default 3)\n"
 	      "  --min-score F       score for a prefetch into a free slot (default 0.3)\n"
 	      "  --gain F            score gain over the victim to replace it (default 0.2)\n"
@@ -240,11 +241,12 @@ static void print_stats(const struct sim_config *sc, const struct sim_stats *st)
 		printf("time: %.3f s simulated, stall %.3f s (%.3f ms per token)\n", (double)st->time_ns / 1e9,
 		       (double)st->stall_ns / 1e9, st->tokens ? (double)st->stall_ns / 1e6 / (double)st->tokens : 0.0);
 	if (sc->predictor)
-		printf("prefetch: issued %llu, used %llu, wasted %llu, cancelled %llu, late %llu; precision %.4f recall %.4f; "
-		       "predictor+plan %.2f us per token-layer\n",
+		printf("prefetch: issued %llu, used %llu, wasted %llu, cancelled %llu, late %llu, not issued (could not "
+		       "land in time) %llu; precision %.4f recall %.4f; predictor+plan %.2f us per token-layer\n",
 		       (unsigned long long)st->pf_issued, (unsigned long long)st->pf_useful,
 		       (unsigned long long)st->pf_wasted, (unsigned long long)st->pf_cancelled,
-		       (unsigned long long)st->pf_late, sim_pf_precision(st), sim_pf_recall(st),
+		       (unsigned long long)st->pf_late, (unsigned long long)st->pf_dropped, sim_pf_precision(st),
+		       sim_pf_recall(st),
 		       (double)st->pred_ns / 1e3 / tl);
 	if (sc->route_keep)
 		printf("routing: cache-aware J=%u margin %.2f (synthetic logits): substitution rate %.4f of slots "
@@ -415,7 +417,8 @@ int main(int argc, char **argv)
 		{ "range", 1, NULL, 'r' }, { "experts", 1, NULL, 'E' }, { "out", 1, NULL, 'o' },
 		{ "plot", 1, NULL, 'P' }, { "policies", 1, NULL, 'L' }, { "sizes", 1, NULL, 'Z' },
 		{ "fit-fraction", 1, NULL, 'F' }, { "epochs", 1, NULL, 'e' }, { "verbose", 0, NULL, 'v' },
-		{ "brief", 0, NULL, 'b' }, { "help", 0, NULL, 'h' }, { NULL, 0, NULL, 0 },
+		{ "brief", 0, NULL, 'b' }, { "no-deadline", 0, NULL, 'D' },
+		{ "help", 0, NULL, 'h' }, { NULL, 0, NULL, 0 },
 	};
 	struct opts o;
 	const char *cmd;
@@ -462,9 +465,12 @@ int main(int argc, char **argv)
 				goto bad;
 			break;
 		case 'H':
-			if (num_arg(optarg, 1, 64, &v) < 0)
+			if (num_arg(optarg, 1, PREFETCH_MAX_H, &v) < 0)
 				goto bad;
 			o.sc.pf.h_fixed = (uint32_t)v;
+			break;
+		case 'D':
+			o.sc.pf.deadline = false;
 			break;
 		case 'N':
 			if (num_arg(optarg, 0, 1024, &v) < 0)

@@ -192,6 +192,9 @@ int sim_create(const struct sim_config *cfg, uint32_t n_layers, uint32_t n_exper
 		pf.expert_bytes = cfg->cost.expert_bytes;
 		pf.init_bw = cfg->cost.h2d_bw;
 		pf.init_layer_s = cfg->cost.layer_s > 0 ? cfg->cost.layer_s : 1e-6;
+		/* Untimed: every prefetch lands at once, no deadline applies. */
+		if (!cfg->timed)
+			pf.deadline = false;
 		rc = predict_create(cfg->predictor, n_layers, n_experts, k, cfg->model, &s->pred, err);
 		if (rc < 0)
 			goto fail;
@@ -382,6 +385,15 @@ static void pf_view(void *ctx, uint32_t layer, struct prefetch_view *v)
 	v->resident = s->view_res;
 	v->evictable = s->cfg.global ? NULL : s->view_ev;
 	v->free_slots = s->cfg.global ? UINT32_MAX : s->cap - s->occ[layer];
+	/* Link time still owed to queued prefetches (run FIFO after now). */
+	double busy = 0;
+	if (s->cfg.timed)
+		for (size_t i = s->qhead; i < s->qtail; i++) {
+			uint32_t id = s->q[i];
+			if (s->state[id] == LOADING && s->qpos[id] == i && s->rem_ns[id] > 0)
+				busy += s->rem_ns[id];
+		}
+	v->busy_s = busy / 1e9;
 	s->plan_scores = s->ps.scores;
 	s->plan_layer = layer;
 }
@@ -636,5 +648,7 @@ int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 				evict(s, id);
 	}
 	s->st.time_ns = (uint64_t)s->now_ns;
+	if (s->have_ps)
+		s->st.pf_dropped = s->ps.c.deadline_dropped;
 	return 0;
 }

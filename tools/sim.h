@@ -74,6 +74,7 @@ void sim_config_default(struct sim_config *c);
 	X(pf_wasted)                                                           \
 	X(pf_cancelled)                                                        \
 	X(pf_late)                                                             \
+	X(pf_dropped)                                                          \
 	X(route_slots_open)                                                    \
 	X(route_subst)                                                         \
 	X(pred_ns)                                                             \
