@@ -680,16 +680,32 @@ static int find_lease(struct client *cl, const struct cache_lease *lease)
 	return -1;
 }
 
+/* The slot a client's lease still holds (same generation, referenced), with
+ * the client and its lease record; NULL (counted as stale) otherwise. [mu] */
+static struct slot_state *held_slot(struct cache *c, uint32_t client, const struct cache_lease *lease,
+				    struct client **clp, int *idx)
+{
+	struct client *cl = client_get(c, client, false);
+	int i = lease->tier <= T_HOST ? find_lease(cl, lease) : -1;
+	struct slot_state *ss = i >= 0 ? slot_of(c, lease->tier, lease->slot) : NULL;
+	if (!ss || ss->gen != lease->generation || ss->refs == 0) {
+		stats_inc(c->st, STAT_cache_stale_leases);
+		return NULL;
+	}
+	*clp = cl;
+	*idx = i;
+	return ss;
+}
+
 int cache_release(struct cache *c, uint32_t client, const struct cache_lease *lease)
 {
 	if (!c || !lease)
 		return -EINVAL;
 	pthread_mutex_lock(&c->mu);
-	struct client *cl = client_get(c, client, false);
-	int i = lease->tier <= T_HOST ? find_lease(cl, lease) : -1;
-	struct slot_state *ss = i >= 0 ? slot_of(c, lease->tier, lease->slot) : NULL;
-	if (i < 0 || !ss || ss->gen != lease->generation || ss->refs == 0) {
-		stats_inc(c->st, STAT_cache_stale_leases);
+	struct client *cl;
+	int i;
+	struct slot_state *ss = held_slot(c, client, lease, &cl, &i);
+	if (!ss) {
 		pthread_mutex_unlock(&c->mu);
 		return -ESTALE;
 	}
@@ -711,12 +727,9 @@ int cache_lease_check(struct cache *c, uint32_t client, const struct cache_lease
 	if (!c || !lease)
 		return -EINVAL;
 	pthread_mutex_lock(&c->mu);
-	struct client *cl = client_get(c, client, false);
-	int i = lease->tier <= T_HOST ? find_lease(cl, lease) : -1;
-	struct slot_state *ss = i >= 0 ? slot_of(c, lease->tier, lease->slot) : NULL;
-	int rc = ss && ss->gen == lease->generation && ss->refs > 0 ? 0 : -ESTALE;
-	if (rc)
-		stats_inc(c->st, STAT_cache_stale_leases);
+	struct client *cl;
+	int i;
+	int rc = held_slot(c, client, lease, &cl, &i) ? 0 : -ESTALE;
 	pthread_mutex_unlock(&c->mu);
 	return rc;
 }
