@@ -582,40 +582,38 @@ int gguf_open(const char *path, struct gguf_file **out, struct moe_error *err)
 	return rc;
 }
 
+/* bsearch() over an index array sorted by name: the key carries the name and
+ * the array the indices point into. */
+struct name_key {
+	struct gguf_str name;
+	const struct gguf_file *g;
+};
+
+static int cmp_key_kv(const void *key, const void *elem)
+{
+	const struct name_key *k = key;
+	return str_cmp(&k->name, &k->g->kv[*(const uint32_t *)elem].key);
+}
+
+static int cmp_key_tensor(const void *key, const void *elem)
+{
+	const struct name_key *k = key;
+	return str_cmp(&k->name, &k->g->tensors[*(const uint32_t *)elem].name);
+}
+
 const struct gguf_kv *gguf_find_kv(const struct gguf_file *g, const char *key)
 {
-	struct gguf_str k = { strlen(key), (char *)key };
-	size_t lo = 0, hi = g->n_kv;
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo) / 2;
-		const struct gguf_kv *kv = &g->kv[g->kv_by_key[mid]];
-		int c = str_cmp(&k, &kv->key);
-		if (c == 0)
-			return kv;
-		if (c < 0)
-			hi = mid;
-		else
-			lo = mid + 1;
-	}
-	return NULL;
+	struct name_key k = { { strlen(key), (char *)key }, g };
+	const uint32_t *i = g->n_kv ? bsearch(&k, g->kv_by_key, g->n_kv, sizeof(uint32_t), cmp_key_kv) : NULL;
+	return i ? &g->kv[*i] : NULL;
 }
 
 const struct gguf_tensor *gguf_find_tensor(const struct gguf_file *g, const char *name)
 {
-	struct gguf_str k = { strlen(name), (char *)name };
-	size_t lo = 0, hi = g->n_tensors;
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo) / 2;
-		const struct gguf_tensor *t = &g->tensors[g->tensor_by_name[mid]];
-		int c = str_cmp(&k, &t->name);
-		if (c == 0)
-			return t;
-		if (c < 0)
-			hi = mid;
-		else
-			lo = mid + 1;
-	}
-	return NULL;
+	struct name_key k = { { strlen(name), (char *)name }, g };
+	const uint32_t *i = g->n_tensors ? bsearch(&k, g->tensor_by_name, g->n_tensors, sizeof(uint32_t),
+						   cmp_key_tensor) : NULL;
+	return i ? &g->tensors[*i] : NULL;
 }
 
 /* ---- typed access -------------------------------------------------------- */

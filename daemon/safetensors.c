@@ -396,21 +396,23 @@ int safetensors_open(const char *path, struct safetensors_file **out, struct moe
 	return 0;
 }
 
+struct name_key {
+	const char *name;
+	const struct safetensors_file *f;
+};
+
+static int cmp_key_tensor(const void *key, const void *elem)
+{
+	const struct name_key *k = key;
+	return strcmp(k->name, k->f->tensors[*(const uint32_t *)elem].name);
+}
+
 const struct safetensors_tensor *safetensors_find(const struct safetensors_file *f, const char *name)
 {
-	size_t lo = 0, hi = f->n_tensors;
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo) / 2;
-		const struct safetensors_tensor *t = &f->tensors[f->by_name[mid]];
-		int c = strcmp(name, t->name);
-		if (c == 0)
-			return t;
-		if (c < 0)
-			hi = mid;
-		else
-			lo = mid + 1;
-	}
-	return NULL;
+	struct name_key k = { name, f };
+	const uint32_t *i = f->n_tensors ? bsearch(&k, f->by_name, f->n_tensors, sizeof(uint32_t), cmp_key_tensor)
+					 : NULL;
+	return i ? &f->tensors[*i] : NULL;
 }
 
 const char *safetensors_metadata(const struct safetensors_file *f, const char *key)
