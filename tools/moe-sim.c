@@ -42,7 +42,7 @@ static void usage(FILE *f)
 	      "  --model FILE        predictor model from moe-sim train\n"
 	      "  --prefetch on|off   (default on when a predictor is given)\n"
 	      "  --untimed           prefetches arrive at once (predictor quality)\n"
-	      "  --cost-model SPEC   h2d=BPS,nvme=BPS,layer=SEC,bytes=N,host=SLOTS\n"
+	      "  --cost-model SPEC   h2d=BPS,nvme=BPS,layer=SEC,bytes=N,host=SLOTS,dense=N\n"
 	      "  --lookahead H       fixed look-ahead in layers, 1..16 (default adaptive 1..6)\n"
 	      "  --no-deadline       timed: issue prefetches even when they cannot land in time\n"
 	      "  --max-prefetch N    prefetches per layer plan (default 3)\n"
@@ -284,6 +284,8 @@ static int parse_cost(struct sim_cost *c, const char *spec)
 			c->expert_bytes = (uint64_t)v;
 		else if (strcmp(tok, "host") == 0)
 			c->host_slots = (uint32_t)v;
+		else if (strcmp(tok, "dense") == 0 && v <= 1000)
+			c->dense_layers = (uint32_t)v;
 		else {
 			rc = -1;
 			break;
@@ -606,8 +608,10 @@ bad:
 		       o.sc.global ? "x layers (global)" : "per layer", o.sc.warm ? "warm" : "cold per prompt",
 		       o.sc.predictor ? o.sc.predictor : "none",
 		       o.sc.predictor ? (o.sc.timed ? " (timed)" : " (untimed)") : "");
-		printf("cost model: expert %llu B, host->gpu %.3g B/s, nvme->host %.3g B/s, %.3g s per layer\n",
-		       (unsigned long long)o.sc.cost.expert_bytes, o.sc.cost.h2d_bw, o.sc.cost.nvme_bw, o.sc.cost.layer_s);
+		printf("cost model: expert %llu B, host->gpu %.3g B/s, nvme->host %.3g B/s, %.3g s per layer, "
+		       "%u dense layer(s) before the first MoE layer\n",
+		       (unsigned long long)o.sc.cost.expert_bytes, o.sc.cost.h2d_bw, o.sc.cost.nvme_bw, o.sc.cost.layer_s,
+		       o.sc.cost.dense_layers);
 		print_stats(&o.sc, &st);
 	}
 out:

@@ -70,6 +70,7 @@ void sim_config_default(struct sim_config *c)
 	c->cost.h2d_bw = SIM_H2D_BW;
 	c->cost.nvme_bw = SIM_NVME_BW;
 	c->cost.layer_s = SIM_LAYER_S;
+	c->cost.dense_layers = SIM_DENSE_LAYERS;
 	c->route_margin = 1.0f;
 	c->seed = 1;
 }
@@ -192,6 +193,7 @@ int sim_create(const struct sim_config *cfg, uint32_t n_layers, uint32_t n_exper
 		pf.expert_bytes = cfg->cost.expert_bytes;
 		pf.init_bw = cfg->cost.h2d_bw;
 		pf.init_layer_s = cfg->cost.layer_s > 0 ? cfg->cost.layer_s : 1e-6;
+		pf.start_lead = cfg->cost.dense_layers;
 		/* Untimed: every prefetch lands at once, no deadline applies. */
 		if (!cfg->timed)
 			pf.deadline = false;
@@ -630,6 +632,10 @@ int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 			prefetch_step(&s->ps, s->pred, UINT32_MAX, NULL, 0, pf_view, pf_issue, s);
 			s->st.pred_ns += cpu_ns() - t0;
 		}
+		/* The dense layers before the first MoE layer compute (and give the
+		 * link time for the token's first prefetches). */
+		if (s->cfg.timed)
+			s->now_ns += (double)s->cfg.cost.dense_layers * s->cfg.cost.layer_s * 1e9;
 		for (uint32_t l = 0; l < s->L; l++) {
 			uint32_t n = tr->count[(size_t)t * s->L + l];
 			if (n == 0)

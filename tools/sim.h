@@ -22,11 +22,13 @@
 #include "trace.h"
 
 /* Default cost model: DeepSeek-V2-Lite bf16 experts (3 x 2048 x 1408 x 2 B),
- * host->GPU 25 GB/s, NVMe->host 4 GB/s, 0.5 ms of compute per MoE layer. */
+ * host->GPU 25 GB/s, NVMe->host 4 GB/s, 0.5 ms of compute per layer: its 26
+ * MoE layers and the dense layer 0 that runs before them. */
 #define SIM_EXPERT_BYTES (3ull * 2048 * 1408 * 2)
 #define SIM_H2D_BW 25e9
 #define SIM_NVME_BW 4e9
 #define SIM_LAYER_S 0.5e-3
+#define SIM_DENSE_LAYERS 1
 
 struct sim_cost {
 	uint64_t expert_bytes;
@@ -34,6 +36,8 @@ struct sim_cost {
 	double nvme_bw;         /* bytes/s */
 	double layer_s;         /* compute per MoE layer, seconds */
 	uint32_t host_slots;    /* host tier slots per layer; 0 = every expert in host */
+	uint32_t dense_layers;  /* layers of compute between a token's start and its
+				 * first MoE layer (DeepSeek-V2-Lite: 1 dense layer) */
 };
 
 struct sim_config {
