@@ -24,6 +24,8 @@ struct placement {
 	struct placement_counters ct;
 };
 
+static int cancel(void *ctx, uint32_t layer, uint32_t expert);
+
 bool placement_enabled(const struct placement_config *cfg)
 {
 	return cfg && cfg->predictor && cfg->predictor[0] && strcmp(cfg->predictor, "none") != 0;
@@ -65,6 +67,7 @@ int placement_create(struct cache *c, uint32_t n_layers, uint32_t n_experts, uin
 	if (cfg->link_bw > 0)
 		pc.init_bw = cfg->link_bw;
 	pc.deadline = cfg->deadline;
+	pc.cancel = cancel;
 	/* A client announces its token before the embedding, attention and
 	 * any dense layers run: at least one layer of compute before the
 	 * first MoE layer is accessed. */
@@ -153,6 +156,15 @@ static int issue(void *ctx, uint32_t layer, uint32_t expert, uint32_t victim)
 	}
 	p->ct.issued++;
 	return 0;
+}
+
+/* A prefetch whose layer passed without it: the cache drops the read if it
+ * has not reached the device (one in flight completes and stays). */
+static int cancel(void *ctx, uint32_t layer, uint32_t expert)
+{
+	struct placement *p = ctx;
+	struct cache_key k = { layer, expert };
+	return cache_prefetch_cancel(p->c, &k, 1);
 }
 
 static void count_dropped(struct placement *p)

@@ -66,7 +66,8 @@ int prefetch_init(struct prefetch_sched *ps, const struct prefetch_config *cfg, 
 	ps->rows = calloc((size_t)PREFETCH_MAX_H * cfg->n_experts, sizeof(float));
 	ps->picks = calloc((size_t)PREFETCH_MAX_H * cfg->n_experts, sizeof(uint32_t));
 	ps->victims = calloc((size_t)PREFETCH_MAX_H * cfg->n_experts, sizeof(uint32_t));
-	if (!ps->scores || !ps->rows || !ps->picks || !ps->victims) {
+	ps->outstanding = calloc((size_t)cfg->n_layers * cfg->n_experts, 1);
+	if (!ps->scores || !ps->rows || !ps->picks || !ps->victims || !ps->outstanding) {
 		prefetch_fini(ps);
 		return moe_error_set(err, -ENOMEM, "prefetch: out of memory");
 	}
@@ -80,6 +81,8 @@ void prefetch_fini(struct prefetch_sched *ps)
 	free(ps->rows);
 	free(ps->picks);
 	free(ps->victims);
+	free(ps->outstanding);
+	ps->outstanding = NULL;
 	ps->scores = ps->rows = NULL;
 	ps->picks = ps->victims = NULL;
 }
@@ -174,6 +177,7 @@ static uint32_t issue_picks(struct prefetch_sched *ps, uint32_t layer, const uin
 	for (; issued < n; issued++) {
 		if (issue(ctx, layer, pick[issued], victim[issued]) < 0)
 			break;
+		ps->outstanding[(size_t)layer * ps->cfg.n_experts + pick[issued]] = 1;
 		ps->c.issued++;
 		ps->c.issued_bytes += ps->cfg.expert_bytes;
 	}
@@ -238,6 +242,23 @@ static void deadline_filter(const struct prefetch_sched *ps, uint32_t nl, uint32
 	}
 }
 
+/* Layer `layer` was routed to experts[0..n): its outstanding prefetches
+ * for other experts are no longer wanted by this token. */
+static void withdraw(struct prefetch_sched *ps, uint32_t layer, const uint16_t *experts, uint32_t n, void *ctx)
+{
+	uint8_t *out = ps->outstanding + (size_t)layer * ps->cfg.n_experts;
+	for (uint32_t i = 0; i < n; i++)
+		if (experts[i] < ps->cfg.n_experts)
+			out[experts[i]] = 0;
+	for (uint32_t e = 0; e < ps->cfg.n_experts; e++) {
+		if (!out[e])
+			continue;
+		out[e] = 0;
+		if (ps->cfg.cancel && ps->cfg.cancel(ctx, layer, e) > 0)
+			ps->c.withdrawn++;
+	}
+}
+
 uint32_t prefetch_step(struct prefetch_sched *ps, struct predictor *pred, uint32_t layer,
 		       const uint16_t *experts, uint32_t n, prefetch_view_fn view,
 		       prefetch_issue_fn issue, void *ctx)
@@ -246,10 +267,14 @@ uint32_t prefetch_step(struct prefetch_sched *ps, struct predictor *pred, uint32
 	struct prefetch_view v;
 
 	if (layer != UINT32_MAX) {
+		if (layer < ps->cfg.n_layers)
+			withdraw(ps, layer, experts, n, ctx);
 		predict_observe(pred, layer, experts, n);
 		first = layer + 1;
 		lead = 1; /* layer `layer` computes before `first` is accessed */
 	} else {
+		/* A new token: what the last one left outstanding is history. */
+		memset(ps->outstanding, 0, (size_t)ps->cfg.n_layers * ps->cfg.n_experts);
 		first = 0;
 		lead = ps->cfg.start_lead;
 	}

@@ -25,7 +25,12 @@
  * layers in the horizon compete best score first; what cannot land is not
  * issued (counted in deadline_dropped): it would evict a resident that may
  * be used, and still arrive late. The look-ahead then covers at least the
- * layers a load needs: h >= ceil(t / s) + ceil(per-layer picks * t / s).
+ * layers a load needs: ceil(t / s) + 1.
+ *
+ * Withdrawal: a prefetch issued for the current token whose layer is then
+ * routed without it is no longer wanted; with a cancel callback, a copy that
+ * has not started is withdrawn (its link time goes to better picks). One that
+ * landed stays, as any resident.
  *
  * Thread safety: one scheduler per stream (like its predictor); the owner
  * serialises calls.
@@ -38,6 +43,11 @@
 
 #include "policy.h"
 #include "predict.h"
+
+/* Withdraw the prefetch of (layer, expert) if its copy has not started (it is
+ * no longer wanted); return 1 when withdrawn, 0 when it already ran or
+ * landed (it then stays, like any resident), or a negative errno. */
+typedef int (*prefetch_cancel_fn)(void *ctx, uint32_t layer, uint32_t expert);
 
 struct prefetch_config {
 	uint32_t n_layers, n_experts;
@@ -52,6 +62,7 @@ struct prefetch_config {
 	bool deadline;             /* issue only prefetches that can land in time */
 	uint32_t start_lead;       /* layers of compute between a token's start
 				    * and its first MoE layer (deadline only) */
+	prefetch_cancel_fn cancel; /* NULL: prefetches are never withdrawn */
 };
 
 /* Longest look-ahead (h_max is bounded by it). */
@@ -72,7 +83,8 @@ void prefetch_config_default(struct prefetch_config *c, uint32_t n_layers, uint3
 	X(cancelled, "prefetches cancelled before completion")                          \
 	X(cancelled_bytes, "bytes already moved by cancelled prefetches")               \
 	X(late, "prefetches still loading when their expert was needed")              \
-	X(deadline_dropped, "prefetches planned but not issued: they could not land in time")
+	X(deadline_dropped, "prefetches planned but not issued: they could not land in time") \
+	X(withdrawn, "prefetches withdrawn before their copy started: their layer passed without them")
 
 struct prefetch_counters {
 #define PREFETCH_X(name, help) uint64_t name;
@@ -105,6 +117,7 @@ struct prefetch_sched {
 	float *rows;          /* scratch [PREFETCH_MAX_H x n_experts] */
 	uint32_t *picks;      /* scratch [PREFETCH_MAX_H x n_experts] */
 	uint32_t *victims;    /* scratch [PREFETCH_MAX_H x n_experts] */
+	uint8_t *outstanding; /* [n_layers x n_experts]: issued for the current token */
 };
 
 int prefetch_init(struct prefetch_sched *ps, const struct prefetch_config *cfg, struct moe_error *err);

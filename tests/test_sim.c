@@ -150,6 +150,33 @@ Test(sim, prefetch_counts_only_in_time)
 	cr_assert_eq(slow.pf_dropped, 0);
 	/* Late prefetches are moved once: bytes equal the untimed run's. */
 	cr_assert_eq(slow.gpu_bytes, untimed.gpu_bytes);
+	cr_assert_eq(slow.pf_withdrawn, 0, "every prefetch was right: none to withdraw");
+	trace_free(tr);
+
+	/* Layer 1 follows layer 0 for 16 tokens, then layer 0 + 1: the learned
+	 * prefetches turn wrong. With no compute time the link never starts a
+	 * prefetch, so each wrong one is withdrawn when layer 1 passes without
+	 * it, and moves nothing. Two slots, so that the demand read of layer 1
+	 * evicts the older resident rather than the queued prefetch. */
+	static char buf[64][8];
+	static const char *rows[64];
+	for (int t = 0; t < 32; t++) {
+		snprintf(buf[2 * t], 8, "%d", t % 4);
+		snprintf(buf[2 * t + 1], 8, "%d", t < 16 ? t % 4 : (t + 1) % 4);
+		rows[2 * t] = buf[2 * t];
+		rows[2 * t + 1] = buf[2 * t + 1];
+	}
+	tr = mk_trace(32, 2, rows);
+	c.cost.layer_s = 0;
+	c.cache = 2;
+	struct sim_stats idle = run(&c, tr, 4);
+	cr_assert_eq(idle.hits, 0);
+	cr_assert_geq(idle.pf_withdrawn, 1, "wrong prefetches withdrawn (%llu)",
+		      (unsigned long long)idle.pf_withdrawn);
+	cr_assert_leq(idle.pf_withdrawn, idle.pf_cancelled);
+	c.predictor = NULL;
+	none = run(&c, tr, 4);
+	cr_assert_eq(idle.gpu_bytes, none.gpu_bytes, "late ones move as demand reads, withdrawn ones not at all");
 	cr_assert_gt(sim_pf_precision(&untimed), 0.5);
 	trace_free(tr);
 }

@@ -241,11 +241,13 @@ static void print_stats(const struct sim_config *sc, const struct sim_stats *st)
 		printf("time: %.3f s simulated, stall %.3f s (%.3f ms per token)\n", (double)st->time_ns / 1e9,
 		       (double)st->stall_ns / 1e9, st->tokens ? (double)st->stall_ns / 1e6 / (double)st->tokens : 0.0);
 	if (sc->predictor)
-		printf("prefetch: issued %llu, used %llu, wasted %llu, cancelled %llu, late %llu, not issued (could not "
-		       "land in time) %llu; precision %.4f recall %.4f; predictor+plan %.2f us per token-layer\n",
+		printf("prefetch: issued %llu, used %llu, wasted %llu, cancelled %llu (withdrawn unstarted when their layer "
+		       "passed: %llu), late %llu, not issued (could not land in time) %llu; precision %.4f recall %.4f; "
+		       "predictor+plan %.2f us per token-layer\n",
 		       (unsigned long long)st->pf_issued, (unsigned long long)st->pf_useful,
 		       (unsigned long long)st->pf_wasted, (unsigned long long)st->pf_cancelled,
-		       (unsigned long long)st->pf_late, (unsigned long long)st->pf_dropped, sim_pf_precision(st),
+		       (unsigned long long)st->pf_withdrawn, (unsigned long long)st->pf_late,
+		       (unsigned long long)st->pf_dropped, sim_pf_precision(st),
 		       sim_pf_recall(st),
 		       (double)st->pred_ns / 1e3 / tl);
 	if (sc->route_keep)

@@ -122,6 +122,8 @@ void sim_destroy(struct sim *s)
 	free(s);
 }
 
+static int pf_cancel(void *ctx, uint32_t layer, uint32_t e);
+
 int sim_create(const struct sim_config *cfg, uint32_t n_layers, uint32_t n_experts, uint32_t k,
 	       struct sim **out, struct moe_error *err)
 {
@@ -194,6 +196,7 @@ int sim_create(const struct sim_config *cfg, uint32_t n_layers, uint32_t n_exper
 		pf.init_bw = cfg->cost.h2d_bw;
 		pf.init_layer_s = cfg->cost.layer_s > 0 ? cfg->cost.layer_s : 1e-6;
 		pf.start_lead = cfg->cost.dense_layers;
+		pf.cancel = pf_cancel;
 		/* Untimed: every prefetch lands at once, no deadline applies. */
 		if (!cfg->timed)
 			pf.deadline = false;
@@ -433,6 +436,18 @@ static int pf_issue(void *ctx, uint32_t layer, uint32_t e, uint32_t victim)
 	return 0;
 }
 
+/* A prefetch no longer wanted: withdrawn only while its copy has not
+ * started (a DMA under way is not recalled). */
+static int pf_cancel(void *ctx, uint32_t layer, uint32_t e)
+{
+	struct sim *s = ctx;
+	uint32_t id = layer * s->E + e;
+	if (!s->cfg.timed || s->state[id] != LOADING || s->rem_ns[id] < s->tot_ns[id])
+		return 0;
+	evict(s, id);
+	return 1;
+}
+
 /* ---- demand path ---- */
 
 static bool demand_victim_ok(void *ctx, uint32_t id)
@@ -655,6 +670,9 @@ int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 	}
 	s->st.time_ns = (uint64_t)s->now_ns;
 	if (s->have_ps)
+	{
 		s->st.pf_dropped = s->ps.c.deadline_dropped;
+		s->st.pf_withdrawn = s->ps.c.withdrawn;
+	}
 	return 0;
 }
