@@ -169,7 +169,7 @@ static int cancel(void *ctx, uint32_t layer, uint32_t expert)
 
 static void count_dropped(struct placement *p)
 {
-	uint64_t d = p->ps.c.deadline_dropped - p->ct.not_in_time;
+	uint64_t d = p->ps.c.deadline_cut - p->ct.not_in_time;
 	if (d) {
 		p->ct.not_in_time += d;
 		stats_add(cache_stats(p->c), STAT_prefetch_not_in_time, d);

@@ -52,7 +52,7 @@ struct placement_config {
 	X(observed, "routed layers observed by the predictor")     \
 	X(issued, "prefetches issued into the cache")              \
 	X(refused, "prefetches the cache could not start")          \
-	X(not_in_time, "planned prefetches not issued: they could not land in time")
+	X(not_in_time, "layer plans cut short or skipped: their picks could not land in time")
 
 struct placement_counters {
 #define PLACEMENT_X(n, h) uint64_t n;

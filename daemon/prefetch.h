@@ -23,7 +23,7 @@
  * backlog busy_s, the measured load time t and layer time s, layer
  * `current + d` can receive what fits in busy_s + d * s. The picks of all
  * layers in the horizon compete best score first; what cannot land is not
- * issued (counted in deadline_dropped): it would evict a resident that may
+ * issued (a layer plan cut short or skipped counts in deadline_cut): it would evict a resident that may
  * be used, and still arrive late. The look-ahead then covers at least the
  * layers a load needs: ceil(t / s) + 1.
  *
@@ -83,7 +83,7 @@ void prefetch_config_default(struct prefetch_config *c, uint32_t n_layers, uint3
 	X(cancelled, "prefetches cancelled before completion")                          \
 	X(cancelled_bytes, "bytes already moved by cancelled prefetches")               \
 	X(late, "prefetches still loading when their expert was needed")              \
-	X(deadline_dropped, "prefetches planned but not issued: they could not land in time") \
+	X(deadline_cut, "layer plans cut short or skipped: their picks could not land in time") \
 	X(withdrawn, "prefetches withdrawn before their copy started: their layer passed without them")
 
 struct prefetch_counters {

@@ -49,7 +49,7 @@
 	X(cache_prefetch_hits, "acquires served by an expert a prefetch loaded") \
 	X(cache_prefetch_cancels, "prefetch reads cancelled before they ran") \
 	X(cache_prefetch_wasted, "prefetched experts evicted before any use") \
-	X(prefetch_not_in_time, "planned prefetches not issued: they could not land before their layer") \
+	X(prefetch_not_in_time, "prefetch layer plans cut short or skipped: nothing more could land in time") \
 	X(cache_pins, "pin requests") \
 	/* NVMe engine (tier_nvme.c) */ \
 	X(nvme_reads, "read requests completed") \

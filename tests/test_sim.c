@@ -140,7 +140,7 @@ Test(sim, prefetch_counts_only_in_time)
 	slow = run(&c, tr, 4);
 	cr_assert_eq(slow.hits, 0);
 	cr_assert_eq(slow.pf_issued, 0);
-	cr_assert_gt(slow.pf_dropped, 20, "the planned prefetches are counted as not issued");
+	cr_assert_gt(slow.pf_dropped, 20, "the plans are counted as cut by the deadline");
 	cr_assert_eq(slow.gpu_bytes, none.gpu_bytes);
 	/* Without the deadline each useful prefetch becomes late. */
 	c.pf.deadline = false;

@@ -242,7 +242,7 @@ static void print_stats(const struct sim_config *sc, const struct sim_stats *st)
 		       (double)st->stall_ns / 1e9, st->tokens ? (double)st->stall_ns / 1e6 / (double)st->tokens : 0.0);
 	if (sc->predictor)
 		printf("prefetch: issued %llu, used %llu, wasted %llu, cancelled %llu (withdrawn unstarted when their layer "
-		       "passed: %llu), late %llu, not issued (could not land in time) %llu; precision %.4f recall %.4f; "
+		       "passed: %llu), late %llu, layer plans cut by the deadline %llu; precision %.4f recall %.4f; "
 		       "predictor+plan %.2f us per token-layer\n",
 		       (unsigned long long)st->pf_issued, (unsigned long long)st->pf_useful,
 		       (unsigned long long)st->pf_wasted, (unsigned long long)st->pf_cancelled,

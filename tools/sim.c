@@ -671,7 +671,7 @@ int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 	s->st.time_ns = (uint64_t)s->now_ns;
 	if (s->have_ps)
 	{
-		s->st.pf_dropped = s->ps.c.deadline_dropped;
+		s->st.pf_dropped = s->ps.c.deadline_cut;
 		s->st.pf_withdrawn = s->ps.c.withdrawn;
 	}
 	return 0;
