@@ -790,24 +790,35 @@ int cache_prefetch(struct cache *c, const struct cache_key *keys, size_t n, enum
 	return started;
 }
 
-int cache_layer_view(struct cache *c, uint32_t layer, uint8_t *resident, uint8_t *evictable, uint32_t *free_slots)
+int cache_layer_view_tier(struct cache *c, enum cache_tier tier, uint32_t layer, uint8_t *resident,
+			  uint8_t *evictable, uint32_t *free_slots)
 {
-	if (!c || layer >= c->n_layers || !resident)
+	if (!c || layer >= c->n_layers || !resident || (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
 		return -EINVAL;
+	if (tier == CACHE_TIER_GPU && !c->gpu)
+		return -ENODEV;
+	const int t = tier == CACHE_TIER_GPU ? T_GPU : T_HOST;
 	pthread_mutex_lock(&c->mu);
 	for (uint32_t x = 0; x < c->n_experts; x++) {
 		uint32_t id = layer * c->n_experts + x;
-		uint8_t st = c->ex[id].st[T_HOST];
+		uint8_t st = c->ex[id].st[t];
 		resident[x] = st == CACHE_RESIDENT || st == CACHE_LOADING;
 		if (evictable)
-			evictable[x] = filter_host(c, id);
+			evictable[x] = t == T_GPU ? filter_gpu(c, id) : filter_host(c, id);
 	}
 	if (free_slots)
-		*free_slots = !c->hocc ? UINT32_MAX
+		*free_slots = t == T_GPU || !c->hocc ? UINT32_MAX
 			    : c->hocc[layer] < c->cfg.layer_slots ? c->cfg.layer_slots - c->hocc[layer] : 0;
 	pthread_mutex_unlock(&c->mu);
 	return 0;
 }
+
+int cache_layer_view(struct cache *c, uint32_t layer, uint8_t *resident, uint8_t *evictable, uint32_t *free_slots)
+{
+	return cache_layer_view_tier(c, CACHE_TIER_HOST, layer, resident, evictable, free_slots);
+}
+
+bool cache_has_gpu(struct cache *c) { return c && c->gpu; }
 
 int cache_prefetch_cancel(struct cache *c, const struct cache_key *keys, size_t n)
 {

@@ -169,6 +169,13 @@ int cache_prefetch_cancel(struct cache *c, const struct cache_key *keys, size_t 
  * per-layer budgets, or UINT32_MAX with one budget (the cache then picks
  * the victim itself). 0 or -EINVAL. */
 int cache_layer_view(struct cache *c, uint32_t layer, uint8_t *resident, uint8_t *evictable, uint32_t *free_slots);
+/* The same for a tier. The GPU tier has one budget for the arena
+ * (*free_slots = UINT32_MAX, the cache picks victims); -ENODEV when the cache
+ * has no GPU tier. */
+int cache_layer_view_tier(struct cache *c, enum cache_tier tier, uint32_t layer, uint8_t *resident,
+			  uint8_t *evictable, uint32_t *free_slots);
+/* Whether the cache has a GPU tier. */
+bool cache_has_gpu(struct cache *c);
 
 /* Pins an expert in a tier (loading it if needed; pins nest): a pinned
  * expert is never chosen for eviction. Pinning in the GPU tier pins the host

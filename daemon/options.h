@@ -51,6 +51,8 @@ enum config_type { CONFIG_STR, CONFIG_SIZE, CONFIG_U32, CONFIG_I32, CONFIG_BOOL 
 	  "prefetch the predicted experts of the next layers (with a predictor)") \
 	X("prefetch-lookahead", prefetch_lookahead, CONFIG_U32, 0, 16, "0", false, \
 	  "layers planned ahead; 0 adapts 1..6 to the measured load and compute times") \
+	X("prefetch-tier", prefetch_tier, CONFIG_STR, 0, 0, "host", false, \
+	  "where prefetches go: host (NVMe -> host arena) or gpu (on to the GPU arena)") \
 	X("prefetch-deadline", prefetch_deadline, CONFIG_BOOL, 0, 1, "true", false, \
 	  "issue a prefetch only when it can land before its layer is accessed") \
 	X("compute-calibrate", compute_calibrate, CONFIG_BOOL, 0, 1, "true", false, \

@@ -22,6 +22,7 @@ struct placement {
 	uint64_t bw_bytes, bw_ns;   /* throughput window start: host bytes loaded, time */
 	bool bw_busy;               /* a window is open (the cache was loading throughout) */
 	struct placement_counters ct;
+	enum cache_tier tier;       /* where prefetches go */
 };
 
 static int cancel(void *ctx, uint32_t layer, uint32_t expert);
@@ -44,6 +45,7 @@ int placement_create(struct cache *c, uint32_t n_layers, uint32_t n_experts, uin
 	p->n_layers = n_layers;
 	p->n_experts = n_experts;
 	p->prefetch = cfg->prefetch;
+	p->tier = cfg->gpu ? CACHE_TIER_GPU : CACHE_TIER_HOST;
 	p->last_layer = -1;
 	p->res = calloc(n_experts, 1);
 	p->ev = calloc(n_experts, 1);
@@ -52,7 +54,11 @@ int placement_create(struct cache *c, uint32_t n_layers, uint32_t n_experts, uin
 		rc = moe_error_set(err, -ENOMEM, "placement: out of memory");
 		goto fail;
 	}
-	rc = predict_create(cfg->predictor, n_layers, n_experts, k, cfg->model, &p->pred, err);
+	if (cfg->gpu && !cache_has_gpu(c)) {
+		rc = moe_error_set(err, -ENODEV, "placement: prefetch into the GPU tier, but there is no GPU tier");
+		goto fail;
+	}
+		rc = predict_create(cfg->predictor, n_layers, n_experts, k, cfg->model, &p->pred, err);
 	if (rc < 0)
 		goto fail;
 	struct prefetch_config pc;
@@ -98,7 +104,7 @@ static void view(void *ctx, uint32_t layer, struct prefetch_view *v)
 {
 	struct placement *p = ctx;
 	uint32_t free_slots = 0;
-	if (cache_layer_view(p->c, layer, p->res, p->ev, &free_slots) < 0) {
+	if (cache_layer_view_tier(p->c, p->tier, layer, p->res, p->ev, &free_slots) < 0) {
 		memset(p->res, 1, p->n_experts); /* nothing to plan */
 		free_slots = 0;
 	}
@@ -112,14 +118,16 @@ static void view(void *ctx, uint32_t layer, struct prefetch_view *v)
 	v->busy_s = (double)cache_busy(p->c) * (double)p->expert_bytes / p->ps.bw;
 }
 
-/* Load throughput for the deadline: bytes the host tier loaded over a window
+/* Load throughput for the deadline: bytes the prefetch tier received (NVMe ->
+ * host loads, or host -> GPU copies) over a window
  * of at least 20 ms during which the cache was loading at every access we
  * saw. An idle stretch would understate the link and a short window is all
  * noise, so those are not measured. */
 #define BW_WINDOW_NS 20000000ull
 static void sample_bw(struct placement *p, uint64_t now)
 {
-	uint64_t bytes = stats_get(cache_stats(p->c), STAT_cache_load_bytes_host);
+	uint64_t bytes = stats_get(cache_stats(p->c), p->tier == CACHE_TIER_GPU ? STAT_cache_load_bytes_gpu
+										 : STAT_cache_load_bytes_host);
 	if (cache_busy(p->c) == 0) {
 		p->bw_busy = false;
 		return;
@@ -143,14 +151,14 @@ static int issue(void *ctx, uint32_t layer, uint32_t expert, uint32_t victim)
 	if (!p->prefetch)
 		return -ECANCELED;
 	if (victim != POLICY_NONE) {
-		int rc = cache_evict(p->c, (struct cache_key){ layer, victim }, CACHE_TIER_HOST);
+		int rc = cache_evict(p->c, (struct cache_key){ layer, victim }, p->tier);
 		if (rc < 0) {
 			p->ct.refused++;
 			return rc;
 		}
 	}
 	struct cache_key k = { layer, expert };
-	if (cache_prefetch(p->c, &k, 1, CACHE_TIER_HOST) != 1) {
+	if (cache_prefetch(p->c, &k, 1, p->tier) != 1) {
 		p->ct.refused++;
 		return -ENOSPC;
 	}

@@ -44,6 +44,8 @@ struct placement_config {
 	double link_bw;                     /* bytes/s prefetch loads are assumed to take
 					     * until measured; 0 = the scheduler's default */
 	bool deadline;                      /* issue only prefetches that can land in time */
+	bool gpu;                           /* prefetch into the GPU tier (through the host
+					     * tier); false: into the host tier */
 };
 
 /* The counters of one placement (X-macro: name, help). */
@@ -65,7 +67,8 @@ struct placement;
 /* true when cfg asks for a predictor at all. */
 bool placement_enabled(const struct placement_config *cfg);
 /* Creates the predictor (k = the model's top-k) and the scheduler. -EINVAL
- * for an unknown predictor or one that needs a model file and has none. */
+ * for an unknown predictor or one that needs a model file and has none,
+ * -ENODEV when cfg->gpu asks for a GPU tier the cache does not have. */
 int placement_create(struct cache *c, uint32_t n_layers, uint32_t n_experts, uint32_t k, uint64_t expert_bytes,
 		     const struct placement_config *cfg, struct placement **out, struct moe_error *err);
 void placement_destroy(struct placement *p);

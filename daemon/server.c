@@ -1754,7 +1754,12 @@ static int open_model(struct server *s, struct model *m, const char *path, unsig
 	m->plc = (struct placement_config){ .predictor = s->cfg->predictor, .prefetch = s->cfg->prefetch,
 					    .lookahead = s->cfg->prefetch_lookahead, .min_score = -1, .gain = -1,
 					    .link_bw = (double)s->cfg->link_nvme_mbps * 1e6,
-					    .deadline = s->cfg->prefetch_deadline };
+					    .deadline = s->cfg->prefetch_deadline,
+					    .gpu = strcmp(s->cfg->prefetch_tier, "gpu") == 0 };
+	if (strcmp(s->cfg->prefetch_tier, "host") && strcmp(s->cfg->prefetch_tier, "gpu"))
+		return moe_error_set(err, -EINVAL, "prefetch-tier must be host or gpu, not '%s'", s->cfg->prefetch_tier);
+	if (m->plc.gpu)
+		m->plc.link_bw = (double)s->cfg->link_h2g_mbps * 1e6;
 	if (placement_enabled(&m->plc)) {
 		const struct predict_ops *po = predict_find(m->plc.predictor);
 		if (!po)

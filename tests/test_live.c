@@ -257,6 +257,42 @@ Test(live, placement_deadline_holds_back_what_cannot_land)
 	}
 }
 
+Test(live, placement_prefetches_into_the_gpu_tier)
+{
+	/* The temporal plan of the next token lands in the (emulated) GPU
+	 * arena when asked; without a GPU tier the request is refused. */
+	struct placement *p = NULL;
+	struct moe_error err = { "" };
+	struct placement_config pc = { .predictor = "temporal", .prefetch = true, .lookahead = 2,
+				       .min_score = -1, .gain = -1, .gpu = true };
+	struct cache *c = mk(16, 0);
+	cr_assert_eq(placement_create(c, N_MOE, N_EXP, 2, pack->hdr->extent_payload, &pc, &p, &err), -ENODEV);
+	cr_assert(strstr(err.msg, "GPU"), "%s", err.msg);
+	cache_destroy(c);
+
+	struct cache_config cfg = { .host_bytes = 16 * pack_extent_bytes(pack), .queue_depth = 4, .no_uring = true,
+				    .wait_timeout_ms = 20000, .gpu_bytes = 8 * pack_extent_bytes(pack),
+				    .gpu_backend = "emulated" };
+	cr_assert_eq(cache_create(pack, &cfg, &c, &err), 0, "%s", err.msg);
+	cr_assert_eq(placement_create(c, N_MOE, N_EXP, 2, pack->hdr->extent_payload, &pc, &p, &err), 0, "%s",
+		     err.msg);
+	const uint16_t r0[2] = { 3, 5 }, r1[2] = { 2, 7 };
+	for (uint32_t t = 1; t <= 3; t++) {
+		placement_token(p, 0, t);
+		placement_access(p, 0, r0, 2, 0, t);
+		placement_access(p, 1, r1, 2, 0, t);
+	}
+	cr_assert_eq(cache_wait_idle(c, 10000), 0);
+	for (int i = 0; i < 2; i++) {
+		cr_assert_eq(cache_state(c, (struct cache_key){ 0, r0[i] }, CACHE_TIER_GPU), CACHE_RESIDENT);
+		cr_assert_eq(cache_state(c, (struct cache_key){ 1, r1[i] }, CACHE_TIER_GPU), CACHE_RESIDENT);
+	}
+	cr_assert_gt(stats_get(cache_stats(c), STAT_cache_loads_gpu), 0);
+	cr_assert_eq(stats_get(cache_stats(c), STAT_cache_prefetches), placement_counters(p)->issued);
+	placement_destroy(p);
+	cache_destroy(c);
+}
+
 Test(live, placement_refuses_unknown_or_modelless_predictors)
 {
 	struct cache *c = mk(4, 0);
