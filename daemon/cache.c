@@ -45,6 +45,7 @@ struct expert_state {
 	bool prefetched;      /* loaded by a prefetch and not used since */
 	bool cancel_asked;    /* a cancel of its (prefetch) load was requested */
 	bool want_gpu;        /* promote to the GPU as soon as the host load lands */
+	bool gpu_prefetched;  /* GPU copy made for a prefetch and not used since */
 	uint32_t slot[2];
 	uint32_t pins[2];
 	uint32_t seq;         /* bumped when a load or copy of it finishes */
@@ -251,6 +252,9 @@ static bool filter_gpu(void *ctx, uint32_t id) { return !in_current_access(ctx, 
 static void evict_gpu(struct cache *c, uint32_t id)
 {
 	c->ex[id].st[T_GPU] = CACHE_EVICTING;
+	if (c->ex[id].gpu_prefetched)
+		stats_inc(c->st, STAT_cache_gpu_prefetch_wasted);
+	c->ex[id].gpu_prefetched = false;
 	drop_slot(c, id, T_GPU);
 	stats_inc(c->st, STAT_cache_evictions_gpu);
 }
@@ -360,6 +364,12 @@ static int start_host_load(struct cache *c, uint32_t id, bool prefetch)
 }
 
 /* Starts a host -> GPU copy of a host-resident id. */
+static void gpu_prefetch_started(struct cache *c, struct expert_state *e)
+{
+	e->gpu_prefetched = true;
+	stats_inc(c->st, STAT_cache_gpu_prefetches);
+}
+
 static int start_gpu_copy(struct cache *c, uint32_t id)
 {
 	struct expert_state *e = &c->ex[id];
@@ -491,6 +501,10 @@ static int try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned f
 		if (e->prefetched) {
 			e->prefetched = false;
 			stats_inc(c->st, STAT_cache_prefetch_hits);
+		}
+		if (t == T_GPU && e->gpu_prefetched) {
+			e->gpu_prefetched = false;
+			stats_inc(c->st, STAT_cache_gpu_prefetch_hits);
 		}
 		return TRY_DONE;
 	}
@@ -779,8 +793,10 @@ int cache_prefetch(struct cache *c, const struct cache_key *keys, size_t n, enum
 				started++;
 			}
 		} else if (gpu && e->st[T_HOST] == CACHE_RESIDENT && e->st[T_GPU] == CACHE_ABSENT) {
-			if (start_gpu_copy(c, id) == 0)
+			if (start_gpu_copy(c, id) == 0) {
+				gpu_prefetch_started(c, e);
 				started++;
+			}
 		} else if (gpu && e->st[T_HOST] == CACHE_LOADING) {
 			e->want_gpu = true;
 		}
@@ -1152,6 +1168,9 @@ static void finish_host_load(struct cache *c, uint32_t id, int res)
 			int rc = start_gpu_copy(c, id);
 			if (rc < 0 && rc != -ENOBUFS)
 				e->err = rc;
+			/* Still a prefetch if no demand joined the host load. */
+			if (rc == 0 && e->prefetched)
+				gpu_prefetch_started(c, e);
 		}
 		e->want_gpu = false;
 	} else {
@@ -1184,10 +1203,11 @@ static void finish_gpu_copy(struct cache *c, uint32_t id, int res)
 		stats_inc(c->st, STAT_cache_loads_gpu);
 		stats_add(c->st, STAT_cache_load_bytes_gpu, c->payload);
 		if (c->pol[T_GPU])
-			policy_insert(c->pol[T_GPU], id, 0);
+			policy_insert(c->pol[T_GPU], id, e->gpu_prefetched ? POLICY_F_PREFETCH : 0);
 		if (hs != NONE)
 			after_unref(c, T_HOST, hs);
 	} else {
+		e->gpu_prefetched = false;
 		e->st[T_GPU] = CACHE_EVICTING;
 		drop_slot(c, id, T_GPU);
 		e->err = res;

@@ -49,6 +49,9 @@
 	X(cache_prefetch_hits, "acquires served by an expert a prefetch loaded") \
 	X(cache_prefetch_cancels, "prefetch reads cancelled before they ran") \
 	X(cache_prefetch_wasted, "prefetched experts evicted before any use") \
+	X(cache_gpu_prefetches, "host -> GPU copies started for prefetches") \
+	X(cache_gpu_prefetch_hits, "GPU acquires served by a copy a prefetch made") \
+	X(cache_gpu_prefetch_wasted, "GPU copies made for prefetches evicted before any use") \
 	X(prefetch_not_in_time, "prefetch layer plans cut short or skipped: nothing more could land in time") \
 	X(cache_pins, "pin requests") \
 	/* NVMe engine (tier_nvme.c) */ \

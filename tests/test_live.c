@@ -288,7 +288,18 @@ Test(live, placement_prefetches_into_the_gpu_tier)
 		cr_assert_eq(cache_state(c, (struct cache_key){ 1, r1[i] }, CACHE_TIER_GPU), CACHE_RESIDENT);
 	}
 	cr_assert_gt(stats_get(cache_stats(c), STAT_cache_loads_gpu), 0);
-	cr_assert_eq(stats_get(cache_stats(c), STAT_cache_prefetches), placement_counters(p)->issued);
+	/* Each issued prefetch started a host load or a GPU copy (or both). */
+	uint64_t started = stats_get(cache_stats(c), STAT_cache_gpu_prefetches);
+	cr_assert_gt(started, 0);
+	cr_assert_leq(started, placement_counters(p)->issued);
+	/* A GPU acquire of a prefetched copy counts as a GPU prefetch hit. */
+	struct cache_key k = { 0, r0[0] };
+	struct cache_loc loc;
+	uint64_t hits = stats_get(cache_stats(c), STAT_cache_gpu_prefetch_hits);
+	cr_assert_eq(cache_acquire(c, 1, &k, 1, CACHE_WANT_GPU, &loc), 1);
+	cr_assert_eq(loc.lease.tier, CACHE_TIER_GPU);
+	cr_assert_eq(cache_release(c, 1, &loc.lease), 0);
+	cr_assert_eq(stats_get(cache_stats(c), STAT_cache_gpu_prefetch_hits), hits + 1);
 	placement_destroy(p);
 	cache_destroy(c);
 }
