@@ -231,7 +231,10 @@ void moe_quantize_row_q8_0(const float *src, struct moe_block_q8_0 *dst, size_t 
 		for (int j = 0; j < 32; j++)
 			amax = fmaxf(amax, fabsf(src[i * 32 + j]));
 		const float d = amax / 127.0f;
-		const float id = d ? 1.0f / d : 0.0f;
+		/* A block below ~4e-37 makes 1/d infinite (its f16 scale is 0
+		 * anyway): zero codes, not a float -> int overflow. */
+		const float r = d ? 1.0f / d : 0.0f;
+		const float id = isfinite(r) ? r : 0.0f;
 		dst[i].d = moe_f32_to_f16(d);
 		for (int j = 0; j < 32; j++)
 			dst[i].qs[j] = (int8_t)round_half_away(src[i * 32 + j] * id);
@@ -250,7 +253,8 @@ void moe_quantize_row_q4_0(const float *src, struct moe_block_q4_0 *dst, size_t 
 			}
 		}
 		const float d = max / -8.0f;
-		const float id = d ? 1.0f / d : 0.0f;
+		const float r = d ? 1.0f / d : 0.0f;
+		const float id = isfinite(r) ? r : 0.0f; /* as in q8_0 */
 		dst[i].d = moe_f32_to_f16(d);
 		for (int j = 0; j < 16; j++) {
 			const float x0 = src[i * 32 + j] * id;

@@ -52,23 +52,65 @@ REF_MM(ref_q8_0, MOE_DTYPE_Q8_0)
 REF_MM(ref_q4_0, MOE_DTYPE_Q4_0)
 REF_MM(ref_mxfp4, MOE_DTYPE_MXFP4)
 
-/* q8_0 x q8_0: exact integer sum per block, then scaled by d_w * d_x. */
-static void ref_q8int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		      const struct ffn_act *a, float *y, size_t ldy)
+/* q8_0 or q4_0 weights x q8_0 x: exact integer sum per block, then scaled
+ * by d_w * d_x. */
+static void ref_int(enum moe_dtype dt, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		    const struct ffn_act *a, float *y, size_t ldy)
 {
 	for (uint32_t r = r0; r < r1; r++) {
-		const struct moe_block_q8_0 *wb = (const void *)(W + (size_t)r * rb);
+		const uint8_t *row = W + (size_t)r * rb;
 		for (uint32_t t = 0; t < a->B; t++) {
 			const struct moe_block_q8_0 *xb = a->q8 + (size_t)t * a->ldq;
 			float acc = 0.0f;
 			for (uint32_t b = 0; b < cols / 32; b++) {
 				int32_t isum = 0;
-				for (int j = 0; j < 32; j++)
-					isum += (int32_t)wb[b].qs[j] * xb[b].qs[j];
-				acc += (float)isum * (moe_f16_to_f32(wb[b].d) * moe_f16_to_f32(xb[b].d));
+				uint16_t dw;
+				if (dt == MOE_DTYPE_Q8_0) {
+					const struct moe_block_q8_0 *wb = (const void *)(row + (size_t)b * sizeof(*wb));
+					for (int j = 0; j < 32; j++)
+						isum += (int32_t)wb->qs[j] * xb[b].qs[j];
+					dw = wb->d;
+				} else {
+					const struct moe_block_q4_0 *wb = (const void *)(row + (size_t)b * sizeof(*wb));
+					for (int j = 0; j < 16; j++)
+						isum += ((wb->qs[j] & 15) - 8) * xb[b].qs[j] +
+							((wb->qs[j] >> 4) - 8) * xb[b].qs[j + 16];
+					dw = wb->d;
+				}
+				acc += (float)isum * (moe_f16_to_f32(dw) * moe_f16_to_f32(xb[b].d));
 			}
 			y[(size_t)t * ldy + (r - r0)] = acc;
 		}
+	}
+}
+
+static void ref_q8int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		      const struct ffn_act *a, float *y, size_t ldy)
+{
+	ref_int(MOE_DTYPE_Q8_0, W, rb, cols, r0, r1, a, y, ldy);
+}
+
+static void ref_q4int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		      const struct ffn_act *a, float *y, size_t ldy)
+{
+	ref_int(MOE_DTYPE_Q4_0, W, rb, cols, r0, r1, a, y, ldy);
+}
+
+/* moe_quantize_row_q8_0 block by block, except blocks whose max |x| is so
+ * small (< ~4e-37) that 1 / d overflows: d is 0 in f16 there anyway, and
+ * dtype.c would convert inf to int (undefined); they get d 0, codes 0, as
+ * from ffn_quant_q8_avx2. */
+static void ref_quant_q8(const float *x, struct moe_block_q8_0 *out, uint32_t n)
+{
+	for (uint32_t b = 0; b < n / 32; b++) {
+		float amax = 0.0f;
+		for (int j = 0; j < 32; j++)
+			amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+		const float d = amax / 127.0f;
+		if (d != 0.0f && isinf(1.0f / d))
+			memset(&out[b], 0, sizeof(out[b]));
+		else
+			moe_quantize_row_q8_0(x + (size_t)b * 32, &out[b], 32);
 	}
 }
 
@@ -78,7 +120,11 @@ static const struct ffn_isa_ops ffn_ops_ref = {
 		[MOE_DTYPE_Q8_0] = ref_q8_0, [MOE_DTYPE_Q4_0] = ref_q4_0, [MOE_DTYPE_MXFP4] = ref_mxfp4,
 	},
 	.bf16_act_mask = 0,
+	.perm_act_mask = 0,
+	.perm_w = 0,
 	.mm_q8int = ref_q8int,
+	.mm_q4int = ref_q4int,
+	.quant_q8 = ref_quant_q8,
 };
 
 /* ---- path selection ------------------------------------------------------- */
@@ -188,11 +234,13 @@ enum ffn_q8_mode ffn_get_q8_mode(void)
 	return (enum ffn_q8_mode)__atomic_load_n(&cur_q8, __ATOMIC_ACQUIRE);
 }
 
-/* The kernels for one call: the path's table, with q8_0 switched to the
- * integer kernel in FFN_Q8_INT mode. */
+/* The kernels for one call: the path's table, with q8_0 and q4_0 switched
+ * to the integer kernels in FFN_Q8_INT mode. */
 struct mm_sel {
 	ffn_mm_fn mm[MOE_DTYPE_COUNT];
-	uint32_t bf16_mask, q8_mask;
+	/* 1u << dtype when mm[dtype] reads ffn_act.bf / .q8 / .fp */
+	uint32_t bf16_mask, q8_mask, perm_mask, perm_w;
+	void (*quant_q8)(const float *x, struct moe_block_q8_0 *out, uint32_t n);
 };
 
 static void ops_now(struct mm_sel *s)
@@ -200,18 +248,31 @@ static void ops_now(struct mm_sel *s)
 	const struct ffn_isa_ops *o = isa_ops[ffn_get_isa()];
 	memcpy(s->mm, o->mm, sizeof(s->mm));
 	s->bf16_mask = o->bf16_act_mask;
+	s->perm_mask = o->perm_act_mask;
+	s->perm_w = o->perm_w;
+	s->quant_q8 = o->quant_q8;
 	s->q8_mask = 0;
-	if (ffn_get_q8_mode() == FFN_Q8_INT && o->mm_q8int) {
+	if (ffn_get_q8_mode() == FFN_Q8_INT) {
 		s->mm[MOE_DTYPE_Q8_0] = o->mm_q8int;
-		s->q8_mask = 1u << MOE_DTYPE_Q8_0;
+		s->mm[MOE_DTYPE_Q4_0] = o->mm_q4int;
+		s->q8_mask = (1u << MOE_DTYPE_Q8_0) | (1u << MOE_DTYPE_Q4_0);
 	}
 }
 
-/* B rows of cols (a multiple of 32) floats, stride ld, to q8_0 blocks. */
-static void to_q8(const float *x, size_t ld, uint32_t B, uint32_t cols, struct moe_block_q8_0 *out, size_t ldq)
+/* B rows of cols floats, stride ld, in the even/odd order of the SIMD bf16
+ * kernels (ffn_perm_even_odd), same stride. */
+static void to_perm(const float *x, size_t ld, uint32_t B, uint32_t cols, uint32_t w, float *out)
 {
 	for (uint32_t t = 0; t < B; t++)
-		moe_quantize_row_q8_0(x + (size_t)t * ld, out + (size_t)t * ldq, cols);
+		ffn_perm_even_odd(x + (size_t)t * ld, out + (size_t)t * ld, cols, w);
+}
+
+/* B rows of cols (a multiple of 32) floats, stride ld, to q8_0 blocks. */
+static void to_q8(const struct mm_sel *s, const float *x, size_t ld, uint32_t B, uint32_t cols,
+		  struct moe_block_q8_0 *out, size_t ldq)
+{
+	for (uint32_t t = 0; t < B; t++)
+		s->quant_q8(x + (size_t)t * ld, out + (size_t)t * ldq, cols);
 }
 
 bool ffn_dtype_supported(enum moe_dtype t)
@@ -306,6 +367,8 @@ int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols, c
 	uint64_t rb;
 	uint16_t *xb = NULL;
 	struct moe_block_q8_0 *xq = NULL;
+	float *xp = NULL;
+	int rc = -ENOMEM;
 
 	if (!ffn_dtype_supported(dt) || !moe_dtype_row_bytes(dt, cols, &rb) || !W || !x || !y ||
 	    ldx < cols || ldy < rows)
@@ -321,21 +384,30 @@ int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols, c
 	if (ops.bf16_mask & (1u << dt)) {
 		xb = malloc((size_t)B * ldx * sizeof(*xb));
 		if (!xb)
-			return -ENOMEM;
+			goto out;
 		to_bf16(x, ldx, B, xb, 0, cols);
 	}
 	if (ops.q8_mask & (1u << dt)) {
 		xq = malloc((size_t)B * (cols / 32) * sizeof(*xq));
 		if (!xq)
-			return -ENOMEM;
-		to_q8(x, ldx, B, cols, xq, cols / 32);
+			goto out;
+		to_q8(&ops, x, ldx, B, cols, xq, cols / 32);
 	}
-	struct ffn_act a = { x, xb, xq, B, ldx, cols / 32 };
+	if (ops.perm_mask & (1u << dt)) {
+		xp = malloc((size_t)B * ldx * sizeof(*xp));
+		if (!xp)
+			goto out;
+		to_perm(x, ldx, B, cols, ops.perm_w, xp);
+	}
+	struct ffn_act a = { .f = x, .bf = xb, .fp = xp, .q8 = xq, .B = B, .ld = ldx, .ldq = cols / 32 };
 	struct mm_job j = { ops.mm[dt], W, rb, cols, &a, y, ldy };
 	run_split(threads, rows, 4, mm_range, &j);
+	rc = 0;
+out:
 	free(xb);
 	free(xq);
-	return 0;
+	free(xp);
+	return rc;
 }
 
 /* ---- layout --------------------------------------------------------------- */
@@ -458,6 +530,7 @@ struct expert_job {
 	float *g, *u;          /* SWIGLU [B x m] each; GPTOSS: g is [B x 2m] */
 	float *h;              /* [B x m] */
 	uint16_t *hb;          /* [B x m] bf16 copy of h, or NULL */
+	float *hp;             /* [B x m] even/odd copy of h (ffn_act.fp), or NULL */
 	struct moe_block_q8_0 *hq; /* [B x m/32] q8_0 copy of h, or NULL */
 	const float *gu_bias;  /* [2m] or NULL */
 	const float *down_bias;/* [n] or NULL */
@@ -523,7 +596,7 @@ static void expert_phase2(void *p, uint32_t lo, uint32_t hi)
 	struct expert_job *j = p;
 	const struct ffn_layout *L = j->L;
 	const uint32_t B = j->x.B;
-	struct ffn_act h = { j->h, j->hb, j->hq, B, L->m, L->m / 32 };
+	struct ffn_act h = { .f = j->h, .bf = j->hb, .fp = j->hp, .q8 = j->hq, .B = B, .ld = L->m, .ldq = L->m / 32 };
 
 	if (lo >= hi)
 		return;
@@ -564,17 +637,21 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 	const bool hbf = ops->bf16_mask & (1u << L->down.dtype);
 	const bool xq8 = ops->q8_mask & in_mask;
 	const bool hq8 = ops->q8_mask & (1u << L->down.dtype);
+	const bool xpm = ops->perm_mask & in_mask;
+	const bool hpm = ops->perm_mask & (1u << L->down.dtype);
 
 	/* One allocation for every scratch array; sizes are bounded by the
 	 * layout check (n, m <= 2^20) and B (u32), so size_t cannot wrap. */
-	size_t nf = (size_t)B * m * 3 + (gptoss ? 2 * (size_t)m + n : 0) + (acc ? (size_t)B * n : 0);
+	size_t nf = (size_t)B * m * 3 + (gptoss ? 2 * (size_t)m + n : 0) + (acc ? (size_t)B * n : 0) +
+		    (xpm ? (size_t)B * ldx : 0) + (hpm ? (size_t)B * m : 0);
 	size_t nh = (xbf ? (size_t)B * ldx : 0) + (hbf ? (size_t)B * m : 0);
 	size_t nq = (xq8 ? (size_t)B * (n / 32) : 0) + (hq8 ? (size_t)B * (m / 32) : 0);
 	float *buf = malloc(nf * sizeof(float) + nh * sizeof(uint16_t) + nq * sizeof(struct moe_block_q8_0) + 64);
 	if (!buf)
 		return -ENOMEM;
 	float *f = buf;
-	struct expert_job j = { .L = L, .ops = ops, .ext = extent, .x = { x, NULL, NULL, B, ldx, n / 32 } };
+	struct expert_job j = { .L = L, .ops = ops, .ext = extent,
+				.x = { .f = x, .B = B, .ld = ldx, .ldq = n / 32 } };
 	j.g = f; /* SWIGLU: g [B x m] then u [B x m]; GPTOSS: gu [B x 2m] */
 	j.u = f + (size_t)B * m;
 	f += (size_t)B * m * 2;
@@ -591,6 +668,15 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 			moe_dequantize_row(L->down_bias.dtype, j.ext + L->down_bias.offset, db, n);
 			j.down_bias = db;
 		}
+	}
+	if (xpm) {
+		to_perm(x, ldx, B, n, ops->perm_w, f);
+		j.x.fp = f;
+		f += (size_t)B * ldx;
+	}
+	if (hpm) {
+		j.hp = f;
+		f += (size_t)B * m;
 	}
 	if (acc) {
 		j.out = f;
@@ -615,15 +701,17 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 	}
 	struct moe_block_q8_0 *qp = (struct moe_block_q8_0 *)hp;
 	if (xq8) {
-		to_q8(x, ldx, B, n, qp, n / 32);
+		to_q8(ops, x, ldx, B, n, qp, n / 32);
 		j.x.q8 = qp;
 		qp += (size_t)B * (n / 32);
 	}
 
 	run_split(threads, m, 4, expert_phase1, &j);
+	if (hpm) /* whole groups of h, so after every thread's phase 1 */
+		to_perm(j.h, m, B, m, ops->perm_w, j.hp);
 	if (hq8) {
 		/* whole 32-column blocks of h, so after every thread's phase 1 */
-		to_q8(j.h, m, B, m, qp, m / 32);
+		to_q8(ops, j.h, m, B, m, qp, m / 32);
 		j.hq = qp;
 	}
 	run_split(threads, n, 4, expert_phase2, &j);

@@ -57,7 +57,8 @@ int ffn_set_isa(enum ffn_isa isa);
  * h) quantized to q8_0 per 32-block as ggml does, integer dot per block;
  * fewer instructions per weight byte, but x carries up to ~0.6/127 of each
  * block's max |x| of quantization error. MOETIER_FFN_Q8=exact|int or
- * ffn_set_q8_mode() (process-wide; 0 or -EINVAL). */
+ * ffn_set_q8_mode() (process-wide; 0 or -EINVAL). INT applies to q4_0
+ * weights as well (ggml's q4_0 x q8_0 integer dot). */
 enum ffn_q8_mode {
 	FFN_Q8_EXACT = 0,
 	FFN_Q8_INT = 1,

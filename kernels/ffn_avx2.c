@@ -6,6 +6,7 @@
 #include "config.h"
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "ffn_impl.h"
@@ -13,7 +14,8 @@
 #define FN_ATTR __attribute__((target("avx2,fma,f16c")))
 #define SIMD_W 8
 #define RMAX 4
-#define TMAX 2 /* 8 accumulators + 4 weight vectors + x fit in 16 ymm */
+#define TMAX 2 /* 8 accumulators + 4 x vectors + weights fit in 16 ymm */
+#define INT_TMAX 2 /* integer kernels, batches: 2 rows x 2 tokens */
 #define SFX(name) name##_avx2
 #define vf __m256
 #define VZERO() _mm256_setzero_ps()
@@ -26,6 +28,12 @@
 #define VLOAD_BF16(p) \
 	_mm256_castsi256_ps(_mm256_slli_epi32( \
 		_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)(p))), 16))
+#define VBF16_EVEN_ODD(p, ev, od) \
+	do { \
+		const __m256i v_ = _mm256_loadu_si256((const __m256i *)(const void *)(p)); \
+		(ev) = _mm256_castsi256_ps(_mm256_slli_epi32(v_, 16)); \
+		(od) = _mm256_castsi256_ps(_mm256_and_si256(v_, _mm256_set1_epi32((int)0xffff0000u))); \
+	} while (0)
 #define LOADB(p) _mm_loadl_epi64((const __m128i *)(const void *)(p))
 #define CVT_I8(v) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
 
@@ -39,46 +47,183 @@ static FN_ATTR inline float vhsum_avx2(__m256 v)
 
 #include "ffn_simd.h"
 
-/* q8_0 weights times x quantized to q8_0 (ggml's scheme): per block an
- * exact integer dot (|w| as unsigned bytes times x with w's sign, pairs
- * summed by vpmaddubsw, then vpmaddwd), converted to f32 and scaled by
- * d_w * d_x into 8 lanes; the lanes are summed at the end. Each (row,
- * token) runs the same sequence, so batches give the same bits. */
+/* q8_0 and q4_0 weights times x quantized to q8_0 (ggml's scheme), one
+ * exact integer dot per 32-block, converted to f32 and scaled by d_w * d_x
+ * into 8 lanes; the lanes are summed at the end.
+ * - q8_0: |w| as unsigned bytes times x with w's sign (vpsignb), pairs
+ *   summed by vpmaddubsw, then vpmaddwd.
+ * - q4_0: the 16 bytes broadcast to both halves, the upper half shifted
+ *   by 4 (vpsrlvq), masked: nibbles 0..15 as unsigned bytes in element
+ *   order (low nibbles are elements 0..15, high ones 16..31); vpmaddubsw
+ *   with x, minus vpmaddubsw(8, x) computed once per block for all rows
+ *   (sum (q - 8) x = sum q x - 8 sum x, all in int16 without overflow:
+ *   |pair| <= 2 * 15 * 127).
+ * R rows (rs bytes apart) times T tokens (ldq blocks apart), compile-time
+ * R and T so the accumulators stay in registers; a row's blocks are loaded
+ * and prepared once for all T tokens. y[t * ldy + i * ys]. Each (row,
+ * token) runs the same sequence whatever the tile, so batches give the
+ * same bits. */
+static FN_ATTR ALWAYS_INLINE void int_tile(const int DT, const int R, const int T, const uint8_t *W, size_t rs,
+					    uint32_t nb, const struct moe_block_q8_0 *xq, size_t ldq, float *y,
+					    size_t ys, size_t ldy)
+{
+	const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : 18;
+	const __m256i ones = _mm256_set1_epi16(1), nib_mask = _mm256_set1_epi8(0x0f);
+	const __m256i hi_by4 = _mm256_set_epi64x(4, 4, 0, 0);
+	__m256 acc[RMAX][INT_TMAX];
+
+#pragma GCC unroll 4
+	for (int i = 0; i < R; i++)
+#pragma GCC unroll 2
+		for (int t = 0; t < T; t++)
+			acc[i][t] = _mm256_setzero_ps();
+	for (uint32_t b = 0; b < nb; b++) {
+		__m256i xv[INT_TMAX], x8[INT_TMAX];
+		float dx[INT_TMAX];
+#pragma GCC unroll 2
+		for (int t = 0; t < T; t++) {
+			xv[t] = _mm256_loadu_si256((const __m256i *)(const void *)xq[(size_t)t * ldq + b].qs);
+			dx[t] = _cvtsh_ss(xq[(size_t)t * ldq + b].d);
+			x8[t] = DT == MOE_DTYPE_Q4_0 ? _mm256_maddubs_epi16(_mm256_set1_epi8(8), xv[t])
+						     : _mm256_setzero_si256();
+		}
+#pragma GCC unroll 4
+		for (int i = 0; i < R; i++) {
+			const uint8_t *blk = W + (size_t)i * rs + (size_t)b * bb;
+			uint16_t h;
+			__m256i wv, wa;
+			memcpy(&h, blk, 2);
+			const float dw = _cvtsh_ss(h);
+			if (DT == MOE_DTYPE_Q8_0) {
+				wv = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 2));
+				wa = _mm256_sign_epi8(wv, wv); /* |w| as unsigned bytes */
+			} else {
+				const __m256i q2 = _mm256_broadcastsi128_si256(
+					_mm_loadu_si128((const __m128i *)(const void *)(blk + 2)));
+				wv = wa = _mm256_and_si256(_mm256_srlv_epi64(q2, hi_by4), nib_mask);
+			}
+#pragma GCC unroll 2
+			for (int t = 0; t < T; t++) {
+				__m256i p16;
+				if (DT == MOE_DTYPE_Q8_0)
+					p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv[t], wv));
+				else
+					p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(wa, xv[t]), x8[t]);
+				const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+				acc[i][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * dx[t]), acc[i][t]);
+			}
+		}
+	}
+#pragma GCC unroll 4
+	for (int i = 0; i < R; i++)
+#pragma GCC unroll 2
+		for (int t = 0; t < T; t++)
+			y[(size_t)t * ldy + (size_t)i * ys] = vhsum_avx2(acc[i][t]);
+}
+
+/* All tokens of one R-row tile: pairs of tokens through 2-row halves of
+ * it (4 x 2 accumulators do not fit beside the operands), then the last
+ * token alone through all R rows. */
+static FN_ATTR ALWAYS_INLINE void int_rows(const int DT, const int R, const uint8_t *W, size_t rs, uint32_t nb,
+					    const struct ffn_act *a, float *y, size_t ys, size_t ldy)
+{
+	uint32_t t = 0;
+	for (; t + INT_TMAX <= a->B; t += INT_TMAX) {
+		const struct moe_block_q8_0 *xq = a->q8 + (size_t)t * a->ldq;
+		float *yt = y + (size_t)t * ldy;
+		if (R >= 2)
+			int_tile(DT, 2, INT_TMAX, W, rs, nb, xq, a->ldq, yt, ys, ldy);
+		if (R == 4)
+			int_tile(DT, 2, INT_TMAX, W + 2 * rs, rs, nb, xq, a->ldq, yt + 2 * ys, ys, ldy);
+		if (R == 1 || R == 3)
+			int_tile(DT, 1, INT_TMAX, W + (size_t)(R - 1) * rs, rs, nb, xq, a->ldq,
+				 yt + (size_t)(R - 1) * ys, ys, ldy);
+	}
+	if (t < a->B)
+		int_tile(DT, R, 1, W, rs, nb, a->q8 + (size_t)t * a->ldq, a->ldq, y + (size_t)t * ldy, ys, ldy);
+}
+
+/* Rows [r0, r1): tiles of RMAX rows from the RMAX quarters of the range
+ * (long sequential streams, see ffn_simd.h), then the rest; each tile
+ * runs every token while its rows are in L1. */
+static FN_ATTR ALWAYS_INLINE void int_mm(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
+					  uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
+{
+	const uint32_t nb = cols / 32, q = (r1 - r0) / RMAX, rem = (r1 - r0) % RMAX;
+	const uint8_t *W0 = W + (size_t)r0 * rb, *Wr = W0 + (size_t)q * RMAX * rb;
+	float *yr = y + (size_t)q * RMAX;
+
+	for (uint32_t j = 0; j < q; j++)
+		int_rows(DT, RMAX, W0 + (size_t)j * rb, (size_t)q * rb, nb, a, y + j, q, ldy);
+	switch (rem) {
+	case 0: break;
+	case 1: int_rows(DT, 1, Wr, rb, nb, a, yr, 1, ldy); break;
+	case 2: int_rows(DT, 2, Wr, rb, nb, a, yr, 1, ldy); break;
+	default: int_rows(DT, 3, Wr, rb, nb, a, yr, 1, ldy); break;
+	}
+}
+
 FN_ATTR void ffn_mm_q8int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
 			       const struct ffn_act *a, float *y, size_t ldy)
 {
-	const uint32_t nb = cols / 32;
-	const size_t ldq = a->ldq;
-	const __m256i ones = _mm256_set1_epi16(1);
+	int_mm(MOE_DTYPE_Q8_0, W, rb, cols, r0, r1, a, y, ldy);
+}
 
-	for (uint32_t r = r0; r < r1; r += RMAX) {
-		const uint32_t R = r1 - r < RMAX ? r1 - r : RMAX;
-		for (uint32_t t = 0; t < a->B; t++) {
-			const struct moe_block_q8_0 *xq = a->q8 + (size_t)t * ldq;
-			__m256 acc[RMAX] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-					     _mm256_setzero_ps() };
-			for (uint32_t b = 0; b < nb; b++) {
-				const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)xq[b].qs);
-				const float dx = _cvtsh_ss(xq[b].d);
-				for (uint32_t i = 0; i < R; i++) {
-					const uint8_t *blk = W + (size_t)(r + i) * rb + (size_t)b * 34;
-					uint16_t h;
-					memcpy(&h, blk, 2);
-					const __m256i wv = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 2));
-					const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
-										 _mm256_sign_epi8(xv, wv));
-					const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-					acc[i] = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(h) * dx), acc[i]);
-				}
-			}
-			for (uint32_t i = 0; i < R; i++)
-				y[(size_t)t * ldy + (r - r0) + i] = vhsum_avx2(acc[i]);
+FN_ATTR void ffn_mm_q4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+			       const struct ffn_act *a, float *y, size_t ldy)
+{
+	int_mm(MOE_DTYPE_Q4_0, W, rb, cols, r0, r1, a, y, ldy);
+}
+
+/* moe_quantize_row_q8_0, 8 lanes at a time, giving the same blocks for
+ * finite x: d = amax / 127 (to f16 by the same routine), q = x * (1 / d)
+ * rounded half away from zero (truncate |v|, add 1 where the dropped part
+ * is >= 0.5, which is exact for |v| < 2^23). Where 1 / d overflows (d is
+ * 0 in f16 then, so the codes do not matter) the codes are 0. ~10x faster than the scalar
+ * loop (16 us for 2048 floats), which otherwise costs ~5% of a one-token
+ * q8_0 expert. */
+FN_ATTR void ffn_quant_q8_avx2(const float *x, struct moe_block_q8_0 *out, uint32_t n)
+{
+	const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+	const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+	const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+
+	for (uint32_t b = 0; b < n / 32; b++) {
+		const float *p = x + (size_t)b * 32;
+		__m256 v[4], m;
+#pragma GCC unroll 4
+		for (int k = 0; k < 4; k++)
+			v[k] = _mm256_loadu_ps(p + 8 * k);
+		m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+				  _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+		__m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+		m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+		m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+		const float d = _mm_cvtss_f32(m4) / 127.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
+		/* max |x| < ~4e-37: 1 / d overflows (and d is 0 in f16); codes 0 */
+		const __m256 id = _mm256_set1_ps(isinf(inv) ? 0.0f : inv);
+		__m256i q[4];
+#pragma GCC unroll 4
+		for (int k = 0; k < 4; k++) {
+			const __m256 s = _mm256_mul_ps(v[k], id);
+			const __m256 a = _mm256_and_ps(s, abs_mask);
+			const __m256 t = _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+			const __m256 r = _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(a, t), half, _CMP_GE_OQ), one));
+			q[k] = _mm256_cvttps_epi32(_mm256_or_ps(r, _mm256_andnot_ps(abs_mask, s)));
 		}
+		/* packs work within 128-bit halves: the dword order fixes it */
+		const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+		_mm256_storeu_si256((__m256i *)(void *)out[b].qs, _mm256_permutevar8x32_epi32(w, order));
+		out[b].d = moe_f32_to_f16(d);
 	}
 }
 
 const struct ffn_isa_ops ffn_ops_avx2 = {
 	.mm = { SIMD_MM_TABLE },
 	.bf16_act_mask = 0,
+	.perm_act_mask = 1u << MOE_DTYPE_BF16,
+	.perm_w = 2 * SIMD_W,
 	.mm_q8int = ffn_mm_q8int_avx2,
+	.mm_q4int = ffn_mm_q4int_avx2,
+	.quant_q8 = ffn_quant_q8_avx2,
 };

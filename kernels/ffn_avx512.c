@@ -18,7 +18,7 @@
 #define FN_ATTR_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 #define SIMD_W 16
 #define RMAX 4
-#define TMAX 4 /* 16 accumulators + 4 weight vectors + x of 32 zmm */
+#define TMAX 4 /* 16 accumulators + 8 x vectors + weights of 32 zmm */
 #define SFX(name) name##_avx512
 #define vf __m512
 #define VZERO() _mm512_setzero_ps()
@@ -31,6 +31,12 @@
 #define VLOAD_BF16(p) \
 	_mm512_castsi512_ps(_mm512_slli_epi32( \
 		_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(p))), 16))
+#define VBF16_EVEN_ODD(p, ev, od) \
+	do { \
+		const __m512i v_ = _mm512_loadu_si512((const void *)(p)); \
+		(ev) = _mm512_castsi512_ps(_mm512_slli_epi32(v_, 16)); \
+		(od) = _mm512_castsi512_ps(_mm512_and_si512(v_, _mm512_set1_epi32((int)0xffff0000u))); \
+	} while (0)
 #define LOADB(p) _mm_loadu_si128((const __m128i *)(const void *)(p))
 #define CVT_I8(v) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))
 
@@ -50,17 +56,24 @@ static FN_ATTR inline float vhsum_avx512(__m512 v)
 const struct ffn_isa_ops ffn_ops_avx512 = {
 	.mm = { SIMD_MM_TABLE },
 	.bf16_act_mask = 0,
+	.perm_act_mask = 1u << MOE_DTYPE_BF16,
+	.perm_w = 2 * SIMD_W,
 	.mm_q8int = ffn_mm_q8int_avx2,
+	.mm_q4int = ffn_mm_q4int_avx2,
+	.quant_q8 = ffn_quant_q8_avx2,
 };
 
 /* ---- bf16 x bf16 with vdpbf16ps ------------------------------------------ */
 
-static FN_ATTR_BF16 ALWAYS_INLINE void tile_bf16dp(const int R, const int T, const uint8_t *W, size_t rb,
+#define DP_TMAX 4 /* 16 accumulators + 4 weights + x of 32 zmm */
+
+/* R rows (rs bytes apart) times T tokens: y[t * ldy + i * ys]. */
+static FN_ATTR_BF16 ALWAYS_INLINE void tile_bf16dp(const int R, const int T, const uint8_t *W, size_t rs,
 						    uint32_t cols, const uint16_t *xb, const float *xf,
-						    size_t ldx, float *y, size_t ldy)
+						    size_t ldx, float *y, size_t ys, size_t ldy)
 {
-	__m512 acc[RMAX][TMAX];
-	float tail[RMAX][TMAX];
+	__m512 acc[RMAX][DP_TMAX];
+	float tail[RMAX][DP_TMAX];
 	uint32_t c = 0;
 
 #pragma GCC unroll 8
@@ -74,7 +87,7 @@ static FN_ATTR_BF16 ALWAYS_INLINE void tile_bf16dp(const int R, const int T, con
 		__m512bh w[RMAX];
 #pragma GCC unroll 8
 		for (int i = 0; i < R; i++)
-			w[i] = (__m512bh)_mm512_loadu_si512((const void *)(W + (size_t)i * rb + (size_t)c * 2));
+			w[i] = (__m512bh)_mm512_loadu_si512((const void *)(W + (size_t)i * rs + (size_t)c * 2));
 #pragma GCC unroll 8
 		for (int t = 0; t < T; t++) {
 			const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + (size_t)t * ldx + c));
@@ -87,7 +100,7 @@ static FN_ATTR_BF16 ALWAYS_INLINE void tile_bf16dp(const int R, const int T, con
 	for (; c < cols; c++)
 		for (int i = 0; i < R; i++) {
 			uint16_t h;
-			memcpy(&h, W + (size_t)i * rb + (size_t)c * 2, 2);
+			memcpy(&h, W + (size_t)i * rs + (size_t)c * 2, 2);
 			const float wi = moe_bf16_to_f32(h);
 			for (int t = 0; t < T; t++)
 				tail[i][t] = __builtin_fmaf(wi, xf[(size_t)t * ldx + c], tail[i][t]);
@@ -96,34 +109,42 @@ static FN_ATTR_BF16 ALWAYS_INLINE void tile_bf16dp(const int R, const int T, con
 	for (int i = 0; i < R; i++)
 #pragma GCC unroll 8
 		for (int t = 0; t < T; t++)
-			y[(size_t)t * ldy + i] = vhsum_avx512(acc[i][t]) + tail[i][t];
+			y[(size_t)t * ldy + (size_t)i * ys] = vhsum_avx512(acc[i][t]) + tail[i][t];
 }
 
-#define DP_CALL(RR, TT) \
-	tile_bf16dp(RR, TT, W + (size_t)r * rb, rb, cols, a->bf + (size_t)t * a->ld, \
-		    a->f + (size_t)t * a->ld, a->ld, y + (size_t)t * ldy + (r - r0), ldy)
-/* Full tiles of 4 tokens, then the remaining tokens one by one (bit-identical
- * either way; fewer inlined shapes keep the compile time down). */
-#define DP_ROW_CASES(RR) \
-	case RR * 8 + 1: DP_CALL(RR, 1); break; \
-	case RR * 8 + 4: DP_CALL(RR, 4); break;
+#define DP_CALL(RR, TT, WW, RS, YY, YS) \
+	tile_bf16dp(RR, TT, WW, RS, cols, a->bf + (size_t)t * a->ld, a->f + (size_t)t * a->ld, a->ld, \
+		    (YY) + (size_t)t * ldy, YS, ldy)
 
+/* All tokens of one tile of R rows: full tiles of 4 tokens, then the rest
+ * one by one (bit-identical either way; fewer inlined shapes keep the
+ * compile time down). */
+static FN_ATTR_BF16 ALWAYS_INLINE void rows_bf16dp(const int R, const uint8_t *W, size_t rs, uint32_t cols,
+						    const struct ffn_act *a, float *y, size_t ys, size_t ldy)
+{
+	uint32_t t = 0;
+	for (; t + DP_TMAX <= a->B; t += DP_TMAX)
+		DP_CALL(R, DP_TMAX, W, rs, y, ys);
+	for (; t < a->B; t++)
+		DP_CALL(R, 1, W, rs, y, ys);
+}
+
+/* Tiles of RMAX rows from the RMAX quarters of [r0, r1), then the rest, as
+ * the generic kernels do (ffn_simd.h: long sequential streams). */
 static FN_ATTR_BF16 void mm_bf16dp(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
 				   const struct ffn_act *a, float *y, size_t ldy)
 {
-	for (uint32_t r = r0; r < r1; r += RMAX) {
-		const uint32_t R = r1 - r < RMAX ? r1 - r : RMAX;
-		for (uint32_t t = 0; t < a->B;) {
-			const uint32_t T = a->B - t >= 4 ? 4 : 1;
-			switch (R * 8 + T) {
-			DP_ROW_CASES(1)
-			DP_ROW_CASES(2)
-			DP_ROW_CASES(3)
-			DP_ROW_CASES(4)
-			default: __builtin_unreachable();
-			}
-			t += T;
-		}
+	const uint32_t q = (r1 - r0) / RMAX, rem = (r1 - r0) % RMAX;
+	const uint8_t *W0 = W + (size_t)r0 * rb, *Wr = W0 + (size_t)q * RMAX * rb;
+	float *yr = y + (size_t)q * RMAX;
+
+	for (uint32_t j = 0; j < q; j++)
+		rows_bf16dp(RMAX, W0 + (size_t)j * rb, (size_t)q * rb, cols, a, y + j, q, ldy);
+	switch (rem) {
+	case 0: break;
+	case 1: rows_bf16dp(1, Wr, rb, cols, a, yr, 1, ldy); break;
+	case 2: rows_bf16dp(2, Wr, rb, cols, a, yr, 1, ldy); break;
+	default: rows_bf16dp(3, Wr, rb, cols, a, yr, 1, ldy); break;
 	}
 }
 
@@ -134,5 +155,9 @@ const struct ffn_isa_ops ffn_ops_avx512bf16 = {
 		[MOE_DTYPE_Q4_0] = mm_q4_0_avx512, [MOE_DTYPE_MXFP4] = mm_mxfp4_avx512,
 	},
 	.bf16_act_mask = 1u << MOE_DTYPE_BF16,
+	.perm_act_mask = 0, /* bf16 is vdpbf16ps, on x->bf */
+	.perm_w = 0,
 	.mm_q8int = ffn_mm_q8int_avx2,
+	.mm_q4int = ffn_mm_q4int_avx2,
+	.quant_q8 = ffn_quant_q8_avx2,
 };

@@ -27,6 +27,7 @@
 
 #include "dtype.h"
 #include "ffn.h"
+#include "ffn_impl.h" /* white box: the AVX2 activation quantizer */
 #include "model.h"
 #include "pack.h"
 
@@ -190,7 +191,8 @@ static double dot_tol(enum ffn_isa isa, enum moe_dtype t, uint32_t K)
 
 static bool is_block(enum moe_dtype t) { return moe_dtype_block_elems(t) > 1; }
 
-/* FFN_Q8_INT: x (or h) is quantized to q8_0 before a q8_0 matmul. Each
+/* FFN_Q8_INT: x (or h) is quantized to q8_0 before a q8_0 or q4_0 matmul
+ * (integer dot per block, ggml's scheme; the integer sums are exact). Each
  * element then errs by at most |q (f16(d) - d)| + d/2 <= (127 * 2^-11 +
  * 0.5) d < 0.57 d, d = (block max |x|) / 127. q8_err fills that per element
  * (0 when the mode or dtype does not quantize). */
@@ -203,21 +205,24 @@ static void q8_err(enum moe_dtype t, const double *v, const double *slack, uint3
 		for (uint32_t i = b; i < b + 32 && i < n; i++)
 			amax = fmax(amax, fabs(v[i]) + (slack ? slack[i] : 0));
 		for (uint32_t i = b; i < b + 32 && i < n; i++)
-			e[i] = g_q8int && t == MOE_DTYPE_Q8_0 ? 0.57 * amax / 127.0 : 0.0;
+			e[i] = g_q8int && (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0) ? 0.57 * amax / 127.0 : 0.0;
 	}
 }
 
 /* ---- matmul: exact decode, bounds, batch and thread independence ---------- */
 
 /* x = e_c (one-hot) makes y[r] = W[r][c] exactly (the other products are
- * +-0), so this reads the in-kernel dequantization back bit for bit. */
+ * +-0), so this reads the in-kernel dequantization back bit for bit. 13
+ * rows: tiles from the quarters of the range plus one left over; plain
+ * types get 59 columns (whole pairs of chunks, split even/odd for bf16,
+ * then a single chunk and a scalar tail, on AVX2 and AVX-512). */
 static void check_onehot(enum ffn_isa isa)
 {
 	use_isa(isa);
 	rng_seed(11);
 	for (size_t d = 0; d < N_DTYPES; d++) {
 		const enum moe_dtype t = all_dtypes[d];
-		const uint32_t rows = 7, cols = 64;
+		const uint32_t rows = 13, cols = is_block(t) ? 64 : 59;
 		uint64_t rb = row_bytes(t, cols);
 		uint8_t *w = malloc(rb * rows);
 		/* random bytes: every code and scale pattern; scales kept finite
@@ -251,7 +256,20 @@ static void check_onehot(enum ffn_isa isa)
 		float *mine = malloc(sizeof(float) * cols);
 		for (uint32_t c = 0; c < cols; c++)
 			x[(size_t)c * cols + c] = 1.0f;
+		/* all columns as one batch, and every fourth as a token alone
+		 * (the one-token kernel) */
 		cr_assert_eq(ffn_matmul(t, w, rows, cols, x, cols, cols, y, rows, 1), 0);
+		float *y1 = malloc(sizeof(float) * rows);
+		for (uint32_t c = 0; c < cols; c += 4) {
+			cr_assert_eq(ffn_matmul(t, w, rows, cols, x + (size_t)c * cols, cols, 1, y1, rows, 1), 0);
+			for (uint32_t r = 0; r < rows; r++) {
+				float ref1;
+				moe_dequantize_row(t, w + rb * r, ref, cols);
+				ref1 = ref[c];
+				cr_assert(y1[r] == ref1, "%s/%s one token: kernel weight %a != %a at r%u c%u",
+					  ffn_isa_name(isa), moe_dtype_name(t), (double)y1[r], (double)ref1, r, c);
+			}
+		}
 		for (uint32_t r = 0; r < rows; r++) {
 			moe_dequantize_row(t, w + rb * r, ref, cols);
 			ind_decode_row(t, w + rb * r, mine, cols);
@@ -267,6 +285,7 @@ static void check_onehot(enum ffn_isa isa)
 		free(w);
 		free(x);
 		free(y);
+		free(y1);
 		free(ref);
 		free(mine);
 	}
@@ -275,16 +294,20 @@ static void check_onehot(enum ffn_isa isa)
 static void check_matmul_bounds(enum ffn_isa isa)
 {
 	static const uint32_t Bs[] = { 1, 3, 16, 64 };
-	/* plain types: odd shapes (not multiples of 8 or 16); blocks: 32k */
-	static const uint32_t plain_shapes[][2] = { { 13, 37 }, { 1, 1 }, { 6, 7 }, { 9, 100 }, { 4, 64 } };
-	static const uint32_t block_shapes[][2] = { { 13, 32 }, { 5, 96 }, { 8, 256 } };
+	/* plain types: odd shapes (columns not multiples of 8 or 16, with and
+	 * without a single chunk after the last pair; rows not multiples of 4,
+	 * so quarter tiles plus leftovers); blocks: 32k */
+	static const uint32_t plain_shapes[][2] = { { 13, 37 }, { 1, 1 }, { 6, 7 },   { 9, 100 },
+						    { 4, 64 },  { 22, 27 }, { 11, 59 } };
+	static const uint32_t block_shapes[][2] = { { 13, 32 }, { 5, 96 }, { 8, 256 }, { 22, 64 }, { 7, 160 } };
 
 	use_isa(isa);
 	rng_seed(22);
 	for (size_t d = 0; d < N_DTYPES; d++) {
 		const enum moe_dtype t = all_dtypes[d];
 		const uint32_t(*shapes)[2] = is_block(t) ? block_shapes : plain_shapes;
-		const size_t nshapes = is_block(t) ? 3 : 5;
+		const size_t nshapes = is_block(t) ? sizeof(block_shapes) / sizeof(block_shapes[0])
+						    : sizeof(plain_shapes) / sizeof(plain_shapes[0]);
 		for (size_t s = 0; s < nshapes; s++) {
 			const uint32_t rows = shapes[s][0], cols = shapes[s][1];
 			uint8_t *w = make_weights(t, rows, cols, 1.0f);
@@ -609,7 +632,7 @@ static void check_topk(enum ffn_isa isa)
 	free(x), free(y), free(yy), free(o), free(ry), free(rb), free(t1), free(t2);
 }
 
-/* FFN_Q8_INT: the integer q8_0 kernels, with x and h quantized. */
+/* FFN_Q8_INT: the integer q8_0 and q4_0 kernels, with x and h quantized. */
 static void check_q8int(enum ffn_isa isa)
 {
 	use_isa(isa);
@@ -627,6 +650,13 @@ static void check_q8int(enum ffn_isa isa)
 	fake_swiglu(&e, 64, 32, MOE_DTYPE_BF16, MOE_DTYPE_BF16, MOE_DTYPE_Q8_0); /* only h quantized */
 	check_expert(&e, isa, 3, 1);
 	free_fake(&e);
+	fake_swiglu(&e, 96, 64, MOE_DTYPE_Q4_0, MOE_DTYPE_Q4_0, MOE_DTYPE_Q4_0);
+	check_expert(&e, isa, 1, 1);
+	check_expert(&e, isa, 16, 2);
+	free_fake(&e);
+	fake_swiglu(&e, 64, 96, MOE_DTYPE_Q4_0, MOE_DTYPE_Q4_0, MOE_DTYPE_Q8_0);
+	check_expert(&e, isa, 5, 1);
+	free_fake(&e);
 }
 
 #define PER_ISA(NAME, FN, TMO) \
@@ -641,6 +671,59 @@ PER_ISA(swiglu, check_swiglu, 60)
 PER_ISA(gptoss, check_gptoss, 60)
 PER_ISA(topk, check_topk, 30)
 PER_ISA(q8int, check_q8int, 60)
+
+/* The AVX2 quantizer of x for the integer kernels gives the same blocks as
+ * moe_quantize_row_q8_0: random blocks of many magnitudes, an all-zero
+ * block, tiny inputs (d subnormal in f32), and a block with max |x| = 127
+ * (d = 1, so x * (1 / d) is x and the halves k + 0.5 are exact ties,
+ * rounded away from 0). Where d rounds to 0 in f16 the codes do not matter
+ * (the block adds 0) and are not compared. Blocks below ~4e-37, where 1 / d
+ * overflows, go to the AVX2 quantizer only (dtype.c would convert inf to
+ * int, which C leaves undefined): d 0, codes 0. */
+Test(ffn, quant_q8_avx2_matches_dtype, .timeout = 10)
+{
+	if (!ffn_isa_supported(FFN_ISA_AVX2))
+		cr_skip_test("this CPU lacks AVX2");
+	enum { NB = 64 };
+	float x[NB * 32];
+	struct moe_block_q8_0 a[NB], b[NB];
+	rng_seed(88);
+	for (int round = 0; round < 50; round++) {
+		for (int i = 0; i < NB * 32; i++)
+			x[i] = rng_f(-1.0f, 1.0f) * ldexpf(1.0f, (int)(rng_u64() % 60) - 40);
+		for (int j = 0; j < 32; j++) {
+			x[j] = 0.0f;                                    /* block 0: zeros */
+			x[32 + j] = rng_f(-1.0f, 1.0f) * 1e-36f;        /* block 1: d subnormal */
+			x[64 + j] = (float)(j * 7 - 110) + 0.5f;        /* block 2: ties */
+		}
+		x[64 + 31] = 127.0f;
+		x[64 + 5] = -0.5f;
+		x[96 + (round & 31)] = -3.0f; /* block 3: a negative maximum */
+		ffn_quant_q8_avx2(x, a, NB * 32);
+		moe_quantize_row_q8_0(x, b, NB * 32);
+		for (int i = 0; i < NB; i++) {
+			cr_assert_eq(a[i].d, b[i].d, "round %d block %d: d %04x vs %04x", round, i, a[i].d, b[i].d);
+			cr_assert(!b[i].d || memcmp(a[i].qs, b[i].qs, 32) == 0, "round %d block %d: codes differ", round, i);
+		}
+	}
+	for (int j = 0; j < 64; j++)
+		x[j] = rng_f(-1.0f, 1.0f) * 1e-40f;
+	ffn_quant_q8_avx2(x, a, 32);
+	cr_assert_eq(a[0].d, 0);
+	for (int j = 0; j < 32; j++)
+		cr_assert_eq(a[0].qs[j], 0);
+	/* the same through both integer paths: such an x adds exactly 0 */
+	uint8_t *w = make_weights(MOE_DTYPE_Q8_0, 3, 64, 1.0f);
+	float y[3] = { 1, 1, 1 };
+	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_INT), 0);
+	for (int isa = FFN_ISA_REF; isa <= FFN_ISA_AVX2; isa++) {
+		cr_assert_eq(ffn_set_isa((enum ffn_isa)isa), 0);
+		cr_assert_eq(ffn_matmul(MOE_DTYPE_Q8_0, w, 3, 64, x, 64, 1, y, 3, 1), 0);
+		for (int r = 0; r < 3; r++)
+			cr_assert(y[r] == 0.0f, "%s: %a", ffn_isa_name((enum ffn_isa)isa), (double)y[r]);
+	}
+	free(w);
+}
 
 /* ---- dequantization: dtype.c against the formulas, all code values -------- */
 
