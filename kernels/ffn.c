@@ -175,16 +175,16 @@ enum ffn_isa ffn_isa_best(void)
 }
 
 static int cur_isa = -1;
-static int cur_q8 = FFN_Q8_EXACT;
+static int cur_q8 = FFN_Q8_INT;
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 
 static void isa_init(void)
 {
 	const char *q8 = getenv("MOETIER_FFN_Q8");
-	if (q8 && !strcasecmp(q8, "int"))
-		__atomic_store_n(&cur_q8, FFN_Q8_INT, __ATOMIC_RELEASE);
-	else if (q8 && *q8 && strcasecmp(q8, "exact"))
-		moe_warn("MOETIER_FFN_Q8=%s is not exact or int; using exact", q8);
+	if (q8 && !strcasecmp(q8, "exact"))
+		__atomic_store_n(&cur_q8, FFN_Q8_EXACT, __ATOMIC_RELEASE);
+	else if (q8 && *q8 && strcasecmp(q8, "int"))
+		moe_warn("MOETIER_FFN_Q8=%s is not exact or int; using int", q8);
 
 	const char *env = getenv("MOETIER_FFN_ISA");
 	int isa = ffn_isa_best();

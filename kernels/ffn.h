@@ -52,11 +52,12 @@ enum ffn_isa ffn_get_isa(void);
  * -ENOTSUP when the CPU lacks it. */
 int ffn_set_isa(enum ffn_isa isa);
 
-/* How q8_0 weights meet x. EXACT (default): weights widened to f32 on the
- * fly, f32 x, results within f32 rounding of the exact product. INT: x (and
- * h) quantized to q8_0 per 32-block as ggml does, integer dot per block;
- * fewer instructions per weight byte, but x carries up to ~0.6/127 of each
- * block's max |x| of quantization error. MOETIER_FFN_Q8=exact|int or
+/* How q8_0 weights meet x. INT (default, as ggml/llama.cpp do): x (and h)
+ * quantized to q8_0 per 32-block, integer dot per block; fewer instructions
+ * per weight byte (the only mode that keeps a one-token q8_0 expert at the
+ * memory bound on AVX2), but x carries up to ~0.6/127 of each block's max |x|
+ * of quantization error. EXACT: weights widened to f32 on the fly, f32 x,
+ * results within f32 rounding of the exact product. MOETIER_FFN_Q8=exact|int or
  * ffn_set_q8_mode() (process-wide; 0 or -EINVAL). INT applies to q4_0
  * weights as well (ggml's q4_0 x q8_0 integer dot). */
 enum ffn_q8_mode {

@@ -301,6 +301,9 @@ static int run_case(CUfunction f_up, CUfunction f_down, enum moe_ffn_kind kind, 
 
 int main(void)
 {
+	/* The GPU kernels dequantize to f32 and keep x in f32: compare with
+	 * the CPU's exact mode (the default quantizes x for q8_0/q4_0). */
+	ffn_set_q8_mode(FFN_Q8_EXACT);
 	size_t len = 0;
 	const void *fb = ffn_cuda_fatbin(&len);
 	if (!fb) {

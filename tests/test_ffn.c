@@ -172,12 +172,15 @@ static const enum moe_dtype all_dtypes[] = { MOE_DTYPE_F32, MOE_DTYPE_F16, MOE_D
 					     MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_MXFP4 };
 #define N_DTYPES (sizeof(all_dtypes) / sizeof(all_dtypes[0]))
 
+/* Each check picks its path; the bounds below are for f32 x (EXACT) unless
+ * a check switches to INT itself. */
 static void use_isa(enum ffn_isa isa)
 {
 	if (!ffn_isa_supported(isa))
 		cr_skip_test("this CPU lacks the %s path", ffn_isa_name(isa));
 	cr_assert_eq(ffn_set_isa(isa), 0);
 	cr_assert_eq(ffn_get_isa(), isa);
+	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_EXACT), 0);
 }
 
 /* Relative bound on |y - exact| / sum|w x| for one dot of length K. */
@@ -814,7 +817,7 @@ Test(ffn, isa_selection, .timeout = 10)
 	cr_assert_str_eq(ffn_isa_name(FFN_ISA_AVX512), "avx512");
 	cr_assert(ffn_isa_supported(ffn_isa_best()));
 	cr_assert_eq(ffn_set_isa(FFN_ISA_COUNT), -EINVAL);
-	cr_assert_eq(ffn_get_q8_mode(), FFN_Q8_EXACT);
+	cr_assert_eq(ffn_get_q8_mode(), FFN_Q8_INT, "ggml's integer dot is the default");
 	cr_assert_eq(ffn_set_q8_mode((enum ffn_q8_mode)7), -EINVAL);
 	for (int i = 0; i < FFN_ISA_COUNT; i++)
 		cr_assert_eq(ffn_set_isa((enum ffn_isa)i), ffn_isa_supported((enum ffn_isa)i) ? 0 : -ENOTSUP);
@@ -830,6 +833,12 @@ Test(ffn, isa_env_override, .timeout = 10)
 	/* BoxFort runs each test in a fresh process, so the first use reads it */
 	setenv("MOETIER_FFN_ISA", "ref", 1);
 	cr_assert_eq(ffn_get_isa(), FFN_ISA_REF);
+}
+
+Test(ffn, q8_env_override, .timeout = 10)
+{
+	setenv("MOETIER_FFN_Q8", "exact", 1);
+	cr_assert_eq(ffn_get_q8_mode(), FFN_Q8_EXACT);
 }
 
 Test(ffn, cuda_fatbin, .timeout = 10)
