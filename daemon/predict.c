@@ -5,9 +5,11 @@
  *     u32 n_experts, u32 k, u32 tok_slots, u32 n_eam, u32 n_combo,
  *     u32 payload_crc32c, u64 payload_bytes, 12 reserved bytes (zero)
  *   payload: f32 bias[L][E]; f32 w_cur[DMAX][L][E][E]; f32 w_cur2, w_cur3, w_prev,
- *     w_prevn, w_prev2 [L][E][E]; f32 w_pair[L][E][E][E] (only if E <= 64); u32 tok_key[S]; u16 tok_total[S];
- *     u8 tok_freq[S][L][E]; f32 tok_prior[L][E]; f32 eam[n_eam][L][E];
- *     f32 combo[L][n_combo + 1]
+ *     w_prevn, w_prev2 [L][E][E]; f32 w_pair[L][E][E][E], w_xpair[L][E][E][E] (both only if E <= 64); u32 tok_key[S]; u16 tok_total[S];
+ *     u8 tok_freq[S][L][E]; i8 w_tok[S][L][E]; i8 w_tokp[S][L][E]; f32 tok_prior[L][E]; f32 eam[n_eam][L][E];
+ *     f32 combo[PREDICT_COMBO_D][L][n_combo + 1]
+ * Version 1 had a 5-input combiner ([L][6]) and no w_tok; it is refused
+ * (retrain).
  * Any mismatch (magic, version, sizes, CRC, non-finite weights, a table size
  * that is not a power of two) rejects the file.
  */
@@ -175,6 +177,7 @@ static void stream_clear(struct predict_stream *s)
 {
 	s->n_tokens = 0;
 	s->token_key = 0;
+	s->prev_key = 0;
 	s->last_layer = -1;
 	memset(s->cur_n, 0, s->n_layers);
 	memset(s->prev_n, 0, (size_t)PREDICT_HIST * s->n_layers);
@@ -202,6 +205,7 @@ void predict_token(struct predictor *p, uint32_t token_key)
 		}
 		memset(s->cur_n, 0, s->n_layers);
 		s->last_layer = -1;
+		s->prev_key = s->n_tokens > 0 ? s->token_key : 0;
 		s->token_key = token_key;
 		s->n_tokens++;
 	}
@@ -265,12 +269,15 @@ static size_t model_sections(const struct predict_model *m, struct section *sec)
 	sec[n++] = (struct section){ m->w_prevn, LEE * 4, true };
 	sec[n++] = (struct section){ m->w_prev2, LEE * 4, true };
 	sec[n++] = (struct section){ m->w_pair, m->n_experts <= PREDICT_PAIR_MAX_E ? LEE * m->n_experts * 4 : 0, true };
+	sec[n++] = (struct section){ m->w_xpair, m->n_experts <= PREDICT_PAIR_MAX_E ? LEE * m->n_experts * 4 : 0, true };
 	sec[n++] = (struct section){ m->tok_key, (size_t)m->tok_slots * 4, false };
 	sec[n++] = (struct section){ m->tok_total, (size_t)m->tok_slots * 2, false };
 	sec[n++] = (struct section){ m->tok_freq, (size_t)m->tok_slots * LE, false };
+	sec[n++] = (struct section){ m->w_tok, (size_t)m->tok_slots * LE, false };
+	sec[n++] = (struct section){ m->w_tokp, (size_t)m->tok_slots * LE, false };
 	sec[n++] = (struct section){ m->tok_prior, LE * 4, true };
 	sec[n++] = (struct section){ m->eam, (size_t)m->n_eam * LE * 4, true };
-	sec[n++] = (struct section){ m->combo, (size_t)m->n_layers * (m->n_combo + 1) * 4, true };
+	sec[n++] = (struct section){ m->combo, (size_t)PREDICT_COMBO_D * m->n_layers * (m->n_combo + 1) * 4, true };
 	return n;
 }
 
@@ -306,7 +313,7 @@ int predict_model_alloc(struct predict_model **out, uint32_t n_layers, uint32_t 
 	m->k = k;
 	m->tok_slots = tok_slots;
 	m->n_eam = n_eam;
-	m->n_combo = PREDICT_COMBO_N;
+	m->n_combo = PREDICT_COMBO_F;
 	size_t LE = (size_t)n_layers * n_experts, LEE = LE * n_experts;
 	m->bias = calloc(LE, 4);
 	for (int d = 0; d < PREDICT_DMAX; d++)
@@ -316,14 +323,18 @@ int predict_model_alloc(struct predict_model **out, uint32_t n_layers, uint32_t 
 	m->w_prev = calloc(LEE, 4);
 	m->w_prevn = calloc(LEE, 4);
 	m->w_prev2 = calloc(LEE, 4);
-	if (n_experts <= PREDICT_PAIR_MAX_E)
+	if (n_experts <= PREDICT_PAIR_MAX_E) {
 		m->w_pair = calloc(LEE * n_experts, 4);
+		m->w_xpair = calloc(LEE * n_experts, 4);
+	}
 	m->tok_key = calloc(tok_slots ? tok_slots : 1, 4);
 	m->tok_total = calloc(tok_slots ? tok_slots : 1, 2);
 	m->tok_freq = calloc(tok_slots ? (size_t)tok_slots * LE : 1, 1);
+	m->w_tok = calloc(tok_slots ? (size_t)tok_slots * LE : 1, 1);
+	m->w_tokp = calloc(tok_slots ? (size_t)tok_slots * LE : 1, 1);
 	m->tok_prior = calloc(LE, 4);
 	m->eam = calloc(n_eam ? (size_t)n_eam * LE : 1, 4);
-	m->combo = calloc((size_t)n_layers * (m->n_combo + 1), 4);
+	m->combo = calloc((size_t)PREDICT_COMBO_D * n_layers * (m->n_combo + 1), 4);
 	n = model_sections(m, sec);
 	for (size_t i = 0; i < n; i++) {
 		if (!sec[i].ptr && sec[i].bytes) {
@@ -409,12 +420,12 @@ int predict_model_load(const char *path, struct predict_model **out, struct moe_
 		goto out;
 	}
 	if (h.version != PREDICT_MODEL_VERSION) {
-		rc = moe_error_set(err, -EINVAL, "%s: model version %u, this build reads %u", path, h.version,
-				   PREDICT_MODEL_VERSION);
+		rc = moe_error_set(err, -EINVAL, "%s: model version %u, this build reads %u (retrain with moe-sim train)",
+				   path, h.version, PREDICT_MODEL_VERSION);
 		goto out;
 	}
-	if (h.n_combo != PREDICT_COMBO_N) {
-		rc = moe_error_set(err, -EINVAL, "%s: %u combiner inputs, expected %u", path, h.n_combo, PREDICT_COMBO_N);
+	if (h.n_combo != PREDICT_COMBO_F) {
+		rc = moe_error_set(err, -EINVAL, "%s: %u combiner inputs, expected %u", path, h.n_combo, PREDICT_COMBO_F);
 		goto out;
 	}
 	rc = predict_model_alloc(&m, h.n_layers, h.n_experts, h.k, h.tok_slots, h.n_eam, err);

@@ -18,9 +18,10 @@
  * layer l of this token -> layer L), "tokenid" (per-token-key routing table
  * from training), "tracematch" (MoE-Infinity-style expert activation matrix of
  * the stream so far, cosine-matched against matrices stored at training),
- * "learned" (sparse logistic model over routing history, trained offline by
- * `moe-sim train`), "combo" (per-layer logistic mix of all the above with
- * weights fitted on held-out training prompts). tokenid, tracematch, learned
+ * "learned" (sparse logistic model over routing history and token keys, trained offline by
+ * `moe-sim train`), "combo" (a calibrated logistic model per look-ahead
+ * distance and layer over features of all the above, fitted on held-out
+ * training prompts). tokenid, tracematch, learned
  * and combo need a model file (struct predict_model).
  *
  * Thread safety: a predictor instance belongs to one stream and its owner
@@ -40,14 +41,16 @@
 #define PREDICT_MAX_LAYERS 256
 #define PREDICT_MAX_EXPERTS 1024
 #define PREDICT_DMAX 3          /* look-ahead distances with their own weights */
-#define PREDICT_MODEL_VERSION 1
+#define PREDICT_MODEL_VERSION 2  /* 2: combiner over PREDICT_COMBO_F features per distance */
 #define PREDICT_PAIR_MAX_E 64    /* pair weights cost E^3 floats per layer */
+#define PREDICT_TOK_STEP (1.0f / 16) /* w_tok quantum: +-7.9 logits in int8 */
 
 /* What the stream knows (shared by every predictor of one stream). */
 struct predict_stream {
 	uint32_t n_layers, n_experts, k;
 	uint64_t n_tokens;      /* tokens begun so far */
 	uint32_t token_key;
+	uint32_t prev_key;      /* token t-1's key, 0 = none */
 	int32_t last_layer;     /* highest observed layer of this token, -1 = none */
 	uint16_t *cur;          /* [n_layers][k] this token's routes */
 	uint8_t *cur_n;         /* [n_layers] ids observed (0 = not yet) */
@@ -73,6 +76,8 @@ struct predict_model {
 	float *w_cur3;                      /* [L][E][E]: (t, L-d-2) */
 	float *w_pair;                      /* [L][E*E][E]: pairs a < b of (t, L-1), d = 1
 	                                     * only; NULL when E > PREDICT_PAIR_MAX_E */
+	float *w_xpair;                     /* [L][E*E][E]: pairs (a of (t, L-1), c of
+	                                     * (t, L-2)), d = 1 only; NULL likewise */
 	float *w_prev;                      /* [L][E][E]: (t-1, L) */
 	float *w_prevn;                     /* [L][E][E]: (t-1, L+1) */
 	float *w_prev2;                     /* [L][E][E]: (t-2, L) */
@@ -81,17 +86,34 @@ struct predict_model {
 	uint32_t *tok_key;                  /* [tok_slots], 0 = empty */
 	uint8_t *tok_freq;                  /* [tok_slots][L][E] round(255 * P(e | token, L)) */
 	uint16_t *tok_total;                /* [tok_slots] occurrences in training (saturating) */
+	/* learned, per token key: a logit offset per (layer, expert) fitted
+	 * jointly with the weights above (the token embedding's direct share of
+	 * the router logits), in steps of PREDICT_TOK_STEP. */
+	int8_t *w_tok;                      /* [tok_slots][L][E] */
+	int8_t *w_tokp;                     /* [tok_slots][L][E]: the same for the
+	                                     * previous token's key */
 	float *tok_prior;                   /* [L][E] global activation frequency */
 	/* tracematch: n_eam stored matrices, each [L][E] row-normalised frequencies. */
 	uint32_t n_eam;
 	float *eam;                         /* [n_eam][L][E] */
-	/* combo: per layer, weights over the component predictors + bias. */
-	uint32_t n_combo;                   /* components (PREDICT_COMBO_N) */
-	float *combo;                       /* [L][n_combo + 1] */
+	/* combo: per distance bucket and layer, weights over the combiner's
+	 * features (predict_combo_features) + bias. */
+	uint32_t n_combo;                   /* features (PREDICT_COMBO_F) */
+	float *combo;                       /* [PREDICT_COMBO_D][L][n_combo + 1] */
 };
 
 /* Components of "combo", in this order. */
 #define PREDICT_COMBO_N 5 /* temporal, coact, tokenid, tracematch, learned */
+/* Combiner features: the components' log-odds, then hinge terms of the
+ * learned, tokenid and coact log-odds (a piecewise-linear calibration of
+ * each), the token table's deviation from the layer prior for known tokens,
+ * whether the previous token used the expert at this layer, and the
+ * stream's own decayed frequency of the expert at this layer (a memory of
+ * ~20 tokens). */
+#define PREDICT_COMBO_F 14
+/* Distance buckets with their own combiner weights: 0 = no layer of this
+ * token routed yet, 1 = the next layer, 2 = two ahead, 3 = three or more. */
+#define PREDICT_COMBO_D 4
 
 struct predictor;
 
@@ -158,20 +180,26 @@ int predict_model_load(const char *path, struct predict_model **out, struct moe_
 /* Row of the tokenid table for key, or -1. */
 int64_t predict_model_tok_find(const struct predict_model *m, uint32_t key);
 
-/* Components used by combo and by training (predict_learned.c). */
+/* Components used by combo and by training (predict_learned.c). The token
+ * offset (w_tok) is added when m->w_tok is non-NULL and the stream's token
+ * key has a row. */
 float predict_learned_logit(const struct predict_model *m, const struct predict_stream *s,
 			    uint32_t layer, uint32_t expert);
 void predict_learned_logits(const struct predict_model *m, const struct predict_stream *s,
 			    uint32_t layer, float *out);
-/* Pair features of the latest routed layer (d = 1): adds their rows to out,
- * or (training) moves them by -lr * grad when grad is non-NULL. The weights
- * are written through the const model only in that training case. */
+/* Pair features of the latest routed layer and of it with the layer before
+ * (d = 1): adds their rows to out, or (training) moves them by -lr * grad
+ * when grad is non-NULL. The weights are written through the const model
+ * only in that training case. */
 void predict_learned_pairs(const struct predict_model *m, const struct predict_stream *s, uint32_t layer,
 			   float *out, const float *grad, float lr);
 
-/* combo only: the component predictors' clamped log-odds for layer L,
- * feat[i][e] for component i in PREDICT_COMBO_N order (for fitting weights). */
-void predict_combo_features(struct predictor *p, uint32_t layer, float (*feat)[PREDICT_MAX_EXPERTS]);
+/* combo only: the combiner's features for layer L, feat[i][e] for feature
+ * i < PREDICT_COMBO_F (for fitting weights); returns the distance bucket
+ * whose weights apply. */
+uint32_t predict_combo_features(struct predictor *p, uint32_t layer, float (*feat)[PREDICT_MAX_EXPERTS]);
+/* The distance bucket of layer L given the stream's latest routed layer. */
+uint32_t predict_combo_bucket(const struct predict_stream *s, uint32_t layer);
 
 extern const struct predict_ops predict_temporal_ops;
 extern const struct predict_ops predict_coact_ops;

@@ -1,5 +1,7 @@
 /* test_predict.c - predictors: exact temporal scores, online co-activation,
- * the token table, model save/load round trip and rejection of corrupt files,
+ * the token table, the learned model's token offsets, the combiner's
+ * per-distance weights, model save/load round trip and rejection of corrupt
+ * and old-version files,
  * training on a synthetic trace with a known rule, and (when the real traces
  * are present) a learned predictor that beats the no-predictor baseline on
  * prompts it was not trained on. */
@@ -112,15 +114,18 @@ static struct predict_model *small_model(void)
 	}
 	for (size_t i = 0; i < 2 * LE; i++)
 		m->eam[i] = (float)(i % 5) * 0.2f;
-	for (size_t i = 0; i < 3 * (PREDICT_COMBO_N + 1); i++)
-		m->combo[i] = 0.1f * (float)i;
+	for (size_t i = 0; i < PREDICT_COMBO_D * 3 * (PREDICT_COMBO_F + 1); i++)
+		m->combo[i] = 0.01f * (float)(i % 29) - 0.1f;
 	uint32_t key = predict_token_key("hello");
 	int64_t row;
 	uint32_t h = (key * 2654435761u) & 15;
 	m->tok_key[h] = key;
 	m->tok_total[h] = 4;
-	for (size_t i = 0; i < LE; i++)
+	for (size_t i = 0; i < LE; i++) {
 		m->tok_freq[h * LE + i] = (uint8_t)(i % 2 ? 255 : 0);
+		m->w_tok[h * LE + i] = (int8_t)((int)(i % 7) * 9 - 27);
+		m->w_tokp[h * LE + i] = (int8_t)(40 - (int)(i % 5) * 20);
+	}
 	row = predict_model_tok_find(m, key);
 	cr_assert_eq(row, (int64_t)h);
 	cr_assert_eq(predict_model_tok_find(m, predict_token_key("other")), -1);
@@ -139,7 +144,10 @@ static void same_model(const struct predict_model *a, const struct predict_model
 	cr_assert_eq(memcmp(a->tok_key, b->tok_key, a->tok_slots * 4), 0);
 	cr_assert_eq(memcmp(a->tok_freq, b->tok_freq, a->tok_slots * LE), 0);
 	cr_assert_eq(memcmp(a->eam, b->eam, a->n_eam * LE * 4), 0);
-	cr_assert_eq(memcmp(a->combo, b->combo, a->n_layers * (PREDICT_COMBO_N + 1) * 4), 0);
+	cr_assert_eq(memcmp(a->w_tok, b->w_tok, a->tok_slots * LE), 0);
+	cr_assert_eq(memcmp(a->w_tokp, b->w_tokp, a->tok_slots * LE), 0);
+	cr_assert_eq(a->n_combo, b->n_combo);
+	cr_assert_eq(memcmp(a->combo, b->combo, PREDICT_COMBO_D * a->n_layers * (PREDICT_COMBO_F + 1) * 4), 0);
 }
 
 Test(predict, model_round_trip_and_corruption)
@@ -192,8 +200,22 @@ Test(predict, model_round_trip_and_corruption)
 	cr_assert_eq(tu_write_file(bad, buf, len), 0);
 	cr_assert_eq(predict_model_load(bad, &r, &err), -EINVAL);
 	cr_assert(strstr(err.msg, "version"), "%s", err.msg);
+	/* A version-1 file (5-input combiner, no token offsets) asks for a retrain. */
+	v = 1;
+	memcpy(buf + 8, &v, 4);
+	cr_assert_eq(tu_write_file(bad, buf, len), 0);
+	cr_assert_eq(predict_model_load(bad, &r, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "version 1") && strstr(err.msg, "retrain"), "%s", err.msg);
 	v = PREDICT_MODEL_VERSION;
 	memcpy(buf + 8, &v, 4);
+	/* A combiner of another width. */
+	uint32_t nc = PREDICT_COMBO_N;
+	memcpy(buf + 32, &nc, 4);
+	cr_assert_eq(tu_write_file(bad, buf, len), 0);
+	cr_assert_eq(predict_model_load(bad, &r, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "combiner"), "%s", err.msg);
+	nc = PREDICT_COMBO_F;
+	memcpy(buf + 32, &nc, 4);
 	uint32_t huge = 1u << 30;
 	memcpy(buf + 16, &huge, 4); /* n_experts */
 	cr_assert_eq(tu_write_file(bad, buf, len), 0);
@@ -211,6 +233,116 @@ Test(predict, model_round_trip_and_corruption)
 	free(buf);
 	predict_model_free(m);
 	tu_rmtree(dir);
+}
+
+Test(predict, learned_token_offset)
+{
+	struct predict_model *m = small_model();
+	uint32_t key = predict_token_key("hello");
+	int64_t row = predict_model_tok_find(m, key);
+	float with[8], without[8];
+	/* Fresh streams, no route yet: a known token's logits are an unknown
+	 * token's plus its offsets, w_tok * PREDICT_TOK_STEP. */
+	struct predictor *a = mk("learned", 3, 8, 2, m), *b = mk("learned", 3, 8, 2, m);
+	cr_assert_geq(row, 0);
+	predict_token(a, predict_token_key("unseen"));
+	predict_token(b, key);
+	predict_learned_logits(m, a->s, 2, without);
+	predict_learned_logits(m, b->s, 2, with);
+	for (uint32_t e = 0; e < 8; e++) {
+		float off = (float)m->w_tok[((size_t)row * 3 + 2) * 8 + e] * PREDICT_TOK_STEP;
+		cr_assert_float_eq(with[e], without[e] + off, 1e-5, "expert %u", e);
+	}
+	/* The same for the previous token's key: "hello" then an unknown token
+	 * against two unknown tokens (no routes observed, so only w_tokp
+	 * differs). */
+	predict_token(a, predict_token_key("unseen2"));
+	predict_token(b, predict_token_key("unseen2"));
+	predict_learned_logits(m, a->s, 1, without);
+	predict_learned_logits(m, b->s, 1, with);
+	for (uint32_t e = 0; e < 8; e++) {
+		float off = (float)m->w_tokp[((size_t)row * 3 + 1) * 8 + e] * PREDICT_TOK_STEP;
+		cr_assert_float_eq(with[e], without[e] + off, 1e-5, "expert %u", e);
+	}
+	/* A new stream has no previous token. */
+	predict_reset(b);
+	predict_token(b, predict_token_key("unseen2"));
+	predict_learned_logits(m, b->s, 1, with);
+	for (uint32_t e = 0; e < 8; e++)
+		cr_assert_float_eq(with[e], without[e], 1e-6);
+	predict_destroy(a);
+	predict_destroy(b);
+	predict_model_free(m);
+}
+
+Test(predict, learned_pair_rows)
+{
+	struct predict_model *m;
+	struct moe_error err;
+	const size_t E = 8;
+	cr_assert_eq(predict_model_alloc(&m, 3, 8, 2, 16, 1, &err), 0, "%s", err.msg);
+	cr_assert(m->w_pair && m->w_xpair);
+	/* All weights zero but the pair (2, 3) of layer 1 and the cross pair
+	 * (3 at layer 1, 5 at layer 0), both for target layer 2. */
+	for (size_t e = 0; e < E; e++) {
+		m->w_pair[((2 * E + 2) * E + 3) * E + e] = 1.0f;
+		m->w_xpair[((2 * E + 3) * E + 5) * E + e] = 0.1f * (float)e;
+	}
+	struct predictor *p = mk("learned", 3, 8, 2, m);
+	uint16_t l0[] = { 1, 5 }, l1[] = { 3, 2 };
+	float z[8];
+	predict_token(p, predict_token_key("unseen"));
+	predict_observe(p, 0, l0, 2);
+	predict_observe(p, 1, l1, 2);
+	predict_learned_logits(m, p->s, 2, z);
+	for (size_t e = 0; e < E; e++)
+		cr_assert_float_eq(z[e], 1.0f + 0.1f * (float)e, 1e-6, "expert %zu", e);
+	/* Two layers ahead (d = 2) no pair terms apply. */
+	predict_token(p, predict_token_key("unseen"));
+	predict_observe(p, 0, l0, 2);
+	predict_learned_logits(m, p->s, 2, z);
+	for (size_t e = 0; e < E; e++)
+		cr_assert_float_eq(z[e], 0.0f, 1e-6);
+	predict_destroy(p);
+	predict_model_free(m);
+}
+
+Test(predict, combo_weights_by_distance)
+{
+	struct predict_model *m = small_model();
+	const size_t W = PREDICT_COMBO_F + 1;
+	/* Bucket 0 (no layer of this token routed): bias 0 -> 0.5 everywhere.
+	 * Bucket 1 (next layer): the learned model's log-odds alone. Buckets 2
+	 * and 3: bias -2. */
+	memset(m->combo, 0, PREDICT_COMBO_D * 3 * W * sizeof(float));
+	for (uint32_t l = 0; l < 3; l++) {
+		m->combo[((size_t)1 * 3 + l) * W + PREDICT_COMBO_N - 1] = 1.0f;
+		m->combo[((size_t)2 * 3 + l) * W + PREDICT_COMBO_F] = -2.0f;
+		m->combo[((size_t)3 * 3 + l) * W + PREDICT_COMBO_F] = -2.0f;
+	}
+	struct predictor *c = mk("combo", 3, 8, 2, m), *l = mk("learned", 3, 8, 2, m);
+	float sc[8], sl[8];
+	uint16_t ids[] = { 1, 5 };
+	predict_token(c, predict_token_key("hello"));
+	predict_token(l, predict_token_key("hello"));
+	cr_assert_eq(predict_combo_bucket(c->s, 0), 0);
+	predict_score(c, 0, sc);
+	for (int e = 0; e < 8; e++)
+		cr_assert_float_eq(sc[e], 0.5f, 1e-6);
+	predict_observe(c, 0, ids, 2);
+	predict_observe(l, 0, ids, 2);
+	cr_assert_eq(predict_combo_bucket(c->s, 1), 1);
+	cr_assert_eq(predict_combo_bucket(c->s, 2), 2);
+	predict_score(c, 1, sc);
+	predict_score(l, 1, sl);
+	for (int e = 0; e < 8; e++)
+		cr_assert_float_eq(sc[e], sl[e], 1e-5, "expert %d: combo %f learned %f", e, sc[e], sl[e]);
+	predict_score(c, 2, sc);
+	for (int e = 0; e < 8; e++)
+		cr_assert_float_eq(sc[e], 1.0f / (1.0f + expf(2.0f)), 1e-6);
+	predict_destroy(c);
+	predict_destroy(l);
+	predict_model_free(m);
 }
 
 Test(predict, tokenid_uses_table)

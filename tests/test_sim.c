@@ -349,3 +349,29 @@ Test(prefetch, plan_gain_rule_and_horizon)
 	c.h_max = PREFETCH_MAX_H + 1;
 	cr_assert_eq(prefetch_init(&ps, &c, &err), -EINVAL);
 }
+
+/* The model file through the CLI (predictor owner's test): a model trained by
+ * moe-sim train drives combo in a replay; the same file marked version 1 (the
+ * former layout) is refused with a message that says to retrain. */
+Test(sim, cli_model_file_version, .timeout = 60)
+{
+	char *dir = tu_mkdtemp("simmodel");
+	char path[8192];
+	const char *csv = "Layer ID,Batch Number,Token,Activated Expert IDs\n"
+			  "1,0,a,\"[0, 1]\"\n1,0,b,\"[1, 2]\"\n1,0,c,\"[2, 3]\"\n1,0,a,\"[0, 1]\"\n"
+			  "2,0,a,\"[2, 3]\"\n2,0,b,\"[3, 0]\"\n2,0,c,\"[0, 1]\"\n2,0,a,\"[2, 3]\"\n";
+	for (int i = 1; i <= 5; i++) {
+		snprintf(path, sizeof(path), "%.4000s/prompt_%d_data.csv", dir, i);
+		cr_assert_eq(tu_write_file(path, csv, strlen(csv)), 0);
+	}
+	const char *sim = tu_build_path("tools/moe-sim");
+	cr_assert_eq(tu_sh("%s train --experts 4 --out %s/m.pred %s >/dev/null", sim, dir, dir), 0);
+	cr_assert_eq(tu_sh("%s replay --brief --experts 4 --cache 2 --predictor combo --model %s/m.pred %s "
+			   "| grep -q 'hit='", sim, dir, dir), 0);
+	cr_assert_eq(tu_sh("printf '\\001' | dd of=%s/m.pred bs=1 seek=8 conv=notrunc 2>/dev/null", dir), 0);
+	cr_assert_eq(tu_sh("%s replay --brief --experts 4 --cache 2 --predictor combo --model %s/m.pred %s 2>&1 "
+			   "| grep -q 'version 1, this build reads %u (retrain'", sim, dir, dir, PREDICT_MODEL_VERSION), 0);
+	cr_assert_neq(tu_sh("%s replay --brief --experts 4 --cache 2 --predictor combo --model %s/m.pred %s "
+			    ">/dev/null 2>&1", sim, dir, dir), 0);
+	tu_rmtree(dir);
+}
