@@ -97,6 +97,10 @@ struct client {
 	struct model *m;
 	uint16_t version;
 	_Atomic int state;
+	/* Set once HELLO set up the rings, leases and model (release): only
+	 * then may the ring thread serve the client. The region pointer alone
+	 * is not enough, it is published before the rings are attached. */
+	_Atomic bool ring_ready;
 	/* data plane */
 	int ring_fd;
 	uint8_t *region;
@@ -866,9 +870,10 @@ static void *ring_main(void *arg)
 			n_local = 0;
 			for (unsigned i = 0; i < s->max_clients; i++) {
 				struct client *c = s->clients[i];
-				if (!c || !c->region)
+				if (!c)
 					continue;
-				if (atomic_load(&c->state) == CL_CLOSING) {
+				int st = atomic_load(&c->state);
+				if (st == CL_CLOSING && c->region) {
 					client_teardown_data(s, c);
 					atomic_store(&c->state, CL_DEAD);
 					uint64_t one = 1;
@@ -876,7 +881,7 @@ static void *ring_main(void *arg)
 						moe_warn("reap eventfd: %s", strerror(errno));
 					continue;
 				}
-				if (atomic_load(&c->state) == CL_ACTIVE)
+				if (st == CL_ACTIVE && atomic_load_explicit(&c->ring_ready, memory_order_acquire))
 					local[n_local++] = c;
 			}
 			pthread_mutex_unlock(&s->lock);
@@ -1208,6 +1213,8 @@ static void do_hello(struct server *s, struct client *c, const struct moet_msg *
 		return;
 	}
 	c->hello_done = true;
+	if (c->region)
+		atomic_store_explicit(&c->ring_ready, true, memory_order_release);
 	cnt(s, SERVER_clients_accepted);
 	moe_info("client %u attached: '%s' uid %u gid %u pid %d model %s%s", c->id, c->name, (unsigned)c->uid,
 		 (unsigned)c->gid, (int)c->pid, m->name, c->admin ? " (admin)" : "");

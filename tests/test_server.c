@@ -189,6 +189,14 @@ Test(server, eight_clients_read_correct_bytes, .timeout = 120)
 		waitpid(kids[i], &st, 0);
 		cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "client %u failed: status %d", i, WEXITSTATUS(st));
 	}
+	int dst;
+	if (waitpid(e.pid, &dst, WNOHANG) == e.pid) {
+		/* Its log says why (a sanitizer report, a seccomp kill...). */
+		tu_sh("tail -n 60 %s >&2", e.log);
+		e.pid = 0;
+		cr_assert_fail("moetierd died under 8 clients: %s %d", WIFSIGNALED(dst) ? "signal" : "exit status",
+			       WIFSIGNALED(dst) ? WTERMSIG(dst) : WEXITSTATUS(dst));
+	}
 	moet_ctx *c = attach(&e, "stats");
 	char *txt = NULL;
 	cr_assert_eq(moet_stats(c, MOET_STATS_TEXT, &txt), 0);
