@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include "moetier/moetier.h"
+
+#include "cli.h"
 #include "predict.h"
 #include "trace.h"
 
@@ -495,31 +497,22 @@ static int cmd_replay(int argc, char **argv)
 	return unserved ? 1 : 0;
 }
 
+static int spin_opt(int argc, char **argv, int *i)
+{
+	if (strcmp(argv[*i], "--spin-us") || *i + 1 >= argc)
+		return 0;
+	spin_us = atoi(argv[++*i]);
+	return 1;
+}
+
 int main(int argc, char **argv)
 {
-	int i = 1;
-	for (; i < argc; i++) {
-		if (!strcmp(argv[i], "--socket") && i + 1 < argc)
-			sock_path = argv[++i];
-		else if (!strncmp(argv[i], "--socket=", 9))
-			sock_path = argv[i] + 9;
-		else if (!strcmp(argv[i], "--model") && i + 1 < argc)
-			model_name = argv[++i];
-		else if (!strcmp(argv[i], "--spin-us") && i + 1 < argc)
-			spin_us = atoi(argv[++i]);
-		else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-			usage(stdout);
-			return 0;
-		} else if (!strcmp(argv[i], "--version")) {
-			printf("moe-client %s\n", PACKAGE_VERSION);
-			return 0;
-		} else
-			break;
-	}
-	if (i >= argc) {
-		usage(stderr);
-		return 2;
-	}
+	struct cli_global g = { .prog = "moe-client", .usage = usage, .extra = spin_opt };
+	int i = cli_parse_global(&g, argc, argv);
+	if (i < 0)
+		return i == -1 ? 0 : 2;
+	sock_path = g.sock_path;
+	model_name = g.model_name;
 	const char *cmd = argv[i++];
 	if (!strcmp(cmd, "info"))
 		return cmd_info();

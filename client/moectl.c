@@ -15,6 +15,8 @@
 
 #include "moetier/moetier.h"
 
+#include "cli.h"
+
 static const char *sock_path, *model_name;
 
 static void usage(FILE *f)
@@ -173,27 +175,12 @@ static int parse_u32(const char *s, uint32_t *out)
 
 int main(int argc, char **argv)
 {
-	int i = 1;
-	for (; i < argc; i++) {
-		if (!strcmp(argv[i], "--socket") && i + 1 < argc)
-			sock_path = argv[++i];
-		else if (!strncmp(argv[i], "--socket=", 9))
-			sock_path = argv[i] + 9;
-		else if (!strcmp(argv[i], "--model") && i + 1 < argc)
-			model_name = argv[++i];
-		else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-			usage(stdout);
-			return 0;
-		} else if (!strcmp(argv[i], "--version")) {
-			printf("moectl %s\n", PACKAGE_VERSION);
-			return 0;
-		} else
-			break;
-	}
-	if (i >= argc) {
-		usage(stderr);
-		return 2;
-	}
+	struct cli_global g = { .prog = "moectl", .usage = usage };
+	int i = cli_parse_global(&g, argc, argv);
+	if (i < 0)
+		return i == -1 ? 0 : 2;
+	sock_path = g.sock_path;
+	model_name = g.model_name;
 	const char *cmd = argv[i++];
 	moet_ctx *c;
 	char *t = NULL;

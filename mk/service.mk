@@ -20,9 +20,9 @@ pkgconfig_DATA += client/libmoetier.pc
 EXTRA_DIST += client/libmoetier.map
 
 bin_PROGRAMS += moe-client moectl
-moe_client_SOURCES = client/moe-client.c
+moe_client_SOURCES = client/moe-client.c client/cli.c client/cli.h
 moe_client_LDADD = client/libmoetier.la $(CORE_LINK)
-moectl_SOURCES = client/moectl.c
+moectl_SOURCES = client/moectl.c client/cli.c client/cli.h
 moectl_LDADD = client/libmoetier.la $(JANSSON_LIBS)
 
 if HAVE_CRITERION
