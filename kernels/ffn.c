@@ -96,22 +96,11 @@ static void ref_q4int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, u
 	ref_int(MOE_DTYPE_Q4_0, W, rb, cols, r0, r1, a, y, ldy);
 }
 
-/* moe_quantize_row_q8_0 block by block, except blocks whose max |x| is so
- * small (< ~4e-37) that 1 / d overflows: d is 0 in f16 there anyway, and
- * dtype.c would convert inf to int (undefined); they get d 0, codes 0, as
- * from ffn_quant_q8_avx2. */
+/* x to q8_0 blocks: dtype.c's quantizer (blocks too small for a finite
+ * 1 / d get d 0 and codes 0 there, as from ffn_quant_q8_avx2). */
 static void ref_quant_q8(const float *x, struct moe_block_q8_0 *out, uint32_t n)
 {
-	for (uint32_t b = 0; b < n / 32; b++) {
-		float amax = 0.0f;
-		for (int j = 0; j < 32; j++)
-			amax = fmaxf(amax, fabsf(x[b * 32 + j]));
-		const float d = amax / 127.0f;
-		if (d != 0.0f && isinf(1.0f / d))
-			memset(&out[b], 0, sizeof(out[b]));
-		else
-			moe_quantize_row_q8_0(x + (size_t)b * 32, &out[b], 32);
-	}
+	moe_quantize_row_q8_0(x, out, n);
 }
 
 static const struct ffn_isa_ops ffn_ops_ref = {

@@ -681,8 +681,7 @@ PER_ISA(q8int, check_q8int, 60)
  * (d = 1, so x * (1 / d) is x and the halves k + 0.5 are exact ties,
  * rounded away from 0). Where d rounds to 0 in f16 the codes do not matter
  * (the block adds 0) and are not compared. Blocks below ~4e-37, where 1 / d
- * overflows, go to the AVX2 quantizer only (dtype.c would convert inf to
- * int, which C leaves undefined): d 0, codes 0. */
+ * overflows, get d 0 and codes 0 from both (no float -> int overflow). */
 Test(ffn, quant_q8_avx2_matches_dtype, .timeout = 10)
 {
 	if (!ffn_isa_supported(FFN_ISA_AVX2))
@@ -712,9 +711,13 @@ Test(ffn, quant_q8_avx2_matches_dtype, .timeout = 10)
 	for (int j = 0; j < 64; j++)
 		x[j] = rng_f(-1.0f, 1.0f) * 1e-40f;
 	ffn_quant_q8_avx2(x, a, 32);
+	moe_quantize_row_q8_0(x, b, 32);
 	cr_assert_eq(a[0].d, 0);
-	for (int j = 0; j < 32; j++)
+	cr_assert_eq(b[0].d, 0);
+	for (int j = 0; j < 32; j++) {
 		cr_assert_eq(a[0].qs[j], 0);
+		cr_assert_eq(b[0].qs[j], 0);
+	}
 	/* the same through both integer paths: such an x adds exactly 0 */
 	uint8_t *w = make_weights(MOE_DTYPE_Q8_0, 3, 64, 1.0f);
 	float y[3] = { 1, 1, 1 };
