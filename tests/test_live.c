@@ -176,6 +176,19 @@ Test(live, layer_view_matches_the_residency)
 	cache_destroy(c);
 }
 
+/* The history the placement tests share: tokens 1..3 each routed to r0 at
+ * layer 0 and r1 at layer 1, so temporal predicts them for token 4. */
+static const uint16_t r0[2] = { 3, 5 }, r1[2] = { 2, 7 };
+
+static void feed_history(struct placement *p)
+{
+	for (uint32_t t = 1; t <= 3; t++) {
+		placement_token(p, 0, t);
+		placement_access(p, 0, r0, 2, 0, t);
+		placement_access(p, 1, r1, 2, 0, t);
+	}
+}
+
 Test(live, placement_prefetches_what_the_predictor_expects)
 {
 	/* temporal: the experts the previous tokens used at a layer. After
@@ -188,12 +201,7 @@ Test(live, placement_prefetches_what_the_predictor_expects)
 	struct moe_error err = { "" };
 	cr_assert_eq(placement_create(c, N_MOE, N_EXP, 2, pack->hdr->extent_payload, &pc, &p, &err), 0, "%s",
 		     err.msg);
-	const uint16_t r0[2] = { 3, 5 }, r1[2] = { 2, 7 };
-	for (uint32_t t = 1; t <= 3; t++) {
-		placement_token(p, 0, t);
-		placement_access(p, 0, r0, 2, 0, t);
-		placement_access(p, 1, r1, 2, 0, t);
-	}
+	feed_history(p);
 	cr_assert_eq(placement_counters(p)->tokens, 3);
 	cr_assert_eq(placement_counters(p)->observed, 6);
 	/* The retry of a layer's misses is not observed twice. */
@@ -231,12 +239,7 @@ Test(live, placement_deadline_holds_back_what_cannot_land)
 		struct moe_error err = { "" };
 		cr_assert_eq(placement_create(c, N_MOE, N_EXP, 2, pack->hdr->extent_payload, &pc, &p, &err), 0,
 			     "%s", err.msg);
-		const uint16_t r0[2] = { 3, 5 }, r1[2] = { 2, 7 };
-		for (uint32_t t = 1; t <= 3; t++) {
-			placement_token(p, 0, t);
-			placement_access(p, 0, r0, 2, 0, t);
-			placement_access(p, 1, r1, 2, 0, t);
-		}
+		feed_history(p);
 		cr_assert_eq(cache_wait_idle(c, 10000), 0);
 		for (uint32_t l = 0; l < N_MOE; l++)
 			for (uint32_t e = 0; e < N_EXP; e++)
@@ -276,12 +279,7 @@ Test(live, placement_prefetches_into_the_gpu_tier)
 	cr_assert_eq(cache_create(pack, &cfg, &c, &err), 0, "%s", err.msg);
 	cr_assert_eq(placement_create(c, N_MOE, N_EXP, 2, pack->hdr->extent_payload, &pc, &p, &err), 0, "%s",
 		     err.msg);
-	const uint16_t r0[2] = { 3, 5 }, r1[2] = { 2, 7 };
-	for (uint32_t t = 1; t <= 3; t++) {
-		placement_token(p, 0, t);
-		placement_access(p, 0, r0, 2, 0, t);
-		placement_access(p, 1, r1, 2, 0, t);
-	}
+	feed_history(p);
 	cr_assert_eq(cache_wait_idle(c, 10000), 0);
 	for (int i = 0; i < 2; i++) {
 		cr_assert_eq(cache_state(c, (struct cache_key){ 0, r0[i] }, CACHE_TIER_GPU), CACHE_RESIDENT);
