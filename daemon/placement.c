@@ -18,8 +18,7 @@ struct placement {
 	uint32_t pos;               /* its wire position (0 = no hint) */
 	int64_t last_layer;         /* last layer observed in this token, -1 */
 	uint64_t last_ns;           /* when that layer was routed */
-	uint64_t expert_bytes;
-	uint64_t bw_bytes, bw_ns;   /* throughput window start: host bytes loaded, time */
+	uint64_t bw_bytes, bw_ns;   /* throughput window start: bytes loaded into the tier, time */
 	bool bw_busy;               /* a window is open (the cache was loading throughout) */
 	struct placement_counters ct;
 	enum cache_tier tier;       /* where prefetches go */
@@ -58,7 +57,7 @@ int placement_create(struct cache *c, uint32_t n_layers, uint32_t n_experts, uin
 		rc = moe_error_set(err, -ENODEV, "placement: prefetch into the GPU tier, but there is no GPU tier");
 		goto fail;
 	}
-		rc = predict_create(cfg->predictor, n_layers, n_experts, k, cfg->model, &p->pred, err);
+	rc = predict_create(cfg->predictor, n_layers, n_experts, k, cfg->model, &p->pred, err);
 	if (rc < 0)
 		goto fail;
 	struct prefetch_config pc;
@@ -78,7 +77,6 @@ int placement_create(struct cache *c, uint32_t n_layers, uint32_t n_experts, uin
 	 * any dense layers run: at least one layer of compute before the
 	 * first MoE layer is accessed. */
 	pc.start_lead = 1;
-	p->expert_bytes = pc.expert_bytes;
 	rc = prefetch_init(&p->ps, &pc, err);
 	if (rc < 0)
 		goto fail;
@@ -115,7 +113,7 @@ static void view(void *ctx, uint32_t layer, struct prefetch_view *v)
 	v->free_slots = free_slots;
 	/* What a new prefetch queues behind (demand reads included: they go
 	 * first anyway). */
-	v->busy_s = (double)cache_busy(p->c) * (double)p->expert_bytes / p->ps.bw;
+	v->busy_s = (double)cache_busy(p->c) * (double)p->ps.cfg.expert_bytes / p->ps.bw;
 }
 
 /* Load throughput for the deadline: bytes the prefetch tier received (NVMe ->

@@ -302,9 +302,9 @@ uint32_t prefetch_step(struct prefetch_sched *ps, struct predictor *pred, uint32
 	const uint32_t E = ps->cfg.n_experts;
 	const float *rows[PREFETCH_MAX_H];
 	uint32_t n_pick[PREFETCH_MAX_H], n_keep[PREFETCH_MAX_H];
-	double busy_s = 0;
+	bool unreachable[PREFETCH_MAX_H];
 	view(ctx, first, &v);
-	busy_s = v.busy_s > 0 ? v.busy_s : 0;
+	const double busy_s = v.busy_s > 0 ? v.busy_s : 0;
 	const double t_load = (double)ps->cfg.expert_bytes / ps->bw;
 	for (uint32_t i = 0; i < nl; i++) {
 		float *row = ps->rows + (size_t)i * E;
@@ -312,29 +312,26 @@ uint32_t prefetch_step(struct prefetch_sched *ps, struct predictor *pred, uint32
 		n_pick[i] = 0;
 		/* Not even one copy lands before this layer: skip the scoring
 		 * (the predictor is most of the hot path's time). */
-		if (busy_s + t_load > (double)(i + lead) * ps->layer_s)
+		unreachable[i] = busy_s + t_load > (double)(i + lead) * ps->layer_s;
+		if (unreachable[i])
 			continue;
 		predict_score(pred, first + i, row);
-		view(ctx, first + i, &v);
+		if (i > 0) /* layer `first` was viewed above */
+			view(ctx, first + i, &v);
 		n_pick[i] = select_layer(&ps->cfg, row, &v, ps->picks + (size_t)i * E, ps->victims + (size_t)i * E);
 	}
 	deadline_filter(ps, nl, lead, busy_s, rows, ps->picks, n_pick, n_keep);
 	for (uint32_t i = 0; i < nl; i++) {
 		ps->c.plans++;
-		/* Skipped unscored, or picks the deadline would not let land. */
-		if (n_keep[i] < n_pick[i] || busy_s + t_load > (double)(i + lead) * ps->layer_s)
+		if (unreachable[i] || n_keep[i] < n_pick[i])
 			ps->c.deadline_cut++;
-		uint32_t issued = 0;
 		if (n_keep[i]) {
 			/* The owner may read the scores (victim filters) while issuing. */
 			memcpy(ps->scores, rows[i], E * sizeof(float));
 			view(ctx, first + i, &v);
-			issued = issue_picks(ps, first + i, ps->picks + (size_t)i * E, ps->victims + (size_t)i * E,
+			total += issue_picks(ps, first + i, ps->picks + (size_t)i * E, ps->victims + (size_t)i * E,
 					     n_keep[i], issue, ctx);
 		}
-		/* The look-ahead follows what was wanted, not what fit. */
-		ps->per_layer = 0.95 * ps->per_layer + 0.05 * n_pick[i];
-		total += issued;
 	}
 	update_h(ps);
 	return total;

@@ -111,7 +111,7 @@ struct prefetch_sched {
 	struct prefetch_counters c;
 	double bw;            /* bytes/s, EWMA of measured loads */
 	double layer_s;       /* seconds, EWMA of measured layer compute */
-	double per_layer;     /* EWMA of prefetches issued per plan */
+	double per_layer;     /* EWMA of prefetches issued per plan (sets h without the deadline) */
 	uint32_t h;           /* current look-ahead */
 	float *scores;        /* [n_experts]: the scores of the layer being issued */
 	float *rows;          /* scratch [PREFETCH_MAX_H x n_experts] */

@@ -140,14 +140,14 @@ Test(sim, prefetch_counts_only_in_time)
 	slow = run(&c, tr, 4);
 	cr_assert_eq(slow.hits, 0);
 	cr_assert_eq(slow.pf_issued, 0);
-	cr_assert_gt(slow.pf_dropped, 20, "the plans are counted as cut by the deadline");
+	cr_assert_gt(slow.pf_cut, 20, "the plans are counted as cut by the deadline");
 	cr_assert_eq(slow.gpu_bytes, none.gpu_bytes);
 	/* Without the deadline each useful prefetch becomes late. */
 	c.pf.deadline = false;
 	slow = run(&c, tr, 4);
 	cr_assert_eq(slow.hits, 0);
 	cr_assert_eq(slow.pf_late, untimed.pf_useful);
-	cr_assert_eq(slow.pf_dropped, 0);
+	cr_assert_eq(slow.pf_cut, 0);
 	/* Late prefetches are moved once: bytes equal the untimed run's. */
 	cr_assert_eq(slow.gpu_bytes, untimed.gpu_bytes);
 	cr_assert_eq(slow.pf_withdrawn, 0, "every prefetch was right: none to withdraw");

@@ -247,7 +247,7 @@ static void print_stats(const struct sim_config *sc, const struct sim_stats *st)
 		       (unsigned long long)st->pf_issued, (unsigned long long)st->pf_useful,
 		       (unsigned long long)st->pf_wasted, (unsigned long long)st->pf_cancelled,
 		       (unsigned long long)st->pf_withdrawn, (unsigned long long)st->pf_late,
-		       (unsigned long long)st->pf_dropped, sim_pf_precision(st),
+		       (unsigned long long)st->pf_cut, sim_pf_precision(st),
 		       sim_pf_recall(st),
 		       (double)st->pred_ns / 1e3 / tl);
 	if (sc->route_keep)

@@ -669,9 +669,8 @@ int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 				evict(s, id);
 	}
 	s->st.time_ns = (uint64_t)s->now_ns;
-	if (s->have_ps)
-	{
-		s->st.pf_dropped = s->ps.c.deadline_cut;
+	if (s->have_ps) {
+		s->st.pf_cut = s->ps.c.deadline_cut;
 		s->st.pf_withdrawn = s->ps.c.withdrawn;
 	}
 	return 0;

@@ -78,7 +78,7 @@ void sim_config_default(struct sim_config *c);
 	X(pf_wasted)                                                           \
 	X(pf_cancelled)                                                        \
 	X(pf_late)                                                             \
-	X(pf_dropped)                                                          \
+	X(pf_cut)                                                              \
 	X(pf_withdrawn)                                                        \
 	X(route_slots_open)                                                    \
 	X(route_subst)                                                         \
