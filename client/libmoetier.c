@@ -1,5 +1,5 @@
 /* libmoetier.c - the client side of moetierd (moetier.h). Built as a shared
- * library on its own sources (plus daemon/ring.c, compiled PIC): it must
+ * library on its own sources (plus core/ring.c, compiled PIC): it must
  * not link libmoecore. */
 #include "config.h"
 

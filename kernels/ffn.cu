@@ -3,7 +3,7 @@
 // 32 (rows) x 32 (pairs) output tile of one group, streaming K in chunks of
 // 32 through shared memory. Weights are read straight from the expert's
 // arena slot and dequantized in the kernel (f32, f16, bf16, q8_0, q4_0,
-// mxfp4: the ggml block layouts of daemon/dtype.h). Accumulation is f32.
+// mxfp4: the ggml block layouts of core/dtype.h). Accumulation is f32.
 //
 // Argument block and launch geometry: kernels/ffn_cuda.h. The fatbin is
 // embedded in the binary (kernels/cuda_fatbin.S) and loaded with

@@ -1,7 +1,7 @@
 # Shared basics: errors/logging/I/O helpers, CRC32C, element types, model config.
-libmoecore_a_SOURCES += daemon/util.c daemon/util.h daemon/crc32c.c daemon/crc32c.h \
-	daemon/dtype.c daemon/dtype.h daemon/model.c daemon/model.h \
-	daemon/pack.h daemon/trace.h
+libmoecore_a_SOURCES += core/util.c core/util.h core/crc32c.c core/crc32c.h \
+	core/dtype.c core/dtype.h core/model.c core/model.h \
+	core/pack.h core/trace.h
 
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_core

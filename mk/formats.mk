@@ -1,6 +1,6 @@
 # formats: strict readers of model containers (safetensors, GGUF) and routing
 # traces (CSV), shared by the tools and the daemon.
-libmoecore_a_SOURCES += daemon/safetensors.c daemon/safetensors.h daemon/gguf.c daemon/gguf.h daemon/trace.c
+libmoecore_a_SOURCES += core/safetensors.c core/safetensors.h core/gguf.c core/gguf.h core/trace.c
 dist_doc_DATA += doc/formats.md
 
 if HAVE_CRITERION
@@ -22,15 +22,15 @@ endif
 # fuzzer's coverage instrumentation (libmoecore.a is built without it).
 if ENABLE_FUZZING
 noinst_PROGRAMS += tests/fuzz/fuzz_safetensors tests/fuzz/fuzz_gguf tests/fuzz/fuzz_trace
-tests_fuzz_fuzz_safetensors_SOURCES = tests/fuzz/fuzz_safetensors.c daemon/safetensors.c daemon/util.c
+tests_fuzz_fuzz_safetensors_SOURCES = tests/fuzz/fuzz_safetensors.c core/safetensors.c core/util.c
 tests_fuzz_fuzz_safetensors_CFLAGS = $(AM_CFLAGS) $(FUZZ_CFLAGS)
 tests_fuzz_fuzz_safetensors_LDFLAGS = $(AM_LDFLAGS) $(FUZZ_CFLAGS)
 tests_fuzz_fuzz_safetensors_LDADD = $(JANSSON_LIBS) -lm
-tests_fuzz_fuzz_gguf_SOURCES = tests/fuzz/fuzz_gguf.c daemon/gguf.c daemon/util.c
+tests_fuzz_fuzz_gguf_SOURCES = tests/fuzz/fuzz_gguf.c core/gguf.c core/util.c
 tests_fuzz_fuzz_gguf_CFLAGS = $(AM_CFLAGS) $(FUZZ_CFLAGS)
 tests_fuzz_fuzz_gguf_LDFLAGS = $(AM_LDFLAGS) $(FUZZ_CFLAGS)
 tests_fuzz_fuzz_gguf_LDADD = -lm
-tests_fuzz_fuzz_trace_SOURCES = tests/fuzz/fuzz_trace.c daemon/trace.c daemon/util.c
+tests_fuzz_fuzz_trace_SOURCES = tests/fuzz/fuzz_trace.c core/trace.c core/util.c
 tests_fuzz_fuzz_trace_CFLAGS = $(AM_CFLAGS) $(FUZZ_CFLAGS)
 tests_fuzz_fuzz_trace_LDFLAGS = $(AM_LDFLAGS) $(FUZZ_CFLAGS)
 tests_fuzz_fuzz_trace_LDADD = -lm

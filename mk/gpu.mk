@@ -1,10 +1,10 @@
 # gpu: the GPU arena (tier 0) and the run-time CUDA driver table.
 # cuda_api.c and tier_gpu*.c always build; the CUDA backends compile to
 # real code only with cuda.h (HAVE_CUDA), libcuda is dlopen()ed at run time.
-libmoecore_a_SOURCES += daemon/cuda_api.c daemon/cuda_api.h \
+libmoetierd_a_SOURCES += daemon/cuda_api.c daemon/cuda_api.h \
 	daemon/tier_gpu.c daemon/tier_gpu.h daemon/tier_gpu_impl.h daemon/tier_gpu_emu.c
 if HAVE_CUDA
-libmoecore_a_SOURCES += daemon/tier_gpu_cuda.c
+libmoetierd_a_SOURCES += daemon/tier_gpu_cuda.c
 endif
 
 if HAVE_CRITERION
@@ -18,7 +18,7 @@ endif
 # bench/h2d: host slot -> emulated GPU tier vs memcpy (prints a ratio line).
 noinst_PROGRAMS += bench/h2d
 bench_h2d_SOURCES = bench/h2d.c
-bench_h2d_LDADD = $(CORE_LINK)
+bench_h2d_LDADD = $(DAEMON_LINK)
 
 EXTRA_DIST += doc/gpu-tier.md
 # Benchmarks are not installed, so neither are their pages.

@@ -3,7 +3,7 @@
 # -march flag is needed), the CUDA grouped FFN (compiled to a fatbin when nvcc
 # is present and embedded with .incbin), and daemon/compute (the COMPUTE
 # opcode's engine and the move-vs-compute cost model).
-libmoecore_a_SOURCES += kernels/ffn.c kernels/ffn.h kernels/ffn_impl.h kernels/ffn_simd.h \
+libmoekernels_a_SOURCES += kernels/ffn.c kernels/ffn.h kernels/ffn_impl.h kernels/ffn_simd.h \
 	kernels/ffn_avx2.c kernels/ffn_avx512.c
 
 if HAVE_CRITERION
@@ -20,14 +20,14 @@ endif
 EXTRA_DIST += kernels/ffn.cu kernels/ffn_cuda.h kernels/cuda_fatbin.S tests/cuda-ffn.sh
 noinst_HEADERS += kernels/ffn_cuda.h
 if HAVE_NVCC
-libmoecore_a_SOURCES += kernels/cuda_fatbin.S
+libmoekernels_a_SOURCES += kernels/cuda_fatbin.S
 BUILT_SOURCES += kernels/ffn.fatbin
 CLEANFILES += kernels/ffn.fatbin
 kernels/ffn.fatbin: $(srcdir)/kernels/ffn.cu $(srcdir)/kernels/ffn_cuda.h
 	@$(MKDIR_P) kernels
 	$(AM_V_GEN)$(NVCC) -fatbin $(NVCC_GENCODE) -I$(srcdir)/kernels -o $@ $(srcdir)/kernels/ffn.cu
 # .incbin is invisible to the dependency tracking, so name the objects
-kernels/cuda_fatbin.$(OBJEXT) kernels/libmoecore_fault_a-cuda_fatbin.$(OBJEXT): kernels/ffn.fatbin
+kernels/cuda_fatbin.$(OBJEXT) : kernels/ffn.fatbin
 
 check_PROGRAMS += tests/cuda_ffn_check
 TESTS += tests/cuda-ffn.sh
@@ -35,7 +35,7 @@ tests_cuda_ffn_check_SOURCES = tests/cuda_ffn_check.c
 tests_cuda_ffn_check_LDADD = $(FAULT_LINK)
 endif
 
-libmoecore_a_SOURCES += daemon/compute.c daemon/compute.h
+libmoetierd_a_SOURCES += daemon/compute.c daemon/compute.h
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_compute
 TESTS += tests/test_compute
@@ -49,6 +49,6 @@ endif
 noinst_PROGRAMS += bench/ffn-vs-openblas
 bench_ffn_vs_openblas_SOURCES = bench/ffn-vs-openblas.c
 bench_ffn_vs_openblas_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS)
-bench_ffn_vs_openblas_LDADD = $(CORE_LINK) $(OPENBLAS_LIBS) $(DNNL_LIBS)
+bench_ffn_vs_openblas_LDADD = $(KERNELS_LINK) $(OPENBLAS_LIBS) $(DNNL_LIBS)
 dist_noinst_SCRIPTS += bench/ffn-vs-openblas.sh
 EXTRA_DIST += doc/kernels.md doc/ffn-vs-openblas.1

@@ -1,5 +1,5 @@
 # live: the daemon's predictor + prefetch glue, and the live-vs-moe-sim test.
-libmoecore_a_SOURCES += daemon/placement.h daemon/placement.c
+libmoetierd_a_SOURCES += daemon/placement.h daemon/placement.c
 
 TESTS += tests/live-vs-sim.sh
 EXTRA_DIST += tests/live-vs-sim.sh

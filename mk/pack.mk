@@ -1,6 +1,6 @@
 # pack: the .moepack reader/writer/verifier (core), moe-pack (the converter
 # and inspector), their tests and the pack-making benchmark helper.
-libmoecore_a_SOURCES += daemon/pack.c
+libmoecore_a_SOURCES += core/pack.c
 
 bin_PROGRAMS += tools/moe-pack
 tools_moe_pack_SOURCES = tools/moe-pack.c tools/convert.c tools/convert.h

@@ -1,10 +1,10 @@
 # placement: eviction policies, predictors, prefetch scheduler, routing, moe-sim.
-libmoecore_a_SOURCES += daemon/policy.h daemon/policy_impl.h daemon/policy.c daemon/policy_lru.c \
-	daemon/policy_lfu.c daemon/policy_leaststale.c daemon/policy_arc.c daemon/policy_belady.c \
-	daemon/route.h daemon/route.c
-libmoecore_a_SOURCES += daemon/predict.h daemon/predict.c daemon/predict_temporal.c \
-	daemon/predict_coact.c daemon/predict_tokenid.c daemon/predict_tracematch.c \
-	daemon/predict_learned.c daemon/predict_combo.c daemon/prefetch.h daemon/prefetch.c
+libmoecore_a_SOURCES += core/policy.h core/policy_impl.h core/policy.c core/policy_lru.c \
+	core/policy_lfu.c core/policy_leaststale.c core/policy_arc.c core/policy_belady.c \
+	core/route.h core/route.c
+libmoecore_a_SOURCES += core/predict.h core/predict.c core/predict_temporal.c \
+	core/predict_coact.c core/predict_tokenid.c core/predict_tracematch.c \
+	core/predict_learned.c core/predict_combo.c core/prefetch.h core/prefetch.c
 
 bin_PROGRAMS += tools/moe-sim
 tools_moe_sim_SOURCES = tools/moe-sim.c tools/sim.c tools/sim.h tools/sim_train.c

@@ -1,15 +1,15 @@
 # service: moetierd, its socket/ring protocol, libmoetier, moe-client, moectl, etc/.
-libmoecore_a_SOURCES += daemon/ring.c daemon/ring.h daemon/options.c daemon/options.h \
-	daemon/server.c daemon/server.h include/moetier/proto.h
-libmoecore_a_SOURCES += daemon/priv.c daemon/priv.h
+libmoecore_a_SOURCES += core/ring.c core/ring.h include/moetier/proto.h
+libmoetierd_a_SOURCES += daemon/options.c daemon/options.h daemon/server.c daemon/server.h \
+	daemon/priv.c daemon/priv.h
 
 sbin_PROGRAMS += moetierd
 moetierd_SOURCES = daemon/main.c
-moetierd_LDADD = $(CORE_LINK)
+moetierd_LDADD = $(DAEMON_LINK)
 
 # libmoetier: its own sources (ring.c again, compiled PIC), never libmoecore.
 lib_LTLIBRARIES += client/libmoetier.la
-client_libmoetier_la_SOURCES = client/libmoetier.c daemon/ring.c daemon/ring.h
+client_libmoetier_la_SOURCES = client/libmoetier.c core/ring.c core/ring.h
 client_libmoetier_la_CPPFLAGS = $(AM_CPPFLAGS)
 client_libmoetier_la_LDFLAGS = -version-info 0:0:0 -Wl,--version-script=$(top_srcdir)/client/libmoetier.map
 EXTRA_client_libmoetier_la_DEPENDENCIES = client/libmoetier.map
@@ -42,7 +42,7 @@ dist_noinst_SCRIPTS += scripts/demo
 
 noinst_PROGRAMS += bench/ring-vs-socket
 bench_ring_vs_socket_SOURCES = bench/ring-vs-socket.c
-bench_ring_vs_socket_LDADD = client/libmoetier.la $(CORE_LINK)
+bench_ring_vs_socket_LDADD = client/libmoetier.la $(DAEMON_LINK)
 
 # The example of libmoetier(3), compiled so the page's code cannot rot.
 check_PROGRAMS += client/examples/acquire
@@ -74,5 +74,5 @@ sbin_PROGRAMS += moetierd-debug
 moetierd_debug_SOURCES = daemon/main.c
 moetierd_debug_CPPFLAGS = $(AM_CPPFLAGS) -DMOETIER_FAULT_INJECTION
 moetierd_debug_LDADD = $(FAULT_LINK)
-moetierd_debug_DEPENDENCIES = libmoecore_fault.a
+moetierd_debug_DEPENDENCIES = libmoetierd_fault.a
 endif

@@ -1,5 +1,5 @@
 # tiers: NVMe engine, host arena, residency cache, fault injection, stats.
-libmoecore_a_SOURCES += daemon/fault.c daemon/fault.h daemon/stats.c daemon/stats.h \
+libmoetierd_a_SOURCES += daemon/fault.c daemon/fault.h daemon/stats.c daemon/stats.h \
 	daemon/tier_host.c daemon/tier_host.h daemon/tier_nvme.c daemon/tier_nvme.h \
 	daemon/cache.c daemon/cache.h
 
@@ -23,7 +23,7 @@ endif
 # Benchmark: tier_nvme against fio on the same expert extents.
 noinst_PROGRAMS += bench/io-vs-fio
 bench_io_vs_fio_SOURCES = bench/io-vs-fio.c
-bench_io_vs_fio_LDADD = $(CORE_LINK)
+bench_io_vs_fio_LDADD = $(DAEMON_LINK)
 # Benchmarks are not installed, so neither are their pages.
 EXTRA_DIST += doc/io-vs-fio.1
 dist_doc_DATA += doc/tiers.md

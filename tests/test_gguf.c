@@ -1,4 +1,4 @@
-/* test_gguf.c - the strict GGUF reader (daemon/gguf.h). Files are assembled
+/* test_gguf.c - the strict GGUF reader (core/gguf.h). Files are assembled
  * here byte by byte so that each hostile variant changes one thing. */
 #include "config.h"
 

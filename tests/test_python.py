@@ -11,7 +11,7 @@ sock, pack = sys.argv[1], sys.argv[2]
 
 def pack_extent(layer, expert):
     """Payload of (layer, expert) read straight from the pack (independent
-    of the daemon): header fields per daemon/pack.h."""
+    of the daemon): header fields per core/pack.h."""
     with open(pack, "rb") as f:
         hdr = f.read(4096)
         # struct pack_header_disk: magic[8] version header_size header_crc flags

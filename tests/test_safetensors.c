@@ -1,5 +1,5 @@
 /* test_safetensors.c - the strict safetensors reader, single files and
- * sharded checkpoints (daemon/safetensors.h). Files are written here by a
+ * sharded checkpoints (core/safetensors.h). Files are written here by a
  * tiny local writer so that hostile variants are easy to make. */
 #include "config.h"
 

@@ -1,4 +1,4 @@
-/* test_trace.c - the routing trace CSV reader and writer (daemon/trace.h). */
+/* test_trace.c - the routing trace CSV reader and writer (core/trace.h). */
 #include "config.h"
 
 #include <criterion/criterion.h>

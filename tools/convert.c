@@ -1,7 +1,7 @@
 /* convert.c - safetensors / GGUF checkpoints -> .moepack (see convert.h).
  *
- * Everything is read through the strict readers (daemon/safetensors.c,
- * daemon/gguf.c) with pread in chunks; nothing is mmapped, so the resident
+ * Everything is read through the strict readers (core/safetensors.c,
+ * core/gguf.c) with pread in chunks; nothing is mmapped, so the resident
  * set stays a few MiB whatever the model size. */
 #include "config.h"
 #include "convert.h"

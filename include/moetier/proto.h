@@ -13,7 +13,7 @@
  * creates and passes at HELLO) holding a submission ring (client -> daemon),
  * a completion ring (daemon -> client) and a scratch area (router logits).
  * Each ring is single-producer single-consumer; its indices are free-running
- * u32 counters; doorbells are futexes on the tail index (see daemon/ring.h).
+ * u32 counters; doorbells are futexes on the tail index (see core/ring.h).
  */
 #ifndef MOETIER_PROTO_H
 #define MOETIER_PROTO_H
