@@ -11,6 +11,7 @@
 #include "config.h"
 #include "pack.h"
 #include "crc32c.h"
+#include "gguf.h"
 
 #include <fcntl.h>
 #include <inttypes.h>
@@ -603,6 +604,34 @@ int pack_read_tensor(const struct pack_file *p, const struct pack_tensor_entry *
 	if (crc != t->crc32c)
 		return moe_error_set(err, -EBADMSG, "tensor %s: checksum mismatch (stored %08x, computed %08x)", t->name,
 				     t->crc32c, crc);
+	return 0;
+}
+
+int pack_open_kv(const struct pack_file *p, void **buf, struct gguf_file **kv, struct moe_error *err)
+{
+	const struct pack_tensor_entry *t = pack_find_tensor(p, PACK_KV_TENSOR);
+	void *b;
+	int rc;
+
+	*buf = NULL;
+	*kv = NULL;
+	if (!t)
+		return moe_error_set(err, -ENOENT, "%s: no %s tensor (the pack holds the experts only; "
+				     "convert the model again without --experts-only)", p->path, PACK_KV_TENSOR);
+	if (t->dtype != MOE_DTYPE_U8 || t->n_dims != 1)
+		return moe_error_set(err, -EINVAL, "%s: tensor %s is not a U8 vector", p->path, PACK_KV_TENSOR);
+	b = malloc(t->bytes ? (size_t)t->bytes : 1);
+	if (!b)
+		return moe_error_set(err, -ENOMEM, "%s: out of memory for %s (%" PRIu64 " bytes)", p->path,
+				     PACK_KV_TENSOR, t->bytes);
+	rc = pack_read_tensor(p, t, b, err);
+	if (rc == 0)
+		rc = gguf_parse(b, (size_t)t->bytes, kv, err);
+	if (rc < 0) {
+		free(b);
+		return moe_error_prefix(err, rc, "%s", p->path);
+	}
+	*buf = b;
 	return 0;
 }
 

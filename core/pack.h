@@ -8,8 +8,12 @@
  *   extents             one per expert: parts back to back as described by
  *                       parts[] (e.g. gate | up | down), padded to 4 KiB, so
  *                       that one O_DIRECT read of extent_bytes fetches it
- *   resident_offset     resident tensors (router weights, router/score biases,
- *                       shared experts, MoLAE shared matrices), each 64 B aligned
+ *   resident_offset     resident tensors, each 64 B aligned: router weights,
+ *                       router/score biases, shared experts (MoLAE shared
+ *                       matrices) and, in whole-model packs, every other
+ *                       non-expert tensor (embeddings, norms, attention,
+ *                       output head: PACK_ROLE_OTHER, GGUF names) plus the
+ *                       source's metadata as PACK_KV_TENSOR
  *   tensor_dir_offset   struct pack_tensor_entry[n_tensors]
  *
  * Integrity: the header carries the CRC32C of itself (with header_crc = 0),
@@ -35,6 +39,12 @@
 #define PACK_MAX_PARTS 8
 #define PACK_TENSOR_NAME_MAX 96
 #define PACK_RESIDENT_ALIGN 64u
+/* Resident U8 [len] tensor of whole-model packs: a GGUF v3 image with no
+ * tensors holding the source's KV pairs in order (llama.cpp's keys:
+ * hyper-parameters, tokenizer). See pack_open_kv. */
+#define PACK_KV_TENSOR "gguf.kv"
+
+struct gguf_file;
 
 /* Role of a tensor inside an expert extent or in the resident region.
  * Stored in packs: append only. */
@@ -165,6 +175,14 @@ const struct pack_tensor_entry *pack_find_tensor(const struct pack_file *p, cons
 const struct pack_tensor_entry *pack_find_role(const struct pack_file *p, enum pack_role role, uint32_t layer);
 /* Reads a resident tensor (t->bytes into buf) and checks its CRC. */
 int pack_read_tensor(const struct pack_file *p, const struct pack_tensor_entry *t, void *buf, struct moe_error *err);
+
+/* Reads PACK_KV_TENSOR (CRC checked) into a new buffer *buf and parses it
+ * with gguf_parse into *kv (gguf_find_kv / gguf_get_* then read the model's
+ * metadata). The caller releases both: gguf_close(*kv), then free(*buf).
+ * -ENOENT when the pack has none (made with --experts-only, or from
+ * safetensors without a synthesized one); -EBADMSG / -EINVAL when it is
+ * damaged or does not parse. */
+int pack_open_kv(const struct pack_file *p, void **buf, struct gguf_file **kv, struct moe_error *err);
 
 /* Re-reads every extent and resident tensor, checking every checksum.
  * Calls report (when non-NULL) for each failure with a message naming the

@@ -64,6 +64,7 @@ struct recipe {
 struct resident {
 	struct stensor t;
 	uint32_t role, layer;
+	const uint8_t *mem; /* bytes held in memory (gguf.kv) instead of the source */
 };
 
 struct convert_source {
@@ -77,7 +78,9 @@ struct convert_source {
 	uint32_t n_parts;
 	struct resident *res;
 	uint32_t n_res, cap_res;
-	bool progress;
+	bool progress, experts_only;
+	uint8_t *kv_image;  /* PACK_KV_TENSOR: the source's metadata as a GGUF image */
+	size_t kv_len;
 	/* streaming buffers, grown on demand */
 	uint8_t *buf[3];
 	size_t cap[3];
@@ -516,6 +519,26 @@ static int stream_recipe(struct convert_source *s, const struct recipe *r, struc
 
 /* ---- resident tensors ---- */
 
+static int push_resident(struct convert_source *s, const struct stensor *t, uint32_t role, uint32_t layer,
+			 const uint8_t *mem, struct moe_error *err)
+{
+	if (strlen(t->name) >= PACK_TENSOR_NAME_MAX)
+		return moe_error_set(err, -ENAMETOOLONG, "tensor name %s is longer than %d bytes", t->name,
+				     PACK_TENSOR_NAME_MAX - 1);
+	if (t->n_dims < 1 || t->n_dims > 4)
+		return moe_error_set(err, -EINVAL, "tensor %s has %u dimensions (1..4 supported)", t->name, t->n_dims);
+	if (s->n_res == s->cap_res) {
+		uint32_t cap = s->cap_res ? s->cap_res * 2 : 32;
+		void *p = realloc(s->res, cap * sizeof(*s->res));
+		if (!p)
+			return moe_error_set(err, -ENOMEM, "out of memory");
+		s->res = p;
+		s->cap_res = cap;
+	}
+	s->res[s->n_res++] = (struct resident){ .t = *t, .role = role, .layer = layer, .mem = mem };
+	return 0;
+}
+
 static int add_resident(struct convert_source *s, const char *name, uint32_t role, uint32_t layer, bool required,
 			uint32_t nd, const uint64_t *shape, bool *found, struct moe_error *err)
 {
@@ -534,20 +557,8 @@ static int add_resident(struct convert_source *s, const char *name, uint32_t rol
 		rc = need(s, name, 1, shape + 1, &t, err);
 	if (rc < 0)
 		return rc;
-	if (strlen(name) >= PACK_TENSOR_NAME_MAX)
-		return moe_error_set(err, -ENAMETOOLONG, "tensor name %s is longer than %d bytes", name,
-				     PACK_TENSOR_NAME_MAX - 1);
-	if (t.n_dims < 1 || t.n_dims > 4)
-		return moe_error_set(err, -EINVAL, "tensor %s has %u dimensions (1..4 supported)", name, t.n_dims);
-	if (s->n_res == s->cap_res) {
-		uint32_t cap = s->cap_res ? s->cap_res * 2 : 32;
-		void *p = realloc(s->res, cap * sizeof(*s->res));
-		if (!p)
-			return moe_error_set(err, -ENOMEM, "out of memory");
-		s->res = p;
-		s->cap_res = cap;
-	}
-	s->res[s->n_res++] = (struct resident){ .t = t, .role = role, .layer = layer };
+	if ((rc = push_resident(s, &t, role, layer, NULL, err)) < 0)
+		return rc;
 	if (found)
 		*found = true;
 	return 0;
@@ -606,6 +617,201 @@ static int collect_residents(struct convert_source *s, struct moe_error *err)
 	m->has_score_bias = any_score;
 	m->has_router_bias = any_rbias;
 	return 0;
+}
+
+/* ---- the rest of the model (whole-model packs) ---- */
+
+/* The model layer of a tensor ("blk.L." or "model.layers.L."), or UINT32_MAX. */
+static uint32_t name_layer(const struct convert_source *s, const char *name)
+{
+	unsigned L = 0;
+	int n = 0;
+	if ((sscanf(name, "blk.%u.%n", &L, &n) == 1 && n > 0) ||
+	    (sscanf(name, "model.layers.%u.%n", &L, &n) == 1 && n > 0))
+		return L < s->model.n_layers ? L : UINT32_MAX;
+	return UINT32_MAX;
+}
+
+/* A growing byte buffer that remembers running out of memory. */
+struct obuf {
+	uint8_t *p;
+	size_t len, cap;
+	bool oom;
+};
+
+static void ob_put(struct obuf *b, const void *v, size_t n)
+{
+	if (b->oom)
+		return;
+	if (b->len + n > b->cap) {
+		size_t cap = MOE_MAX(b->cap * 2, b->len + n + 4096);
+		void *q = realloc(b->p, cap);
+		if (!q) {
+			b->oom = true;
+			return;
+		}
+		b->p = q;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, v, n);
+	b->len += n;
+}
+
+static void ob_u32(struct obuf *b, uint32_t v) { ob_put(b, &v, 4); }
+static void ob_u64(struct obuf *b, uint64_t v) { ob_put(b, &v, 8); }
+static void ob_str(struct obuf *b, const struct gguf_str *x)
+{
+	ob_u64(b, x->len);
+	ob_put(b, x->data, (size_t)x->len);
+}
+
+/* Bytes of one value of a fixed-size KV type (0 for STRING/ARRAY). */
+static size_t kv_width(uint32_t t)
+{
+	switch (t) {
+	case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_BOOL: return 1;
+	case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16: return 2;
+	case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_FLOAT32: return 4;
+	case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64: case GGUF_TYPE_FLOAT64: return 8;
+	default: return 0;
+	}
+}
+
+/* The source's KV pairs, in order, as a GGUF v3 file with no tensors: the
+ * reader stored them widened (u64/i64/f64), so each is narrowed back to its
+ * own type, which gives the bytes the source holds. (The host is
+ * little-endian, like GGUF: gguf.c asserts it.) */
+static int build_kv_image(struct convert_source *s, struct moe_error *err)
+{
+	const struct gguf_file *g = s->gg;
+	struct obuf b = { 0 };
+	struct gguf_file *check;
+	int rc;
+
+	ob_put(&b, "GGUF", 4);
+	ob_u32(&b, 3);
+	ob_u64(&b, 0);
+	ob_u64(&b, g->n_kv);
+	for (uint64_t i = 0; i < g->n_kv; i++) {
+		const struct gguf_kv *kv = &g->kv[i];
+		ob_str(&b, &kv->key);
+		ob_u32(&b, kv->type);
+		switch (kv->type) {
+		case GGUF_TYPE_UINT8: case GGUF_TYPE_BOOL: { uint8_t x = (uint8_t)kv->v.u64; ob_put(&b, &x, 1); break; }
+		case GGUF_TYPE_INT8: { int8_t x = (int8_t)kv->v.i64; ob_put(&b, &x, 1); break; }
+		case GGUF_TYPE_UINT16: { uint16_t x = (uint16_t)kv->v.u64; ob_put(&b, &x, 2); break; }
+		case GGUF_TYPE_INT16: { int16_t x = (int16_t)kv->v.i64; ob_put(&b, &x, 2); break; }
+		case GGUF_TYPE_UINT32: ob_u32(&b, (uint32_t)kv->v.u64); break;
+		case GGUF_TYPE_INT32: { int32_t x = (int32_t)kv->v.i64; ob_put(&b, &x, 4); break; }
+		case GGUF_TYPE_FLOAT32: { float x = (float)kv->v.f64; ob_put(&b, &x, 4); break; }
+		case GGUF_TYPE_UINT64: ob_u64(&b, kv->v.u64); break;
+		case GGUF_TYPE_INT64: ob_put(&b, &kv->v.i64, 8); break;
+		case GGUF_TYPE_FLOAT64: ob_put(&b, &kv->v.f64, 8); break;
+		case GGUF_TYPE_STRING: ob_str(&b, &kv->v.str); break;
+		case GGUF_TYPE_ARRAY:
+			ob_u32(&b, kv->v.arr.type);
+			ob_u64(&b, kv->v.arr.count);
+			if (kv->v.arr.type == GGUF_TYPE_STRING) {
+				const struct gguf_str *x = kv->v.arr.data;
+				for (uint64_t j = 0; j < kv->v.arr.count; j++)
+					ob_str(&b, &x[j]);
+			} else {
+				ob_put(&b, kv->v.arr.data, (size_t)(kv->v.arr.count * kv_width(kv->v.arr.type)));
+			}
+			break;
+		default:
+			free(b.p);
+			return moe_error_set(err, -EINVAL, "GGUF key %s: unexpected type %u", kv->key.data, kv->type);
+		}
+	}
+	if (b.oom) {
+		free(b.p);
+		return moe_error_set(err, -ENOMEM, "out of memory for the GGUF metadata (%zu bytes)", b.len);
+	}
+	/* what moe-run will do with it: it must parse */
+	rc = gguf_parse(b.p, b.len, &check, err);
+	if (rc < 0) {
+		free(b.p);
+		return moe_error_prefix(err, rc, "internal: the metadata image does not parse");
+	}
+	gguf_close(check);
+	s->kv_image = b.p;
+	s->kv_len = b.len;
+	return 0;
+}
+
+/* Marks (used[i] = 1) the source tensors the expert extents are made of. */
+static int mark_expert_tensors(struct convert_source *s, uint8_t *used, struct moe_error *err)
+{
+	const struct moe_model_config *m = &s->model;
+	struct recipe r[PACK_MAX_PARTS];
+	uint32_t n;
+	int rc;
+	/* stacked tensors hold every expert: expert 0's recipe names them */
+	uint32_t ne = s->layout == LAY_GGUF_SPLIT ? m->n_experts : 1;
+	for (uint32_t l = 0; l < m->n_moe_layers; l++)
+		for (uint32_t e = 0; e < ne; e++) {
+			if ((rc = expert_recipes(s, l, e, r, &n, err)) < 0)
+				return rc;
+			for (uint32_t i = 0; i < n; i++) {
+				if (r[i].a.gg)
+					used[r[i].a.gg - s->gg->tensors] = 1;
+				if (r[i].b.gg)
+					used[r[i].b.gg - s->gg->tensors] = 1;
+			}
+		}
+	return 0;
+}
+
+/* Whole-model packs: every source tensor that is not part of a routed
+ * expert (embeddings, norms, attention, dense FFNs, output head), under its
+ * GGUF name, plus the metadata as PACK_KV_TENSOR. Routers, biases and
+ * shared experts are already there with their roles. */
+static int collect_dense(struct convert_source *s, struct moe_error *err)
+{
+	const struct gguf_file *g = s->gg;
+	uint8_t *used;
+	int rc = 0;
+
+	if (s->kind != SRC_GGUF)
+		return 0;
+	used = calloc(g->n_tensors ? g->n_tensors : 1, 1);
+	if (!used)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	rc = mark_expert_tensors(s, used, err);
+	for (uint32_t i = 0; i < s->n_res; i++)
+		used[s->res[i].t.gg - g->tensors] = 1;
+	for (uint64_t i = 0; i < g->n_tensors && rc == 0; i++) {
+		const struct gguf_tensor *gt = &g->tensors[i];
+		struct stensor t;
+		if (used[i])
+			continue;
+		find_tensor(s, gt->name.data, &t);
+		if (!weight_dtype_ok(t.dtype)) {
+			const char *tn = "?";
+			gguf_ggml_type_info(gt->ggml_type, &tn, NULL, NULL, NULL);
+			rc = moe_error_set(err, -ENOTSUP,
+					   "tensor %s has type %s; a whole-model pack holds f32, f16, bf16, q8_0, q4_0 and "
+					   "mxfp4 tensors (--experts-only leaves the dense tensors out)",
+					   gt->name.data, tn ? tn : "?");
+			break;
+		}
+		if (strcmp(gt->name.data, PACK_KV_TENSOR) == 0) {
+			rc = moe_error_set(err, -EEXIST, "the source has a tensor named %s, the name of the pack's metadata",
+					   PACK_KV_TENSOR);
+			break;
+		}
+		rc = push_resident(s, &t, PACK_ROLE_OTHER, name_layer(s, t.name), NULL, err);
+	}
+	free(used);
+	if (rc == 0)
+		rc = build_kv_image(s, err);
+	if (rc == 0) {
+		struct stensor kv = { .name = PACK_KV_TENSOR, .dtype = MOE_DTYPE_U8, .n_dims = 1,
+				      .shape = { s->kv_len }, .bytes = s->kv_len };
+		rc = push_resident(s, &kv, PACK_ROLE_OTHER, UINT32_MAX, s->kv_image, err);
+	}
+	return rc;
 }
 
 /* ---- model config: HF config.json ---- */
@@ -1140,6 +1346,9 @@ int convert_open(const char *src, const struct convert_options *opt, struct conv
 	s->model.dtype = r[0].part.dtype;
 	if ((rc = collect_residents(s, err)) < 0)
 		goto fail;
+	s->experts_only = opt->experts_only;
+	if (!opt->experts_only && (rc = collect_dense(s, err)) < 0)
+		goto fail;
 	if ((rc = moe_model_validate(&s->model, err)) < 0) {
 		moe_error_prefix(err, rc, "model config");
 		goto fail;
@@ -1161,6 +1370,7 @@ void convert_close(struct convert_source *s)
 	for (int i = 0; i < 3; i++)
 		free(s->buf[i]);
 	free(s->res);
+	free(s->kv_image);
 	free(s->path);
 	free(s);
 }
@@ -1252,7 +1462,9 @@ int convert_write(struct convert_source *s, const char *out, struct convert_stat
 			t.shape[d] = x->t.shape[d];
 		r.part.bytes = x->t.bytes;
 		rc = pack_writer_begin_tensor(w, &t, err);
-		if (rc == 0)
+		if (rc == 0 && x->mem)
+			rc = pack_writer_write(w, x->mem, (size_t)x->t.bytes, err);
+		else if (rc == 0)
 			rc = stream_recipe(s, &r, w, err);
 		if (rc == 0)
 			rc = pack_writer_end_tensor(w, err);

@@ -15,7 +15,11 @@
  *    HF MXFP4 blocks+scales become ggml block_mxfp4 (nibbles repacked);
  *    GGUF gate/up stacks (and their F32 biases) are row-interleaved.
  *  - router weights/biases, DeepSeek-V3 e_score_correction_bias, shared
- *    experts and Qwen2-MoE's shared_expert_gate become resident tensors.
+ *    experts and Qwen2-MoE's shared_expert_gate become resident tensors
+ *    with their roles; unless experts_only, so does every other tensor
+ *    that is not a routed expert (PACK_ROLE_OTHER, GGUF names), plus the
+ *    source's GGUF metadata as the U8 tensor PACK_KV_TENSOR, so that one
+ *    pack is the whole model.
  */
 #ifndef MOETIER_CONVERT_H
 #define MOETIER_CONVERT_H
@@ -31,6 +35,9 @@ struct convert_options {
 	const char *name;   /* model name stored in the pack (default: from the source) */
 	const char *family; /* override the detected family ("mixtral", "deepseek_v3", ...) */
 	bool progress;      /* one line per MoE layer on stderr */
+	bool experts_only;  /* resident: routers, biases, shared experts only (the
+			     * pre-whole-model packs); default: every non-expert
+			     * tensor and the GGUF metadata (PACK_KV_TENSOR) */
 };
 
 struct convert_source;

@@ -1,7 +1,7 @@
 /* moe-pack - writes, describes and verifies .moepack files.
  *
- *   moe-pack convert SRC -o OUT.moepack [--name N] [--family F] [-q]
- *   moe-pack info FILE [--json]
+ *   moe-pack convert SRC -o OUT.moepack [--name N] [--family F] [--experts-only] [-q]
+ *   moe-pack info FILE [--tensors] [--json]
  *   moe-pack verify FILE
  *
  * Exit status: 0 success, 1 failure (bad input, a verify failure), 2 usage. */
@@ -21,8 +21,8 @@
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: moe-pack convert SRC -o OUT.moepack [--name NAME] [--family FAMILY] [-q]\n"
-		"       moe-pack info FILE [--json]\n"
+		"usage: moe-pack convert SRC -o OUT.moepack [--name NAME] [--family FAMILY] [--experts-only] [-q]\n"
+		"       moe-pack info FILE [--tensors] [--json]\n"
 		"       moe-pack verify FILE\n"
 		"SRC is a safetensors file, a directory holding model.safetensors or\n"
 		"model.safetensors.index.json (+ config.json), an index .json, or a .gguf file.\n"
@@ -39,7 +39,8 @@ static int cmd_convert(int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "output", required_argument, NULL, 'o' }, { "name", required_argument, NULL, 'n' },
 		{ "family", required_argument, NULL, 'f' }, { "quiet", no_argument, NULL, 'q' },
-		{ "help", no_argument, NULL, 'h' },         { NULL, 0, NULL, 0 },
+		{ "experts-only", no_argument, NULL, 'E' }, { "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
 	};
 	struct convert_options opt = { .progress = true };
 	const char *out = NULL;
@@ -48,9 +49,10 @@ static int cmd_convert(int argc, char **argv)
 	struct moe_error err = { "" };
 	int c;
 
-	while ((c = getopt_long(argc, argv, "o:n:f:qh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "o:n:f:qEh", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'o': out = optarg; break;
+		case 'E': opt.experts_only = true; break;
 		case 'n': opt.name = optarg; break;
 		case 'f': opt.family = optarg; break;
 		case 'q': opt.progress = false; break;
@@ -164,7 +166,44 @@ static json_t *info_json(const struct pack_file *p)
 	return o;
 }
 
-static void info_text(const struct pack_file *p)
+/* Kinds of resident tensors that `info` sums up, by role and, for OTHER,
+ * by GGUF name. */
+enum { K_ROUTER, K_SHARED, K_EMBED, K_ATTN, K_NORM, K_DENSE_FFN, K_OUTPUT, K_META, K_OTHER, N_KINDS };
+static const char *const kind_names[N_KINDS] = {
+	"routers and biases", "shared experts", "embeddings", "attention", "norms", "dense FFN", "output head",
+	"metadata (" PACK_KV_TENSOR ")", "other",
+};
+
+static int tensor_kind(const struct pack_tensor_entry *t)
+{
+	const char *n = strchr(t->name, '.'), *dot;
+	switch (t->role) {
+	case PACK_ROLE_ROUTER: case PACK_ROLE_ROUTER_BIAS: case PACK_ROLE_SCORE_BIAS: return K_ROUTER;
+	case PACK_ROLE_SHARED_GATE: case PACK_ROLE_SHARED_UP: case PACK_ROLE_SHARED_DOWN:
+	case PACK_ROLE_SHARED_EXPERT_GATE: return K_SHARED;
+	default: break;
+	}
+	if (strcmp(t->name, PACK_KV_TENSOR) == 0)
+		return K_META;
+	if (strncmp(t->name, "token_embd", 10) == 0 || strncmp(t->name, "token_types", 11) == 0)
+		return K_EMBED;
+	if (strncmp(t->name, "output.", 7) == 0)
+		return K_OUTPUT;
+	/* blk.L.<what>.weight: the part after the layer number */
+	if (strncmp(t->name, "blk.", 4) == 0 && n && (dot = strchr(n + 1, '.')))
+		n = dot + 1;
+	else
+		n = t->name;
+	if (strstr(n, "norm"))
+		return K_NORM;
+	if (strncmp(n, "attn_", 5) == 0)
+		return K_ATTN;
+	if (strncmp(n, "ffn_", 4) == 0)
+		return K_DENSE_FFN;
+	return K_OTHER;
+}
+
+static void info_text(const struct pack_file *p, bool tensors)
 {
 	const struct pack_header_disk *h = p->hdr;
 	const struct moe_model_config *m = p->model;
@@ -198,30 +237,47 @@ static void info_text(const struct pack_file *p)
 	       h->extent_bytes);
 	printf("extents:       %" PRIu64 " (%u layers x %u experts), %s\n", h->index_count, m->n_moe_layers,
 	       m->n_experts, moe_fmt_size(h->index_count * h->extent_bytes, a, sizeof(a)));
-	printf("resident:      %" PRIu64 " tensors, %s\n", h->n_tensors, moe_fmt_size(h->resident_bytes, b, sizeof(b)));
+	printf("resident:      %" PRIu64 " tensors, %s%s\n", h->n_tensors, moe_fmt_size(h->resident_bytes, b, sizeof(b)),
+	       pack_find_tensor(p, PACK_KV_TENSOR) ? " (whole model, with " PACK_KV_TENSOR ")" : "");
+	for (int k = 0; k < N_KINDS; k++) {
+		uint64_t n = 0, bytes = 0;
+		for (uint64_t i = 0; i < h->n_tensors; i++)
+			if (tensor_kind(&p->tensors[i]) == k) {
+				n++;
+				bytes += p->tensors[i].bytes;
+			}
+		if (n)
+			printf("  %-20s %5" PRIu64 " tensors  %s\n", kind_names[k], n, moe_fmt_size(bytes, a, sizeof(a)));
+	}
+	if (!tensors)
+		return;
+	printf("tensors:\n");
 	for (uint64_t i = 0; i < h->n_tensors; i++) {
 		const struct pack_tensor_entry *t = &p->tensors[i];
 		char shape[96];
 		size_t o = 0;
 		for (uint32_t d = 0; d < t->n_dims; d++)
 			o += (size_t)snprintf(shape + o, sizeof(shape) - o, "%s%" PRIu64, d ? " x " : "", t->shape[d]);
-		printf("  %-56s %-18s %-5s [%s]\n", t->name, pack_role_name(t->role), moe_dtype_name(t->dtype), shape);
+		printf("  %-40s %-18s %-5s [%s]  %s\n", t->name, pack_role_name(t->role), moe_dtype_name(t->dtype), shape,
+		       moe_fmt_size(t->bytes, a, sizeof(a)));
 	}
 }
 
 static int cmd_info(int argc, char **argv)
 {
 	static const struct option longopts[] = {
-		{ "json", no_argument, NULL, 'j' }, { "help", no_argument, NULL, 'h' }, { NULL, 0, NULL, 0 },
+		{ "json", no_argument, NULL, 'j' }, { "tensors", no_argument, NULL, 't' },
+		{ "help", no_argument, NULL, 'h' }, { NULL, 0, NULL, 0 },
 	};
-	bool json = false;
+	bool json = false, tensors = false;
 	struct pack_file *p;
 	struct moe_error err = { "" };
 	int c;
 
-	while ((c = getopt_long(argc, argv, "jh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "jth", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'j': json = true; break;
+		case 't': tensors = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -240,7 +296,7 @@ static int cmd_info(int argc, char **argv)
 		putchar('\n');
 		json_decref(o);
 	} else {
-		info_text(p);
+		info_text(p, tensors);
 	}
 	pack_close(p);
 	return 0;
