@@ -2,10 +2,14 @@
  * of tokens and their routing) and the move-vs-compute cost model. */
 #include "config.h"
 #include "compute.h"
+#include "moetier/proto.h"
 
 #include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -398,4 +402,52 @@ fail:
 	CTR_ADD(c, failed, 1);
 	free(cnt), free(order), free(gstart), free(gext), free(pair_out);
 	return rc;
+}
+
+void compute_render(const struct compute_ctx *c, FILE *f, json_t *jm, uint32_t fmt, bool first)
+{
+	struct compute_model cm;
+	struct compute_counters cc;
+	if (!c)
+		return;
+	compute_get_model(c, &cm);
+	compute_get_counters(c, &cc);
+	const struct {
+		const char *name;
+		double v;
+	} in[] = {
+		{ "expert_bytes", (double)cm.expert_bytes },
+		{ "flops_per_token", (double)cm.flops_per_token },
+		{ "host_bytes_per_s", cm.host_Bps },
+		{ "host_flops", cm.host_flops },
+		{ "host_fixed_us", cm.host_fixed_s * 1e6 },
+		{ "host_rates_measured", cm.measured ? 1.0 : 0.0 },
+		{ "nvme_to_host_bytes_per_s", cm.nvme_to_host_Bps },
+		{ "host_to_gpu_bytes_per_s", cm.host_to_gpu_Bps },
+		{ "gpu_flops", cm.gpu_flops },
+	};
+	json_t *jc = jm ? json_object() : NULL;
+	if (fmt == MOET_STATS_TEXT)
+		fprintf(f, "compute (%s kernels; cost model inputs, then counters)\n", ffn_isa_name(cm.isa));
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(in); i++) {
+		if (fmt == MOET_STATS_TEXT)
+			fprintf(f, "  compute_%-26s %.6g\n", in[i].name, in[i].v);
+		else if (jc)
+			json_object_set_new(jc, in[i].name, json_real(in[i].v));
+		else if (first)
+			fprintf(f, "# TYPE moetier_compute_%s gauge\nmoetier_compute_%s %.9g\n", in[i].name, in[i].name,
+				in[i].v);
+	}
+	for (unsigned i = 0; i < COMPUTE_CTR_COUNT; i++) {
+		const char *name = compute_counter_name((enum compute_counter)i);
+		uint64_t v = compute_counter_value(&cc, (enum compute_counter)i);
+		if (fmt == MOET_STATS_TEXT)
+			fprintf(f, "  compute_%-26s %" PRIu64 "\n", name, v);
+		else if (jc)
+			json_object_set_new(jc, name, json_integer((json_int_t)v));
+		else if (first)
+			fprintf(f, "# TYPE moetier_compute_%s counter\nmoetier_compute_%s %" PRIu64 "\n", name, name, v);
+	}
+	if (jc)
+		json_object_set_new(jm, "compute", jc);
 }

@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "ffn.h"
 #include "model.h"
@@ -133,5 +134,12 @@ typedef const void *(*compute_lookup_fn)(void *ctx, uint32_t layer, uint32_t exp
 int compute_run(struct compute_ctx *c, uint32_t layer, uint32_t T, const float *x, size_t ldx, uint32_t k,
 		const uint32_t *experts, const float *weights, float *y, size_t ldy, compute_lookup_fn lookup,
 		void *lookup_ctx, struct moe_error *err);
+
+/* The cost model's inputs, then the counters, in the STATS reply of a model:
+ * fmt is a MOET_STATS_* format; for JSON the "compute" object is added to jm
+ * (a json_t *); Prometheus lines are written only when `first` (one model
+ * per exposition). Nothing when c is NULL. */
+struct json_t;
+void compute_render(const struct compute_ctx *c, FILE *f, struct json_t *jm, uint32_t fmt, bool first);
 
 #endif

@@ -1,7 +1,8 @@
 # service: moetierd, its socket/ring protocol, libmoetier, moe-client, moectl, etc/.
 libmoecore_a_SOURCES += core/ring.c core/ring.h include/moetier/proto.h
 libmoetierd_a_SOURCES += daemon/options.c daemon/options.h daemon/server.c daemon/server.h \
-	daemon/priv.c daemon/priv.h
+	daemon/server_impl.h daemon/server_conn.c daemon/server_ring.c daemon/server_admin.c \
+	daemon/server_model.c daemon/priv.c daemon/priv.h
 
 sbin_PROGRAMS += moetierd
 moetierd_SOURCES = daemon/main.c

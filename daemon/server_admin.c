@@ -1,0 +1,337 @@
+/* server_admin.c - admin and advisory requests: STATS and CLIENTS (and
+ * their rendering), CONFIG_GET/SET, PIN/UNPIN/EVICT, GPU_EXPORT, ADVISE. */
+#include "config.h"
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache.h"
+#include "compute.h"
+#include "server_impl.h"
+#include "stats.h"
+#include "tier_gpu.h"
+
+static const char *const counter_names[] = {
+#define X(id, help) #id,
+	SERVER_COUNTERS(X)
+#undef X
+};
+
+static char *render_clients(struct server *s)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&buf, &len);
+	if (!f)
+		return NULL;
+	fprintf(f, "%-6s %-8s %-6s %-6s %-16s %-16s %-7s %s\n", "id", "pid", "uid", "gid", "name", "model", "leases", "ops");
+	pthread_mutex_lock(&s->lock);
+	for (unsigned i = 0; i < s->max_clients; i++) {
+		struct client *c = s->clients[i];
+		if (!c || !c->hello_done || atomic_load(&c->state) != CL_ACTIVE)
+			continue;
+		fprintf(f, "%-6u %-8d %-6u %-6u %-16s %-16s %-7u %" PRIu64 "\n", c->id, (int)c->pid, (unsigned)c->uid,
+			(unsigned)c->gid, c->name[0] ? c->name : "-", c->m ? c->m->name : "-", c->n_leases_used,
+			atomic_load(&c->ops));
+	}
+	pthread_mutex_unlock(&s->lock);
+	fclose(f);
+	return buf;
+}
+
+static char *render_stats(struct server *s, uint32_t fmt)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&buf, &len);
+	if (!f)
+		return NULL;
+	json_t *root = fmt == MOET_STATS_JSON ? json_object() : NULL;
+	json_t *srv = root ? json_object() : NULL;
+	if (fmt == MOET_STATS_TEXT)
+		fprintf(f, "moetierd %s, up %.1f s, protocol %u\n", PACKAGE_VERSION,
+			(double)(moe_now_ns() - s->start_ns) / 1e9, MOET_PROTO_VERSION);
+	for (unsigned i = 0; i < SERVER__COUNT; i++) {
+		uint64_t v = server_counter(s, (enum server_counter)i);
+		if (fmt == MOET_STATS_TEXT)
+			fprintf(f, "  server_%-26s %" PRIu64 "\n", counter_names[i], v);
+		else if (fmt == MOET_STATS_JSON)
+			json_object_set_new(srv, counter_names[i], json_integer((json_int_t)v));
+		else
+			fprintf(f, "# TYPE moetier_server_%s counter\nmoetier_server_%s %" PRIu64 "\n", counter_names[i],
+				counter_names[i], v);
+	}
+	if (root) {
+		json_object_set_new(root, "server", srv);
+		json_object_set_new(root, "models", json_object());
+	}
+	for (unsigned i = 0; i < s->n_models; i++) {
+		struct model *m = &s->models[i];
+		struct stats_snapshot snap;
+		if (stats_snapshot(cache_stats(m->cache), &snap))
+			continue;
+		char *r = fmt == MOET_STATS_JSON ? stats_render_json(&snap, true)
+			: fmt == MOET_STATS_PROMETHEUS ? stats_render_prometheus(&snap, i == 0)
+						       : stats_render_text(&snap, false);
+		stats_snapshot_free(&snap);
+		if (!r)
+			continue;
+		if (fmt == MOET_STATS_TEXT) {
+			fprintf(f, "\nmodel %s (%s engine)\n%s", m->name, cache_io_engine(m->cache), r);
+			compute_render(m->compute, f, NULL, fmt, true);
+		} else if (fmt == MOET_STATS_JSON) {
+			json_error_t je;
+			json_t *j = json_loads(r, 0, &je);
+			if (j) {
+				if (json_is_object(j))
+					compute_render(m->compute, f, j, fmt, true);
+				json_object_set_new(json_object_get(root, "models"), m->name, j);
+			}
+		} else if (i == 0) {
+			/* One model per exposition: metric names carry no model label. */
+			fputs(r, f);
+			compute_render(m->compute, f, NULL, fmt, true);
+		}
+		free(r);
+	}
+	if (root) {
+		char *j = json_dumps(root, JSON_INDENT(2) | JSON_SORT_KEYS);
+		if (j) {
+			fprintf(f, "%s\n", j);
+			free(j);
+		}
+		json_decref(root);
+	}
+	fclose(f);
+	return buf;
+}
+
+
+/* Move or compute, per expert, from where it is now and the cost model. */
+void server_admin_advise(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload)
+{
+	struct moet_advise_req q;
+	struct moet_advise_reply r;
+	if (!c->m || h->len != sizeof(q)) {
+		server_cnt(s, SERVER_bad_messages);
+		server_conn_error(s, c, h->seq, -EPROTO, "ADVISE: expected one %zu-byte request from a model client", sizeof(q));
+		return;
+	}
+	memcpy(&q, payload, sizeof(q));
+	struct model *m = c->m;
+	if (!m->compute) {
+		server_conn_error(s, c, h->seq, -EOPNOTSUPP, "ADVISE: no cost model for model %s (COMPUTE not offered)", m->name);
+		return;
+	}
+	if (q.n > MOET_MAX_BATCH || q.layer >= m->n_layers || q.tokens == 0 || q.tokens > (1u << 20)) {
+		server_cnt(s, SERVER_bad_messages);
+		server_conn_error(s, c, h->seq, -EINVAL, "ADVISE: layer %u (of %u), %u experts (max %u), %u tokens out of range",
+			   q.layer, m->n_layers, q.n, MOET_MAX_BATCH, q.tokens);
+		return;
+	}
+	uint64_t gw[64] = { 0 }, hw[64] = { 0 }; /* n_experts <= 4096 */
+	if (cache_residency_bitmap(m->cache, CACHE_TIER_GPU, q.layer, gw, 64) < 0)
+		memset(gw, 0, sizeof(gw));
+	if (cache_residency_bitmap(m->cache, CACHE_TIER_HOST, q.layer, hw, 64) < 0)
+		memset(hw, 0, sizeof(hw));
+	memset(&r, 0, sizeof(r));
+	r.n = q.n;
+	for (uint32_t i = 0; i < q.n; i++) {
+		uint32_t e = q.ids[i];
+		if (e >= m->n_experts) {
+			server_cnt(s, SERVER_bad_messages);
+			server_conn_error(s, c, h->seq, -EINVAL, "ADVISE: expert %u out of range (%u experts)", e, m->n_experts);
+			return;
+		}
+		bool on_gpu = gw[e / 64] >> (e % 64) & 1, on_host = hw[e / 64] >> (e % 64) & 1;
+		struct compute_decision d;
+		compute_decide(m->compute, on_gpu ? COMPUTE_TIER_GPU : on_host ? COMPUTE_TIER_HOST : COMPUTE_TIER_NVME,
+			       q.tokens, &d);
+		r.where[i] = d.where == COMPUTE_ON_HOST ? MOET_WHERE_HOST : MOET_WHERE_MOVE;
+		r.tier[i] = on_gpu ? 0 : on_host ? 1 : 2;
+		r.host_us[i] = (float)(d.host_s * 1e6);
+		r.move_us[i] = (float)(d.move_s * 1e6);
+	}
+	server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, &r, sizeof(r), NULL, 0);
+}
+/* Hands a data-plane client the GPU arena's handles, a batch at a time. */
+void server_admin_gpu_export(struct server *s, struct client *c, const struct moet_msg *h)
+{
+	struct tier_gpu_export e;
+	struct moe_error err = { { 0 } };
+	if (!c->region || !c->m) {
+		server_cnt(s, SERVER_bad_messages);
+		server_conn_error(s, c, h->seq, -EPROTO, "GPU_EXPORT needs a data-plane client");
+		return;
+	}
+	int rc = cache_gpu_export(c->m->cache, &e, &err);
+	if (rc < 0) {
+		server_conn_error(s, c, h->seq, rc, "GPU export: %s", err.msg);
+		return;
+	}
+	if (h->arg > e.nfds) {
+		server_cnt(s, SERVER_bad_messages);
+		server_conn_error(s, c, h->seq, -EINVAL, "GPU_EXPORT: first handle %u past the %u there are", h->arg, e.nfds);
+		tier_gpu_export_free(&e);
+		return;
+	}
+	struct {
+		struct moet_gpu_export x;
+		uint64_t offsets[MOET_GPU_EXPORT_BATCH];
+	} r;
+	memset(&r, 0, sizeof(r));
+	unsigned n = e.nfds - h->arg;
+	if (n > MOET_GPU_EXPORT_BATCH)
+		n = MOET_GPU_EXPORT_BATCH;
+	r.x.backend = e.backend == TIER_GPU_EMULATED ? MOET_GPU_EMULATED
+		      : e.backend == TIER_GPU_VMM    ? MOET_GPU_VMM
+		      : e.backend == TIER_GPU_UVM    ? MOET_GPU_UVM
+						     : MOET_GPU_NONE;
+	r.x.device = e.device;
+	r.x.generation = e.generation;
+	r.x.slot_stride = e.slot_stride;
+	r.x.chunk_bytes = e.chunk_bytes;
+	r.x.total = e.nfds;
+	r.x.first = h->arg;
+	r.x.n = n;
+	for (unsigned i = 0; i < n; i++)
+		r.offsets[i] = e.offsets[h->arg + i];
+	rc = server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, &r, (uint32_t)(sizeof(r.x) + n * sizeof(uint64_t)),
+		      n ? e.fds + h->arg : NULL, n);
+	if (rc < 0)
+		moe_debug("client %u: GPU export reply: %s", c->id, strerror(-rc));
+	tier_gpu_export_free(&e);
+}
+void server_admin_request(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload)
+{
+	char text[1024];
+	int rc;
+	bool needs_admin = h->type != MOET_MSG_CONFIG_GET;
+	if (needs_admin && !c->admin) {
+		server_conn_error(s, c, h->seq, -EPERM, "uid %u may not send admin requests", (unsigned)c->uid);
+		return;
+	}
+	server_cnt(s, SERVER_admin_requests);
+	switch (h->type) {
+	case MOET_MSG_STATS:
+	case MOET_MSG_CLIENTS: {
+		if (h->type == MOET_MSG_STATS && h->arg > MOET_STATS_PROMETHEUS) {
+			server_conn_error(s, c, h->seq, -EINVAL, "unknown stats format %u", h->arg);
+			return;
+		}
+		char *t = h->type == MOET_MSG_STATS ? render_stats(s, h->arg) : render_clients(s);
+		if (!t) {
+			server_conn_error(s, c, h->seq, -ENOMEM, "out of memory");
+			return;
+		}
+		rc = server_conn_text(c, h->seq, t);
+		free(t);
+		if (rc)
+			moe_warn("client %u: reply: %s", c->id, strerror(-rc));
+		return;
+	}
+	case MOET_MSG_CONFIG_GET: {
+		if (h->len >= 128 || (h->len && payload[h->len - 1] != '\0')) {
+			server_conn_error(s, c, h->seq, -EINVAL, "CONFIG_GET: option name must be NUL-terminated");
+			return;
+		}
+		const char *name = h->len ? (const char *)payload : "";
+		size_t n;
+		const struct option_desc *opts = options_table(&n);
+		char *buf = NULL;
+		size_t len = 0;
+		FILE *f = open_memstream(&buf, &len);
+		if (!f)
+			return;
+		bool found = false;
+		for (size_t i = 0; i < n; i++) {
+			if (*name && strcmp(name, opts[i].name))
+				continue;
+			options_get(s->cfg, opts[i].name, text, sizeof(text));
+			fprintf(f, "%s = %s\n", opts[i].name, text);
+			found = true;
+		}
+		fclose(f);
+		if (!found)
+			server_conn_error(s, c, h->seq, -ENOENT, "unknown option '%s'", name);
+		else
+			server_conn_text(c, h->seq, buf);
+		free(buf);
+		return;
+	}
+	case MOET_MSG_CONFIG_SET: {
+		if (h->len == 0 || h->len >= sizeof(text) || payload[h->len - 1] != '\0') {
+			server_conn_error(s, c, h->seq, -EINVAL, "CONFIG_SET: expected a NUL-terminated 'name=value'");
+			return;
+		}
+		memcpy(text, payload, h->len);
+		char *eq = strchr(text, '=');
+		if (!eq) {
+			server_conn_error(s, c, h->seq, -EINVAL, "CONFIG_SET: expected 'name=value'");
+			return;
+		}
+		*eq = '\0';
+		const struct option_desc *o = options_find(text);
+		if (!o) {
+			server_conn_error(s, c, h->seq, -ENOENT, "unknown option '%s'", text);
+			return;
+		}
+		if (!o->runtime) {
+			server_conn_error(s, c, h->seq, -EPERM, "%s can only be changed by restarting moetierd", text);
+			return;
+		}
+		struct moetierd_config tmp;
+		struct moe_error err;
+		options_init(&tmp);
+		rc = options_set(&tmp, text, eq + 1, &err);
+		options_free(&tmp);
+		if (rc) {
+			server_conn_error(s, c, h->seq, rc, "%s", err.msg);
+			return;
+		}
+		/* Validated on a scratch copy; now apply (numbers are word-sized
+		 * stores the ring thread reads racily but atomically enough). */
+		options_set(s->cfg, text, eq + 1, &err);
+		if (!strcmp(text, "log-level")) {
+			const char *v = eq + 1;
+			moe_log_set_level(!strcmp(v, "err") ? MOE_LOG_ERR : !strcmp(v, "warn") ? MOE_LOG_WARN
+					  : !strcmp(v, "debug") ? MOE_LOG_DEBUG : MOE_LOG_INFO);
+		}
+		moe_info("config set by uid %u: %s = %s", (unsigned)c->uid, text, eq + 1);
+		server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, NULL, 0, NULL, 0);
+		return;
+	}
+	case MOET_MSG_PIN:
+	case MOET_MSG_UNPIN:
+	case MOET_MSG_EVICT: {
+		struct moet_expert_arg a;
+		if (h->len != sizeof(a)) {
+			server_conn_error(s, c, h->seq, -EPROTO, "expected %zu bytes of expert argument", sizeof(a));
+			return;
+		}
+		memcpy(&a, payload, sizeof(a));
+		struct model *m = c->m;
+		if (a.layer >= m->n_layers || a.expert >= m->n_experts || a.tier > CACHE_TIER_HOST) {
+			server_conn_error(s, c, h->seq, -ERANGE, "layer %u expert %u tier %u is out of range (%u layers, %u experts)",
+				   a.layer, a.expert, a.tier, m->n_layers, m->n_experts);
+			return;
+		}
+		struct cache_key k = { a.layer, a.expert };
+		rc = h->type == MOET_MSG_PIN ? cache_pin(m->cache, k, (enum cache_tier)a.tier)
+		   : h->type == MOET_MSG_UNPIN ? cache_unpin(m->cache, k, (enum cache_tier)a.tier)
+					       : cache_evict(m->cache, k, (enum cache_tier)a.tier);
+		if (rc < 0)
+			server_conn_error(s, c, h->seq, rc, "layer %u expert %u: %s", a.layer, a.expert, strerror(-rc));
+		else
+			server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, NULL, 0, NULL, 0);
+		atomic_fetch_or(&m->dirty[a.layer / 64], 1ull << (a.layer % 64));
+		server_kick_ring(s);
+		return;
+	}
+	}
+}

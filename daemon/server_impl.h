@@ -1,0 +1,159 @@
+/* server_impl.h - private to server*.c: the server, its clients and its
+ * models, and the functions the server files call in one another. */
+#ifndef MOETIER_SERVER_IMPL_H
+#define MOETIER_SERVER_IMPL_H
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "cache.h"
+#include "placement.h"
+#include "ring.h"
+#include "route.h"
+#include "server.h"
+
+enum client_state { CL_ACTIVE = 0, CL_CLOSING = 1, CL_DEAD = 2 };
+
+struct lease_rec {
+	uint32_t gen;
+	uint16_t n;
+	bool used;
+	struct cache_lease l[MOET_MAX_BATCH];
+};
+
+struct parked {
+	struct moet_sqe sqe;
+	struct moet_cqe cqe;     /* filled so far */
+	uint32_t lease_idx;      /* lease record (may hold some already) */
+	uint64_t deadline_ns;
+};
+
+struct model {
+	char name[64];
+	struct pack_file *pack;
+	struct cache *cache;
+	struct server *srv;
+	uint32_t n_layers, n_experts, words;
+	struct route_params rp;
+	float *score_bias;
+	/* shared state region */
+	int shared_fd;
+	uint8_t *shared;
+	uint64_t shared_bytes;
+	struct moet_shared_hdr *hdr;
+	_Atomic uint64_t *dirty;  /* [n_layers/64+1] layers with a finished load */
+	uint64_t last_refresh_ns;
+	struct compute_ctx *compute; /* NULL when the kernels do not take this model */
+	struct cache_arena_info arena[2];
+	int arena_ro_fd[2];       /* read-only fds handed to clients */
+	int shared_ro_fd;
+	/* placement: each client stream gets its own predictor (placement.h) */
+	struct placement_config plc;
+	struct predict_model *pmodel; /* --predictor-model, shared read-only */
+	uint32_t top_k;
+};
+
+struct client {
+	uint32_t id;              /* connection number (moectl clients) */
+	uint32_t cache_id;        /* client id towards the cache */
+	unsigned idx;             /* slot in srv->clients */
+	int fd;
+	uid_t uid;
+	gid_t gid;
+	pid_t pid;                /* shown only; never used for access decisions */
+	bool admin, data, hello_done;
+	char name[32];
+	struct model *m;
+	uint16_t version;
+	_Atomic int state;
+	/* Set once HELLO set up the rings, leases and model (release): only
+	 * then may the ring thread serve the client. The region pointer alone
+	 * is not enough, it is published before the rings are attached. */
+	_Atomic bool ring_ready;
+	/* data plane */
+	int ring_fd;
+	uint8_t *region;
+	uint64_t region_bytes;
+	struct moet_ring_region reg;
+	struct ring sq, cq;
+	pthread_mutex_t lock;     /* lease table (ring thread vs socket SUBMIT) */
+	struct lease_rec *leases;
+	uint32_t n_leases_max, n_leases_used, lease_hint;
+	struct parked *parked;    /* ring thread only */
+	uint32_t n_parked, max_parked;
+	struct placement *pl;     /* this stream's predictor + prefetch [lock] */
+	bool pl_failed;           /* creating it failed once: do not retry */
+	_Atomic uint64_t ops;
+};
+
+struct server {
+	struct moetierd_config *cfg;
+	struct model *models;
+	unsigned n_models;
+	int listen_fd, epfd, sig_fd, timer_fd, reap_fd;
+	gid_t sock_gid, admin_gid;
+	bool have_sock_gid, have_admin_gid;
+	char *sock_path;
+	pthread_mutex_t lock;     /* clients[] membership */
+	struct client **clients;
+	unsigned max_clients;
+	uint32_t next_id;
+	uint32_t ctl_word;        /* ring thread's private futex word */
+	_Atomic bool stop_ring, stop_loop;
+	pthread_t ring_thread;
+	bool ring_started;
+	_Atomic int ring_cpu;
+	_Atomic uint64_t counters[SERVER__COUNT];
+	uint64_t watchdog_usec;
+	uint64_t start_ns;
+};
+
+static inline void server_cnt(struct server *s, enum server_counter c)
+{
+	atomic_fetch_add_explicit(&s->counters[c], 1, memory_order_relaxed);
+}
+
+/* server.c */
+/* Wakes the ring thread (clients came or went, a load finished, stop). */
+void server_kick_ring(struct server *s);
+
+/* server_model.c: the served models. */
+int server_model_open(struct server *s, struct model *m, const char *path, unsigned idx, struct moe_error *err);
+void server_model_close(struct model *m);
+/* Copies the residency bitmaps of the layers with a finished load (all:
+ * every layer) into the shared region. Ring thread. */
+void server_model_refresh(struct model *m, bool all);
+struct moet_expert_counters *server_model_expert_ctr(struct model *m, uint32_t l, uint32_t e);
+
+/* server_conn.c: the control socket and its clients (event loop thread). */
+int server_conn_bind(struct server *s, struct moe_error *err);
+void server_conn_accept(struct server *s);
+void server_conn_readable(struct server *s, struct client *c);
+void server_conn_close(struct server *s, struct client *c);
+void server_conn_free(struct client *c);
+/* Frees the clients the ring thread marked DEAD. */
+void server_conn_reap(struct server *s);
+int server_conn_send(int fd, uint16_t type, uint32_t seq, int32_t status, uint32_t arg, const void *payload,
+		     uint32_t len, const int *fds, unsigned nfds);
+int server_conn_error(struct server *s, struct client *c, uint32_t seq, int status, const char *fmt, ...)
+	MOE_PRINTF(5, 6);
+/* Sends text back as a sealed memfd (no size limit on replies). */
+int server_conn_text(struct client *c, uint32_t seq, const char *text);
+
+/* server_ring.c: the data plane. */
+void *server_ring_main(void *arg);
+/* Runs one entry (already copied out of shared memory). Returns 1 when the
+ * completion is ready in *out, 0 when the entry was parked (ring only). */
+int server_ring_exec(struct server *s, struct client *c, const struct moet_sqe *q, struct moet_cqe *out,
+		     bool may_park);
+
+/* server_admin.c: admin and advisory requests. */
+void server_admin_request(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload);
+void server_admin_gpu_export(struct server *s, struct client *c, const struct moet_msg *h);
+void server_admin_advise(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload);
+
+#endif

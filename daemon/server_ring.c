@@ -1,0 +1,575 @@
+/* server_ring.c - the data plane: the ring thread, executing entries
+ * (ACQUIRE, ROUTE, PREFETCH, RELEASE, COMPUTE), the lease table of each
+ * client and the parked blocking acquires. */
+#include "config.h"
+#include <errno.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cache.h"
+#include "compute.h"
+#include "placement.h"
+#include "route.h"
+#include "server_impl.h"
+
+/* ---- leases -------------------------------------------------------------- */
+
+static int lease_alloc(struct client *c, uint32_t *idx)
+{
+	for (uint32_t k = 0; k < c->n_leases_max; k++) {
+		uint32_t i = (c->lease_hint + k) % c->n_leases_max;
+		if (!c->leases[i].used) {
+			c->leases[i].used = true;
+			c->leases[i].n = 0;
+			c->leases[i].gen++;
+			c->lease_hint = i + 1;
+			c->n_leases_used++;
+			*idx = i;
+			return 0;
+		}
+	}
+	return -ENOSPC;
+}
+
+static uint64_t lease_id(struct client *c, uint32_t idx)
+{
+	return ((uint64_t)c->leases[idx].gen << 32) | (idx + 1);
+}
+
+static void lease_drop(struct model *m, struct client *c, uint32_t idx)
+{
+	struct lease_rec *r = &c->leases[idx];
+	for (unsigned i = 0; i < r->n; i++)
+		cache_release(m->cache, c->cache_id, &r->l[i]);
+	r->n = 0;
+	r->used = false;
+	c->n_leases_used--;
+}
+
+static int lease_release(struct client *c, uint64_t id)
+{
+	uint32_t idx = (uint32_t)(id & 0xffffffffu);
+	uint32_t gen = (uint32_t)(id >> 32);
+	if (idx == 0 || idx > c->n_leases_max)
+		return -ESTALE;
+	idx--;
+	if (!c->leases[idx].used || c->leases[idx].gen != gen)
+		return -ESTALE;
+	lease_drop(c->m, c, idx);
+	return 0;
+}
+
+/* ---- executing entries ---------------------------------------------------- */
+
+static int check_ids(struct model *m, const struct moet_sqe *q)
+{
+	if (q->count == 0)
+		return -EINVAL;
+	if (q->count > MOET_MAX_BATCH)
+		return -E2BIG;
+	if (q->layer >= m->n_layers)
+		return -ERANGE;
+	for (unsigned i = 0; i < q->count; i++)
+		if (q->ids[i] >= m->n_experts)
+			return -ERANGE;
+	return 0;
+}
+
+/* Tries the experts of `out` that are still missing (slot -1) and fills in
+ * the ones served. Returns how many are still missing but may yet load
+ * (-EAGAIN: loading; -ENOBUFS: no free slot right now). */
+static unsigned try_acquire(struct client *c, uint32_t layer, struct moet_cqe *out, uint32_t lidx, unsigned flags)
+{
+	struct model *m = c->m;
+	struct cache_key keys[MOET_MAX_BATCH];
+	struct cache_loc locs[MOET_MAX_BATCH];
+	unsigned map[MOET_MAX_BATCH], n = 0, pending = 0;
+	for (unsigned i = 0; i < out->count; i++)
+		if (out->slot[i] < 0) {
+			keys[n].layer = layer;
+			keys[n].expert = out->ids[i];
+			map[n++] = i;
+		}
+	if (!n)
+		return 0;
+	unsigned cf = CACHE_NOWAIT | ((flags & MOET_F_WANT_GPU) ? CACHE_WANT_GPU : 0);
+	int rc = cache_acquire(m->cache, c->cache_id, keys, n, cf, locs);
+	if (rc < 0) {
+		out->result = rc;
+		return 0;
+	}
+	struct lease_rec *r = &c->leases[lidx];
+	for (unsigned j = 0; j < n; j++) {
+		unsigned i = map[j];
+		if (locs[j].status == 0) {
+			out->slot[i] = (int32_t)locs[j].slot;
+			out->tier[i] = locs[j].tier;
+			r->l[r->n++] = locs[j].lease;
+			out->n_hit++;
+		} else if (locs[j].status == -EAGAIN || locs[j].status == -ENOBUFS) {
+			pending++;
+		}
+	}
+	return pending;
+}
+
+static void count_hits(struct model *m, uint32_t layer, const struct moet_cqe *out)
+{
+	for (unsigned i = 0; i < out->count; i++) {
+		struct moet_expert_counters *e = server_model_expert_ctr(m, layer, out->ids[i]);
+		if (out->slot[i] >= 0)
+			__atomic_add_fetch(&e->hits, 1, __ATOMIC_RELAXED);
+		else
+			__atomic_add_fetch(&e->misses, 1, __ATOMIC_RELAXED);
+	}
+}
+
+static void finish_acquire(struct client *c, struct moet_cqe *out, uint32_t lidx)
+{
+	out->n_miss = 0;
+	for (unsigned i = 0; i < out->count; i++)
+		if (out->slot[i] < 0)
+			out->n_miss++;
+	if (out->result >= 0)
+		out->result = (int32_t)out->n_hit;
+	if (c->leases[lidx].n == 0) {
+		c->leases[lidx].used = false;
+		c->n_leases_used--;
+		out->lease = 0;
+	} else {
+		out->lease = lease_id(c, lidx);
+	}
+}
+
+struct compute_lookup {
+	uint32_t n;
+	uint16_t expert[ROUTE_MAX_EXPERTS]; /* open_model caps n_experts at this */
+	const void *ptr[ROUTE_MAX_EXPERTS];
+};
+
+static const void *lookup_leased(void *ctx, uint32_t layer, uint32_t expert)
+{
+	struct compute_lookup *lk = ctx;
+	(void)layer;
+	for (uint32_t i = 0; i < lk->n; i++)
+		if (lk->expert[i] == expert)
+			return lk->ptr[i];
+	return NULL;
+}
+
+/* COMPUTE (see proto.h): the inputs are copied out of the scratch area once,
+ * checked, the distinct experts leased on the host tier for the duration,
+ * the FFNs run, and y copied back. Runs on the ring thread: a long request
+ * delays other clients by its compute time. */
+static int exec_compute(struct client *c, const struct moet_sqe *q, struct moet_cqe *out)
+{
+	struct model *m = c->m;
+	struct moet_compute_args a;
+	uint64_t n = m->pack->model->hidden, need;
+	if (q->layer >= m->n_layers)
+		return -ERANGE;
+	if (!c->region || (q->data_off & 3) || q->data_off > c->reg.scratch_bytes ||
+	    q->data_len > c->reg.scratch_bytes - q->data_off || q->data_len < sizeof(a))
+		return -EFAULT;
+	const uint8_t *base = c->region + c->reg.scratch_off + q->data_off;
+	memcpy(&a, base, sizeof(a));
+	if (a.tokens == 0 || a.k == 0 || a.k > MOET_MAX_BATCH || a.tokens > 4096)
+		return a.tokens > 4096 ? -E2BIG : -EINVAL;
+	uint64_t tk = (uint64_t)a.tokens * a.k, tn = (uint64_t)a.tokens * n;
+	need = sizeof(a) + tk * 8 + tn * 8;
+	if (need > q->data_len)
+		return -EFAULT;
+	size_t in_bytes = sizeof(a) + tk * 8 + tn * 4;
+	uint8_t *buf = malloc(in_bytes + tn * 4);
+	struct compute_lookup *lk = calloc(1, sizeof(*lk));
+	struct cache_key *keys = calloc(m->n_experts, sizeof(*keys));
+	struct cache_loc *locs = calloc(m->n_experts, sizeof(*locs));
+	int rc = 0;
+	if (!buf || !lk || !keys || !locs) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	memcpy(buf, base, in_bytes);
+	const uint32_t *experts = (const uint32_t *)(buf + sizeof(a));
+	const float *weights = (const float *)(buf + sizeof(a) + tk * 4);
+	const float *x = (const float *)(buf + sizeof(a) + tk * 8);
+	float *y = (float *)(buf + in_bytes);
+	for (uint64_t i = 0; i < tk; i++) {
+		if (experts[i] >= m->n_experts) {
+			rc = -ERANGE;
+			goto out;
+		}
+		{
+			bool seen = false;
+			for (uint32_t j = 0; j < lk->n && !seen; j++)
+				seen = lk->expert[j] == experts[i];
+			if (!seen) {
+				keys[lk->n] = (struct cache_key){ q->layer, experts[i] };
+				lk->expert[lk->n++] = (uint16_t)experts[i];
+			}
+		}
+	}
+	rc = cache_acquire(m->cache, c->cache_id, keys, lk->n, CACHE_NOWAIT, locs);
+	if (rc < 0)
+		goto out;
+	uint32_t missing = 0;
+	for (uint32_t i = 0; i < lk->n; i++) {
+		lk->ptr[i] = NULL;
+		if (locs[i].status == 0 && locs[i].tier == CACHE_TIER_HOST)
+			lk->ptr[i] = cache_slot_ptr(m->cache, CACHE_TIER_HOST, locs[i].slot);
+		if (!lk->ptr[i])
+			missing++;
+	}
+	out->n_miss = missing;
+	out->n_hit = lk->n - missing;
+	if (missing) {
+		rc = -EAGAIN;
+	} else {
+		struct moe_error err;
+		rc = compute_run(m->compute, q->layer, a.tokens, x, n, a.k, experts, weights, y, n, lookup_leased, lk, &err);
+		if (rc == 0) {
+			memcpy(c->region + c->reg.scratch_off + q->data_off + in_bytes, y, tn * 4);
+			rc = (int)a.tokens;
+		} else {
+			moe_debug("client %u: compute: %s", c->id, err.msg);
+		}
+	}
+	for (uint32_t i = 0; i < lk->n; i++)
+		if (locs[i].status == 0)
+			cache_release(m->cache, c->cache_id, &locs[i].lease);
+out:
+	free(buf);
+	free(lk);
+	free(keys);
+	free(locs);
+	return rc;
+}
+
+/* The client's placement (under c->lock), created at its first use; NULL
+ * when the model runs no predictor. */
+static struct placement *client_placement(struct client *c)
+{
+	struct model *m = c->m;
+	if (c->pl || c->pl_failed || !m || !placement_enabled(&m->plc))
+		return c->pl;
+	struct moe_error err;
+	if (placement_create(m->cache, m->n_layers, m->n_experts, m->top_k, m->pack->hdr->extent_payload, &m->plc,
+			     &c->pl, &err) < 0) {
+		moe_warn("client %u: no placement: %s", c->id, err.msg);
+		c->pl_failed = true;
+	}
+	return c->pl;
+}
+
+int server_ring_exec(struct server *s, struct client *c, const struct moet_sqe *q, struct moet_cqe *out,
+		      bool may_park)
+{
+	struct model *m = c->m;
+	int rc = 0;
+	memset(out, 0, sizeof(*out));
+	out->user_tag = q->user_tag;
+	out->opcode = q->opcode;
+	out->flags = q->flags;
+	if (q->flags & ~(MOET_F_NOWAIT | MOET_F_WANT_GPU)) {
+		rc = -EINVAL;
+		goto bad;
+	}
+	switch (q->opcode) {
+	case MOET_OP_NOP:
+		/* A NOP carrying a token hint announces the next token. */
+		if (q->token_pos || q->token_key) {
+			pthread_mutex_lock(&c->lock);
+			placement_token(client_placement(c), q->token_key, q->token_pos);
+			pthread_mutex_unlock(&c->lock);
+		}
+		out->result = 0;
+		return 1;
+	case MOET_OP_RELEASE:
+		pthread_mutex_lock(&c->lock);
+		rc = lease_release(c, q->lease);
+		pthread_mutex_unlock(&c->lock);
+		if (rc)
+			goto bad;
+		out->lease = q->lease;
+		return 1;
+	case MOET_OP_PREFETCH: {
+		if ((rc = check_ids(m, q)))
+			goto bad;
+		if (q->tier > CACHE_TIER_HOST) {
+			rc = -EINVAL;
+			goto bad;
+		}
+		struct cache_key keys[MOET_MAX_BATCH];
+		for (unsigned i = 0; i < q->count; i++)
+			keys[i] = (struct cache_key){ q->layer, q->ids[i] };
+		rc = cache_prefetch(m->cache, keys, q->count, (enum cache_tier)q->tier);
+		out->result = rc < 0 ? rc : rc;
+		out->count = q->count;
+		return 1;
+	}
+	case MOET_OP_ACQUIRE:
+	case MOET_OP_ROUTE: {
+		struct moet_sqe local = *q;
+		if (q->opcode == MOET_OP_ROUTE) {
+			/* Logits come from the scratch area: bounds-checked, copied once. */
+			float logits[ROUTE_MAX_EXPERTS];
+			struct route_result rr;
+			if (q->layer >= m->n_layers) {
+				rc = -ERANGE;
+				goto bad;
+			}
+			if (!c->region || q->data_len != m->n_experts * sizeof(float) || (q->data_off & 3) ||
+			    q->data_off > c->reg.scratch_bytes || q->data_len > c->reg.scratch_bytes - q->data_off) {
+				rc = -EFAULT;
+				goto bad;
+			}
+			memcpy(logits, c->region + c->reg.scratch_off + q->data_off, q->data_len);
+			if ((rc = route_topk(&m->rp, logits, &rr)))
+				goto bad;
+			local.count = (uint16_t)rr.n;
+			for (unsigned i = 0; i < rr.n; i++) {
+				local.ids[i] = (uint16_t)rr.experts[i];
+				out->weight[i] = rr.weights[i];
+			}
+		}
+		if ((rc = check_ids(m, &local)))
+			goto bad;
+		uint32_t lidx;
+		pthread_mutex_lock(&c->lock);
+		rc = lease_alloc(c, &lidx);
+		if (rc) {
+			pthread_mutex_unlock(&c->lock);
+			goto bad;
+		}
+		out->count = local.count;
+		for (unsigned i = 0; i < local.count; i++) {
+			out->ids[i] = local.ids[i];
+			out->slot[i] = -1;
+			out->tier[i] = CACHE_TIER_NVME;
+		}
+		unsigned pending = try_acquire(c, q->layer, out, lidx, q->flags);
+		/* Demand loads are queued first; then the predictor looks ahead. */
+		placement_access(client_placement(c), q->layer, local.ids, local.count, q->token_key, q->token_pos);
+		if (pending && may_park && !(q->flags & MOET_F_NOWAIT) && out->result >= 0 &&
+		    c->n_parked < c->max_parked) {
+			struct parked *p = &c->parked[c->n_parked++];
+			p->sqe = local;
+			p->cqe = *out;
+			p->lease_idx = lidx;
+			p->deadline_ns = moe_now_ns() + (uint64_t)s->cfg->wait_timeout_ms * 1000000ull;
+			pthread_mutex_unlock(&c->lock);
+			server_cnt(s, SERVER_parked_acquires);
+			return 0;
+		}
+		finish_acquire(c, out, lidx);
+		pthread_mutex_unlock(&c->lock);
+		count_hits(m, q->layer, out);
+		return 1;
+	}
+	case MOET_OP_COMPUTE:
+		if (!m->compute) {
+			rc = -EOPNOTSUPP;
+			goto bad;
+		}
+		rc = exec_compute(c, q, out);
+		if (rc < 0 && rc != -EAGAIN)
+			goto bad;
+		out->result = rc;
+		return 1;
+	default:
+		rc = -EOPNOTSUPP;
+		goto bad;
+	}
+bad:
+	server_cnt(s, SERVER_bad_entries);
+	out->result = rc;
+	out->lease = 0;
+	return 1;
+}
+
+/* Retries parked acquires; completes the ones done or out of time. */
+static void retry_parked(struct server *s, struct client *c, uint64_t now)
+{
+	for (uint32_t i = 0; i < c->n_parked;) {
+		struct parked *p = &c->parked[i];
+		if (ring_space(&c->cq) == 0)
+			return;
+		pthread_mutex_lock(&c->lock);
+		unsigned pending = try_acquire(c, p->sqe.layer, &p->cqe, p->lease_idx, p->sqe.flags);
+		bool done = !pending || p->cqe.result < 0 || now >= p->deadline_ns;
+		if (done)
+			finish_acquire(c, &p->cqe, p->lease_idx);
+		pthread_mutex_unlock(&c->lock);
+		if (!done) {
+			i++;
+			continue;
+		}
+		count_hits(c->m, p->sqe.layer, &p->cqe);
+		ring_push(&c->cq, &p->cqe);
+		c->parked[i] = c->parked[--c->n_parked];
+	}
+	(void)s;
+}
+
+/* ---- the ring thread ------------------------------------------------------ */
+
+static void client_teardown_data(struct server *s, struct client *c)
+{
+	/* Leases of the dead client go back to the cache: slots become
+	 * evictable again. */
+	size_t n = 0;
+	if (c->m) {
+		pthread_mutex_lock(&c->lock);
+		n = cache_release_client(c->m->cache, c->cache_id);
+		placement_destroy(c->pl);
+		c->pl = NULL;
+		for (uint32_t i = 0; i < c->n_leases_max; i++)
+			c->leases[i].used = false;
+		c->n_leases_used = 0;
+		c->n_parked = 0;
+		pthread_mutex_unlock(&c->lock);
+	}
+	atomic_fetch_add(&s->counters[SERVER_leases_reclaimed], n);
+	if (c->region) {
+		munmap(c->region, c->region_bytes);
+		c->region = NULL;
+	}
+}
+
+struct fwaitv {
+	uint64_t val;
+	uint64_t uaddr;
+	uint32_t flags;
+	uint32_t reserved;
+};
+#define FUTEX2_SIZE_U32 0x02
+#define FUTEX2_PRIVATE 128
+
+void *server_ring_main(void *arg)
+{
+	struct server *s = arg;
+	struct client **local = calloc(s->max_clients, sizeof(*local));
+	struct fwaitv *wv = calloc(s->max_clients + 1, sizeof(*wv));
+	unsigned n_local = 0;
+	uint32_t seen_ctl = ~0u;
+	uint64_t last_work = moe_now_ns();
+	bool have_waitv = true;
+	if (!local || !wv) {
+		moe_err("ring thread: out of memory");
+		free(local);
+		free(wv);
+		return NULL;
+	}
+	while (!atomic_load(&s->stop_ring)) {
+		uint32_t ctl = __atomic_load_n(&s->ctl_word, __ATOMIC_ACQUIRE);
+		uint64_t now = moe_now_ns();
+		bool work = false;
+		if (ctl != seen_ctl) {
+			seen_ctl = ctl;
+			pthread_mutex_lock(&s->lock);
+			n_local = 0;
+			for (unsigned i = 0; i < s->max_clients; i++) {
+				struct client *c = s->clients[i];
+				if (!c)
+					continue;
+				int st = atomic_load(&c->state);
+				if (st == CL_CLOSING && c->region) {
+					client_teardown_data(s, c);
+					atomic_store(&c->state, CL_DEAD);
+					uint64_t one = 1;
+					if (write(s->reap_fd, &one, 8) < 0)
+						moe_warn("reap eventfd: %s", strerror(errno));
+					continue;
+				}
+				if (st == CL_ACTIVE && atomic_load_explicit(&c->ring_ready, memory_order_acquire))
+					local[n_local++] = c;
+			}
+			pthread_mutex_unlock(&s->lock);
+			for (unsigned i = 0; i < s->n_models; i++)
+				server_model_refresh(&s->models[i], false);
+			for (unsigned i = 0; i < n_local; i++)
+				if (local[i]->n_parked)
+					retry_parked(s, local[i], now);
+		}
+		for (unsigned i = 0; i < n_local; i++) {
+			struct client *c = local[i];
+			struct moet_sqe q;
+			struct moet_cqe out;
+			for (unsigned k = 0; k < 64 && ring_space(&c->cq) > 0; k++) {
+				int rc = ring_pop(&c->sq, &q);
+				if (rc <= 0)
+					break;
+				work = true;
+				server_cnt(s, SERVER_ring_entries);
+				atomic_fetch_add_explicit(&c->ops, 1, memory_order_relaxed);
+				if (server_ring_exec(s, c, &q, &out, true))
+					ring_push(&c->cq, &out);
+			}
+			if (c->n_parked && now >= c->parked[0].deadline_ns)
+				retry_parked(s, c, now);
+		}
+		if (work) {
+			last_work = now;
+			continue;
+		}
+		uint32_t spin_ns = s->cfg->ring_spin_us * 1000u;
+		if (now - last_work < spin_ns) {
+			/* Yield while polling: on a shared vCPU the peer must run. */
+			sched_yield();
+			continue;
+		}
+		/* Sleep: announce on every ring, re-check, then wait on all tails. */
+		uint64_t t_refresh = now;
+		for (unsigned i = 0; i < s->n_models; i++)
+			if (now - s->models[i].last_refresh_ns > 200000000ull) {
+				server_model_refresh(&s->models[i], true);
+				s->models[i].last_refresh_ns = t_refresh;
+			}
+		unsigned nw = 0;
+		wv[nw++] = (struct fwaitv){ seen_ctl, (uintptr_t)&s->ctl_word, FUTEX2_SIZE_U32 | FUTEX2_PRIVATE, 0 };
+		bool ready = false;
+		uint64_t deadline = now + 200000000ull;
+		for (unsigned i = 0; i < n_local; i++) {
+			ring_set_waiting(&local[i]->sq, true);
+			if (local[i]->n_parked)
+				deadline = MOE_MIN(deadline, now + 5000000ull);
+		}
+		for (unsigned i = 0; i < n_local; i++) {
+			uint32_t t = ring_tail_snapshot(&local[i]->sq);
+			if (t != local[i]->sq.local)
+				ready = true;
+			wv[nw++] = (struct fwaitv){ t, (uintptr_t)ring_futex_word(&local[i]->sq), FUTEX2_SIZE_U32, 0 };
+		}
+		if (__atomic_load_n(&s->ctl_word, __ATOMIC_ACQUIRE) != seen_ctl)
+			ready = true;
+		if (!ready && !atomic_load(&s->stop_ring)) {
+			server_cnt(s, SERVER_ring_sleeps);
+			struct timespec ts = { (time_t)(deadline / 1000000000ull), (long)(deadline % 1000000000ull) };
+			if (have_waitv) {
+				long rc = syscall(SYS_futex_waitv, wv, nw, 0, &ts, CLOCK_MONOTONIC);
+				if (rc < 0 && errno == ENOSYS)
+					have_waitv = false;
+			}
+			if (!have_waitv) {
+				struct timespec d = { 0, 200000 };
+				nanosleep(&d, NULL);
+			}
+		}
+		for (unsigned i = 0; i < n_local; i++)
+			ring_set_waiting(&local[i]->sq, false);
+		last_work = moe_now_ns();
+		if (spin_ns == 0)
+			last_work -= 1;
+	}
+	free(local);
+	free(wv);
+	return NULL;
+}
