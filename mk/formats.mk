@@ -8,13 +8,13 @@ check_PROGRAMS += tests/test_safetensors tests/test_gguf tests/test_trace
 TESTS += tests/test_safetensors tests/test_gguf tests/test_trace
 tests_test_safetensors_SOURCES = tests/test_safetensors.c tests/testutil.h
 tests_test_safetensors_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_safetensors_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_safetensors_LDADD = $(CORE_LINK) $(CRITERION_LIBS)
 tests_test_gguf_SOURCES = tests/test_gguf.c tests/testutil.h
 tests_test_gguf_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_gguf_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_gguf_LDADD = $(CORE_LINK) $(CRITERION_LIBS)
 tests_test_trace_SOURCES = tests/test_trace.c tests/testutil.h
 tests_test_trace_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_trace_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_trace_LDADD = $(CORE_LINK) $(CRITERION_LIBS)
 endif
 
 # libFuzzer targets: CC=clang ./configure --enable-fuzzing --enable-asan

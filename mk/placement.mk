@@ -15,18 +15,18 @@ check_PROGRAMS += tests/test_policy tests/test_route tests/test_predict tests/te
 TESTS += tests/test_policy tests/test_route tests/test_predict tests/test_sim
 tests_test_policy_SOURCES = tests/test_policy.c tests/testutil.h
 tests_test_policy_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_policy_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_policy_LDADD = $(CORE_LINK) $(CRITERION_LIBS)
 tests_test_route_SOURCES = tests/test_route.c tests/testutil.h
 tests_test_route_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_route_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_route_LDADD = $(CORE_LINK) $(CRITERION_LIBS)
 tests_test_predict_SOURCES = tests/test_predict.c tests/testutil.h tools/sim.c tools/sim.h tools/sim_train.c
 tests_test_predict_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
 tests_test_predict_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_predict_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_predict_LDADD = $(CORE_LINK) $(CRITERION_LIBS)
 tests_test_sim_SOURCES = tests/test_sim.c tests/testutil.h tools/sim.c tools/sim.h tools/sim_train.c
 tests_test_sim_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
 tests_test_sim_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_sim_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+tests_test_sim_LDADD = $(CORE_LINK) $(CRITERION_LIBS)
 endif
 
 dist_noinst_SCRIPTS += bench/hitrate
