@@ -305,17 +305,23 @@ static void check_experts(const struct gen_model *g, struct pack_file *p, const 
 	free(buf);
 }
 
-/* Every generated router / bias / shared tensor is resident, bytes intact. */
+/* Every generated router / bias / shared tensor is resident, bytes intact;
+ * from a GGUF (whole-model pack, moe-pack's default) every other tensor
+ * that is not a routed expert too, plus the metadata. */
 static void check_residents(const struct gen_model *g, struct pack_file *p, const struct src *s)
 {
 	struct gen_tensor *t;
 	size_t nt;
 	struct moe_error err = { "" };
 	uint64_t expected = 0;
+	const bool whole = g->format == GEN_FORMAT_GGUF;
 
 	cr_assert_eq(gen_model_tensors(g, &t, &nt, &err), 0, "%s", err.msg);
 	for (size_t i = 0; i < nt; i++) {
 		uint32_t role = resident_role(t[i].role);
+		bool expert = t[i].role >= GEN_ROLE_EXPERT_GATE && t[i].role <= GEN_ROLE_EXPERT_DOWN_BIAS;
+		if (!role && whole && !expert)
+			role = PACK_ROLE_OTHER;
 		if (!role)
 			continue;
 		expected++;
@@ -340,6 +346,10 @@ static void check_residents(const struct gen_model *g, struct pack_file *p, cons
 		free(a);
 		free(b);
 		free(c);
+	}
+	if (whole) {
+		cr_assert_not_null(pack_find_tensor(p, PACK_KV_TENSOR));
+		expected++;
 	}
 	cr_assert_eq(p->hdr->n_tensors, expected, "%lu resident tensors, expected %lu",
 		     (unsigned long)p->hdr->n_tensors, (unsigned long)expected);
