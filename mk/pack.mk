@@ -14,6 +14,15 @@ tests_test_pack_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_pack_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
 endif
 
+# Whole-model packs: moe-gen GGUFs -> every non-expert tensor + gguf.kv (runs moe-gen and moe-pack).
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_pack_model
+TESTS += tests/test_pack_model
+tests_test_pack_model_SOURCES = tests/test_pack_model.c tests/testutil.h
+tests_test_pack_model_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_pack_model_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+endif
+
 # Round trips through moe-gen's checkpoints (needs libmoegen for the expected bytes).
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_roundtrip

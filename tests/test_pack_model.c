@@ -1,0 +1,315 @@
+/* Description: whole-model packs. `moe-pack convert` of a GGUF keeps every
+ * tensor that is not a routed expert in the resident region, byte-equal to
+ * the source, under its GGUF name, plus the source's metadata as the
+ * gguf.kv image that pack_open_kv parses; --experts-only keeps the old
+ * router/bias/shared set; damaged resident bytes are found by
+ * pack_read_tensor, pack_verify and `moe-pack verify`; a dense tensor of a
+ * type the pack cannot hold is refused by name. */
+#include "config.h"
+
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "gguf.h"
+#include "pack.h"
+#include "testutil.h"
+
+TestSuite(pack_model, .timeout = 120);
+
+/* Generates a tiny GGUF of the family and dtype into dir/m/model.gguf. */
+static void gen_gguf(const char *dir, const char *family, const char *dtype, char *src, size_t len)
+{
+	int st = tu_sh("'%s' model --family %s --format gguf --dtype %s --preset tiny --out '%s/m' > '%s/gen.log' 2>&1",
+		       tu_build_path("tools/moe-gen"), family, dtype, dir, dir);
+	cr_assert_eq(st, 0, "moe-gen %s %s failed", family, dtype);
+	snprintf(src, len, "%s/m/model.gguf", dir);
+}
+
+/* Runs moe-pack with args; returns the exit status, *out its output. */
+static int pack_cmd(const char *dir, char **out, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int pack_cmd(const char *dir, char **out, const char *fmt, ...)
+{
+	char args[8192], log[4200];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(args, sizeof(args), fmt, ap);
+	va_end(ap);
+	snprintf(log, sizeof(log), "%s/pack.log", dir);
+	int st = tu_sh("'%s' %s > '%s' 2>&1", tu_build_path("tools/moe-pack"), args, log);
+	*out = tu_read_file(log, NULL);
+	return st;
+}
+
+/* The source tensors moe-pack puts into extents: routed expert stacks. */
+static bool is_routed(const char *name)
+{
+	return strstr(name, "_exps.") != NULL;
+}
+
+static bool same_str(const struct gguf_str *a, const struct gguf_str *b)
+{
+	return a->len == b->len && memcmp(a->data, b->data, a->len) == 0;
+}
+
+/* Every KV pair of src is in kv, in the same order, with the same value. */
+static void check_kv(const struct gguf_file *src, const struct gguf_file *kv)
+{
+	cr_assert_eq(kv->version, 3);
+	cr_assert_eq(kv->n_tensors, 0);
+	cr_assert_eq(kv->n_kv, src->n_kv);
+	for (uint64_t i = 0; i < src->n_kv; i++) {
+		const struct gguf_kv *a = &src->kv[i], *b = &kv->kv[i];
+		cr_assert(same_str(&a->key, &b->key), "kv %lu: key %s, expected %s", (unsigned long)i, b->key.data,
+			  a->key.data);
+		cr_assert_eq(gguf_find_kv(kv, a->key.data), b);
+		cr_assert_eq(a->type, b->type, "%s: type", a->key.data);
+		switch (a->type) {
+		case GGUF_TYPE_STRING:
+			cr_assert(same_str(&a->v.str, &b->v.str), "%s: %s vs %s", a->key.data, a->v.str.data, b->v.str.data);
+			break;
+		case GGUF_TYPE_FLOAT32:
+		case GGUF_TYPE_FLOAT64:
+			cr_assert(memcmp(&a->v.f64, &b->v.f64, 8) == 0, "%s: %g vs %g", a->key.data, a->v.f64, b->v.f64);
+			break;
+		case GGUF_TYPE_ARRAY:
+			cr_assert_eq(a->v.arr.type, b->v.arr.type, "%s: element type", a->key.data);
+			cr_assert_eq(a->v.arr.count, b->v.arr.count, "%s: count", a->key.data);
+			for (uint64_t j = 0; j < a->v.arr.count; j++) {
+				if (a->v.arr.type == GGUF_TYPE_STRING) {
+					const struct gguf_str *x, *y;
+					cr_assert_eq(gguf_arr_str(a, j, &x), 0);
+					cr_assert_eq(gguf_arr_str(b, j, &y), 0);
+					cr_assert(same_str(x, y), "%s[%lu]", a->key.data, (unsigned long)j);
+				} else if (a->v.arr.type == GGUF_TYPE_FLOAT32 || a->v.arr.type == GGUF_TYPE_FLOAT64) {
+					double x, y;
+					cr_assert_eq(gguf_arr_f64(a, j, &x), 0);
+					cr_assert_eq(gguf_arr_f64(b, j, &y), 0);
+					cr_assert(memcmp(&x, &y, 8) == 0, "%s[%lu]", a->key.data, (unsigned long)j);
+				} else {
+					int64_t x, y;
+					cr_assert_eq(gguf_arr_i64(a, j, &x), 0);
+					cr_assert_eq(gguf_arr_i64(b, j, &y), 0);
+					cr_assert_eq(x, y, "%s[%lu]", a->key.data, (unsigned long)j);
+				}
+			}
+			break;
+		default:
+			cr_assert_eq(a->v.u64, b->v.u64, "%s: value", a->key.data);
+		}
+	}
+}
+
+/* GGUF -> whole-model pack: every non-expert tensor byte-equal, gguf.kv
+ * holds every key, the pack verifies. */
+static void whole_model(const char *family, const char *dtype)
+{
+	char *dir = tu_mkdtemp("pm"), src[4200], out[4200], *log;
+	struct gguf_file *g, *kv;
+	struct pack_file *p;
+	struct moe_error err = { "" };
+	uint64_t want = 0;
+	void *kvbuf;
+
+	gen_gguf(dir, family, dtype, src, sizeof(src));
+	snprintf(out, sizeof(out), "%s/x.moepack", dir);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s' -o '%s' -q", src, out), 0, "%s", log);
+	free(log);
+	cr_assert_eq(gguf_open(src, &g, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open(out, 0, &p, &err), 0, "%s", err.msg);
+	for (uint64_t i = 0; i < g->n_tensors; i++) {
+		const struct gguf_tensor *t = &g->tensors[i];
+		const struct pack_tensor_entry *x = pack_find_tensor(p, t->name.data);
+		if (is_routed(t->name.data)) {
+			cr_assert_null(x, "%s: routed experts stay in the extents", t->name.data);
+			continue;
+		}
+		want++;
+		cr_assert_not_null(x, "%s %s: %s is not resident", family, dtype, t->name.data);
+		cr_assert_eq(x->dtype, t->dtype, "%s: dtype", t->name.data);
+		cr_assert_eq(x->n_dims, t->n_dims, "%s: dims", t->name.data);
+		for (uint32_t d = 0; d < t->n_dims; d++)
+			cr_assert_eq(x->shape[d], t->ne[t->n_dims - 1 - d], "%s: dim %u", t->name.data, d);
+		cr_assert_eq(x->bytes, t->bytes);
+		if (strncmp(t->name.data, "blk.", 4) == 0)
+			cr_assert_eq(x->layer, (uint32_t)strtoul(t->name.data + 4, NULL, 10), "%s: layer", t->name.data);
+		else
+			cr_assert_eq(x->layer, UINT32_MAX, "%s: layer", t->name.data);
+		if (x->role != PACK_ROLE_OTHER)
+			cr_assert(strstr(t->name.data, "ffn_gate_inp") || strstr(t->name.data, "_shexp") ||
+					  strstr(t->name.data, "exp_probs_b"),
+				  "%s: role %s", t->name.data, pack_role_name(x->role));
+		uint8_t *a = malloc(x->bytes), *b = malloc(x->bytes);
+		cr_assert_eq(pack_read_tensor(p, x, a, &err), 0, "%s", err.msg);
+		cr_assert_eq(gguf_read(g, t, 0, b, x->bytes, &err), 0, "%s", err.msg);
+		cr_assert_eq(memcmp(a, b, x->bytes), 0, "%s: bytes differ from the source", t->name.data);
+		free(a);
+		free(b);
+	}
+	/* the embeddings, attention and head really are there */
+	cr_assert_not_null(pack_find_tensor(p, "token_embd.weight"));
+	cr_assert_not_null(pack_find_tensor(p, "blk.0.attn_q.weight"));
+	cr_assert_not_null(pack_find_tensor(p, "output_norm.weight"));
+	const struct pack_tensor_entry *m = pack_find_tensor(p, PACK_KV_TENSOR);
+	cr_assert_not_null(m);
+	cr_assert_eq(m->dtype, MOE_DTYPE_U8);
+	cr_assert_eq(m->n_dims, 1);
+	cr_assert_eq(p->hdr->n_tensors, want + 1, "%lu resident tensors, expected %lu",
+		     (unsigned long)p->hdr->n_tensors, (unsigned long)want + 1);
+	cr_assert_eq(pack_open_kv(p, &kvbuf, &kv, &err), 0, "%s", err.msg);
+	check_kv(g, kv);
+	const char *arch;
+	cr_assert_eq(gguf_get_str(kv, "general.architecture", &arch, NULL), 0);
+	gguf_close(kv);
+	free(kvbuf);
+	cr_assert_eq(pack_verify(p, NULL, NULL, &err), 0, "%s", err.msg);
+	pack_close(p);
+	gguf_close(g);
+	tu_rmtree(dir);
+}
+
+Test(pack_model, qwen2_moe) { whole_model("qwen2_moe", "f32"); whole_model("qwen2_moe", "q8_0"); }
+Test(pack_model, qwen3_moe) { whole_model("qwen3_moe", "bf16"); whole_model("qwen3_moe", "q4_0"); }
+Test(pack_model, olmoe) { whole_model("olmoe", "f16"); }
+Test(pack_model, mixtral) { whole_model("mixtral", "q8_0"); }
+Test(pack_model, deepseek_v3) { whole_model("deepseek_v3", "f32"); }
+Test(pack_model, gpt_oss) { whole_model("gpt_oss", "mxfp4"); }
+
+/* --experts-only: routers, biases and shared experts only, no metadata. */
+Test(pack_model, experts_only)
+{
+	char *dir = tu_mkdtemp("pmx"), src[4200], out[4200], *log;
+	struct pack_file *p;
+	struct moe_error err = { "" };
+	struct gguf_file *kv;
+	void *kvbuf;
+
+	gen_gguf(dir, "qwen2_moe", "f32", src, sizeof(src));
+	snprintf(out, sizeof(out), "%s/x.moepack", dir);
+	cr_assert_eq(pack_cmd(dir, &log, "convert --experts-only '%s' -o '%s' -q", src, out), 0, "%s", log);
+	free(log);
+	cr_assert_eq(pack_open(out, 0, &p, &err), 0, "%s", err.msg);
+	/* tiny qwen2_moe: 3 MoE layers x (router + 3 shared + shared gate) */
+	cr_assert_eq(p->hdr->n_tensors, 15);
+	for (uint64_t i = 0; i < p->hdr->n_tensors; i++)
+		cr_assert_neq(p->tensors[i].role, PACK_ROLE_OTHER, "%s", p->tensors[i].name);
+	cr_assert_null(pack_find_tensor(p, "token_embd.weight"));
+	cr_assert_eq(pack_open_kv(p, &kvbuf, &kv, &err), -ENOENT);
+	cr_assert(strstr(err.msg, PACK_KV_TENSOR), "%s", err.msg);
+	cr_assert_null(kv);
+	cr_assert_null(kvbuf);
+	pack_close(p);
+
+	/* info: the summary by kind, the list with --tensors */
+	cr_assert_eq(pack_cmd(dir, &log, "info '%s'", out), 0, "%s", log);
+	cr_assert(strstr(log, "routers and biases") && strstr(log, "shared experts"), "%s", log);
+	cr_assert_null(strstr(log, "blk.0.ffn_gate_inp.weight"), "%s", log);
+	free(log);
+	cr_assert_eq(pack_cmd(dir, &log, "info --tensors '%s'", out), 0, "%s", log);
+	cr_assert(strstr(log, "blk.0.ffn_gate_inp.weight"), "%s", log);
+	free(log);
+	tu_rmtree(dir);
+}
+
+static void collect(void *ctx, const char *what)
+{
+	char *buf = ctx;
+	size_t n = strlen(buf);
+	snprintf(buf + n, 4096 - n, "%s\n", what);
+}
+
+/* Flips one byte of a resident tensor in the file. */
+static void flip(const char *path, uint64_t off)
+{
+	size_t len = 0;
+	char *b = tu_read_file(path, &len);
+	cr_assert_not_null(b);
+	cr_assert_lt(off, len);
+	b[off] ^= 0x10;
+	cr_assert_eq(tu_write_file(path, b, len), 0);
+	free(b);
+}
+
+/* A damaged attention weight or metadata byte: pack_open still succeeds (it
+ * checks the directory), reading or verifying names the tensor. */
+Test(pack_model, corrupted_resident)
+{
+	char *dir = tu_mkdtemp("pmc"), src[4200], out[4200], *log, found[4096] = "";
+	struct pack_file *p;
+	struct moe_error err = { "" };
+	struct gguf_file *kv;
+	void *kvbuf;
+
+	gen_gguf(dir, "olmoe", "f32", src, sizeof(src));
+	snprintf(out, sizeof(out), "%s/x.moepack", dir);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s' -o '%s' -q", src, out), 0, "%s", log);
+	free(log);
+	cr_assert_eq(pack_open(out, 0, &p, &err), 0, "%s", err.msg);
+	const struct pack_tensor_entry *q = pack_find_tensor(p, "blk.1.attn_k.weight");
+	const struct pack_tensor_entry *m = pack_find_tensor(p, PACK_KV_TENSOR);
+	cr_assert_not_null(q);
+	cr_assert_not_null(m);
+	uint64_t qoff = q->offset + q->bytes / 2, moff = m->offset + m->bytes - 1;
+	pack_close(p);
+	flip(out, qoff);
+	flip(out, moff);
+
+	cr_assert_eq(pack_open(out, 0, &p, &err), 0, "%s", err.msg);
+	q = pack_find_tensor(p, "blk.1.attn_k.weight");
+	uint8_t *buf = malloc(q->bytes);
+	cr_assert_eq(pack_read_tensor(p, q, buf, &err), -EBADMSG);
+	cr_assert(strstr(err.msg, "blk.1.attn_k.weight") && strstr(err.msg, "checksum"), "%s", err.msg);
+	free(buf);
+	cr_assert_eq(pack_open_kv(p, &kvbuf, &kv, &err), -EBADMSG);
+	cr_assert(strstr(err.msg, PACK_KV_TENSOR), "%s", err.msg);
+	cr_assert_eq(pack_verify(p, collect, found, &err), 2);
+	cr_assert(strstr(found, "blk.1.attn_k.weight") && strstr(found, PACK_KV_TENSOR), "%s", found);
+	pack_close(p);
+
+	cr_assert_eq(pack_cmd(dir, &log, "verify '%s'", out), 1, "%s", log);
+	cr_assert(strstr(log, "FAIL: tensor blk.1.attn_k.weight: checksum mismatch"), "%s", log);
+	cr_assert(strstr(log, "FAIL: tensor " PACK_KV_TENSOR ": checksum mismatch"), "%s", log);
+	cr_assert(strstr(log, "FAILED: 2 of"), "%s", log);
+	free(log);
+	tu_rmtree(dir);
+}
+
+/* Rewrites the ggml type of tensor `name` in a GGUF file's tensor infos. */
+static void set_gguf_type(const char *path, const char *name, uint32_t type)
+{
+	size_t len = 0, nl = strlen(name);
+	uint8_t *b = (uint8_t *)tu_read_file(path, &len), key[72];
+	uint64_t n64 = nl;
+	memcpy(key, &n64, 8);
+	memcpy(key + 8, name, nl);
+	uint8_t *at = memmem(b, len, key, 8 + nl);
+	cr_assert_not_null(at, "%s not in %s", name, path);
+	uint8_t *info = at + 8 + nl;
+	uint32_t n_dims;
+	memcpy(&n_dims, info, 4);
+	cr_assert(n_dims >= 1 && n_dims <= 4);
+	memcpy(info + 4 + 8 * n_dims, &type, 4);
+	cr_assert_eq(tu_write_file(path, b, len), 0);
+	free(b);
+}
+
+/* A dense tensor of a type the pack cannot hold: refused by name and type,
+ * unless --experts-only leaves it out. */
+Test(pack_model, unsupported_dtype_refused)
+{
+	char *dir = tu_mkdtemp("pmu"), src[4200], out[4200], *log;
+	gen_gguf(dir, "qwen3_moe", "f32", src, sizeof(src));
+	/* F32 -> I32: same size, so the GGUF stays valid */
+	set_gguf_type(src, "output_norm.weight", GGUF_GGML_F32 + 26);
+	snprintf(out, sizeof(out), "%s/x.moepack", dir);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s' -o '%s' -q", src, out), 1, "%s", log);
+	cr_assert(strstr(log, "tensor output_norm.weight has type I32"), "%s", log);
+	cr_assert(strstr(log, "--experts-only"), "%s", log);
+	free(log);
+	cr_assert_neq(access(out, F_OK), 0, "no pack is left behind");
+	cr_assert_eq(pack_cmd(dir, &log, "convert --experts-only '%s' -o '%s' -q", src, out), 0, "%s", log);
+	free(log);
+	tu_rmtree(dir);
+}
