@@ -341,51 +341,40 @@ struct rsum {
 	volatile double sink; /* keeps the compiler from dropping the (pure) sums */
 };
 
+/* One body for both widths: W floats per vector, four accumulators, either
+ * four distant streams or one stream four vectors at a time. */
+#define RSUM_BODY(V, W, ZERO, ADD, LOAD)                                          \
+	V a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0;                                  \
+	if (streams == 4) {                                                        \
+		const size_t q = n / 4 / (W) * (W);                                \
+		const float *p1 = p + q, *p2 = p + 2 * q, *p3 = p + 3 * q;         \
+		for (size_t i = 0; i < q; i += (W)) {                              \
+			a0 = ADD(a0, LOAD(p + i));                                 \
+			a1 = ADD(a1, LOAD(p1 + i));                                \
+			a2 = ADD(a2, LOAD(p2 + i));                                \
+			a3 = ADD(a3, LOAD(p3 + i));                                \
+		}                                                                  \
+	} else {                                                                   \
+		for (size_t i = 0; i + 4 * (W) <= n; i += 4 * (W)) {               \
+			a0 = ADD(a0, LOAD(p + i));                                 \
+			a1 = ADD(a1, LOAD(p + i + (W)));                           \
+			a2 = ADD(a2, LOAD(p + i + 2 * (W)));                       \
+			a3 = ADD(a3, LOAD(p + i + 3 * (W)));                       \
+		}                                                                  \
+	}                                                                          \
+	V sum = ADD(ADD(a0, a1), ADD(a2, a3))
+
 __attribute__((target("avx512f"))) static double sum512(const float *p, size_t n, int streams)
 {
-	__m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-	if (streams == 4) {
-		const size_t q = n / 4 / 16 * 16;
-		const float *p1 = p + q, *p2 = p + 2 * q, *p3 = p + 3 * q;
-		for (size_t i = 0; i < q; i += 16) {
-			a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
-			a1 = _mm512_add_ps(a1, _mm512_load_ps(p1 + i));
-			a2 = _mm512_add_ps(a2, _mm512_load_ps(p2 + i));
-			a3 = _mm512_add_ps(a3, _mm512_load_ps(p3 + i));
-		}
-	} else {
-		for (size_t i = 0; i + 64 <= n; i += 64) {
-			a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
-			a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
-			a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
-			a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
-		}
-	}
-	return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+	RSUM_BODY(__m512, 16, _mm512_setzero_ps, _mm512_add_ps, _mm512_load_ps);
+	return _mm512_reduce_add_ps(sum);
 }
 
 __attribute__((target("avx2"))) static double sum256(const float *p, size_t n, int streams)
 {
-	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-	if (streams == 4) {
-		const size_t q = n / 4 / 8 * 8;
-		const float *p1 = p + q, *p2 = p + 2 * q, *p3 = p + 3 * q;
-		for (size_t i = 0; i < q; i += 8) {
-			a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
-			a1 = _mm256_add_ps(a1, _mm256_load_ps(p1 + i));
-			a2 = _mm256_add_ps(a2, _mm256_load_ps(p2 + i));
-			a3 = _mm256_add_ps(a3, _mm256_load_ps(p3 + i));
-		}
-	} else {
-		for (size_t i = 0; i + 32 <= n; i += 32) {
-			a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
-			a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
-			a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
-			a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
-		}
-	}
+	RSUM_BODY(__m256, 8, _mm256_setzero_ps, _mm256_add_ps, _mm256_load_ps);
 	float t[8];
-	_mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+	_mm256_storeu_ps(t, sum);
 	return (double)t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
 }
 

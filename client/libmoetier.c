@@ -415,6 +415,28 @@ static void fill_out(const struct moet_cqe *e, unsigned n, int32_t *slots, uint8
 		*lease = e->lease;
 }
 
+/* An entry of this context: opcode, flags, layer and the token hints. */
+static void entry_init(const moet_ctx *c, struct moet_sqe *q, uint8_t opcode, unsigned flags, uint32_t layer)
+{
+	memset(q, 0, sizeof(*q));
+	q->opcode = opcode;
+	q->flags = (uint8_t)flags;
+	q->layer = layer;
+	q->token_key = c->token_key;
+	q->token_pos = c->token_pos;
+}
+
+/* Runs an entry that may grant a lease: *lease is 0 unless it did. */
+static int leased_entry(moet_ctx *c, struct moet_sqe *q, struct moet_cqe *e, moet_lease *lease)
+{
+	int rc = sync_entry(c, q, e);
+	if (rc)
+		return rc;
+	if (lease)
+		*lease = 0;
+	return e->result < 0 ? e->result : 0;
+}
+
 int moet_acquire(moet_ctx *c, uint32_t layer, const uint32_t *ids, unsigned n, unsigned flags, int32_t *slots,
 		 uint8_t *tiers, moet_lease *lease)
 {
@@ -422,25 +444,16 @@ int moet_acquire(moet_ctx *c, uint32_t layer, const uint32_t *ids, unsigned n, u
 	struct moet_cqe e;
 	if (!c || !ids || n == 0 || n > MOET_MAX_BATCH)
 		return n > MOET_MAX_BATCH ? -E2BIG : -EINVAL;
-	memset(&q, 0, sizeof(q));
-	q.opcode = MOET_OP_ACQUIRE;
-	q.flags = (uint8_t)flags;
+	entry_init(c, &q, MOET_OP_ACQUIRE, flags, layer);
 	q.count = (uint16_t)n;
-	q.layer = layer;
-	q.token_key = c->token_key;
-	q.token_pos = c->token_pos;
 	for (unsigned i = 0; i < n; i++) {
 		if (ids[i] > UINT16_MAX)
 			return -ERANGE;
 		q.ids[i] = (uint16_t)ids[i];
 	}
-	int rc = sync_entry(c, &q, &e);
+	int rc = leased_entry(c, &q, &e, lease);
 	if (rc)
 		return rc;
-	if (lease)
-		*lease = 0;
-	if (e.result < 0)
-		return e.result;
 	fill_out(&e, n, slots, tiers, lease);
 	return e.result;
 }
@@ -455,10 +468,7 @@ int moet_set_token(moet_ctx *c, uint32_t token_key, uint32_t position)
 	 * the token's first layers before their ACQUIREs arrive. */
 	struct moet_sqe q;
 	struct moet_cqe e;
-	memset(&q, 0, sizeof(q));
-	q.opcode = MOET_OP_NOP;
-	q.token_key = c->token_key;
-	q.token_pos = c->token_pos;
+	entry_init(c, &q, MOET_OP_NOP, 0, 0);
 	int rc = sync_entry(c, &q, &e);
 	return rc ? rc : e.result < 0 ? e.result : 0;
 }
@@ -489,21 +499,12 @@ int moet_route(moet_ctx *c, uint32_t layer, const float *logits, unsigned n_logi
 	if (bytes > c->reg.scratch_bytes)
 		return -E2BIG;
 	memcpy(c->ring_map + c->reg.scratch_off, logits, bytes);
-	memset(&q, 0, sizeof(q));
-	q.opcode = MOET_OP_ROUTE;
-	q.flags = (uint8_t)flags;
-	q.layer = layer;
-	q.token_key = c->token_key;
-	q.token_pos = c->token_pos;
+	entry_init(c, &q, MOET_OP_ROUTE, flags, layer);
 	q.data_off = 0;
 	q.data_len = (uint32_t)bytes;
-	int rc = sync_entry(c, &q, &e);
+	int rc = leased_entry(c, &q, &e, lease);
 	if (rc)
 		return rc;
-	if (lease)
-		*lease = 0;
-	if (e.result < 0)
-		return e.result;
 	for (unsigned i = 0; i < e.count; i++) {
 		if (experts)
 			experts[i] = e.ids[i];

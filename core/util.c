@@ -96,11 +96,13 @@ int moe_pread_full(int fd, void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
-int moe_pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
+/* The whole buffer, at off (pwrite) or at the file position (write, off < 0),
+ * through short writes and EINTR. */
+static int write_all(int fd, const void *buf, size_t len, int64_t off)
 {
 	const char *p = buf;
 	while (len) {
-		ssize_t n = pwrite(fd, p, len, (off_t)off);
+		ssize_t n = off < 0 ? write(fd, p, len) : pwrite(fd, p, len, (off_t)off);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -108,25 +110,22 @@ int moe_pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
 		}
 		p += n;
 		len -= (size_t)n;
-		off += (uint64_t)n;
+		if (off >= 0)
+			off += n;
 	}
 	return 0;
 }
 
+int moe_pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
+{
+	if (off > (uint64_t)INT64_MAX)
+		return -EINVAL;
+	return write_all(fd, buf, len, (int64_t)off);
+}
+
 int moe_write_full(int fd, const void *buf, size_t len)
 {
-	const char *p = buf;
-	while (len) {
-		ssize_t n = write(fd, p, len);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
+	return write_all(fd, buf, len, -1);
 }
 
 int moe_parse_size(const char *s, uint64_t *out)

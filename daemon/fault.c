@@ -158,24 +158,25 @@ int fault_init_env(struct moe_error *err)
 	return env_rc;
 }
 
-uint64_t fault_fired(enum fault_point p)
+/* One counter of a point, read under the lock (0 for an unknown point). */
+static uint64_t read_count(enum fault_point p, bool fired)
 {
 	if ((unsigned)p >= FAULT__COUNT)
 		return 0;
 	pthread_mutex_lock(&lock);
-	uint64_t v = points[p].fired;
+	uint64_t v = fired ? points[p].fired : points[p].hits;
 	pthread_mutex_unlock(&lock);
 	return v;
 }
 
+uint64_t fault_fired(enum fault_point p)
+{
+	return read_count(p, true);
+}
+
 uint64_t fault_hits(enum fault_point p)
 {
-	if ((unsigned)p >= FAULT__COUNT)
-		return 0;
-	pthread_mutex_lock(&lock);
-	uint64_t v = points[p].hits;
-	pthread_mutex_unlock(&lock);
-	return v;
+	return read_count(p, false);
 }
 
 bool fault_hit(enum fault_point p)

@@ -144,6 +144,17 @@ static int attr(const struct cuda *c, CUdevice_attribute a, int *v, struct moe_e
 	return rc == CUDA_SUCCESS ? 0 : cuerr(c, err, rc, "cuDeviceGetAttribute");
 }
 
+/* A device capability the backend cannot work without: -EOPNOTSUPP naming it. */
+static int require_attr(const struct cuda *c, CUdevice_attribute a, const char *what,
+			struct moe_error *err)
+{
+	int v, r = attr(c, a, &v, err);
+
+	if (r < 0)
+		return r;
+	return v ? 0 : moe_error_set(err, -EOPNOTSUPP, "device %d has no %s", c->dev, what);
+}
+
 static int set_nslots(struct tier_gpu *g, const struct tier_gpu_config *cfg, uint64_t gran,
 		      struct moe_error *err)
 {
@@ -181,6 +192,20 @@ static void warn_capacity(const struct cuda *c, const struct tier_gpu_config *cf
 			 (unsigned long long)total_b);
 }
 
+/* Slots of `gran`-aligned stride within the capacity, and the arena's length. */
+static int size_arena(struct tier_gpu *g, const struct tier_gpu_config *cfg, uint64_t gran,
+		      struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	int r = set_nslots(g, cfg, gran, err);
+
+	if (r < 0)
+		return r;
+	warn_capacity(c, cfg);
+	c->va_len = (size_t)g->nslots * g->stride;
+	return 0;
+}
+
 static int vmm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struct moe_error *err)
 {
 	struct cuda *c;
@@ -192,12 +217,10 @@ static int vmm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struc
 	if (r < 0)
 		return r;
 	c = g->priv;
-	r = attr(c, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, &v, err);
+	r = require_attr(c, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+			 "virtual memory management", err);
 	if (r < 0)
 		return r;
-	if (!v)
-		return moe_error_set(err, -EOPNOTSUPP, "device %d has no virtual memory management",
-				     cfg->device);
 	r = attr(c, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, &v, err);
 	if (r < 0)
 		return r;
@@ -213,11 +236,9 @@ static int vmm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struc
 	rc = c->cu->cuMemGetAllocationGranularity(&gran, &c->prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED);
 	if (rc != CUDA_SUCCESS)
 		return cuerr(c, err, rc, "cuMemGetAllocationGranularity");
-	r = set_nslots(g, cfg, gran, err);
+	r = size_arena(g, cfg, gran, err);
 	if (r < 0)
 		return r;
-	warn_capacity(c, cfg);
-	c->va_len = (size_t)g->nslots * g->stride;
 	rc = c->cu->cuMemAddressReserve(&c->va, c->va_len, gran, 0, 0);
 	if (rc != CUDA_SUCCESS) {
 		c->va = 0;
@@ -232,29 +253,22 @@ static int uvm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struc
 	CUmemLocation loc = { .type = CU_MEM_LOCATION_TYPE_DEVICE };
 	struct cuda *c;
 	CUresult rc;
-	int r, v;
+	int r;
 
 	r = cuda_open(g, cfg, true, err);
 	if (r < 0)
 		return r;
 	c = g->priv;
-	r = attr(c, CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY, &v, err);
+	r = require_attr(c, CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY, "managed memory", err);
 	if (r < 0)
 		return r;
-	if (!v)
-		return moe_error_set(err, -EOPNOTSUPP, "device %d has no managed memory", cfg->device);
 	/* Prefetch and advice to a GPU need concurrent managed access. */
-	r = attr(c, CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS, &v, err);
+	r = require_attr(c, CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS, "concurrent managed access", err);
 	if (r < 0)
 		return r;
-	if (!v)
-		return moe_error_set(err, -EOPNOTSUPP, "device %d has no concurrent managed access",
-				     cfg->device);
-	r = set_nslots(g, cfg, UVM_PAGE, err);
+	r = size_arena(g, cfg, UVM_PAGE, err);
 	if (r < 0)
 		return r;
-	warn_capacity(c, cfg);
-	c->va_len = (size_t)g->nslots * g->stride;
 	rc = c->cu->cuMemAllocManaged(&c->va, c->va_len, CU_MEM_ATTACH_GLOBAL);
 	if (rc != CUDA_SUCCESS) {
 		c->va = 0;

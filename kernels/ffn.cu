@@ -111,6 +111,15 @@ __device__ __forceinline__ void load_w_tile(float (*ws)[TK + 1], const uint8_t *
 	}
 }
 
+// The 2 x 2 register tile every thread accumulates: rows (w0, w1) x tokens (x0, x1).
+__device__ __forceinline__ void fma2x2(float acc[2][2], float w0, float w1, float x0, float x1)
+{
+	acc[0][0] = fmaf(w0, x0, acc[0][0]);
+	acc[0][1] = fmaf(w0, x1, acc[0][1]);
+	acc[1][0] = fmaf(w1, x0, acc[1][0]);
+	acc[1][1] = fmaf(w1, x1, acc[1][1]);
+}
+
 // gate/up projections and the activation: h[p][i] for the group's pairs.
 extern "C" __global__ void __launch_bounds__(NT) moe_ffn_gate_up(const ffn_cuda_args a)
 {
@@ -157,14 +166,8 @@ extern "C" __global__ void __launch_bounds__(NT) moe_ffn_gate_up(const ffn_cuda_
 			const float x0 = xs[tx * 2][k], x1 = xs[tx * 2 + 1][k];
 			const float g0 = wg[ty * 2][k], g1 = wg[ty * 2 + 1][k];
 			const float u0 = wu[ty * 2][k], u1 = wu[ty * 2 + 1][k];
-			accg[0][0] = fmaf(g0, x0, accg[0][0]);
-			accg[0][1] = fmaf(g0, x1, accg[0][1]);
-			accg[1][0] = fmaf(g1, x0, accg[1][0]);
-			accg[1][1] = fmaf(g1, x1, accg[1][1]);
-			accu[0][0] = fmaf(u0, x0, accu[0][0]);
-			accu[0][1] = fmaf(u0, x1, accu[0][1]);
-			accu[1][0] = fmaf(u1, x0, accu[1][0]);
-			accu[1][1] = fmaf(u1, x1, accu[1][1]);
+			fma2x2(accg, g0, g1, x0, x1);
+			fma2x2(accu, u0, u1, x0, x1);
 		}
 		__syncthreads();
 	}
@@ -229,10 +232,7 @@ extern "C" __global__ void __launch_bounds__(NT) moe_ffn_down(const ffn_cuda_arg
 		for (uint32_t k = 0; k < TK; k++) {
 			const float h0 = hs[tx * 2][k], h1 = hs[tx * 2 + 1][k];
 			const float w0 = wd[ty * 2][k], w1 = wd[ty * 2 + 1][k];
-			acc[0][0] = fmaf(w0, h0, acc[0][0]);
-			acc[0][1] = fmaf(w0, h1, acc[0][1]);
-			acc[1][0] = fmaf(w1, h0, acc[1][0]);
-			acc[1][1] = fmaf(w1, h1, acc[1][1]);
+			fma2x2(acc, w0, w1, h0, h1);
 		}
 		__syncthreads();
 	}
