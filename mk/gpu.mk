@@ -15,7 +15,7 @@ tests_test_tier_gpu_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_tier_gpu_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
 endif
 
-# bench/h2d: host slot -> emulated GPU tier vs memcpy (prints a ratio line).
+# bench/h2d: host slot -> GPU tier (emulated by default, --backend vmm|uvm) vs memcpy.
 noinst_PROGRAMS += bench/h2d
 bench_h2d_SOURCES = bench/h2d.c
 bench_h2d_LDADD = $(DAEMON_LINK)
@@ -23,3 +23,9 @@ bench_h2d_LDADD = $(DAEMON_LINK)
 EXTRA_DIST += doc/gpu-tier.md
 # Benchmarks are not installed, so neither are their pages.
 EXTRA_DIST += doc/h2d.1
+
+# scripts/gpu-check: every GPU test and benchmark in one command (exits 77
+# without a GPU, which tests/test_gpu_check.sh checks).
+dist_noinst_SCRIPTS += scripts/gpu-check
+TESTS += tests/test_gpu_check.sh
+EXTRA_DIST += tests/test_gpu_check.sh
