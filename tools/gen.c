@@ -5,12 +5,14 @@
 #include "trace.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #define GOLDEN 0x9e3779b97f4a7c15ull
 /* Floats generated per step inside a row: a multiple of the 32-element
@@ -41,6 +43,8 @@ static void role_scale(uint32_t role, uint32_t fan_in, float *scale, float *off)
 	case GEN_ROLE_FINAL_NORM:
 	case GEN_ROLE_ATTN_NORM:
 	case GEN_ROLE_FFN_NORM:
+	case GEN_ROLE_ATTN_Q_NORM:
+	case GEN_ROLE_ATTN_K_NORM:
 		amp = 1.0f / 16.0f;
 		*off = 1.0f;
 		break;
@@ -49,6 +53,9 @@ static void role_scale(uint32_t role, uint32_t fan_in, float *scale, float *off)
 	case GEN_ROLE_EXPERT_DOWN_BIAS:
 	case GEN_ROLE_ROUTER_BIAS:
 	case GEN_ROLE_SCORE_BIAS:
+	case GEN_ROLE_ATTN_Q_BIAS:
+	case GEN_ROLE_ATTN_K_BIAS:
+	case GEN_ROLE_ATTN_V_BIAS:
 		amp = 1.0f / 64.0f;
 		break;
 	case GEN_ROLE_EMBED:
@@ -190,9 +197,38 @@ static void row_canonical(uint64_t seed, uint32_t role, uint32_t layer, uint32_t
 	}
 }
 
+/* llama.cpp's convert_hf_to_gguf.py permutes the rows of q/k for the "llama"
+ * architecture (its rope pairs adjacent elements, HF's pairs the halves):
+ * GGUF row h*d + 2i + j holds HF row h*d + j*d/2 + i. */
+static uint32_t hf_row_of_llama(uint32_t r, uint32_t d)
+{
+	uint32_t in = r % d;
+	return r - in + (in & 1) * (d / 2) + in / 2;
+}
+
+/* A transposed row: element c is canonical element (c >> sh) * stride + base
+ * of the part (c & sh ? role2 : role), so sh = 1 interleaves gate/up
+ * columns (gpt_oss gate_up_proj and its bias) and sh = 0 reads one role
+ * down a column (down_proj). */
+static void row_strided(const struct gen_model *g, const struct gen_tensor *t, uint32_t e, uint32_t width,
+			uint32_t sh, uint64_t stride, uint64_t base, uint8_t *out)
+{
+	float tmp[CHUNK], s[2], off;
+	uint64_t k[2] = { stream_key(g->seed, t->role, t->layer, e), stream_key(g->seed, t->role2, t->layer, e) };
+	role_scale(t->role, t->cols, &s[0], &off);
+	role_scale(t->role2, t->cols, &s[1], &off);
+	for (uint32_t c0 = 0; c0 < width; c0 += CHUNK) {
+		uint32_t n = MOE_MIN((uint32_t)CHUNK, width - c0);
+		for (uint32_t c = 0; c < n; c++) {
+			uint32_t col = c0 + c, p = col & sh;
+			tmp[c] = value_at(k[p], s[p], 0.0f, (uint64_t)(col >> sh) * stride + base);
+		}
+		gen_encode((enum moe_dtype)t->enc, tmp, n, out + (size_t)c0 * enc_elem_bytes(t->enc));
+	}
+}
+
 static void gen_row(const struct gen_model *g, const struct gen_tensor *t, uint64_t r, uint8_t *out)
 {
-	float tmp[CHUNK];
 	switch (t->layout) {
 	case GEN_LAYOUT_ROWS: {
 		uint32_t e = t->expert0 == GEN_NONE ? GEN_NONE : t->expert0 + (uint32_t)(r / t->rows);
@@ -202,62 +238,20 @@ static void gen_row(const struct gen_model *g, const struct gen_tensor *t, uint6
 			role = (rr & 1) ? t->role2 : t->role;
 			rr >>= 1;
 		}
+		if (t->perm_head)
+			rr = hf_row_of_llama(rr, t->perm_head);
 		row_canonical(g->seed, role, t->layer, e, t->cols, (uint64_t)rr * t->cols, t->enc, out);
 		break;
 	}
-	case GEN_LAYOUT_GU_T: {
-		/* stored [E][n][2m]: element c of row i is GATE/UP[c/2][i] */
-		uint32_t e = t->expert0 + (uint32_t)(r / t->cols), i = (uint32_t)(r % t->cols);
-		float sg, su, off;
-		uint64_t kg = stream_key(g->seed, t->role, t->layer, e);
-		uint64_t ku = stream_key(g->seed, t->role2, t->layer, e);
-		role_scale(t->role, t->cols, &sg, &off);
-		role_scale(t->role2, t->cols, &su, &off);
-		uint32_t w = 2 * t->rows;
-		for (uint32_t c0 = 0; c0 < w; c0 += CHUNK) {
-			uint32_t n = MOE_MIN((uint32_t)CHUNK, w - c0);
-			for (uint32_t c = 0; c < n; c++) {
-				uint32_t col = c0 + c;
-				uint64_t idx = (uint64_t)(col >> 1) * t->cols + i;
-				tmp[c] = (col & 1) ? value_at(ku, su, 0.0f, idx) : value_at(kg, sg, 0.0f, idx);
-			}
-			gen_encode((enum moe_dtype)t->enc, tmp, n, out + (size_t)c0 * enc_elem_bytes(t->enc));
-		}
+	case GEN_LAYOUT_GU_T: /* stored [E][n][2m]: element c of row i is GATE/UP[c/2][i] */
+		row_strided(g, t, t->expert0 + (uint32_t)(r / t->cols), 2 * t->rows, 1, t->cols, r % t->cols, out);
 		break;
-	}
-	case GEN_LAYOUT_DOWN_T: {
-		/* stored [E][m][n]: element i of row j is DOWN[i][j] */
-		uint32_t e = t->expert0 + (uint32_t)(r / t->cols), j = (uint32_t)(r % t->cols);
-		float s, off;
-		uint64_t k = stream_key(g->seed, t->role, t->layer, e);
-		role_scale(t->role, t->cols, &s, &off);
-		for (uint32_t c0 = 0; c0 < t->rows; c0 += CHUNK) {
-			uint32_t n = MOE_MIN((uint32_t)CHUNK, t->rows - c0);
-			for (uint32_t c = 0; c < n; c++)
-				tmp[c] = value_at(k, s, 0.0f, (uint64_t)(c0 + c) * t->cols + j);
-			gen_encode((enum moe_dtype)t->enc, tmp, n, out + (size_t)c0 * enc_elem_bytes(t->enc));
-		}
+	case GEN_LAYOUT_DOWN_T: /* stored [E][m][n]: element i of row j is DOWN[i][j] */
+		row_strided(g, t, t->expert0 + (uint32_t)(r / t->cols), t->rows, 0, t->cols, r % t->cols, out);
 		break;
-	}
-	case GEN_LAYOUT_GU_BIAS: {
-		/* stored [E][2m]: element c is GATE_BIAS/UP_BIAS[c/2] */
-		uint32_t e = t->expert0 + (uint32_t)r;
-		float sg, su, off;
-		uint64_t kg = stream_key(g->seed, t->role, t->layer, e);
-		uint64_t ku = stream_key(g->seed, t->role2, t->layer, e);
-		role_scale(t->role, t->cols, &sg, &off);
-		role_scale(t->role2, t->cols, &su, &off);
-		uint32_t w = 2 * t->cols;
-		for (uint32_t c0 = 0; c0 < w; c0 += CHUNK) {
-			uint32_t n = MOE_MIN((uint32_t)CHUNK, w - c0);
-			for (uint32_t c = 0; c < n; c++) {
-				uint32_t col = c0 + c;
-				tmp[c] = (col & 1) ? value_at(ku, su, 0.0f, col >> 1) : value_at(kg, sg, 0.0f, col >> 1);
-			}
-			gen_encode((enum moe_dtype)t->enc, tmp, n, out + (size_t)c0 * enc_elem_bytes(t->enc));
-		}
+	case GEN_LAYOUT_GU_BIAS: /* stored [E][2m]: element c is GATE_BIAS/UP_BIAS[c/2] */
+		row_strided(g, t, t->expert0 + (uint32_t)r, 2 * t->cols, 1, 1, 0, out);
 		break;
-	}
 	default:
 		memset(out, 0, t->row_bytes);
 	}
@@ -329,6 +323,86 @@ const char *gen_gguf_arch(enum moe_family f)
 	}
 }
 
+/* ---- vocabulary ---- */
+
+#define SP "\xe2\x96\x81" /* U+2581, SentencePiece's word boundary */
+
+int gen_vocab_token(uint32_t id, char *buf, size_t len, float *score, int32_t *type)
+{
+	static const char cons[] = "bcdfghjklmnprstvwxyz", vow[] = "aeiou";
+	enum { NC = sizeof(cons) - 1, NV = sizeof(vow) - 1, NS = NC * NV };
+	char w[32];
+	int n = 0;
+	float sc = 0.0f;
+	int32_t ty = 1;
+	if (id == GEN_TOKEN_UNK) {
+		n = snprintf(w, sizeof(w), "<unk>");
+		ty = 2;
+	} else if (id == GEN_TOKEN_BOS || id == GEN_TOKEN_EOS) {
+		n = snprintf(w, sizeof(w), id == GEN_TOKEN_BOS ? "<s>" : "</s>");
+		ty = 3;
+	} else if (id < 259) {
+		n = snprintf(w, sizeof(w), "<0x%02X>", id - 3);
+		ty = 6;
+	} else {
+		uint32_t k = id - 259;
+		sc = -(float)(k + 1); /* earlier pieces merge first */
+		if (k == 0) {
+			n = snprintf(w, sizeof(w), SP);
+		} else if (k <= 52) { /* "a".."z", then "\u2581a".."\u2581z" */
+			n = snprintf(w, sizeof(w), "%s%c", k > 26 ? SP : "", 'a' + (k - 1) % 26);
+		} else {
+			/* words of s syllables: NS^s of them, each bare then with "\u2581" */
+			uint64_t j = k - 53, level = 2 * NS;
+			uint32_t s = 1;
+			while (j >= level) {
+				j -= level;
+				level *= NS;
+				if (++s > 3)
+					return -ERANGE;
+			}
+			if (j & 1)
+				n = snprintf(w, sizeof(w), SP);
+			j >>= 1;
+			for (uint32_t i = 0; i < s; i++, j /= NS) {
+				w[n++] = cons[(j % NS) / NV];
+				w[n++] = vow[j % NV];
+			}
+			w[n] = '\0';
+		}
+	}
+	if ((size_t)n >= len)
+		return -ERANGE;
+	memcpy(buf, w, (size_t)n + 1);
+	if (score)
+		*score = sc;
+	if (type)
+		*type = ty;
+	return n;
+}
+
+int gen_model_llama_check(const struct gen_model *g, struct moe_error *err)
+{
+	const enum moe_family f = g->family;
+	const uint32_t q = g->n_head * g->head_dim;
+	if (f != MOE_FAMILY_MIXTRAL && f != MOE_FAMILY_QWEN2_MOE && f != MOE_FAMILY_QWEN3_MOE && f != MOE_FAMILY_OLMOE)
+		return moe_error_set(err, -ENOTSUP, "llama.cpp's %s needs tensors moe-gen does not write", gen_gguf_arch(f));
+	if (g->vocab < GEN_VOCAB_MIN_SPM)
+		return moe_error_set(err, -ENOTSUP, "a vocab of %u has no SentencePiece vocabulary (%u at least)", g->vocab,
+				     GEN_VOCAB_MIN_SPM);
+	/* qwen2moe and olmoe size q and o by the hidden width */
+	if ((f == MOE_FAMILY_QWEN2_MOE || f == MOE_FAMILY_OLMOE) && q != g->hidden)
+		return moe_error_set(err, -ENOTSUP, "llama.cpp's %s needs heads x head dim (%u) = hidden (%u)",
+				     gen_gguf_arch(f), q, g->hidden);
+	/* its OLMoE k_norm is [hidden] */
+	if (f == MOE_FAMILY_OLMOE && g->n_head_kv != g->n_head)
+		return moe_error_set(err, -ENOTSUP, "llama.cpp's olmoe has no GQA (kv heads %u != heads %u)", g->n_head_kv,
+				     g->n_head);
+	if (g->top_k > g->n_experts || g->n_experts < 2)
+		return moe_error_set(err, -ENOTSUP, "llama.cpp wants at least 2 experts");
+	return 0;
+}
+
 static bool is_deepseek(enum moe_family f)
 {
 	return f == MOE_FAMILY_DEEPSEEK_V2 || f == MOE_FAMILY_DEEPSEEK_V3;
@@ -355,7 +429,19 @@ void gen_model_defaults(struct gen_model *g, enum moe_family family)
 	g->dense_layers = is_deepseek(family) ? 1 : 0;
 	g->dense_width = 128;
 	g->vocab = 64;
-	g->attn_dim = 32;
+	g->n_head = 1;
+	g->n_head_kv = 1;
+	g->head_dim = 32;
+	g->ctx_len = 4096;
+	/* the families' published rope_theta and rms_norm_eps */
+	switch (family) {
+	case MOE_FAMILY_MIXTRAL: g->rope_theta = 1e6f; g->rms_eps = 1e-5f; break;
+	case MOE_FAMILY_QWEN2_MOE:
+	case MOE_FAMILY_QWEN3_MOE: g->rope_theta = 1e6f; g->rms_eps = 1e-6f; break;
+	case MOE_FAMILY_OLMOE: g->rope_theta = 1e4f; g->rms_eps = 1e-5f; break;
+	case MOE_FAMILY_GPT_OSS: g->rope_theta = 150000.0f; g->rms_eps = 1e-5f; break;
+	default: g->rope_theta = 1e4f; g->rms_eps = 1e-6f; break;
+	}
 	g->n_group = 1;
 	g->topk_group = 1;
 	if (family == MOE_FAMILY_DEEPSEEK_V3) {
@@ -366,17 +452,33 @@ void gen_model_defaults(struct gen_model *g, enum moe_family family)
 	g->gguf_alignment = 32;
 }
 
+/* Resets g to family f's defaults, keeping what is not a size. */
+static void reset_sizes(struct gen_model *g, enum moe_family f)
+{
+	struct gen_model d;
+	gen_model_defaults(&d, f);
+	d.format = g->format;
+	d.dtype = g->dtype;
+	d.seed = g->seed;
+	d.shards = g->shards;
+	d.gguf_alignment = g->gguf_alignment;
+	*g = d;
+}
+
+static void set_attn(struct gen_model *g, uint32_t heads, uint32_t kv, uint32_t dim, uint32_t vocab, uint32_t ctx)
+{
+	g->n_head = heads;
+	g->n_head_kv = kv;
+	g->head_dim = dim;
+	g->vocab = vocab;
+	g->ctx_len = ctx;
+}
+
 int gen_model_preset(struct gen_model *g, const char *preset, struct moe_error *err)
 {
+	const enum moe_family f = g->family;
 	if (strcmp(preset, "tiny") == 0) {
-		struct gen_model d;
-		gen_model_defaults(&d, g->family);
-		d.format = g->format;
-		d.dtype = g->dtype;
-		d.seed = g->seed;
-		d.shards = g->shards;
-		d.gguf_alignment = g->gguf_alignment;
-		*g = d;
+		reset_sizes(g, f);
 		return 0;
 	}
 	if (strcmp(preset, "dsv2-lite") == 0) {
@@ -385,19 +487,60 @@ int gen_model_preset(struct gen_model *g, const char *preset, struct moe_error *
 		g->width = 1408;
 		g->n_experts = 64;
 		g->top_k = 6;
-		g->n_shared = has_shared(g->family) ? 2 : 0;
-		g->dense_layers = is_deepseek(g->family) ? 1 : 0;
+		g->n_shared = has_shared(f) ? 2 : 0;
+		g->dense_layers = is_deepseek(f) ? 1 : 0;
 		g->dense_width = 10944;
 		g->n_layers = 27;
 		g->n_group = 1;
 		g->topk_group = 1;
-		if (g->family == MOE_FAMILY_DEEPSEEK_V3) {
+		if (f == MOE_FAMILY_DEEPSEEK_V3) {
 			g->n_group = 8;
 			g->topk_group = 4;
 		}
 		return 0;
 	}
-	return moe_error_set(err, -EINVAL, "unknown preset '%s' (tiny, dsv2-lite)", preset);
+	if (strcmp(preset, "tiny-lm") == 0) {
+		/* small enough for per-token tests, every width a whole number of
+		 * quantization blocks, GQA where llama.cpp's loader allows it */
+		reset_sizes(g, f);
+		g->hidden = 128;
+		g->width = 64;
+		g->n_experts = f == MOE_FAMILY_MIXTRAL ? 8 : 16;
+		g->top_k = f == MOE_FAMILY_MIXTRAL ? 2 : 4;
+		g->n_shared = has_shared(f) ? 2 : 0;
+		g->dense_width = 256;
+		/* Qwen3 sizes heads apart from the hidden width: q is 256 wide */
+		set_attn(g, 4, f == MOE_FAMILY_OLMOE ? 4 : 2, f == MOE_FAMILY_QWEN3_MOE ? 64 : 32, 512, 4096);
+		return 0;
+	}
+	const struct {
+		const char *name;
+		enum moe_family family;
+	} real[] = { { "olmoe-1b-7b", MOE_FAMILY_OLMOE }, { "qwen3-30b-a3b", MOE_FAMILY_QWEN3_MOE } };
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(real); i++) {
+		if (strcmp(preset, real[i].name) != 0)
+			continue;
+		if (f != MOE_FAMILY_UNKNOWN && f != real[i].family)
+			return moe_error_set(err, -EINVAL, "preset %s is a %s model, not %s", preset,
+					     moe_family_name(real[i].family), moe_family_name(f));
+		reset_sizes(g, real[i].family);
+		g->hidden = 2048;
+		g->top_k = 8;
+		if (i == 0) { /* allenai/OLMoE-1B-7B-0924 config.json */
+			g->n_layers = 16;
+			g->n_experts = 64;
+			g->width = 1024;
+			set_attn(g, 16, 16, 128, 50304, 4096);
+		} else { /* Qwen/Qwen3-30B-A3B config.json, 8 of 48 layers */
+			g->n_layers = 8;
+			g->n_experts = 128;
+			g->width = 768;
+			set_attn(g, 32, 4, 128, 151936, 40960);
+		}
+		return 0;
+	}
+	return moe_error_set(err, -EINVAL, "unknown preset '%s' (tiny, tiny-lm, dsv2-lite, olmoe-1b-7b, qwen3-30b-a3b)",
+			     preset);
 }
 
 int gen_model_validate(const struct gen_model *g, struct moe_error *err)
@@ -443,12 +586,21 @@ int gen_model_validate(const struct gen_model *g, struct moe_error *err)
 	if (g->hidden == 0 || g->hidden > 65536 || g->width == 0 || g->width > 65536 ||
 	    g->dense_width == 0 || g->dense_width > 65536)
 		return moe_error_set(err, -EINVAL, "sizes out of range (hidden, width, dense width: 1..65536)");
-	if (g->vocab == 0 || g->vocab > 1u << 20 || g->attn_dim == 0 || g->attn_dim > 65536)
-		return moe_error_set(err, -EINVAL, "vocab or attention width out of range");
+	if (g->vocab == 0 || g->vocab > 1u << 20)
+		return moe_error_set(err, -EINVAL, "--vocab %u out of range (1..%u)", g->vocab, 1u << 20);
+	if (g->n_head == 0 || g->n_head > 1024 || g->head_dim == 0 || g->head_dim > 1024 ||
+	    (uint64_t)g->n_head * g->head_dim > 65536)
+		return moe_error_set(err, -EINVAL, "attention out of range (--heads 1..1024, --head-dim 1..1024, product up to 65536)");
+	if (g->n_head_kv == 0 || g->n_head % g->n_head_kv)
+		return moe_error_set(err, -EINVAL, "--kv-heads %u must divide --heads %u", g->n_head_kv, g->n_head);
+	if (g->ctx_len == 0 || g->ctx_len > 1u << 24)
+		return moe_error_set(err, -EINVAL, "--context %u out of range (1..%u)", g->ctx_len, 1u << 24);
 	if (moe_dtype_is_quantized(g->dtype)) {
-		if (g->hidden % MOE_QK || g->width % MOE_QK || (g->dense_layers && g->dense_width % MOE_QK))
-			return moe_error_set(err, -EINVAL, "%s needs hidden, width and dense width multiples of 32 (have %u, %u, %u)",
-					     moe_dtype_name(g->dtype), g->hidden, g->width, g->dense_width);
+		uint32_t a = g->n_head * g->head_dim;
+		if (g->hidden % MOE_QK || g->width % MOE_QK || (g->dense_layers && g->dense_width % MOE_QK) ||
+		    (g->format == GEN_FORMAT_GGUF && g->dtype != MOE_DTYPE_MXFP4 && a % MOE_QK))
+			return moe_error_set(err, -EINVAL, "%s needs hidden, width, dense width and heads x head dim multiples of 32 (have %u, %u, %u, %u)",
+					     moe_dtype_name(g->dtype), g->hidden, g->width, g->dense_width, a);
 	}
 	if (g->n_group == 0 || g->n_experts % g->n_group || g->topk_group == 0 || g->topk_group > g->n_group)
 		return moe_error_set(err, -EINVAL, "bad expert groups: %u groups, %u used, %u experts",
@@ -673,10 +825,81 @@ static void st_gpt_oss_experts(struct tlist *l, uint32_t L)
 	snprintf(t->name, sizeof(t->name), "%s.down_proj_bias", p);
 }
 
+/* Matrices in GGUF: the model dtype (MXFP4 is for experts only); vectors
+ * and routers stay F32 as llama.cpp's quantizer leaves them. */
+static enum moe_dtype mat_dtype(const struct gen_model *g)
+{
+	if (g->format == GEN_FORMAT_GGUF)
+		return g->dtype == MOE_DTYPE_MXFP4 ? MOE_DTYPE_F32 : g->dtype;
+	return plain_dtype(g);
+}
+
+/* Canonical [rows][cols] of an attention-block tensor (rows 0: a vector);
+ * false when the family has none. */
+static bool attn_shape(const struct gen_model *g, uint32_t role, uint32_t *rows, uint32_t *cols)
+{
+	const uint32_t n = g->hidden, q = g->n_head * g->head_dim, kv = g->n_head_kv * g->head_dim;
+	const enum moe_family f = g->family;
+	*rows = 0;
+	switch (role) {
+	case GEN_ROLE_ATTN_NORM:
+	case GEN_ROLE_FFN_NORM: *cols = n; return true;
+	case GEN_ROLE_ATTN_Q: *rows = q; *cols = n; return true;
+	case GEN_ROLE_ATTN_K:
+	case GEN_ROLE_ATTN_V: *rows = kv; *cols = n; return true;
+	case GEN_ROLE_ATTN_O: *rows = n; *cols = q; return true;
+	case GEN_ROLE_ATTN_Q_BIAS: *cols = q; return f == MOE_FAMILY_QWEN2_MOE;
+	case GEN_ROLE_ATTN_K_BIAS:
+	case GEN_ROLE_ATTN_V_BIAS: *cols = kv; return f == MOE_FAMILY_QWEN2_MOE;
+	/* Qwen3 normalizes each head, OLMoE the whole projection */
+	case GEN_ROLE_ATTN_Q_NORM: *cols = f == MOE_FAMILY_OLMOE ? q : g->head_dim; break;
+	case GEN_ROLE_ATTN_K_NORM: *cols = f == MOE_FAMILY_OLMOE ? kv : g->head_dim; break;
+	default: return false;
+	}
+	return f == MOE_FAMILY_QWEN3_MOE || f == MOE_FAMILY_OLMOE;
+}
+
+/* A layer's norms and attention, in both formats' names. */
+static void add_attention(struct tlist *l, uint32_t L)
+{
+	static const struct {
+		uint32_t role;
+		const char *hf, *gguf;
+	} at[] = {
+		{ GEN_ROLE_ATTN_NORM, "input_layernorm.weight", "attn_norm.weight" },
+		{ GEN_ROLE_ATTN_Q, "self_attn.q_proj.weight", "attn_q.weight" },
+		{ GEN_ROLE_ATTN_K, "self_attn.k_proj.weight", "attn_k.weight" },
+		{ GEN_ROLE_ATTN_V, "self_attn.v_proj.weight", "attn_v.weight" },
+		{ GEN_ROLE_ATTN_Q_BIAS, "self_attn.q_proj.bias", "attn_q.bias" },
+		{ GEN_ROLE_ATTN_K_BIAS, "self_attn.k_proj.bias", "attn_k.bias" },
+		{ GEN_ROLE_ATTN_V_BIAS, "self_attn.v_proj.bias", "attn_v.bias" },
+		{ GEN_ROLE_ATTN_O, "self_attn.o_proj.weight", "attn_output.weight" },
+		{ GEN_ROLE_ATTN_Q_NORM, "self_attn.q_norm.weight", "attn_q_norm.weight" },
+		{ GEN_ROLE_ATTN_K_NORM, "self_attn.k_norm.weight", "attn_k_norm.weight" },
+		{ GEN_ROLE_FFN_NORM, "post_attention_layernorm.weight", "ffn_norm.weight" },
+	};
+	const struct gen_model *g = l->g;
+	const bool gg = g->format == GEN_FORMAT_GGUF;
+	char nm[128];
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(at); i++) {
+		uint32_t rows, cols;
+		if (!attn_shape(g, at[i].role, &rows, &cols))
+			continue;
+		if (gg)
+			snprintf(nm, sizeof(nm), "blk.%u.%s", L, at[i].gguf);
+		else
+			snprintf(nm, sizeof(nm), "model.layers.%u.%s", L, at[i].hf);
+		add_mat(l, rows ? mat_dtype(g) : plain_dtype(g), at[i].role, L, GEN_NONE, rows, cols, nm);
+		if (gg && g->family == MOE_FAMILY_MIXTRAL &&
+		    (at[i].role == GEN_ROLE_ATTN_Q || at[i].role == GEN_ROLE_ATTN_K) && !l->rc)
+			l->v[l->n - 1].perm_head = g->head_dim;
+	}
+}
+
 static void safetensors_tensors(struct tlist *l)
 {
 	const struct gen_model *g = l->g;
-	const uint32_t n = g->hidden, m = g->width, E = g->n_experts, a = g->attn_dim;
+	const uint32_t n = g->hidden, m = g->width, E = g->n_experts;
 	const uint32_t S = g->n_shared * m, D = g->dense_width;
 	const enum moe_dtype pt = plain_dtype(g), xt = g->dtype;
 	const enum moe_family f = g->family;
@@ -688,12 +911,7 @@ static void safetensors_tensors(struct tlist *l)
 	for (uint32_t L = 0; L < g->n_layers; L++) {
 		snprintf(p, sizeof(p), "model.layers.%u", L);
 #define NM(...) (snprintf(nm, sizeof(nm), __VA_ARGS__), nm)
-		add_mat(l, pt, GEN_ROLE_ATTN_NORM, L, GEN_NONE, 0, n, NM("%s.input_layernorm.weight", p));
-		add_mat(l, pt, GEN_ROLE_ATTN_Q, L, GEN_NONE, a, n, NM("%s.self_attn.q_proj.weight", p));
-		add_mat(l, pt, GEN_ROLE_ATTN_K, L, GEN_NONE, a, n, NM("%s.self_attn.k_proj.weight", p));
-		add_mat(l, pt, GEN_ROLE_ATTN_V, L, GEN_NONE, a, n, NM("%s.self_attn.v_proj.weight", p));
-		add_mat(l, pt, GEN_ROLE_ATTN_O, L, GEN_NONE, n, a, NM("%s.self_attn.o_proj.weight", p));
-		add_mat(l, pt, GEN_ROLE_FFN_NORM, L, GEN_NONE, 0, n, NM("%s.post_attention_layernorm.weight", p));
+		add_attention(l, L);
 		if (L < g->dense_layers) {
 			add_mat(l, xt, GEN_ROLE_DENSE_GATE, L, GEN_NONE, D, n, NM("%s.mlp.gate_proj.weight", p));
 			add_mat(l, xt, GEN_ROLE_DENSE_UP, L, GEN_NONE, D, n, NM("%s.mlp.up_proj.weight", p));
@@ -740,20 +958,15 @@ static void safetensors_tensors(struct tlist *l)
 static void gguf_tensors(struct tlist *l)
 {
 	const struct gen_model *g = l->g;
-	const uint32_t n = g->hidden, m = g->width, E = g->n_experts, a = g->attn_dim;
+	const uint32_t n = g->hidden, m = g->width, E = g->n_experts;
 	const uint32_t S = g->n_shared * m, D = g->dense_width;
-	const enum moe_dtype F = MOE_DTYPE_F32, xt = g->dtype;
+	const enum moe_dtype F = MOE_DTYPE_F32, xt = g->dtype, mt = mat_dtype(g);
 	char nm[128];
 	static const char *const parts[3] = { "gate", "up", "down" };
 
-	add_mat(l, F, GEN_ROLE_EMBED, GEN_NONE, GEN_NONE, g->vocab, n, "token_embd.weight");
+	add_mat(l, mt, GEN_ROLE_EMBED, GEN_NONE, GEN_NONE, g->vocab, n, "token_embd.weight");
 	for (uint32_t L = 0; L < g->n_layers; L++) {
-		add_mat(l, F, GEN_ROLE_ATTN_NORM, L, GEN_NONE, 0, n, NM("blk.%u.attn_norm.weight", L));
-		add_mat(l, F, GEN_ROLE_ATTN_Q, L, GEN_NONE, a, n, NM("blk.%u.attn_q.weight", L));
-		add_mat(l, F, GEN_ROLE_ATTN_K, L, GEN_NONE, a, n, NM("blk.%u.attn_k.weight", L));
-		add_mat(l, F, GEN_ROLE_ATTN_V, L, GEN_NONE, a, n, NM("blk.%u.attn_v.weight", L));
-		add_mat(l, F, GEN_ROLE_ATTN_O, L, GEN_NONE, n, a, NM("blk.%u.attn_output.weight", L));
-		add_mat(l, F, GEN_ROLE_FFN_NORM, L, GEN_NONE, 0, n, NM("blk.%u.ffn_norm.weight", L));
+		add_attention(l, L);
 		if (L < g->dense_layers) {
 			for (int k = 0; k < 3; k++) {
 				bool down = k == 2;
@@ -788,7 +1001,7 @@ static void gguf_tensors(struct tlist *l)
 	}
 #undef NM
 	add_mat(l, F, GEN_ROLE_FINAL_NORM, GEN_NONE, GEN_NONE, 0, n, "output_norm.weight");
-	add_mat(l, F, GEN_ROLE_LM_HEAD, GEN_NONE, GEN_NONE, g->vocab, n, "output.weight");
+	add_mat(l, mt, GEN_ROLE_LM_HEAD, GEN_NONE, GEN_NONE, g->vocab, n, "output.weight");
 }
 
 uint32_t gen_model_files(const struct gen_model *g)
@@ -970,6 +1183,30 @@ int gen_stream_tensors(const struct gen_model *g, const struct gen_tensor *t, si
 #undef FLUSH
 out:
 	free(buf);
+	return rc;
+}
+
+int gen_write_file(const struct gen_model *g, const char *path, const void *head, size_t head_len,
+		   const struct gen_tensor *t, size_t first, size_t last, struct moe_error *err)
+{
+	char tmp[4200];
+	int rc;
+	if ((size_t)snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= sizeof(tmp))
+		return moe_error_set(err, -ENAMETOOLONG, "%s: path too long", path);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return moe_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
+	rc = moe_write_full(fd, head, head_len);
+	if (rc)
+		rc = moe_error_set(err, rc, "%s: %s", tmp, strerror(-rc));
+	else if (first < last)
+		rc = gen_stream_tensors(g, t, first, last, fd, err);
+	if (close(fd) && !rc)
+		rc = moe_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
+	if (!rc && rename(tmp, path))
+		rc = moe_error_set(err, -errno, "%s: %s", path, strerror(errno));
+	if (rc)
+		unlink(tmp); /* readers never see a partial file */
 	return rc;
 }
 

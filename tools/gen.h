@@ -48,6 +48,22 @@
  *      Biases are bf16.
  *    Any tensor of any file: gen_model_tensors() lists them (name, dtype,
  *    shape, file, offset) and gen_tensor_read() returns any byte range.
+ *
+ * 4. The rest of the model. Attention: q [n_head * head_dim][n], k and v
+ *    [n_head_kv * head_dim][n], o [n][n_head * head_dim] (fan-in n, resp.
+ *    n_head * head_dim), per family the extras llama.cpp's loader wants:
+ *    Qwen2-MoE q/k/v biases, Qwen3-MoE q_norm/k_norm [head_dim], OLMoE
+ *    q_norm [n_head * head_dim] / k_norm [n_head_kv * head_dim]. Element
+ *    (r, c) has index r * cols + c as in (2.), in the HF layout; GGUF
+ *    "llama" (Mixtral) q/k rows are permuted as convert_hf_to_gguf.py does
+ *    (GGUF row h*d + 2i + j holds HF row h*d + j*d/2 + i, d = head_dim),
+ *    so both files hold the same model. In GGUF the matrices (embedding,
+ *    attention, output, experts, shared experts) take the model dtype; the
+ *    router, norms and biases stay F32. In safetensors every tensor but the
+ *    experts takes the torch dtype (bf16 for mxfp4), as before.
+ *    GGUF vocabulary (vocab >= GEN_VOCAB_MIN_SPM): tokenizer.ggml.model
+ *    "llama" with gen_vocab_token()'s pieces; below that "no_vocab" and
+ *    %s.vocab_size.
  */
 #ifndef MOETIER_GEN_H
 #define MOETIER_GEN_H
@@ -97,6 +113,11 @@ enum gen_role {
 	GEN_ROLE_ATTN_K = 23,
 	GEN_ROLE_ATTN_V = 24,
 	GEN_ROLE_ATTN_O = 25,
+	GEN_ROLE_ATTN_Q_NORM = 26,        /* Qwen3 [head_dim], OLMoE [n_head * head_dim] */
+	GEN_ROLE_ATTN_K_NORM = 27,        /* Qwen3 [head_dim], OLMoE [n_head_kv * head_dim] */
+	GEN_ROLE_ATTN_Q_BIAS = 28,        /* Qwen2-MoE */
+	GEN_ROLE_ATTN_K_BIAS = 29,
+	GEN_ROLE_ATTN_V_BIAS = 30,
 	GEN_ROLE_COUNT
 };
 
@@ -126,8 +147,13 @@ struct gen_model {
 	uint32_t width;           /* m, routed expert intermediate size */
 	uint32_t n_shared;        /* shared experts; their total width is n_shared * m */
 	uint32_t dense_width;     /* intermediate size of the dense layers */
-	uint32_t vocab;
-	uint32_t attn_dim;        /* q/k/v output width (one small head) */
+	uint32_t vocab;           /* >= GEN_VOCAB_MIN_SPM: a SentencePiece vocabulary */
+	uint32_t n_head;          /* attention: query heads, key/value heads (GQA), */
+	uint32_t n_head_kv;       /* and the width of one head; q is */
+	uint32_t head_dim;        /* [n_head * head_dim][hidden], k and v [n_head_kv * head_dim][hidden] */
+	uint32_t ctx_len;         /* context_length / max_position_embeddings */
+	float rope_theta;         /* family defaults */
+	float rms_eps;
 	uint32_t n_group;         /* DeepSeek expert groups (1 = greedy) */
 	uint32_t topk_group;
 	uint32_t shards;          /* safetensors files (1 = model.safetensors) */
@@ -164,6 +190,7 @@ struct gen_tensor {
 	uint32_t n_experts;          /* experts stacked in this tensor (1 if not stacked) */
 	uint32_t rows, cols;         /* canonical [rows][cols] of one expert (cols = fan-in) */
 	uint32_t interleave;         /* ROWS: canonical row r -> (r & 1 ? role2 : role, r / 2) */
+	uint32_t perm_head;          /* ROWS: llama.cpp's q/k row order for heads of this width (0: none) */
 };
 
 /* ---- values ---- */
@@ -180,17 +207,50 @@ size_t gen_encode(enum moe_dtype t, const float *src, size_t n, void *dst);
 
 const char *gen_format_name(enum gen_format f);
 enum gen_format gen_format_parse(const char *s); /* 0 if unknown */
-/* The "tiny" preset sizes (3 layers, 8 experts, top-2, n=64, m=32) and the
- * family's routing defaults. */
+/* The "tiny" preset sizes (3 layers, 8 experts, top-2, n=64, m=32, one
+ * attention head of 32, vocab 64) and the family's routing defaults. */
 void gen_model_defaults(struct gen_model *g, enum moe_family family);
-/* "tiny" or "dsv2-lite" (n=2048, m=1408, 64 experts, top-6, 2 shared,
- * 1 dense layer of width 10944, 27 layers unless changed afterwards). */
+/* Presets (sizes only; format, dtype, seed, shards and alignment are kept):
+ *   tiny          the defaults above;
+ *   dsv2-lite     n=2048, m=1408, 64 experts, top-6, 2 shared, 1 dense layer
+ *                 of width 10944, 27 layers;
+ *   tiny-lm       a tiny model llama.cpp loads (qwen2_moe, qwen3_moe, olmoe,
+ *                 mixtral): 3 layers, n=128, m=64, 4 heads (GQA: 2 kv heads but
+ *                 OLMoE's 4), vocab 512, 8 (mixtral) or 16 experts;
+ *   olmoe-1b-7b   OLMoE-1B-7B: 16 layers, n=2048, m=1024, 64 experts top-8,
+ *                 16 heads of 128, vocab 50304 (sets the family);
+ *   qwen3-30b-a3b Qwen3-30B-A3B with 8 of its 48 layers: n=2048, m=768, 128
+ *                 experts top-8, 32 q / 4 kv heads of 128, vocab 151936 (sets
+ *                 the family).
+ * A preset that sets the family fails when g->family is another one (set
+ * g->family = MOE_FAMILY_UNKNOWN to let it choose). */
 int gen_model_preset(struct gen_model *g, const char *preset, struct moe_error *err);
+/* 0 when llama.cpp's loader takes this model (family, geometry, vocabulary),
+ * else -ENOTSUP and the reason: moe-gen warns, it does not refuse. */
+int gen_model_llama_check(const struct gen_model *g, struct moe_error *err);
 int gen_model_validate(const struct gen_model *g, struct moe_error *err);
 /* The moetierd view of the generated model (what moe-pack should find). */
 void gen_model_config(const struct gen_model *g, struct moe_model_config *c);
 /* The GGUF general.architecture of a family ("llama", "qwen2moe", ...). */
 const char *gen_gguf_arch(enum moe_family f);
+
+/* ---- vocabulary ---- */
+
+/* Smallest vocab that gets a SentencePiece vocabulary: the 3 specials, 256
+ * bytes and the first filler ("\u2581"). */
+#define GEN_VOCAB_MIN_SPM 260u
+#define GEN_TOKEN_UNK 0
+#define GEN_TOKEN_BOS 1
+#define GEN_TOKEN_EOS 2
+
+/* Token id's piece, score and GGUF token type (1 normal, 2 unknown, 3
+ * control, 6 byte), independent of the vocab size: <unk> <s> </s>, <0x00>..
+ * <0xFF>, then "\u2581", "a".."z", "\u2581a".."\u2581z", then words of 1, 2,
+ * 3, ... consonant-vowel syllables, each bare and with a leading "\u2581"
+ * (so SentencePiece merges reach them and text decodes readably). Scores
+ * fall with the id. Returns the piece's length, or -ERANGE if buf (at
+ * least 32 bytes suffice) is too small or the id is past 2 million. */
+int gen_vocab_token(uint32_t id, char *buf, size_t len, float *score, int32_t *type);
 
 /* All tensors of the checkpoint in file order, with files and offsets
  * assigned (safetensors shards balanced by bytes). *out is malloc'd. */
@@ -241,6 +301,10 @@ int gen_write_model(const struct gen_model *g, const char *dir, uint32_t *files,
  * gaps, through one chunk buffer. */
 int gen_stream_tensors(const struct gen_model *g, const struct gen_tensor *t, size_t first,
 		       size_t last, int fd, struct moe_error *err);
+/* Writes path through path.tmp and a rename: head, then tensors [first,
+ * last) streamed as above; on failure nothing is left at either name. */
+int gen_write_file(const struct gen_model *g, const char *path, const void *head, size_t head_len,
+		   const struct gen_tensor *t, size_t first, size_t last, struct moe_error *err);
 
 /* ---- synthetic routing traces ---- */
 

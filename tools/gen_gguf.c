@@ -10,7 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-enum { KV_U32 = 4, KV_F32 = 6, KV_BOOL = 7, KV_STRING = 8, KV_U64 = 10 };
+enum { KV_U32 = 4, KV_I32 = 5, KV_F32 = 6, KV_BOOL = 7, KV_STRING = 8, KV_ARRAY = 9, KV_U64 = 10 };
 
 struct obuf {
 	uint8_t *p;
@@ -94,6 +94,61 @@ static uint32_t ggml_type(enum moe_dtype t)
 	}
 }
 
+static void array_head(struct kvw *w, const char *k, uint32_t type, uint64_t n)
+{
+	key(w, k, KV_ARRAY);
+	put_u32(w->b, type);
+	put_u64(w->b, n);
+}
+
+/* llama.cpp always wants tokenizer.ggml.model: a SentencePiece vocabulary
+ * (gen_vocab_token) when the vocab holds the bytes, else "no_vocab" with
+ * %s.vocab_size (enough for its C API). */
+static void vocabulary(const struct gen_model *g, struct kvw *w)
+{
+	const bool spm = g->vocab >= GEN_VOCAB_MIN_SPM;
+	key(w, "tokenizer.ggml.model", KV_STRING);
+	put_str(w->b, spm ? "llama" : "no_vocab");
+	if (!spm)
+		return;
+	char piece[32];
+	float score;
+	int32_t type;
+	array_head(w, "tokenizer.ggml.tokens", KV_STRING, g->vocab);
+	for (uint32_t i = 0; i < g->vocab; i++) {
+		gen_vocab_token(i, piece, sizeof(piece), NULL, NULL);
+		put_str(w->b, piece);
+	}
+	array_head(w, "tokenizer.ggml.scores", KV_F32, g->vocab);
+	for (uint32_t i = 0; i < g->vocab; i++) {
+		gen_vocab_token(i, piece, sizeof(piece), &score, NULL);
+		put(w->b, &score, 4);
+	}
+	array_head(w, "tokenizer.ggml.token_type", KV_I32, g->vocab);
+	for (uint32_t i = 0; i < g->vocab; i++) {
+		gen_vocab_token(i, piece, sizeof(piece), NULL, &type);
+		put(w->b, &type, 4);
+	}
+	static const struct {
+		const char *k;
+		uint32_t id;
+	} special[] = { { "tokenizer.ggml.bos_token_id", GEN_TOKEN_BOS },
+			{ "tokenizer.ggml.eos_token_id", GEN_TOKEN_EOS },
+			{ "tokenizer.ggml.unknown_token_id", GEN_TOKEN_UNK } };
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(special); i++) {
+		key(w, special[i].k, KV_U32);
+		put_u32(w->b, special[i].id);
+	}
+	static const struct {
+		const char *k;
+		uint8_t v;
+	} flags[] = { { "tokenizer.ggml.add_bos_token", 1 }, { "tokenizer.ggml.add_eos_token", 0 } };
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(flags); i++) {
+		key(w, flags[i].k, KV_BOOL);
+		put(w->b, &flags[i].v, 1);
+	}
+}
+
 static void metadata(const struct gen_model *g, struct kvw *w)
 {
 	struct moe_model_config c;
@@ -119,15 +174,19 @@ static void metadata(const struct gen_model *g, struct kvw *w)
 	put_u32(w->b, 1);
 
 	kv_u32(w, "block_count", g->n_layers);
-	kv_u32(w, "context_length", 4096);
+	kv_u32(w, "context_length", g->ctx_len);
 	kv_u32(w, "embedding_length", g->hidden);
+	/* olmoe and llama size their experts by this key, qwen*moe by the
+	 * expert_ one below; DeepSeek's is the dense layers' */
 	kv_u32(w, "feed_forward_length", g->dense_layers ? g->dense_width : g->width);
 	kv_u32(w, "vocab_size", g->vocab);
-	kv_u32(w, "attention.head_count", 1);
-	kv_u32(w, "attention.head_count_kv", 1);
-	kv_u32(w, "attention.key_length", g->attn_dim);
-	kv_u32(w, "attention.value_length", g->attn_dim);
-	kv_f32(w, "attention.layer_norm_rms_epsilon", 1e-6f);
+	kv_u32(w, "attention.head_count", g->n_head);
+	kv_u32(w, "attention.head_count_kv", g->n_head_kv);
+	kv_u32(w, "attention.key_length", g->head_dim);
+	kv_u32(w, "attention.value_length", g->head_dim);
+	kv_f32(w, "attention.layer_norm_rms_epsilon", g->rms_eps);
+	kv_u32(w, "rope.dimension_count", g->head_dim);
+	kv_f32(w, "rope.freq_base", g->rope_theta);
 	kv_u32(w, "expert_count", g->n_experts);
 	kv_u32(w, "expert_used_count", g->top_k);
 	kv_u32(w, "expert_feed_forward_length", g->width);
@@ -145,6 +204,7 @@ static void metadata(const struct gen_model *g, struct kvw *w)
 	kv_u32(w, "leading_dense_block_count", g->dense_layers);
 	if (g->family == MOE_FAMILY_GPT_OSS)
 		kv_f32(w, "swiglu_limit", c.swiglu_limit); /* hint only; readers use 7.0 */
+	vocabulary(g, w);
 }
 
 int gen_write_gguf(const struct gen_model *g, const char *dir, uint32_t *files, uint64_t *bytes,
@@ -154,8 +214,8 @@ int gen_write_gguf(const struct gen_model *g, const char *dir, uint32_t *files, 
 	size_t nt = 0;
 	struct obuf kv = { 0 }, b = { 0 };
 	struct kvw w = { .b = &kv, .arch = gen_gguf_arch(g->family) };
-	char path[4096], tmp[4200];
-	int rc, fd = -1;
+	char path[4096];
+	int rc;
 
 	if (g->format != GEN_FORMAT_GGUF)
 		return moe_error_set(err, -EINVAL, "not a GGUF model");
@@ -185,25 +245,8 @@ int gen_write_gguf(const struct gen_model *g, const char *dir, uint32_t *files, 
 	}
 
 	snprintf(path, sizeof(path), "%s/model.gguf", dir);
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0) {
-		rc = moe_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
+	if ((rc = gen_write_file(g, path, b.p, b.len, t, 0, nt, err)))
 		goto out;
-	}
-	rc = moe_write_full(fd, b.p, b.len);
-	if (rc)
-		rc = moe_error_set(err, rc, "%s: %s", tmp, strerror(-rc));
-	else
-		rc = gen_stream_tensors(g, t, 0, nt, fd, err);
-	if (close(fd) && !rc)
-		rc = moe_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
-	if (!rc && rename(tmp, path))
-		rc = moe_error_set(err, -errno, "%s: %s", path, strerror(errno));
-	if (rc) {
-		unlink(tmp);
-		goto out;
-	}
 	if (files)
 		*files = 1;
 	if (bytes)

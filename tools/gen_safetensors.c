@@ -61,12 +61,19 @@ static json_t *config_json(const struct gen_model *g)
 	jset(o, "hidden_size", json_integer(g->hidden));
 	jset(o, "num_hidden_layers", json_integer(g->n_layers));
 	jset(o, "vocab_size", json_integer(g->vocab));
-	jset(o, "num_attention_heads", json_integer(1));
-	jset(o, "num_key_value_heads", json_integer(1));
-	jset(o, "head_dim", json_integer(g->attn_dim));
-	jset(o, "max_position_embeddings", json_integer(4096));
-	jset(o, "rms_norm_eps", json_real(1e-6));
+	jset(o, "num_attention_heads", json_integer(g->n_head));
+	jset(o, "num_key_value_heads", json_integer(g->n_head_kv));
+	jset(o, "head_dim", json_integer(g->head_dim));
+	jset(o, "max_position_embeddings", json_integer(g->ctx_len));
+	jset(o, "rms_norm_eps", json_real(g->rms_eps));
+	jset(o, "rope_theta", json_real(g->rope_theta));
+	jset(o, "hidden_act", json_string("silu"));
 	jset(o, "tie_word_embeddings", json_false());
+	jset(o, "bos_token_id", json_integer(GEN_TOKEN_BOS));
+	jset(o, "eos_token_id", json_integer(GEN_TOKEN_EOS));
+	/* Qwen3 and OLMoE have no attention biases; Qwen2-MoE has q/k/v ones */
+	if (f == MOE_FAMILY_QWEN3_MOE || f == MOE_FAMILY_OLMOE)
+		jset(o, "attention_bias", json_false());
 	jset(o, "torch_dtype", json_string(torch_dtype(g)));
 	jset(o, "num_experts_per_tok", json_integer(g->top_k));
 	switch (f) {
@@ -138,24 +145,12 @@ static json_t *config_json(const struct gen_model *g)
 static int write_small(const char *dir, const char *name, const char *text, uint64_t *bytes,
 		       struct moe_error *err)
 {
-	char path[4096], tmp[4200];
-	size_t len = strlen(text);
+	char path[4096];
 	snprintf(path, sizeof(path), "%s/%s", dir, name);
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		return moe_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
-	int rc = moe_write_full(fd, text, len);
-	if (close(fd) && !rc)
-		rc = -errno;
-	if (!rc && rename(tmp, path))
-		rc = -errno;
-	if (rc) {
-		unlink(tmp);
-		return moe_error_set(err, rc, "%s: %s", path, strerror(-rc));
-	}
-	*bytes += len;
-	return 0;
+	int rc = gen_write_file(NULL, path, text, strlen(text), NULL, 0, 0, err);
+	if (!rc)
+		*bytes += strlen(text);
+	return rc;
 }
 
 int gen_make_dir(const char *dir, struct moe_error *err)
@@ -191,10 +186,10 @@ static void shard_name(const struct gen_model *g, uint32_t s, char *buf, size_t 
 static int write_shard(const struct gen_model *g, const char *dir, const struct gen_tensor *t, size_t first,
 		       size_t last, uint32_t s, uint64_t *bytes, struct moe_error *err)
 {
-	char name[64], path[4096], tmp[4200];
+	char name[64], path[4096];
 	json_t *h = json_object();
 	char *text = NULL;
-	int rc = 0, fd = -1;
+	int rc = 0;
 
 	jset(h, "__metadata__", json_pack("{s:s}", "format", "pt"));
 	for (size_t i = first; i < last; i++) {
@@ -225,27 +220,10 @@ static int write_shard(const struct gen_model *g, const char *dir, const struct 
 
 	shard_name(g, s, name, sizeof(name));
 	snprintf(path, sizeof(path), "%s/%s", dir, name);
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0) {
-		rc = moe_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
-		free(hdr);
-		return rc;
-	}
-	rc = moe_write_full(fd, hdr, 8 + padded);
+	rc = gen_write_file(g, path, hdr, 8 + padded, t, first, last, err);
 	free(hdr);
 	if (rc)
-		rc = moe_error_set(err, rc, "%s: %s", tmp, strerror(-rc));
-	else
-		rc = gen_stream_tensors(g, t, first, last, fd, err);
-	if (close(fd) && !rc)
-		rc = moe_error_set(err, -errno, "%s: %s", tmp, strerror(errno));
-	if (!rc && rename(tmp, path))
-		rc = moe_error_set(err, -errno, "%s: %s", path, strerror(errno));
-	if (rc) {
-		unlink(tmp);
 		return rc;
-	}
 	uint64_t data = last > first ? t[last - 1].offset + t[last - 1].nbytes : 0;
 	*bytes += 8 + padded + data;
 	return 0;

@@ -16,15 +16,17 @@
 static void usage(FILE *f)
 {
 	fputs("Usage: moe-gen model --family F [--format safetensors|gguf] [--dtype D] [--shards N]\n"
-	      "                     [--preset tiny|dsv2-lite] [--layers N] [--experts N] [--top-k N]\n"
+	      "                     [--preset P] [--layers N] [--experts N] [--top-k N]\n"
 	      "                     [--hidden N] [--width N] [--shared N] [--dense-layers N]\n"
-	      "                     [--dense-width N] [--vocab N] [--n-group N] [--topk-group N]\n"
+	      "                     [--dense-width N] [--vocab N] [--heads N] [--kv-heads N]\n"
+	      "                     [--head-dim N] [--context N] [--n-group N] [--topk-group N]\n"
 	      "                     [--alignment N] [--seed S] --out DIR\n"
 	      "       moe-gen trace [--tokens N] [--layers N] [--first-layer N] [--experts N]\n"
 	      "                     [--top-k N] [--skew X] [--locality P] [--seed S]\n"
 	      "                     [--prompts N] --out FILE|DIR\n"
 	      "       moe-gen --help | --version\n"
 	      "Families: mixtral qwen2_moe qwen3_moe deepseek_v2 deepseek_v3 olmoe gpt_oss.\n"
+	      "Presets: tiny dsv2-lite tiny-lm, and olmoe-1b-7b qwen3-30b-a3b (they imply --family).\n"
 	      "Dtypes: f32 f16 bf16 (both formats), q8_0 q4_0 (gguf), mxfp4 (gpt_oss).\n"
 	      "See moe-gen(1).\n",
 	      f);
@@ -72,6 +74,7 @@ static int parse_double(const char *opt, const char *s, double *out)
 enum {
 	O_FAMILY = 256, O_FORMAT, O_DTYPE, O_SHARDS, O_PRESET, O_LAYERS, O_EXPERTS, O_TOPK, O_HIDDEN,
 	O_WIDTH, O_SHARED, O_DENSE_LAYERS, O_DENSE_WIDTH, O_VOCAB, O_NGROUP, O_TOPKGROUP, O_ALIGN,
+	O_HEADS, O_KV_HEADS, O_HEAD_DIM, O_CONTEXT,
 	O_SEED, O_OUT, O_TOKENS, O_FIRST_LAYER, O_SKEW, O_LOCALITY, O_PROMPTS, O_HELP, O_VERSION,
 	O_LAST
 };
@@ -94,6 +97,10 @@ static const struct option model_opts[] = {
 	{ "n-group", required_argument, NULL, O_NGROUP },
 	{ "topk-group", required_argument, NULL, O_TOPKGROUP },
 	{ "alignment", required_argument, NULL, O_ALIGN },
+	{ "heads", required_argument, NULL, O_HEADS },
+	{ "kv-heads", required_argument, NULL, O_KV_HEADS },
+	{ "head-dim", required_argument, NULL, O_HEAD_DIM },
+	{ "context", required_argument, NULL, O_CONTEXT },
 	{ "seed", required_argument, NULL, O_SEED },
 	{ "out", required_argument, NULL, O_OUT },
 	{ "help", no_argument, NULL, O_HELP },
@@ -140,13 +147,14 @@ static int cmd_model(int argc, char **argv)
 		fprintf(stderr, "moe-gen: unexpected argument '%s'\n", argv[optind]);
 		return 2;
 	}
-	if (!family || !out) {
-		fprintf(stderr, "moe-gen model: --family and --out are required\n");
+	if (!out) {
+		fprintf(stderr, "moe-gen model: --out is required\n");
 		usage(stderr);
 		return 2;
 	}
-	enum moe_family f = moe_family_parse(family);
-	if (f == MOE_FAMILY_UNKNOWN) {
+	/* without --family, the preset names it (or gen_model_validate says it is missing) */
+	enum moe_family f = family ? moe_family_parse(family) : MOE_FAMILY_UNKNOWN;
+	if (family && f == MOE_FAMILY_UNKNOWN) {
 		fprintf(stderr, "moe-gen: unknown family '%s'\n", family);
 		return 2;
 	}
@@ -178,11 +186,23 @@ static int cmd_model(int argc, char **argv)
 	OVR(O_NGROUP, n_group);
 	OVR(O_TOPKGROUP, topk_group);
 	OVR(O_ALIGN, gguf_alignment);
+	OVR(O_HEADS, n_head);
+	OVR(O_KV_HEADS, n_head_kv);
+	OVR(O_HEAD_DIM, head_dim);
+	OVR(O_CONTEXT, ctx_len);
 #undef OVR
+	if (g.family == MOE_FAMILY_UNKNOWN) {
+		fprintf(stderr, "moe-gen model: --family is required (preset %s names none)\n", preset);
+		return 2;
+	}
 	if (gen_model_validate(&g, &err)) {
 		fprintf(stderr, "moe-gen: %s\n", err.msg);
 		return 2;
 	}
+	/* tiny and dsv2-lite are expert-level models: no note for them */
+	if (g.format == GEN_FORMAT_GGUF && strcmp(preset, "tiny") && strcmp(preset, "dsv2-lite") &&
+	    gen_model_llama_check(&g, &err))
+		fprintf(stderr, "moe-gen: note: llama.cpp will not load this GGUF: %s\n", err.msg);
 	uint32_t files = 0;
 	uint64_t bytes = 0;
 	uint64_t t0 = moe_now_ns();
