@@ -1,2 +1,11 @@
 # peer: llama.cpp (the npm prebuilt, installed by scripts/install-deps
 # outside the tree) as the oracle of the tests and the peer of the benchmarks.
+# Built by `make` (not only `make check`): moe-run's comparisons and
+# bench/decode-vs-llamacpp run it. It links only llama.cpp, never libmoecore.
+if HAVE_LLAMA
+noinst_PROGRAMS += tests/llama-oracle
+tests_llama_oracle_SOURCES = tests/llama-oracle.c
+tests_llama_oracle_CPPFLAGS = $(LLAMA_CPPFLAGS) -DLLAMA_ORACLE_BACKEND_DIR='"$(LLAMA_BACKEND_DIR)"'
+tests_llama_oracle_LDADD = $(LLAMA_LIBS) -lm
+endif
+EXTRA_DIST += tests/llama-oracle.c
