@@ -1,0 +1,344 @@
+/* experts.c - see experts.h. */
+#include "experts.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moetier/moetier.h"
+
+struct experts {
+	const struct model *m;
+	uint32_t n, k, E;
+	/* --local */
+	uint8_t *all;            /* [n_moe_layers][n_experts] extents */
+	uint64_t ext_bytes;
+	/* daemon */
+	moet_ctx *ctx;
+	bool prefetch;
+	uint64_t *bytes0, *bytes1; /* per-expert read counters at open / now */
+	/* per call scratch, grown on demand */
+	uint32_t cap_B;
+	struct route_result *routes; /* [B] */
+	float *outs;                 /* [B][k][n] */
+	float *xg, *yg;              /* [B][n] gathered rows of one expert */
+	uint32_t *tok_of;            /* [E][B] token of each use */
+	uint8_t *slot_of;            /* [E][B] top-k slot of each use */
+	uint32_t *count;             /* [E] */
+	float *logits;               /* [B][E] */
+	struct experts_stats st;
+};
+
+static int grow(struct experts *ex, uint32_t B)
+{
+	if (B <= ex->cap_B)
+		return 0;
+	free(ex->routes);
+	free(ex->outs);
+	free(ex->xg);
+	free(ex->yg);
+	free(ex->tok_of);
+	free(ex->slot_of);
+	free(ex->logits);
+	ex->routes = malloc((size_t)B * sizeof(*ex->routes));
+	ex->outs = malloc((size_t)B * ex->k * ex->n * sizeof(float));
+	ex->xg = malloc((size_t)B * ex->n * sizeof(float));
+	ex->yg = malloc((size_t)B * ex->n * sizeof(float));
+	ex->tok_of = malloc((size_t)ex->E * B * sizeof(uint32_t));
+	ex->slot_of = malloc((size_t)ex->E * B);
+	ex->logits = malloc((size_t)B * ex->E * sizeof(float));
+	if (!ex->routes || !ex->outs || !ex->xg || !ex->yg || !ex->tok_of || !ex->slot_of || !ex->logits) {
+		ex->cap_B = 0;
+		return -ENOMEM;
+	}
+	ex->cap_B = B;
+	return 0;
+}
+
+static struct experts *alloc_experts(const struct model *m)
+{
+	struct experts *ex = calloc(1, sizeof(*ex));
+	if (!ex)
+		return NULL;
+	ex->m = m;
+	ex->n = m->n_embd;
+	ex->k = m->top_k;
+	ex->E = m->n_experts;
+	if (!(ex->count = calloc(ex->E, sizeof(uint32_t)))) {
+		free(ex);
+		return NULL;
+	}
+	return ex;
+}
+
+int experts_open_local(const struct model *m, struct experts **out, struct moe_error *err)
+{
+	struct experts *ex = alloc_experts(m);
+	int rc;
+	*out = NULL;
+	if (!ex)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	ex->st.local = true;
+	ex->ext_bytes = pack_extent_bytes(m->pack);
+	uint64_t total = ex->ext_bytes * m->cfg->n_moe_layers * m->cfg->n_experts;
+	if (posix_memalign((void **)&ex->all, 4096, total ? total : 1)) {
+		experts_close(ex);
+		return moe_error_set(err, -ENOMEM, "--local: %llu bytes of experts do not fit in memory",
+				     (unsigned long long)total);
+	}
+	for (uint32_t l = 0; l < m->cfg->n_moe_layers; l++)
+		for (uint32_t e = 0; e < m->cfg->n_experts; e++)
+			if ((rc = pack_read_expert(m->pack, l, e,
+						   ex->all + ((uint64_t)l * m->cfg->n_experts + e) * ex->ext_bytes, err))) {
+				experts_close(ex);
+				return rc;
+			}
+	*out = ex;
+	return 0;
+}
+
+static uint64_t sum_bytes(struct experts *ex, uint64_t *buf)
+{
+	uint64_t s = 0;
+	size_t n = (size_t)ex->m->cfg->n_moe_layers * ex->E;
+	if (moet_expert_counters(ex->ctx, NULL, NULL, NULL, buf) < 0)
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		s += buf[i];
+	return s;
+}
+
+int experts_open_daemon(const struct model *m, const char *socket, bool prefetch, struct experts **out,
+			struct moe_error *err)
+{
+	struct experts *ex = alloc_experts(m);
+	int rc;
+	*out = NULL;
+	if (!ex)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	ex->prefetch = prefetch;
+	struct moet_connect_opts o = { .size = sizeof(o), .socket_path = socket, .client_name = "moe-run" };
+	if ((rc = moet_connect(&o, &ex->ctx))) {
+		const char *why = moet_last_error(NULL);
+		ex->ctx = NULL;
+		experts_close(ex);
+		return moe_error_set(err, rc < 0 && rc > -4096 ? rc : -ECONNREFUSED, "moetierd: %s%s%s (or use --local)",
+				     moet_strerror(rc), why && *why ? ": " : "", why ? why : "");
+	}
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	if ((rc = moet_model_info(ex->ctx, &mi)) < 0) {
+		experts_close(ex);
+		return moe_error_set(err, -EPROTO, "moetierd: model info: %s", moet_strerror(rc));
+	}
+	if (mi.n_experts != m->cfg->n_experts || mi.n_moe_layers != m->cfg->n_moe_layers ||
+	    mi.hidden != m->cfg->hidden || mi.expert_width != m->cfg->expert_width ||
+	    mi.expert_bytes < m->layout.payload) {
+		experts_close(ex);
+		return moe_error_set(err, -EINVAL,
+				     "moetierd serves %s (%u layers x %u experts, hidden %u), not this pack's model",
+				     mi.name, mi.n_moe_layers, mi.n_experts, mi.hidden);
+	}
+	size_t nc = (size_t)m->cfg->n_moe_layers * ex->E;
+	if (!(ex->bytes0 = calloc(nc, sizeof(uint64_t))) || !(ex->bytes1 = calloc(nc, sizeof(uint64_t)))) {
+		experts_close(ex);
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	}
+	moet_expert_counters(ex->ctx, NULL, NULL, NULL, ex->bytes0);
+	*out = ex;
+	return 0;
+}
+
+void experts_close(struct experts *ex)
+{
+	if (!ex)
+		return;
+	moet_close(ex->ctx);
+	free(ex->all);
+	free(ex->bytes0);
+	free(ex->bytes1);
+	free(ex->routes);
+	free(ex->outs);
+	free(ex->xg);
+	free(ex->yg);
+	free(ex->tok_of);
+	free(ex->slot_of);
+	free(ex->logits);
+	free(ex->count);
+	free(ex);
+}
+
+void experts_set_token(struct experts *ex, uint32_t token_key, uint32_t position)
+{
+	if (ex->ctx)
+		moet_set_token(ex->ctx, token_key, position);
+}
+
+/* Runs expert e over the tokens routed to it, each result into its (token, slot) buffer. */
+static int run_expert(struct experts *ex, uint32_t e, const void *extent, const float *x, int threads)
+{
+	const uint32_t n = ex->n, cnt = ex->count[e];
+	const uint32_t *tok = ex->tok_of + (size_t)e * ex->cap_B;
+	const uint8_t *slot = ex->slot_of + (size_t)e * ex->cap_B;
+	for (uint32_t i = 0; i < cnt; i++)
+		memcpy(ex->xg + (size_t)i * n, x + (size_t)tok[i] * n, n * sizeof(float));
+	int rc = ffn_expert(&ex->m->layout, extent, ex->xg, n, cnt, ex->yg, n, NULL, 0, threads);
+	if (rc)
+		return rc;
+	for (uint32_t i = 0; i < cnt; i++)
+		memcpy(ex->outs + ((size_t)tok[i] * ex->k + slot[i]) * n, ex->yg + (size_t)i * n, n * sizeof(float));
+	ex->st.slots += cnt;
+	ex->st.uses++;
+	return 0;
+}
+
+/* Next-layer hint: the next layer's router applied to this layer's input
+ * (the residual stream changes little from one layer to the next), its
+ * top-k for the last token sent as a PREFETCH. */
+static void prefetch_next(struct experts *ex, uint32_t il, const float *x, uint32_t B)
+{
+	const struct model *m = ex->m;
+	if (!ex->prefetch || il + 1 >= m->n_layers)
+		return;
+	const struct model_layer *N = &m->layers[il + 1];
+	struct route_result r;
+	if (model_matmul(&N->router, x + (size_t)(B - 1) * ex->n, 1, ex->logits, 1) ||
+	    route_topk(&m->rp, ex->logits, &r))
+		return;
+	if (moet_prefetch(ex->ctx, (uint32_t)N->moe_index, r.experts, r.n, MOET_TIER_HOST) >= 0)
+		ex->st.prefetches += r.n;
+}
+
+/* Acquires and computes the experts in ids[0..n) (n <= MOET_MAX_BATCH):
+ * what is resident first, then what was missing as its loads land. */
+static int daemon_group(struct experts *ex, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x, int threads,
+			struct moe_error *err)
+{
+	int32_t slots[MOET_MAX_BATCH];
+	uint8_t tiers[MOET_MAX_BATCH];
+	bool first = true;
+	unsigned idle = 0;
+	while (n) {
+		moet_lease lease = 0;
+		/* After a few rounds without progress a blocking acquire of one
+		 * expert: with a tiny arena, NOWAIT loads can evict each other
+		 * before they are acquired. */
+		bool block = idle >= 3;
+		uint64_t t0 = block ? moe_now_ns() : 0;
+		int rc = moet_acquire(ex->ctx, moe_l, ids, block ? 1 : n, block ? 0 : MOET_F_NOWAIT, slots, tiers, &lease);
+		if (block) {
+			ex->st.stall_ns += moe_now_ns() - t0;
+			ex->st.waits++;
+		}
+		if (rc < 0)
+			return moe_error_set(err, -EIO, "moetierd: acquire layer %u: %s %s", moe_l, moet_strerror(rc),
+					     moet_last_error(ex->ctx));
+		unsigned m = block ? 1 : n, kept = 0;
+		for (unsigned i = 0; i < m; i++) {
+			if (first) {
+				if (slots[i] < 0)
+					ex->st.misses++;
+				else if (tiers[i] == MOET_TIER_GPU)
+					ex->st.hits_gpu++;
+				else
+					ex->st.hits_host++;
+			}
+			const void *p = slots[i] >= 0 ? moet_slot_ptr(ex->ctx, tiers[i], slots[i]) : NULL;
+			if (!p) {
+				ids[kept++] = ids[i];
+				continue;
+			}
+			if ((rc = run_expert(ex, ids[i], p, x, threads))) {
+				moet_release(ex->ctx, lease);
+				return moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
+			}
+		}
+		for (unsigned i = m; i < n; i++)
+			ids[kept++] = ids[i];
+		if (lease)
+			moet_release(ex->ctx, lease);
+		first = false;
+		idle = kept == n ? idle + 1 : 0;
+		n = kept;
+		if (n && !block) {
+			t0 = moe_now_ns();
+			rc = moet_wait_ready(ex->ctx, moe_l, 5);
+			ex->st.stall_ns += moe_now_ns() - t0;
+			ex->st.waits++;
+			if (rc < 0)
+				return moe_error_set(err, -EIO, "moetierd: waiting for layer %u: %s", moe_l,
+						     moet_strerror(rc));
+		}
+	}
+	return 0;
+}
+
+int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, float *y, int threads,
+		  struct moe_error *err)
+{
+	const struct model *m = ex->m;
+	const struct model_layer *L = &m->layers[il];
+	const uint32_t n = ex->n, k = ex->k, moe_l = (uint32_t)L->moe_index;
+	int rc;
+
+	if ((rc = grow(ex, B)))
+		return moe_error_set(err, rc, "out of memory");
+	if ((rc = model_matmul(&L->router, x, B, ex->logits, threads)))
+		return moe_error_set(err, rc, "router of layer %u: %d", il, rc);
+	memset(ex->count, 0, ex->E * sizeof(uint32_t));
+	for (uint32_t t = 0; t < B; t++) {
+		struct route_result *r = &ex->routes[t];
+		if ((rc = route_topk(&m->rp, ex->logits + (size_t)t * ex->E, r)))
+			return moe_error_set(err, rc, "routing layer %u token %u (NaN logits?)", il, t);
+		for (uint32_t j = 0; j < r->n; j++) {
+			uint32_t e = r->experts[j];
+			ex->tok_of[(size_t)e * ex->cap_B + ex->count[e]] = t;
+			ex->slot_of[(size_t)e * ex->cap_B + ex->count[e]] = (uint8_t)j;
+			ex->count[e]++;
+		}
+	}
+
+	if (ex->all) {
+		for (uint32_t e = 0; e < ex->E; e++)
+			if (ex->count[e] &&
+			    (rc = run_expert(ex, e, ex->all + ((uint64_t)moe_l * ex->E + e) * ex->ext_bytes, x, threads)))
+				return moe_error_set(err, rc, "expert %u of layer %u: %d", e, il, rc);
+	} else {
+		uint32_t ids[MOET_MAX_BATCH];
+		unsigned ng = 0;
+		for (uint32_t e = 0; e < ex->E; e++) {
+			if (!ex->count[e])
+				continue;
+			ids[ng++] = e;
+			if (ng == MOET_MAX_BATCH) {
+				if ((rc = daemon_group(ex, moe_l, ids, ng, x, threads, err)))
+					return rc;
+				ng = 0;
+			}
+		}
+		if (ng && (rc = daemon_group(ex, moe_l, ids, ng, x, threads, err)))
+			return rc;
+		prefetch_next(ex, il, x, B);
+	}
+
+	/* y = sum_j w_j out_j in top-k order, as llama.cpp adds the weighted
+	 * expert views one after the other */
+	for (uint32_t t = 0; t < B; t++) {
+		float *yt = y + (size_t)t * n;
+		memset(yt, 0, n * sizeof(float));
+		for (uint32_t j = 0; j < k; j++)
+			ffn_axpy(yt, ex->routes[t].weights[j], ex->outs + ((size_t)t * k + j) * n, n);
+	}
+	return 0;
+}
+
+void experts_get_stats(struct experts *ex, struct experts_stats *out)
+{
+	if (ex->ctx) {
+		uint64_t a = 0, b = sum_bytes(ex, ex->bytes1);
+		size_t nc = (size_t)ex->m->cfg->n_moe_layers * ex->E;
+		for (size_t i = 0; i < nc; i++)
+			a += ex->bytes0[i];
+		ex->st.bytes_read = b >= a ? b - a : 0;
+	}
+	*out = ex->st;
+}

@@ -1,0 +1,350 @@
+/* model.c - see model.h. */
+#include "model.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int keep_blob(struct model *m, void *p)
+{
+	if (m->n_blobs == m->cap_blobs) {
+		size_t cap = m->cap_blobs ? 2 * m->cap_blobs : 64;
+		void **b = realloc(m->blobs, cap * sizeof(*b));
+		if (!b)
+			return -ENOMEM;
+		m->blobs = b;
+		m->cap_blobs = cap;
+	}
+	m->blobs[m->n_blobs++] = p;
+	return 0;
+}
+
+static void *alloc_blob(struct model *m, size_t len)
+{
+	void *p = NULL;
+	if (posix_memalign(&p, 64, len ? len : 1))
+		return NULL;
+	if (keep_blob(m, p)) {
+		free(p);
+		return NULL;
+	}
+	return p;
+}
+
+/* Loads tensor `name` (the pack's resident copy, else the GGUF's) into *mat.
+ * 1-D tensors are widened to f32 (norms and biases are used element-wise).
+ * required: -ENOENT with a message when absent; else absent leaves data NULL. */
+static int load(struct model *m, const char *name, bool required, struct model_mat *mat, struct moe_error *err)
+{
+	enum moe_dtype dt;
+	uint64_t rows, cols, bytes;
+	void *buf;
+	int rc;
+
+	memset(mat, 0, sizeof(*mat));
+	const struct pack_tensor_entry *pt = m->pack ? pack_find_tensor(m->pack, name) : NULL;
+	const struct gguf_tensor *gt = (!pt && m->src) ? gguf_find_tensor(m->src, name) : NULL;
+	if (pt) {
+		dt = (enum moe_dtype)pt->dtype;
+		if (pt->n_dims == 1) {
+			rows = 1;
+			cols = pt->shape[0];
+		} else if (pt->n_dims == 2) {
+			rows = pt->shape[0];
+			cols = pt->shape[1];
+		} else {
+			return moe_error_set(err, -EINVAL, "tensor %s: %u dims, want 1 or 2", name, pt->n_dims);
+		}
+		bytes = pt->bytes;
+	} else if (gt) {
+		dt = gt->dtype;
+		if (gt->n_dims > 2)
+			return moe_error_set(err, -EINVAL, "tensor %s: %u dims, want 1 or 2", name, gt->n_dims);
+		cols = gt->ne[0];
+		rows = gt->n_dims == 2 ? gt->ne[1] : 1;
+		bytes = gt->bytes;
+	} else {
+		if (required)
+			return moe_error_set(err, -ENOENT, "tensor %s is in neither the pack%s", name,
+					     m->src ? " nor the GGUF" : " (give --gguf FILE for a pack without dense tensors)");
+		return 0;
+	}
+	uint64_t rb;
+	if (!ffn_dtype_supported(dt) || !moe_dtype_row_bytes(dt, cols, &rb) || rows > UINT32_MAX || cols > UINT32_MAX ||
+	    rb * rows != bytes)
+		return moe_error_set(err, -EINVAL, "tensor %s: dtype %s [%llu x %llu] is not one moe-run computes", name,
+				     moe_dtype_name(dt), (unsigned long long)rows, (unsigned long long)cols);
+	if (!(buf = alloc_blob(m, bytes)))
+		return moe_error_set(err, -ENOMEM, "tensor %s: out of memory", name);
+	rc = pt ? pack_read_tensor(m->pack, pt, buf, err) : gguf_read(m->src, gt, 0, buf, bytes, err);
+	if (rc)
+		return moe_error_prefix(err, rc, "tensor %s", name);
+	m->resident_bytes += bytes;
+	if (rows == 1 && dt != MOE_DTYPE_F32) {
+		float *f = alloc_blob(m, cols * sizeof(float));
+		if (!f)
+			return moe_error_set(err, -ENOMEM, "tensor %s: out of memory", name);
+		moe_dequantize_row(dt, buf, f, cols);
+		buf = f;
+		dt = MOE_DTYPE_F32;
+	}
+	mat->dtype = dt;
+	mat->rows = (uint32_t)rows;
+	mat->cols = (uint32_t)cols;
+	mat->data = buf;
+	return 0;
+}
+
+/* Tensor "blk.<il>.<what>" of layer il. */
+static int loadl(struct model *m, bool required, struct model_mat *mat, struct moe_error *err, unsigned il,
+		 const char *what)
+{
+	char name[GGUF_MAX_NAME + 32];
+	snprintf(name, sizeof(name), "blk.%u.%s", il, what);
+	return load(m, name, required, mat, err);
+}
+
+static int shape(const struct model_mat *w, const char *what, unsigned il, uint32_t rows, uint32_t cols,
+		 struct moe_error *err)
+{
+	if (!w->data || (w->rows == rows && w->cols == cols))
+		return 0;
+	return moe_error_set(err, -EINVAL, "layer %u %s: [%u x %u], expected [%u x %u]", il, what, w->rows, w->cols,
+			     rows, cols);
+}
+
+static int kv_u32(const struct model *m, const char *key, bool required, uint32_t def, uint32_t *out,
+		  struct moe_error *err)
+{
+	char full[128];
+	snprintf(full, sizeof(full), "%s.%s", m->arch_name, key);
+	int rc = gguf_get_u32(m->kv, full, out);
+	if (rc == -ENOENT && !required) {
+		*out = def;
+		return 0;
+	}
+	if (rc)
+		return moe_error_set(err, rc, "GGUF key %s: %s", full, rc == -ENOENT ? "missing" : "bad value");
+	return 0;
+}
+
+static int kv_f32(const struct model *m, const char *key, bool required, float def, float *out,
+		  struct moe_error *err)
+{
+	char full[128];
+	snprintf(full, sizeof(full), "%s.%s", m->arch_name, key);
+	int rc = gguf_get_f32(m->kv, full, out);
+	if (rc == -ENOENT && !required) {
+		*out = def;
+		return 0;
+	}
+	if (rc)
+		return moe_error_set(err, rc, "GGUF key %s: %s", full, rc == -ENOENT ? "missing" : "bad value");
+	return 0;
+}
+
+static int open_kv(struct model *m, const char *gguf_path, struct moe_error *err)
+{
+	int rc = pack_open_kv(m->pack, &m->kv_image, &m->kv, err);
+	if (rc != -ENOENT)
+		return rc ? moe_error_prefix(err, rc, "%s", m->pack->path) : 0;
+	if (!gguf_path)
+		return moe_error_set(err, -ENOENT, "%s has no gguf.kv (packed with --experts-only or by an older moe-pack): "
+				     "give --gguf FILE", m->pack->path);
+	m->kv = m->src;
+	return 0;
+}
+
+int model_open(const char *pack_path, const char *gguf_path, struct model **out, struct moe_error *err)
+{
+	struct model *m = calloc(1, sizeof(*m));
+	const char *arch;
+	int rc;
+
+	*out = NULL;
+	if (!m)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	if ((rc = pack_open(pack_path, PACK_OPEN_NO_DIRECT, &m->pack, err)))
+		goto fail;
+	m->cfg = m->pack->model;
+	if (gguf_path && (rc = gguf_open(gguf_path, &m->src, err)))
+		goto fail;
+	if ((rc = open_kv(m, gguf_path, err)))
+		goto fail;
+
+	if ((rc = gguf_get_str(m->kv, "general.architecture", &arch, NULL))) {
+		rc = moe_error_set(err, rc == -ENOENT ? -ENOENT : -EINVAL, "general.architecture missing");
+		goto fail;
+	}
+	snprintf(m->arch_name, sizeof(m->arch_name), "%s", arch);
+	if (!strcmp(arch, "llama"))
+		m->arch = MODEL_ARCH_LLAMA;
+	else if (!strcmp(arch, "qwen2moe"))
+		m->arch = MODEL_ARCH_QWEN2MOE;
+	else if (!strcmp(arch, "qwen3moe"))
+		m->arch = MODEL_ARCH_QWEN3MOE;
+	else if (!strcmp(arch, "olmoe"))
+		m->arch = MODEL_ARCH_OLMOE;
+	else {
+		rc = moe_error_set(err, -ENOTSUP, "architecture %s: moe-run runs llama (Mixtral), qwen2moe, qwen3moe, olmoe",
+				   arch);
+		goto fail;
+	}
+	/* llama.cpp's rope type table (llama_model_rope_type): llama is NORM;
+	 * qwen2moe, qwen3moe and olmoe are NEOX. */
+	m->rope = m->arch == MODEL_ARCH_LLAMA ? MODEL_ROPE_NORM : MODEL_ROPE_NEOX;
+
+	float rope_scale;
+	if ((rc = kv_u32(m, "block_count", true, 0, &m->n_layers, err)) ||
+	    (rc = kv_u32(m, "embedding_length", true, 0, &m->n_embd, err)) ||
+	    (rc = kv_u32(m, "context_length", true, 0, &m->n_ctx_train, err)) ||
+	    (rc = kv_u32(m, "attention.head_count", true, 0, &m->n_head, err)) ||
+	    (rc = kv_u32(m, "attention.head_count_kv", false, m->n_head, &m->n_head_kv, err)) ||
+	    (rc = kv_f32(m, "attention.layer_norm_rms_epsilon", true, 0, &m->rms_eps, err)) ||
+	    (rc = kv_u32(m, "expert_count", true, 0, &m->n_experts, err)) ||
+	    (rc = kv_u32(m, "expert_used_count", true, 0, &m->top_k, err)) ||
+	    (rc = kv_f32(m, "rope.freq_base", false, 10000.0f, &m->rope_base, err)) ||
+	    (rc = kv_f32(m, "rope.scaling.factor", false, 0.0f, &rope_scale, err)))
+		goto fail;
+	if (!m->n_layers || !m->n_embd || !m->n_head || !m->n_head_kv || m->n_head % m->n_head_kv || m->n_layers > 4096 ||
+	    m->n_head > 4096) {
+		rc = moe_error_set(err, -EINVAL, "bad attention shape: %u layers, %u heads, %u kv heads", m->n_layers,
+				   m->n_head, m->n_head_kv);
+		goto fail;
+	}
+	m->rope_freq_scale = rope_scale == 0.0f ? 1.0f : 1.0f / rope_scale;
+	if ((rc = kv_u32(m, "attention.key_length", false, m->n_embd / m->n_head, &m->head_dim, err)) ||
+	    (rc = kv_u32(m, "rope.dimension_count", false, m->head_dim, &m->n_rot, err)))
+		goto fail;
+	uint32_t vlen;
+	if ((rc = kv_u32(m, "attention.value_length", false, m->head_dim, &vlen, err)))
+		goto fail;
+	if (vlen != m->head_dim || m->n_rot != m->head_dim || !m->head_dim || m->head_dim % 2) {
+		rc = moe_error_set(err, -EINVAL, "head dims k %u v %u rot %u: llama.cpp's graphs for these archs need them equal",
+				   m->head_dim, vlen, m->n_rot);
+		goto fail;
+	}
+	if (m->n_experts != m->cfg->n_experts || m->top_k != m->cfg->top_k || m->n_embd != m->cfg->hidden) {
+		rc = moe_error_set(err, -EINVAL, "the KV (%u experts top-%u, hidden %u) and the pack (%u, %u, %u) disagree",
+				   m->n_experts, m->top_k, m->n_embd, m->cfg->n_experts, m->cfg->top_k, m->cfg->hidden);
+		goto fail;
+	}
+
+	/* Routing exactly as llama.cpp's build_moe_ffn is called per arch:
+	 * softmax over all experts, top-k, weights renormalised for llama
+	 * (Mixtral) and qwen3moe, not for qwen2moe and olmoe; no scale. */
+	route_params_from_model(&m->rp, m->cfg, NULL);
+	m->rp.scoring = MOE_SCORING_SOFTMAX;
+	m->rp.topk_method = MOE_TOPK_GREEDY;
+	m->rp.norm_topk_prob = m->arch == MODEL_ARCH_LLAMA || m->arch == MODEL_ARCH_QWEN3MOE;
+	m->rp.routed_scaling_factor = 1.0f;
+	if ((rc = route_params_check(&m->rp, err)))
+		goto fail;
+	if ((rc = ffn_layout_init(&m->layout, m->cfg, m->pack->hdr->parts, m->pack->hdr->n_parts,
+				  m->pack->hdr->extent_bytes, err)))
+		goto fail;
+	if (m->layout.kind != MOE_FFN_SWIGLU) {
+		rc = moe_error_set(err, -ENOTSUP, "expert FFN kind %u: moe-run runs SwiGLU experts", m->layout.kind);
+		goto fail;
+	}
+
+	if ((rc = load(m, "token_embd.weight", true, &m->tok_embd, err)) ||
+	    (rc = load(m, "output_norm.weight", true, &m->output_norm, err)) ||
+	    (rc = load(m, "output.weight", false, &m->output, err)))
+		goto fail;
+	if (!m->output.data)
+		m->output = m->tok_embd; /* tied, as llama.cpp does when output.weight is absent */
+	m->n_vocab = m->tok_embd.rows;
+	if (m->tok_embd.cols != m->n_embd || m->output.cols != m->n_embd || m->output.rows != m->n_vocab ||
+	    m->output_norm.cols != m->n_embd) {
+		rc = moe_error_set(err, -EINVAL, "token_embd/output/output_norm shapes do not match n_embd %u", m->n_embd);
+		goto fail;
+	}
+
+	if (!(m->layers = calloc(m->n_layers, sizeof(*m->layers)))) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	uint32_t nq = m->n_head * m->head_dim, nkv = m->n_head_kv * m->head_dim, n = m->n_embd;
+	for (uint32_t il = 0; il < m->n_layers; il++) {
+		struct model_layer *L = &m->layers[il];
+		bool qk = m->arch == MODEL_ARCH_QWEN3MOE || m->arch == MODEL_ARCH_OLMOE;
+		bool sh = m->arch == MODEL_ARCH_QWEN2MOE;
+		L->moe_index = moe_model_moe_index(m->cfg, il);
+		if (L->moe_index < 0) {
+			rc = moe_error_set(err, -ENOTSUP, "layer %u has no routed experts: dense layers are not supported", il);
+			goto fail;
+		}
+		if ((rc = loadl(m, true, &L->attn_norm, err, il, "attn_norm.weight")) ||
+		    (rc = loadl(m, true, &L->wq, err, il, "attn_q.weight")) ||
+		    (rc = loadl(m, true, &L->wk, err, il, "attn_k.weight")) ||
+		    (rc = loadl(m, true, &L->wv, err, il, "attn_v.weight")) ||
+		    (rc = loadl(m, true, &L->wo, err, il, "attn_output.weight")) ||
+		    (rc = loadl(m, false, &L->bq, err, il, "attn_q.bias")) ||
+		    (rc = loadl(m, false, &L->bk, err, il, "attn_k.bias")) ||
+		    (rc = loadl(m, false, &L->bv, err, il, "attn_v.bias")) ||
+		    (rc = loadl(m, qk, &L->q_norm, err, il, "attn_q_norm.weight")) ||
+		    (rc = loadl(m, qk, &L->k_norm, err, il, "attn_k_norm.weight")) ||
+		    (rc = loadl(m, true, &L->ffn_norm, err, il, "ffn_norm.weight")) ||
+		    (rc = loadl(m, true, &L->router, err, il, "ffn_gate_inp.weight")) ||
+		    (rc = loadl(m, sh, &L->sh_gate, err, il, "ffn_gate_shexp.weight")) ||
+		    (rc = loadl(m, sh, &L->sh_up, err, il, "ffn_up_shexp.weight")) ||
+		    (rc = loadl(m, sh, &L->sh_down, err, il, "ffn_down_shexp.weight")) ||
+		    (rc = loadl(m, sh, &L->sh_gate_inp, err, il, "ffn_gate_inp_shexp.weight")))
+			goto fail;
+		uint32_t qn = m->arch == MODEL_ARCH_OLMOE ? nq : m->head_dim;
+		uint32_t kn = m->arch == MODEL_ARCH_OLMOE ? nkv : m->head_dim;
+		uint32_t shw = L->sh_gate.rows;
+		if ((rc = shape(&L->attn_norm, "attn_norm", il, 1, n, err)) || (rc = shape(&L->wq, "attn_q", il, nq, n, err)) ||
+		    (rc = shape(&L->wk, "attn_k", il, nkv, n, err)) || (rc = shape(&L->wv, "attn_v", il, nkv, n, err)) ||
+		    (rc = shape(&L->wo, "attn_output", il, n, nq, err)) || (rc = shape(&L->bq, "attn_q.bias", il, 1, nq, err)) ||
+		    (rc = shape(&L->bk, "attn_k.bias", il, 1, nkv, err)) || (rc = shape(&L->bv, "attn_v.bias", il, 1, nkv, err)) ||
+		    (rc = shape(&L->q_norm, "attn_q_norm", il, 1, qn, err)) ||
+		    (rc = shape(&L->k_norm, "attn_k_norm", il, 1, kn, err)) ||
+		    (rc = shape(&L->ffn_norm, "ffn_norm", il, 1, n, err)) ||
+		    (rc = shape(&L->router, "ffn_gate_inp", il, m->n_experts, n, err)) ||
+		    (rc = shape(&L->sh_gate, "ffn_gate_shexp", il, shw, n, err)) ||
+		    (rc = shape(&L->sh_up, "ffn_up_shexp", il, shw, n, err)) ||
+		    (rc = shape(&L->sh_down, "ffn_down_shexp", il, n, shw, err)) ||
+		    (rc = shape(&L->sh_gate_inp, "ffn_gate_inp_shexp", il, 1, n, err)))
+			goto fail;
+	}
+	*out = m;
+	return 0;
+fail:
+	model_close(m);
+	return rc;
+}
+
+void model_close(struct model *m)
+{
+	if (!m)
+		return;
+	for (size_t i = 0; i < m->n_blobs; i++)
+		free(m->blobs[i]);
+	free(m->blobs);
+	free(m->layers);
+	if (m->kv != m->src)
+		gguf_close(m->kv);
+	free(m->kv_image);
+	gguf_close(m->src);
+	pack_close(m->pack);
+	free(m);
+}
+
+int model_matmul(const struct model_mat *W, const float *x, uint32_t B, float *y, int threads)
+{
+	return ffn_matmul(W->dtype, W->data, W->rows, W->cols, x, W->cols, B, y, W->rows, threads);
+}
+
+int model_embed(const struct model *m, int32_t tok, float *out)
+{
+	uint64_t rb;
+	if (tok < 0 || (uint32_t)tok >= m->n_vocab)
+		return -ERANGE;
+	moe_dtype_row_bytes(m->tok_embd.dtype, m->n_embd, &rb);
+	moe_dequantize_row(m->tok_embd.dtype, (const uint8_t *)m->tok_embd.data + rb * (uint64_t)tok, out, m->n_embd);
+	return 0;
+}
