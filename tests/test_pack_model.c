@@ -313,3 +313,98 @@ Test(pack_model, unsupported_dtype_refused)
 	free(log);
 	tu_rmtree(dir);
 }
+
+/* ---- safetensors -> whole-model pack: what a GGUF of the model holds ---- */
+
+/* The safetensors and GGUF moe-gen writes of one f32 model hold the same
+ * values (gen.h's contract); their whole-model packs must hold the same
+ * resident tensors: same GGUF names, shapes and bytes (Mixtral's q/k rows
+ * in llama.cpp's RoPE order included), and gguf.kv must agree on every
+ * key both have, with the ones moe-run reads present. */
+static void st_vs_gguf(const char *family)
+{
+	char *dir = tu_mkdtemp("pms"), a[4200], b[4200], *log;
+	struct pack_file *ps, *pg;
+	struct moe_error err = { "" };
+	struct gguf_file *ks, *kg;
+	void *bs, *bg;
+	char arch[32];
+
+	int st = tu_sh("'%s' model --family %s --format safetensors --dtype f32 --preset tiny --out '%s/s' > /dev/null 2>&1 && "
+		       "'%s' model --family %s --format gguf --dtype f32 --preset tiny --out '%s/g' > /dev/null 2>&1",
+		       tu_build_path("tools/moe-gen"), family, dir, tu_build_path("tools/moe-gen"), family, dir);
+	cr_assert_eq(st, 0);
+	snprintf(a, sizeof(a), "%s/s.moepack", dir);
+	snprintf(b, sizeof(b), "%s/g.moepack", dir);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/s' -o '%s' -q", dir, a), 0, "%s", log);
+	free(log);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/g/model.gguf' -o '%s' -q", dir, b), 0, "%s", log);
+	free(log);
+	cr_assert_eq(pack_open(a, 0, &ps, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open(b, 0, &pg, &err), 0, "%s", err.msg);
+	cr_assert_str_eq(ps->hdr->source, "safetensors");
+	cr_assert_eq(ps->hdr->n_tensors, pg->hdr->n_tensors, "%s: %lu resident tensors from safetensors, %lu from GGUF",
+		     family, (unsigned long)ps->hdr->n_tensors, (unsigned long)pg->hdr->n_tensors);
+	for (uint64_t i = 0; i < pg->hdr->n_tensors; i++) {
+		const struct pack_tensor_entry *y = &pg->tensors[i], *x = pack_find_tensor(ps, y->name);
+		cr_assert_not_null(x, "%s: %s missing from the safetensors pack", family, y->name);
+		if (!strcmp(y->name, PACK_KV_TENSOR))
+			continue;
+		cr_assert_eq(x->role, y->role, "%s: role", y->name);
+		cr_assert_eq(x->layer, y->layer, "%s: layer", y->name);
+		cr_assert_eq(x->dtype, y->dtype, "%s: dtype", y->name);
+		cr_assert_eq(x->n_dims, y->n_dims, "%s: dims", y->name);
+		cr_assert_eq(memcmp(x->shape, y->shape, sizeof(x->shape)), 0, "%s: shape", y->name);
+		uint8_t *u = malloc(x->bytes), *v = malloc(y->bytes);
+		cr_assert_eq(pack_read_tensor(ps, x, u, &err), 0, "%s", err.msg);
+		cr_assert_eq(pack_read_tensor(pg, y, v, &err), 0, "%s", err.msg);
+		cr_assert_eq(memcmp(u, v, x->bytes), 0, "%s %s: bytes differ between the safetensors and GGUF packs",
+			     family, y->name);
+		free(u);
+		free(v);
+	}
+	cr_assert_eq(pack_open_kv(ps, &bs, &ks, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open_kv(pg, &bg, &kg, &err), 0, "%s", err.msg);
+	const char *ar;
+	cr_assert_eq(gguf_get_str(kg, "general.architecture", &ar, NULL), 0);
+	snprintf(arch, sizeof(arch), "%s", ar);
+	cr_assert_eq(gguf_get_str(ks, "general.architecture", &ar, NULL), 0);
+	cr_assert_str_eq(ar, arch);
+	for (uint64_t i = 0; i < ks->n_kv; i++) {
+		const struct gguf_kv *x = &ks->kv[i], *y = gguf_find_kv(kg, x->key.data);
+		size_t kl = x->key.len;
+		/* feed_forward_length: llama.cpp's converter writes config.json's
+		 * intermediate_size (the dense width, unused by these MoE graphs),
+		 * which moe-gen's qwen3moe config and GGUF do not agree on */
+		if (!y || !strcmp(x->key.data, "general.name") ||
+		    (kl > 20 && !strcmp(x->key.data + kl - 20, ".feed_forward_length")))
+			continue;
+		cr_assert_eq(x->type, y->type, "%s: type", x->key.data);
+		if (x->type == GGUF_TYPE_STRING)
+			cr_assert(same_str(&x->v.str, &y->v.str), "%s", x->key.data);
+		else if (x->type != GGUF_TYPE_ARRAY)
+			cr_assert_eq(x->v.u64, y->v.u64, "%s: %lu vs %lu", x->key.data, (unsigned long)x->v.u64,
+				     (unsigned long)y->v.u64);
+	}
+	static const char *const need[] = { "block_count", "embedding_length", "context_length", "attention.head_count",
+					    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "expert_count",
+					    "expert_used_count", "rope.freq_base" };
+	for (size_t i = 0; i < sizeof(need) / sizeof(need[0]); i++) {
+		char key[128];
+		snprintf(key, sizeof(key), "%s.%s", arch, need[i]);
+		cr_assert_not_null(gguf_find_kv(ks, key), "%s: %s missing", family, key);
+	}
+	gguf_close(ks);
+	gguf_close(kg);
+	free(bs);
+	free(bg);
+	cr_assert_eq(pack_verify(ps, NULL, NULL, &err), 0, "%s", err.msg);
+	pack_close(ps);
+	pack_close(pg);
+	tu_rmtree(dir);
+}
+
+Test(pack_model, st_qwen2_moe) { st_vs_gguf("qwen2_moe"); }
+Test(pack_model, st_qwen3_moe) { st_vs_gguf("qwen3_moe"); }
+Test(pack_model, st_olmoe) { st_vs_gguf("olmoe"); }
+Test(pack_model, st_mixtral) { st_vs_gguf("mixtral"); }

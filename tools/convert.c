@@ -65,6 +65,8 @@ struct resident {
 	struct stensor t;
 	uint32_t role, layer;
 	const uint8_t *mem; /* bytes held in memory (gguf.kv) instead of the source */
+	char pname[PACK_TENSOR_NAME_MAX]; /* name in the pack when not t.name (HF -> GGUF) */
+	uint32_t perm_head; /* rows reordered from HF's to llama.cpp's RoPE order, heads of this many rows */
 };
 
 struct convert_source {
@@ -79,6 +81,7 @@ struct convert_source {
 	struct resident *res;
 	uint32_t n_res, cap_res;
 	bool progress, experts_only;
+	char *hf_dir;       /* safetensors: the directory of config.json */
 	uint8_t *kv_image;  /* PACK_KV_TENSOR: the source's metadata as a GGUF image */
 	size_t kv_len;
 	/* streaming buffers, grown on demand */
@@ -677,67 +680,119 @@ static size_t kv_width(uint32_t t)
 	}
 }
 
-/* The source's KV pairs, in order, as a GGUF v3 file with no tensors: the
- * reader stored them widened (u64/i64/f64), so each is narrowed back to its
- * own type, which gives the bytes the source holds. (The host is
- * little-endian, like GGUF: gguf.c asserts it.) */
-static int build_kv_image(struct convert_source *s, struct moe_error *err)
+/* KV pairs being written: the body of a GGUF v3 file with no tensors. */
+struct kvw {
+	struct obuf b;
+	uint64_t n;
+};
+
+static void kw_key(struct kvw *k, const char *key, uint32_t type)
 {
-	const struct gguf_file *g = s->gg;
-	struct obuf b = { 0 };
+	struct gguf_str ks = { strlen(key), (char *)key };
+	ob_str(&k->b, &ks);
+	ob_u32(&k->b, type);
+	k->n++;
+}
+
+static void kw_u32(struct kvw *k, const char *key, uint32_t v)
+{
+	kw_key(k, key, GGUF_TYPE_UINT32);
+	ob_u32(&k->b, v);
+}
+
+static void kw_f32(struct kvw *k, const char *key, float v)
+{
+	kw_key(k, key, GGUF_TYPE_FLOAT32);
+	ob_put(&k->b, &v, 4);
+}
+
+static void kw_bool(struct kvw *k, const char *key, bool v)
+{
+	uint8_t x = v;
+	kw_key(k, key, GGUF_TYPE_BOOL);
+	ob_put(&k->b, &x, 1);
+}
+
+static void kw_str(struct kvw *k, const char *key, const char *v)
+{
+	struct gguf_str vs = { strlen(v), (char *)v };
+	kw_key(k, key, GGUF_TYPE_STRING);
+	ob_str(&k->b, &vs);
+}
+
+/* Header + body -> s->kv_image, checked the way moe-run reads it. */
+static int kw_finish(struct convert_source *s, struct kvw *k, struct moe_error *err)
+{
+	struct obuf img = { 0 };
 	struct gguf_file *check;
 	int rc;
 
-	ob_put(&b, "GGUF", 4);
-	ob_u32(&b, 3);
-	ob_u64(&b, 0);
-	ob_u64(&b, g->n_kv);
-	for (uint64_t i = 0; i < g->n_kv; i++) {
-		const struct gguf_kv *kv = &g->kv[i];
-		ob_str(&b, &kv->key);
-		ob_u32(&b, kv->type);
-		switch (kv->type) {
-		case GGUF_TYPE_UINT8: case GGUF_TYPE_BOOL: { uint8_t x = (uint8_t)kv->v.u64; ob_put(&b, &x, 1); break; }
-		case GGUF_TYPE_INT8: { int8_t x = (int8_t)kv->v.i64; ob_put(&b, &x, 1); break; }
-		case GGUF_TYPE_UINT16: { uint16_t x = (uint16_t)kv->v.u64; ob_put(&b, &x, 2); break; }
-		case GGUF_TYPE_INT16: { int16_t x = (int16_t)kv->v.i64; ob_put(&b, &x, 2); break; }
-		case GGUF_TYPE_UINT32: ob_u32(&b, (uint32_t)kv->v.u64); break;
-		case GGUF_TYPE_INT32: { int32_t x = (int32_t)kv->v.i64; ob_put(&b, &x, 4); break; }
-		case GGUF_TYPE_FLOAT32: { float x = (float)kv->v.f64; ob_put(&b, &x, 4); break; }
-		case GGUF_TYPE_UINT64: ob_u64(&b, kv->v.u64); break;
-		case GGUF_TYPE_INT64: ob_put(&b, &kv->v.i64, 8); break;
-		case GGUF_TYPE_FLOAT64: ob_put(&b, &kv->v.f64, 8); break;
-		case GGUF_TYPE_STRING: ob_str(&b, &kv->v.str); break;
-		case GGUF_TYPE_ARRAY:
-			ob_u32(&b, kv->v.arr.type);
-			ob_u64(&b, kv->v.arr.count);
-			if (kv->v.arr.type == GGUF_TYPE_STRING) {
-				const struct gguf_str *x = kv->v.arr.data;
-				for (uint64_t j = 0; j < kv->v.arr.count; j++)
-					ob_str(&b, &x[j]);
-			} else {
-				ob_put(&b, kv->v.arr.data, (size_t)(kv->v.arr.count * kv_width(kv->v.arr.type)));
-			}
-			break;
-		default:
-			free(b.p);
-			return moe_error_set(err, -EINVAL, "GGUF key %s: unexpected type %u", kv->key.data, kv->type);
-		}
+	ob_put(&img, "GGUF", 4);
+	ob_u32(&img, 3);
+	ob_u64(&img, 0);
+	ob_u64(&img, k->n);
+	if (!k->b.oom && k->b.len)
+		ob_put(&img, k->b.p, k->b.len);
+	free(k->b.p);
+	if (k->b.oom || img.oom) {
+		free(img.p);
+		return moe_error_set(err, -ENOMEM, "out of memory for the GGUF metadata (%zu bytes)", k->b.len);
 	}
-	if (b.oom) {
-		free(b.p);
-		return moe_error_set(err, -ENOMEM, "out of memory for the GGUF metadata (%zu bytes)", b.len);
-	}
-	/* what moe-run will do with it: it must parse */
-	rc = gguf_parse(b.p, b.len, &check, err);
+	rc = gguf_parse(img.p, img.len, &check, err);
 	if (rc < 0) {
-		free(b.p);
+		free(img.p);
 		return moe_error_prefix(err, rc, "internal: the metadata image does not parse");
 	}
 	gguf_close(check);
-	s->kv_image = b.p;
-	s->kv_len = b.len;
+	s->kv_image = img.p;
+	s->kv_len = img.len;
 	return 0;
+}
+
+/* The source's KV pairs, in order: the reader stored them widened
+ * (u64/i64/f64), so each is narrowed back to its own type, which gives the
+ * bytes the source holds. (The host is little-endian, like GGUF: gguf.c
+ * asserts it.) */
+static int build_kv_image(struct convert_source *s, struct moe_error *err)
+{
+	const struct gguf_file *g = s->gg;
+	struct kvw k = { 0 };
+	struct obuf *b = &k.b;
+
+	for (uint64_t i = 0; i < g->n_kv; i++) {
+		const struct gguf_kv *kv = &g->kv[i];
+		ob_str(b, &kv->key);
+		ob_u32(b, kv->type);
+		k.n++;
+		switch (kv->type) {
+		case GGUF_TYPE_UINT8: case GGUF_TYPE_BOOL: { uint8_t x = (uint8_t)kv->v.u64; ob_put(b, &x, 1); break; }
+		case GGUF_TYPE_INT8: { int8_t x = (int8_t)kv->v.i64; ob_put(b, &x, 1); break; }
+		case GGUF_TYPE_UINT16: { uint16_t x = (uint16_t)kv->v.u64; ob_put(b, &x, 2); break; }
+		case GGUF_TYPE_INT16: { int16_t x = (int16_t)kv->v.i64; ob_put(b, &x, 2); break; }
+		case GGUF_TYPE_UINT32: ob_u32(b, (uint32_t)kv->v.u64); break;
+		case GGUF_TYPE_INT32: { int32_t x = (int32_t)kv->v.i64; ob_put(b, &x, 4); break; }
+		case GGUF_TYPE_FLOAT32: { float x = (float)kv->v.f64; ob_put(b, &x, 4); break; }
+		case GGUF_TYPE_UINT64: ob_u64(b, kv->v.u64); break;
+		case GGUF_TYPE_INT64: ob_put(b, &kv->v.i64, 8); break;
+		case GGUF_TYPE_FLOAT64: ob_put(b, &kv->v.f64, 8); break;
+		case GGUF_TYPE_STRING: ob_str(b, &kv->v.str); break;
+		case GGUF_TYPE_ARRAY:
+			ob_u32(b, kv->v.arr.type);
+			ob_u64(b, kv->v.arr.count);
+			if (kv->v.arr.type == GGUF_TYPE_STRING) {
+				const struct gguf_str *x = kv->v.arr.data;
+				for (uint64_t j = 0; j < kv->v.arr.count; j++)
+					ob_str(b, &x[j]);
+			} else {
+				ob_put(b, kv->v.arr.data, (size_t)(kv->v.arr.count * kv_width(kv->v.arr.type)));
+			}
+			break;
+		default:
+			free(b->p);
+			return moe_error_set(err, -EINVAL, "GGUF key %s: unexpected type %u", kv->key.data, kv->type);
+		}
+	}
+	return kw_finish(s, &k, err);
 }
 
 /* Marks (used[i] = 1) the source tensors the expert extents are made of. */
@@ -767,14 +822,11 @@ static int mark_expert_tensors(struct convert_source *s, uint8_t *used, struct m
  * expert (embeddings, norms, attention, dense FFNs, output head), under its
  * GGUF name, plus the metadata as PACK_KV_TENSOR. Routers, biases and
  * shared experts are already there with their roles. */
-static int collect_dense(struct convert_source *s, struct moe_error *err)
+static int collect_dense_gguf(struct convert_source *s, struct moe_error *err)
 {
 	const struct gguf_file *g = s->gg;
 	uint8_t *used;
 	int rc = 0;
-
-	if (s->kind != SRC_GGUF)
-		return 0;
 	used = calloc(g->n_tensors ? g->n_tensors : 1, 1);
 	if (!used)
 		return moe_error_set(err, -ENOMEM, "out of memory");
@@ -1100,6 +1152,548 @@ out:
 	return rc;
 }
 
+/* ---- whole-model packs from safetensors: llama.cpp's names and keys ---- */
+
+/* The GGUF architecture a family is run as (llama.cpp's names), or NULL
+ * where whole-model packs from safetensors are not offered. */
+static const char *hf_gguf_arch(enum moe_family f)
+{
+	switch (f) {
+	case MOE_FAMILY_QWEN2_MOE: return "qwen2moe";
+	case MOE_FAMILY_QWEN3_MOE: return "qwen3moe";
+	case MOE_FAMILY_OLMOE: return "olmoe";
+	case MOE_FAMILY_MIXTRAL: return "llama";
+	default: return NULL;
+	}
+}
+
+/* llama.cpp's GGUF name of an HF tensor (gguf-py's tensor_mapping for these
+ * families); false when there is none. */
+static bool hf_to_gguf_name(const char *hf, char *out, size_t len)
+{
+	static const struct { const char *hf, *gg; } glob[] = {
+		{ "model.embed_tokens.weight", "token_embd.weight" },
+		{ "model.norm.weight", "output_norm.weight" },
+		{ "lm_head.weight", "output.weight" },
+	};
+	static const struct { const char *hf, *gg; } lay[] = {
+		{ "input_layernorm.weight", "attn_norm.weight" },
+		{ "post_attention_layernorm.weight", "ffn_norm.weight" },
+		{ "self_attn.q_proj.weight", "attn_q.weight" },
+		{ "self_attn.q_proj.bias", "attn_q.bias" },
+		{ "self_attn.k_proj.weight", "attn_k.weight" },
+		{ "self_attn.k_proj.bias", "attn_k.bias" },
+		{ "self_attn.v_proj.weight", "attn_v.weight" },
+		{ "self_attn.v_proj.bias", "attn_v.bias" },
+		{ "self_attn.o_proj.weight", "attn_output.weight" },
+		{ "self_attn.o_proj.bias", "attn_output.bias" },
+		{ "self_attn.q_norm.weight", "attn_q_norm.weight" },
+		{ "self_attn.k_norm.weight", "attn_k_norm.weight" },
+		{ "mlp.gate.weight", "ffn_gate_inp.weight" },
+		{ "block_sparse_moe.gate.weight", "ffn_gate_inp.weight" },
+		{ "mlp.gate.e_score_correction_bias", "exp_probs_b.bias" },
+		{ "mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight" },
+		{ "mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight" },
+		{ "mlp.shared_expert.down_proj.weight", "ffn_down_shexp.weight" },
+		{ "mlp.shared_experts.gate_proj.weight", "ffn_gate_shexp.weight" },
+		{ "mlp.shared_experts.up_proj.weight", "ffn_up_shexp.weight" },
+		{ "mlp.shared_experts.down_proj.weight", "ffn_down_shexp.weight" },
+		{ "mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight" },
+		{ "mlp.gate_proj.weight", "ffn_gate.weight" },
+		{ "mlp.up_proj.weight", "ffn_up.weight" },
+		{ "mlp.down_proj.weight", "ffn_down.weight" },
+	};
+	unsigned L = 0;
+	int n = 0;
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(glob); i++)
+		if (strcmp(hf, glob[i].hf) == 0)
+			return (size_t)snprintf(out, len, "%s", glob[i].gg) < len;
+	if (sscanf(hf, "model.layers.%u.%n", &L, &n) != 1 || n == 0)
+		return false;
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(lay); i++)
+		if (strcmp(hf + n, lay[i].hf) == 0)
+			return (size_t)snprintf(out, len, "blk.%u.%s", L, lay[i].gg) < len;
+	return false;
+}
+
+static int cmp_ptr(const void *a, const void *b)
+{
+	uintptr_t x = (uintptr_t) * (const void *const *)a, y = (uintptr_t) * (const void *const *)b;
+	return (x > y) - (x < y);
+}
+
+/* Array KV: header, then the caller puts count elements. */
+static void kw_arr(struct kvw *k, const char *key, uint32_t elem, uint64_t count)
+{
+	kw_key(k, key, GGUF_TYPE_ARRAY);
+	ob_u32(&k->b, elem);
+	ob_u64(&k->b, count);
+}
+
+static void kw_elem_str(struct kvw *k, const char *v)
+{
+	struct gguf_str vs = { strlen(v), (char *)v };
+	ob_str(&k->b, &vs);
+}
+
+/* config.json integer -> u32 KV, when present. */
+static int kw_cfg_u32(struct kvw *k, json_t *c, const char *arch, const char *key, const char *jkey,
+		      struct moe_error *err)
+{
+	uint32_t v;
+	char full[128];
+	int rc = j_u32(c, jkey, &v, err);
+	if (rc == 0) {
+		snprintf(full, sizeof(full), "%s.%s", arch, key);
+		kw_u32(k, full, v);
+	}
+	return rc < 0 ? rc : 0;
+}
+
+static int kw_cfg_f32(struct kvw *k, json_t *c, const char *arch, const char *key, const char *jkey,
+		      struct moe_error *err)
+{
+	float v;
+	char full[128];
+	int rc = j_f32(c, jkey, &v, err);
+	if (rc == 0) {
+		snprintf(full, sizeof(full), "%s.%s", arch, key);
+		kw_f32(k, full, v);
+	}
+	return rc < 0 ? rc : 0;
+}
+
+/* Id of a token string, through the BPE vocab or the added tokens; -1. */
+static json_int_t tok_id(json_t *vocab, json_t *added, const char *tok)
+{
+	json_t *v = json_object_get(vocab, tok);
+	size_t i;
+	json_t *a;
+	if (json_is_integer(v))
+		return json_integer_value(v);
+	json_array_foreach(added, i, a)
+		if (json_is_string(json_object_get(a, "content")) &&
+		    strcmp(json_string_value(json_object_get(a, "content")), tok) == 0)
+			return json_integer_value(json_object_get(a, "id"));
+	return -1;
+}
+
+/* A special token of tokenizer_config.json: a string or {"content": ...}. */
+static const char *tc_token(json_t *tc, const char *key)
+{
+	json_t *v = json_object_get(tc, key);
+	if (json_is_object(v))
+		v = json_object_get(v, "content");
+	return json_string_value(v);
+}
+
+/* tokenizer.json (HF "tokenizers", a BPE model) -> tokenizer.ggml.*, as
+ * llama.cpp's converter writes them: byte-level BPE becomes "gpt2" with its
+ * merges; BPE with byte_fallback (Mistral/Mixtral) becomes "llama" with
+ * scores -id (SentencePiece BPE vocabularies are in merge order) and <0xXX>
+ * tokens typed BYTE. Missing ids up to vocab_size are [PADi] (UNUSED).
+ * No tokenizer.json: nothing (moe-run then takes token ids). */
+static int hf_tokenizer_kv(struct kvw *k, const char *dir, json_t *c, enum moe_family f, bool progress,
+			   struct moe_error *err)
+{
+	enum { T_NORMAL = 1, T_UNKNOWN = 2, T_CONTROL = 3, T_USER = 4, T_UNUSED = 5, T_BYTE = 6 };
+	char path[4200];
+	json_error_t je;
+	json_t *t, *tc, *model, *vocab, *merges, *added, *v;
+	const char *key;
+	char **tokens = NULL;
+	int32_t *types = NULL;
+	uint64_t n = 0;
+	uint32_t cfg_vocab = 0;
+	int rc = 0;
+	size_t i;
+
+	snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
+	if (access(path, R_OK) < 0) {
+		if (progress)
+			fprintf(stderr, "moe-pack: note: no tokenizer.json next to config.json: the pack has no vocabulary\n");
+		return 0;
+	}
+	if (!(t = json_load_file(path, 0, &je)))
+		return moe_error_set(err, -EINVAL, "%s: %s (line %d)", path, je.text, je.line);
+	snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
+	tc = json_load_file(path, 0, &je); /* optional */
+	model = json_object_get(t, "model");
+	vocab = json_object_get(model, "vocab");
+	merges = json_object_get(model, "merges");
+	added = json_object_get(t, "added_tokens");
+	bool fallback = json_is_true(json_object_get(model, "byte_fallback"));
+	if (!json_is_string(json_object_get(model, "type")) || strcmp(json_string_value(json_object_get(model, "type")), "BPE") ||
+	    !json_is_object(vocab) || (!fallback && !json_is_array(merges))) {
+		rc = moe_error_set(err, -ENOTSUP, "%s/tokenizer.json: only BPE tokenizers (with vocab and merges) are converted",
+				   dir);
+		goto out;
+	}
+	if ((rc = j_u32(c, "vocab_size", &cfg_vocab, err)) < 0)
+		goto out;
+	rc = 0;
+	json_object_foreach(vocab, key, v)
+		if (json_is_integer(v) && json_integer_value(v) >= 0 && (uint64_t)json_integer_value(v) + 1 > n)
+			n = (uint64_t)json_integer_value(v) + 1;
+	json_array_foreach(added, i, v) {
+		json_int_t id = json_integer_value(json_object_get(v, "id"));
+		if (id >= 0 && (uint64_t)id + 1 > n)
+			n = (uint64_t)id + 1;
+	}
+	n = MOE_MAX(n, (uint64_t)cfg_vocab);
+	if (n == 0 || n > (1u << 24)) {
+		rc = moe_error_set(err, -EINVAL, "%s/tokenizer.json: %" PRIu64 " tokens", dir, n);
+		goto out;
+	}
+	tokens = calloc(n, sizeof(*tokens));
+	types = calloc(n, sizeof(*types));
+	if (!tokens || !types) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	json_object_foreach(vocab, key, v) {
+		json_int_t id = json_integer_value(v);
+		if (!json_is_integer(v) || id < 0) {
+			rc = moe_error_set(err, -EINVAL, "%s/tokenizer.json: token %s has a bad id", dir, key);
+			goto out;
+		}
+		tokens[id] = (char *)key;
+		types[id] = fallback && strlen(key) == 6 && strncmp(key, "<0x", 3) == 0 && key[5] == '>' ? T_BYTE : T_NORMAL;
+	}
+	json_array_foreach(added, i, v) {
+		json_int_t id = json_integer_value(json_object_get(v, "id"));
+		const char *content = json_string_value(json_object_get(v, "content"));
+		if (id < 0 || !content) {
+			rc = moe_error_set(err, -EINVAL, "%s/tokenizer.json: added token %zu has no id or content", dir, i);
+			goto out;
+		}
+		tokens[id] = (char *)content;
+		types[id] = json_is_true(json_object_get(v, "special")) ? T_CONTROL : T_USER;
+	}
+	if (fallback) {
+		const char *unk = json_string_value(json_object_get(model, "unk_token"));
+		json_int_t u = unk ? tok_id(vocab, added, unk) : -1;
+		if (u >= 0 && (uint64_t)u < n)
+			types[u] = T_UNKNOWN;
+	}
+	kw_str(k, "tokenizer.ggml.model", fallback ? "llama" : "gpt2");
+	if (!fallback)
+		kw_str(k, "tokenizer.ggml.pre", f == MOE_FAMILY_OLMOE ? "olmo"
+					 : (f == MOE_FAMILY_QWEN2_MOE || f == MOE_FAMILY_QWEN3_MOE) ? "qwen2" : "default");
+	kw_arr(k, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, n);
+	for (uint64_t j = 0; j < n; j++) {
+		char pad[32];
+		if (!tokens[j]) {
+			snprintf(pad, sizeof(pad), "[PAD%" PRIu64 "]", j);
+			types[j] = T_UNUSED;
+		}
+		kw_elem_str(k, tokens[j] ? tokens[j] : pad);
+	}
+	if (fallback) {
+		kw_arr(k, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, n);
+		for (uint64_t j = 0; j < n; j++) {
+			float sc = types[j] == T_NORMAL ? -(float)j : 0.0f;
+			ob_put(&k->b, &sc, 4);
+		}
+	}
+	kw_arr(k, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, n);
+	ob_put(&k->b, types, n * sizeof(*types));
+	if (json_is_array(merges) && json_array_size(merges)) {
+		kw_arr(k, "tokenizer.ggml.merges", GGUF_TYPE_STRING, json_array_size(merges));
+		json_array_foreach(merges, i, v) {
+			char m[1024];
+			if (json_is_string(v)) {
+				kw_elem_str(k, json_string_value(v));
+			} else if (json_is_array(v) && json_array_size(v) == 2 && json_is_string(json_array_get(v, 0)) &&
+				   json_is_string(json_array_get(v, 1))) {
+				/* the newer [a, b] form */
+				snprintf(m, sizeof(m), "%s %s", json_string_value(json_array_get(v, 0)),
+					 json_string_value(json_array_get(v, 1)));
+				kw_elem_str(k, m);
+			} else {
+				rc = moe_error_set(err, -EINVAL, "%s/tokenizer.json: merge %zu is neither \"a b\" nor [a, b]", dir, i);
+				goto out;
+			}
+		}
+	}
+	/* special ids: config.json, else tokenizer_config.json's strings */
+	static const char *const specials[][3] = {
+		{ "bos_token_id", "bos_token", "tokenizer.ggml.bos_token_id" },
+		{ "eos_token_id", "eos_token", "tokenizer.ggml.eos_token_id" },
+		{ "pad_token_id", "pad_token", "tokenizer.ggml.padding_token_id" },
+	};
+	for (size_t j = 0; j < MOE_ARRAY_SIZE(specials); j++) {
+		json_t *x = json_object_get(c, specials[j][0]);
+		json_int_t id = -1;
+		if (json_is_integer(x))
+			id = json_integer_value(x);
+		else if (json_is_array(x) && json_is_integer(json_array_get(x, 0)))
+			id = json_integer_value(json_array_get(x, 0));
+		else if (tc && tc_token(tc, specials[j][1]))
+			id = tok_id(vocab, added, tc_token(tc, specials[j][1]));
+		if (id >= 0 && (uint64_t)id < n)
+			kw_u32(k, specials[j][2], (uint32_t)id);
+	}
+	if (fallback) {
+		const char *unk = json_string_value(json_object_get(model, "unk_token"));
+		json_int_t u = unk ? tok_id(vocab, added, unk) : -1;
+		if (u >= 0 && (uint64_t)u < n)
+			kw_u32(k, "tokenizer.ggml.unknown_token_id", (uint32_t)u);
+	}
+	if (tc && json_is_boolean(json_object_get(tc, "add_bos_token")))
+		kw_bool(k, "tokenizer.ggml.add_bos_token", json_is_true(json_object_get(tc, "add_bos_token")));
+	if (tc && json_is_boolean(json_object_get(tc, "add_eos_token")))
+		kw_bool(k, "tokenizer.ggml.add_eos_token", json_is_true(json_object_get(tc, "add_eos_token")));
+	if (tc && json_is_string(json_object_get(tc, "chat_template")))
+		kw_str(k, "tokenizer.chat_template", json_string_value(json_object_get(tc, "chat_template")));
+out:
+	free(tokens);
+	free(types);
+	json_decref(tc);
+	json_decref(t);
+	return rc;
+}
+
+/* config.json -> the {arch}.* keys llama.cpp's converter writes. */
+static int hf_build_kv(struct convert_source *s, json_t *c, const char *arch, struct moe_error *err)
+{
+	const struct moe_model_config *m = &s->model;
+	struct kvw k = { 0 };
+	char full[128];
+	int rc;
+
+	kw_str(&k, "general.architecture", arch);
+	kw_str(&k, "general.name", m->name);
+#define U(key, jkey) ((rc = kw_cfg_u32(&k, c, arch, key, jkey, err)) < 0)
+#define F(key, jkey) ((rc = kw_cfg_f32(&k, c, arch, key, jkey, err)) < 0)
+	if (U("context_length", "max_position_embeddings") || U("embedding_length", "hidden_size") ||
+	    U("block_count", "num_hidden_layers") || U("feed_forward_length", "intermediate_size") ||
+	    U("attention.head_count", "num_attention_heads") || U("attention.head_count_kv", "num_key_value_heads") ||
+	    U("attention.key_length", "head_dim") || U("attention.value_length", "head_dim") ||
+	    F("rope.freq_base", "rope_theta") || F("attention.layer_norm_rms_epsilon", "rms_norm_eps"))
+		goto fail;
+	snprintf(full, sizeof(full), "%s.expert_count", arch);
+	kw_u32(&k, full, m->n_experts);
+	snprintf(full, sizeof(full), "%s.expert_used_count", arch);
+	kw_u32(&k, full, m->top_k);
+	switch (m->family) {
+	case MOE_FAMILY_QWEN2_MOE:
+		if (U("expert_shared_feed_forward_length", "shared_expert_intermediate_size"))
+			goto fail;
+		/* fall through */
+	case MOE_FAMILY_QWEN3_MOE:
+		if (U("expert_feed_forward_length", "moe_intermediate_size"))
+			goto fail;
+		break;
+	case MOE_FAMILY_OLMOE:
+		if (F("attention.clamp_kqv", "clip_qkv"))
+			goto fail;
+		break;
+	case MOE_FAMILY_MIXTRAL: {
+		uint32_t heads = 0, hd = 0;
+		if (U("vocab_size", "vocab_size"))
+			goto fail;
+		if (j_u32(c, "head_dim", &hd, err) != 0 && j_u32(c, "num_attention_heads", &heads, err) == 0 && heads)
+			hd = m->hidden / heads;
+		if (hd) {
+			snprintf(full, sizeof(full), "%s.rope.dimension_count", arch);
+			kw_u32(&k, full, hd);
+		}
+		break;
+	}
+	default:
+		break;
+	}
+#undef U
+#undef F
+	json_t *rs = json_object_get(c, "rope_scaling");
+	if (json_is_object(rs)) {
+		const char *type = json_string_value(json_object_get(rs, "type"));
+		if (!type)
+			type = json_string_value(json_object_get(rs, "rope_type"));
+		if (!type || (strcmp(type, "linear") && strcmp(type, "yarn"))) {
+			rc = moe_error_set(err, -ENOTSUP, "config.json: rope_scaling type %s is not converted (linear, yarn)",
+					   type ? type : "?");
+			goto fail;
+		}
+		snprintf(full, sizeof(full), "%s.rope.scaling.type", arch);
+		kw_str(&k, full, type);
+		if (json_is_number(json_object_get(rs, "factor"))) {
+			snprintf(full, sizeof(full), "%s.rope.scaling.factor", arch);
+			kw_f32(&k, full, (float)json_number_value(json_object_get(rs, "factor")));
+		}
+		if (json_is_integer(json_object_get(rs, "original_max_position_embeddings"))) {
+			snprintf(full, sizeof(full), "%s.rope.scaling.original_context_length", arch);
+			kw_u32(&k, full, (uint32_t)json_integer_value(json_object_get(rs, "original_max_position_embeddings")));
+		}
+	}
+	if ((rc = hf_tokenizer_kv(&k, s->hf_dir, c, m->family, s->progress, err)) < 0)
+		goto fail;
+	return kw_finish(s, &k, err);
+fail:
+	free(k.b.p);
+	return rc;
+}
+
+/* Writes a q/k projection with each head's rows in llama.cpp's order: HF
+ * keeps the two RoPE halves of a head apart (rotate_half), llama.cpp's
+ * "llama" graph rotates adjacent pairs, so its converter moves HF row
+ * a * d/2 + j of a head to row 2j + a (convert_hf_to_gguf.py's permute). */
+static int stream_rope_perm(struct convert_source *s, const struct resident *x, struct pack_writer *w,
+			    struct moe_error *err)
+{
+	const uint64_t rows = x->t.shape[0], d = x->perm_head, rb = x->t.bytes / rows;
+	const size_t blk = (size_t)(d * rb);
+	uint8_t *a, *o;
+	int rc = 0;
+	if (!(a = grow(s, 0, blk, err)) || !(o = grow(s, 2, blk, err)))
+		return -ENOMEM;
+	for (uint64_t h = 0; h < rows / d && rc == 0; h++) {
+		rc = src_read(s, &x->t, h * blk, a, blk, err);
+		for (uint64_t r = 0; r < d && rc == 0; r++)
+			memcpy(o + r * rb, a + ((r & 1) * (d / 2) + r / 2) * rb, (size_t)rb);
+		if (rc == 0)
+			rc = pack_writer_write(w, o, blk, err);
+	}
+	return rc;
+}
+
+/* Whole-model packs from safetensors: the same tensors and names a GGUF of
+ * the model would hold (routers and shared experts renamed too), q/k rows
+ * reordered for "llama", and gguf.kv synthesized from config.json and
+ * tokenizer.json. */
+static int collect_dense_hf(struct convert_source *s, struct moe_error *err)
+{
+	const struct moe_model_config *m = &s->model;
+	const char *arch = hf_gguf_arch(m->family);
+	const struct safetensors_tensor **used = NULL;
+	size_t n_used = 0, cap;
+	uint32_t n_res0 = s->n_res, heads = 0, kv_heads = 0;
+	struct recipe r[PACK_MAX_PARTS];
+	char cfg[4200];
+	json_error_t je;
+	json_t *c = NULL;
+	int rc = 0;
+
+	if (!arch) {
+		if (s->progress)
+			fprintf(stderr, "moe-pack: note: whole-model packs from safetensors are made for qwen2_moe, qwen3_moe, "
+				"olmoe and mixtral; this %s pack holds the experts, routers and shared experts\n",
+				moe_family_name(m->family));
+		return 0;
+	}
+	snprintf(cfg, sizeof(cfg), "%s/config.json", s->hf_dir);
+	if (!(c = json_load_file(cfg, 0, &je)))
+		return moe_error_set(err, -EINVAL, "%s: %s (line %d)", cfg, je.text, je.line);
+	if ((rc = j_need_u32(c, "num_attention_heads", &heads, err)) < 0)
+		goto out;
+	kv_heads = heads;
+	if ((rc = j_u32(c, "num_key_value_heads", &kv_heads, err)) < 0)
+		goto out;
+	rc = 0;
+	if (!heads || !kv_heads) {
+		rc = moe_error_set(err, -EINVAL, "config.json: num_attention_heads / num_key_value_heads must be >= 1");
+		goto out;
+	}
+	/* the source tensors of the extents (one per expert and part) */
+	uint32_t per_expert = s->layout == LAY_HF_MLP || s->layout == LAY_HF_MIXTRAL ? m->n_experts : 1;
+	cap = (size_t)m->n_moe_layers * per_expert * 2 * PACK_MAX_PARTS;
+	if (!(used = malloc(cap * sizeof(*used)))) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (uint32_t l = 0; l < m->n_moe_layers && rc == 0; l++)
+		for (uint32_t e = 0; e < per_expert && rc == 0; e++) {
+			uint32_t n = 0;
+			if ((rc = expert_recipes(s, l, e, r, &n, err)) < 0)
+				break;
+			for (uint32_t i = 0; i < n; i++) {
+				if (r[i].a.st)
+					used[n_used++] = r[i].a.st;
+				if (r[i].b.st)
+					used[n_used++] = r[i].b.st;
+			}
+		}
+	if (rc < 0)
+		goto out;
+	qsort(used, n_used, sizeof(*used), cmp_ptr);
+	for (uint32_t i = 0; i < s->st->n_tensors && rc == 0; i++) {
+		const struct safetensors_tensor *st = s->st->tensors[i];
+		struct stensor t;
+		bool res = false;
+		if (bsearch(&st, used, n_used, sizeof(*used), cmp_ptr))
+			continue;
+		for (uint32_t j = 0; j < n_res0 && !res; j++)
+			res = s->res[j].t.st == st;
+		if (res)
+			continue;
+		size_t nl = strlen(st->name);
+		if (nl >= 20 && strcmp(st->name + nl - 20, ".rotary_emb.inv_freq") == 0)
+			continue; /* a buffer old checkpoints saved; llama.cpp skips it too */
+		find_tensor(s, st->name, &t);
+		if (!weight_dtype_ok(t.dtype) || moe_dtype_is_quantized(t.dtype)) {
+			rc = moe_error_set(err, -ENOTSUP,
+					   "tensor %s has type %s; a whole-model pack from safetensors holds f32, f16 and bf16 "
+					   "tensors (--experts-only leaves the dense tensors out)",
+					   st->name, st->dtype_str);
+			break;
+		}
+		rc = push_resident(s, &t, PACK_ROLE_OTHER, name_layer(s, st->name), NULL, err);
+	}
+	/* every resident under its GGUF name */
+	for (uint32_t i = 0; i < s->n_res && rc == 0; i++) {
+		struct resident *x = &s->res[i];
+		char *pn = x->pname;
+		if (!hf_to_gguf_name(x->t.name, pn, sizeof(x->pname))) {
+			rc = moe_error_set(err, -ENOTSUP,
+					   "tensor %s: no llama.cpp name is known for it (--experts-only packs the experts, routers "
+					   "and shared experts only)",
+					   x->t.name);
+			break;
+		}
+		size_t pl = strlen(pn);
+		if (x->t.n_dims == 2 && x->t.shape[0] == 1 && pl >= 25 && strcmp(pn + pl - 25, "ffn_gate_inp_shexp.weight") == 0) {
+			/* [1, n] -> [n], GGUF's shape */
+			x->t.n_dims = 1;
+			x->t.shape[0] = x->t.shape[1];
+			x->t.shape[1] = 0;
+		}
+		bool q = pl > 13 && strcmp(pn + pl - 13, "attn_q.weight") == 0;
+		bool kk = pl > 13 && strcmp(pn + pl - 13, "attn_k.weight") == 0;
+		if (m->family == MOE_FAMILY_MIXTRAL && (q || kk)) {
+			uint64_t hn = q ? heads : kv_heads, rows = x->t.shape[0];
+			if (x->t.n_dims != 2 || rows % hn || (rows / hn) % 2) {
+				rc = moe_error_set(err, -EINVAL, "tensor %s: %" PRIu64 " rows are not %" PRIu64 " heads of an even width",
+						   x->t.name, rows, hn);
+				break;
+			}
+			x->perm_head = (uint32_t)(rows / hn);
+		}
+	}
+	/* two source tensors must not land on one name */
+	for (uint32_t i = 0; i < s->n_res && rc == 0; i++)
+		for (uint32_t j = i + 1; j < s->n_res && rc == 0; j++)
+			if (strcmp(s->res[i].pname, s->res[j].pname) == 0)
+				rc = moe_error_set(err, -EINVAL, "tensors %s and %s both map to %s", s->res[i].t.name,
+						   s->res[j].t.name, s->res[i].pname);
+	if (rc == 0)
+		rc = hf_build_kv(s, c, arch, err);
+	if (rc == 0) {
+		struct stensor kv = { .name = PACK_KV_TENSOR, .dtype = MOE_DTYPE_U8, .n_dims = 1,
+				      .shape = { s->kv_len }, .bytes = s->kv_len };
+		rc = push_resident(s, &kv, PACK_ROLE_OTHER, UINT32_MAX, s->kv_image, err);
+	}
+out:
+	free(used);
+	json_decref(c);
+	return rc;
+}
+
+static int collect_dense(struct convert_source *s, struct moe_error *err)
+{
+	return s->kind == SRC_GGUF ? collect_dense_gguf(s, err) : collect_dense_hf(s, err);
+}
+
 /* ---- model config: GGUF metadata ---- */
 
 static int g_u32(const struct gguf_file *g, const char *arch, const char *key, uint32_t *out, struct moe_error *err)
@@ -1292,6 +1886,8 @@ static int open_source(struct convert_source *s, const char *src, const struct c
 		rc = moe_error_set(err, -ENOENT, "%s: no config.json next to the weights (it gives the model shape)", dir);
 	if (rc == 0)
 		rc = hf_config(s, cfg, opt, err);
+	if (rc == 0 && !(s->hf_dir = strdup(dir)))
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
 	if (rc == 0) {
 		char *d2 = strdup(dir);
 		base = d2 ? basename(d2) : NULL;
@@ -1371,6 +1967,7 @@ void convert_close(struct convert_source *s)
 		free(s->buf[i]);
 	free(s->res);
 	free(s->kv_image);
+	free(s->hf_dir);
 	free(s->path);
 	free(s);
 }
@@ -1453,7 +2050,7 @@ int convert_write(struct convert_source *s, const char *out, struct convert_stat
 		struct pack_tensor_entry t;
 		struct recipe r = { .kind = R_COPY, .a = x->t };
 		memset(&t, 0, sizeof(t));
-		snprintf(t.name, sizeof(t.name), "%s", x->t.name);
+		snprintf(t.name, sizeof(t.name), "%s", x->pname[0] ? x->pname : x->t.name);
 		t.role = x->role;
 		t.dtype = x->t.dtype;
 		t.layer = x->layer;
@@ -1464,6 +2061,8 @@ int convert_write(struct convert_source *s, const char *out, struct convert_stat
 		rc = pack_writer_begin_tensor(w, &t, err);
 		if (rc == 0 && x->mem)
 			rc = pack_writer_write(w, x->mem, (size_t)x->t.bytes, err);
+		else if (rc == 0 && x->perm_head)
+			rc = stream_rope_perm(s, x, w, err);
 		else if (rc == 0)
 			rc = stream_recipe(s, &r, w, err);
 		if (rc == 0)
