@@ -27,6 +27,11 @@ static const struct dtype_info dtype_table[MOE_DTYPE_COUNT] = {
 	[MOE_DTYPE_I32] = { "i32", 1, 4 },
 	[MOE_DTYPE_I64] = { "i64", 1, 8 },
 	[MOE_DTYPE_F64] = { "f64", 1, 8 },
+	[MOE_DTYPE_Q4_K] = { "q4_K", 256, 144 },
+	[MOE_DTYPE_Q5_K] = { "q5_K", 256, 176 },
+	[MOE_DTYPE_Q6_K] = { "q6_K", 256, 210 },
+	[MOE_DTYPE_Q3_K] = { "q3_K", 256, 110 },
+	[MOE_DTYPE_Q2_K] = { "q2_K", 256, 84 },
 };
 
 const int8_t moe_kvalues_mxfp4[16] = { 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12 };
@@ -146,6 +151,103 @@ static float e8m0_half(uint8_t e)
 	return f;
 }
 
+/* The K-quant decoders. Each element is computed with the same float
+ * operations in the same order as ggml's dequantize_row_q*_K (scale times
+ * integer scale first, then times the code, minus min times its integer
+ * min), which is what makes the values equal bit for bit. Element order:
+ * q4_K / q5_K: 4 chunks of 64, the low nibbles of 32 bytes then their high
+ * nibbles (scales 2j, 2j+1); q5_K's 5th bit is bit 2j / 2j+1 of qh[l].
+ * q2_K / q3_K: 2 halves of 128, each 4 groups of 32 taking 2 bits (shift
+ * 2g) of the half's 32 qs bytes, 16 elements per scale; q3_K's 3rd bit is
+ * bit 4h+g of hmask[l] (set: +0, clear: -4). q6_K: 2 halves of 128, 4
+ * groups of 32: low / high nibbles of ql[l] and ql[l+32] with bit pairs 0,
+ * 2, 4, 6 of qh[l], minus 32, 16 elements per scale. */
+static void dequant_q4_K(const struct moe_block_q4_K *b, float *y)
+{
+	const float d = moe_f16_to_f32(b->d), dmin = moe_f16_to_f32(b->dmin);
+	for (int j = 0; j < 4; j++) {
+		uint8_t s0, m0, s1, m1;
+		moe_kquant_scale_min(b->scales, 2 * j, &s0, &m0);
+		moe_kquant_scale_min(b->scales, 2 * j + 1, &s1, &m1);
+		const float d0 = d * s0, mn0 = dmin * m0, d1 = d * s1, mn1 = dmin * m1;
+		const uint8_t *q = b->qs + 32 * j;
+		for (int l = 0; l < 32; l++) {
+			y[64 * j + l] = d0 * (q[l] & 15) - mn0;
+			y[64 * j + 32 + l] = d1 * (q[l] >> 4) - mn1;
+		}
+	}
+}
+
+static void dequant_q5_K(const struct moe_block_q5_K *b, float *y)
+{
+	const float d = moe_f16_to_f32(b->d), dmin = moe_f16_to_f32(b->dmin);
+	for (int j = 0; j < 4; j++) {
+		uint8_t s0, m0, s1, m1;
+		moe_kquant_scale_min(b->scales, 2 * j, &s0, &m0);
+		moe_kquant_scale_min(b->scales, 2 * j + 1, &s1, &m1);
+		const float d0 = d * s0, mn0 = dmin * m0, d1 = d * s1, mn1 = dmin * m1;
+		const uint8_t *q = b->qs + 32 * j;
+		for (int l = 0; l < 32; l++) {
+			const int h0 = (b->qh[l] >> (2 * j)) & 1, h1 = (b->qh[l] >> (2 * j + 1)) & 1;
+			y[64 * j + l] = d0 * ((q[l] & 15) | h0 << 4) - mn0;
+			y[64 * j + 32 + l] = d1 * ((q[l] >> 4) | h1 << 4) - mn1;
+		}
+	}
+}
+
+static void dequant_q6_K(const struct moe_block_q6_K *b, float *y)
+{
+	const float d = moe_f16_to_f32(b->d);
+	for (int h = 0; h < 2; h++) {
+		const uint8_t *ql = b->ql + 64 * h, *qh = b->qh + 32 * h;
+		const int8_t *sc = b->scales + 8 * h;
+		for (int l = 0; l < 32; l++) {
+			const int s = l / 16;
+			const int q0 = ((ql[l] & 15) | ((qh[l] >> 0) & 3) << 4) - 32;
+			const int q1 = ((ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4) - 32;
+			const int q2 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
+			const int q3 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
+			y[128 * h + l] = d * sc[s] * q0;
+			y[128 * h + 32 + l] = d * sc[s + 2] * q1;
+			y[128 * h + 64 + l] = d * sc[s + 4] * q2;
+			y[128 * h + 96 + l] = d * sc[s + 6] * q3;
+		}
+	}
+}
+
+static void dequant_q3_K(const struct moe_block_q3_K *b, float *y)
+{
+	const float d = moe_f16_to_f32(b->d);
+	for (int h = 0; h < 2; h++) {
+		const uint8_t *q = b->qs + 32 * h;
+		for (int g = 0; g < 4; g++) {
+			const int bit = 4 * h + g;
+			for (int s = 0; s < 2; s++) {
+				const float dl = d * moe_q3_K_scale(b->scales, 8 * h + 2 * g + s);
+				for (int l = 16 * s; l < 16 * s + 16; l++) {
+					const int v = ((q[l] >> (2 * g)) & 3) - ((b->hmask[l] >> bit) & 1 ? 0 : 4);
+					y[128 * h + 32 * g + l] = dl * v;
+				}
+			}
+		}
+	}
+}
+
+static void dequant_q2_K(const struct moe_block_q2_K *b, float *y)
+{
+	const float d = moe_f16_to_f32(b->d), dmin = moe_f16_to_f32(b->dmin);
+	for (int h = 0; h < 2; h++) {
+		const uint8_t *q = b->qs + 32 * h;
+		for (int g = 0; g < 4; g++)
+			for (int s = 0; s < 2; s++) {
+				const uint8_t sc = b->scales[8 * h + 2 * g + s];
+				const float dl = d * (sc & 15), ml = dmin * (sc >> 4);
+				for (int l = 16 * s; l < 16 * s + 16; l++)
+					y[128 * h + 32 * g + l] = dl * ((q[l] >> (2 * g)) & 3) - ml;
+			}
+	}
+}
+
 void moe_dequantize_row(enum moe_dtype t, const void *src, float *dst, size_t n)
 {
 	size_t i, j;
@@ -196,6 +298,26 @@ void moe_dequantize_row(enum moe_dtype t, const void *src, float *dst, size_t n)
 		}
 		break;
 	}
+	case MOE_DTYPE_Q4_K:
+		for (i = 0; i < n / 256; i++)
+			dequant_q4_K((const struct moe_block_q4_K *)src + i, dst + i * 256);
+		break;
+	case MOE_DTYPE_Q5_K:
+		for (i = 0; i < n / 256; i++)
+			dequant_q5_K((const struct moe_block_q5_K *)src + i, dst + i * 256);
+		break;
+	case MOE_DTYPE_Q6_K:
+		for (i = 0; i < n / 256; i++)
+			dequant_q6_K((const struct moe_block_q6_K *)src + i, dst + i * 256);
+		break;
+	case MOE_DTYPE_Q3_K:
+		for (i = 0; i < n / 256; i++)
+			dequant_q3_K((const struct moe_block_q3_K *)src + i, dst + i * 256);
+		break;
+	case MOE_DTYPE_Q2_K:
+		for (i = 0; i < n / 256; i++)
+			dequant_q2_K((const struct moe_block_q2_K *)src + i, dst + i * 256);
+		break;
 	default: {
 		/* integer types are not weights; convert value by value */
 		for (i = 0; i < n; i++) {
@@ -293,5 +415,36 @@ void moe_quantize_row_mxfp4(const float *src, struct moe_block_mxfp4 *dst, size_
 			int hi = mxfp4_best_index(src[i * 32 + 16 + j] * id);
 			dst[i].qs[j] = (uint8_t)(lo | (hi << 4));
 		}
+	}
+}
+
+void moe_quantize_row_q8_K(const float *src, struct moe_block_q8_K *dst, size_t n)
+{
+	for (size_t i = 0; i < n / 256; i++) {
+		const float *x = src + i * 256;
+		struct moe_block_q8_K *y = &dst[i];
+		float amax = 0.0f, max = 0.0f;
+		for (int j = 0; j < 256; j++)
+			if (fabsf(x[j]) > amax) {
+				amax = fabsf(x[j]);
+				max = x[j];
+			}
+		const float iscale = amax > 0.0f ? -127.0f / max : 0.0f;
+		if (!isfinite(iscale) || iscale == 0.0f) {
+			memset(y, 0, sizeof(*y));
+			continue;
+		}
+		for (int j = 0; j < 256; j++) {
+			/* rintf: nearest, ties to even, as ggml's 1.5 * 2^23 trick */
+			const int v = (int)rintf(iscale * x[j]);
+			y->qs[j] = (int8_t)(v < 127 ? v : 127);
+		}
+		for (int g = 0; g < 16; g++) {
+			int sum = 0;
+			for (int j = 0; j < 16; j++)
+				sum += y->qs[16 * g + j];
+			y->bsums[g] = (int16_t)sum;
+		}
+		y->d = 1.0f / iscale;
 	}
 }

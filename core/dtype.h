@@ -23,10 +23,17 @@ enum moe_dtype {
 	MOE_DTYPE_I32 = 9,
 	MOE_DTYPE_I64 = 10,
 	MOE_DTYPE_F64 = 11,
+	/* ggml K-quants: super-blocks of 256 (MOE_QK_K) elements */
+	MOE_DTYPE_Q4_K = 12,  /* f16 d, dmin; 6-bit scales/mins [12]; u8 qs[128]       (144 B / 256) */
+	MOE_DTYPE_Q5_K = 13,  /* f16 d, dmin; scales [12]; u8 qh[32]; u8 qs[128]      (176 B / 256) */
+	MOE_DTYPE_Q6_K = 14,  /* u8 ql[128]; u8 qh[64]; int8 scales[16]; f16 d        (210 B / 256) */
+	MOE_DTYPE_Q3_K = 15,  /* u8 hmask[32]; u8 qs[64]; 6-bit scales [12]; f16 d    (110 B / 256) */
+	MOE_DTYPE_Q2_K = 16,  /* 4-bit scale|min [16]; u8 qs[64]; f16 d, dmin         ( 84 B / 256) */
 	MOE_DTYPE_COUNT
 };
 
 #define MOE_QK 32 /* elements per quantization block (q8_0, q4_0, mxfp4) */
+#define MOE_QK_K 256 /* elements per K-quant super-block */
 
 struct moe_block_q8_0 { uint16_t d; int8_t qs[32]; } __attribute__((packed));
 struct moe_block_q4_0 { uint16_t d; uint8_t qs[16]; } __attribute__((packed));
@@ -35,11 +42,27 @@ _Static_assert(sizeof(struct moe_block_q8_0) == 34, "q8_0 block");
 _Static_assert(sizeof(struct moe_block_q4_0) == 18, "q4_0 block");
 _Static_assert(sizeof(struct moe_block_mxfp4) == 17, "mxfp4 block");
 
-/* "f32", "bf16", "q8_0", ... or "invalid". */
+/* The K-quant super-blocks, field for field ggml's block_q*_K. */
+struct moe_block_q4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } __attribute__((packed));
+struct moe_block_q5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } __attribute__((packed));
+struct moe_block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } __attribute__((packed));
+struct moe_block_q3_K { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; } __attribute__((packed));
+struct moe_block_q2_K { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; } __attribute__((packed));
+/* Activations for the K-quant integer dots (ggml block_q8_K): f32 d,
+ * x = d * qs, and the sums of each 16 qs (for the mins and offsets). */
+struct moe_block_q8_K { float d; int8_t qs[256]; int16_t bsums[16]; };
+_Static_assert(sizeof(struct moe_block_q4_K) == 144, "q4_K block");
+_Static_assert(sizeof(struct moe_block_q5_K) == 176, "q5_K block");
+_Static_assert(sizeof(struct moe_block_q6_K) == 210, "q6_K block");
+_Static_assert(sizeof(struct moe_block_q3_K) == 110, "q3_K block");
+_Static_assert(sizeof(struct moe_block_q2_K) == 84, "q2_K block");
+_Static_assert(sizeof(struct moe_block_q8_K) == 292, "q8_K block");
+
+/* "f32", "bf16", "q8_0", "q4_K", ... or "invalid". */
 const char *moe_dtype_name(enum moe_dtype t);
-/* Case-insensitive; accepts "F32", "bf16", "Q4_0", "mxfp4". INVALID if unknown. */
+/* Case-insensitive; accepts "F32", "bf16", "Q4_0", "mxfp4", "Q4_K". INVALID if unknown. */
 enum moe_dtype moe_dtype_parse(const char *name);
-/* Elements per block (1 for plain types, 32 for block types). */
+/* Elements per block (1 for plain types, 32 for block types, 256 for K-quants). */
 uint32_t moe_dtype_block_elems(enum moe_dtype t);
 /* Bytes per block (element size for plain types). 0 for INVALID. */
 uint32_t moe_dtype_block_bytes(enum moe_dtype t);
@@ -69,6 +92,33 @@ void moe_dequantize_row(enum moe_dtype t, const void *src, float *dst, size_t n)
 void moe_quantize_row_q8_0(const float *src, struct moe_block_q8_0 *dst, size_t n);
 void moe_quantize_row_q4_0(const float *src, struct moe_block_q4_0 *dst, size_t n);
 void moe_quantize_row_mxfp4(const float *src, struct moe_block_mxfp4 *dst, size_t n);
+/* n floats (multiple of 256) to q8_K blocks, the same bytes as ggml's
+ * quantize_row_q8_K_ref: with max the element of largest magnitude (the
+ * first one), iscale = -127 / max, q = round-half-even(x * iscale) clamped
+ * to 127, d = 1 / iscale; an all-zero block (or one too small for a finite
+ * iscale) gets d 0 and codes 0. */
+void moe_quantize_row_q8_K(const float *src, struct moe_block_q8_K *dst, size_t n);
+/* Scale j (0..7) and min of a q4_K / q5_K super-block's 12 packed bytes:
+ * 6 bits each, j < 4 in the low bits of bytes j / j+4, j >= 4 split
+ * between a nibble of byte j+4 and the top 2 bits of bytes j-4 / j. */
+static inline void moe_kquant_scale_min(const uint8_t *s, int j, uint8_t *sc, uint8_t *m)
+{
+	if (j < 4) {
+		*sc = s[j] & 63;
+		*m = s[j + 4] & 63;
+	} else {
+		*sc = (uint8_t)((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
+		*m = (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+	}
+}
+/* Scale j (0..15) of a q3_K super-block, 6 bits biased by 32: low 4 bits
+ * in a nibble of bytes 0..7, high 2 bits in bytes 8..11. */
+static inline int moe_q3_K_scale(const uint8_t *s, int j)
+{
+	const int lo = j < 8 ? s[j] & 15 : s[j - 8] >> 4;
+	const int hi = (s[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
+	return (lo | hi << 4) - 32;
+}
 
 /* The doubled E2M1 table of ggml's block_mxfp4 (value * 2^(e-128)). */
 extern const int8_t moe_kvalues_mxfp4[16];

@@ -175,3 +175,174 @@ Test(core, model_validate)
 	cr_assert_eq(moe_family_parse("gpt-oss"), MOE_FAMILY_GPT_OSS);
 	cr_assert_str_eq(moe_family_name(MOE_FAMILY_QWEN2_MOE), "qwen2_moe");
 }
+
+Test(core, kquant_dtype_table)
+{
+	static const struct { enum moe_dtype t; const char *name; uint32_t bytes; } k[] = {
+		{ MOE_DTYPE_Q4_K, "q4_K", 144 }, { MOE_DTYPE_Q5_K, "q5_K", 176 }, { MOE_DTYPE_Q6_K, "q6_K", 210 },
+		{ MOE_DTYPE_Q3_K, "q3_K", 110 }, { MOE_DTYPE_Q2_K, "q2_K", 84 },
+	};
+	uint64_t rb;
+	/* the stored values of the older types never move */
+	cr_assert_eq(MOE_DTYPE_F64, 11);
+	cr_assert_eq(MOE_DTYPE_Q4_K, 12);
+	for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++) {
+		cr_assert_str_eq(moe_dtype_name(k[i].t), k[i].name);
+		cr_assert_eq(moe_dtype_parse(k[i].name), k[i].t);
+		cr_assert_eq(moe_dtype_block_elems(k[i].t), 256);
+		cr_assert_eq(moe_dtype_block_bytes(k[i].t), k[i].bytes);
+		cr_assert(moe_dtype_is_quantized(k[i].t));
+		cr_assert(moe_dtype_row_bytes(k[i].t, 512, &rb));
+		cr_assert_eq(rb, 2 * k[i].bytes);
+		cr_assert_not(moe_dtype_row_bytes(k[i].t, 288, &rb), "%s: 288 is not whole super-blocks", k[i].name);
+	}
+	cr_assert_eq(moe_dtype_parse("Q4_K"), MOE_DTYPE_Q4_K);
+	cr_assert_eq(moe_dtype_parse("Q6_k"), MOE_DTYPE_Q6_K);
+}
+
+/* Packs 6-bit scales and mins the way ggml's q4_K quantizer does, and the
+ * readers give them back. */
+Test(core, kquant_scale_packing)
+{
+	uint8_t sc[8], mn[8], s[12];
+	for (int j = 0; j < 8; j++) {
+		sc[j] = (uint8_t)(7 * j + 5) & 63;
+		mn[j] = (uint8_t)(63 - 9 * j) & 63;
+	}
+	for (int j = 0; j < 4; j++) {
+		s[j] = sc[j] | (uint8_t)((sc[j + 4] >> 4) << 6);
+		s[j + 4] = mn[j] | (uint8_t)((mn[j + 4] >> 4) << 6);
+		s[j + 8] = (uint8_t)((sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4));
+	}
+	for (int j = 0; j < 8; j++) {
+		uint8_t a, b;
+		moe_kquant_scale_min(s, j, &a, &b);
+		cr_assert_eq(a, sc[j], "j=%d", j);
+		cr_assert_eq(b, mn[j], "j=%d", j);
+	}
+	/* q3_K: 16 scales of 6 bits, stored biased by 32 */
+	int v[16];
+	uint8_t s3[12] = { 0 };
+	for (int j = 0; j < 16; j++) {
+		v[j] = (j * 11) % 64 - 32;
+		const int u = v[j] + 32;
+		s3[j % 8] |= (uint8_t)((u & 15) << (j < 8 ? 0 : 4));
+		s3[8 + j % 4] |= (uint8_t)((u >> 4) << (2 * (j / 4)));
+	}
+	for (int j = 0; j < 16; j++)
+		cr_assert_eq(moe_q3_K_scale(s3, j), v[j], "j=%d", j);
+}
+
+/* Every element of random K-quant super-blocks against a decoder written
+ * from the format element by element (a different walk from dtype.c's):
+ * catches an index or bit slip. The float formula (order of operations)
+ * is ggml's; tests/test_kquant_ggml checks the bits against ggml itself. */
+static float kq_elem(enum moe_dtype t, const uint8_t *blk, int e)
+{
+	const int h = e / 128, g = (e % 128) / 32, l = e % 32;
+	uint8_t sc, m;
+	switch (t) {
+	case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K: {
+		const int j = e / 64, hi = (e % 64) >= 32, r = e % 32;
+		const uint8_t *scales = blk + 4;
+		const uint8_t *qs = blk + (t == MOE_DTYPE_Q4_K ? 16 : 48);
+		uint16_t dh, mh;
+		memcpy(&dh, blk, 2);
+		memcpy(&mh, blk + 2, 2);
+		moe_kquant_scale_min(scales, 2 * j + hi, &sc, &m);
+		int q = hi ? qs[32 * j + r] >> 4 : qs[32 * j + r] & 15;
+		if (t == MOE_DTYPE_Q5_K)
+			q += ((blk[16 + r] >> (2 * j + hi)) & 1) * 16;
+		const float d1 = moe_f16_to_f32(dh) * sc, m1 = moe_f16_to_f32(mh) * m;
+		return d1 * q - m1;
+	}
+	case MOE_DTYPE_Q6_K: {
+		const uint8_t *ql = blk, *qh = blk + 128;
+		const int8_t *scales = (const int8_t *)(blk + 192);
+		uint16_t dh;
+		memcpy(&dh, blk + 208, 2);
+		const int lo = (g & 1) ? ql[64 * h + 32 + l] : ql[64 * h + l];
+		const int q = ((g < 2 ? lo & 15 : lo >> 4) | (((qh[32 * h + l] >> (2 * g)) & 3) << 4)) - 32;
+		return moe_f16_to_f32(dh) * scales[8 * h + 2 * g + l / 16] * q;
+	}
+	case MOE_DTYPE_Q3_K: {
+		const uint8_t *hm = blk, *qs = blk + 32;
+		uint16_t dh;
+		memcpy(&dh, blk + 108, 2);
+		const int q = ((qs[32 * h + l] >> (2 * g)) & 3) - (((hm[l] >> (4 * h + g)) & 1) ? 0 : 4);
+		const float dl = moe_f16_to_f32(dh) * moe_q3_K_scale(blk + 96, 8 * h + 2 * g + l / 16);
+		return dl * q;
+	}
+	default: { /* Q2_K */
+		uint16_t dh, mh;
+		memcpy(&dh, blk + 80, 2);
+		memcpy(&mh, blk + 82, 2);
+		const uint8_t s = blk[8 * h + 2 * g + l / 16];
+		const float dl = moe_f16_to_f32(dh) * (s & 15), ml = moe_f16_to_f32(mh) * (s >> 4);
+		return dl * ((blk[16 + 32 * h + l] >> (2 * g)) & 3) - ml;
+	}
+	}
+}
+
+Test(core, kquant_dequant_elementwise)
+{
+	static const enum moe_dtype ts[] = { MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K,
+					     MOE_DTYPE_Q3_K, MOE_DTYPE_Q2_K };
+	uint8_t blk[3 * 210];
+	float y[3 * 256];
+	uint32_t s = 12345;
+	for (size_t k = 0; k < sizeof(ts) / sizeof(ts[0]); k++) {
+		const enum moe_dtype t = ts[k];
+		const uint32_t bb = moe_dtype_block_bytes(t);
+		for (int rep = 0; rep < 20; rep++) {
+			for (uint32_t i = 0; i < 3 * bb; i++) {
+				s = s * 1664525u + 1013904223u;
+				blk[i] = (uint8_t)(s >> 24);
+			}
+			/* finite f16 scales: d / dmin fields of each block */
+			for (int b = 0; b < 3; b++) {
+				uint8_t *p = blk + b * bb;
+				const uint16_t d = moe_f32_to_f16(0.01f * (float)(rep + 1 + b)), dm = moe_f32_to_f16(0.003f * (float)(rep + 2));
+				switch (t) {
+				case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K: memcpy(p, &d, 2); memcpy(p + 2, &dm, 2); break;
+				case MOE_DTYPE_Q6_K: memcpy(p + 208, &d, 2); break;
+				case MOE_DTYPE_Q3_K: memcpy(p + 108, &d, 2); break;
+				default: memcpy(p + 80, &d, 2); memcpy(p + 82, &dm, 2); break;
+				}
+			}
+			moe_dequantize_row(t, blk, y, 3 * 256);
+			for (int e = 0; e < 3 * 256; e++) {
+				const float want = kq_elem(t, blk + (e / 256) * bb, e % 256);
+				cr_assert(memcmp(&want, &y[e], 4) == 0, "%s rep %d element %d: %g, want %g",
+					  moe_dtype_name(t), rep, e, (double)y[e], (double)want);
+			}
+		}
+	}
+}
+
+Test(core, q8_K_quantize)
+{
+	float x[512];
+	struct moe_block_q8_K q[2];
+	for (int i = 0; i < 256; i++)
+		x[i] = sinf((float)i * 0.61f) * 2.5f;
+	x[77] = -3.0f; /* the largest magnitude: d = -max / 127, its code -127 */
+	for (int i = 256; i < 512; i++)
+		x[i] = 0.0f;
+	moe_quantize_row_q8_K(x, q, 512);
+	cr_assert_eq(q[0].qs[77], -127);
+	cr_assert_float_eq(q[0].d, 3.0f / 127.0f, 1e-7f);
+	for (int i = 0; i < 256; i++) {
+		cr_assert_leq(fabsf(x[i] - q[0].d * q[0].qs[i]), fabsf(q[0].d) * 0.5001f, "i=%d", i);
+		cr_assert_geq(q[0].qs[i], -127);
+	}
+	for (int g = 0; g < 16; g++) {
+		int sum = 0;
+		for (int j = 0; j < 16; j++)
+			sum += q[0].qs[16 * g + j];
+		cr_assert_eq(q[0].bsums[g], sum);
+	}
+	cr_assert_eq(q[1].d, 0.0f, "an all-zero block");
+	for (int i = 0; i < 256; i++)
+		cr_assert_eq(q[1].qs[i], 0);
+}
