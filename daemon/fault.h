@@ -29,7 +29,8 @@
 	X(NVME_CORRUPT, "nvme.corrupt", "one byte of a completed NVMe read is flipped") \
 	X(HOST_ALLOC, "host.alloc", "a host arena or slot allocation fails") \
 	X(GPU_ALLOC, "gpu.alloc", "a GPU arena or slot allocation fails") \
-	X(GPU_COPY, "gpu.copy", "a host -> GPU copy fails")
+	X(GPU_COPY, "gpu.copy", "a host -> GPU copy fails") \
+	X(BPF_LOAD, "bpf.load", "an eBPF program fails to load (the daemon runs on without it)")
 
 enum fault_point {
 #define X(id, name, help) FAULT_##id,
