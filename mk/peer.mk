@@ -9,3 +9,6 @@ tests_llama_oracle_CPPFLAGS = $(LLAMA_CPPFLAGS) -DLLAMA_ORACLE_BACKEND_DIR='"$(L
 tests_llama_oracle_LDADD = $(LLAMA_LIBS) -lm
 endif
 EXTRA_DIST += tests/llama-oracle.c
+# Skips (77) where the peer is absent.
+TESTS += tests/test_llama_oracle.sh
+EXTRA_DIST += tests/test_llama_oracle.sh

@@ -11,7 +11,7 @@
  *   llama-oracle mkmodel  OUT.gguf [--arch A] [--seed S]
  *
  * Common: -t N threads (1), --ctx N, --batch N, --load-mode M, --flash-attn
- * on|off|auto, -v (all of llama.cpp's log). IDS: "1,2,3" (commas or blanks)
+ * on|off|auto, --no-repack, -v (all of llama.cpp's log). IDS: "1,2,3" (commas or blanks)
  * or @FILE holding them. The logits file (--out) is the format shared with
  * moe-run: "MOELGT01", u32 n_tokens, u32 n_vocab (little-endian), then
  * n_tokens rows of n_vocab f32. */
@@ -48,7 +48,7 @@ struct opts {
 	uint64_t seed;
 	enum llama_load_mode load_mode;
 	enum llama_flash_attn_type flash_attn;
-	bool no_special, parse_special, special, stop_eog, verbose;
+	bool no_special, parse_special, special, stop_eog, verbose, no_repack;
 };
 
 struct ids {
@@ -177,6 +177,9 @@ static struct llama_model *load_model(const struct opts *o, bool vocab_only)
 	struct llama_model_params mp = llama_model_default_params();
 	mp.load_mode = o->load_mode; /* default AUTO: mmap, as llama.cpp runs */
 	mp.vocab_only = vocab_only;
+	/* Repacking (on by default) moves weights into CPU-specific layouts
+	 * with their own kernels: off isolates rounding questions. */
+	mp.use_extra_bufts = !o->no_repack;
 	struct llama_model *m = llama_model_load_from_file(o->model, mp);
 	if (!m)
 		die("llama.cpp cannot load the model (its reason is above)", o->model);
@@ -633,8 +636,8 @@ static void usage(FILE *f)
 		"       llama-oracle greedy   MODEL.gguf --tokens IDS [-n N] [--stop-eog]\n"
 		"       llama-oracle decode   MODEL.gguf --prompt-tokens IDS --feed-tokens IDS\n"
 		"       llama-oracle mkmodel  OUT.gguf [--arch qwen3moe|qwen2moe|olmoe|llama] [--seed S]\n"
-		"common: -t N threads (1)  --ctx N  --batch N  --load-mode auto|none|mmap|direct_io\n"
-		"        --flash-attn on|off|auto  -v (llama.cpp's whole log)\n"
+		"common: -t N threads (1)  --ctx N  --batch N  --load-mode auto|none|mmap|mlock|mmap+mlock|dio\n"
+		"        --flash-attn on|off|auto  --no-repack  -v (llama.cpp's whole log)\n"
 		"IDS: 1,2,3 (commas or blanks) or @FILE. Backends: MOETIER_LLAMA_BACKENDS or %s\n",
 		*LLAMA_ORACLE_BACKEND_DIR ? LLAMA_ORACLE_BACKEND_DIR : "(none built in)");
 }
@@ -684,10 +687,18 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--batch"))
 			o.n_batch = (uint32_t)num_arg(NEXT(), 1, 1 << 24, a);
 		else if (!strcmp(a, "--load-mode")) {
+			/* Matched here: llama_load_mode_from_str throws a C++
+			 * exception, which a C caller cannot catch. */
+			static const enum llama_load_mode modes[] = {
+				LLAMA_LOAD_MODE_AUTO, LLAMA_LOAD_MODE_NONE, LLAMA_LOAD_MODE_MMAP,
+				LLAMA_LOAD_MODE_MLOCK, LLAMA_LOAD_MODE_MMAP_MLOCK, LLAMA_LOAD_MODE_DIRECT_IO};
 			const char *v = NEXT();
-			o.load_mode = llama_load_mode_from_str(v);
-			if (strcmp(llama_load_mode_name(o.load_mode), v))
-				die("unknown --load-mode", v);
+			size_t k = 0;
+			while (k < sizeof(modes) / sizeof(modes[0]) && strcmp(llama_load_mode_name(modes[k]), v))
+				k++;
+			if (k == sizeof(modes) / sizeof(modes[0]))
+				die("--load-mode is auto, none, mmap, mlock, mmap+mlock or dio", v);
+			o.load_mode = modes[k];
 		} else if (!strcmp(a, "--flash-attn")) {
 			const char *v = NEXT();
 			o.flash_attn = !strcmp(v, "on")    ? LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -703,6 +714,8 @@ int main(int argc, char **argv)
 			o.special = true;
 		else if (!strcmp(a, "--stop-eog"))
 			o.stop_eog = true;
+		else if (!strcmp(a, "--no-repack"))
+			o.no_repack = true;
 		else if (!strcmp(a, "-v"))
 			o.verbose = true;
 		else if (a[0] == '-' && a[1] && !(a[1] >= '0' && a[1] <= '9'))
