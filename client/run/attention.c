@@ -104,6 +104,14 @@ void attn_ws_free(struct attn_ws *w)
 	memset(w, 0, sizeof(*w));
 }
 
+static inline float f16r(float x) { return moe_f16_to_f32(moe_f32_to_f16(x)); }
+
+static void round_f16(float *x, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		x[i] = f16r(x[i]);
+}
+
 static void add_bias(float *x, const struct model_mat *b, uint32_t B, uint32_t n)
 {
 	if (!b->data)
@@ -164,6 +172,11 @@ int attn_block(const struct model *m, uint32_t il, struct attn_cache *c, struct 
 		attn_rope(q, nh, hd, m->n_rot, pos0 + t, m->rope_base, m->rope_freq_scale, m->rope);
 		attn_rope(k, nkvh, hd, m->n_rot, pos0 + t, m->rope_base, m->rope_freq_scale, m->rope);
 		size_t at = ((size_t)il * c->n_ctx + pos0 + t) * c->kv_dim;
+		if (c->f16) {
+			round_f16(k, nkv);
+			round_f16(w->v + (size_t)t * nkv, nkv);
+			round_f16(q, nq);
+		}
 		memcpy(c->k + at, k, nkv * sizeof(float));
 		memcpy(c->v + at, w->v + (size_t)t * nkv, nkv * sizeof(float));
 	}
@@ -185,6 +198,8 @@ int attn_block(const struct model *m, uint32_t il, struct attn_cache *c, struct 
 				s[j] = d * scale;
 			}
 			softmax_row(s, n_kv);
+			if (c->f16)
+				round_f16(s, n_kv);
 			float *o = w->o + (size_t)t * nq + (size_t)h * hd;
 			memset(o, 0, hd * sizeof(float));
 			for (uint32_t j = 0; j < n_kv; j++) {

@@ -21,9 +21,14 @@ void attn_rmsnorm(const float *x, const float *w, float *y, uint32_t n, float ep
 void attn_rope(float *x, uint32_t n_heads, uint32_t head_dim, uint32_t n_rot, uint32_t pos, float base,
 	       float freq_scale, enum model_rope mode);
 
-/* The KV cache: per layer, n_ctx positions of n_head_kv * head_dim floats for K and for V. */
+/* The KV cache: per layer, n_ctx positions of n_head_kv * head_dim floats for K and for V.
+ * f16: compute as llama.cpp's default F16 cache does without flash attention
+ * (K and V rounded to f16 when stored, q rounded to f16 for q.k, the softmax
+ * output rounded to f16 for the sum over V), so that its logits can be
+ * compared closely; the values are still held in f32. */
 struct attn_cache {
 	uint32_t n_ctx, n_layers, kv_dim;
+	bool f16;
 	float *k, *v;
 };
 int attn_cache_init(struct attn_cache *c, const struct model *m, uint32_t n_ctx, struct moe_error *err);

@@ -25,6 +25,7 @@ struct experts {
 	uint32_t *tok_of;            /* [E][B] token of each use */
 	uint8_t *slot_of;            /* [E][B] top-k slot of each use */
 	uint32_t *count;             /* [E] */
+	uint8_t *mask;               /* [E] residency */
 	float *logits;               /* [B][E] */
 	struct experts_stats st;
 };
@@ -64,7 +65,8 @@ static struct experts *alloc_experts(const struct model *m)
 	ex->n = m->n_embd;
 	ex->k = m->top_k;
 	ex->E = m->n_experts;
-	if (!(ex->count = calloc(ex->E, sizeof(uint32_t)))) {
+	if (!(ex->count = calloc(ex->E, sizeof(uint32_t))) || !(ex->mask = calloc(ex->E, 1))) {
+		free(ex->count);
 		free(ex);
 		return NULL;
 	}
@@ -164,6 +166,7 @@ void experts_close(struct experts *ex)
 	free(ex->slot_of);
 	free(ex->logits);
 	free(ex->count);
+	free(ex->mask);
 	free(ex);
 }
 
@@ -206,6 +209,16 @@ static void prefetch_next(struct experts *ex, uint32_t il, const float *x, uint3
 		return;
 	if (moet_prefetch(ex->ctx, (uint32_t)N->moe_index, r.experts, r.n, MOET_TIER_HOST) >= 0)
 		ex->st.prefetches += r.n;
+}
+
+static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids, unsigned n)
+{
+	if (moet_resident(ex->ctx, moe_l, MOET_TIER_HOST, ex->mask, ex->E) < 0)
+		return false;
+	for (unsigned i = 0; i < n; i++)
+		if (ex->mask[ids[i]])
+			return true;
+	return false;
 }
 
 /* Acquires and computes the experts in ids[0..n) (n <= MOET_MAX_BATCH):
@@ -259,9 +272,11 @@ static int daemon_group(struct experts *ex, uint32_t moe_l, uint32_t *ids, unsig
 		first = false;
 		idle = kept == n ? idle + 1 : 0;
 		n = kept;
-		if (n && !block) {
+		if (n && !block && !any_resident(ex, moe_l, ids, n)) {
+			/* the residency check first: a load that landed since the
+			 * acquire would otherwise cost the whole wait timeout */
 			t0 = moe_now_ns();
-			rc = moet_wait_ready(ex->ctx, moe_l, 5);
+			rc = moet_wait_ready(ex->ctx, moe_l, 2);
 			ex->st.stall_ns += moe_now_ns() - t0;
 			ex->st.waits++;
 			if (rc < 0)

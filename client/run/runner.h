@@ -21,6 +21,9 @@ int runner_create(const struct model *m, struct experts *ex, uint32_t n_ctx, uin
 		  struct runner **out, struct moe_error *err);
 void runner_free(struct runner *r);
 
+/* KV cache at f16 precision, as llama.cpp's default (attention.h). */
+void runner_set_kv_f16(struct runner *r, bool on);
+
 /* Empties the KV cache: the next token is at position 0. */
 void runner_reset(struct runner *r);
 uint32_t runner_pos(const struct runner *r);
