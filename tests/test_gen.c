@@ -7,6 +7,7 @@
 #include "config.h"
 
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
@@ -305,21 +306,19 @@ static void check_tensors(const struct gen_model *g, const struct ckpt *c)
 	free(t);
 }
 
-static void roundtrip(enum moe_family f, enum gen_format fmt, enum moe_dtype dt, uint32_t shards,
-		      uint32_t align)
+/* Writes g, reads it back through h1's readers, checks every tensor and part. */
+static void roundtrip_model(const struct gen_model *gm)
 {
-	struct gen_model g;
+	const struct gen_model g = *gm;
+	const enum moe_family f = g.family;
+	const enum gen_format fmt = g.format;
+	const enum moe_dtype dt = g.dtype;
+	const uint32_t shards = g.shards, align = g.gguf_alignment;
 	struct moe_error err = { "" };
 	struct ckpt c = { 0 };
 	char *dir = tu_mkdtemp("gen-rt");
 	uint32_t files = 0;
 	uint64_t bytes = 0;
-	gen_model_defaults(&g, f);
-	g.format = fmt;
-	g.dtype = dt;
-	g.seed = 1234;
-	g.shards = shards;
-	g.gguf_alignment = align;
 	cr_assert_eq(gen_write_model(&g, dir, &files, &bytes, &err), 0, "%s %s %s: %s", moe_family_name(f),
 		     gen_format_name(fmt), moe_dtype_name(dt), err.msg);
 	cr_assert(bytes > 0 && files > 0);
@@ -348,6 +347,19 @@ static void roundtrip(enum moe_family f, enum gen_format fmt, enum moe_dtype dt,
 	if (c.gg)
 		gguf_close(c.gg);
 	tu_rmtree(dir);
+}
+
+static void roundtrip(enum moe_family f, enum gen_format fmt, enum moe_dtype dt, uint32_t shards,
+		      uint32_t align)
+{
+	struct gen_model g;
+	gen_model_defaults(&g, f);
+	g.format = fmt;
+	g.dtype = dt;
+	g.seed = 1234;
+	g.shards = shards;
+	g.gguf_alignment = align;
+	roundtrip_model(&g);
 }
 
 Test(gen, every_family_safetensors, .timeout = 120)
@@ -550,6 +562,10 @@ Test(gen, cli_rejects_bad_combinations)
 		{ "--family mixtral --preset huge", "unknown preset" },
 		{ "--family mixtral --layers x", "bad value" },
 		{ "--family deepseek_v3 --n-group 3", "groups" },
+		{ "--preset tiny-lm", "--family is required" },
+		{ "--family mixtral --preset olmoe-1b-7b", "olmoe model" },
+		{ "--family qwen3_moe --preset tiny-lm --kv-heads 3", "must divide" },
+		{ "--family qwen3_moe --preset tiny-lm --format gguf --dtype q8_0 --head-dim 36", "multiples of 32" },
 	};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		int rc = tu_sh("%s model %s --out %s/x 2>%s/err", bin, bad[i].args, dir, dir);
@@ -586,6 +602,413 @@ Test(gen, model_config)
 	cr_assert_eq(gen_model_validate(&g, &err), 0, "%s", err.msg);
 	/* 4 MoE layers of 64 experts of 3 x 2048 x 1408 bf16 values */
 	cr_assert_eq(gen_part_bytes(&g, GEN_PART_GATE), 2048ull * 1408 * 2);
+}
+
+/* ---- models llama.cpp loads (tiny-lm and the real shapes) ---- */
+
+static const enum moe_family lm_families[] = {
+	MOE_FAMILY_QWEN3_MOE, MOE_FAMILY_QWEN2_MOE, MOE_FAMILY_OLMOE, MOE_FAMILY_MIXTRAL,
+};
+
+static void lm_model(struct gen_model *g, enum moe_family f, enum gen_format fmt, enum moe_dtype dt)
+{
+	struct moe_error err = { "" };
+	gen_model_defaults(g, f);
+	g->format = fmt;
+	g->dtype = dt;
+	g->seed = 77;
+	cr_assert_eq(gen_model_preset(g, "tiny-lm", &err), 0, "%s", err.msg);
+	cr_assert_eq(gen_model_validate(g, &err), 0, "%s", err.msg);
+}
+
+/* One tensor llama.cpp's loader creates: ggml ne[] (innermost first). */
+struct want_tensor {
+	char name[64];
+	uint32_t nd;
+	uint64_t ne[3];
+	bool mat; /* in the model dtype; else F32 */
+};
+
+/* The tensors of llama.cpp's load_arch_tensors (src/models/{qwen3moe,
+ * qwen2moe,olmoe,llama}.cpp, the 2026-09 release) for this geometry,
+ * written from that source rather than from gen.c. */
+static size_t llama_tensors(const struct gen_model *g, struct want_tensor *w)
+{
+	const uint64_t n = g->hidden, V = g->vocab, E = g->n_experts, m = g->width;
+	const uint64_t q = (uint64_t)g->n_head * g->head_dim, kv = (uint64_t)g->n_head_kv * g->head_dim;
+	const uint64_t S = (uint64_t)g->n_shared * g->width;
+	const enum moe_family f = g->family;
+	size_t k = 0;
+#define W(mat_, nd_, a, b, c, ...)                                                        \
+	do {                                                                              \
+		snprintf(w[k].name, sizeof(w[k].name), __VA_ARGS__);                      \
+		w[k].nd = nd_;                                                            \
+		w[k].ne[0] = a;                                                           \
+		w[k].ne[1] = b;                                                           \
+		w[k].ne[2] = c;                                                           \
+		w[k].mat = mat_;                                                          \
+		k++;                                                                      \
+	} while (0)
+	W(true, 2, n, V, 1, "token_embd.weight");
+	W(false, 1, n, 1, 1, "output_norm.weight");
+	W(true, 2, n, V, 1, "output.weight");
+	for (uint32_t i = 0; i < g->n_layers; i++) {
+		W(false, 1, n, 1, 1, "blk.%u.attn_norm.weight", i);
+		W(true, 2, n, q, 1, "blk.%u.attn_q.weight", i);
+		W(true, 2, n, kv, 1, "blk.%u.attn_k.weight", i);
+		W(true, 2, n, kv, 1, "blk.%u.attn_v.weight", i);
+		W(true, 2, q, n, 1, "blk.%u.attn_output.weight", i);
+		if (f == MOE_FAMILY_QWEN2_MOE) {
+			W(false, 1, q, 1, 1, "blk.%u.attn_q.bias", i);
+			W(false, 1, kv, 1, 1, "blk.%u.attn_k.bias", i);
+			W(false, 1, kv, 1, 1, "blk.%u.attn_v.bias", i);
+		}
+		if (f == MOE_FAMILY_QWEN3_MOE) {
+			W(false, 1, g->head_dim, 1, 1, "blk.%u.attn_q_norm.weight", i);
+			W(false, 1, g->head_dim, 1, 1, "blk.%u.attn_k_norm.weight", i);
+		}
+		if (f == MOE_FAMILY_OLMOE) { /* both {n_embd} in its loader */
+			W(false, 1, n, 1, 1, "blk.%u.attn_q_norm.weight", i);
+			W(false, 1, n, 1, 1, "blk.%u.attn_k_norm.weight", i);
+		}
+		W(false, 1, n, 1, 1, "blk.%u.ffn_norm.weight", i);
+		W(false, 2, n, E, 1, "blk.%u.ffn_gate_inp.weight", i);
+		W(true, 3, n, m, E, "blk.%u.ffn_gate_exps.weight", i);
+		W(true, 3, m, n, E, "blk.%u.ffn_down_exps.weight", i);
+		W(true, 3, n, m, E, "blk.%u.ffn_up_exps.weight", i);
+		if (f == MOE_FAMILY_QWEN2_MOE) {
+			W(false, 1, n, 1, 1, "blk.%u.ffn_gate_inp_shexp.weight", i);
+			W(true, 2, n, S, 1, "blk.%u.ffn_gate_shexp.weight", i);
+			W(true, 2, S, n, 1, "blk.%u.ffn_down_shexp.weight", i);
+			W(true, 2, n, S, 1, "blk.%u.ffn_up_shexp.weight", i);
+		}
+	}
+#undef W
+	return k;
+}
+
+static struct gguf_file *write_gguf(const struct gen_model *g, char **dir)
+{
+	struct moe_error err = { "" };
+	struct gguf_file *gg;
+	char path[4200];
+	*dir = tu_mkdtemp("gen-lm");
+	cr_assert_eq(gen_write_model(g, *dir, NULL, NULL, &err), 0, "%s", err.msg);
+	snprintf(path, sizeof(path), "%s/model.gguf", *dir);
+	cr_assert_eq(gguf_open(path, &gg, &err), 0, "%s", err.msg);
+	return gg;
+}
+
+/* Exactly llama.cpp's tensors (its loader fails on "wrong number of
+ * tensors"), with its shapes and the types its quantizer would give. */
+Test(gen, tiny_lm_tensors_are_llamas)
+{
+	static const enum moe_dtype dts[] = { MOE_DTYPE_F32, MOE_DTYPE_Q8_0 };
+	struct want_tensor *w = calloc(256, sizeof(*w));
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(lm_families); i++) {
+		for (size_t d = 0; d < MOE_ARRAY_SIZE(dts); d++) {
+			struct gen_model g;
+			char *dir;
+			lm_model(&g, lm_families[i], GEN_FORMAT_GGUF, dts[d]);
+			struct gguf_file *gg = write_gguf(&g, &dir);
+			size_t nw = llama_tensors(&g, w);
+			const char *fam = moe_family_name(g.family);
+			cr_assert_eq(gg->n_tensors, nw, "%s: %llu tensors, llama.cpp wants %zu", fam,
+				     (unsigned long long)gg->n_tensors, nw);
+			for (size_t k = 0; k < nw; k++) {
+				const struct gguf_tensor *t = gguf_find_tensor(gg, w[k].name);
+				cr_assert_not_null(t, "%s: %s missing", fam, w[k].name);
+				cr_assert_eq(t->n_dims, w[k].nd, "%s: %s dims", fam, w[k].name);
+				for (uint32_t x = 0; x < w[k].nd; x++)
+					cr_assert_eq(t->ne[x], w[k].ne[x], "%s: %s ne[%u] %llu, want %llu", fam, w[k].name, x,
+						     (unsigned long long)t->ne[x], (unsigned long long)w[k].ne[x]);
+				cr_assert_eq(t->dtype, w[k].mat ? dts[d] : MOE_DTYPE_F32, "%s: %s type", fam, w[k].name);
+			}
+			gguf_close(gg);
+			tu_rmtree(dir);
+			struct moe_error err = { "" };
+			cr_assert_eq(gen_model_llama_check(&g, &err), 0, "%s: %s", fam, err.msg);
+		}
+	}
+	free(w);
+}
+
+static uint32_t key_u32(const struct gguf_file *gg, const char *arch, const char *k)
+{
+	char full[160];
+	uint32_t v = 0;
+	snprintf(full, sizeof(full), "%s.%s", arch, k);
+	cr_assert_eq(gguf_get_u32(gg, full, &v), 0, "key %s missing", full);
+	return v;
+}
+
+static float key_f32(const struct gguf_file *gg, const char *arch, const char *k)
+{
+	char full[160];
+	float v = 0;
+	snprintf(full, sizeof(full), "%s.%s", arch, k);
+	cr_assert_eq(gguf_get_f32(gg, full, &v), 0, "key %s missing", full);
+	return v;
+}
+
+/* The keys llama.cpp's load_hparams and load_arch_hparams read, and a
+ * SentencePiece vocabulary its vocab loader takes. */
+Test(gen, tiny_lm_keys_and_vocabulary)
+{
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(lm_families); i++) {
+		struct gen_model g;
+		char *dir;
+		const char *s;
+		lm_model(&g, lm_families[i], GEN_FORMAT_GGUF, MOE_DTYPE_Q4_0);
+		struct gguf_file *gg = write_gguf(&g, &dir);
+		const char *arch = gen_gguf_arch(g.family);
+		cr_assert_eq(gguf_get_str(gg, "general.architecture", &s, NULL), 0);
+		cr_assert_str_eq(s, arch);
+		cr_assert_eq(gguf_get_str(gg, "general.name", &s, NULL), 0);
+		cr_assert_eq(key_u32(gg, arch, "context_length"), g.ctx_len);
+		cr_assert_eq(key_u32(gg, arch, "embedding_length"), g.hidden);
+		cr_assert_eq(key_u32(gg, arch, "block_count"), g.n_layers);
+		cr_assert_eq(key_u32(gg, arch, "attention.head_count"), g.n_head);
+		cr_assert_eq(key_u32(gg, arch, "attention.head_count_kv"), g.n_head_kv);
+		cr_assert_eq(key_u32(gg, arch, "attention.key_length"), g.head_dim);
+		cr_assert_eq(key_u32(gg, arch, "attention.value_length"), g.head_dim);
+		cr_assert_eq(key_u32(gg, arch, "rope.dimension_count"), g.head_dim);
+		cr_assert_eq(key_u32(gg, arch, "expert_count"), g.n_experts);
+		cr_assert_eq(key_u32(gg, arch, "expert_used_count"), g.top_k);
+		cr_assert(key_f32(gg, arch, "attention.layer_norm_rms_epsilon") > 0);
+		cr_assert(key_f32(gg, arch, "rope.freq_base") >= 10000.0f);
+		/* olmoe and llama size experts by feed_forward_length, qwen*moe by expert_ */
+		cr_assert_eq(key_u32(gg, arch, "feed_forward_length"), g.width);
+		if (g.family == MOE_FAMILY_QWEN2_MOE || g.family == MOE_FAMILY_QWEN3_MOE)
+			cr_assert_eq(key_u32(gg, arch, "expert_feed_forward_length"), g.width);
+		if (g.family == MOE_FAMILY_QWEN2_MOE)
+			cr_assert_eq(key_u32(gg, arch, "expert_shared_feed_forward_length"), g.n_shared * g.width);
+		/* the vocabulary */
+		uint32_t et;
+		uint64_t cnt;
+		cr_assert_eq(gguf_get_str(gg, "tokenizer.ggml.model", &s, NULL), 0);
+		cr_assert_str_eq(s, "llama");
+		cr_assert_eq(gguf_get_arr(gg, "tokenizer.ggml.tokens", &et, &cnt), 0);
+		cr_assert_eq(et, GGUF_TYPE_STRING);
+		cr_assert_eq(cnt, g.vocab);
+		cr_assert_eq(gguf_get_arr(gg, "tokenizer.ggml.scores", &et, &cnt), 0);
+		cr_assert(et == GGUF_TYPE_FLOAT32 && cnt == g.vocab);
+		cr_assert_eq(gguf_get_arr(gg, "tokenizer.ggml.token_type", &et, &cnt), 0);
+		cr_assert(et == GGUF_TYPE_INT32 && cnt == g.vocab);
+		const struct gguf_kv *toks = gguf_find_kv(gg, "tokenizer.ggml.tokens");
+		const struct gguf_kv *types = gguf_find_kv(gg, "tokenizer.ggml.token_type");
+		const struct gguf_str *str;
+		int64_t ty;
+		cr_assert_eq(gguf_arr_str(toks, 13, &str), 0); /* byte 0x0A: llama.cpp's newline */
+		cr_assert(str->len == 6 && memcmp(str->data, "<0x0A>", 6) == 0);
+		cr_assert_eq(gguf_arr_i64(types, 13, &ty), 0);
+		cr_assert_eq(ty, 6);
+		cr_assert_eq(gguf_arr_str(toks, 1, &str), 0);
+		cr_assert(str->len == 3 && memcmp(str->data, "<s>", 3) == 0);
+		cr_assert_eq(gguf_arr_i64(types, 1, &ty), 0);
+		cr_assert_eq(ty, 3);
+		uint32_t v;
+		cr_assert(gguf_get_u32(gg, "tokenizer.ggml.bos_token_id", &v) == 0 && v == 1);
+		cr_assert(gguf_get_u32(gg, "tokenizer.ggml.eos_token_id", &v) == 0 && v == 2);
+		gguf_close(gg);
+		tu_rmtree(dir);
+	}
+}
+
+/* Attention values follow the contract: HF order in safetensors and in
+ * GGUF but for llama's q/k, whose rows are convert_hf_to_gguf.py's
+ * permutation of the HF rows; norms near 1, biases small. */
+Test(gen, tiny_lm_attention_values)
+{
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(lm_families); i++) {
+		struct gen_model g;
+		char *dir;
+		uint64_t len;
+		lm_model(&g, lm_families[i], GEN_FORMAT_GGUF, MOE_DTYPE_F32);
+		struct gguf_file *gg = write_gguf(&g, &dir);
+		struct ckpt c = { .gg = gg };
+		const uint32_t n = g.hidden, d = g.head_dim, kvr = g.n_head_kv * d, L = 2;
+		const bool llama = g.family == MOE_FAMILY_MIXTRAL;
+		char name[64];
+		snprintf(name, sizeof(name), "blk.%u.attn_k.weight", L);
+		float *k = (float *)ckpt_read(&c, name, &len), *ref = malloc((size_t)kvr * n * 4);
+		cr_assert_eq(len, (uint64_t)kvr * n * 4);
+		gen_fill_f32(g.seed, GEN_ROLE_ATTN_K, L, GEN_NONE, n, 0, ref, (size_t)kvr * n);
+		for (uint32_t r = 0; r < kvr; r++) {
+			uint32_t h = r / d, in = r % d;
+			uint32_t hf = llama ? h * d + (in % 2) * (d / 2) + in / 2 : r;
+			cr_assert(memcmp(k + (size_t)r * n, ref + (size_t)hf * n, n * 4) == 0, "%s: k row %u",
+				  moe_family_name(g.family), r);
+		}
+		free(k);
+		free(ref);
+		const char *vec = g.family == MOE_FAMILY_QWEN2_MOE ? "attn_q.bias"
+				: g.family == MOE_FAMILY_MIXTRAL ? NULL : "attn_q_norm.weight";
+		if (vec) {
+			snprintf(name, sizeof(name), "blk.%u.%s", L, vec);
+			float *v = (float *)ckpt_read(&c, name, &len);
+			bool bias = g.family == MOE_FAMILY_QWEN2_MOE;
+			for (uint64_t j = 0; j < len / 4; j++)
+				cr_assert(bias ? fabsf(v[j]) <= 1.0f / 64 : fabsf(v[j] - 1.0f) <= 1.0f / 16, "%s %s[%llu] = %g",
+					  moe_family_name(g.family), name, (unsigned long long)j, v[j]);
+			float want;
+			gen_fill_f32(g.seed, bias ? GEN_ROLE_ATTN_Q_BIAS : GEN_ROLE_ATTN_Q_NORM, L, GEN_NONE, 0, 5, &want, 1);
+			cr_assert_eq(v[5], want);
+			free(v);
+		}
+		gguf_close(gg);
+		tu_rmtree(dir);
+	}
+}
+
+/* tiny-lm in both formats and several dtypes: every tensor and expert
+ * part where the contract says. */
+Test(gen, tiny_lm_roundtrip, .timeout = 120)
+{
+	static const struct { enum gen_format fmt; enum moe_dtype dt; } cases[] = {
+		{ GEN_FORMAT_GGUF, MOE_DTYPE_F32 }, { GEN_FORMAT_GGUF, MOE_DTYPE_BF16 }, { GEN_FORMAT_GGUF, MOE_DTYPE_Q8_0 },
+		{ GEN_FORMAT_GGUF, MOE_DTYPE_Q4_0 }, { GEN_FORMAT_SAFETENSORS, MOE_DTYPE_BF16 },
+	};
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(lm_families); i++)
+		for (size_t k = 0; k < MOE_ARRAY_SIZE(cases); k++) {
+			struct gen_model g;
+			lm_model(&g, lm_families[i], cases[k].fmt, cases[k].dt);
+			roundtrip_model(&g);
+		}
+}
+
+/* The safetensors side: HF names of the extras and config.json's keys. */
+Test(gen, tiny_lm_safetensors_config)
+{
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(lm_families); i++) {
+		struct gen_model g;
+		struct moe_error err = { "" };
+		struct safetensors_model *st;
+		char *dir = tu_mkdtemp("gen-lmst");
+		lm_model(&g, lm_families[i], GEN_FORMAT_SAFETENSORS, MOE_DTYPE_BF16);
+		cr_assert_eq(gen_write_model(&g, dir, NULL, NULL, &err), 0, "%s", err.msg);
+		cr_assert_eq(safetensors_model_open(dir, &st, &err), 0, "%s", err.msg);
+		const struct safetensors_tensor *t = safetensors_model_find(st, "model.layers.1.self_attn.q_proj.weight");
+		cr_assert(t && t->n_dims == 2 && t->shape[0] == g.n_head * g.head_dim && t->shape[1] == g.hidden);
+		t = safetensors_model_find(st, "model.layers.1.self_attn.k_proj.weight");
+		cr_assert(t && t->shape[0] == g.n_head_kv * g.head_dim);
+		t = safetensors_model_find(st, "model.layers.1.self_attn.k_norm.weight");
+		if (g.family == MOE_FAMILY_QWEN3_MOE)
+			cr_assert(t && t->n_dims == 1 && t->shape[0] == g.head_dim);
+		else if (g.family == MOE_FAMILY_OLMOE)
+			cr_assert(t && t->n_dims == 1 && t->shape[0] == g.n_head_kv * g.head_dim);
+		else
+			cr_assert_null(t);
+		t = safetensors_model_find(st, "model.layers.1.self_attn.v_proj.bias");
+		cr_assert_eq(t != NULL, g.family == MOE_FAMILY_QWEN2_MOE);
+		safetensors_model_close(st);
+		size_t len;
+		json_error_t je;
+		uint8_t *cb = slurp(dir, "config.json", &len);
+		json_t *cfg = json_loadb((const char *)cb, len, 0, &je);
+		cr_assert(cfg, "%s", je.text);
+#define JI(k) json_integer_value(json_object_get(cfg, k))
+		cr_assert_eq(JI("num_attention_heads"), g.n_head);
+		cr_assert_eq(JI("num_key_value_heads"), g.n_head_kv);
+		cr_assert_eq(JI("head_dim"), g.head_dim);
+		cr_assert_eq(JI("hidden_size"), g.hidden);
+		cr_assert_eq(JI("vocab_size"), g.vocab);
+		cr_assert_eq(JI("max_position_embeddings"), g.ctx_len);
+#undef JI
+		cr_assert(json_real_value(json_object_get(cfg, "rope_theta")) >= 10000.0);
+		double eps = json_real_value(json_object_get(cfg, "rms_norm_eps"));
+		cr_assert(eps > 0 && eps < 1e-4);
+		json_decref(cfg);
+		free(cb);
+		tu_rmtree(dir);
+	}
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Pieces are unique up to Qwen3's 151936 (llama.cpp asserts it), the
+ * byte tokens sit at 3 + b, fillers are "\u2581"-words. */
+Test(gen, vocab_pieces_unique)
+{
+	enum { N = 151936 };
+	char **v = malloc(N * sizeof(*v)), buf[32];
+	float score, last = 1.0f;
+	int32_t type;
+	for (uint32_t i = 0; i < N; i++) {
+		int len = gen_vocab_token(i, buf, sizeof(buf), &score, &type);
+		cr_assert(len > 0 && (size_t)len == strlen(buf), "token %u", i);
+		cr_assert_eq(type, i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1);
+		if (i >= 259) {
+			cr_assert(score < last, "scores fall: %u", i);
+			last = score;
+			for (const char *p = buf; *p; p++)
+				cr_assert(((unsigned char)*p >= 0x80 || (*p >= 'a' && *p <= 'z')), "piece %u '%s'", i, buf);
+		}
+		v[i] = strdup(buf);
+	}
+	cr_assert_str_eq(v[3 + 0xff], "<0xFF>");
+	cr_assert_str_eq(v[259], "\xe2\x96\x81");
+	cr_assert_str_eq(v[260], "a");
+	cr_assert_str_eq(v[286], "\xe2\x96\x81" "a");
+	qsort(v, N, sizeof(*v), cmp_str);
+	for (uint32_t i = 1; i < N; i++)
+		cr_assert_str_neq(v[i - 1], v[i], "duplicate piece '%s'", v[i]);
+	for (uint32_t i = 0; i < N; i++)
+		free(v[i]);
+	free(v);
+	cr_assert_eq(gen_vocab_token(400, buf, 2, NULL, NULL), -ERANGE);
+	cr_assert_eq(gen_vocab_token(3000000, buf, sizeof(buf), NULL, NULL), -ERANGE);
+}
+
+/* The real-shape presets: their published sizes, the family they name,
+ * llama.cpp-loadable, and the OLMoE Q8_0 file at about 6.9 GiB. */
+Test(gen, real_shape_presets)
+{
+	struct gen_model g;
+	struct moe_error err = { "" };
+	struct gen_tensor *t;
+	size_t nt;
+	uint64_t total = 0;
+
+	gen_model_defaults(&g, MOE_FAMILY_UNKNOWN);
+	g.format = GEN_FORMAT_GGUF;
+	g.dtype = MOE_DTYPE_Q8_0;
+	cr_assert_eq(gen_model_preset(&g, "olmoe-1b-7b", &err), 0, "%s", err.msg);
+	cr_assert_eq(g.family, MOE_FAMILY_OLMOE);
+	cr_assert(g.n_layers == 16 && g.hidden == 2048 && g.n_experts == 64 && g.top_k == 8 && g.width == 1024);
+	cr_assert(g.vocab == 50304 && g.n_head == 16 && g.n_head_kv == 16 && g.head_dim == 128);
+	cr_assert_eq(g.format, GEN_FORMAT_GGUF);
+	cr_assert_eq(gen_model_llama_check(&g, &err), 0, "%s", err.msg);
+	cr_assert_eq(gen_model_tensors(&g, &t, &nt, &err), 0, "%s", err.msg);
+	cr_assert_eq(nt, 3 + 16 * 12);
+	for (size_t i = 0; i < nt; i++)
+		total += t[i].nbytes;
+	free(t);
+	cr_assert(total > 6.8 * 1073741824.0 && total < 6.9 * 1073741824.0, "%llu bytes", (unsigned long long)total);
+
+	gen_model_defaults(&g, MOE_FAMILY_QWEN3_MOE);
+	g.format = GEN_FORMAT_GGUF;
+	cr_assert_eq(gen_model_preset(&g, "qwen3-30b-a3b", &err), 0, "%s", err.msg);
+	cr_assert(g.n_layers == 8 && g.hidden == 2048 && g.n_experts == 128 && g.top_k == 8 && g.width == 768);
+	cr_assert(g.vocab == 151936 && g.n_head == 32 && g.n_head_kv == 4 && g.head_dim == 128);
+	cr_assert_eq(gen_model_llama_check(&g, &err), 0, "%s", err.msg);
+	cr_assert_eq(gen_model_tensors(&g, &t, &nt, &err), 0, "%s", err.msg);
+	cr_assert_eq(nt, 3 + 8 * 12);
+	free(t);
+
+	/* a preset of another family is refused */
+	gen_model_defaults(&g, MOE_FAMILY_MIXTRAL);
+	cr_assert_eq(gen_model_preset(&g, "qwen3-30b-a3b", &err), -EINVAL);
+	cr_assert(strstr(err.msg, "qwen3_moe"), "%s", err.msg);
+	/* tiny is not for llama.cpp; tiny-lm of a family it lacks neither */
+	gen_model_defaults(&g, MOE_FAMILY_QWEN2_MOE);
+	cr_assert_eq(gen_model_llama_check(&g, &err), -ENOTSUP);
+	gen_model_defaults(&g, MOE_FAMILY_DEEPSEEK_V2);
+	cr_assert_eq(gen_model_preset(&g, "tiny-lm", &err), 0);
+	cr_assert_eq(gen_model_llama_check(&g, &err), -ENOTSUP);
 }
 
 /* ---- traces ---- */

@@ -153,6 +153,18 @@ static int write_small(const char *dir, const char *name, const char *text, uint
 	return rc;
 }
 
+/* Writes o (consumed) as indented JSON. */
+static int write_json(const char *dir, const char *name, json_t *o, uint64_t *bytes, struct moe_error *err)
+{
+	char *text = json_dumps(o, JSON_INDENT(2));
+	json_decref(o);
+	if (!text)
+		return moe_error_set(err, -ENOMEM, "cannot build %s", name);
+	int rc = write_small(dir, name, text, bytes, err);
+	free(text);
+	return rc;
+}
+
 int gen_make_dir(const char *dir, struct moe_error *err)
 {
 	struct stat st;
@@ -235,7 +247,6 @@ int gen_write_safetensors(const struct gen_model *g, const char *dir, uint32_t *
 	struct gen_tensor *t = NULL;
 	size_t nt = 0;
 	uint64_t total = 0, data_total = 0;
-	char *text;
 	int rc;
 
 	if (g->format != GEN_FORMAT_SAFETENSORS)
@@ -261,27 +272,10 @@ int gen_write_safetensors(const struct gen_model *g, const char *dir, uint32_t *
 			jset(wm, t[i].name, json_string(name));
 		}
 		jset(idx, "weight_map", wm);
-		text = json_dumps(idx, JSON_INDENT(2));
-		json_decref(idx);
-		if (!text) {
-			rc = moe_error_set(err, -ENOMEM, "cannot build the index");
-			goto out;
-		}
-		rc = write_small(dir, "model.safetensors.index.json", text, &total, err);
-		free(text);
-		if (rc)
+		if ((rc = write_json(dir, "model.safetensors.index.json", idx, &total, err)))
 			goto out;
 	}
-	json_t *cfg = config_json(g);
-	text = json_dumps(cfg, JSON_INDENT(2));
-	json_decref(cfg);
-	if (!text) {
-		rc = moe_error_set(err, -ENOMEM, "cannot build config.json");
-		goto out;
-	}
-	rc = write_small(dir, "config.json", text, &total, err);
-	free(text);
-	if (rc)
+	if ((rc = write_json(dir, "config.json", config_json(g), &total, err)))
 		goto out;
 	if (files)
 		*files = g->shards + (g->shards > 1) + 1;
