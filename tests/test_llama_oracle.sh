@@ -84,6 +84,7 @@ EOF
 	# Speed line of the benchmark's llama.cpp side.
 	"$O" decode "$m" --prompt-tokens "$prompt" --feed-tokens 5,6,7,8 2>/dev/null >"$tmp/d.txt"
 	grep -Eq '^llama-oracle: prefill_tps=[0-9.]+ decode_tps=[0-9.]+ n_decode=4$' "$tmp/d.txt"
+	grep -Eq '^llama-oracle: load_s=[0-9.]+ .* read_decode_mib_per_tok=-?[0-9.]+$' "$tmp/d.txt"
 }
 for m in $models; do
 	check "$m"
