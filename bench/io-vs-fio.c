@@ -10,6 +10,11 @@
  * measures the page-cache ways (mmap + memcpy as llama.cpp maps weights;
  * buffered pread) and tier_nvme with the CRC32C check the cache does.
  * Prints the table, then `io-vs-fio: ratio=X (...)`.
+ *
+ * --bpf-overhead (bench/bpf-overhead): instead, tier_nvme at QD 8 with the
+ * daemon's eBPF programs (daemon/bpf.c: iolat on the pack's device, faults
+ * on the arena, runqlat on this process) attached against detached, in A/B
+ * pairs, and `bpf-overhead: ratio=X (throughput attached / detached)`.
  */
 #define _GNU_SOURCE
 #include "config.h"
@@ -29,6 +34,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bpf.h"
 #include "crc32c.h"
 #include "pack.h"
 #include "stats.h"
@@ -349,14 +355,78 @@ static int make_pack(const char *path, uint64_t bytes)
 	return rc;
 }
 
+/* tier_nvme at QD 8 with the eBPF programs attached against detached, A/B
+ * pairs (the order alternates), caches dropped before every run. */
+static int bpf_overhead(int pairs)
+{
+	struct stat ps, as;
+	struct bpf_obs_config cfg = { .n_devs = 1, .n_arenas = 1 };
+	double det[20], att[20], ratio[20];
+	uint64_t seen = 0;
+
+	if (stat(pack_path, &ps) < 0 || tier_host_fd(arena) < 0 || fstat(tier_host_fd(arena), &as) < 0) {
+		fprintf(stderr, "bpf-overhead: needs the pack on disk and a memfd arena (not --anon)\n");
+		return 1;
+	}
+	cfg.devs[0] = ps.st_dev;
+	cfg.arenas[0].dev = as.st_dev;
+	cfg.arenas[0].ino = as.st_ino;
+	snprintf(cfg.arenas[0].name, sizeof(cfg.arenas[0].name), "host");
+	for (int p = 0; p < pairs; p++) {
+		for (int k = 0; k < 2; k++) {
+			bool attached = (k == 0) == (p % 2 == 1);
+			struct bpf_obs *o = NULL;
+			if (attached) {
+				bpf_obs_start(&cfg, &o);
+				for (int q = 0; q < BPF_OBS_NPROGS; q++)
+					if (!bpf_obs_attached(o, q)) {
+						fprintf(stderr, "bpf-overhead: %s %s\n", bpf_obs_prog_name(q),
+							bpf_obs_status(o, q));
+						bpf_obs_stop(o);
+						return 77;
+					}
+			}
+			drop_caches();
+			struct run r = run_ours(8, false);
+			if (attached) {
+				struct bpf_obs_snapshot sn;
+				if (bpf_obs_read(o, &sn) == 0)
+					seen += sn.io[0][IOLAT_READ].lat_us.count;
+				bpf_obs_stop(o);
+				att[p] = r.gbps;
+			} else {
+				det[p] = r.gbps;
+			}
+		}
+		ratio[p] = att[p] / det[p];
+		fprintf(stderr, "  pair %d: detached %.2f GB/s, attached %.2f GB/s, ratio %.3f\n", p + 1, det[p], att[p],
+			ratio[p]);
+	}
+	printf("%-28s %10s %10s %10s\n", "tier_nvme QD 8", "GB/s med", "GB/s min", "GB/s max");
+	for (int w = 0; w < 2; w++) {
+		double *g = w ? att : det, lo = g[0], hi = g[0];
+		for (int p = 1; p < pairs; p++) {
+			lo = MOE_MIN(lo, g[p]);
+			hi = MOE_MAX(hi, g[p]);
+		}
+		printf("%-28s %10.2f %10.2f %10.2f\n", w ? "eBPF programs attached" : "detached", median(g, pairs), lo, hi);
+	}
+	printf("iolat counted %llu read requests in the attached runs (%.1f per expert)\n", (unsigned long long)seen,
+	       (double)seen / ((double)n_ext * pairs));
+	printf("bpf-overhead: ratio=%.3f (throughput attached / detached, median of %d A/B pairs, QD 8; target >= 0.98)\n",
+	       median(ratio, pairs), pairs);
+	return 0;
+}
+
 static void usage(void)
 {
-	fprintf(stderr, "usage: io-vs-fio [--quick] [--pairs N] [--size BYTES] [--pack PATH] [--keep] [--dir DIR] [--make-only] [--anon]\n");
+	fprintf(stderr, "usage: io-vs-fio [--quick] [--pairs N] [--size BYTES] [--pack PATH] [--keep] [--dir DIR] [--make-only] [--anon]\n"
+			"                 [--bpf-overhead]\n");
 }
 
 int main(int argc, char **argv)
 {
-	bool quick = false, keep = false, make_only = false, anon = false;
+	bool quick = false, keep = false, make_only = false, anon = false, bpf_mode = false;
 	int pairs = 5;
 	uint64_t size = 4ull << 30;
 	const char *given = NULL, *dir = "/var/tmp";
@@ -364,10 +434,11 @@ int main(int argc, char **argv)
 		{ "quick", no_argument, NULL, 'q' }, { "pairs", required_argument, NULL, 'n' },
 		{ "size", required_argument, NULL, 's' }, { "pack", required_argument, NULL, 'p' },
 		{ "keep", no_argument, NULL, 'k' }, { "dir", required_argument, NULL, 'd' },
-		{ "make-only", no_argument, NULL, 'm' }, { "anon", no_argument, NULL, 'a' }, { "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 }
+		{ "make-only", no_argument, NULL, 'm' }, { "anon", no_argument, NULL, 'a' }, { "bpf-overhead", no_argument, NULL, 'b' },
+		{ "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 }
 	};
 	int o;
-	while ((o = getopt_long(argc, argv, "qn:s:p:kd:mah", opts, NULL)) != -1) {
+	while ((o = getopt_long(argc, argv, "qn:s:p:kd:mabh", opts, NULL)) != -1) {
 		switch (o) {
 		case 'q': quick = true; break;
 		case 'n': pairs = atoi(optarg); break;
@@ -382,6 +453,7 @@ int main(int argc, char **argv)
 		case 'd': dir = optarg; break;
 		case 'm': make_only = true; break;
 		case 'a': anon = true; break;
+		case 'b': bpf_mode = true; break;
 		default: usage(); return o == 'h' ? 0 : 2;
 		}
 	}
@@ -394,7 +466,11 @@ int main(int argc, char **argv)
 		fprintf(stderr, "io-vs-fio: --pairs must be 3..20\n");
 		return 2;
 	}
-	if (system("fio --version >/dev/null 2>&1") != 0) {
+	if (bpf_mode && geteuid() != 0) {
+		fprintf(stderr, "bpf-overhead: needs root (CAP_BPF and CAP_PERFMON) to attach the programs\n");
+		return 77;
+	}
+	if (!bpf_mode && system("fio --version >/dev/null 2>&1") != 0) {
 		fprintf(stderr, "io-vs-fio: fio is not installed; nothing to compare with\n");
 		return 77;
 	}
@@ -458,6 +534,14 @@ int main(int argc, char **argv)
 	       anon ? "anonymous THP" : "memfd", tier_host_locked(arena) ? "mlocked" : "not locked", (double)tier_host_populate_ns(arena) / 1e6,
 	       loadavg[0]);
 
+	if (bpf_mode) {
+		int rc = bpf_overhead(pairs);
+		tier_host_destroy(arena);
+		pack_close(pack);
+		if (!given && !keep)
+			unlink(path);
+		return rc;
+	}
 	static const unsigned qds[3] = { 1, 4, 8 };
 	struct run ours[3][20], fio[3][20], fio_plain[20], crc[20], mm[20], pr[20];
 	for (int p = 0; p < pairs; p++) {

@@ -5,7 +5,7 @@
 # by daemon/bpf.c. Without HAVE_BPF, bpf.c builds its "not available" stubs.
 libmoetierd_a_SOURCES += daemon/bpf.c daemon/bpf.h
 noinst_HEADERS += ebpf/hist.h ebpf/hist.bpf.h ebpf/iolat.h ebpf/faults.h ebpf/runqlat.h
-EXTRA_DIST += ebpf/iolat.bpf.c ebpf/faults.bpf.c ebpf/runqlat.bpf.c doc/ebpf.md
+EXTRA_DIST += ebpf/iolat.bpf.c ebpf/faults.bpf.c ebpf/runqlat.bpf.c
 
 if HAVE_BPF
 BPF_SKELS = ebpf/iolat.skel.h ebpf/faults.skel.h ebpf/runqlat.skel.h
@@ -51,3 +51,7 @@ tests_test_bpf_CPPFLAGS = $(AM_CPPFLAGS) -DMOETIER_FAULT_INJECTION
 tests_test_bpf_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_bpf_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
 endif
+
+# bench/bpf-overhead: io-vs-fio --bpf-overhead (attached vs detached).
+dist_noinst_SCRIPTS += bench/bpf-overhead
+dist_doc_DATA += doc/ebpf.md
