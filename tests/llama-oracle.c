@@ -8,6 +8,7 @@
  *   llama-oracle detok    MODEL IDS [--special]
  *   llama-oracle greedy   MODEL --tokens IDS [-n N] [--stop-eog]
  *   llama-oracle decode   MODEL --prompt-tokens IDS --feed-tokens IDS
+ *   llama-oracle info     MODEL   (n_vocab)
  *   llama-oracle mkmodel  OUT.gguf [--arch A] [--seed S]
  *
  * Common: -t N threads (1), --ctx N, --batch N, --load-mode M, --flash-attn
@@ -419,6 +420,16 @@ static int cmd_greedy(const struct opts *o)
 	return 0;
 }
 
+/* What a script needs before it picks token ids. vocab_only: no weights
+ * are read (nor the other hyperparameters), so it is cheap on a 7 GB model. */
+static int cmd_info(const struct opts *o)
+{
+	struct llama_model *m = load_model(o, true);
+	printf("n_vocab=%d\n", llama_vocab_n_tokens(llama_model_get_vocab(m)));
+	llama_model_free(m);
+	return 0;
+}
+
 /* Bytes this process (all its threads) made the block layer read: page
  * faults on the mmap'ed model included, page-cache hits not. -1 if unknown. */
 static double read_bytes(void)
@@ -657,6 +668,7 @@ static void usage(FILE *f)
 		"       llama-oracle detok    MODEL.gguf IDS [--special]\n"
 		"       llama-oracle greedy   MODEL.gguf --tokens IDS [-n N] [--stop-eog]\n"
 		"       llama-oracle decode   MODEL.gguf --prompt-tokens IDS --feed-tokens IDS\n"
+		"       llama-oracle info     MODEL.gguf\n"
 		"       llama-oracle mkmodel  OUT.gguf [--arch qwen3moe|qwen2moe|olmoe|llama] [--seed S]\n"
 		"common: -t N threads (1)  --ctx N  --batch N  --load-mode auto|none|mmap|mlock|mmap+mlock|dio\n"
 		"        --flash-attn on|off|auto  --no-repack  -v (llama.cpp's whole log)\n"
@@ -768,6 +780,8 @@ int main(int argc, char **argv)
 		rc = cmd_greedy(&o);
 	else if (!strcmp(o.cmd, "decode"))
 		rc = cmd_decode(&o);
+	else if (!strcmp(o.cmd, "info"))
+		rc = cmd_info(&o);
 	else if (!strcmp(o.cmd, "mkmodel"))
 		rc = cmd_mkmodel(&o);
 	else {

@@ -93,6 +93,7 @@ done
 # Tokenizer (llama.cpp's SentencePiece on mkmodel's vocabulary): BOS first
 # unless --no-special, and detok gives the text back.
 m=$tmp/a.gguf
+[ "$("$O" info "$m")" = n_vocab=512 ]
 ids=$("$O" tokenize "$m" "hello the world")
 plain=$("$O" tokenize "$m" --no-special "hello the world")
 [ "$ids" = "1,$plain" ] || { echo "tokenize: BOS expected: $ids vs $plain" >&2; exit 1; }
