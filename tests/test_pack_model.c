@@ -408,3 +408,169 @@ Test(pack_model, st_qwen2_moe) { st_vs_gguf("qwen2_moe"); }
 Test(pack_model, st_qwen3_moe) { st_vs_gguf("qwen3_moe"); }
 Test(pack_model, st_olmoe) { st_vs_gguf("olmoe"); }
 Test(pack_model, st_mixtral) { st_vs_gguf("mixtral"); }
+
+/* ---- tokenizer.json -> tokenizer.ggml.* ---- */
+
+static const struct gguf_kv *need_kv(const struct gguf_file *kv, const char *key, uint32_t type)
+{
+	const struct gguf_kv *x = gguf_find_kv(kv, key);
+	cr_assert_not_null(x, "%s missing", key);
+	cr_assert_eq(x->type, type, "%s: type %u", key, x->type);
+	return x;
+}
+
+static const char *arr_str(const struct gguf_kv *x, uint64_t i)
+{
+	const struct gguf_str *s;
+	cr_assert_eq(gguf_arr_str(x, i, &s), 0);
+	return s->data;
+}
+
+static int64_t arr_int(const struct gguf_kv *x, uint64_t i)
+{
+	int64_t v;
+	cr_assert_eq(gguf_arr_i64(x, i, &v), 0);
+	return v;
+}
+
+/* Generates an f32 safetensors model of the family with the given
+ * tokenizer files, packs it; returns the pack's KV and config's vocab_size. */
+static struct gguf_file *st_with_tokenizer(const char *dir, const char *family, const char *tok, const char *tok_cfg,
+					   struct pack_file **p, void **buf, uint64_t *vocab)
+{
+	char path[4200], *log;
+	struct moe_error err = { "" };
+	struct gguf_file *kv;
+	cr_assert_eq(tu_sh("'%s' model --family %s --dtype f32 --preset tiny --out '%s/s' > /dev/null 2>&1",
+			   tu_build_path("tools/moe-gen"), family, dir), 0);
+	snprintf(path, sizeof(path), "%s/s/tokenizer.json", dir);
+	cr_assert_eq(tu_write_file(path, tok, strlen(tok)), 0);
+	snprintf(path, sizeof(path), "%s/s/tokenizer_config.json", dir);
+	cr_assert_eq(tu_write_file(path, tok_cfg, strlen(tok_cfg)), 0);
+	snprintf(path, sizeof(path), "%s/s/config.json", dir);
+	char *cfg = tu_read_file(path, NULL);
+	const char *vs = strstr(cfg, "\"vocab_size\"");
+	cr_assert_not_null(vs);
+	*vocab = strtoull(strchr(vs, ':') + 1, NULL, 10);
+	free(cfg);
+	snprintf(path, sizeof(path), "%s/x.moepack", dir);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/s' -o '%s' -q", dir, path), 0, "%s", log);
+	free(log);
+	cr_assert_eq(pack_open(path, 0, p, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open_kv(*p, buf, &kv, &err), 0, "%s", err.msg);
+	return kv;
+}
+
+/* Byte-level BPE (Qwen2): gpt2 model, qwen2 pre-tokenizer, merges in both
+ * JSON forms, added special tokens CONTROL, missing ids [PADi]. */
+Test(pack_model, st_tokenizer_bpe)
+{
+	char *dir = tu_mkdtemp("pmt");
+	struct pack_file *p;
+	void *buf;
+	uint64_t n;
+	const char *tok =
+		"{\"version\": \"1.0\", \"added_tokens\": ["
+		"{\"id\": 5, \"content\": \"<|endoftext|>\", \"special\": true},"
+		"{\"id\": 6, \"content\": \"<|im_start|>\", \"special\": true},"
+		"{\"id\": 7, \"content\": \"<tool>\", \"special\": false}],"
+		"\"model\": {\"type\": \"BPE\", \"byte_fallback\": false,"
+		"\"vocab\": {\"a\": 0, \"b\": 1, \"\\u0120a\": 2, \"ab\": 3, \"\\u0120ab\": 4},"
+		"\"merges\": [\"a b\", [\"\\u0120\", \"a\"], \"\\u0120a b\"]}}";
+	const char *tc = "{\"add_bos_token\": false, \"bos_token\": null, \"eos_token\": \"<|endoftext|>\"}";
+	struct gguf_file *kv = st_with_tokenizer(dir, "qwen2_moe", tok, tc, &p, &buf, &n);
+	cr_assert_geq(n, 8);
+	cr_assert_str_eq(need_kv(kv, "tokenizer.ggml.model", GGUF_TYPE_STRING)->v.str.data, "gpt2");
+	cr_assert_str_eq(need_kv(kv, "tokenizer.ggml.pre", GGUF_TYPE_STRING)->v.str.data, "qwen2");
+	const struct gguf_kv *t = need_kv(kv, "tokenizer.ggml.tokens", GGUF_TYPE_ARRAY);
+	const struct gguf_kv *ty = need_kv(kv, "tokenizer.ggml.token_type", GGUF_TYPE_ARRAY);
+	const struct gguf_kv *m = need_kv(kv, "tokenizer.ggml.merges", GGUF_TYPE_ARRAY);
+	cr_assert_eq(t->v.arr.count, n);
+	cr_assert_eq(ty->v.arr.count, n);
+	cr_assert_eq(ty->v.arr.type, GGUF_TYPE_INT32);
+	cr_assert_str_eq(arr_str(t, 0), "a");
+	cr_assert_str_eq(arr_str(t, 2), "\xc4\xa0" "a");
+	cr_assert_str_eq(arr_str(t, 5), "<|endoftext|>");
+	cr_assert_str_eq(arr_str(t, 7), "<tool>");
+	cr_assert_eq(arr_int(ty, 0), 1);
+	cr_assert_eq(arr_int(ty, 5), 3);
+	cr_assert_eq(arr_int(ty, 7), 4);
+	if (n > 8) {
+		cr_assert_str_eq(arr_str(t, 8), "[PAD8]");
+		cr_assert_eq(arr_int(ty, 8), 5);
+	}
+	cr_assert_eq(m->v.arr.count, 3);
+	cr_assert_str_eq(arr_str(m, 0), "a b");
+	cr_assert_str_eq(arr_str(m, 1), "\xc4\xa0 a");
+	cr_assert_str_eq(arr_str(m, 2), "\xc4\xa0" "a b");
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.eos_token_id", GGUF_TYPE_UINT32)->v.u64, 5);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.add_bos_token", GGUF_TYPE_BOOL)->v.u64, 0);
+	cr_assert_null(gguf_find_kv(kv, "tokenizer.ggml.scores"));
+	gguf_close(kv);
+	free(buf);
+	pack_close(p);
+	tu_rmtree(dir);
+}
+
+/* BPE with byte_fallback (Mistral/Mixtral): llama model, scores, BYTE and
+ * UNKNOWN token types, bos/unk ids. */
+Test(pack_model, st_tokenizer_llama)
+{
+	char *dir = tu_mkdtemp("pml");
+	struct pack_file *p;
+	void *buf;
+	uint64_t n;
+	const char *tok =
+		"{\"added_tokens\": ["
+		"{\"id\": 0, \"content\": \"<unk>\", \"special\": true},"
+		"{\"id\": 1, \"content\": \"<s>\", \"special\": true},"
+		"{\"id\": 2, \"content\": \"</s>\", \"special\": true}],"
+		"\"model\": {\"type\": \"BPE\", \"byte_fallback\": true, \"unk_token\": \"<unk>\","
+		"\"vocab\": {\"<unk>\": 0, \"<s>\": 1, \"</s>\": 2, \"<0x00>\": 3, \"<0x0A>\": 4,"
+		"\"\\u2581\": 5, \"\\u2581a\": 6}, \"merges\": [\"\\u2581 a\"]}}";
+	const char *tc = "{\"add_bos_token\": true, \"add_eos_token\": false, \"bos_token\": \"<s>\","
+			 "\"eos_token\": {\"content\": \"</s>\"}}";
+	struct gguf_file *kv = st_with_tokenizer(dir, "mixtral", tok, tc, &p, &buf, &n);
+	cr_assert_str_eq(need_kv(kv, "general.architecture", GGUF_TYPE_STRING)->v.str.data, "llama");
+	cr_assert_str_eq(need_kv(kv, "tokenizer.ggml.model", GGUF_TYPE_STRING)->v.str.data, "llama");
+	const struct gguf_kv *t = need_kv(kv, "tokenizer.ggml.tokens", GGUF_TYPE_ARRAY);
+	const struct gguf_kv *ty = need_kv(kv, "tokenizer.ggml.token_type", GGUF_TYPE_ARRAY);
+	const struct gguf_kv *sc = need_kv(kv, "tokenizer.ggml.scores", GGUF_TYPE_ARRAY);
+	cr_assert_eq(t->v.arr.count, n);
+	cr_assert_eq(sc->v.arr.count, n);
+	cr_assert_eq(sc->v.arr.type, GGUF_TYPE_FLOAT32);
+	cr_assert_str_eq(arr_str(t, 6), "\xe2\x96\x81" "a");
+	cr_assert_eq(arr_int(ty, 0), 2);
+	cr_assert_eq(arr_int(ty, 1), 3);
+	cr_assert_eq(arr_int(ty, 3), 6);
+	cr_assert_eq(arr_int(ty, 6), 1);
+	double s6;
+	cr_assert_eq(gguf_arr_f64(sc, 6, &s6), 0);
+	cr_assert_eq(s6, -6.0);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.bos_token_id", GGUF_TYPE_UINT32)->v.u64, 1);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.eos_token_id", GGUF_TYPE_UINT32)->v.u64, 2);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.unknown_token_id", GGUF_TYPE_UINT32)->v.u64, 0);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.add_bos_token", GGUF_TYPE_BOOL)->v.u64, 1);
+	cr_assert_eq(need_kv(kv, "llama.rope.dimension_count", GGUF_TYPE_UINT32)->v.u64 % 2, 0);
+	gguf_close(kv);
+	free(buf);
+	pack_close(p);
+	tu_rmtree(dir);
+}
+
+/* A tokenizer moe-pack cannot convert is refused, naming the file. */
+Test(pack_model, st_tokenizer_unsupported)
+{
+	char *dir = tu_mkdtemp("pmw"), path[4200], *log;
+	const char *tok = "{\"model\": {\"type\": \"WordPiece\", \"vocab\": {\"a\": 0}}}";
+	cr_assert_eq(tu_sh("'%s' model --family olmoe --preset tiny --out '%s/s' > /dev/null 2>&1",
+			   tu_build_path("tools/moe-gen"), dir), 0);
+	snprintf(path, sizeof(path), "%s/s/tokenizer.json", dir);
+	cr_assert_eq(tu_write_file(path, tok, strlen(tok)), 0);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/s' -o '%s/x.moepack' -q", dir, dir), 1, "%s", log);
+	cr_assert(strstr(log, "tokenizer.json: only BPE tokenizers"), "%s", log);
+	free(log);
+	cr_assert_eq(pack_cmd(dir, &log, "convert --experts-only '%s/s' -o '%s/x.moepack' -q", dir, dir), 0, "%s", log);
+	free(log);
+	tu_rmtree(dir);
+}

@@ -1416,7 +1416,8 @@ static int hf_tokenizer_kv(struct kvw *k, const char *dir, json_t *c, enum moe_f
 			}
 		}
 	}
-	/* special ids: config.json, else tokenizer_config.json's strings */
+	/* special ids: tokenizer_config.json's strings, else config.json (the
+	 * order of gguf-py's SpecialVocab) */
 	static const char *const specials[][3] = {
 		{ "bos_token_id", "bos_token", "tokenizer.ggml.bos_token_id" },
 		{ "eos_token_id", "eos_token", "tokenizer.ggml.eos_token_id" },
@@ -1425,12 +1426,12 @@ static int hf_tokenizer_kv(struct kvw *k, const char *dir, json_t *c, enum moe_f
 	for (size_t j = 0; j < MOE_ARRAY_SIZE(specials); j++) {
 		json_t *x = json_object_get(c, specials[j][0]);
 		json_int_t id = -1;
-		if (json_is_integer(x))
-			id = json_integer_value(x);
-		else if (json_is_array(x) && json_is_integer(json_array_get(x, 0)))
-			id = json_integer_value(json_array_get(x, 0));
-		else if (tc && tc_token(tc, specials[j][1]))
+		if (tc && tc_token(tc, specials[j][1]))
 			id = tok_id(vocab, added, tc_token(tc, specials[j][1]));
+		if (id < 0 && json_is_integer(x))
+			id = json_integer_value(x);
+		else if (id < 0 && json_is_array(x) && json_is_integer(json_array_get(x, 0)))
+			id = json_integer_value(json_array_get(x, 0));
 		if (id >= 0 && (uint64_t)id < n)
 			kw_u32(k, specials[j][2], (uint32_t)id);
 	}
