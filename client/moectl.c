@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "moetier/moetier.h"
@@ -70,6 +71,74 @@ static json_int_t jget(json_t *o, const char *k1, const char *k2)
 static volatile sig_atomic_t stop;
 static void on_sig(int s) { (void)s; stop = 1; }
 
+/* The q-quantile of a log2 histogram as the daemon renders it: JSON array
+ * `key` of counts, slot i = [2^(i-1), 2^i) units for the daemon's own
+ * ("log2_buckets", ns) and [2^i, 2^(i+1)) for the eBPF ones ("log2_slots",
+ * µs); returns the slot's upper bound in µs, or -1 when empty. */
+static double hist_quantile_us(json_t *h, const char *key, double q, bool ns)
+{
+	json_t *a = json_object_get(h, key);
+	size_t n = json_array_size(a);
+	json_int_t total = 0, seen = 0;
+
+	for (size_t i = 0; i < n; i++)
+		total += json_integer_value(json_array_get(a, i));
+	if (total <= 0)
+		return -1;
+	json_int_t want = (json_int_t)(q * (double)total + 0.5);
+	if (want < 1)
+		want = 1;
+	for (size_t i = 0; i < n; i++) {
+		seen += json_integer_value(json_array_get(a, i));
+		if (seen >= want)
+			return ns ? (double)(1ull << i) / 1e3 : (double)(2ull << i);
+	}
+	return -1;
+}
+
+/* What the kernel sees (the daemon's eBPF programs) beside what the daemon
+ * measures itself: block-layer read latency against the daemon's NVMe read
+ * latency, arena page faults (must stay 0), run-queue waits. */
+static void show_kernel_view(json_t *root, json_t *model)
+{
+	json_t *bpf = json_object_get(root, "bpf");
+	json_t *own = json_object_get(json_object_get(model, "histograms"), "nvme_read_ns");
+	double o50 = hist_quantile_us(own, "log2_buckets", 0.5, true), o99 = hist_quantile_us(own, "log2_buckets", 0.99, true);
+
+	if (!bpf) {
+		printf("kernel:    (this daemon reports no eBPF view)\n");
+		return;
+	}
+	const char *st = json_string_value(json_object_get(json_object_get(bpf, "programs"), "iolat"));
+	json_t *rows = json_object_get(bpf, "iolat");
+	bool shown = false;
+	for (size_t i = 0; i < json_array_size(rows); i++) {
+		json_t *r = json_array_get(rows, i), *lat = json_object_get(r, "lat_us");
+		if (strcmp(json_string_value(json_object_get(r, "op")) ?: "", "read") != 0)
+			continue;
+		printf("block I/O: dev %s reads %" JSON_INTEGER_FORMAT " p50<=%.0fus p99<=%.0fus (kernel)   "
+		       "daemon expert reads p50<=%.0fus p99<=%.0fus\n",
+		       json_string_value(json_object_get(r, "dev")), json_integer_value(json_object_get(lat, "count")),
+		       hist_quantile_us(lat, "log2_slots", 0.5, false), hist_quantile_us(lat, "log2_slots", 0.99, false),
+		       o50, o99);
+		shown = true;
+	}
+	if (!shown)
+		printf("block I/O: %s\n", st ? st : "not available");
+	json_t *af = json_object_get(bpf, "arena_faults");
+	for (size_t i = 0; i < json_array_size(af); i++) {
+		json_t *a = json_array_get(af, i);
+		json_int_t d = json_integer_value(json_object_get(a, "daemon")), c = json_integer_value(json_object_get(a, "clients"));
+		printf("faults:    arena %s daemon %" JSON_INTEGER_FORMAT " clients %" JSON_INTEGER_FORMAT "%s\n",
+		       json_string_value(json_object_get(a, "arena")), d, c,
+		       d || c ? "   !! ARENA PAGE FAULTS: the arena is not (or no longer) resident" : "");
+	}
+	json_t *rq = json_object_get(bpf, "runqlat_us");
+	if (json_integer_value(json_object_get(rq, "count")) > 0)
+		printf("run queue: daemon threads waited p50<=%.0fus p99<=%.0fus for a core\n",
+		       hist_quantile_us(rq, "log2_slots", 0.5, false), hist_quantile_us(rq, "log2_slots", 0.99, false));
+}
+
 /* top: one screen per interval from the JSON stats and the shared
  * residency bitmaps (a data-plane attach maps them; no round trip). */
 static int cmd_top(int argc, char **argv)
@@ -127,13 +196,22 @@ static int cmd_top(int argc, char **argv)
 		printf("hit rate:  %.1f%% now (%" JSON_INTEGER_FORMAT " acquires/interval), %.1f%% overall\n",
 		       da > 0 ? 100.0 * (double)dh / (double)da : 0.0, da, acq > 0 ? 100.0 * (double)(h_host + h_gpu) / (double)acq : 0.0);
 		printf("NVMe:      %.1f MB/s loaded\n", (double)db / 1e6 / interval);
+		show_kernel_view(root, model);
 		printf("heat map (per layer: '#' host, 'G' gpu, '.' absent; hits brightness 0-9 below)\n");
 		moet_expert_counters(c, hits, NULL, NULL, NULL);
 		uint64_t maxh = 1;
 		for (size_t i = 0; i < ne; i++)
 			maxh = hits[i] > maxh ? hits[i] : maxh;
 		unsigned show = mi.n_experts > 128 ? 128 : mi.n_experts;
-		for (uint32_t l = 0; l < mi.n_moe_layers && l < 64; l++) {
+		/* Fit the terminal: the header above takes about 10 lines, each
+		 * layer two; the rest of the layers are summarised in one line. */
+		uint32_t fit = mi.n_moe_layers;
+		struct winsize ws;
+		if (tty && ioctl(1, TIOCGWINSZ, &ws) == 0 && ws.ws_row > 12)
+			fit = (uint32_t)(ws.ws_row - 12) / 2;
+		if (fit > 64)
+			fit = 64;
+		for (uint32_t l = 0; l < mi.n_moe_layers && l < fit; l++) {
 			char row[2][129];
 			moet_resident(c, l, MOET_TIER_HOST, mask, mi.n_experts);
 			for (unsigned e = 0; e < show; e++)
@@ -147,6 +225,8 @@ static int cmd_top(int argc, char **argv)
 			row[0][show] = row[1][show] = '\0';
 			printf("L%-3u %s\n     %s\n", l, row[0], row[1]);
 		}
+		if (fit < mi.n_moe_layers)
+			printf("(%u more layers: a taller terminal shows them)\n", mi.n_moe_layers - fit);
 		fflush(stdout);
 		json_decref(root);
 		if (count < 0 || it + 1 < count) {
