@@ -12,3 +12,6 @@ EXTRA_DIST += tests/llama-oracle.c
 # Skips (77) where the peer is absent.
 TESTS += tests/test_llama_oracle.sh
 EXTRA_DIST += tests/test_llama_oracle.sh
+# Decode tokens/s of moe-run against llama.cpp under memory budgets (root,
+# idle machine; --dry-run shows the plan). Not a test.
+dist_noinst_SCRIPTS += bench/decode-vs-llamacpp
