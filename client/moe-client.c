@@ -385,8 +385,20 @@ static int cmd_replay(int argc, char **argv)
 			fprintf(stderr, "moe-client replay: %s\n", err.msg);
 			break;
 		}
-		if (tr->n_layers > mi.n_moe_layers || tr->max_expert >= mi.n_experts)
+		if (tr->max_expert >= mi.n_experts)
 			folded = true;
+		/* Trace rows name model layers (first_layer + li): a row for a
+		 * layer without routed experts is an error, not MoE layer 0. */
+		uint32_t step = mi.moe_layer_step ? mi.moe_layer_step : 1;
+		if (tr->first_layer < mi.first_moe_layer || (tr->first_layer - mi.first_moe_layer) % step) {
+			fprintf(stderr,
+				"moe-client replay: %s: trace layer %u has no routed experts in model %s "
+				"(its MoE layers are %u + i x %u)\n",
+				argv[a], tr->first_layer, mi.name, mi.first_moe_layer, step);
+			trace_free(tr);
+			rc = -EINVAL;
+			break;
+		}
 		size_t nt = tr->n_tokens;
 		if (max_tokens >= 0 && (size_t)max_tokens < nt)
 			nt = (size_t)max_tokens;
@@ -401,7 +413,14 @@ static int cmd_replay(int argc, char **argv)
 				if (!cnt)
 					continue;
 				/* A trace from a bigger model is folded onto this one. */
-				uint32_t layer = li % mi.n_moe_layers, ids[MOET_MAX_BATCH];
+				uint32_t id = tr->first_layer + li, ids[MOET_MAX_BATCH];
+				if ((id - mi.first_moe_layer) % step)
+					continue; /* a dense layer between MoE layers */
+				uint32_t layer = (id - mi.first_moe_layer) / step;
+				if (layer >= mi.n_moe_layers) {
+					folded = true;
+					layer %= mi.n_moe_layers;
+				}
 				unsigned n = 0;
 				const uint16_t *row = trace_row(tr, (uint32_t)t, li);
 				for (unsigned k = 0; k < cnt && n < MOET_MAX_BATCH; k++) {
