@@ -85,10 +85,23 @@ static int cmd_info(void)
 	       moet_slot_ptr(c, 1, 0) ? " (mapped read-only)" : "");
 	printf("GPU arena:    %u slots of %" PRIu64 " bytes%s\n", mi.n_slots[0], mi.slot_bytes[0],
 	       moet_slot_ptr(c, 0, 0) ? " (emulated, mapped read-only)" : "");
-	printf("capabilities:%s%s%s%s%s%s\n", mi.caps & MOET_CAP_RING ? " ring" : "",
-	       mi.caps & MOET_CAP_HOST_ARENA ? " host-arena" : "", mi.caps & MOET_CAP_GPU_EMU ? " gpu-emulated" : "",
-	       mi.caps & MOET_CAP_GPU_VMM ? " gpu-vmm" : "", mi.caps & MOET_CAP_ROUTE ? " route" : "",
-	       mi.caps & MOET_CAP_ADMIN ? " admin" : "");
+	/* Every capability bit of proto.h, by name: a new one shows up here. */
+	static const struct { uint32_t bit; const char *name; } caps[] = {
+		{ MOET_CAP_RING, "ring" },         { MOET_CAP_HOST_ARENA, "host-arena" },
+		{ MOET_CAP_GPU_EMU, "gpu-emulated" }, { MOET_CAP_GPU_VMM, "gpu-vmm" },
+		{ MOET_CAP_ROUTE, "route" },       { MOET_CAP_COMPUTE, "compute" },
+		{ MOET_CAP_ADMIN, "admin" },
+	};
+	uint32_t known = 0;
+	printf("capabilities:");
+	for (size_t i = 0; i < sizeof(caps) / sizeof(caps[0]); i++) {
+		known |= caps[i].bit;
+		if (mi.caps & caps[i].bit)
+			printf(" %s", caps[i].name);
+	}
+	if (mi.caps & ~known)
+		printf(" unknown(%#x)", mi.caps & ~known);
+	printf("\n");
 	moet_close(c);
 	return 0;
 }

@@ -1,5 +1,5 @@
 #!/bin/sh
-# moe-client replay maps a trace's layer ids (model layer indices) onto the
+# moe-client info names every capability; replay maps a trace's layer ids (model layer indices) onto the
 # model's MoE layers: a trace whose first layer id is 6 lands on MoE layer 5
 # of a model whose first MoE layer is 1 (it once landed on MoE layer 0), and
 # a trace naming a layer without routed experts is refused, exit non-zero.
@@ -42,6 +42,9 @@ until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
 	fi
 	sleep 0.05
 done
+# info names every capability the daemon grants (compute was once left out)
+"$B/moe-client" --socket "$sock" info | tee "$tmp/info"
+grep -q '^capabilities:.* route compute' "$tmp/info" || { echo "FAIL: info does not show compute"; exit 1; }
 "$B/moe-client" --socket "$sock" replay --brief "$tmp/l6.csv"
 "$B/moectl" --socket "$sock" stats --json >"$tmp/s.json"
 python3 - "$tmp/s.json" <<'PY'
