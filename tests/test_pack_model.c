@@ -321,7 +321,7 @@ Test(pack_model, unsupported_dtype_refused)
  * resident tensors: same GGUF names, shapes and bytes (Mixtral's q/k rows
  * in llama.cpp's RoPE order included), and gguf.kv must agree on every
  * key both have, with the ones moe-run reads present. */
-static void st_vs_gguf(const char *family)
+static void st_vs_gguf(const char *family, const char *extra)
 {
 	char *dir = tu_mkdtemp("pms"), a[4200], b[4200], *log;
 	struct pack_file *ps, *pg;
@@ -330,10 +330,12 @@ static void st_vs_gguf(const char *family)
 	void *bs, *bg;
 	char arch[32];
 
-	int st = tu_sh("'%s' model --family %s --format safetensors --dtype f32 --preset tiny --out '%s/s' > /dev/null 2>&1 && "
-		       "'%s' model --family %s --format gguf --dtype f32 --preset tiny --out '%s/g' > /dev/null 2>&1",
-		       tu_build_path("tools/moe-gen"), family, dir, tu_build_path("tools/moe-gen"), family, dir);
-	cr_assert_eq(st, 0);
+	char gen[4200];
+	snprintf(gen, sizeof(gen), "%s", tu_build_path("tools/moe-gen"));
+	int st = tu_sh("'%s' model --family %s --format safetensors --dtype f32 --preset tiny %s --out '%s/s' > /dev/null 2>&1 && "
+		       "'%s' model --family %s --format gguf --dtype f32 --preset tiny %s --out '%s/g' > /dev/null 2>&1",
+		       gen, family, extra, dir, gen, family, extra, dir);
+	cr_assert_eq(st, 0, "moe-gen %s %s", family, extra);
 	snprintf(a, sizeof(a), "%s/s.moepack", dir);
 	snprintf(b, sizeof(b), "%s/g.moepack", dir);
 	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/s' -o '%s' -q", dir, a), 0, "%s", log);
@@ -404,10 +406,11 @@ static void st_vs_gguf(const char *family)
 	tu_rmtree(dir);
 }
 
-Test(pack_model, st_qwen2_moe) { st_vs_gguf("qwen2_moe"); }
-Test(pack_model, st_qwen3_moe) { st_vs_gguf("qwen3_moe"); }
-Test(pack_model, st_olmoe) { st_vs_gguf("olmoe"); }
-Test(pack_model, st_mixtral) { st_vs_gguf("mixtral"); }
+Test(pack_model, st_qwen2_moe) { st_vs_gguf("qwen2_moe", ""); }
+Test(pack_model, st_qwen3_moe) { st_vs_gguf("qwen3_moe", ""); st_vs_gguf("qwen3_moe", "--heads 4 --kv-heads 2"); }
+Test(pack_model, st_olmoe) { st_vs_gguf("olmoe", ""); }
+/* several heads and GQA: q and k rows are permuted per head of their own count */
+Test(pack_model, st_mixtral) { st_vs_gguf("mixtral", ""); st_vs_gguf("mixtral", "--heads 4 --kv-heads 2"); }
 
 /* ---- tokenizer.json -> tokenizer.ggml.* ---- */
 
