@@ -109,8 +109,11 @@ int moe_model_validate(const struct moe_model_config *c, struct moe_error *err)
 		return moe_error_set(err, -EINVAL, "expert count %u out of range (1..4096)", c->n_experts);
 	if (c->top_k == 0 || c->top_k > c->n_experts || c->top_k > 64)
 		return moe_error_set(err, -EINVAL, "top-k %u out of range (1..min(64, %u))", c->top_k, c->n_experts);
-	if (c->n_moe_layers == 0 || c->n_moe_layers > 1024 || c->n_layers > 1024)
-		return moe_error_set(err, -EINVAL, "layer count %u out of range", c->n_moe_layers);
+	if (c->n_layers == 0 || c->n_layers > 1024)
+		return moe_error_set(err, -EINVAL, "layer count (n_layers) %u out of range (1..1024)", c->n_layers);
+	if (c->n_moe_layers == 0 || c->n_moe_layers > c->n_layers)
+		return moe_error_set(err, -EINVAL, "MoE layer count (n_moe_layers) %u out of range (1..%u layers)",
+				     c->n_moe_layers, c->n_layers);
 	uint32_t step = c->moe_layer_step ? c->moe_layer_step : 1;
 	if ((uint64_t)c->first_moe_layer + (uint64_t)(c->n_moe_layers - 1) * step >= c->n_layers)
 		return moe_error_set(err, -EINVAL, "MoE layers (first %u, %u of them, step %u) exceed %u layers",
