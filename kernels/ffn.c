@@ -96,6 +96,125 @@ static void ref_q4int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, u
 	ref_int(MOE_DTYPE_Q4_0, W, rb, cols, r0, r1, a, y, ldy);
 }
 
+/* One K-quant super-block times one q8_K block: the exact integer sums
+ * of ffn_kq_accum (see there), and the block's f16 d and dmin. The codes
+ * are read as moe_dequantize_row reads them (dtype.c, element order). */
+static void ref_kq_block(enum moe_dtype dt, const uint8_t *blk, const struct moe_block_q8_K *xb, int32_t *isum,
+			 int32_t *imin, uint16_t *dh, uint16_t *mh)
+{
+	const int8_t *xq = xb->qs;
+	int32_t is = 0, im = 0;
+	*mh = 0;
+	switch (dt) {
+	case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K: {
+		const bool q5 = dt == MOE_DTYPE_Q5_K;
+		const struct moe_block_q4_K *b4 = (const void *)blk;
+		const struct moe_block_q5_K *b5 = (const void *)blk;
+		const uint8_t *scales = q5 ? b5->scales : b4->scales, *qs = q5 ? b5->qs : b4->qs;
+		*dh = q5 ? b5->d : b4->d;
+		*mh = q5 ? b5->dmin : b4->dmin;
+		for (int j = 0; j < 8; j++) {
+			uint8_t sc, m;
+			int32_t s = 0;
+			moe_kquant_scale_min(scales, j, &sc, &m);
+			for (int l = 0; l < 32; l++) {
+				const uint8_t byte = qs[32 * (j / 2) + l];
+				int q = j & 1 ? byte >> 4 : byte & 15;
+				if (q5)
+					q |= ((b5->qh[l] >> j) & 1) << 4;
+				s += q * xq[32 * j + l];
+			}
+			is += sc * s;
+			im += m * (xb->bsums[2 * j] + xb->bsums[2 * j + 1]);
+		}
+		break;
+	}
+	case MOE_DTYPE_Q6_K: {
+		const struct moe_block_q6_K *b = (const void *)blk;
+		*dh = b->d;
+		for (int k = 0; k < 16; k++) {
+			const int h = k / 8, g = (k % 8) / 2;
+			int32_t s = 0;
+			for (int l = 16 * (k & 1); l < 16 * (k & 1) + 16; l++) {
+				const uint8_t lo = b->ql[64 * h + 32 * (g & 1) + l];
+				const int q = ((g < 2 ? lo & 15 : lo >> 4) | ((b->qh[32 * h + l] >> (2 * g)) & 3) << 4) - 32;
+				s += q * xq[128 * h + 32 * g + l];
+			}
+			is += b->scales[k] * s;
+		}
+		break;
+	}
+	case MOE_DTYPE_Q3_K: {
+		const struct moe_block_q3_K *b = (const void *)blk;
+		*dh = b->d;
+		for (int k = 0; k < 16; k++) {
+			const int h = k / 8, g = (k % 8) / 2;
+			int32_t s = 0;
+			for (int l = 16 * (k & 1); l < 16 * (k & 1) + 16; l++) {
+				const int q = ((b->qs[32 * h + l] >> (2 * g)) & 3) - ((b->hmask[l] >> (4 * h + g)) & 1 ? 0 : 4);
+				s += q * xq[128 * h + 32 * g + l];
+			}
+			is += moe_q3_K_scale(b->scales, k) * s;
+		}
+		break;
+	}
+	default: { /* Q2_K */
+		const struct moe_block_q2_K *b = (const void *)blk;
+		*dh = b->d;
+		*mh = b->dmin;
+		for (int k = 0; k < 16; k++) {
+			const int h = k / 8, g = (k % 8) / 2;
+			int32_t s = 0;
+			for (int l = 16 * (k & 1); l < 16 * (k & 1) + 16; l++)
+				s += ((b->qs[32 * h + l] >> (2 * g)) & 3) * xq[128 * h + 32 * g + l];
+			is += (b->scales[k] & 15) * s;
+			im += (b->scales[k] >> 4) * xb->bsums[k];
+		}
+		break;
+	}
+	}
+	*isum = is;
+	*imin = im;
+}
+
+/* K-quant weights x q8_K x: super-block by super-block, ffn_kq_accum. */
+static void ref_kq(enum moe_dtype dt, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		   const struct ffn_act *a, float *y, size_t ldy)
+{
+	const uint32_t bb = moe_dtype_block_bytes(dt);
+	for (uint32_t r = r0; r < r1; r++) {
+		const uint8_t *row = W + (size_t)r * rb;
+		for (uint32_t t = 0; t < a->B; t++) {
+			const struct moe_block_q8_K *xb = a->q8k + (size_t)t * a->ldqk;
+			float acc = 0.0f;
+			for (uint32_t b = 0; b < cols / 256; b++) {
+				int32_t isum, imin;
+				uint16_t dh, mh;
+				ref_kq_block(dt, row + (size_t)b * bb, &xb[b], &isum, &imin, &dh, &mh);
+				acc = ffn_kq_accum(acc, moe_f16_to_f32(dh), moe_f16_to_f32(mh), xb[b].d, isum, imin);
+			}
+			y[(size_t)t * ldy + (r - r0)] = acc;
+		}
+	}
+}
+
+#define REF_KQ(NAME, DT) \
+	static void NAME(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1, \
+			 const struct ffn_act *a, float *y, size_t ldy) \
+	{ \
+		ref_kq(DT, W, rb, cols, r0, r1, a, y, ldy); \
+	}
+REF_KQ(ref_q4_K, MOE_DTYPE_Q4_K)
+REF_KQ(ref_q5_K, MOE_DTYPE_Q5_K)
+REF_KQ(ref_q6_K, MOE_DTYPE_Q6_K)
+REF_KQ(ref_q3_K, MOE_DTYPE_Q3_K)
+REF_KQ(ref_q2_K, MOE_DTYPE_Q2_K)
+
+static void ref_quant_q8k(const float *x, struct moe_block_q8_K *out, uint32_t n)
+{
+	moe_quantize_row_q8_K(x, out, n);
+}
+
 /* x to q8_0 blocks: dtype.c's quantizer (blocks too small for a finite
  * 1 / d get d 0 and codes 0 there, as from ffn_quant_q8_avx2). */
 static void ref_quant_q8(const float *x, struct moe_block_q8_0 *out, uint32_t n)
@@ -107,6 +226,8 @@ static const struct ffn_isa_ops ffn_ops_ref = {
 	.mm = {
 		[MOE_DTYPE_F32] = ref_f32, [MOE_DTYPE_F16] = ref_f16, [MOE_DTYPE_BF16] = ref_bf16,
 		[MOE_DTYPE_Q8_0] = ref_q8_0, [MOE_DTYPE_Q4_0] = ref_q4_0, [MOE_DTYPE_MXFP4] = ref_mxfp4,
+		[MOE_DTYPE_Q4_K] = ref_q4_K, [MOE_DTYPE_Q5_K] = ref_q5_K, [MOE_DTYPE_Q6_K] = ref_q6_K,
+		[MOE_DTYPE_Q3_K] = ref_q3_K, [MOE_DTYPE_Q2_K] = ref_q2_K,
 	},
 	.bf16_act_mask = 0,
 	.perm_act_mask = 0,
@@ -114,6 +235,7 @@ static const struct ffn_isa_ops ffn_ops_ref = {
 	.mm_q8int = ref_q8int,
 	.mm_q4int = ref_q4int,
 	.quant_q8 = ref_quant_q8,
+	.quant_q8k = ref_quant_q8k,
 };
 
 /* ---- path selection ------------------------------------------------------- */
@@ -227,9 +349,10 @@ enum ffn_q8_mode ffn_get_q8_mode(void)
  * to the integer kernels in FFN_Q8_INT mode. */
 struct mm_sel {
 	ffn_mm_fn mm[MOE_DTYPE_COUNT];
-	/* 1u << dtype when mm[dtype] reads ffn_act.bf / .q8 / .fp */
-	uint32_t bf16_mask, q8_mask, perm_mask, perm_w;
+	/* 1u << dtype when mm[dtype] reads ffn_act.bf / .q8 / .fp / .q8k */
+	uint32_t bf16_mask, q8_mask, perm_mask, perm_w, q8k_mask;
 	void (*quant_q8)(const float *x, struct moe_block_q8_0 *out, uint32_t n);
+	void (*quant_q8k)(const float *x, struct moe_block_q8_K *out, uint32_t n);
 };
 
 static void ops_now(struct mm_sel *s)
@@ -240,6 +363,8 @@ static void ops_now(struct mm_sel *s)
 	s->perm_mask = o->perm_act_mask;
 	s->perm_w = o->perm_w;
 	s->quant_q8 = o->quant_q8;
+	s->quant_q8k = o->quant_q8k;
+	s->q8k_mask = FFN_KQUANT_MASK;
 	s->q8_mask = 0;
 	if (ffn_get_q8_mode() == FFN_Q8_INT) {
 		s->mm[MOE_DTYPE_Q8_0] = o->mm_q8int;
@@ -262,6 +387,14 @@ static void to_q8(const struct mm_sel *s, const float *x, size_t ld, uint32_t B,
 {
 	for (uint32_t t = 0; t < B; t++)
 		s->quant_q8(x + (size_t)t * ld, out + (size_t)t * ldq, cols);
+}
+
+/* B rows of cols (a multiple of 256) floats, stride ld, to q8_K blocks. */
+static void to_q8k(const struct mm_sel *s, const float *x, size_t ld, uint32_t B, uint32_t cols,
+		   struct moe_block_q8_K *out, size_t ldq)
+{
+	for (uint32_t t = 0; t < B; t++)
+		s->quant_q8k(x + (size_t)t * ld, out + (size_t)t * ldq, cols);
 }
 
 bool ffn_dtype_supported(enum moe_dtype t)
@@ -356,6 +489,7 @@ int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols, c
 	uint64_t rb;
 	uint16_t *xb = NULL;
 	struct moe_block_q8_0 *xq = NULL;
+	struct moe_block_q8_K *xk = NULL;
 	float *xp = NULL;
 	int rc = -ENOMEM;
 
@@ -382,19 +516,27 @@ int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols, c
 			goto out;
 		to_q8(&ops, x, ldx, B, cols, xq, cols / 32);
 	}
+	if (ops.q8k_mask & (1u << dt)) {
+		xk = malloc((size_t)B * (cols / 256) * sizeof(*xk));
+		if (!xk)
+			goto out;
+		to_q8k(&ops, x, ldx, B, cols, xk, cols / 256);
+	}
 	if (ops.perm_mask & (1u << dt)) {
 		xp = malloc((size_t)B * ldx * sizeof(*xp));
 		if (!xp)
 			goto out;
 		to_perm(x, ldx, B, cols, ops.perm_w, xp);
 	}
-	struct ffn_act a = { .f = x, .bf = xb, .fp = xp, .q8 = xq, .B = B, .ld = ldx, .ldq = cols / 32 };
+	struct ffn_act a = { .f = x, .bf = xb, .fp = xp, .q8 = xq, .q8k = xk, .B = B, .ld = ldx, .ldq = cols / 32,
+			     .ldqk = cols / 256 };
 	struct mm_job j = { ops.mm[dt], W, rb, cols, &a, y, ldy };
 	run_split(threads, rows, 4, mm_range, &j);
 	rc = 0;
 out:
 	free(xb);
 	free(xq);
+	free(xk);
 	free(xp);
 	return rc;
 }
@@ -521,6 +663,7 @@ struct expert_job {
 	uint16_t *hb;          /* [B x m] bf16 copy of h, or NULL */
 	float *hp;             /* [B x m] even/odd copy of h (ffn_act.fp), or NULL */
 	struct moe_block_q8_0 *hq; /* [B x m/32] q8_0 copy of h, or NULL */
+	struct moe_block_q8_K *hk; /* [B x m/256] q8_K copy of h, or NULL */
 	const float *gu_bias;  /* [2m] or NULL */
 	const float *down_bias;/* [n] or NULL */
 	float *out;            /* [B x ldo] */
@@ -585,7 +728,8 @@ static void expert_phase2(void *p, uint32_t lo, uint32_t hi)
 	struct expert_job *j = p;
 	const struct ffn_layout *L = j->L;
 	const uint32_t B = j->x.B;
-	struct ffn_act h = { .f = j->h, .bf = j->hb, .fp = j->hp, .q8 = j->hq, .B = B, .ld = L->m, .ldq = L->m / 32 };
+	struct ffn_act h = { .f = j->h, .bf = j->hb, .fp = j->hp, .q8 = j->hq, .q8k = j->hk, .B = B, .ld = L->m,
+			     .ldq = L->m / 32, .ldqk = L->m / 256 };
 
 	if (lo >= hi)
 		return;
@@ -628,6 +772,8 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 	const bool hq8 = ops->q8_mask & (1u << L->down.dtype);
 	const bool xpm = ops->perm_mask & in_mask;
 	const bool hpm = ops->perm_mask & (1u << L->down.dtype);
+	const bool xk8 = ops->q8k_mask & in_mask;
+	const bool hk8 = ops->q8k_mask & (1u << L->down.dtype);
 
 	/* One allocation for every scratch array; sizes are bounded by the
 	 * layout check (n, m <= 2^20) and B (u32), so size_t cannot wrap. */
@@ -636,11 +782,17 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 	size_t nh = (xbf ? (size_t)B * ldx : 0) + (hbf ? (size_t)B * m : 0);
 	size_t nq = (xq8 ? (size_t)B * (n / 32) : 0) + (hq8 ? (size_t)B * (m / 32) : 0);
 	float *buf = malloc(nf * sizeof(float) + nh * sizeof(uint16_t) + nq * sizeof(struct moe_block_q8_0) + 64);
-	if (!buf)
+	/* q8_K blocks hold a float: their own allocation keeps them aligned */
+	const size_t nk = (xk8 ? (size_t)B * (n / 256) : 0) + (hk8 ? (size_t)B * (m / 256) : 0);
+	struct moe_block_q8_K *kbuf = nk ? malloc(nk * sizeof(*kbuf)) : NULL;
+	if (!buf || (nk && !kbuf)) {
+		free(buf);
+		free(kbuf);
 		return -ENOMEM;
+	}
 	float *f = buf;
 	struct expert_job j = { .L = L, .ops = ops, .ext = extent,
-				.x = { .f = x, .B = B, .ld = ldx, .ldq = n / 32 } };
+				.x = { .f = x, .B = B, .ld = ldx, .ldq = n / 32, .ldqk = n / 256 } };
 	j.g = f; /* SWIGLU: g [B x m] then u [B x m]; GPTOSS: gu [B x 2m] */
 	j.u = f + (size_t)B * m;
 	f += (size_t)B * m * 2;
@@ -694,6 +846,10 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 		j.x.q8 = qp;
 		qp += (size_t)B * (n / 32);
 	}
+	if (xk8) {
+		to_q8k(ops, x, ldx, B, n, kbuf, n / 256);
+		j.x.q8k = kbuf;
+	}
 
 	run_split(threads, m, 4, expert_phase1, &j);
 	if (hpm) /* whole groups of h, so after every thread's phase 1 */
@@ -703,8 +859,14 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 		to_q8(ops, j.h, m, B, m, qp, m / 32);
 		j.hq = qp;
 	}
+	if (hk8) {
+		/* whole 256-column super-blocks of h, likewise */
+		j.hk = kbuf + (xk8 ? (size_t)B * (n / 256) : 0);
+		to_q8k(ops, j.h, m, B, m, j.hk, m / 256);
+	}
 	run_split(threads, n, 4, expert_phase2, &j);
 	free(buf);
+	free(kbuf);
 	return 0;
 }
 

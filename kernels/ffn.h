@@ -7,8 +7,11 @@
  *            g = min(gate, L), u = clamp(up, -L, L), glu = g * sigmoid(alpha g),
  *            y = W_down ((u + 1) * glu) + b_down
  *
- * Activations are f32; weights f32, f16, bf16, q8_0, q4_0, mxfp4 (ggml block
- * layouts, dtype.h). One implementation per instruction set (portable C,
+ * Activations are f32; weights f32, f16, bf16, q8_0, q4_0, mxfp4 and the
+ * K-quants q4_K, q5_K, q6_K, q3_K, q2_K (ggml block layouts, dtype.h); for
+ * K-quant weights x (and h) is quantized to q8_K per 256 columns and each
+ * super-block is an exact integer dot (ggml's scheme, whatever the q8
+ * mode below). One implementation per instruction set (portable C,
  * AVX2+FMA+F16C, AVX-512, AVX-512 + AVX512-BF16 vdpbf16ps) is chosen once by
  * CPUID; MOETIER_FFN_ISA=ref|avx2|avx512|avx512bf16 or ffn_set_isa() forces
  * one (tests run every path the CPU has).
@@ -99,14 +102,16 @@ struct ffn_layout {
 
 /* Resolves and checks the parts against the model (roles present, shapes
  * [m x n] / [n x m] / [2m x n], dtypes the kernels support, block types with
- * cols % 32 == 0, offsets inside extent_bytes). 0 or -EINVAL with a message. */
+ * whole blocks per row: cols % 32, or % 256 for K-quants; offsets inside
+ * extent_bytes). 0 or -EINVAL with a message. */
 int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg,
 		    const struct pack_part_desc *parts, uint32_t n_parts, uint64_t extent_bytes,
 		    struct moe_error *err);
 /* Multiply-adds of one token through one expert (2 per weight). */
 uint64_t ffn_layout_flops_per_token(const struct ffn_layout *L);
 
-/* Whether the kernels take this weight dtype (f32, f16, bf16, q8_0, q4_0, mxfp4). */
+/* Whether the kernels take this weight dtype (f32, f16, bf16, q8_0, q4_0, mxfp4,
+ * q4_K, q5_K, q6_K, q3_K, q2_K). */
 bool ffn_dtype_supported(enum moe_dtype t);
 
 /* y[t*ldy + r] = sum_c W[r][c] * x[t*ldx + c] for r in [0, rows), t in [0, B).

@@ -218,12 +218,259 @@ FN_ATTR void ffn_quant_q8_avx2(const float *x, struct moe_block_q8_0 *out, uint3
 	}
 }
 
+
+/* ---- K-quants x q8_K ------------------------------------------------------ */
+
+/* Sum of the 8 int32 lanes (exact, so any order). */
+static FN_ATTR inline int32_t hsum_i32_avx2(__m256i v)
+{
+	__m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+	s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+	s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+	return _mm_cvtsi128_si32(s);
+}
+
+/* 16 int16 pair sums of 32 elements (vpmaddubsw of unsigned codes by
+ * signed x; |pair| <= 2 * 63 * 128 fits) times the scales of their two
+ * 16-element sub-blocks (lanes 0..7 cover elements 0..15), added in pairs
+ * to int32 (vpmaddwd). */
+static FN_ATTR ALWAYS_INLINE __m256i kq_dot32(__m256i q, const int8_t *x, int s0, int s1)
+{
+	const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(const void *)x));
+	return _mm256_madd_epi16(p, _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0)));
+}
+
+/* 2-bit field `shift` of each byte (shift 0, 2, 4, 6). */
+static FN_ATTR ALWAYS_INLINE __m256i bits2(__m256i v, int shift)
+{
+	return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(3));
+}
+
+/* One super-block times one q8_K block: the exact integer isum and imin
+ * of ffn_kq_accum, equal to ref_kq_block's. Codes are taken unsigned
+ * (vpmaddubsw needs an unsigned operand); the types with signed codes
+ * (q6_K: q - 32, q3_K: q - 4) take off offset * scale * bsum after. */
+static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, const struct moe_block_q8_K *xb,
+					    int32_t *isum, int32_t *imin, float *d, float *dmin)
+{
+	const __m256i m4 = _mm256_set1_epi8(0x0f);
+	const int8_t *xq = xb->qs;
+	__m256i acc = _mm256_setzero_si256();
+	int32_t corr = 0, im = 0;
+	uint16_t h;
+
+	if (DT == MOE_DTYPE_Q4_K || DT == MOE_DTYPE_Q5_K) {
+		const bool q5 = DT == MOE_DTYPE_Q5_K;
+		const uint8_t *scales = blk + 4, *qs = blk + (q5 ? 48 : 16);
+		uint8_t sc[8], mn[8];
+		for (int j = 0; j < 8; j++) {
+			moe_kquant_scale_min(scales, j, &sc[j], &mn[j]);
+			im += mn[j] * (xb->bsums[2 * j] + xb->bsums[2 * j + 1]);
+		}
+		const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(const void *)(blk + 16)) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+		for (int j = 0; j < 4; j++) {
+			const __m256i q = _mm256_loadu_si256((const __m256i *)(const void *)(qs + 32 * j));
+			__m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+			if (q5) {
+				const __m256i one = _mm256_set1_epi8(1);
+				const __m256i h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j)), one);
+				const __m256i h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j + 1)), one);
+				lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+				hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+			}
+			acc = _mm256_add_epi32(acc, kq_dot32(lo, xq + 64 * j, sc[2 * j], sc[2 * j]));
+			acc = _mm256_add_epi32(acc, kq_dot32(hi, xq + 64 * j + 32, sc[2 * j + 1], sc[2 * j + 1]));
+		}
+		memcpy(&h, blk, 2);
+		*d = _cvtsh_ss(h);
+		memcpy(&h, blk + 2, 2);
+		*dmin = _cvtsh_ss(h);
+	} else if (DT == MOE_DTYPE_Q6_K) {
+		const int8_t *sc = (const int8_t *)(blk + 192);
+		for (int k = 0; k < 16; k++)
+			corr += sc[k] * xb->bsums[k];
+		corr *= 32;
+#pragma GCC unroll 2
+		for (int hh = 0; hh < 2; hh++) {
+			const __m256i l0 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh));
+			const __m256i l1 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh + 32));
+			const __m256i qh = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 128 + 32 * hh));
+			const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(bits2(qh, 0), 4));
+			const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(bits2(qh, 2), 4));
+			const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+							   _mm256_slli_epi16(bits2(qh, 4), 4));
+			const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+							   _mm256_slli_epi16(bits2(qh, 6), 4));
+			const int8_t *s = sc + 8 * hh, *x = xq + 128 * hh;
+			acc = _mm256_add_epi32(acc, kq_dot32(q0, x, s[0], s[1]));
+			acc = _mm256_add_epi32(acc, kq_dot32(q1, x + 32, s[2], s[3]));
+			acc = _mm256_add_epi32(acc, kq_dot32(q2, x + 64, s[4], s[5]));
+			acc = _mm256_add_epi32(acc, kq_dot32(q3, x + 96, s[6], s[7]));
+		}
+		memcpy(&h, blk + 208, 2);
+		*d = _cvtsh_ss(h);
+		*dmin = 0.0f;
+	} else if (DT == MOE_DTYPE_Q3_K) {
+		int sc[16];
+		for (int k = 0; k < 16; k++) {
+			sc[k] = moe_q3_K_scale(blk + 96, k);
+			corr += sc[k] * xb->bsums[k];
+		}
+		corr *= 4;
+		const __m256i hm = _mm256_loadu_si256((const __m256i *)(const void *)blk);
+		const __m256i one = _mm256_set1_epi8(1);
+#pragma GCC unroll 2
+		for (int hh = 0; hh < 2; hh++) {
+			const __m256i q = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 32 + 32 * hh));
+#pragma GCC unroll 4
+			for (int g = 0; g < 4; g++) {
+				const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(4 * hh + g)), one);
+				const __m256i qu = _mm256_or_si256(bits2(q, 2 * g), _mm256_slli_epi16(hb, 2));
+				acc = _mm256_add_epi32(acc, kq_dot32(qu, xq + 128 * hh + 32 * g, sc[8 * hh + 2 * g],
+								     sc[8 * hh + 2 * g + 1]));
+			}
+		}
+		memcpy(&h, blk + 108, 2);
+		*d = _cvtsh_ss(h);
+		*dmin = 0.0f;
+	} else { /* Q2_K */
+		const uint8_t *sc = blk;
+		for (int k = 0; k < 16; k++)
+			im += (sc[k] >> 4) * xb->bsums[k];
+#pragma GCC unroll 2
+		for (int hh = 0; hh < 2; hh++) {
+			const __m256i q = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 16 + 32 * hh));
+#pragma GCC unroll 4
+			for (int g = 0; g < 4; g++)
+				acc = _mm256_add_epi32(acc, kq_dot32(bits2(q, 2 * g), xq + 128 * hh + 32 * g,
+								     sc[8 * hh + 2 * g] & 15, sc[8 * hh + 2 * g + 1] & 15));
+		}
+		memcpy(&h, blk + 80, 2);
+		*d = _cvtsh_ss(h);
+		memcpy(&h, blk + 82, 2);
+		*dmin = _cvtsh_ss(h);
+	}
+	*isum = hsum_i32_avx2(acc) - corr;
+	*imin = im;
+}
+
+/* R rows (rs bytes apart) times one token: y[i * ys]. */
+static FN_ATTR ALWAYS_INLINE void kq_tile(const int DT, const int R, const uint8_t *W, size_t rs, uint32_t nb,
+					   const struct moe_block_q8_K *xb, float *y, size_t ys)
+{
+	const size_t bb = DT == MOE_DTYPE_Q4_K ? 144 : DT == MOE_DTYPE_Q5_K ? 176 : DT == MOE_DTYPE_Q6_K ? 210 :
+			  DT == MOE_DTYPE_Q3_K ? 110 : 84;
+	float acc[RMAX] = { 0 };
+	for (uint32_t b = 0; b < nb; b++)
+#pragma GCC unroll 4
+		for (int i = 0; i < R; i++) {
+			int32_t isum, imin;
+			float d, dmin;
+			kq_block(DT, W + (size_t)i * rs + (size_t)b * bb, &xb[b], &isum, &imin, &d, &dmin);
+			acc[i] = ffn_kq_accum(acc[i], d, dmin, xb[b].d, isum, imin);
+		}
+#pragma GCC unroll 4
+	for (int i = 0; i < R; i++)
+		y[(size_t)i * ys] = acc[i];
+}
+
+/* Rows [r0, r1): tiles of RMAX rows from the RMAX quarters of the range
+ * (long sequential streams, see ffn_simd.h), each tile through every token
+ * while its rows are in L1, then the rest. Every (row, token) runs the
+ * super-blocks in order through ffn_kq_accum whatever the tile. */
+static FN_ATTR ALWAYS_INLINE void kq_mm(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
+					 uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
+{
+	const uint32_t nb = cols / 256, q = (r1 - r0) / RMAX, rem = (r1 - r0) % RMAX;
+	const uint8_t *W0 = W + (size_t)r0 * rb, *Wr = W0 + (size_t)q * RMAX * rb;
+
+	for (uint32_t j = 0; j < q; j++)
+		for (uint32_t t = 0; t < a->B; t++)
+			kq_tile(DT, RMAX, W0 + (size_t)j * rb, (size_t)q * rb, nb, a->q8k + (size_t)t * a->ldqk,
+				y + (size_t)t * ldy + j, q);
+	for (uint32_t i = 0; i < rem; i++)
+		for (uint32_t t = 0; t < a->B; t++)
+			kq_tile(DT, 1, Wr + (size_t)i * rb, rb, nb, a->q8k + (size_t)t * a->ldqk,
+				y + (size_t)t * ldy + (size_t)q * RMAX + i, 1);
+}
+
+#define DEFINE_KQ(NAME, DT) \
+	FN_ATTR void NAME(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1, \
+			  const struct ffn_act *a, float *y, size_t ldy) \
+	{ \
+		kq_mm(DT, W, rb, cols, r0, r1, a, y, ldy); \
+	}
+DEFINE_KQ(ffn_mm_q4_K_avx2, MOE_DTYPE_Q4_K)
+DEFINE_KQ(ffn_mm_q5_K_avx2, MOE_DTYPE_Q5_K)
+DEFINE_KQ(ffn_mm_q6_K_avx2, MOE_DTYPE_Q6_K)
+DEFINE_KQ(ffn_mm_q3_K_avx2, MOE_DTYPE_Q3_K)
+DEFINE_KQ(ffn_mm_q2_K_avx2, MOE_DTYPE_Q2_K)
+
+/* moe_quantize_row_q8_K 8 lanes at a time, the same blocks for finite x:
+ * the first element of largest magnitude gives iscale = -127 / max; codes
+ * are vcvtps2dq of x * iscale (round to nearest even, as rintf in the
+ * default rounding mode), clamped to 127. */
+FN_ATTR void ffn_quant_q8k_avx2(const float *x, struct moe_block_q8_K *out, uint32_t n)
+{
+	const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+	const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), c127 = _mm256_set1_epi32(127);
+
+	for (uint32_t b = 0; b < n / 256; b++) {
+		const float *p = x + (size_t)b * 256;
+		struct moe_block_q8_K *o = &out[b];
+		__m256 m = _mm256_setzero_ps();
+		for (int k = 0; k < 32; k++)
+			m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(p + 8 * k), abs_mask));
+		__m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+		m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+		m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+		const float amax = _mm_cvtss_f32(m4);
+		float max = 0.0f;
+		if (amax > 0.0f) {
+			const __m256 am = _mm256_set1_ps(amax);
+			for (int k = 0; k < 32; k++) {
+				const int hit = _mm256_movemask_ps(
+					_mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(p + 8 * k), abs_mask), am, _CMP_EQ_OQ));
+				if (hit) {
+					max = p[8 * k + __builtin_ctz((unsigned)hit)];
+					break;
+				}
+			}
+		}
+		const float iscale = max != 0.0f ? -127.0f / max : 0.0f;
+		if (!isfinite(iscale) || iscale == 0.0f) {
+			memset(o, 0, sizeof(*o));
+			continue;
+		}
+		const __m256 is = _mm256_set1_ps(iscale);
+		for (int k = 0; k < 8; k++) {
+			__m256i q[4];
+#pragma GCC unroll 4
+			for (int i = 0; i < 4; i++)
+				q[i] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 32 * k + 8 * i), is)), c127);
+			const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+			_mm256_storeu_si256((__m256i *)(void *)(o->qs + 32 * k), _mm256_permutevar8x32_epi32(w, order));
+		}
+		for (int g = 0; g < 16; g++) {
+			/* 16 codes: pairs by vpmaddubsw with ones would need a
+			 * sign trick; the scalar sum is cheap next to the block */
+			int s = 0;
+			for (int j = 0; j < 16; j++)
+				s += o->qs[16 * g + j];
+			o->bsums[g] = (int16_t)s;
+		}
+		o->d = 1.0f / iscale;
+	}
+}
+
 const struct ffn_isa_ops ffn_ops_avx2 = {
-	.mm = { SIMD_MM_TABLE },
+	.mm = { SIMD_MM_TABLE, FFN_KQUANT_MM_AVX2 },
 	.bf16_act_mask = 0,
 	.perm_act_mask = 1u << MOE_DTYPE_BF16,
 	.perm_w = 2 * SIMD_W,
 	.mm_q8int = ffn_mm_q8int_avx2,
 	.mm_q4int = ffn_mm_q4int_avx2,
 	.quant_q8 = ffn_quant_q8_avx2,
+	.quant_q8k = ffn_quant_q8k_avx2,
 };

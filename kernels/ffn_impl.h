@@ -21,10 +21,30 @@ struct ffn_act {
 	const uint16_t *bf;
 	const float *fp;
 	const struct moe_block_q8_0 *q8; /* x quantized to q8_0 (FFN_Q8_INT), ldq blocks apart */
+	const struct moe_block_q8_K *q8k; /* x quantized to q8_K (K-quant weights), ldqk apart */
 	uint32_t B;
 	size_t ld;
 	size_t ldq;
+	size_t ldqk;
 };
+
+/* The K-quant weight types: their kernels always take x as q8_K (ggml's
+ * scheme), whatever the q8 mode. */
+#define FFN_KQUANT_MASK \
+	((1u << MOE_DTYPE_Q4_K) | (1u << MOE_DTYPE_Q5_K) | (1u << MOE_DTYPE_Q6_K) | (1u << MOE_DTYPE_Q3_K) | \
+	 (1u << MOE_DTYPE_Q2_K))
+
+/* One K-quant super-block times one q8_K block, given its exact integer
+ * sums: isum = sum over sub-blocks of scale * sum(q * xq) and imin = sum
+ * of min * (sum of the sub-block's xq). Every path computes isum and imin
+ * exactly (integers) and adds them to the row's float accumulator with
+ * this one expression, so the reference C, AVX2 and AVX-512 paths give the
+ * same bits, and so does a token alone or in a batch. */
+static inline float ffn_kq_accum(float acc, float d, float dmin, float dx, int32_t isum, int32_t imin)
+{
+	acc = __builtin_fmaf(d * dx, (float)isum, acc);
+	return __builtin_fmaf(-(dmin * dx), (float)imin, acc);
+}
 
 /* y[t*ldy + (r - r0)] = sum_c W[r][c] x[t][c] for r in [r0, r1), t < B.
  * W points at row 0; rows are rb bytes apart. */
@@ -41,6 +61,9 @@ struct ffn_isa_ops {
 	/* x to q8_0 for the integer kernels: the same blocks as
 	 * moe_quantize_row_q8_0 for finite x (n a multiple of 32) */
 	void (*quant_q8)(const float *x, struct moe_block_q8_0 *out, uint32_t n);
+	/* x to q8_K for the K-quant kernels: moe_quantize_row_q8_K's blocks
+	 * for finite x (n a multiple of 256) */
+	void (*quant_q8k)(const float *x, struct moe_block_q8_K *out, uint32_t n);
 };
 
 /* The AVX2 integer q8_0 / q4_0 kernels, shared by the AVX-512 tables (they
@@ -50,6 +73,23 @@ void ffn_mm_q8int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, 
 void ffn_mm_q4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
 		       const struct ffn_act *x, float *y, size_t ldy);
 void ffn_quant_q8_avx2(const float *x, struct moe_block_q8_0 *out, uint32_t n);
+/* The AVX2 K-quant kernels (q4_K ... q2_K x q8_K) and q8_K quantizer,
+ * shared by the AVX-512 tables in the same way. */
+void ffn_mm_q4_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		      const struct ffn_act *x, float *y, size_t ldy);
+void ffn_mm_q5_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		      const struct ffn_act *x, float *y, size_t ldy);
+void ffn_mm_q6_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		      const struct ffn_act *x, float *y, size_t ldy);
+void ffn_mm_q3_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		      const struct ffn_act *x, float *y, size_t ldy);
+void ffn_mm_q2_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		      const struct ffn_act *x, float *y, size_t ldy);
+void ffn_quant_q8k_avx2(const float *x, struct moe_block_q8_K *out, uint32_t n);
+#define FFN_KQUANT_MM_AVX2 \
+	[MOE_DTYPE_Q4_K] = ffn_mm_q4_K_avx2, [MOE_DTYPE_Q5_K] = ffn_mm_q5_K_avx2, \
+	[MOE_DTYPE_Q6_K] = ffn_mm_q6_K_avx2, [MOE_DTYPE_Q3_K] = ffn_mm_q3_K_avx2, \
+	[MOE_DTYPE_Q2_K] = ffn_mm_q2_K_avx2
 
 /* One row of `cols` floats reordered: inside each whole group of w columns
  * (w even, groups from column 0), first the w/2 even-index elements of x,

@@ -20,6 +20,7 @@
 #include "config.h"
 
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -463,7 +464,9 @@ static void ref_forward(const struct fake_expert *e, enum ffn_isa isa, const flo
 	double *xd = calloc(n, sizeof(double)), *xe = calloc(n, sizeof(double)), *he = calloc(m, sizeof(double));
 	const enum moe_dtype tin = (enum moe_dtype)e->parts[0].dtype;
 	const enum moe_dtype tdn = (enum moe_dtype)e->parts[2].dtype; /* down, both kinds */
-	const double ein = dot_tol(isa, tin, n), edn = dot_tol(isa, tdn, m);
+	/* gate and up may differ (the mixed test): the looser bound of the two */
+	const enum moe_dtype tup = oss ? tin : (enum moe_dtype)e->parts[1].dtype;
+	const double ein = fmax(dot_tol(isa, tin, n), dot_tol(isa, tup, n)), edn = dot_tol(isa, tdn, m);
 
 	for (uint32_t c = 0; c < n; c++)
 		xd[c] = x[c];
@@ -674,6 +677,280 @@ PER_ISA(swiglu, check_swiglu, 60)
 PER_ISA(gptoss, check_gptoss, 60)
 PER_ISA(topk, check_topk, 30)
 PER_ISA(q8int, check_q8int, 60)
+
+/* ---- K-quants (q4_K ... q2_K): x as q8_K, integer dots ---------------------
+ *
+ * Weights are random super-blocks (every code and scale pattern) with f16
+ * d / dmin kept small and finite. The kernels compute, per super-block,
+ * the exact integer sums isum / imin and add d dx isum - dmin dx imin to an
+ * f32 accumulator (ffn_kq_accum): 2 roundings of the scale products, 1 of
+ * each integer to f32 and 2 fmas, each within u of terms bounded by
+ * T_b = sum over the block of (|d sc q| + |dmin m|) |xq|; the reference
+ * below (double, from moe_dequantize_row's f32 weights) carries at most 3u
+ * of the same terms per element. So against the double reference on the
+ * q8_K-quantized x:  |y - ref| <= (16 + 2 nb) u T, T = sum_b T_b, a bound
+ * that cancellation between d sc q and dmin m cannot break. Against the
+ * unquantized x it adds Q = sum (|d sc q| + |dmin m|) e_c, e_c <= 0.51
+ * (block max |x|) / 127 (ggml's q8_K rounding, d kept in f32). And since
+ * the integer sums are exact, every path (ref, AVX2, AVX-512) and every
+ * batch size and thread count give the same bits: checked exactly. */
+
+static const enum moe_dtype kq_dtypes[] = { MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K, MOE_DTYPE_Q3_K,
+					    MOE_DTYPE_Q2_K };
+#define N_KQ (sizeof(kq_dtypes) / sizeof(kq_dtypes[0]))
+
+/* Byte offsets of d and dmin (-1: none) in a super-block. */
+static void kq_scale_offsets(enum moe_dtype t, int *od, int *om)
+{
+	switch (t) {
+	case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K: *od = 0; *om = 2; break;
+	case MOE_DTYPE_Q6_K: *od = 208; *om = -1; break;
+	case MOE_DTYPE_Q3_K: *od = 108; *om = -1; break;
+	default: *od = 80; *om = 82; break;
+	}
+}
+
+static uint8_t *kq_random(enum moe_dtype t, uint32_t rows, uint32_t cols)
+{
+	const uint32_t bb = moe_dtype_block_bytes(t), nb = rows * (cols / 256);
+	uint8_t *w = malloc((size_t)nb * bb + 64);
+	int od, om;
+	kq_scale_offsets(t, &od, &om);
+	for (size_t i = 0; i < (size_t)nb * bb; i++)
+		w[i] = (uint8_t)rng_u64();
+	for (uint32_t b = 0; b < nb; b++) {
+		const uint16_t d = moe_f32_to_f16(rng_f(0.0005f, 0.004f)), m = moe_f32_to_f16(rng_f(0.0f, 0.004f));
+		memcpy(w + (size_t)b * bb + od, &d, 2);
+		if (om >= 0)
+			memcpy(w + (size_t)b * bb + om, &m, 2);
+	}
+	return w;
+}
+
+/* The |d sc q| and |dmin m| parts of each weight: decode copies with dmin
+ * and with d zeroed. */
+static double *kq_parts_abs(enum moe_dtype t, const uint8_t *w, uint32_t rows, uint32_t cols)
+{
+	const uint32_t bb = moe_dtype_block_bytes(t), nb = rows * (cols / 256);
+	uint8_t *a = malloc((size_t)nb * bb), *b = malloc((size_t)nb * bb);
+	float *fa = malloc(sizeof(float) * rows * cols), *fb = malloc(sizeof(float) * rows * cols);
+	double *out = malloc(sizeof(double) * rows * cols);
+	int od, om;
+	kq_scale_offsets(t, &od, &om);
+	memcpy(a, w, (size_t)nb * bb);
+	memcpy(b, w, (size_t)nb * bb);
+	for (uint32_t k = 0; k < nb; k++) {
+		memset(b + (size_t)k * bb + od, 0, 2);
+		if (om >= 0)
+			memset(a + (size_t)k * bb + om, 0, 2);
+		else
+			memset(b + (size_t)k * bb, 0, bb); /* no min part */
+	}
+	moe_dequantize_row(t, a, fa, (size_t)rows * cols);
+	moe_dequantize_row(t, b, fb, (size_t)rows * cols);
+	for (size_t i = 0; i < (size_t)rows * cols; i++)
+		out[i] = fabs((double)fa[i]) + fabs((double)fb[i]);
+	free(a);
+	free(b);
+	free(fa);
+	free(fb);
+	return out;
+}
+
+static void check_kquant_matmul(enum ffn_isa isa)
+{
+	static const uint32_t Bs[] = { 1, 3, 16, 64 };
+	static const uint32_t shapes[][2] = { { 13, 256 }, { 1, 512 }, { 6, 768 }, { 37, 256 }, { 4, 1024 } };
+
+	use_isa(isa);
+	rng_seed(33);
+	for (size_t d = 0; d < N_KQ; d++) {
+		const enum moe_dtype t = kq_dtypes[d];
+		cr_assert(ffn_dtype_supported(t), "%s", moe_dtype_name(t));
+		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+			const uint32_t rows = shapes[s][0], cols = shapes[s][1], nb = cols / 256;
+			uint8_t *w = kq_random(t, rows, cols);
+			float *wf = malloc(sizeof(float) * rows * cols);
+			double *wa = kq_parts_abs(t, w, rows, cols);
+			moe_dequantize_row(t, w, wf, (size_t)rows * cols);
+			for (size_t bi = 0; bi < sizeof(Bs) / sizeof(Bs[0]); bi++) {
+				const uint32_t B = Bs[bi];
+				const size_t ldx = cols + 3, ldy = rows + 2;
+				float *x = make_x(B, (uint32_t)ldx, 2.0f);
+				float *y = malloc(sizeof(float) * B * ldy), *y1 = malloc(sizeof(float) * rows);
+				float *yr = malloc(sizeof(float) * B * ldy), *y3 = malloc(sizeof(float) * B * ldy);
+				struct moe_block_q8_K *xq = malloc(sizeof(*xq) * nb);
+				cr_assert_eq(ffn_matmul(t, w, rows, cols, x, ldx, B, y, ldy, 1), 0);
+				for (uint32_t tk = 0; tk < B; tk++) {
+					const float *xt = x + tk * ldx;
+					moe_quantize_row_q8_K(xt, xq, cols);
+					cr_assert_eq(ffn_matmul(t, w, rows, cols, xt, ldx, 1, y1, rows, 1), 0);
+					for (uint32_t r = 0; r < rows; r++) {
+						double ex = 0, exq = 0, T = 0, Q = 0;
+						for (uint32_t c = 0; c < cols; c++) {
+							const struct moe_block_q8_K *xb = &xq[c / 256];
+							const double xv = (double)xb->d * xb->qs[c % 256];
+							double amax = fabs((double)xb->d) * 127.0;
+							ex += (double)wf[(size_t)r * cols + c] * xt[c];
+							exq += (double)wf[(size_t)r * cols + c] * xv;
+							T += wa[(size_t)r * cols + c] * fabs(xv);
+							Q += wa[(size_t)r * cols + c] * 0.51 * amax / 127.0;
+						}
+						const double got = y[tk * ldy + r];
+						const double bq = (16 + 2 * nb) * U_F32 * T + 1e-30;
+						cr_assert(fabs(got - exq) <= bq,
+							  "%s/%s %ux%u B=%u tok %u row %u: %.9g vs %.9g on q8_K x (bound %.3g)",
+							  ffn_isa_name(isa), moe_dtype_name(t), rows, cols, B, tk, r, got, exq, bq);
+						cr_assert(fabs(got - ex) <= bq + Q + 4 * U_F32 * Q,
+							  "%s/%s row %u: %.9g vs %.9g on f32 x (bound %.3g)", ffn_isa_name(isa),
+							  moe_dtype_name(t), r, got, ex, bq + Q);
+						cr_assert(memcmp(&y1[r], &y[tk * ldy + r], 4) == 0,
+							  "%s/%s: token %u alone %a != in batch of %u %a", ffn_isa_name(isa),
+							  moe_dtype_name(t), tk, (double)y1[r], B, (double)y[tk * ldy + r]);
+					}
+				}
+				cr_assert_eq(ffn_matmul(t, w, rows, cols, x, ldx, B, y3, ldy, 3), 0);
+				cr_assert_eq(ffn_set_isa(FFN_ISA_REF), 0);
+				cr_assert_eq(ffn_matmul(t, w, rows, cols, x, ldx, B, yr, ldy, 2), 0);
+				cr_assert_eq(ffn_set_isa(isa), 0);
+				for (uint32_t tk = 0; tk < B; tk++) {
+					cr_assert(memcmp(y3 + tk * ldy, y + tk * ldy, 4 * rows) == 0,
+						  "%s/%s: 3 threads differ from 1", ffn_isa_name(isa), moe_dtype_name(t));
+					cr_assert(memcmp(yr + tk * ldy, y + tk * ldy, 4 * rows) == 0,
+						  "%s/%s %ux%u B=%u: differs from the reference path", ffn_isa_name(isa),
+						  moe_dtype_name(t), rows, cols, B);
+				}
+				free(x);
+				free(y);
+				free(y1);
+				free(yr);
+				free(y3);
+				free(xq);
+			}
+			free(w);
+			free(wf);
+			free(wa);
+		}
+	}
+}
+
+/* A whole SwiGLU expert with K-quant (and mixed, Q4_K_M-style) parts:
+ * the same bits as its three ffn_matmul calls and the activation composed
+ * by hand (so x and h reach the kernels as q8_K), for one token, a batch,
+ * and two threads. */
+static void check_kquant_expert(enum ffn_isa isa)
+{
+	static const enum moe_dtype mixes[][3] = {
+		{ MOE_DTYPE_Q4_K, MOE_DTYPE_Q4_K, MOE_DTYPE_Q6_K }, { MOE_DTYPE_Q5_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K },
+		{ MOE_DTYPE_Q3_K, MOE_DTYPE_Q2_K, MOE_DTYPE_Q4_K }, { MOE_DTYPE_Q4_K, MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0 },
+		{ MOE_DTYPE_BF16, MOE_DTYPE_BF16, MOE_DTYPE_Q6_K },
+	};
+	static const uint32_t Bs[] = { 1, 5, 16 };
+	const uint32_t n = 512, m = 256;
+
+	use_isa(isa);
+	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_INT), 0); /* q8_0 parts as in production */
+	rng_seed(44);
+	for (size_t k = 0; k < sizeof(mixes) / sizeof(mixes[0]); k++) {
+		struct fake_expert e;
+		memset(&e, 0, sizeof(e));
+		moe_model_set_family_defaults(&e.cfg, MOE_FAMILY_DEEPSEEK_V2);
+		e.cfg.hidden = n;
+		e.cfg.expert_width = m;
+		add_part(&e, PACK_ROLE_GATE, mixes[k][0], m, n);
+		add_part(&e, PACK_ROLE_UP, mixes[k][1], m, n);
+		add_part(&e, PACK_ROLE_DOWN, mixes[k][2], n, m);
+		e.ext = calloc(1, e.ext_bytes);
+		for (uint32_t i = 0; i < 3; i++) {
+			const struct pack_part_desc *p = &e.parts[i];
+			const bool kq = moe_dtype_block_elems(p->dtype) == 256;
+			uint8_t *w = kq ? kq_random(p->dtype, p->rows, p->cols) : make_weights(p->dtype, p->rows, p->cols, 0.1f);
+			memcpy(e.ext + p->offset, w, p->bytes);
+			free(w);
+		}
+		struct moe_error err = { { 0 } };
+		cr_assert_eq(ffn_layout_init(&e.L, &e.cfg, e.parts, e.n_parts, e.ext_bytes, &err), 0, "%s", err.msg);
+		for (size_t bi = 0; bi < sizeof(Bs) / sizeof(Bs[0]); bi++) {
+			const uint32_t B = Bs[bi];
+			float *x = make_x(B, n, 1.0f), *y = malloc(sizeof(float) * B * n), *y2 = malloc(sizeof(float) * B * n);
+			float *g = malloc(sizeof(float) * B * m), *u = malloc(sizeof(float) * B * m);
+			float *h = malloc(sizeof(float) * B * m), *want = malloc(sizeof(float) * B * n);
+			const uint8_t *ext = e.ext;
+			cr_assert_eq(ffn_expert(&e.L, e.ext, x, n, B, y, n, NULL, 0, 1), 0);
+			cr_assert_eq(ffn_matmul(e.L.gate.dtype, ext + e.L.gate.offset, m, n, x, n, B, g, m, 1), 0);
+			cr_assert_eq(ffn_matmul(e.L.up.dtype, ext + e.L.up.offset, m, n, x, n, B, u, m, 1), 0);
+			for (size_t i = 0; i < (size_t)B * m; i++)
+				h[i] = g[i] * (1.0f / (1.0f + expf(-g[i]))) * u[i];
+			cr_assert_eq(ffn_matmul(e.L.down.dtype, ext + e.L.down.offset, n, m, h, m, B, want, n, 1), 0);
+			cr_assert(memcmp(y, want, sizeof(float) * B * n) == 0, "%s %s/%s/%s B=%u: expert != composed matmuls",
+				  ffn_isa_name(isa), moe_dtype_name(mixes[k][0]), moe_dtype_name(mixes[k][1]),
+				  moe_dtype_name(mixes[k][2]), B);
+			cr_assert_eq(ffn_expert(&e.L, e.ext, x, n, B, y2, n, NULL, 0, 2), 0);
+			cr_assert(memcmp(y, y2, sizeof(float) * B * n) == 0, "2 threads changed the result");
+			cr_assert_eq(ffn_expert(&e.L, e.ext, x + (size_t)(B - 1) * n, n, 1, y2, n, NULL, 0, 1), 0);
+			cr_assert(memcmp(y + (size_t)(B - 1) * n, y2, sizeof(float) * n) == 0, "batch of %u != one token", B);
+			free(x);
+			free(y);
+			free(y2);
+			free(g);
+			free(u);
+			free(h);
+			free(want);
+		}
+		free(e.ext);
+	}
+	/* K-quant columns must be whole super-blocks */
+	struct fake_expert e;
+	memset(&e, 0, sizeof(e));
+	moe_model_set_family_defaults(&e.cfg, MOE_FAMILY_DEEPSEEK_V2);
+	e.cfg.hidden = 256;
+	e.cfg.expert_width = 96;
+	add_part(&e, PACK_ROLE_GATE, MOE_DTYPE_Q4_K, 96, 256);
+	add_part(&e, PACK_ROLE_UP, MOE_DTYPE_Q4_K, 96, 256);
+	e.parts[e.n_parts++] = (struct pack_part_desc){ .role = PACK_ROLE_DOWN, .dtype = MOE_DTYPE_Q6_K, .rows = 256,
+							.cols = 96, .offset = e.ext_bytes, .bytes = 256 * 84 };
+	e.ext_bytes += 256 * 84;
+	struct moe_error err = { { 0 } };
+	cr_assert_eq(ffn_layout_init(&e.L, &e.cfg, e.parts, e.n_parts, e.ext_bytes, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "not whole q6_K blocks"), "%s", err.msg);
+}
+
+PER_ISA(kquant_matmul, check_kquant_matmul, 120)
+PER_ISA(kquant_expert, check_kquant_expert, 60)
+
+/* The AVX2 q8_K quantizer gives moe_quantize_row_q8_K's blocks: random
+ * blocks of many magnitudes (and signs of the largest element), exact ties
+ * (max -127: iscale 1, x = k + 0.5 round to even), an all-zero block and
+ * one too small for a finite iscale. */
+Test(ffn, quant_q8k_avx2_matches_dtype, .timeout = 10)
+{
+	if (!ffn_isa_supported(FFN_ISA_AVX2))
+		cr_skip_test("this CPU lacks AVX2");
+	enum { NB = 40 };
+	float *x = malloc(sizeof(float) * NB * 256);
+	struct moe_block_q8_K a[NB], b[NB];
+	rng_seed(55);
+	for (int blk = 0; blk < NB; blk++) {
+		const float scale = ldexpf(1.0f, blk % 20 - 10);
+		for (int j = 0; j < 256; j++)
+			x[blk * 256 + j] = rng_f(-scale, scale);
+	}
+	for (int j = 0; j < 256; j++)
+		x[256 + j] = (float)(j % 254) - 126.5f; /* ties */
+	x[256 + 3] = -127.0f;
+	memset(x + 2 * 256, 0, 256 * sizeof(float));
+	for (int j = 0; j < 256; j++)
+		x[3 * 256 + j] = j == 9 ? 1e-44f : 0.0f;
+	x[4 * 256 + 17] = 5.0f; /* equal magnitudes: the first one's sign wins */
+	x[4 * 256 + 200] = -5.0f;
+	moe_quantize_row_q8_K(x, a, NB * 256);
+	ffn_quant_q8k_avx2(x, b, NB * 256);
+	for (int blk = 0; blk < NB; blk++)
+		cr_assert(memcmp(&a[blk], &b[blk], sizeof(a[0])) == 0, "block %d: d %a vs %a", blk, (double)a[blk].d,
+			  (double)b[blk].d);
+	cr_assert_eq(a[4].qs[17], -127);
+	free(x);
+}
 
 /* The AVX2 quantizer of x for the integer kernels gives the same blocks as
  * moe_quantize_row_q8_0: random blocks of many magnitudes, an all-zero
