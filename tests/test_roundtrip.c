@@ -367,7 +367,8 @@ static void check_residents(const struct gen_model *g, struct pack_file *p, cons
 
 /* One case: generate, pack, compare. src_kind: 0 = directory, 1 = the
  * .safetensors file or index.json, for safetensors. */
-static void run_case(enum moe_family fam, enum gen_format fmt, enum moe_dtype dt, uint32_t shards, int src_kind)
+static void run_preset(enum moe_family fam, enum gen_format fmt, enum moe_dtype dt, uint32_t shards, int src_kind,
+		       const char *preset)
 {
 	struct gen_model g;
 	struct moe_error err = { "" };
@@ -380,11 +381,12 @@ static void run_case(enum moe_family fam, enum gen_format fmt, enum moe_dtype dt
 	g.format = fmt;
 	g.dtype = dt;
 	g.shards = shards;
+	cr_assert_eq(gen_model_preset(&g, preset, &err), 0, "%s", err.msg);
 	cr_assert_eq(gen_model_validate(&g, &err), 0, "%s", err.msg);
 	snprintf(log, sizeof(log), "%s/log", dir);
-	int st = tu_sh("'%s' model --family %s --format %s --dtype %s --shards %u --preset tiny --out '%s/m' > '%s' 2>&1",
+	int st = tu_sh("'%s' model --family %s --format %s --dtype %s --shards %u --preset %s --out '%s/m' > '%s' 2>&1",
 		       tu_build_path("tools/moe-gen"), moe_family_name(fam), fmt_name(fmt), moe_dtype_name(dt), shards,
-		       dir, log);
+		       preset, dir, log);
 	cr_assert_eq(st, 0, "moe-gen failed: %s", tu_read_file(log, NULL));
 	if (fmt == GEN_FORMAT_GGUF)
 		snprintf(src, sizeof(src), "%s/m/model.gguf", dir);
@@ -416,6 +418,11 @@ static void run_case(enum moe_family fam, enum gen_format fmt, enum moe_dtype dt
 	tu_rmtree(dir);
 }
 
+static void run_case(enum moe_family fam, enum gen_format fmt, enum moe_dtype dt, uint32_t shards, int src_kind)
+{
+	run_preset(fam, fmt, dt, shards, src_kind, "tiny");
+}
+
 static void run_family(enum moe_family fam)
 {
 	static const enum moe_dtype st_types[] = { MOE_DTYPE_F32, MOE_DTYPE_F16, MOE_DTYPE_BF16 };
@@ -443,6 +450,19 @@ Test(roundtrip, deepseek_v2) { run_family(MOE_FAMILY_DEEPSEEK_V2); }
 Test(roundtrip, deepseek_v3) { run_family(MOE_FAMILY_DEEPSEEK_V3); }
 Test(roundtrip, olmoe) { run_family(MOE_FAMILY_OLMOE); }
 Test(roundtrip, gpt_oss) { run_family(MOE_FAMILY_GPT_OSS); }
+
+/* The models llama.cpp runs (tiny-lm: real attention, vocabulary, the
+ * families' extra tensors) pack the same way. */
+Test(roundtrip, tiny_lm)
+{
+	static const enum moe_family fams[] = { MOE_FAMILY_QWEN3_MOE, MOE_FAMILY_QWEN2_MOE, MOE_FAMILY_OLMOE,
+						MOE_FAMILY_MIXTRAL };
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(fams); i++) {
+		run_preset(fams[i], GEN_FORMAT_GGUF, MOE_DTYPE_F32, 1, 0, "tiny-lm");
+		run_preset(fams[i], GEN_FORMAT_GGUF, MOE_DTYPE_Q8_0, 1, 0, "tiny-lm");
+		run_preset(fams[i], GEN_FORMAT_SAFETENSORS, MOE_DTYPE_BF16, 1, 0, "tiny-lm");
+	}
+}
 
 /* HF MXFP4 -> ggml block_mxfp4 on one hand-made block: element 2k is the low
  * nibble of HF byte k; ggml wants element j low and j+16 high in byte j. */
