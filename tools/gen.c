@@ -309,6 +309,17 @@ enum gen_format gen_format_parse(const char *s)
 	return 0;
 }
 
+uint32_t gen_ffn_length(const struct gen_model *g)
+{
+	switch (g->family) {
+	case MOE_FAMILY_DEEPSEEK_V2:
+	case MOE_FAMILY_DEEPSEEK_V3: return g->dense_width;
+	case MOE_FAMILY_QWEN2_MOE:
+	case MOE_FAMILY_QWEN3_MOE: return g->n_shared ? g->n_shared * g->width : 4 * g->width;
+	default: return g->width;
+	}
+}
+
 const char *gen_gguf_arch(enum moe_family f)
 {
 	switch (f) {

@@ -231,6 +231,11 @@ int gen_model_llama_check(const struct gen_model *g, struct moe_error *err);
 int gen_model_validate(const struct gen_model *g, struct moe_error *err);
 /* The moetierd view of the generated model (what moe-pack should find). */
 void gen_model_config(const struct gen_model *g, struct moe_model_config *c);
+/* config.json's intermediate_size, which llama.cpp's converter writes as
+ * GGUF {arch}.feed_forward_length: the expert width (Mixtral, OLMoE, GPT-OSS),
+ * the dense layers' width (DeepSeek), the shared expert's width or 4 m
+ * (Qwen2/3-MoE, whose graphs do not use it). */
+uint32_t gen_ffn_length(const struct gen_model *g);
 /* The GGUF general.architecture of a family ("llama", "qwen2moe", ...). */
 const char *gen_gguf_arch(enum moe_family f);
 

@@ -177,8 +177,8 @@ static void metadata(const struct gen_model *g, struct kvw *w)
 	kv_u32(w, "context_length", g->ctx_len);
 	kv_u32(w, "embedding_length", g->hidden);
 	/* olmoe and llama size their experts by this key, qwen*moe by the
-	 * expert_ one below; DeepSeek's is the dense layers' */
-	kv_u32(w, "feed_forward_length", g->dense_layers ? g->dense_width : g->width);
+	 * expert_ one below */
+	kv_u32(w, "feed_forward_length", gen_ffn_length(g));
 	kv_u32(w, "vocab_size", g->vocab);
 	kv_u32(w, "attention.head_count", g->n_head);
 	kv_u32(w, "attention.head_count_kv", g->n_head_kv);

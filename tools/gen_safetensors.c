@@ -86,7 +86,7 @@ static json_t *config_json(const struct gen_model *g)
 	case MOE_FAMILY_QWEN3_MOE:
 		jset(o, "num_experts", json_integer(g->n_experts));
 		jset(o, "moe_intermediate_size", json_integer(g->width));
-		jset(o, "intermediate_size", json_integer(g->n_shared ? g->n_shared * g->width : 4 * g->width));
+		jset(o, "intermediate_size", json_integer(gen_ffn_length(g)));
 		if (f == MOE_FAMILY_QWEN2_MOE)
 			jset(o, "shared_expert_intermediate_size", json_integer(g->n_shared * g->width));
 		jset(o, "norm_topk_prob", json_boolean(c.norm_topk_prob));
