@@ -314,6 +314,41 @@ Test(pack_model, unsupported_dtype_refused)
 	tu_rmtree(dir);
 }
 
+/* The same from safetensors: an I32 norm (same size as F32) is refused by
+ * name; an HF tensor llama.cpp has no name for is refused too. */
+Test(pack_model, st_unsupported_refused)
+{
+	char *dir = tu_mkdtemp("pmv"), path[4200], *log;
+	size_t len = 0;
+	cr_assert_eq(tu_sh("'%s' model --family olmoe --dtype f32 --preset tiny --out '%s/s' > /dev/null 2>&1",
+			   tu_build_path("tools/moe-gen"), dir), 0);
+	snprintf(path, sizeof(path), "%s/s/model.safetensors", dir);
+	char *b = tu_read_file(path, &len);
+	const char *key = "\"model.norm.weight\":{\"dtype\":\"F32\"";
+	char *at = memmem(b, len, key, strlen(key));
+	cr_assert_not_null(at, "the generated header changed");
+	memcpy(at + strlen(key) - 4, "I32", 3);
+	cr_assert_eq(tu_write_file(path, b, len), 0);
+	free(b);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/s' -o '%s/x.moepack' -q", dir, dir), 1, "%s", log);
+	cr_assert(strstr(log, "tensor model.norm.weight has type I32"), "%s", log);
+	free(log);
+	cr_assert_eq(pack_cmd(dir, &log, "convert --experts-only '%s/s' -o '%s/x.moepack' -q", dir, dir), 0, "%s", log);
+	free(log);
+	/* back to F32, under a name no GGUF has */
+	b = tu_read_file(path, &len);
+	at = memmem(b, len, key, strlen(key) - 5);
+	cr_assert_not_null(at);
+	memcpy(at + strlen(key) - 4, "F32", 3);
+	memcpy(at + 7, "x", 1); /* model.xorm.weight */
+	cr_assert_eq(tu_write_file(path, b, len), 0);
+	free(b);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/s' -o '%s/x.moepack' -q", dir, dir), 1, "%s", log);
+	cr_assert(strstr(log, "tensor model.xorm.weight: no llama.cpp name is known"), "%s", log);
+	free(log);
+	tu_rmtree(dir);
+}
+
 /* ---- safetensors -> whole-model pack: what a GGUF of the model holds ---- */
 
 /* The safetensors and GGUF moe-gen writes of one f32 model hold the same
