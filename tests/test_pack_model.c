@@ -210,6 +210,18 @@ Test(pack_model, experts_only)
 	cr_assert_eq(pack_cmd(dir, &log, "info --tensors '%s'", out), 0, "%s", log);
 	cr_assert(strstr(log, "blk.0.ffn_gate_inp.weight"), "%s", log);
 	free(log);
+	cr_assert_eq(pack_cmd(dir, &log, "info --json '%s'", out), 0, "%s", log);
+	cr_assert(strstr(log, "\"whole_model\": false") && strstr(log, "\"shared_expert\": {"), "%s", log);
+	free(log);
+	/* and the default: the whole model */
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s' -o '%s' -q", src, out), 0, "%s", log);
+	free(log);
+	cr_assert_eq(pack_cmd(dir, &log, "info '%s'", out), 0, "%s", log);
+	cr_assert(strstr(log, "(whole model, with " PACK_KV_TENSOR ")") && strstr(log, "attention"), "%s", log);
+	free(log);
+	cr_assert_eq(pack_cmd(dir, &log, "info --json '%s'", out), 0, "%s", log);
+	cr_assert(strstr(log, "\"whole_model\": true") && strstr(log, "\"embedding\": {"), "%s", log);
+	free(log);
 	tu_rmtree(dir);
 }
 

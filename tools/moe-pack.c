@@ -104,6 +104,46 @@ static const char *topk_name(uint32_t t)
 	return t == MOE_TOPK_GREEDY ? "greedy" : t == MOE_TOPK_GROUP_LIMITED ? "group_limited" : "?";
 }
 
+/* Kinds of resident tensors that `info` sums up, by role and, for OTHER,
+ * by GGUF name. */
+enum { K_ROUTER, K_SHARED, K_EMBED, K_ATTN, K_NORM, K_DENSE_FFN, K_OUTPUT, K_META, K_OTHER, N_KINDS };
+static const char *const kind_names[N_KINDS] = {
+	"routers and biases", "shared experts", "embeddings", "attention", "norms", "dense FFN", "output head",
+	"metadata (" PACK_KV_TENSOR ")", "other",
+};
+static const char *const kind_keys[N_KINDS] = {
+	"router", "shared_expert", "embedding", "attention", "norm", "dense_ffn", "output", "metadata", "other",
+};
+
+static int tensor_kind(const struct pack_tensor_entry *t)
+{
+	const char *n = strchr(t->name, '.'), *dot;
+	switch (t->role) {
+	case PACK_ROLE_ROUTER: case PACK_ROLE_ROUTER_BIAS: case PACK_ROLE_SCORE_BIAS: return K_ROUTER;
+	case PACK_ROLE_SHARED_GATE: case PACK_ROLE_SHARED_UP: case PACK_ROLE_SHARED_DOWN:
+	case PACK_ROLE_SHARED_EXPERT_GATE: return K_SHARED;
+	default: break;
+	}
+	if (strcmp(t->name, PACK_KV_TENSOR) == 0)
+		return K_META;
+	if (strncmp(t->name, "token_embd", 10) == 0 || strncmp(t->name, "token_types", 11) == 0)
+		return K_EMBED;
+	if (strncmp(t->name, "output.", 7) == 0)
+		return K_OUTPUT;
+	/* blk.L.<what>.weight: the part after the layer number */
+	if (strncmp(t->name, "blk.", 4) == 0 && n && (dot = strchr(n + 1, '.')))
+		n = dot + 1;
+	else
+		n = t->name;
+	if (strstr(n, "norm"))
+		return K_NORM;
+	if (strncmp(n, "attn_", 5) == 0)
+		return K_ATTN;
+	if (strncmp(n, "ffn_", 4) == 0)
+		return K_DENSE_FFN;
+	return K_OTHER;
+}
+
 static json_t *info_json(const struct pack_file *p)
 {
 	const struct pack_header_disk *h = p->hdr;
@@ -163,44 +203,22 @@ static json_t *info_json(const struct pack_file *p)
 		json_array_append_new(ts, jt);
 	}
 	json_object_set_new(o, "tensors", ts);
-	return o;
-}
-
-/* Kinds of resident tensors that `info` sums up, by role and, for OTHER,
- * by GGUF name. */
-enum { K_ROUTER, K_SHARED, K_EMBED, K_ATTN, K_NORM, K_DENSE_FFN, K_OUTPUT, K_META, K_OTHER, N_KINDS };
-static const char *const kind_names[N_KINDS] = {
-	"routers and biases", "shared experts", "embeddings", "attention", "norms", "dense FFN", "output head",
-	"metadata (" PACK_KV_TENSOR ")", "other",
-};
-
-static int tensor_kind(const struct pack_tensor_entry *t)
-{
-	const char *n = strchr(t->name, '.'), *dot;
-	switch (t->role) {
-	case PACK_ROLE_ROUTER: case PACK_ROLE_ROUTER_BIAS: case PACK_ROLE_SCORE_BIAS: return K_ROUTER;
-	case PACK_ROLE_SHARED_GATE: case PACK_ROLE_SHARED_UP: case PACK_ROLE_SHARED_DOWN:
-	case PACK_ROLE_SHARED_EXPERT_GATE: return K_SHARED;
-	default: break;
+	/* the text's summary: count and bytes by kind */
+	json_t *kinds = json_object();
+	for (int k = 0; k < N_KINDS; k++) {
+		uint64_t n = 0, bytes = 0;
+		for (uint64_t i = 0; i < h->n_tensors; i++)
+			if (tensor_kind(&p->tensors[i]) == k) {
+				n++;
+				bytes += p->tensors[i].bytes;
+			}
+		if (n)
+			json_object_set_new(kinds, kind_keys[k], json_pack("{s:I, s:I}", "tensors", (json_int_t)n, "bytes",
+									   (json_int_t)bytes));
 	}
-	if (strcmp(t->name, PACK_KV_TENSOR) == 0)
-		return K_META;
-	if (strncmp(t->name, "token_embd", 10) == 0 || strncmp(t->name, "token_types", 11) == 0)
-		return K_EMBED;
-	if (strncmp(t->name, "output.", 7) == 0)
-		return K_OUTPUT;
-	/* blk.L.<what>.weight: the part after the layer number */
-	if (strncmp(t->name, "blk.", 4) == 0 && n && (dot = strchr(n + 1, '.')))
-		n = dot + 1;
-	else
-		n = t->name;
-	if (strstr(n, "norm"))
-		return K_NORM;
-	if (strncmp(n, "attn_", 5) == 0)
-		return K_ATTN;
-	if (strncmp(n, "ffn_", 4) == 0)
-		return K_DENSE_FFN;
-	return K_OTHER;
+	json_object_set_new(o, "resident_kinds", kinds);
+	json_object_set_new(o, "whole_model", json_boolean(pack_find_tensor(p, PACK_KV_TENSOR) != NULL));
+	return o;
 }
 
 static void info_text(const struct pack_file *p, bool tensors)
