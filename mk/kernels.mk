@@ -14,6 +14,18 @@ tests_test_ffn_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_ffn_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
 endif
 
+# Our K-quant dequantization, q8_K activations and dot products against
+# llama.cpp's ggml (the npm prebuilt): exits 77 when configure found no peer.
+check_PROGRAMS += tests/test_kquant_ggml
+TESTS += tests/test_kquant_ggml
+tests_test_kquant_ggml_SOURCES = tests/test_kquant_ggml.c tests/ggml_peer.h
+tests_test_kquant_ggml_LDADD = $(KERNELS_LINK)
+if HAVE_LLAMA
+tests_test_kquant_ggml_CPPFLAGS = $(AM_CPPFLAGS) $(LLAMA_CPPFLAGS) -DMOE_HAVE_LLAMA \
+	-DMOE_LLAMA_BACKEND_DIR='"$(LLAMA_BACKEND_DIR)"'
+tests_test_kquant_ggml_LDADD += $(LLAMA_LIBS) -ldl
+endif
+
 # CUDA: kernels/ffn.cu -> kernels/ffn.fatbin (nvcc, build tree) -> embedded
 # by kernels/cuda_fatbin.S with .incbin "kernels/ffn.fatbin" (relative to the
 # top build directory, where make runs the assembler).

@@ -1,0 +1,182 @@
+/* ggml_peer.h - llama.cpp's ggml (the npm prebuilt, configure --with-llama)
+ * as a peer for tests/test_kquant_ggml and bench/ffn-vs-ggml: its CPU
+ * backend loaded from the prebuilt folder, its CPU type traits (vec_dot,
+ * from_float), and mul_mat / expert FFN graphs on that backend.
+ *
+ * The CPU backend is a separate library chosen at run time among the
+ * prebuilt variants (libggml-cpu-zen4.so, -haswell, ...), so it is loaded
+ * with ggml_backend_load_all_from_path and its exported
+ * ggml_get_type_traits_cpu is found in whichever variant got loaded. */
+#ifndef MOETIER_GGML_PEER_H
+#define MOETIER_GGML_PEER_H
+
+#include <dirent.h>
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <ggml-alloc.h>
+#include <ggml-backend.h>
+#include <ggml-cpu.h>
+#include <ggml.h>
+
+#include "dtype.h"
+
+struct ggml_peer {
+	ggml_backend_t be;
+	ggml_backend_set_n_threads_t set_threads;
+	const struct ggml_type_traits_cpu *(*traits_cpu)(enum ggml_type);
+	char lib[512]; /* the CPU variant loaded */
+};
+
+/* The ggml type of a moetier dtype; GGML_TYPE_COUNT where none. */
+static inline enum ggml_type ggml_peer_type(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_F32: return GGML_TYPE_F32;
+	case MOE_DTYPE_F16: return GGML_TYPE_F16;
+	case MOE_DTYPE_BF16: return GGML_TYPE_BF16;
+	case MOE_DTYPE_Q8_0: return GGML_TYPE_Q8_0;
+	case MOE_DTYPE_Q4_0: return GGML_TYPE_Q4_0;
+	case MOE_DTYPE_MXFP4: return GGML_TYPE_MXFP4;
+	case MOE_DTYPE_Q4_K: return GGML_TYPE_Q4_K;
+	case MOE_DTYPE_Q5_K: return GGML_TYPE_Q5_K;
+	case MOE_DTYPE_Q6_K: return GGML_TYPE_Q6_K;
+	case MOE_DTYPE_Q3_K: return GGML_TYPE_Q3_K;
+	case MOE_DTYPE_Q2_K: return GGML_TYPE_Q2_K;
+	default: return GGML_TYPE_COUNT;
+	}
+}
+
+/* The prebuilt folder: $MOETIER_LLAMA_LIB, else configure's. */
+static inline const char *ggml_peer_dir(void)
+{
+	const char *env = getenv("MOETIER_LLAMA_LIB");
+	if (env && *env)
+		return env;
+#ifdef MOE_LLAMA_BACKEND_DIR
+	return MOE_LLAMA_BACKEND_DIR;
+#else
+	return NULL;
+#endif
+}
+
+/* Loads the CPU backend with `threads` threads. 0, or -1 with a reason in
+ * why (the peer is absent: callers skip). */
+static inline int ggml_peer_open(struct ggml_peer *p, int threads, char *why, size_t whylen)
+{
+	const char *dir = ggml_peer_dir();
+	memset(p, 0, sizeof(*p));
+	if (!dir) {
+		snprintf(why, whylen, "no llama.cpp peer (configure --with-llama or MOETIER_LLAMA_LIB)");
+		return -1;
+	}
+	ggml_backend_load_all_from_path(dir);
+	ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+	if (!dev || !(p->be = ggml_backend_dev_init(dev, NULL))) {
+		snprintf(why, whylen, "no ggml CPU backend in %s", dir);
+		return -1;
+	}
+	ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+	p->set_threads = (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+	if (p->set_threads)
+		p->set_threads(p->be, threads);
+	/* the variant ggml loaded is the one dlopen finds already resident */
+	DIR *d = opendir(dir);
+	struct dirent *de;
+	while (d && !p->traits_cpu && (de = readdir(d))) {
+		if (strncmp(de->d_name, "libggml-cpu", 11) != 0)
+			continue;
+		char path[1024];
+		snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+		void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+		if (!h)
+			continue;
+		*(void **)&p->traits_cpu = dlsym(h, "ggml_get_type_traits_cpu");
+		snprintf(p->lib, sizeof(p->lib), "%s", de->d_name);
+		dlclose(h); /* NOLOAD took a reference; ggml holds its own */
+	}
+	if (d)
+		closedir(d);
+	if (!p->traits_cpu) {
+		snprintf(why, whylen, "the ggml CPU backend in %s exports no ggml_get_type_traits_cpu", dir);
+		ggml_backend_free(p->be);
+		p->be = NULL;
+		return -1;
+	}
+	return 0;
+}
+
+static inline void ggml_peer_close(struct ggml_peer *p)
+{
+	if (p->be)
+		ggml_backend_free(p->be);
+	p->be = NULL;
+}
+
+/* A graph over weights that stay allocated: the expert FFN
+ * out = Wd (silu(Wg x) * (Wu x)) over B tokens (SWIGLU), or a plain
+ * mul_mat y = W x when wu / wd are NULL. Weights are ggml rows of `cols`
+ * (ne0) elements, as in GGUF files and packs. */
+struct ggml_peer_graph {
+	struct ggml_context *ctx;
+	ggml_backend_buffer_t buf;
+	struct ggml_cgraph *gf;
+	struct ggml_tensor *x, *out, *wg, *wu, *wd;
+};
+
+static inline int ggml_peer_graph_init(struct ggml_peer *p, struct ggml_peer_graph *g, enum moe_dtype tg,
+				       const void *wg, enum moe_dtype tu, const void *wu, enum moe_dtype td,
+				       const void *wd, uint32_t n, uint32_t m, uint32_t B)
+{
+	struct ggml_init_params ip = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), NULL, true };
+	memset(g, 0, sizeof(*g));
+	if (ggml_peer_type(tg) == GGML_TYPE_COUNT || (wu && ggml_peer_type(tu) == GGML_TYPE_COUNT) ||
+	    (wd && ggml_peer_type(td) == GGML_TYPE_COUNT) || !(g->ctx = ggml_init(ip)))
+		return -1;
+	g->x = ggml_new_tensor_2d(g->ctx, GGML_TYPE_F32, n, B);
+	g->wg = ggml_new_tensor_2d(g->ctx, ggml_peer_type(tg), n, m);
+	struct ggml_tensor *gate = ggml_mul_mat(g->ctx, g->wg, g->x);
+	if (wu && wd) {
+		g->wu = ggml_new_tensor_2d(g->ctx, ggml_peer_type(tu), n, m);
+		g->wd = ggml_new_tensor_2d(g->ctx, ggml_peer_type(td), m, n);
+		struct ggml_tensor *h = ggml_mul(g->ctx, ggml_silu(g->ctx, gate), ggml_mul_mat(g->ctx, g->wu, g->x));
+		g->out = ggml_mul_mat(g->ctx, g->wd, h);
+	} else {
+		g->out = gate;
+	}
+	g->gf = ggml_new_graph(g->ctx);
+	ggml_build_forward_expand(g->gf, g->out);
+	if (!(g->buf = ggml_backend_alloc_ctx_tensors(g->ctx, p->be))) {
+		ggml_free(g->ctx);
+		return -1;
+	}
+	ggml_backend_tensor_set(g->wg, wg, 0, ggml_nbytes(g->wg));
+	if (g->wu) {
+		ggml_backend_tensor_set(g->wu, wu, 0, ggml_nbytes(g->wu));
+		ggml_backend_tensor_set(g->wd, wd, 0, ggml_nbytes(g->wd));
+	}
+	return 0;
+}
+
+/* x: B rows of n floats; out: B rows of (m for a mul_mat, n for the FFN). */
+static inline int ggml_peer_graph_run(struct ggml_peer *p, struct ggml_peer_graph *g, const float *x, float *out)
+{
+	ggml_backend_tensor_set(g->x, x, 0, ggml_nbytes(g->x));
+	if (ggml_backend_graph_compute(p->be, g->gf) != GGML_STATUS_SUCCESS)
+		return -1;
+	ggml_backend_tensor_get(g->out, out, 0, ggml_nbytes(g->out));
+	return 0;
+}
+
+static inline void ggml_peer_graph_free(struct ggml_peer_graph *g)
+{
+	if (g->buf)
+		ggml_backend_buffer_free(g->buf);
+	if (g->ctx)
+		ggml_free(g->ctx);
+	memset(g, 0, sizeof(*g));
+}
+
+#endif

@@ -1,0 +1,274 @@
+/* test_kquant_ggml.c - our K-quant code against llama.cpp's ggml itself
+ * (the npm prebuilt, configure --with-llama; exit 77 without it).
+ *
+ * For q4_K, q5_K, q6_K, q3_K, q2_K, random rows (several distributions,
+ * outliers, all-zero and tiny rows) are quantized by ggml_quantize_chunk:
+ * 1. block geometry: ggml's block size and bytes equal dtype.c's;
+ * 2. dequantization: moe_dequantize_row equals ggml's to_float BIT FOR BIT;
+ * 3. activations: moe_quantize_row_q8_K (and every ISA's q8_K quantizer)
+ *    equals the CPU backend's from_float for q8_K byte for byte;
+ * 4. dot products: ffn_matmul on every path this CPU has against the CPU
+ *    backend's vec_dot (row by row) and a ggml mul_mat graph (1, 7 and 32
+ *    tokens), within the tolerance below.
+ *
+ * Tolerance. Both sides compute the same exact integer sums of each
+ * sub-block (the codes times the same q8_K activations) and differ only in
+ * how they scale and add them in f32: ours adds d dx isum - dmin dx imin
+ * per super-block (ffn_kq_accum), ggml keeps per-lane partial sums. Each
+ * side's error is a few f32 roundings of the terms, so
+ *     |ours - ggml| <= 1e-5 * T,  T = sum_c (|d sc q_c| + |dmin m_c|) |xq_c|
+ * (T: the magnitudes before the min cancels, from dequantizing copies with
+ * dmin / d zeroed; 1e-5 is ~170 f32 unit roundoffs, far above the ~2 nb + 8
+ * expected and far below any decoding slip, which moves a result by about
+ * one code step, 1e-2 * T or more). The largest ratio seen is printed. */
+#include "config.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dtype.h"
+#include "ffn.h"
+#include "ffn_impl.h"
+
+#ifndef MOE_HAVE_LLAMA
+/* TAP, as every non-shell test here (Makefile.am's LOG_DRIVER). */
+int main(void)
+{
+	printf("1..0 # SKIP built without the llama.cpp peer (configure --with-llama)\n");
+	return 77;
+}
+#else
+
+#include "ggml_peer.h"
+
+#define TOL 1e-5
+
+static int failures;
+static double worst_ratio;
+
+#define CHECK(cond, ...) \
+	do { \
+		if (!(cond)) { \
+			failures++; \
+			if (failures < 20) { \
+				printf("# FAIL %s:%d: ", __FILE__, __LINE__); \
+				printf(__VA_ARGS__); \
+				putchar('\n'); \
+			} \
+		} \
+	} while (0)
+
+static uint64_t rng = 0x1234567;
+static uint32_t rnd(void)
+{
+	rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+	return (uint32_t)(rng >> 33);
+}
+static float unif(void) { return (float)(rnd() >> 8) * (1.0f / 8388608.0f) - 1.0f; }
+
+/* Row r of a test matrix: a mix of what checkpoints and activations hold. */
+static void fill_row(float *x, uint32_t n, uint32_t r)
+{
+	const float scale = ldexpf(1.0f, (int)(r % 9) * 2 - 10);
+	for (uint32_t c = 0; c < n; c++) {
+		switch (r % 6) {
+		case 0: x[c] = unif() * scale; break;
+		case 1: x[c] = (unif() + unif() + unif()) * scale; break;      /* bell-ish */
+		case 2: x[c] = unif() * scale + (c % 97 == 3 ? 20 * scale : 0); break; /* outliers */
+		case 3: x[c] = fabsf(unif()) * scale; break;                    /* one sign */
+		case 4: x[c] = (c / 256) % 2 ? 0.0f : unif() * scale; break;     /* zero blocks */
+		default: x[c] = unif() * 1e-30f; break;                         /* tiny */
+		}
+	}
+}
+
+static const enum moe_dtype kq[] = { MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K, MOE_DTYPE_Q3_K,
+				     MOE_DTYPE_Q2_K };
+
+/* |d sc q| + |dmin m| per element (see the tolerance). */
+static void parts_abs(enum moe_dtype t, const uint8_t *w, size_t nblk, double *out)
+{
+	const uint32_t bb = moe_dtype_block_bytes(t);
+	int od, om;
+	switch (t) {
+	case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K: od = 0; om = 2; break;
+	case MOE_DTYPE_Q6_K: od = 208; om = -1; break;
+	case MOE_DTYPE_Q3_K: od = 108; om = -1; break;
+	default: od = 80; om = 82; break;
+	}
+	uint8_t *a = malloc(nblk * bb), *b = malloc(nblk * bb);
+	float *fa = malloc(nblk * 256 * sizeof(float)), *fb = malloc(nblk * 256 * sizeof(float));
+	memcpy(a, w, nblk * bb);
+	memcpy(b, w, nblk * bb);
+	for (size_t k = 0; k < nblk; k++) {
+		memset(b + k * bb + od, 0, 2);
+		if (om >= 0)
+			memset(a + k * bb + om, 0, 2);
+	}
+	moe_dequantize_row(t, a, fa, nblk * 256);
+	moe_dequantize_row(t, b, fb, nblk * 256);
+	for (size_t i = 0; i < nblk * 256; i++)
+		out[i] = fabs((double)fa[i]) + (om >= 0 ? fabs((double)fb[i]) : 0.0);
+	free(a);
+	free(b);
+	free(fa);
+	free(fb);
+}
+
+static void check_close(const char *what, enum moe_dtype t, double ours, double theirs, double T)
+{
+	const double diff = fabs(ours - theirs), bound = TOL * T + 1e-30;
+	if (T > 0 && diff / T > worst_ratio)
+		worst_ratio = diff / T;
+	CHECK(diff <= bound, "%s %s: ours %.9g ggml %.9g (|diff| %.3g > %.3g)", what, moe_dtype_name(t), ours, theirs,
+	      diff, bound);
+}
+
+static int tap_n;
+
+static void tap(int failures_before, const char *what, enum moe_dtype t)
+{
+	printf("%s %d - %s %s\n", failures == failures_before ? "ok" : "not ok", ++tap_n, moe_dtype_name(t), what);
+}
+
+static void run_type(struct ggml_peer *p, enum moe_dtype t)
+{
+	int f0 = failures;
+	const uint32_t rows = 24, n = 1024, nb = n / 256;
+	const enum ggml_type gt = ggml_peer_type(t);
+	uint64_t rb = 0;
+	CHECK(moe_dtype_row_bytes(t, n, &rb), "%s row bytes", moe_dtype_name(t));
+	CHECK(ggml_blck_size(gt) == (int64_t)moe_dtype_block_elems(t) && ggml_type_size(gt) == moe_dtype_block_bytes(t) &&
+		      ggml_row_size(gt, n) == rb,
+	      "%s geometry: ggml %lld / %zu", moe_dtype_name(t), (long long)ggml_blck_size(gt), ggml_type_size(gt));
+
+	float *src = malloc(sizeof(float) * rows * n), *ours = malloc(sizeof(float) * rows * n);
+	float *theirs = malloc(sizeof(float) * rows * n);
+	uint8_t *w = malloc(rb * rows);
+	for (uint32_t r = 0; r < rows; r++)
+		fill_row(src + (size_t)r * n, n, r);
+	size_t got = ggml_quantize_chunk(gt, src, w, 0, rows, n, NULL);
+	CHECK(got == rb * rows, "%s: ggml_quantize_chunk wrote %zu bytes, expected %llu", moe_dtype_name(t), got,
+	      (unsigned long long)(rb * rows));
+
+	/* 2. dequantization, bit for bit */
+	const struct ggml_type_traits *tt = ggml_get_type_traits(gt);
+	size_t mism = 0;
+	for (uint32_t r = 0; r < rows; r++) {
+		tt->to_float(w + rb * r, theirs + (size_t)r * n, n);
+		moe_dequantize_row(t, w + rb * r, ours + (size_t)r * n, n);
+	}
+	for (size_t i = 0; i < (size_t)rows * n; i++)
+		if (memcmp(&ours[i], &theirs[i], 4) != 0 && mism++ < 3)
+			printf("#   %s element %zu: ours %a ggml %a\n", moe_dtype_name(t), i, (double)ours[i],
+			       (double)theirs[i]);
+	CHECK(mism == 0, "%s: %zu of %u dequantized values differ from ggml's to_float", moe_dtype_name(t), mism,
+	      rows * n);
+	tap(f0, "geometry, and dequantization equals ggml's to_float bit for bit", t);
+	f0 = failures;
+
+	/* activations: 32 tokens */
+	const uint32_t B = 32;
+	float *x = malloc(sizeof(float) * B * n);
+	for (uint32_t tk = 0; tk < B; tk++)
+		fill_row(x + (size_t)tk * n, n, tk * 7 + 1);
+	const struct ggml_type_traits_cpu *q8t = p->traits_cpu(GGML_TYPE_Q8_K);
+	const struct ggml_type_traits_cpu *wt = p->traits_cpu(gt);
+	CHECK(wt->vec_dot_type == GGML_TYPE_Q8_K, "%s: ggml's vec_dot_type is %d, not q8_K", moe_dtype_name(t),
+	      (int)wt->vec_dot_type);
+	struct moe_block_q8_K *xq = malloc(sizeof(*xq) * nb * B), *xg = malloc(sizeof(*xg) * nb * B);
+	double *wa = malloc(sizeof(double) * rows * n);
+	parts_abs(t, w, (size_t)rows * nb, wa);
+	for (uint32_t tk = 0; tk < B; tk++) {
+		moe_quantize_row_q8_K(x + (size_t)tk * n, xq + (size_t)tk * nb, n);
+		q8t->from_float(x + (size_t)tk * n, xg + (size_t)tk * nb, n);
+	}
+	CHECK(memcmp(xq, xg, sizeof(*xq) * nb * B) == 0, "q8_K: moe_quantize_row_q8_K differs from ggml's from_float");
+
+	/* T per (row, token) */
+	double *T = malloc(sizeof(double) * rows * B);
+	for (uint32_t tk = 0; tk < B; tk++)
+		for (uint32_t r = 0; r < rows; r++) {
+			double s = 0;
+			for (uint32_t c = 0; c < n; c++) {
+				const struct moe_block_q8_K *b = &xq[(size_t)tk * nb + c / 256];
+				s += wa[(size_t)r * n + c] * fabs((double)b->d * b->qs[c % 256]);
+			}
+			T[(size_t)tk * rows + r] = s;
+		}
+
+	/* 4a. vec_dot, row by row, against ffn_matmul on every path */
+	float *vd = malloc(sizeof(float) * rows * B), *y = malloc(sizeof(float) * rows * B);
+	for (uint32_t tk = 0; tk < B; tk++)
+		for (uint32_t r = 0; r < rows; r++)
+			wt->vec_dot((int)n, &vd[(size_t)tk * rows + r], 0, w + rb * r, 0, xg + (size_t)tk * nb, 0, 1);
+	for (int isa = 0; isa < FFN_ISA_COUNT; isa++) {
+		if (!ffn_isa_supported((enum ffn_isa)isa))
+			continue;
+		ffn_set_isa((enum ffn_isa)isa);
+		if (ffn_isa_supported(FFN_ISA_AVX2) && isa != FFN_ISA_REF) {
+			struct moe_block_q8_K *xa = malloc(sizeof(*xa) * nb * B);
+			for (uint32_t tk = 0; tk < B; tk++)
+				ffn_quant_q8k_avx2(x + (size_t)tk * n, xa + (size_t)tk * nb, n);
+			CHECK(memcmp(xa, xg, sizeof(*xa) * nb * B) == 0, "q8_K: the AVX2 quantizer differs from ggml's");
+			free(xa);
+		}
+		CHECK(ffn_matmul(t, w, rows, n, x, n, B, y, rows, 1) == 0, "ffn_matmul");
+		for (size_t i = 0; i < (size_t)rows * B; i++)
+			check_close(ffn_isa_name((enum ffn_isa)isa), t, y[i], vd[i], T[i]);
+	}
+	ffn_set_isa(ffn_isa_best());
+
+	/* 4b. a ggml mul_mat graph on the CPU backend, 1, 7 and 32 tokens */
+	static const uint32_t Bs[] = { 1, 7, 32 };
+	for (size_t bi = 0; bi < 3; bi++) {
+		struct ggml_peer_graph g;
+		float *gy = malloc(sizeof(float) * rows * Bs[bi]);
+		if (ggml_peer_graph_init(p, &g, t, w, t, NULL, t, NULL, n, rows, Bs[bi]) != 0) {
+			CHECK(0, "%s: ggml graph set-up failed", moe_dtype_name(t));
+			free(gy);
+			continue;
+		}
+		CHECK(ggml_peer_graph_run(p, &g, x, gy) == 0, "%s: ggml graph compute failed", moe_dtype_name(t));
+		CHECK(ffn_matmul(t, w, rows, n, x, n, Bs[bi], y, rows, 1) == 0, "ffn_matmul");
+		for (size_t i = 0; i < (size_t)rows * Bs[bi]; i++)
+			check_close("mul_mat", t, y[i], gy[i], T[i]);
+		ggml_peer_graph_free(&g);
+		free(gy);
+	}
+	tap(f0, "q8_K activations equal ggml's; dots within 1e-5 T of vec_dot (every path) and mul_mat (1, 7, 32 tokens)", t);
+
+	free(src);
+	free(ours);
+	free(theirs);
+	free(w);
+	free(x);
+	free(xq);
+	free(xg);
+	free(wa);
+	free(T);
+	free(vd);
+	free(y);
+}
+
+int main(void)
+{
+	struct ggml_peer p;
+	char why[600];
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (ggml_peer_open(&p, 1, why, sizeof(why)) != 0) {
+		printf("1..0 # SKIP %s\n", why);
+		return 77;
+	}
+	printf("1..%zu\n# ggml CPU backend: %s\n", 2 * sizeof(kq) / sizeof(kq[0]), p.lib);
+	ffn_set_q8_mode(FFN_Q8_INT);
+	for (size_t i = 0; i < sizeof(kq) / sizeof(kq[0]); i++)
+		run_type(&p, kq[i]);
+	ggml_peer_close(&p);
+	printf("# largest |ours - ggml| / T: %.3g (tolerance %.0e); %d failures\n", worst_ratio, TOL, failures);
+	return failures ? 1 : 0;
+}
+#endif
