@@ -1,7 +1,16 @@
 # run: moe-run, the client that decodes a real model through the daemon
 # (client/run/: model, attention, tokenizer, sampler, experts, runner).
-# The forward pass is a library of its own so that tests link it.
+# The forward pass is a library of its own so that tests link it; the
+# tokenizer and sampler come from mk/tokenizer.mk ($(TOK_LINK)).
 noinst_LIBRARIES += client/run/libmoerun.a
 client_run_libmoerun_a_SOURCES = client/run/model.c client/run/model.h client/run/attention.c \
 	client/run/attention.h client/run/experts.c client/run/experts.h client/run/runner.c client/run/runner.h
 
+bin_PROGRAMS += moe-run
+moe_run_SOURCES = client/run/moe-run.c
+moe_run_LDADD = client/run/libmoerun.a client/libmoetier.la $(TOK_LINK) $(KERNELS_LINK)
+dist_man_MANS += doc/moe-run.1
+
+# Against llama.cpp (skips without tests/llama-oracle) and through the daemon.
+TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh
+EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/logits-compare.py

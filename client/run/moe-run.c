@@ -1,0 +1,512 @@
+/* moe-run - decodes a MoE model from a .moepack: the dense parts computed
+ * here, the routed experts served by moetierd through libmoetier (or all
+ * read into memory with --local). See moe-run(1). */
+#include "config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "experts.h"
+#include "model.h"
+#include "predict.h"
+#include "runner.h"
+#include "sampler.h"
+#include "tokenizer.h"
+
+struct opts {
+	const char *pack, *gguf, *socket, *prompt, *tokens, *ppl, *dump;
+	bool local, quiet, no_prefetch, kv_f16, ids;
+	uint32_t n_predict, ctx, batch;
+	int threads;
+	struct sampler_params sp;
+};
+
+static void usage(FILE *f)
+{
+	fputs("Usage: moe-run PACK [--socket S | --local] [--gguf FILE]\n"
+	      "               [--prompt TEXT | --tokens IDS] [-n N] [-t N] [--batch N]\n"
+	      "               [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
+	      "               [--ppl FILE [--ctx N]] [--dump-logits FILE] [--kv-f16] [--no-prefetch]\n"
+	      "               [--ids] [--quiet]\n"
+	      "       moe-run --help | --version\n"
+	      "See moe-run(1).\n",
+	      f);
+}
+
+static int parse_num(const char *opt, const char *s, double lo, double hi, double *out)
+{
+	char *end;
+	errno = 0;
+	double v = strtod(s, &end);
+	if (errno || end == s || *end || !(v >= lo && v <= hi)) {
+		fprintf(stderr, "moe-run: bad value '%s' for %s\n", s, opt);
+		return -EINVAL;
+	}
+	*out = v;
+	return 0;
+}
+
+static int parse_ids(const char *s, int32_t **ids, size_t *n)
+{
+	size_t cap = 16, k = 0;
+	int32_t *v = malloc(cap * sizeof(*v));
+	if (!v)
+		return -ENOMEM;
+	while (*s) {
+		char *end;
+		errno = 0;
+		long x = strtol(s, &end, 10);
+		if (errno || end == s || x < 0 || x > INT32_MAX || (*end && *end != ',' && *end != ' ')) {
+			fprintf(stderr, "moe-run: --tokens wants comma-separated ids, got '%s'\n", s);
+			free(v);
+			return -EINVAL;
+		}
+		if (k == cap) {
+			int32_t *nv = realloc(v, (cap *= 2) * sizeof(*v));
+			if (!nv) {
+				free(v);
+				return -ENOMEM;
+			}
+			v = nv;
+		}
+		v[k++] = (int32_t)x;
+		s = end;
+		while (*s == ',' || *s == ' ')
+			s++;
+	}
+	if (!k) {
+		fprintf(stderr, "moe-run: --tokens is empty\n");
+		free(v);
+		return -EINVAL;
+	}
+	*ids = v;
+	*n = k;
+	return 0;
+}
+
+static int read_file(const char *path, char **out, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return -errno;
+	size_t cap = 1 << 16, n = 0;
+	char *b = malloc(cap);
+	while (b) {
+		size_t r = fread(b + n, 1, cap - n, f);
+		n += r;
+		if (n < cap)
+			break;
+		char *nb = realloc(b, cap *= 2);
+		if (!nb)
+			free(b);
+		b = nb;
+	}
+	int rc = ferror(f) ? -EIO : 0;
+	fclose(f);
+	if (!b)
+		return -ENOMEM;
+	if (rc) {
+		free(b);
+		return rc;
+	}
+	*out = b;
+	*len = n;
+	return 0;
+}
+
+/* The logits file of run-interfaces.md: "MOELGT01", u32 n_tokens, u32 n_vocab, f32 rows. */
+static int write_logits(const char *path, const float *rows, uint32_t n, uint32_t vocab)
+{
+	FILE *f = fopen(path, "wb");
+	if (!f)
+		return -errno;
+	uint32_t hdr[2] = { n, vocab };
+	int ok = fwrite("MOELGT01", 1, 8, f) == 8 && fwrite(hdr, 4, 2, f) == 2 &&
+		 fwrite(rows, sizeof(float) * vocab, n, f) == n;
+	if (fclose(f) || !ok)
+		return -EIO;
+	return 0;
+}
+
+struct ctx {
+	struct opts o;
+	struct model *m;
+	struct experts *ex;
+	struct runner *r;
+	struct tokenizer *tok;
+	uint64_t prefill_tokens, prefill_ns, decode_tokens, decode_ns;
+};
+
+static uint32_t token_key(void *p, int32_t id)
+{
+	struct ctx *c = p;
+	char buf[256];
+	int n = tokenizer_piece(c->tok, id, buf, sizeof(buf));
+	if (n < 0)
+		return 0;
+	buf[n < (int)sizeof(buf) ? n : (int)sizeof(buf) - 1] = '\0';
+	return predict_token_key(buf);
+}
+
+static void put_piece(struct ctx *c, int32_t id, bool first)
+{
+	char buf[256];
+	if (c->o.ids) {
+		printf(first ? "%d" : ",%d", id);
+		fflush(stdout);
+		return;
+	}
+	int n = c->tok ? tokenizer_piece(c->tok, id, buf, sizeof(buf)) : -1;
+	if (n >= 0)
+		fwrite(buf, 1, (size_t)n, stdout);
+	else
+		printf(" [%d]", id);
+	fflush(stdout);
+}
+
+static int feed(struct ctx *c, const int32_t *ids, uint32_t n, float *logits, bool all, bool prefill,
+		struct moe_error *err)
+{
+	uint64_t t0 = moe_now_ns();
+	int rc = runner_feed(c->r, ids, n, logits, all, err);
+	uint64_t dt = moe_now_ns() - t0;
+	if (prefill) {
+		c->prefill_tokens += n;
+		c->prefill_ns += dt;
+	} else {
+		c->decode_tokens += n;
+		c->decode_ns += dt;
+	}
+	return rc;
+}
+
+/* --prompt / --tokens then -n tokens sampled, streamed out. */
+static int generate(struct ctx *c, const int32_t *ids, size_t n, struct moe_error *err)
+{
+	const uint32_t V = c->m->n_vocab;
+	float *logits = malloc((size_t)V * sizeof(float));
+	struct sampler *s = NULL;
+	int rc;
+	if (!logits)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	if ((rc = sampler_init(&s, &c->o.sp, V))) {
+		free(logits);
+		return moe_error_set(err, rc, "sampler: %d", rc);
+	}
+	if (c->o.ids)
+		; /* only the generated ids */
+	else if (c->tok && c->o.prompt)
+		printf("%s", c->o.prompt);
+	else
+		for (size_t i = 0; i < n; i++)
+			if (!c->tok || (ids[i] != tokenizer_bos(c->tok) && !tokenizer_is_eog(c->tok, ids[i])))
+				put_piece(c, ids[i], false);
+	fflush(stdout);
+	if ((rc = feed(c, ids, (uint32_t)n, logits, false, true, err)))
+		goto out;
+	for (uint32_t i = 0; i < c->o.n_predict; i++) {
+		int32_t id = sampler_sample(s, logits);
+		if (c->tok && tokenizer_is_eog(c->tok, id))
+			break;
+		put_piece(c, id, i == 0);
+		if (i + 1 == c->o.n_predict)
+			break;
+		if ((rc = feed(c, &id, 1, logits, false, false, err)))
+			goto out;
+	}
+	printf("\n");
+out:
+	sampler_free(s);
+	free(logits);
+	return rc;
+}
+
+/* --tokens with --dump-logits: every position's logits, one batched pass. */
+static int teacher_forced(struct ctx *c, const int32_t *ids, size_t n, struct moe_error *err)
+{
+	float *logits = malloc(n * (size_t)c->m->n_vocab * sizeof(float));
+	int rc;
+	if (!logits)
+		return moe_error_set(err, -ENOMEM, "logits of %zu tokens: out of memory", n);
+	if (!(rc = feed(c, ids, (uint32_t)n, logits, true, true, err)) &&
+	    (rc = write_logits(c->o.dump, logits, (uint32_t)n, c->m->n_vocab)))
+		moe_error_set(err, rc, "%s: %s", c->o.dump, strerror(-rc));
+	free(logits);
+	return rc;
+}
+
+static void progress(size_t done, size_t total, double nll, size_t cnt)
+{
+	int w = 40, fill = total ? (int)(w * done / total) : w;
+	fprintf(stderr, "\r[%.*s%*s] %zu/%zu chunks  ppl %.4f", fill, "========================================",
+		w - fill, "", done, total, cnt ? exp(nll / (double)cnt) : 0.0);
+	fflush(stderr);
+}
+
+/* --ppl FILE: run-interfaces.md's definition. */
+static int perplexity(struct ctx *c, struct moe_error *err)
+{
+	char *text = NULL;
+	size_t len = 0, n = 0;
+	int32_t *ids = NULL;
+	int rc = read_file(c->o.ppl, &text, &len);
+	if (rc)
+		return moe_error_set(err, rc, "%s: %s", c->o.ppl, strerror(-rc));
+	rc = tokenizer_encode(c->tok, text, len, false, false, &ids, &n, err);
+	free(text);
+	if (rc)
+		return rc;
+	const uint32_t ctx = c->o.ctx, V = c->m->n_vocab;
+	size_t chunks = n / ctx;
+	if (!chunks) {
+		free(ids);
+		return moe_error_set(err, -EINVAL, "%s: %zu tokens, fewer than one chunk of %u", c->o.ppl, n, ctx);
+	}
+	float *logits = malloc((size_t)ctx * V * sizeof(float));
+	if (!logits) {
+		free(ids);
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	}
+	bool bar = !c->o.quiet && isatty(STDERR_FILENO);
+	double nll = 0.0;
+	size_t cnt = 0;
+	for (size_t ch = 0; ch < chunks && !rc; ch++) {
+		const int32_t *t = ids + ch * ctx;
+		runner_reset(c->r);
+		if ((rc = feed(c, t, ctx, logits, true, true, err)))
+			break;
+		for (uint32_t i = 0; i + 1 < ctx; i++) {
+			/* log-softmax of row i at the next token, in double */
+			const float *row = logits + (size_t)i * V;
+			double max = -INFINITY, sum = 0.0;
+			for (uint32_t v = 0; v < V; v++)
+				max = row[v] > max ? row[v] : max;
+			for (uint32_t v = 0; v < V; v++)
+				sum += exp((double)row[v] - max);
+			nll -= (double)row[t[i + 1]] - max - log(sum);
+			cnt++;
+		}
+		if (bar)
+			progress(ch + 1, chunks, nll, cnt);
+	}
+	if (bar)
+		fputc('\n', stderr);
+	if (!rc)
+		printf("ppl: %.4f over %zu tokens (%zu chunks of %u)\n", exp(nll / (double)cnt), cnt, chunks, ctx);
+	free(logits);
+	free(ids);
+	return rc;
+}
+
+static void summary(struct ctx *c)
+{
+	struct experts_stats st;
+	fflush(stdout);
+	experts_get_stats(c->ex, &st);
+	uint64_t toks = c->prefill_tokens + c->decode_tokens;
+	double pf = c->prefill_ns ? c->prefill_tokens / (c->prefill_ns * 1e-9) : 0.0;
+	double dc = c->decode_ns ? c->decode_tokens / (c->decode_ns * 1e-9) : 0.0;
+	fprintf(stderr, "moe-run: prefill %" PRIu64 " tokens %.1f tok/s, decode %" PRIu64 " tokens %.1f tok/s (%d thread%s)\n",
+		c->prefill_tokens, pf, c->decode_tokens, dc, c->o.threads, c->o.threads == 1 ? "" : "s");
+	if (st.local) {
+		fprintf(stderr, "moe-run: experts: %" PRIu64 " computed, all resident (--local, host memory)\n", st.uses);
+		return;
+	}
+	uint64_t u = st.hits_host + st.hits_gpu + st.misses;
+	double pct = u ? 100.0 / u : 0.0;
+	char b[32];
+	fprintf(stderr,
+		"moe-run: experts: %" PRIu64 " acquired, hit rate host %.1f%% gpu %.1f%%, missed %.1f%%; %" PRIu64
+		" prefetch hints\n",
+		u, st.hits_host * pct, st.hits_gpu * pct, st.misses * pct, st.prefetches);
+	fprintf(stderr, "moe-run: stall %.3f ms/token (%" PRIu64 " waits), NVMe read %s/token\n",
+		toks ? st.stall_ns * 1e-6 / toks : 0.0, st.waits,
+		moe_fmt_size(toks ? st.bytes_read / toks : 0, b, sizeof(b)));
+}
+
+enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
+       O_QUIET, O_BATCH, O_NOPF, O_KVF16, O_IDS, O_HELP, O_VERSION };
+
+static int parse(int argc, char **argv, struct opts *o)
+{
+	static const struct option lo[] = {
+		{ "socket", required_argument, 0, O_SOCKET }, { "local", no_argument, 0, O_LOCAL },
+		{ "gguf", required_argument, 0, O_GGUF },     { "prompt", required_argument, 0, O_PROMPT },
+		{ "tokens", required_argument, 0, O_TOKENS }, { "temp", required_argument, 0, O_TEMP },
+		{ "top-k", required_argument, 0, O_TOPK },    { "top-p", required_argument, 0, O_TOPP },
+		{ "seed", required_argument, 0, O_SEED },     { "ppl", required_argument, 0, O_PPL },
+		{ "ctx", required_argument, 0, O_CTX },       { "dump-logits", required_argument, 0, O_DUMP },
+		{ "quiet", no_argument, 0, O_QUIET },         { "batch", required_argument, 0, O_BATCH },
+		{ "no-prefetch", no_argument, 0, O_NOPF },    { "kv-f16", no_argument, 0, O_KVF16 },
+		{ "ids", no_argument, 0, O_IDS },    { "help", no_argument, 0, O_HELP },
+		{ "version", no_argument, 0, O_VERSION },     { 0, 0, 0, 0 },
+	};
+	double v;
+	int ch;
+	memset(o, 0, sizeof(*o));
+	o->n_predict = 32;
+	o->threads = 1;
+	o->batch = 64;
+	o->sp.temperature = 0.0f;
+	o->sp.top_k = 40;
+	o->sp.top_p = 0.95f;
+	o->sp.seed = 1;
+	while ((ch = getopt_long(argc, argv, "n:t:q", lo, NULL)) != -1) {
+		switch (ch) {
+		case O_SOCKET: o->socket = optarg; break;
+		case O_LOCAL: o->local = true; break;
+		case O_GGUF: o->gguf = optarg; break;
+		case O_PROMPT: o->prompt = optarg; break;
+		case O_TOKENS: o->tokens = optarg; break;
+		case O_PPL: o->ppl = optarg; break;
+		case O_DUMP: o->dump = optarg; break;
+		case O_QUIET: case 'q': o->quiet = true; break;
+		case O_NOPF: o->no_prefetch = true; break;
+		case O_KVF16: o->kv_f16 = true; break;
+		case O_IDS: o->ids = true; break;
+		case 'n':
+			if (parse_num("-n", optarg, 0, 1 << 24, &v))
+				return 2;
+			o->n_predict = (uint32_t)v;
+			break;
+		case 't':
+			if (parse_num("-t", optarg, 1, 256, &v))
+				return 2;
+			o->threads = (int)v;
+			break;
+		case O_BATCH:
+			if (parse_num("--batch", optarg, 1, 65536, &v))
+				return 2;
+			o->batch = (uint32_t)v;
+			break;
+		case O_CTX:
+			if (parse_num("--ctx", optarg, 2, 1 << 20, &v))
+				return 2;
+			o->ctx = (uint32_t)v;
+			break;
+		case O_TEMP:
+			if (parse_num("--temp", optarg, 0, 100, &v))
+				return 2;
+			o->sp.temperature = (float)v;
+			break;
+		case O_TOPK:
+			if (parse_num("--top-k", optarg, 0, 1 << 24, &v))
+				return 2;
+			o->sp.top_k = (int)v;
+			break;
+		case O_TOPP:
+			if (parse_num("--top-p", optarg, 0, 1, &v))
+				return 2;
+			o->sp.top_p = (float)v;
+			break;
+		case O_SEED:
+			if (parse_num("--seed", optarg, 0, 1.8e19, &v))
+				return 2;
+			o->sp.seed = (uint64_t)v;
+			break;
+		case O_HELP: usage(stdout); exit(0);
+		case O_VERSION: printf("moe-run %s\n", PACKAGE_VERSION); exit(0);
+		default: usage(stderr); return 2;
+		}
+	}
+	if (optind + 1 != argc) {
+		usage(stderr);
+		return 2;
+	}
+	o->pack = argv[optind];
+	int modes = !!o->prompt + !!o->tokens + !!o->ppl;
+	if (modes != 1) {
+		fprintf(stderr, "moe-run: give one of --prompt, --tokens, --ppl\n");
+		return 2;
+	}
+	if (o->dump && !o->tokens) {
+		fprintf(stderr, "moe-run: --dump-logits goes with --tokens (teacher-forced)\n");
+		return 2;
+	}
+	if (o->local && o->socket) {
+		fprintf(stderr, "moe-run: --local and --socket exclude each other\n");
+		return 2;
+	}
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct ctx c = { 0 };
+	struct moe_error err = { 0 };
+	int32_t *ids = NULL;
+	size_t n = 0;
+	int rc = parse(argc, argv, &c.o);
+	if (rc)
+		return rc;
+
+	if ((rc = model_open(c.o.pack, c.o.gguf, &c.m, &err)))
+		goto fail;
+	bool need_tok = c.o.prompt || c.o.ppl;
+	if ((rc = tokenizer_load(c.m->kv, &c.tok, &err))) {
+		if (need_tok)
+			goto fail;
+		c.tok = NULL; /* --tokens: ids are printed instead of text */
+		rc = 0;
+	}
+	if (c.o.tokens && (rc = parse_ids(c.o.tokens, &ids, &n)))
+		return 2;
+	if (c.o.prompt && (rc = tokenizer_encode(c.tok, c.o.prompt, strlen(c.o.prompt), true, true, &ids, &n, &err)))
+		goto fail;
+	if (c.o.prompt && !n) {
+		rc = moe_error_set(&err, -EINVAL, "the prompt has no tokens");
+		goto fail;
+	}
+	for (size_t i = 0; i < n; i++)
+		if ((uint32_t)ids[i] >= c.m->n_vocab) {
+			rc = moe_error_set(&err, -ERANGE, "token id %d is outside the vocabulary (%u)", ids[i], c.m->n_vocab);
+			goto fail;
+		}
+	uint32_t n_ctx = c.o.ppl ? (c.o.ctx ? c.o.ctx : 128) : (uint32_t)n + (c.o.dump ? 0 : c.o.n_predict);
+	if (c.o.ppl)
+		c.o.ctx = n_ctx;
+	else if (c.o.ctx && c.o.ctx < n_ctx) {
+		rc = moe_error_set(&err, -ENOSPC, "%zu prompt + %u new tokens do not fit --ctx %u", n, c.o.n_predict,
+				   c.o.ctx);
+		goto fail;
+	}
+	if ((rc = c.o.local ? experts_open_local(c.m, &c.ex, &err)
+			    : experts_open_daemon(c.m, c.o.socket, !c.o.no_prefetch, &c.ex, &err)))
+		goto fail;
+	if ((rc = runner_create(c.m, c.ex, n_ctx, c.o.batch, c.o.threads, &c.r, &err)))
+		goto fail;
+	runner_set_kv_f16(c.r, c.o.kv_f16);
+	if (c.tok)
+		runner_set_token_key(c.r, token_key, &c);
+
+	if (c.o.ppl)
+		rc = perplexity(&c, &err);
+	else if (c.o.dump)
+		rc = teacher_forced(&c, ids, n, &err);
+	else
+		rc = generate(&c, ids, n, &err);
+	if (rc)
+		goto fail;
+	if (!c.o.quiet)
+		summary(&c);
+	free(ids);
+	runner_free(c.r);
+	experts_close(c.ex);
+	tokenizer_free(c.tok);
+	model_close(c.m);
+	return 0;
+fail:
+	fprintf(stderr, "moe-run: %s\n", err.msg[0] ? err.msg : strerror(rc < 0 ? -rc : rc));
+	free(ids);
+	runner_free(c.r);
+	experts_close(c.ex);
+	tokenizer_free(c.tok);
+	model_close(c.m);
+	return 1;
+}

@@ -1,0 +1,87 @@
+#!/bin/sh
+# Tiering changes no bit: moe-run's teacher-forced logits through moetierd,
+# with a host arena holding about 10% of the experts (misses, evictions,
+# io_uring loads, prefetch hints) and a second client decoding beside it,
+# are byte-identical to moe-run --local (every expert in memory); also with
+# one token at a time on 2 threads. The runs must have missed and read from
+# the pack, or the test proves nothing.
+set -eu
+B=${MOETIER_BUILDDIR:-.}
+
+for p in moe-run moetierd moe-client tools/moe-gen tools/moe-pack; do
+	[ -x "$B/$p" ] || { echo "test_moe_run_daemon: $B/$p is missing" >&2; exit 1; }
+done
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/moe-run-daemon.XXXXXX")
+pid=
+cleanup() {
+	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+		kill -TERM "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT INT TERM
+
+# 4 MoE layers x 32 experts (128), top-4; Q8_0 experts of 6.4 KiB in 8 KiB slots
+"$B/tools/moe-gen" model --family qwen3_moe --format gguf --dtype q8_0 --preset tiny --heads 4 --kv-heads 2 \
+	--head-dim 16 --experts 32 --top-k 4 --layers 4 --seed 3 --out "$tmp/src" >/dev/null
+"$B/tools/moe-pack" convert "$tmp/src/model.gguf" -o "$tmp/m.moepack" -q
+
+toks=$(seq -s, 1 60)
+"$B/moe-run" "$tmp/m.moepack" --local --tokens "$toks" --dump-logits "$tmp/local.lg" --quiet
+
+mkdir -m 0755 "$tmp/run"
+sock=$tmp/run/moetierd.sock
+# 13 slots of 8 KiB: 10% of the 128 experts
+"$B/moetierd" --foreground --config= --socket="$sock" --socket-group= --host-bytes=104K --gpu-bytes=0 \
+	--log-level=warn "$tmp/m.moepack" 2>"$tmp/moetierd.log" &
+pid=$!
+i=0
+until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
+	i=$((i + 1))
+	if [ $i -gt 100 ] || ! kill -0 "$pid" 2>/dev/null; then
+		echo "test_moe_run_daemon: moetierd did not come up:" >&2
+		cat "$tmp/moetierd.log" >&2
+		exit 1
+	fi
+	sleep 0.1
+done
+"$B/moe-client" --socket "$sock" info | grep 'host arena'
+
+# the second client: decodes 1500 tokens beside the teacher-forced runs
+"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --tokens 5,6,7 -n 1500 --temp 0.8 --seed 9 >"$tmp/b.out" 2>&1 &
+bpid=$!
+"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --tokens "$toks" --dump-logits "$tmp/d1.lg" 2>"$tmp/d1.err"
+"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --tokens "$toks" --dump-logits "$tmp/d2.lg" --batch 1 -t 2 \
+	2>"$tmp/d2.err"
+wait $bpid || { echo "test_moe_run_daemon: the second client failed:" >&2; cat "$tmp/b.out" >&2; exit 1; }
+cat "$tmp/d1.err" "$tmp/d2.err"
+
+fail=0
+for r in d1 d2; do
+	if ! cmp "$tmp/local.lg" "$tmp/$r.lg"; then
+		echo "test_moe_run_daemon: $r: logits through the daemon differ from --local" >&2
+		fail=1
+	fi
+	# the summary must show misses and bytes read, or nothing was tiered
+	grep -q 'missed [1-9]' "$tmp/$r.err" || grep -q 'missed 0\.[0-9]*[1-9]' "$tmp/$r.err" || {
+		echo "test_moe_run_daemon: $r: no misses: the arena did not tier anything" >&2
+		fail=1
+	}
+	if grep -q 'NVMe read 0 B/token' "$tmp/$r.err"; then
+		echo "test_moe_run_daemon: $r: nothing read from the pack" >&2
+		fail=1
+	fi
+done
+kill -TERM "$pid"
+rc=0
+wait "$pid" || rc=$?
+pid=
+if [ $rc -ne 0 ]; then
+	echo "test_moe_run_daemon: moetierd exited with status $rc" >&2
+	cat "$tmp/moetierd.log" >&2
+	exit 1
+fi
+[ $fail -eq 0 ] && echo "test_moe_run_daemon: logits through a 10% host arena are bit-identical to --local"
+exit $fail
