@@ -200,7 +200,7 @@ static int run_expert(struct experts *ex, uint32_t e, const void *extent, const 
 static void prefetch_next(struct experts *ex, uint32_t il, const float *x, uint32_t B)
 {
 	const struct model *m = ex->m;
-	if (!ex->prefetch || il + 1 >= m->n_layers)
+	if (il + 1 >= m->n_layers)
 		return;
 	const struct model_layer *N = &m->layers[il + 1];
 	struct route_result r;
@@ -223,8 +223,8 @@ static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids
 
 /* Acquires and computes the experts in ids[0..n) (n <= MOET_MAX_BATCH):
  * what is resident first, then what was missing as its loads land. */
-static int daemon_group(struct experts *ex, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x, int threads,
-			struct moe_error *err)
+static int daemon_group(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x,
+			uint32_t B, bool *pf_pending, int threads, struct moe_error *err)
 {
 	int32_t slots[MOET_MAX_BATCH];
 	uint8_t tiers[MOET_MAX_BATCH];
@@ -246,6 +246,12 @@ static int daemon_group(struct experts *ex, uint32_t moe_l, uint32_t *ids, unsig
 			return moe_error_set(err, -EIO, "moetierd: acquire layer %u: %s %s", moe_l, moet_strerror(rc),
 					     moet_last_error(ex->ctx));
 		unsigned m = block ? 1 : n, kept = 0;
+		if (*pf_pending) {
+			/* this layer's misses are queued: now the next layer's
+			 * hint, loading while this layer computes */
+			*pf_pending = false;
+			prefetch_next(ex, il, x, B);
+		}
 		for (unsigned i = 0; i < m; i++) {
 			if (first) {
 				if (slots[i] < 0)
@@ -320,19 +326,19 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 	} else {
 		uint32_t ids[MOET_MAX_BATCH];
 		unsigned ng = 0;
+		bool pf = ex->prefetch;
 		for (uint32_t e = 0; e < ex->E; e++) {
 			if (!ex->count[e])
 				continue;
 			ids[ng++] = e;
 			if (ng == MOET_MAX_BATCH) {
-				if ((rc = daemon_group(ex, moe_l, ids, ng, x, threads, err)))
+				if ((rc = daemon_group(ex, il, moe_l, ids, ng, x, B, &pf, threads, err)))
 					return rc;
 				ng = 0;
 			}
 		}
-		if (ng && (rc = daemon_group(ex, moe_l, ids, ng, x, threads, err)))
+		if (ng && (rc = daemon_group(ex, il, moe_l, ids, ng, x, B, &pf, threads, err)))
 			return rc;
-		prefetch_next(ex, il, x, B);
 	}
 
 	/* y = sum_j w_j out_j in top-k order, as llama.cpp adds the weighted
