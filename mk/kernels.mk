@@ -63,4 +63,16 @@ bench_ffn_vs_openblas_SOURCES = bench/ffn-vs-openblas.c
 bench_ffn_vs_openblas_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS)
 bench_ffn_vs_openblas_LDADD = $(KERNELS_LINK) $(OPENBLAS_LIBS) $(DNNL_LIBS)
 dist_noinst_SCRIPTS += bench/ffn-vs-openblas.sh
+
+# Benchmark: our expert FFN vs llama.cpp's ggml CPU backend (a graph on the
+# same cold weights), q8_0 q4_0 q4_K q6_K bf16 at 1, 16, 64 tokens. Without
+# the peer it builds and exits 77.
+noinst_PROGRAMS += bench/ffn-vs-ggml
+bench_ffn_vs_ggml_SOURCES = bench/ffn-vs-ggml.c tests/ggml_peer.h
+bench_ffn_vs_ggml_LDADD = $(KERNELS_LINK)
+if HAVE_LLAMA
+bench_ffn_vs_ggml_CPPFLAGS = $(AM_CPPFLAGS) $(LLAMA_CPPFLAGS) -DMOE_HAVE_LLAMA \
+	-DMOE_LLAMA_BACKEND_DIR='"$(LLAMA_BACKEND_DIR)"'
+bench_ffn_vs_ggml_LDADD += $(LLAMA_LIBS) -ldl
+endif
 EXTRA_DIST += doc/kernels.md doc/ffn-vs-openblas.1

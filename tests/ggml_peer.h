@@ -12,6 +12,7 @@
 
 #include <dirent.h>
 #include <dlfcn.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -115,32 +116,81 @@ static inline void ggml_peer_close(struct ggml_peer *p)
 	p->be = NULL;
 }
 
-/* A graph over weights that stay allocated: the expert FFN
- * out = Wd (silu(Wg x) * (Wu x)) over B tokens (SWIGLU), or a plain
- * mul_mat y = W x when wu / wd are NULL. Weights are ggml rows of `cols`
- * (ne0) elements, as in GGUF files and packs. */
+/* A graph on the CPU backend: the expert FFN out = Wd (silu(Wg x) * (Wu x))
+ * over B tokens (SWIGLU), or a plain mul_mat out = Wg x when wu / wd are
+ * NULL. Weights are ggml rows of `cols` (ne0) elements, as in GGUF files and
+ * packs: Wg, Wu [m rows of n], Wd [n rows of m]. With host NULL they are
+ * copied into a backend buffer; otherwise they stay where they are, inside
+ * [host, host + host_bytes), which becomes a CPU buffer of the backend, and
+ * ggml_peer_graph_point moves them to another copy in that range (so ggml
+ * reads the very bytes, cold or not, that our kernels read). */
 struct ggml_peer_graph {
-	struct ggml_context *ctx;
-	ggml_backend_buffer_t buf;
+	struct ggml_context *ctx_w, *ctx;
+	ggml_backend_buffer_t buf_w, buf;
 	struct ggml_cgraph *gf;
 	struct ggml_tensor *x, *out, *wg, *wu, *wd;
 };
 
+static inline void ggml_peer_graph_free(struct ggml_peer_graph *g)
+{
+	if (g->buf)
+		ggml_backend_buffer_free(g->buf);
+	if (g->buf_w)
+		ggml_backend_buffer_free(g->buf_w);
+	if (g->ctx)
+		ggml_free(g->ctx);
+	if (g->ctx_w)
+		ggml_free(g->ctx_w);
+	memset(g, 0, sizeof(*g));
+}
+
+/* Points the weights at wg / wu / wd (inside the host range). */
+static inline void ggml_peer_graph_point(struct ggml_peer_graph *g, const void *wg, const void *wu, const void *wd)
+{
+	g->wg->data = (void *)(uintptr_t)wg;
+	if (g->wu) {
+		g->wu->data = (void *)(uintptr_t)wu;
+		g->wd->data = (void *)(uintptr_t)wd;
+	}
+}
+
 static inline int ggml_peer_graph_init(struct ggml_peer *p, struct ggml_peer_graph *g, enum moe_dtype tg,
 				       const void *wg, enum moe_dtype tu, const void *wu, enum moe_dtype td,
-				       const void *wd, uint32_t n, uint32_t m, uint32_t B)
+				       const void *wd, uint32_t n, uint32_t m, uint32_t B, void *host,
+				       size_t host_bytes)
 {
-	struct ggml_init_params ip = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), NULL, true };
+	struct ggml_init_params ip = { ggml_tensor_overhead() * 8, NULL, true };
+	struct ggml_init_params ip2 = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), NULL, true };
+	const bool ffn = wu && wd;
 	memset(g, 0, sizeof(*g));
-	if (ggml_peer_type(tg) == GGML_TYPE_COUNT || (wu && ggml_peer_type(tu) == GGML_TYPE_COUNT) ||
-	    (wd && ggml_peer_type(td) == GGML_TYPE_COUNT) || !(g->ctx = ggml_init(ip)))
+	if (ggml_peer_type(tg) == GGML_TYPE_COUNT || (ffn && (ggml_peer_type(tu) == GGML_TYPE_COUNT ||
+							       ggml_peer_type(td) == GGML_TYPE_COUNT)))
 		return -1;
+	if (!(g->ctx_w = ggml_init(ip)) || !(g->ctx = ggml_init(ip2)))
+		goto fail;
+	g->wg = ggml_new_tensor_2d(g->ctx_w, ggml_peer_type(tg), n, m);
+	if (ffn) {
+		g->wu = ggml_new_tensor_2d(g->ctx_w, ggml_peer_type(tu), n, m);
+		g->wd = ggml_new_tensor_2d(g->ctx_w, ggml_peer_type(td), m, n);
+	}
+	if (host) {
+		if (!(g->buf_w = ggml_backend_cpu_buffer_from_ptr(host, host_bytes)) ||
+		    ggml_backend_tensor_alloc(g->buf_w, g->wg, (void *)(uintptr_t)wg) != GGML_STATUS_SUCCESS ||
+		    (ffn && (ggml_backend_tensor_alloc(g->buf_w, g->wu, (void *)(uintptr_t)wu) != GGML_STATUS_SUCCESS ||
+			     ggml_backend_tensor_alloc(g->buf_w, g->wd, (void *)(uintptr_t)wd) != GGML_STATUS_SUCCESS)))
+			goto fail;
+	} else {
+		if (!(g->buf_w = ggml_backend_alloc_ctx_tensors(g->ctx_w, p->be)))
+			goto fail;
+		ggml_backend_tensor_set(g->wg, wg, 0, ggml_nbytes(g->wg));
+		if (ffn) {
+			ggml_backend_tensor_set(g->wu, wu, 0, ggml_nbytes(g->wu));
+			ggml_backend_tensor_set(g->wd, wd, 0, ggml_nbytes(g->wd));
+		}
+	}
 	g->x = ggml_new_tensor_2d(g->ctx, GGML_TYPE_F32, n, B);
-	g->wg = ggml_new_tensor_2d(g->ctx, ggml_peer_type(tg), n, m);
 	struct ggml_tensor *gate = ggml_mul_mat(g->ctx, g->wg, g->x);
-	if (wu && wd) {
-		g->wu = ggml_new_tensor_2d(g->ctx, ggml_peer_type(tu), n, m);
-		g->wd = ggml_new_tensor_2d(g->ctx, ggml_peer_type(td), m, n);
+	if (ffn) {
 		struct ggml_tensor *h = ggml_mul(g->ctx, ggml_silu(g->ctx, gate), ggml_mul_mat(g->ctx, g->wu, g->x));
 		g->out = ggml_mul_mat(g->ctx, g->wd, h);
 	} else {
@@ -148,19 +198,15 @@ static inline int ggml_peer_graph_init(struct ggml_peer *p, struct ggml_peer_gra
 	}
 	g->gf = ggml_new_graph(g->ctx);
 	ggml_build_forward_expand(g->gf, g->out);
-	if (!(g->buf = ggml_backend_alloc_ctx_tensors(g->ctx, p->be))) {
-		ggml_free(g->ctx);
-		return -1;
-	}
-	ggml_backend_tensor_set(g->wg, wg, 0, ggml_nbytes(g->wg));
-	if (g->wu) {
-		ggml_backend_tensor_set(g->wu, wu, 0, ggml_nbytes(g->wu));
-		ggml_backend_tensor_set(g->wd, wd, 0, ggml_nbytes(g->wd));
-	}
+	if (!(g->buf = ggml_backend_alloc_ctx_tensors(g->ctx, p->be)))
+		goto fail;
 	return 0;
+fail:
+	ggml_peer_graph_free(g);
+	return -1;
 }
 
-/* x: B rows of n floats; out: B rows of (m for a mul_mat, n for the FFN). */
+/* x: B rows of n floats; out: B rows (m for a mul_mat, n for the FFN). */
 static inline int ggml_peer_graph_run(struct ggml_peer *p, struct ggml_peer_graph *g, const float *x, float *out)
 {
 	ggml_backend_tensor_set(g->x, x, 0, ggml_nbytes(g->x));
@@ -168,15 +214,6 @@ static inline int ggml_peer_graph_run(struct ggml_peer *p, struct ggml_peer_grap
 		return -1;
 	ggml_backend_tensor_get(g->out, out, 0, ggml_nbytes(g->out));
 	return 0;
-}
-
-static inline void ggml_peer_graph_free(struct ggml_peer_graph *g)
-{
-	if (g->buf)
-		ggml_backend_buffer_free(g->buf);
-	if (g->ctx)
-		ggml_free(g->ctx);
-	memset(g, 0, sizeof(*g));
 }
 
 #endif

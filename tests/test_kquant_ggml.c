@@ -227,7 +227,7 @@ static void run_type(struct ggml_peer *p, enum moe_dtype t)
 	for (size_t bi = 0; bi < 3; bi++) {
 		struct ggml_peer_graph g;
 		float *gy = malloc(sizeof(float) * rows * Bs[bi]);
-		if (ggml_peer_graph_init(p, &g, t, w, t, NULL, t, NULL, n, rows, Bs[bi]) != 0) {
+		if (ggml_peer_graph_init(p, &g, t, w, t, NULL, t, NULL, n, rows, Bs[bi], NULL, 0) != 0) {
 			CHECK(0, "%s: ggml graph set-up failed", moe_dtype_name(t));
 			free(gy);
 			continue;

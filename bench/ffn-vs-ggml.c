@@ -1,0 +1,381 @@
+/* ffn-vs-ggml - one routed expert (Qwen3-30B-A3B's shape: hidden n = 2048,
+ * width m = 768; gate and up [m x n], down [n x m]: both multiples of the
+ * K-quant super-block) through our CPU kernels (ffn_expert) and through
+ * llama.cpp's ggml CPU backend running the same computation as a graph
+ * (mul_mat gate, mul_mat up, silu, mul, mul_mat down), on the same weight
+ * bytes, in the same run, interleaved, one thread each.
+ *
+ * Types: q8_0, q4_0, q4_K, q6_K, bf16 (gate, up and down of one type); 1,
+ * 16 and 64 tokens. Weights are cold: each call uses the next of several
+ * expert copies that together exceed 1 GiB (256 MiB with --quick), as in
+ * bench/ffn-vs-openblas; ggml's weight tensors point into the same copies
+ * (a CPU buffer over them), so both read the same bytes from DRAM. Both
+ * quantize x as ggml does: q8_0 per 32 for q8_0 / q4_0 weights (our
+ * FFN_Q8_INT, the default), q8_K per 256 for K-quants; bf16: ggml rounds x
+ * to bf16, we keep f32 x (or bf16 x on the AVX512-BF16 path).
+ *
+ * ggml's weights stay in the plain CPU buffer: llama.cpp may also repack
+ * q4_0 / q4_K weights into its interleaved layouts (CPU_REPACK extra
+ * buffer) when it loads a model; that layout is not measured here.
+ *
+ * Prints a table (tokens/s and weight GB/s from process CPU time, medians
+ * over reps; wall us for reference), the target checks (>= 1.0 at 1 token,
+ * >= 0.8 at 64 tokens), and last:
+ *   ffn-vs-ggml: ratio=X (ours / ggml tokens/s, q4_K, 1 token)
+ *
+ * Usage: ffn-vs-ggml [--quick] [--reps N] [--check]
+ * --check: no timing; a small rotation, each type and batch size run once
+ * on both sides, outputs compared (max |ours - ggml| <= 2e-2 max |ggml|,
+ * the differences being how x / h round to q8 / bf16 and ggml's own expf);
+ * exits 1 on a mismatch. */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "dtype.h"
+#include "ffn.h"
+#include "model.h"
+#include "pack.h"
+#include "util.h"
+
+#ifndef MOE_HAVE_LLAMA
+int main(void)
+{
+	printf("ffn-vs-ggml: built without the llama.cpp peer (configure --with-llama); nothing to compare\n");
+	return 77;
+}
+#else
+
+#include "../tests/ggml_peer.h"
+
+#define N_HID 2048
+#define M_WID 768
+
+static bool quick, check;
+static int reps = 5;
+static double min_time = 0.25; /* CPU seconds per measurement */
+
+/* ---- cold copies of one expert ----------------------------------------------- */
+
+struct copies {
+	uint8_t *base;
+	size_t stride, count, total, next;
+};
+
+static void copies_init(struct copies *c, const void *one, size_t bytes)
+{
+	const size_t target = check ? (16u << 20) : quick ? (256u << 20) : (1100u << 20);
+	c->stride = MOE_ALIGN_UP(bytes, (size_t)4096);
+	c->count = target / c->stride + 1;
+	if (c->count < 2)
+		c->count = 2;
+	c->total = c->stride * c->count;
+	c->base = mmap(NULL, c->total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (c->base == MAP_FAILED) {
+		perror("ffn-vs-ggml: mmap");
+		exit(1);
+	}
+	madvise(c->base, c->total, MADV_HUGEPAGE);
+	for (size_t i = 0; i < c->count; i++)
+		memcpy(c->base + i * c->stride, one, bytes);
+	c->next = 0;
+}
+
+static uint8_t *copies_next(struct copies *c)
+{
+	uint8_t *p = c->base + c->next * c->stride;
+	c->next = (c->next + 1) % c->count;
+	return p;
+}
+
+/* ---- measurement --------------------------------------------------------------- */
+
+/* Process CPU time: ggml's graph runs on this thread with one thread, but
+ * a helper thread of either side would be counted too. */
+static double cpu_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+struct tm2 {
+	double wall, cpu;
+};
+
+typedef void (*run_fn)(void *ctx);
+
+static struct tm2 time_calls(run_fn fn, void *ctx)
+{
+	const uint64_t t0 = moe_now_ns();
+	const double c0 = cpu_s();
+	double c;
+	long calls = 0;
+	do {
+		fn(ctx);
+		calls++;
+		c = cpu_s();
+	} while (c - c0 < min_time);
+	return (struct tm2){ (double)(moe_now_ns() - t0) * 1e-9 / (double)calls, (c - c0) / (double)calls };
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+	const double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+static struct tm2 median2(const struct tm2 *v, int n)
+{
+	double w[100], c[100];
+	for (int i = 0; i < n; i++)
+		w[i] = v[i].wall, c[i] = v[i].cpu;
+	qsort(w, (size_t)n, sizeof(double), cmp_d);
+	qsort(c, (size_t)n, sizeof(double), cmp_d);
+	return n % 2 ? (struct tm2){ w[n / 2], c[n / 2] }
+		     : (struct tm2){ 0.5 * (w[n / 2 - 1] + w[n / 2]), 0.5 * (c[n / 2 - 1] + c[n / 2]) };
+}
+
+/* ---- the expert, both sides ----------------------------------------------------- */
+
+struct side {
+	struct ffn_layout L;
+	struct copies cp;
+	struct ggml_peer *peer;
+	struct ggml_peer_graph g;
+	const float *x;
+	float *y;
+	uint32_t B;
+};
+
+static float frand(uint64_t *s)
+{
+	*s = *s * 6364136223846793005ull + 1442695040888963407ull;
+	return (float)((*s >> 40) / 8388608.0) - 1.0f;
+}
+
+/* Rows of cols floats to dt: our quantizers for the 32-blocks, ggml's
+ * (ggml_quantize_chunk, no imatrix) for the K-quants, which dtype.c reads
+ * bit for bit as ggml does (tests/test_kquant_ggml). */
+static void encode_row(enum moe_dtype dt, const float *row, uint32_t cols, uint8_t *dst)
+{
+	switch (dt) {
+	case MOE_DTYPE_BF16:
+		for (uint32_t c = 0; c < cols; c++) {
+			const uint16_t h = moe_f32_to_bf16(row[c]);
+			memcpy(dst + 2 * c, &h, 2);
+		}
+		break;
+	case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(row, (void *)dst, cols); break;
+	case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(row, (void *)dst, cols); break;
+	default: ggml_quantize_chunk(ggml_peer_type(dt), row, dst, 0, 1, cols, NULL); break;
+	}
+}
+
+static void side_init(struct side *s, enum moe_dtype dt)
+{
+	struct moe_model_config cfg;
+	struct pack_part_desc parts[3];
+	uint64_t rb_in, rb_dn, off = 0;
+	struct moe_error err = { { 0 } };
+
+	memset(&cfg, 0, sizeof(cfg));
+	moe_model_set_family_defaults(&cfg, MOE_FAMILY_QWEN3_MOE);
+	cfg.hidden = N_HID;
+	cfg.expert_width = M_WID;
+	moe_dtype_row_bytes(dt, N_HID, &rb_in);
+	moe_dtype_row_bytes(dt, M_WID, &rb_dn);
+	parts[0] = (struct pack_part_desc){ PACK_ROLE_GATE, dt, M_WID, N_HID, off, rb_in * M_WID };
+	off += MOE_ALIGN_UP(rb_in * M_WID, 4096ull);
+	parts[1] = (struct pack_part_desc){ PACK_ROLE_UP, dt, M_WID, N_HID, off, rb_in * M_WID };
+	off += MOE_ALIGN_UP(rb_in * M_WID, 4096ull);
+	parts[2] = (struct pack_part_desc){ PACK_ROLE_DOWN, dt, N_HID, M_WID, off, rb_dn * N_HID };
+	off += MOE_ALIGN_UP(rb_dn * N_HID, 4096ull);
+	if (ffn_layout_init(&s->L, &cfg, parts, 3, off, &err)) {
+		fprintf(stderr, "ffn-vs-ggml: %s\n", err.msg);
+		exit(1);
+	}
+	/* one expert of random weights (scale 0.03, like trained FFNs) */
+	uint8_t *one = calloc(1, off);
+	float *row = malloc(sizeof(float) * N_HID);
+	uint64_t seed = 7;
+	for (int p = 0; p < 3; p++) {
+		const uint64_t rb = p < 2 ? rb_in : rb_dn;
+		for (uint32_t r = 0; r < parts[p].rows; r++) {
+			for (uint32_t c = 0; c < parts[p].cols; c++)
+				row[c] = 0.03f * frand(&seed);
+			encode_row(dt, row, parts[p].cols, one + parts[p].offset + r * rb);
+		}
+	}
+	copies_init(&s->cp, one, off);
+	free(one);
+	free(row);
+}
+
+/* The ggml graph for B tokens over the copies (weights pointed per call). */
+static void side_graph(struct side *s, enum moe_dtype dt, uint32_t B)
+{
+	const uint8_t *e = s->cp.base;
+	ggml_peer_graph_free(&s->g);
+	if (ggml_peer_graph_init(s->peer, &s->g, dt, e + s->L.gate.offset, dt, e + s->L.up.offset, dt,
+				 e + s->L.down.offset, N_HID, M_WID, B, s->cp.base, s->cp.total)) {
+		fprintf(stderr, "ffn-vs-ggml: ggml graph set-up failed (%s, B=%u)\n", moe_dtype_name(dt), B);
+		exit(1);
+	}
+	s->B = B;
+}
+
+static void ours_run(void *p)
+{
+	struct side *s = p;
+	if (ffn_expert(&s->L, copies_next(&s->cp), s->x, N_HID, s->B, s->y, N_HID, NULL, 0, 1)) {
+		fprintf(stderr, "ffn-vs-ggml: ffn_expert failed\n");
+		exit(1);
+	}
+}
+
+static void ggml_run(void *p)
+{
+	struct side *s = p;
+	const uint8_t *e = copies_next(&s->cp);
+	ggml_peer_graph_point(&s->g, e + s->L.gate.offset, e + s->L.up.offset, e + s->L.down.offset);
+	if (ggml_peer_graph_run(s->peer, &s->g, s->x, s->y)) {
+		fprintf(stderr, "ffn-vs-ggml: ggml graph compute failed\n");
+		exit(1);
+	}
+}
+
+static void load_avg(char *buf, size_t len)
+{
+	FILE *f = fopen("/proc/loadavg", "r");
+	buf[0] = 0;
+	if (f) {
+		if (!fgets(buf, (int)len, f))
+			buf[0] = 0;
+		fclose(f);
+		buf[strcspn(buf, "\n")] = 0;
+	}
+}
+
+int main(int argc, char **argv)
+{
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--quick"))
+			quick = true;
+		else if (!strcmp(argv[i], "--check"))
+			check = true;
+		else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
+			reps = atoi(argv[++i]);
+		else {
+			fprintf(stderr, "usage: %s [--quick] [--reps N] [--check]\n", argv[0]);
+			return 2;
+		}
+	}
+	if (quick) {
+		min_time = 0.08;
+		if (reps > 3)
+			reps = 3;
+	}
+	if (reps < 1 || reps > 100)
+		reps = 5;
+
+	struct ggml_peer peer;
+	char why[600], la[128];
+	if (ggml_peer_open(&peer, 1, why, sizeof(why))) {
+		printf("ffn-vs-ggml: %s; nothing to compare\n", why);
+		return 77;
+	}
+	load_avg(la, sizeof(la));
+	printf("ffn-vs-ggml: Qwen3-30B-A3B expert n=%d m=%d, one thread each, cold weights (%s MiB rotation), "
+	       "%d reps x >= %.2f s, medians\n", N_HID, M_WID, check ? "16" : quick ? "256" : "1100", reps, min_time);
+	printf("our path: %s (q8_0/q4_0: x as q8_0, K-quants: x as q8_K); ggml CPU backend: %s; loadavg at start: %s\n",
+	       ffn_isa_name(ffn_get_isa()), peer.lib, la);
+	ffn_set_q8_mode(FFN_Q8_INT);
+
+	static const enum moe_dtype dts[] = { MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_Q4_K, MOE_DTYPE_Q6_K,
+					      MOE_DTYPE_BF16 };
+	static const uint32_t Bs[] = { 1, 16, 64 };
+	enum { ND = 5, NB = 3 };
+	double t_ours[ND][NB] = { { 0 } }, t_ggml[ND][NB] = { { 0 } }, w_ours[ND][NB], w_ggml[ND][NB], gbytes[ND];
+	float *x = malloc(sizeof(float) * 64 * N_HID), *y = malloc(sizeof(float) * 64 * N_HID);
+	float *yg = malloc(sizeof(float) * 64 * N_HID);
+	uint64_t seed = 3;
+	int bad = 0;
+	for (int i = 0; i < 64 * N_HID; i++)
+		x[i] = frand(&seed);
+
+	for (int d = 0; d < ND; d++) {
+		struct side s;
+		memset(&s, 0, sizeof(s));
+		s.peer = &peer;
+		s.x = x;
+		side_init(&s, dts[d]);
+		gbytes[d] = (double)s.L.weight_bytes;
+		for (int bi = 0; bi < NB; bi++) {
+			side_graph(&s, dts[d], Bs[bi]);
+			if (check) {
+				/* the same copy through both */
+				s.y = y;
+				s.cp.next = 0;
+				ours_run(&s);
+				s.y = yg;
+				s.cp.next = 0;
+				ggml_run(&s);
+				double md = 0, mr = 0;
+				for (size_t i = 0; i < (size_t)Bs[bi] * N_HID; i++) {
+					md = fmax(md, fabs((double)y[i] - yg[i]));
+					mr = fmax(mr, fabs((double)yg[i]));
+				}
+				const bool ok = md <= 2e-2 * mr && mr > 0;
+				bad += !ok;
+				printf("check %-5s B=%-2u max|ours - ggml| = %.3g, max|ggml| = %.3g: %s\n", moe_dtype_name(dts[d]),
+				       Bs[bi], md, mr, ok ? "ok" : "MISMATCH");
+				continue;
+			}
+			struct tm2 vo[100], vg[100];
+			s.y = y;
+			for (int r = 0; r < reps; r++) {
+				vo[r] = time_calls(ours_run, &s);
+				vg[r] = time_calls(ggml_run, &s);
+			}
+			const struct tm2 mo = median2(vo, reps), mg = median2(vg, reps);
+			t_ours[d][bi] = mo.cpu;
+			t_ggml[d][bi] = mg.cpu;
+			w_ours[d][bi] = mo.wall;
+			w_ggml[d][bi] = mg.wall;
+		}
+		ggml_peer_graph_free(&s.g);
+		munmap(s.cp.base, s.cp.total);
+	}
+	ggml_peer_close(&peer);
+	free(x);
+	free(y);
+	free(yg);
+	if (check) {
+		printf("ffn-vs-ggml: check %s (no timing)\n", bad ? "FAILED" : "passed");
+		return bad ? 1 : 0;
+	}
+
+	printf("\n(tokens/s and weight GB/s from process CPU time; wall us per call for reference)\n");
+	printf("%-6s %3s %12s %12s %7s %9s %9s %10s %10s\n", "type", "B", "ours tok/s", "ggml tok/s", "ratio",
+	       "ours GB/s", "ggml GB/s", "ours wall", "ggml wall");
+	for (int d = 0; d < ND; d++)
+		for (int bi = 0; bi < NB; bi++)
+			printf("%-6s %3u %12.1f %12.1f %7.2f %9.2f %9.2f %10.1f %10.1f\n", moe_dtype_name(dts[d]), Bs[bi],
+			       Bs[bi] / t_ours[d][bi], Bs[bi] / t_ggml[d][bi], t_ggml[d][bi] / t_ours[d][bi],
+			       gbytes[d] / t_ours[d][bi] * 1e-9, gbytes[d] / t_ggml[d][bi] * 1e-9, w_ours[d][bi] * 1e6,
+			       w_ggml[d][bi] * 1e6);
+	load_avg(la, sizeof(la));
+	printf("\nchecks (issue 17 targets; loadavg at end: %s):\n", la);
+	for (int d = 0; d < ND; d++)
+		printf("  %-5s ours / ggml tokens/s: 1 token %.2fx (target >= 1.0), 64 tokens %.2fx (target >= 0.8)\n",
+		       moe_dtype_name(dts[d]), t_ggml[d][0] / t_ours[d][0], t_ggml[d][2] / t_ours[d][2]);
+	printf("ffn-vs-ggml: ratio=%.2f (ours / ggml tokens/s, q4_K, 1 token)\n", t_ggml[2][0] / t_ours[2][0]);
+	return 0;
+}
+#endif
