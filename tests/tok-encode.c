@@ -5,7 +5,8 @@
  *   tok-encode [...] MODEL.gguf -b FILE       (texts separated as in llama.cpp's
  *                                             vocab tests: "\n__ggml_vocab_test__\n")
  *   tok-encode --decode MODEL.gguf 1,2,3      (the concatenated pieces)
- * Ids are printed comma-separated, one line per text. */
+ * Ids are printed comma-separated, one line per text. Exit status 3: the
+ * GGUF's tokenizer is one moe-run does not have (e.g. moe-gen's "no_vocab"). */
 #include "config.h"
 
 #include <errno.h>
@@ -68,11 +69,16 @@ int main(int argc, char **argv)
 	struct moe_error err = { { 0 } };
 	struct gguf_file *g;
 	struct tokenizer *t;
-	if (gguf_open(argv[i], &g, &err) < 0 || tokenizer_load(g, &t, &err) < 0) {
+	if (gguf_open(argv[i], &g, &err) < 0) {
 		fprintf(stderr, "tok-encode: %s\n", err.msg);
 		return 1;
 	}
+	int lrc = tokenizer_load(g, &t, &err);
 	gguf_close(g);
+	if (lrc < 0) {
+		fprintf(stderr, "tok-encode: %s\n", err.msg);
+		return lrc == -ENOTSUP ? 3 : 1;
+	}
 
 	int rc = 0;
 	if (decode) {
@@ -130,6 +136,8 @@ int main(int argc, char **argv)
 			if (end == len)
 				break;
 			pos = end + sizeof(sep) - 1;
+			if (pos == len)
+				break;   /* a final separator ends the list, as in llama.cpp's reader */
 		}
 		if (owned)
 			free(text);
