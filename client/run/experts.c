@@ -17,6 +17,7 @@ struct experts {
 	moet_ctx *ctx;
 	bool prefetch;
 	uint64_t *bytes0, *bytes1; /* per-expert read counters at open / now */
+	void *fallback;            /* one extent read from the pack when the daemon cannot serve it */
 	/* per call scratch, grown on demand */
 	uint32_t cap_B;
 	struct route_result *routes; /* [B] */
@@ -141,6 +142,11 @@ int experts_open_daemon(const struct model *m, const char *socket, bool prefetch
 				     mi.name, mi.n_moe_layers, mi.n_experts, mi.hidden);
 	}
 	size_t nc = (size_t)m->cfg->n_moe_layers * ex->E;
+	if (posix_memalign(&ex->fallback, 4096, pack_extent_bytes(m->pack))) {
+		ex->fallback = NULL;
+		experts_close(ex);
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	}
 	if (!(ex->bytes0 = calloc(nc, sizeof(uint64_t))) || !(ex->bytes1 = calloc(nc, sizeof(uint64_t)))) {
 		experts_close(ex);
 		return moe_error_set(err, -ENOMEM, "out of memory");
@@ -156,6 +162,7 @@ void experts_close(struct experts *ex)
 		return;
 	moet_close(ex->ctx);
 	free(ex->all);
+	free(ex->fallback);
 	free(ex->bytes0);
 	free(ex->bytes1);
 	free(ex->routes);
@@ -262,6 +269,17 @@ static int daemon_group(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 					ex->st.hits_host++;
 			}
 			const void *p = slots[i] >= 0 ? moet_slot_ptr(ex->ctx, tiers[i], slots[i]) : NULL;
+			if (!p && (slots[i] >= 0 || idle > 20)) {
+				/* served from a tier this process cannot map, or
+				 * the daemon makes no progress: read it from the
+				 * pack (same bytes, CRC checked) */
+				if ((rc = pack_read_expert(ex->m->pack, moe_l, ids[i], ex->fallback, err))) {
+					moet_release(ex->ctx, lease);
+					return rc;
+				}
+				ex->st.fallback_reads++;
+				p = ex->fallback;
+			}
 			if (!p) {
 				ids[kept++] = ids[i];
 				continue;

@@ -29,6 +29,7 @@ struct experts_stats {
 	uint64_t waits;        /* waits for a load */
 	uint64_t stall_ns;     /* time spent waiting for misses */
 	uint64_t prefetches;   /* experts hinted for the next layer */
+	uint64_t fallback_reads; /* experts read from the pack by moe-run itself */
 	uint64_t bytes_read;   /* bytes the daemon read from NVMe (its counters) */
 	bool local;
 };

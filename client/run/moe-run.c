@@ -325,9 +325,12 @@ static void summary(struct ctx *c)
 		"moe-run: experts: %" PRIu64 " acquired, hit rate host %.1f%% gpu %.1f%%, missed %.1f%%; %" PRIu64
 		" prefetch hints\n",
 		u, st.hits_host * pct, st.hits_gpu * pct, st.misses * pct, st.prefetches);
-	fprintf(stderr, "moe-run: stall %.3f ms/token (%" PRIu64 " waits), NVMe read %s/token\n",
+	fprintf(stderr, "moe-run: stall %.3f ms/token (%" PRIu64 " waits), NVMe read %s/token",
 		toks ? st.stall_ns * 1e-6 / toks : 0.0, st.waits,
 		moe_fmt_size(toks ? st.bytes_read / toks : 0, b, sizeof(b)));
+	if (st.fallback_reads)
+		fprintf(stderr, ", %" PRIu64 " experts read from the pack by moe-run", st.fallback_reads);
+	fputc('\n', stderr);
 }
 
 enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
