@@ -11,6 +11,8 @@ moe_run_SOURCES = client/run/moe-run.c
 moe_run_LDADD = client/run/libmoerun.a client/libmoetier.la $(TOK_LINK) $(KERNELS_LINK)
 dist_man_MANS += doc/moe-run.1
 
-# Against llama.cpp (skips without tests/llama-oracle) and through the daemon.
-TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh
-EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/logits-compare.py
+# Against llama.cpp (skips without tests/llama-oracle), through the daemon,
+# and from GGUF- vs safetensors-made packs.
+TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh
+EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh \
+	tests/logits-compare.py
