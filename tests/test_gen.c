@@ -811,6 +811,9 @@ Test(gen, tiny_lm_keys_and_vocabulary)
 		uint32_t v;
 		cr_assert(gguf_get_u32(gg, "tokenizer.ggml.bos_token_id", &v) == 0 && v == 1);
 		cr_assert(gguf_get_u32(gg, "tokenizer.ggml.eos_token_id", &v) == 0 && v == 2);
+		bool b;
+		cr_assert(gguf_get_bool(gg, "tokenizer.ggml.add_bos_token", &b) == 0 && b);
+		cr_assert(gguf_get_bool(gg, "tokenizer.ggml.add_space_prefix", &b) == 0 && b);
 		gguf_close(gg);
 		tu_rmtree(dir);
 	}

@@ -142,7 +142,8 @@ static void vocabulary(const struct gen_model *g, struct kvw *w)
 	static const struct {
 		const char *k;
 		uint8_t v;
-	} flags[] = { { "tokenizer.ggml.add_bos_token", 1 }, { "tokenizer.ggml.add_eos_token", 0 } };
+	} flags[] = { { "tokenizer.ggml.add_bos_token", 1 }, { "tokenizer.ggml.add_eos_token", 0 },
+		      { "tokenizer.ggml.add_space_prefix", 1 } }; /* llama.cpp's SPM defaults, said */
 	for (size_t i = 0; i < MOE_ARRAY_SIZE(flags); i++) {
 		key(w, flags[i].k, KV_BOOL);
 		put(w->b, &flags[i].v, 1);
