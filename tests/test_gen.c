@@ -733,16 +733,9 @@ Test(gen, tiny_lm_tensors_are_llamas)
 	free(w);
 }
 
-static uint32_t key_u32(const struct gguf_file *gg, const char *arch, const char *k)
-{
-	char full[160];
-	uint32_t v = 0;
-	snprintf(full, sizeof(full), "%s.%s", arch, k);
-	cr_assert_eq(gguf_get_u32(gg, full, &v), 0, "key %s missing", full);
-	return v;
-}
-
-static float key_f32(const struct gguf_file *gg, const char *arch, const char *k)
+/* {arch}.k as a number (gguf_get_f32 takes integers too; every value here
+ * is exact in a float). */
+static float key_num(const struct gguf_file *gg, const char *arch, const char *k)
 {
 	char full[160];
 	float v = 0;
@@ -765,25 +758,25 @@ Test(gen, tiny_lm_keys_and_vocabulary)
 		cr_assert_eq(gguf_get_str(gg, "general.architecture", &s, NULL), 0);
 		cr_assert_str_eq(s, arch);
 		cr_assert_eq(gguf_get_str(gg, "general.name", &s, NULL), 0);
-		cr_assert_eq(key_u32(gg, arch, "context_length"), g.ctx_len);
-		cr_assert_eq(key_u32(gg, arch, "embedding_length"), g.hidden);
-		cr_assert_eq(key_u32(gg, arch, "block_count"), g.n_layers);
-		cr_assert_eq(key_u32(gg, arch, "attention.head_count"), g.n_head);
-		cr_assert_eq(key_u32(gg, arch, "attention.head_count_kv"), g.n_head_kv);
-		cr_assert_eq(key_u32(gg, arch, "attention.key_length"), g.head_dim);
-		cr_assert_eq(key_u32(gg, arch, "attention.value_length"), g.head_dim);
-		cr_assert_eq(key_u32(gg, arch, "rope.dimension_count"), g.head_dim);
-		cr_assert_eq(key_u32(gg, arch, "expert_count"), g.n_experts);
-		cr_assert_eq(key_u32(gg, arch, "expert_used_count"), g.top_k);
-		cr_assert(key_f32(gg, arch, "attention.layer_norm_rms_epsilon") > 0);
-		cr_assert(key_f32(gg, arch, "rope.freq_base") >= 10000.0f);
+		cr_assert_eq(key_num(gg, arch, "context_length"), g.ctx_len);
+		cr_assert_eq(key_num(gg, arch, "embedding_length"), g.hidden);
+		cr_assert_eq(key_num(gg, arch, "block_count"), g.n_layers);
+		cr_assert_eq(key_num(gg, arch, "attention.head_count"), g.n_head);
+		cr_assert_eq(key_num(gg, arch, "attention.head_count_kv"), g.n_head_kv);
+		cr_assert_eq(key_num(gg, arch, "attention.key_length"), g.head_dim);
+		cr_assert_eq(key_num(gg, arch, "attention.value_length"), g.head_dim);
+		cr_assert_eq(key_num(gg, arch, "rope.dimension_count"), g.head_dim);
+		cr_assert_eq(key_num(gg, arch, "expert_count"), g.n_experts);
+		cr_assert_eq(key_num(gg, arch, "expert_used_count"), g.top_k);
+		cr_assert(key_num(gg, arch, "attention.layer_norm_rms_epsilon") > 0);
+		cr_assert(key_num(gg, arch, "rope.freq_base") >= 10000.0f);
 		/* olmoe and llama size experts by feed_forward_length, qwen*moe by expert_ */
 		if (g.family == MOE_FAMILY_QWEN2_MOE || g.family == MOE_FAMILY_QWEN3_MOE)
-			cr_assert_eq(key_u32(gg, arch, "expert_feed_forward_length"), g.width);
+			cr_assert_eq(key_num(gg, arch, "expert_feed_forward_length"), g.width);
 		else
-			cr_assert_eq(key_u32(gg, arch, "feed_forward_length"), g.width);
+			cr_assert_eq(key_num(gg, arch, "feed_forward_length"), g.width);
 		if (g.family == MOE_FAMILY_QWEN2_MOE)
-			cr_assert_eq(key_u32(gg, arch, "expert_shared_feed_forward_length"), g.n_shared * g.width);
+			cr_assert_eq(key_num(gg, arch, "expert_shared_feed_forward_length"), g.n_shared * g.width);
 		/* the vocabulary */
 		uint32_t et;
 		uint64_t cnt;
