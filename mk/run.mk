@@ -16,3 +16,12 @@ dist_man_MANS += doc/moe-run.1
 TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh
 EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh \
 	tests/logits-compare.py
+
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_moe_run
+TESTS += tests/test_moe_run
+tests_test_moe_run_SOURCES = tests/test_moe_run.c
+tests_test_moe_run_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/client/run
+tests_test_moe_run_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_moe_run_LDADD = client/run/libmoerun.a $(KERNELS_LINK) $(CRITERION_LIBS)
+endif
