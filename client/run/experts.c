@@ -2,6 +2,7 @@
 #include "experts.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -96,6 +97,7 @@ int experts_open_local(const struct model *m, struct experts **out, struct moe_e
 				experts_close(ex);
 				return rc;
 			}
+	posix_fadvise(m->pack->fd, 0, 0, POSIX_FADV_DONTNEED);
 	*out = ex;
 	return 0;
 }

@@ -2,6 +2,7 @@
 #include "model.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -311,6 +312,11 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		    (rc = shape(&L->sh_gate_inp, "ffn_gate_inp_shexp", il, 1, n, err)))
 			goto fail;
 	}
+	/* the tensors are in our memory now: their page cache would only
+	 * compete with the daemon's arena under a memory budget */
+	posix_fadvise(m->pack->fd, 0, 0, POSIX_FADV_DONTNEED);
+	if (m->src)
+		posix_fadvise(m->src->fd, 0, 0, POSIX_FADV_DONTNEED);
 	*out = m;
 	return 0;
 fail:
