@@ -231,13 +231,21 @@ static FN_ATTR inline int32_t hsum_i32_avx2(__m256i v)
 }
 
 /* 16 int16 pair sums of 32 elements (vpmaddubsw of unsigned codes by
- * signed x; |pair| <= 2 * 63 * 128 fits) times the scales of their two
- * 16-element sub-blocks (lanes 0..7 cover elements 0..15), added in pairs
- * to int32 (vpmaddwd). */
-static FN_ATTR ALWAYS_INLINE __m256i kq_dot32(__m256i q, const int8_t *x, int s0, int s1)
+ * signed x; |pair| <= 2 * 63 * 127 fits) times per-lane int16 scales,
+ * added in pairs to int32 (vpmaddwd). */
+static FN_ATTR ALWAYS_INLINE __m256i kq_dot32(__m256i q, const int8_t *x, __m256i scales)
 {
 	const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(const void *)x));
-	return _mm256_madd_epi16(p, _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0)));
+	return _mm256_madd_epi16(p, scales);
+}
+
+/* From 8 int16 scales in each 128-bit half (s16), the vpmaddwd operand of
+ * a 32-element chunk: scale a in lanes 0..7 (elements 0..15), scale b in
+ * lanes 8..15. One vpshufb; a and b are constants after unrolling. */
+static FN_ATTR ALWAYS_INLINE __m256i kq_pick(__m256i s16, int a, int b)
+{
+	const short ca = (short)((2 * a + 1) << 8 | 2 * a), cb = (short)((2 * b + 1) << 8 | 2 * b);
+	return _mm256_shuffle_epi8(s16, _mm256_set_m128i(_mm_set1_epi16(cb), _mm_set1_epi16(ca)));
 }
 
 /* 2-bit field `shift` of each byte (shift 0, 2, 4, 6). */
@@ -246,27 +254,49 @@ static FN_ATTR ALWAYS_INLINE __m256i bits2(__m256i v, int shift)
 	return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(3));
 }
 
+static FN_ATTR ALWAYS_INLINE uint32_t ld32(const uint8_t *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return v;
+}
+
 /* One super-block times one q8_K block: the exact integer isum and imin
  * of ffn_kq_accum, equal to ref_kq_block's. Codes are taken unsigned
  * (vpmaddubsw needs an unsigned operand); the types with signed codes
- * (q6_K: q - 32, q3_K: q - 4) take off offset * scale * bsum after. */
+ * (q6_K: q - 32, q3_K: q - 4) take off offset * scale * bsum, folded into
+ * the same int32 lanes. Scales are unpacked with 32-bit word operations
+ * (the bit layout of moe_kquant_scale_min / moe_q3_K_scale, four at a
+ * time) and widened to int16 once per super-block; the bsums products are
+ * vpmaddwd too. */
 static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, const struct moe_block_q8_K *xb,
 					    int32_t *isum, int32_t *imin, float *d, float *dmin)
 {
 	const __m256i m4 = _mm256_set1_epi8(0x0f);
+	const __m256i bsums = _mm256_loadu_si256((const __m256i *)(const void *)xb->bsums);
 	const int8_t *xq = xb->qs;
 	__m256i acc = _mm256_setzero_si256();
-	int32_t corr = 0, im = 0;
+	int32_t im = 0;
 	uint16_t h;
 
 	if (DT == MOE_DTYPE_Q4_K || DT == MOE_DTYPE_Q5_K) {
 		const bool q5 = DT == MOE_DTYPE_Q5_K;
-		const uint8_t *scales = blk + 4, *qs = blk + (q5 ? 48 : 16);
-		uint8_t sc[8], mn[8];
-		for (int j = 0; j < 8; j++) {
-			moe_kquant_scale_min(scales, j, &sc[j], &mn[j]);
-			im += mn[j] * (xb->bsums[2 * j] + xb->bsums[2 * j + 1]);
-		}
+		const uint8_t *sp = blk + 4, *qs = blk + (q5 ? 48 : 16);
+		const uint32_t w0 = ld32(sp), w1 = ld32(sp + 4), w2 = ld32(sp + 8);
+		/* scales 0..3 | 4..7 and mins 0..3 | 4..7, one byte each */
+		const uint32_t sc_lo = w0 & 0x3f3f3f3fu, mn_lo = w1 & 0x3f3f3f3fu;
+		const uint32_t sc_hi = (w2 & 0x0f0f0f0fu) | ((w0 >> 6) & 0x03030303u) << 4;
+		const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 6) & 0x03030303u) << 4;
+		const __m128i sc8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
+		const __m128i mn8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo));
+		/* sums of the 32-element sub-blocks of x: pairs of bsums (each
+		 * |pair| <= 32 * 127, so 16 bits hold it) */
+		const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256(bsums, 1));
+		__m128i mi = _mm_madd_epi16(mn8, b32);
+		mi = _mm_add_epi32(mi, _mm_shuffle_epi32(mi, _MM_SHUFFLE(1, 0, 3, 2)));
+		mi = _mm_add_epi32(mi, _mm_shuffle_epi32(mi, _MM_SHUFFLE(2, 3, 0, 1)));
+		im = _mm_cvtsi128_si32(mi);
+		const __m256i s16 = _mm256_broadcastsi128_si256(sc8);
 		const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(const void *)(blk + 16)) : _mm256_setzero_si256();
 #pragma GCC unroll 4
 		for (int j = 0; j < 4; j++) {
@@ -279,79 +309,92 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 				lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
 				hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
 			}
-			acc = _mm256_add_epi32(acc, kq_dot32(lo, xq + 64 * j, sc[2 * j], sc[2 * j]));
-			acc = _mm256_add_epi32(acc, kq_dot32(hi, xq + 64 * j + 32, sc[2 * j + 1], sc[2 * j + 1]));
+			acc = _mm256_add_epi32(acc, kq_dot32(lo, xq + 64 * j, kq_pick(s16, 2 * j, 2 * j)));
+			acc = _mm256_add_epi32(acc, kq_dot32(hi, xq + 64 * j + 32, kq_pick(s16, 2 * j + 1, 2 * j + 1)));
 		}
 		memcpy(&h, blk, 2);
 		*d = _cvtsh_ss(h);
 		memcpy(&h, blk + 2, 2);
 		*dmin = _cvtsh_ss(h);
-	} else if (DT == MOE_DTYPE_Q6_K) {
-		const int8_t *sc = (const int8_t *)(blk + 192);
-		for (int k = 0; k < 16; k++)
-			corr += sc[k] * xb->bsums[k];
-		corr *= 32;
-#pragma GCC unroll 2
-		for (int hh = 0; hh < 2; hh++) {
-			const __m256i l0 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh));
-			const __m256i l1 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh + 32));
-			const __m256i qh = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 128 + 32 * hh));
-			const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(bits2(qh, 0), 4));
-			const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(bits2(qh, 2), 4));
-			const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-							   _mm256_slli_epi16(bits2(qh, 4), 4));
-			const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-							   _mm256_slli_epi16(bits2(qh, 6), 4));
-			const int8_t *s = sc + 8 * hh, *x = xq + 128 * hh;
-			acc = _mm256_add_epi32(acc, kq_dot32(q0, x, s[0], s[1]));
-			acc = _mm256_add_epi32(acc, kq_dot32(q1, x + 32, s[2], s[3]));
-			acc = _mm256_add_epi32(acc, kq_dot32(q2, x + 64, s[4], s[5]));
-			acc = _mm256_add_epi32(acc, kq_dot32(q3, x + 96, s[6], s[7]));
+	} else if (DT == MOE_DTYPE_Q6_K || DT == MOE_DTYPE_Q3_K) {
+		__m128i sc8; /* the 16 signed scales */
+		if (DT == MOE_DTYPE_Q6_K) {
+			sc8 = _mm_loadu_si128((const __m128i *)(const void *)(blk + 192));
+		} else {
+			const uint8_t *sp = blk + 96;
+			const uint32_t w0 = ld32(sp), w1 = ld32(sp + 4), w2 = ld32(sp + 8);
+			const uint32_t a0 = (w0 & 0x0f0f0f0fu) | (w2 & 0x03030303u) << 4;
+			const uint32_t a1 = (w1 & 0x0f0f0f0fu) | ((w2 >> 2) & 0x03030303u) << 4;
+			const uint32_t a2 = ((w0 >> 4) & 0x0f0f0f0fu) | ((w2 >> 4) & 0x03030303u) << 4;
+			const uint32_t a3 = ((w1 >> 4) & 0x0f0f0f0fu) | ((w2 >> 6) & 0x03030303u) << 4;
+			sc8 = _mm_sub_epi8(_mm_set_epi32((int)a3, (int)a2, (int)a1, (int)a0), _mm_set1_epi8(32));
 		}
-		memcpy(&h, blk + 208, 2);
-		*d = _cvtsh_ss(h);
-		*dmin = 0.0f;
-	} else if (DT == MOE_DTYPE_Q3_K) {
-		int sc[16];
-		for (int k = 0; k < 16; k++) {
-			sc[k] = moe_q3_K_scale(blk + 96, k);
-			corr += sc[k] * xb->bsums[k];
-		}
-		corr *= 4;
-		const __m256i hm = _mm256_loadu_si256((const __m256i *)(const void *)blk);
-		const __m256i one = _mm256_set1_epi8(1);
+		const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+		/* the offset (32 or 4) times sum of scale * bsum, in the lanes */
+		acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums), DT == MOE_DTYPE_Q6_K ? 5 : 2));
+		const __m256i sA = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16));      /* scales 0..7 */
+		const __m256i sB = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1)); /* 8..15 */
+		if (DT == MOE_DTYPE_Q6_K) {
 #pragma GCC unroll 2
-		for (int hh = 0; hh < 2; hh++) {
-			const __m256i q = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 32 + 32 * hh));
-#pragma GCC unroll 4
-			for (int g = 0; g < 4; g++) {
-				const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(4 * hh + g)), one);
-				const __m256i qu = _mm256_or_si256(bits2(q, 2 * g), _mm256_slli_epi16(hb, 2));
-				acc = _mm256_add_epi32(acc, kq_dot32(qu, xq + 128 * hh + 32 * g, sc[8 * hh + 2 * g],
-								     sc[8 * hh + 2 * g + 1]));
+			for (int hh = 0; hh < 2; hh++) {
+				const __m256i sv = hh ? sB : sA;
+				const __m256i l0 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh));
+				const __m256i l1 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh + 32));
+				const __m256i qh = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 128 + 32 * hh));
+				const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(bits2(qh, 0), 4));
+				const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(bits2(qh, 2), 4));
+				const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+								   _mm256_slli_epi16(bits2(qh, 4), 4));
+				const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+								   _mm256_slli_epi16(bits2(qh, 6), 4));
+				const int8_t *x = xq + 128 * hh;
+				acc = _mm256_add_epi32(acc, kq_dot32(q0, x, kq_pick(sv, 0, 1)));
+				acc = _mm256_add_epi32(acc, kq_dot32(q1, x + 32, kq_pick(sv, 2, 3)));
+				acc = _mm256_add_epi32(acc, kq_dot32(q2, x + 64, kq_pick(sv, 4, 5)));
+				acc = _mm256_add_epi32(acc, kq_dot32(q3, x + 96, kq_pick(sv, 6, 7)));
 			}
+			memcpy(&h, blk + 208, 2);
+		} else {
+			const __m256i hm = _mm256_loadu_si256((const __m256i *)(const void *)blk);
+			const __m256i one = _mm256_set1_epi8(1);
+#pragma GCC unroll 2
+			for (int hh = 0; hh < 2; hh++) {
+				const __m256i sv = hh ? sB : sA;
+				const __m256i q = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 32 + 32 * hh));
+#pragma GCC unroll 4
+				for (int g = 0; g < 4; g++) {
+					const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(4 * hh + g)), one);
+					const __m256i qu = _mm256_or_si256(bits2(q, 2 * g), _mm256_slli_epi16(hb, 2));
+					acc = _mm256_add_epi32(acc, kq_dot32(qu, xq + 128 * hh + 32 * g, kq_pick(sv, 2 * g, 2 * g + 1)));
+				}
+			}
+			memcpy(&h, blk + 108, 2);
 		}
-		memcpy(&h, blk + 108, 2);
 		*d = _cvtsh_ss(h);
 		*dmin = 0.0f;
 	} else { /* Q2_K */
-		const uint8_t *sc = blk;
-		for (int k = 0; k < 16; k++)
-			im += (sc[k] >> 4) * xb->bsums[k];
+		const __m128i s8 = _mm_loadu_si128((const __m128i *)(const void *)blk);
+		const __m128i m8 = _mm_set1_epi8(0x0f);
+		const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s8, m8));
+		const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), m8));
+		im = hsum_i32_avx2(_mm256_madd_epi16(mn16, bsums));
+		const __m256i sA = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16));
+		const __m256i sB = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1));
 #pragma GCC unroll 2
 		for (int hh = 0; hh < 2; hh++) {
+			const __m256i sv = hh ? sB : sA;
 			const __m256i q = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 16 + 32 * hh));
 #pragma GCC unroll 4
 			for (int g = 0; g < 4; g++)
 				acc = _mm256_add_epi32(acc, kq_dot32(bits2(q, 2 * g), xq + 128 * hh + 32 * g,
-								     sc[8 * hh + 2 * g] & 15, sc[8 * hh + 2 * g + 1] & 15));
+								     kq_pick(sv, 2 * g, 2 * g + 1)));
 		}
 		memcpy(&h, blk + 80, 2);
 		*d = _cvtsh_ss(h);
 		memcpy(&h, blk + 82, 2);
 		*dmin = _cvtsh_ss(h);
 	}
-	*isum = hsum_i32_avx2(acc) - corr;
+	*isum = hsum_i32_avx2(acc);
 	*imin = im;
 }
 
