@@ -136,12 +136,12 @@ int experts_open_daemon(const struct model *m, const char *socket, bool prefetch
 		return moe_error_set(err, -EPROTO, "moetierd: model info: %s", moet_strerror(rc));
 	}
 	if (mi.n_experts != m->cfg->n_experts || mi.n_moe_layers != m->cfg->n_moe_layers ||
-	    mi.hidden != m->cfg->hidden || mi.expert_width != m->cfg->expert_width ||
+	    mi.hidden != m->cfg->hidden || mi.expert_width != m->cfg->expert_width || mi.dtype != m->cfg->dtype ||
 	    mi.expert_bytes < m->layout.payload) {
 		experts_close(ex);
 		return moe_error_set(err, -EINVAL,
-				     "moetierd serves %s (%u layers x %u experts, hidden %u), not this pack's model",
-				     mi.name, mi.n_moe_layers, mi.n_experts, mi.hidden);
+				     "moetierd serves %s (%u layers x %u experts, hidden %u, %s), not this pack's model",
+				     mi.name, mi.n_moe_layers, mi.n_experts, mi.hidden, moe_dtype_name(mi.dtype));
 	}
 	size_t nc = (size_t)m->cfg->n_moe_layers * ex->E;
 	if (posix_memalign(&ex->fallback, 4096, pack_extent_bytes(m->pack))) {
