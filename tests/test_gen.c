@@ -917,6 +917,41 @@ Test(gen, tiny_lm_safetensors_config)
 		cr_assert(eps > 0 && eps < 1e-4);
 		json_decref(cfg);
 		free(cb);
+		/* the vocabulary as a byte-fallback BPE: gen_vocab_token's pieces,
+		 * every merge joins two pieces into a third */
+		cb = slurp(dir, "tokenizer.json", &len);
+		json_t *tok = json_loadb((const char *)cb, len, 0, &je);
+		cr_assert(tok, "%s", je.text);
+		json_t *model = json_object_get(tok, "model"), *vocab = json_object_get(model, "vocab");
+		cr_assert_str_eq(json_string_value(json_object_get(model, "type")), "BPE");
+		cr_assert(json_is_true(json_object_get(model, "byte_fallback")));
+		cr_assert_eq(json_object_size(vocab), g.vocab);
+		char piece[32];
+		for (uint32_t id = 0; id < g.vocab; id++) {
+			cr_assert(gen_vocab_token(id, piece, sizeof(piece), NULL, NULL) > 0);
+			cr_assert_eq(json_integer_value(json_object_get(vocab, piece)), id, "%s", piece);
+		}
+		json_t *merges = json_object_get(model, "merges"), *m;
+		size_t mi;
+		cr_assert_gt(json_array_size(merges), 200);
+		json_array_foreach(merges, mi, m) {
+			char both[64];
+			const char *ms = json_string_value(m), *sp = strchr(ms, ' ');
+			cr_assert(sp && sp > ms && sp[1], "merge '%s'", ms);
+			snprintf(both, sizeof(both), "%.*s%s", (int)(sp - ms), ms, sp + 1);
+			cr_assert(json_object_get(vocab, both), "merge '%s' makes no piece", ms);
+			snprintf(both, sizeof(both), "%.*s", (int)(sp - ms), ms);
+			cr_assert(json_object_get(vocab, both) && json_object_get(vocab, sp + 1), "merge '%s'", ms);
+		}
+		cr_assert_eq(json_array_size(json_object_get(tok, "added_tokens")), 3);
+		json_decref(tok);
+		free(cb);
+		cb = slurp(dir, "tokenizer_config.json", &len);
+		cfg = json_loadb((const char *)cb, len, 0, &je);
+		cr_assert(cfg, "%s", je.text);
+		cr_assert_str_eq(json_string_value(json_object_get(cfg, "bos_token")), "<s>");
+		json_decref(cfg);
+		free(cb);
 		tu_rmtree(dir);
 	}
 }

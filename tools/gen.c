@@ -357,7 +357,9 @@ int gen_vocab_token(uint32_t id, char *buf, size_t len, float *score, int32_t *t
 		ty = 6;
 	} else {
 		uint32_t k = id - 259;
-		sc = -(float)(k + 1); /* earlier pieces merge first */
+		/* earlier pieces merge first; -id is also what llama.cpp's
+		 * converter gives a byte-fallback BPE tokenizer.json */
+		sc = -(float)id;
 		if (k == 0) {
 			n = snprintf(w, sizeof(w), SP);
 		} else if (k <= 52) { /* "a".."z", then "\u2581a".."\u2581z" */

@@ -252,9 +252,12 @@ const char *gen_gguf_arch(enum moe_family f);
  * control, 6 byte), independent of the vocab size: <unk> <s> </s>, <0x00>..
  * <0xFF>, then "\u2581", "a".."z", "\u2581a".."\u2581z", then words of 1, 2,
  * 3, ... consonant-vowel syllables, each bare and with a leading "\u2581"
- * (so SentencePiece merges reach them and text decodes readably). Scores
- * fall with the id. Returns the piece's length, or -ERANGE if buf (at
- * least 32 bytes suffice) is too small or the id is past 2 million. */
+ * (so SentencePiece merges reach them and text decodes readably). Their
+ * score is -id (0 for the others). Returns the piece's length, or -ERANGE
+ * if buf (at least 32 bytes suffice) is too small or the id is past 2
+ * million. The safetensors output holds the same vocabulary as a
+ * byte-fallback BPE tokenizer.json (merges: each piece from its longest
+ * prefix in the vocabulary and the rest) and tokenizer_config.json. */
 int gen_vocab_token(uint32_t id, char *buf, size_t len, float *score, int32_t *type);
 
 /* All tensors of the checkpoint in file order, with files and offsets

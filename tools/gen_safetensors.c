@@ -13,6 +13,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#define SP "\xe2\x96\x81" /* U+2581, SentencePiece's word boundary */
+
 static const char *st_dtype(enum moe_dtype t)
 {
 	switch (t) {
@@ -139,6 +141,62 @@ static json_t *config_json(const struct gen_model *g)
 	}
 	jset(o, "moe_gen", mg);
 	return o;
+}
+
+/* The vocabulary of gen_vocab_token() as HF "tokenizers" writes a
+ * SentencePiece BPE with byte fallback (Mistral's layout): each piece's
+ * merge joins its longest prefix that is a piece with the rest. */
+static json_t *tokenizer_json(const struct gen_model *g)
+{
+	json_t *vocab = json_object(), *merges = json_array(), *added = json_array();
+	char piece[32], a[32];
+	int32_t type;
+	for (uint32_t i = 0; i < g->vocab; i++) {
+		int len = gen_vocab_token(i, piece, sizeof(piece), NULL, &type);
+		if (len <= 0)
+			break; /* past gen_vocab_token's range: validate bounds vocab below it */
+		jset(vocab, piece, json_integer(i));
+		if (type == 2 || type == 3)
+			json_array_append_new(added, json_pack("{s:i, s:s, s:b, s:b, s:b, s:b, s:b}", "id", (int)i, "content",
+							       piece, "single_word", 0, "lstrip", 0, "rstrip", 0,
+							       "normalized", 0, "special", 1));
+		if (type != 1)
+			continue;
+		/* the parts have lower ids, so they are in vocab already */
+		for (int cut = len - 1; cut > 0; cut--) {
+			if (((unsigned char)piece[cut] & 0xc0) == 0x80) /* inside a UTF-8 character */
+				continue;
+			memcpy(a, piece, (size_t)cut);
+			a[cut] = '\0';
+			if (json_object_get(vocab, a) && json_object_get(vocab, piece + cut)) {
+				json_array_append_new(merges, json_sprintf("%s %s", a, piece + cut));
+				break;
+			}
+		}
+	}
+	return json_pack(
+		"{s:s, s:n, s:n, s:o, s:{s:s, s:[{s:s, s:s}, {s:s, s:{s:s}, s:s}]}, s:n,"
+		" s:{s:s, s:[{s:{s:s, s:i}}, {s:{s:s, s:i}}], s:[], s:{s:{s:s, s:[i], s:[s]}}},"
+		" s:{s:s, s:[{s:s, s:{s:s}, s:s}, {s:s}, {s:s}, {s:s, s:s, s:i, s:i}]},"
+		" s:{s:s, s:n, s:s, s:n, s:n, s:b, s:b, s:b, s:o, s:o}}",
+		"version", "1.0", "truncation", "padding", "added_tokens", added,
+		"normalizer", "type", "Sequence", "normalizers", "type", "Prepend", "prepend", SP, "type", "Replace",
+		"pattern", "String", " ", "content", SP,
+		"pre_tokenizer",
+		"post_processor", "type", "TemplateProcessing", "single", "SpecialToken", "id", "<s>", "type_id", 0,
+		"Sequence", "id", "A", "type_id", 0, "pair", "special_tokens", "<s>", "id", "<s>", "ids", GEN_TOKEN_BOS,
+		"tokens", "<s>",
+		"decoder", "type", "Sequence", "decoders", "type", "Replace", "pattern", "String", SP, "content", " ",
+		"type", "ByteFallback", "type", "Fuse", "type", "Strip", "content", " ", "start", 1, "stop", 0,
+		"model", "type", "BPE", "dropout", "unk_token", "<unk>", "continuing_subword_prefix", "end_of_word_suffix",
+		"fuse_unk", 1, "byte_fallback", 1, "ignore_merges", 0, "vocab", vocab, "merges", merges);
+}
+
+static json_t *tokenizer_config_json(const struct gen_model *g)
+{
+	return json_pack("{s:b, s:b, s:s, s:s, s:s, s:n, s:s, s:i, s:b}", "add_bos_token", 1, "add_eos_token", 0,
+			 "bos_token", "<s>", "eos_token", "</s>", "unk_token", "<unk>", "pad_token", "tokenizer_class",
+			 "LlamaTokenizer", "model_max_length", (int)g->ctx_len, "legacy", 0);
 }
 
 /* Writes a whole small file through a temporary name. */
@@ -277,8 +335,12 @@ int gen_write_safetensors(const struct gen_model *g, const char *dir, uint32_t *
 	}
 	if ((rc = write_json(dir, "config.json", config_json(g), &total, err)))
 		goto out;
+	const bool spm = g->vocab >= GEN_VOCAB_MIN_SPM;
+	if (spm && ((rc = write_json(dir, "tokenizer.json", tokenizer_json(g), &total, err)) ||
+		    (rc = write_json(dir, "tokenizer_config.json", tokenizer_config_json(g), &total, err))))
+		goto out;
 	if (files)
-		*files = g->shards + (g->shards > 1) + 1;
+		*files = g->shards + (g->shards > 1) + 1 + 2 * spm;
 	if (bytes)
 		*bytes = total;
 out:
