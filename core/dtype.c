@@ -32,9 +32,12 @@ static const struct dtype_info dtype_table[MOE_DTYPE_COUNT] = {
 	[MOE_DTYPE_Q6_K] = { "q6_K", 256, 210 },
 	[MOE_DTYPE_Q3_K] = { "q3_K", 256, 110 },
 	[MOE_DTYPE_Q2_K] = { "q2_K", 256, 84 },
+	[MOE_DTYPE_IQ4_NL] = { "iq4_nl", 32, 18 },
+	[MOE_DTYPE_IQ4_XS] = { "iq4_xs", 256, 136 },
 };
 
 const int8_t moe_kvalues_mxfp4[16] = { 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12 };
+const int8_t moe_kvalues_iq4nl[16] = { -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113 };
 
 static const struct dtype_info *info(enum moe_dtype t)
 {
@@ -318,6 +321,35 @@ void moe_dequantize_row(enum moe_dtype t, const void *src, float *dst, size_t n)
 		for (i = 0; i < n / 256; i++)
 			dequant_q2_K((const struct moe_block_q2_K *)src + i, dst + i * 256);
 		break;
+	case MOE_DTYPE_IQ4_NL: {
+		/* q4_0's layout with a table instead of q - 8 */
+		const struct moe_block_iq4_nl *b = src;
+		for (i = 0; i < n / 32; i++) {
+			const float d = moe_f16_to_f32(b[i].d);
+			for (j = 0; j < 16; j++) {
+				dst[i * 32 + j] = d * moe_kvalues_iq4nl[b[i].qs[j] & 15];
+				dst[i * 32 + j + 16] = d * moe_kvalues_iq4nl[b[i].qs[j] >> 4];
+			}
+		}
+		break;
+	}
+	case MOE_DTYPE_IQ4_XS: {
+		/* 8 sub-blocks of 32, each laid out as an iq4_nl block's codes,
+		 * scale d * (6-bit scale - 32) */
+		const struct moe_block_iq4_xs *b = src;
+		for (i = 0; i < n / 256; i++) {
+			const float d = moe_f16_to_f32(b[i].d);
+			for (int s = 0; s < 8; s++) {
+				const float dl = d * moe_iq4_xs_scale(&b[i], s);
+				const uint8_t *q = b[i].qs + 16 * s;
+				for (j = 0; j < 16; j++) {
+					dst[i * 256 + 32 * s + j] = dl * moe_kvalues_iq4nl[q[j] & 15];
+					dst[i * 256 + 32 * s + j + 16] = dl * moe_kvalues_iq4nl[q[j] >> 4];
+				}
+			}
+		}
+		break;
+	}
 	default: {
 		/* integer types are not weights; convert value by value */
 		for (i = 0; i < n; i++) {

@@ -29,6 +29,9 @@ enum moe_dtype {
 	MOE_DTYPE_Q6_K = 14,  /* u8 ql[128]; u8 qh[64]; int8 scales[16]; f16 d        (210 B / 256) */
 	MOE_DTYPE_Q3_K = 15,  /* u8 hmask[32]; u8 qs[64]; 6-bit scales [12]; f16 d    (110 B / 256) */
 	MOE_DTYPE_Q2_K = 16,  /* 4-bit scale|min [16]; u8 qs[64]; f16 d, dmin         ( 84 B / 256) */
+	/* ggml's non-linear 4-bit codes (moe_kvalues_iq4nl) */
+	MOE_DTYPE_IQ4_NL = 17, /* f16 d; u8 qs[16]                                     ( 18 B / 32) */
+	MOE_DTYPE_IQ4_XS = 18, /* f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]    (136 B / 256) */
 	MOE_DTYPE_COUNT
 };
 
@@ -48,6 +51,8 @@ struct moe_block_q5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; ui
 struct moe_block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } __attribute__((packed));
 struct moe_block_q3_K { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; } __attribute__((packed));
 struct moe_block_q2_K { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; } __attribute__((packed));
+struct moe_block_iq4_nl { uint16_t d; uint8_t qs[16]; } __attribute__((packed));
+struct moe_block_iq4_xs { uint16_t d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } __attribute__((packed));
 /* Activations for the K-quant integer dots (ggml block_q8_K): f32 d,
  * x = d * qs, and the sums of each 16 qs (for the mins and offsets). */
 struct moe_block_q8_K { float d; int8_t qs[256]; int16_t bsums[16]; };
@@ -56,6 +61,8 @@ _Static_assert(sizeof(struct moe_block_q5_K) == 176, "q5_K block");
 _Static_assert(sizeof(struct moe_block_q6_K) == 210, "q6_K block");
 _Static_assert(sizeof(struct moe_block_q3_K) == 110, "q3_K block");
 _Static_assert(sizeof(struct moe_block_q2_K) == 84, "q2_K block");
+_Static_assert(sizeof(struct moe_block_iq4_nl) == 18, "iq4_nl block");
+_Static_assert(sizeof(struct moe_block_iq4_xs) == 136, "iq4_xs block");
 _Static_assert(sizeof(struct moe_block_q8_K) == 292, "q8_K block");
 
 /* "f32", "bf16", "q8_0", "q4_K", ... or "invalid". */
@@ -122,5 +129,14 @@ static inline int moe_q3_K_scale(const uint8_t *s, int j)
 
 /* The doubled E2M1 table of ggml's block_mxfp4 (value * 2^(e-128)). */
 extern const int8_t moe_kvalues_mxfp4[16];
+/* The 16 levels of iq4_nl and iq4_xs codes (value = d * level; llama.cpp's
+ * non-linear 4-bit grid). */
+extern const int8_t moe_kvalues_iq4nl[16];
+/* Scale j (0..7) of an iq4_xs super-block, 6 bits biased by 32: low 4 bits
+ * in a nibble of scales_l[j / 2], high 2 bits at bit 2j of scales_h. */
+static inline int moe_iq4_xs_scale(const struct moe_block_iq4_xs *b, int j)
+{
+	return (((b->scales_l[j / 2] >> (4 * (j % 2))) & 15) | ((b->scales_h >> (2 * j)) & 3) << 4) - 32;
+}
 
 #endif

@@ -56,6 +56,8 @@ enum gguf_ggml_type {
 	GGUF_GGML_Q4_K = 12,
 	GGUF_GGML_Q5_K = 13,
 	GGUF_GGML_Q6_K = 14,
+	GGUF_GGML_IQ4_NL = 20,
+	GGUF_GGML_IQ4_XS = 23,
 	GGUF_GGML_BF16 = 30,
 	GGUF_GGML_MXFP4 = 39,
 };

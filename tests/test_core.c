@@ -180,7 +180,7 @@ Test(core, kquant_dtype_table)
 {
 	static const struct { enum moe_dtype t; const char *name; uint32_t bytes; } k[] = {
 		{ MOE_DTYPE_Q4_K, "q4_K", 144 }, { MOE_DTYPE_Q5_K, "q5_K", 176 }, { MOE_DTYPE_Q6_K, "q6_K", 210 },
-		{ MOE_DTYPE_Q3_K, "q3_K", 110 }, { MOE_DTYPE_Q2_K, "q2_K", 84 },
+		{ MOE_DTYPE_Q3_K, "q3_K", 110 }, { MOE_DTYPE_Q2_K, "q2_K", 84 }, { MOE_DTYPE_IQ4_XS, "iq4_xs", 136 },
 	};
 	uint64_t rb;
 	/* the stored values of the older types never move */
@@ -196,6 +196,9 @@ Test(core, kquant_dtype_table)
 		cr_assert_eq(rb, 2 * k[i].bytes);
 		cr_assert_not(moe_dtype_row_bytes(k[i].t, 288, &rb), "%s: 288 is not whole super-blocks", k[i].name);
 	}
+	cr_assert_eq(moe_dtype_parse("IQ4_NL"), MOE_DTYPE_IQ4_NL);
+	cr_assert_eq(moe_dtype_block_elems(MOE_DTYPE_IQ4_NL), 32);
+	cr_assert_eq(moe_dtype_block_bytes(MOE_DTYPE_IQ4_NL), 18);
 	cr_assert_eq(moe_dtype_parse("Q4_K"), MOE_DTYPE_Q4_K);
 	cr_assert_eq(moe_dtype_parse("Q6_k"), MOE_DTYPE_Q6_K);
 }
@@ -265,6 +268,17 @@ static float kq_elem(enum moe_dtype t, const uint8_t *blk, int e)
 		const int q = ((g < 2 ? lo & 15 : lo >> 4) | (((qh[32 * h + l] >> (2 * g)) & 3) << 4)) - 32;
 		return moe_f16_to_f32(dh) * scales[8 * h + 2 * g + l / 16] * q;
 	}
+	case MOE_DTYPE_IQ4_XS: {
+		/* d, scales_h (u16), scales_l[4], then 8 x 16 bytes of codes */
+		uint16_t dh, sh;
+		memcpy(&dh, blk, 2);
+		memcpy(&sh, blk + 2, 2);
+		const int sb = e / 32, r = e % 32;
+		const int ls = ((blk[4 + sb / 2] >> (4 * (sb % 2))) & 15) | ((sh >> (2 * sb)) & 3) << 4;
+		const uint8_t byte = blk[8 + 16 * sb + r % 16];
+		const float dl = moe_f16_to_f32(dh) * (ls - 32);
+		return dl * moe_kvalues_iq4nl[r < 16 ? byte & 15 : byte >> 4];
+	}
 	case MOE_DTYPE_Q3_K: {
 		const uint8_t *hm = blk, *qs = blk + 32;
 		uint16_t dh;
@@ -287,7 +301,7 @@ static float kq_elem(enum moe_dtype t, const uint8_t *blk, int e)
 Test(core, kquant_dequant_elementwise)
 {
 	static const enum moe_dtype ts[] = { MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K,
-					     MOE_DTYPE_Q3_K, MOE_DTYPE_Q2_K };
+					     MOE_DTYPE_Q3_K, MOE_DTYPE_Q2_K, MOE_DTYPE_IQ4_XS };
 	uint8_t blk[3 * 210];
 	float y[3 * 256];
 	uint32_t s = 12345;
@@ -305,6 +319,7 @@ Test(core, kquant_dequant_elementwise)
 				const uint16_t d = moe_f32_to_f16(0.01f * (float)(rep + 1 + b)), dm = moe_f32_to_f16(0.003f * (float)(rep + 2));
 				switch (t) {
 				case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K: memcpy(p, &d, 2); memcpy(p + 2, &dm, 2); break;
+				case MOE_DTYPE_IQ4_XS: memcpy(p, &d, 2); break;
 				case MOE_DTYPE_Q6_K: memcpy(p + 208, &d, 2); break;
 				case MOE_DTYPE_Q3_K: memcpy(p + 108, &d, 2); break;
 				default: memcpy(p + 80, &d, 2); memcpy(p + 82, &dm, 2); break;
@@ -345,4 +360,19 @@ Test(core, q8_K_quantize)
 	cr_assert_eq(q[1].d, 0.0f, "an all-zero block");
 	for (int i = 0; i < 256; i++)
 		cr_assert_eq(q[1].qs[i], 0);
+}
+
+Test(core, iq4_nl_formula)
+{
+	struct moe_block_iq4_nl b;
+	float y[32];
+	static const int lv[16] = { -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113 };
+	b.d = moe_f32_to_f16(0.25f);
+	for (int j = 0; j < 16; j++)
+		b.qs[j] = (uint8_t)(j | ((15 - j) << 4));
+	moe_dequantize_row(MOE_DTYPE_IQ4_NL, &b, y, 32);
+	for (int j = 0; j < 16; j++) {
+		cr_assert_eq(y[j], 0.25f * (float)lv[j]);
+		cr_assert_eq(y[j + 16], 0.25f * (float)lv[15 - j]);
+	}
 }
