@@ -51,9 +51,10 @@ REF_MM(ref_bf16, MOE_DTYPE_BF16)
 REF_MM(ref_q8_0, MOE_DTYPE_Q8_0)
 REF_MM(ref_q4_0, MOE_DTYPE_Q4_0)
 REF_MM(ref_mxfp4, MOE_DTYPE_MXFP4)
+REF_MM(ref_iq4_nl, MOE_DTYPE_IQ4_NL)
 
-/* q8_0 or q4_0 weights x q8_0 x: exact integer sum per block, then scaled
- * by d_w * d_x. */
+/* q8_0, q4_0 or iq4_nl weights x q8_0 x: exact integer sum per block,
+ * then scaled by d_w * d_x. */
 static void ref_int(enum moe_dtype dt, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
 		    const struct ffn_act *a, float *y, size_t ldy)
 {
@@ -70,11 +71,17 @@ static void ref_int(enum moe_dtype dt, const uint8_t *W, size_t rb, uint32_t col
 					for (int j = 0; j < 32; j++)
 						isum += (int32_t)wb->qs[j] * xb[b].qs[j];
 					dw = wb->d;
-				} else {
+				} else if (dt == MOE_DTYPE_Q4_0) {
 					const struct moe_block_q4_0 *wb = (const void *)(row + (size_t)b * sizeof(*wb));
 					for (int j = 0; j < 16; j++)
 						isum += ((wb->qs[j] & 15) - 8) * xb[b].qs[j] +
 							((wb->qs[j] >> 4) - 8) * xb[b].qs[j + 16];
+					dw = wb->d;
+				} else {
+					const struct moe_block_iq4_nl *wb = (const void *)(row + (size_t)b * sizeof(*wb));
+					for (int j = 0; j < 16; j++)
+						isum += moe_kvalues_iq4nl[wb->qs[j] & 15] * xb[b].qs[j] +
+							moe_kvalues_iq4nl[wb->qs[j] >> 4] * xb[b].qs[j + 16];
 					dw = wb->d;
 				}
 				acc += (float)isum * (moe_f16_to_f32(dw) * moe_f16_to_f32(xb[b].d));
@@ -94,6 +101,12 @@ static void ref_q4int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, u
 		      const struct ffn_act *a, float *y, size_t ldy)
 {
 	ref_int(MOE_DTYPE_Q4_0, W, rb, cols, r0, r1, a, y, ldy);
+}
+
+static void ref_iq4int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+		       const struct ffn_act *a, float *y, size_t ldy)
+{
+	ref_int(MOE_DTYPE_IQ4_NL, W, rb, cols, r0, r1, a, y, ldy);
 }
 
 /* One K-quant super-block times one q8_K block: the exact integer sums
@@ -158,6 +171,18 @@ static void ref_kq_block(enum moe_dtype dt, const uint8_t *blk, const struct moe
 		}
 		break;
 	}
+	case MOE_DTYPE_IQ4_XS: {
+		const struct moe_block_iq4_xs *b = (const void *)blk;
+		*dh = b->d;
+		for (int s = 0; s < 8; s++) {
+			int32_t sum = 0;
+			for (int j = 0; j < 16; j++)
+				sum += moe_kvalues_iq4nl[b->qs[16 * s + j] & 15] * xq[32 * s + j] +
+				       moe_kvalues_iq4nl[b->qs[16 * s + j] >> 4] * xq[32 * s + j + 16];
+			is += moe_iq4_xs_scale(b, s) * sum;
+		}
+		break;
+	}
 	default: { /* Q2_K */
 		const struct moe_block_q2_K *b = (const void *)blk;
 		*dh = b->d;
@@ -209,6 +234,7 @@ REF_KQ(ref_q5_K, MOE_DTYPE_Q5_K)
 REF_KQ(ref_q6_K, MOE_DTYPE_Q6_K)
 REF_KQ(ref_q3_K, MOE_DTYPE_Q3_K)
 REF_KQ(ref_q2_K, MOE_DTYPE_Q2_K)
+REF_KQ(ref_iq4_xs, MOE_DTYPE_IQ4_XS)
 
 static void ref_quant_q8k(const float *x, struct moe_block_q8_K *out, uint32_t n)
 {
@@ -227,13 +253,15 @@ static const struct ffn_isa_ops ffn_ops_ref = {
 		[MOE_DTYPE_F32] = ref_f32, [MOE_DTYPE_F16] = ref_f16, [MOE_DTYPE_BF16] = ref_bf16,
 		[MOE_DTYPE_Q8_0] = ref_q8_0, [MOE_DTYPE_Q4_0] = ref_q4_0, [MOE_DTYPE_MXFP4] = ref_mxfp4,
 		[MOE_DTYPE_Q4_K] = ref_q4_K, [MOE_DTYPE_Q5_K] = ref_q5_K, [MOE_DTYPE_Q6_K] = ref_q6_K,
-		[MOE_DTYPE_Q3_K] = ref_q3_K, [MOE_DTYPE_Q2_K] = ref_q2_K,
+		[MOE_DTYPE_Q3_K] = ref_q3_K, [MOE_DTYPE_Q2_K] = ref_q2_K, [MOE_DTYPE_IQ4_NL] = ref_iq4_nl,
+		[MOE_DTYPE_IQ4_XS] = ref_iq4_xs,
 	},
 	.bf16_act_mask = 0,
 	.perm_act_mask = 0,
 	.perm_w = 0,
 	.mm_q8int = ref_q8int,
 	.mm_q4int = ref_q4int,
+	.mm_iq4int = ref_iq4int,
 	.quant_q8 = ref_quant_q8,
 	.quant_q8k = ref_quant_q8k,
 };
@@ -345,8 +373,8 @@ enum ffn_q8_mode ffn_get_q8_mode(void)
 	return (enum ffn_q8_mode)__atomic_load_n(&cur_q8, __ATOMIC_ACQUIRE);
 }
 
-/* The kernels for one call: the path's table, with q8_0 and q4_0 switched
- * to the integer kernels in FFN_Q8_INT mode. */
+/* The kernels for one call: the path's table, with q8_0, q4_0 and iq4_nl
+ * switched to the integer kernels in FFN_Q8_INT mode. */
 struct mm_sel {
 	ffn_mm_fn mm[MOE_DTYPE_COUNT];
 	/* 1u << dtype when mm[dtype] reads ffn_act.bf / .q8 / .fp / .q8k */
@@ -369,7 +397,8 @@ static void ops_now(struct mm_sel *s)
 	if (ffn_get_q8_mode() == FFN_Q8_INT) {
 		s->mm[MOE_DTYPE_Q8_0] = o->mm_q8int;
 		s->mm[MOE_DTYPE_Q4_0] = o->mm_q4int;
-		s->q8_mask = (1u << MOE_DTYPE_Q8_0) | (1u << MOE_DTYPE_Q4_0);
+		s->mm[MOE_DTYPE_IQ4_NL] = o->mm_iq4int;
+		s->q8_mask = (1u << MOE_DTYPE_Q8_0) | (1u << MOE_DTYPE_Q4_0) | (1u << MOE_DTYPE_IQ4_NL);
 	}
 }
 

@@ -67,9 +67,10 @@ static FN_ATTR ALWAYS_INLINE void int_tile(const int DT, const int R, const int 
 					    uint32_t nb, const struct moe_block_q8_0 *xq, size_t ldq, float *y,
 					    size_t ys, size_t ldy)
 {
-	const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : 18;
+	const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : 18; /* q4_0, iq4_nl */
 	const __m256i ones = _mm256_set1_epi16(1), nib_mask = _mm256_set1_epi8(0x0f);
 	const __m256i hi_by4 = _mm256_set_epi64x(4, 4, 0, 0);
+	const __m256i iq4_tab = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(const void *)tab_iq4nl_avx2));
 	__m256 acc[RMAX][INT_TMAX];
 
 #pragma GCC unroll 4
@@ -101,11 +102,16 @@ static FN_ATTR ALWAYS_INLINE void int_tile(const int DT, const int R, const int 
 				const __m256i q2 = _mm256_broadcastsi128_si256(
 					_mm_loadu_si128((const __m128i *)(const void *)(blk + 2)));
 				wv = wa = _mm256_and_si256(_mm256_srlv_epi64(q2, hi_by4), nib_mask);
+				if (DT == MOE_DTYPE_IQ4_NL) {
+					/* codes -> levels (int8), then as q8_0 */
+					wv = _mm256_shuffle_epi8(iq4_tab, wv);
+					wa = _mm256_sign_epi8(wv, wv);
+				}
 			}
 #pragma GCC unroll 2
 			for (int t = 0; t < T; t++) {
 				__m256i p16;
-				if (DT == MOE_DTYPE_Q8_0)
+				if (DT == MOE_DTYPE_Q8_0 || DT == MOE_DTYPE_IQ4_NL)
 					p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv[t], wv));
 				else
 					p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(wa, xv[t]), x8[t]);
@@ -173,6 +179,12 @@ FN_ATTR void ffn_mm_q4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint3
 			       const struct ffn_act *a, float *y, size_t ldy)
 {
 	int_mm(MOE_DTYPE_Q4_0, W, rb, cols, r0, r1, a, y, ldy);
+}
+
+FN_ATTR void ffn_mm_iq4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+				const struct ffn_act *a, float *y, size_t ldy)
+{
+	int_mm(MOE_DTYPE_IQ4_NL, W, rb, cols, r0, r1, a, y, ldy);
 }
 
 /* moe_quantize_row_q8_0, 8 lanes at a time, giving the same blocks for
@@ -372,6 +384,23 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 		}
 		*d = _cvtsh_ss(h);
 		*dmin = 0.0f;
+	} else if (DT == MOE_DTYPE_IQ4_XS) {
+		/* 8 sub-blocks of 32 laid out as iq4_nl codes; levels are signed,
+		 * so |w| by x with w's sign, as q8_0 */
+		const struct moe_block_iq4_xs *b = (const void *)blk;
+		const __m256i tab = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(const void *)tab_iq4nl_avx2));
+		const __m256i hi_by4 = _mm256_set_epi64x(4, 4, 0, 0);
+#pragma GCC unroll 8
+		for (int sb = 0; sb < 8; sb++) {
+			const __m256i q2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)(b->qs + 16 * sb)));
+			const __m256i wv = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srlv_epi64(q2, hi_by4), m4));
+			const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + 32 * sb));
+			const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+			const int ls = moe_iq4_xs_scale(b, sb);
+			acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16((short)ls)));
+		}
+		*d = _cvtsh_ss(b->d);
+		*dmin = 0.0f;
 	} else { /* Q2_K */
 		const __m128i s8 = _mm_loadu_si128((const __m128i *)(const void *)blk);
 		const __m128i m8 = _mm_set1_epi8(0x0f);
@@ -403,7 +432,7 @@ static FN_ATTR ALWAYS_INLINE void kq_tile(const int DT, const int R, const uint8
 					   const struct moe_block_q8_K *xb, float *y, size_t ys)
 {
 	const size_t bb = DT == MOE_DTYPE_Q4_K ? 144 : DT == MOE_DTYPE_Q5_K ? 176 : DT == MOE_DTYPE_Q6_K ? 210 :
-			  DT == MOE_DTYPE_Q3_K ? 110 : 84;
+			  DT == MOE_DTYPE_Q3_K ? 110 : DT == MOE_DTYPE_IQ4_XS ? 136 : 84;
 	float acc[RMAX] = { 0 };
 	for (uint32_t b = 0; b < nb; b++)
 #pragma GCC unroll 4
@@ -449,6 +478,7 @@ DEFINE_KQ(ffn_mm_q5_K_avx2, MOE_DTYPE_Q5_K)
 DEFINE_KQ(ffn_mm_q6_K_avx2, MOE_DTYPE_Q6_K)
 DEFINE_KQ(ffn_mm_q3_K_avx2, MOE_DTYPE_Q3_K)
 DEFINE_KQ(ffn_mm_q2_K_avx2, MOE_DTYPE_Q2_K)
+DEFINE_KQ(ffn_mm_iq4_xs_avx2, MOE_DTYPE_IQ4_XS)
 
 /* moe_quantize_row_q8_K 8 lanes at a time, the same blocks for finite x:
  * the first element of largest magnitude gives iscale = -127 / max; codes
@@ -514,6 +544,7 @@ const struct ffn_isa_ops ffn_ops_avx2 = {
 	.perm_w = 2 * SIMD_W,
 	.mm_q8int = ffn_mm_q8int_avx2,
 	.mm_q4int = ffn_mm_q4int_avx2,
+	.mm_iq4int = ffn_mm_iq4int_avx2,
 	.quant_q8 = ffn_quant_q8_avx2,
 	.quant_q8k = ffn_quant_q8k_avx2,
 };

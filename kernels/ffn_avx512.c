@@ -60,6 +60,7 @@ const struct ffn_isa_ops ffn_ops_avx512 = {
 	.perm_w = 2 * SIMD_W,
 	.mm_q8int = ffn_mm_q8int_avx2,
 	.mm_q4int = ffn_mm_q4int_avx2,
+	.mm_iq4int = ffn_mm_iq4int_avx2,
 	.quant_q8 = ffn_quant_q8_avx2,
 	.quant_q8k = ffn_quant_q8k_avx2,
 };
@@ -154,13 +155,14 @@ const struct ffn_isa_ops ffn_ops_avx512bf16 = {
 		[MOE_DTYPE_F32] = mm_f32_avx512, [MOE_DTYPE_F16] = mm_f16_avx512,
 		[MOE_DTYPE_BF16] = mm_bf16dp, [MOE_DTYPE_Q8_0] = mm_q8_0_avx512,
 		[MOE_DTYPE_Q4_0] = mm_q4_0_avx512, [MOE_DTYPE_MXFP4] = mm_mxfp4_avx512,
-		FFN_KQUANT_MM_AVX2,
+		[MOE_DTYPE_IQ4_NL] = mm_iq4_nl_avx512, FFN_KQUANT_MM_AVX2,
 	},
 	.bf16_act_mask = 1u << MOE_DTYPE_BF16,
 	.perm_act_mask = 0, /* bf16 is vdpbf16ps, on x->bf */
 	.perm_w = 0,
 	.mm_q8int = ffn_mm_q8int_avx2,
 	.mm_q4int = ffn_mm_q4int_avx2,
+	.mm_iq4int = ffn_mm_iq4int_avx2,
 	.quant_q8 = ffn_quant_q8_avx2,
 	.quant_q8k = ffn_quant_q8k_avx2,
 };

@@ -32,7 +32,7 @@ struct ffn_act {
  * scheme), whatever the q8 mode. */
 #define FFN_KQUANT_MASK \
 	((1u << MOE_DTYPE_Q4_K) | (1u << MOE_DTYPE_Q5_K) | (1u << MOE_DTYPE_Q6_K) | (1u << MOE_DTYPE_Q3_K) | \
-	 (1u << MOE_DTYPE_Q2_K))
+	 (1u << MOE_DTYPE_Q2_K) | (1u << MOE_DTYPE_IQ4_XS))
 
 /* One K-quant super-block times one q8_K block, given its exact integer
  * sums: isum = sum over sub-blocks of scale * sum(q * xq) and imin = sum
@@ -58,6 +58,7 @@ struct ffn_isa_ops {
 	uint32_t perm_w;        /* fp's group width: 2 * SIMD_W */
 	ffn_mm_fn mm_q8int;     /* q8_0 weights x q8_0-quantized x, integer dot (FFN_Q8_INT) */
 	ffn_mm_fn mm_q4int;     /* q4_0 weights x q8_0-quantized x, likewise */
+	ffn_mm_fn mm_iq4int;    /* iq4_nl weights x q8_0-quantized x, likewise */
 	/* x to q8_0 for the integer kernels: the same blocks as
 	 * moe_quantize_row_q8_0 for finite x (n a multiple of 32) */
 	void (*quant_q8)(const float *x, struct moe_block_q8_0 *out, uint32_t n);
@@ -66,12 +67,14 @@ struct ffn_isa_ops {
 	void (*quant_q8k)(const float *x, struct moe_block_q8_K *out, uint32_t n);
 };
 
-/* The AVX2 integer q8_0 / q4_0 kernels, shared by the AVX-512 tables (they
+/* The AVX2 integer q8_0 / q4_0 / iq4_nl kernels, shared by the AVX-512 tables (they
  * work on 34- and 18-byte blocks, which 512-bit registers do not help). */
 void ffn_mm_q8int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
 		       const struct ffn_act *x, float *y, size_t ldy);
 void ffn_mm_q4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
 		       const struct ffn_act *x, float *y, size_t ldy);
+void ffn_mm_iq4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+			const struct ffn_act *x, float *y, size_t ldy);
 void ffn_quant_q8_avx2(const float *x, struct moe_block_q8_0 *out, uint32_t n);
 /* The AVX2 K-quant kernels (q4_K ... q2_K x q8_K) and q8_K quantizer,
  * shared by the AVX-512 tables in the same way. */
@@ -85,11 +88,13 @@ void ffn_mm_q3_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, u
 		      const struct ffn_act *x, float *y, size_t ldy);
 void ffn_mm_q2_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
 		      const struct ffn_act *x, float *y, size_t ldy);
+void ffn_mm_iq4_xs_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
+			const struct ffn_act *x, float *y, size_t ldy);
 void ffn_quant_q8k_avx2(const float *x, struct moe_block_q8_K *out, uint32_t n);
 #define FFN_KQUANT_MM_AVX2 \
 	[MOE_DTYPE_Q4_K] = ffn_mm_q4_K_avx2, [MOE_DTYPE_Q5_K] = ffn_mm_q5_K_avx2, \
 	[MOE_DTYPE_Q6_K] = ffn_mm_q6_K_avx2, [MOE_DTYPE_Q3_K] = ffn_mm_q3_K_avx2, \
-	[MOE_DTYPE_Q2_K] = ffn_mm_q2_K_avx2
+	[MOE_DTYPE_Q2_K] = ffn_mm_q2_K_avx2, [MOE_DTYPE_IQ4_XS] = ffn_mm_iq4_xs_avx2
 
 /* One row of `cols` floats reordered: inside each whole group of w columns
  * (w even, groups from column 0), first the w/2 even-index elements of x,

@@ -46,6 +46,14 @@ static const int8_t SFX(tab_q4)[16] __attribute__((aligned(16))) = {
 	-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7 };
 static const int8_t SFX(tab_mxfp4)[16] __attribute__((aligned(16))) = {
 	0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12 };
+/* iq4_nl / iq4_xs: the non-linear levels (moe_kvalues_iq4nl). */
+static const int8_t SFX(tab_iq4nl)[16] __attribute__((aligned(16))) = {
+	-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113 };
+
+static ALWAYS_INLINE const int8_t *SFX(nib_tab)(const int DT)
+{
+	return DT == MOE_DTYPE_Q4_0 ? SFX(tab_q4) : DT == MOE_DTYPE_IQ4_NL ? SFX(tab_iq4nl) : SFX(tab_mxfp4);
+}
 
 /* Elements [k*W, k*W + W) of a 32-element nibble block: low nibbles hold
  * elements 0..15, high nibbles 16..31 (ggml order). */
@@ -107,8 +115,8 @@ static FN_ATTR ALWAYS_INLINE void SFX(tile)(const int DT, const int R, const int
 			tail[i][t] = 0.0f;
 		}
 
-	if (DT == MOE_DTYPE_Q8_0 || DT == MOE_DTYPE_Q4_0 || DT == MOE_DTYPE_MXFP4) {
-		const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : DT == MOE_DTYPE_Q4_0 ? 18 : 17;
+	if (DT == MOE_DTYPE_Q8_0 || DT == MOE_DTYPE_Q4_0 || DT == MOE_DTYPE_MXFP4 || DT == MOE_DTYPE_IQ4_NL) {
+		const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : DT == MOE_DTYPE_MXFP4 ? 17 : 18;
 		const uint32_t nb = cols / 32;
 		for (uint32_t b = 0; b < nb; b++) {
 			vf d[RMAX];
@@ -140,7 +148,7 @@ static FN_ATTR ALWAYS_INLINE void SFX(tile)(const int DT, const int R, const int
 					if (DT == MOE_DTYPE_Q8_0)
 						q = CVT_I8(LOADB(qs[i] + k * SIMD_W));
 					else
-						q = SFX(nib_vals)(qs[i], k, DT == MOE_DTYPE_Q4_0 ? SFX(tab_q4) : SFX(tab_mxfp4));
+						q = SFX(nib_vals)(qs[i], k, SFX(nib_tab)(DT));
 					const vf w = VMUL(q, d[i]);
 #pragma GCC unroll 8
 					for (int t = 0; t < T; t++)
@@ -215,8 +223,8 @@ static FN_ATTR ALWAYS_INLINE void SFX(widen_rows)(const int DT, uint32_t R, cons
 	for (uint32_t i = 0; i < R; i++) {
 		const uint8_t *row = W + (size_t)i * rb;
 		float *o = out + (size_t)i * cols;
-		if (DT == MOE_DTYPE_Q8_0 || DT == MOE_DTYPE_Q4_0 || DT == MOE_DTYPE_MXFP4) {
-			const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : DT == MOE_DTYPE_Q4_0 ? 18 : 17;
+		if (DT == MOE_DTYPE_Q8_0 || DT == MOE_DTYPE_Q4_0 || DT == MOE_DTYPE_MXFP4 || DT == MOE_DTYPE_IQ4_NL) {
+			const size_t bb = DT == MOE_DTYPE_Q8_0 ? 34 : DT == MOE_DTYPE_MXFP4 ? 17 : 18;
 			for (uint32_t b = 0; b < cols / 32; b++) {
 				const uint8_t *blk = row + (size_t)b * bb, *qs;
 				vf d;
@@ -235,7 +243,7 @@ static FN_ATTR ALWAYS_INLINE void SFX(widen_rows)(const int DT, uint32_t R, cons
 					if (DT == MOE_DTYPE_Q8_0)
 						q = CVT_I8(LOADB(qs + k * SIMD_W));
 					else
-						q = SFX(nib_vals)(qs, k, DT == MOE_DTYPE_Q4_0 ? SFX(tab_q4) : SFX(tab_mxfp4));
+						q = SFX(nib_vals)(qs, k, SFX(nib_tab)(DT));
 					VSTOREU(o + (size_t)b * 32 + (size_t)k * SIMD_W, VMUL(q, d));
 				}
 			}
@@ -356,8 +364,10 @@ DEFINE_MM(mm_bf16, MOE_DTYPE_BF16)
 DEFINE_MM(mm_q8_0, MOE_DTYPE_Q8_0)
 DEFINE_MM(mm_q4_0, MOE_DTYPE_Q4_0)
 DEFINE_MM(mm_mxfp4, MOE_DTYPE_MXFP4)
+DEFINE_MM(mm_iq4_nl, MOE_DTYPE_IQ4_NL)
 
 #define SIMD_MM_TABLE \
 	[MOE_DTYPE_F32] = SFX(mm_f32), [MOE_DTYPE_F16] = SFX(mm_f16), \
 	[MOE_DTYPE_BF16] = SFX(mm_bf16), [MOE_DTYPE_Q8_0] = SFX(mm_q8_0), \
-	[MOE_DTYPE_Q4_0] = SFX(mm_q4_0), [MOE_DTYPE_MXFP4] = SFX(mm_mxfp4)
+	[MOE_DTYPE_Q4_0] = SFX(mm_q4_0), [MOE_DTYPE_MXFP4] = SFX(mm_mxfp4), \
+	[MOE_DTYPE_IQ4_NL] = SFX(mm_iq4_nl)

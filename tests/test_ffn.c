@@ -90,6 +90,13 @@ static void ind_decode_row(enum moe_dtype t, const uint8_t *src, float *dst, uin
 			dst[i] = (float)v * ind_f16(h);
 			break;
 		}
+		case MOE_DTYPE_IQ4_NL: {
+			static const int lv[16] = { -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113 };
+			uint8_t q = src[18 * b + 2 + (j % 16)];
+			memcpy(&h, src + 18 * b, 2);
+			dst[i] = ind_f16(h) * (float)lv[j < 16 ? (q & 15) : (q >> 4)];
+			break;
+		}
 		case MOE_DTYPE_MXFP4: {
 			uint8_t q = src[17 * b + 1 + (j % 16)];
 			int v = kv[j < 16 ? (q & 15) : (q >> 4)];
@@ -138,6 +145,28 @@ static uint8_t *make_weights(enum moe_dtype t, uint32_t rows, uint32_t cols, flo
 		case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(tmp, (void *)row, cols); break;
 		case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(tmp, (void *)row, cols); break;
 		case MOE_DTYPE_MXFP4: moe_quantize_row_mxfp4(tmp, (void *)row, cols); break;
+		case MOE_DTYPE_IQ4_NL:
+			/* d = max |x| / 127, then the nearest level (ggml searches
+			 * scales too; any valid encoding serves here) */
+			for (uint32_t b = 0; b < cols / 32; b++) {
+				struct moe_block_iq4_nl *o = (struct moe_block_iq4_nl *)(void *)row + b;
+				float amax = 0.0f;
+				for (int j = 0; j < 32; j++)
+					amax = fmaxf(amax, fabsf(tmp[32 * b + j]));
+				const float d = amax / 127.0f;
+				o->d = moe_f32_to_f16(d);
+				for (int j = 0; j < 16; j++) {
+					int best[2] = { 0, 0 };
+					for (int hl = 0; hl < 2; hl++) {
+						const float v = d > 0 ? tmp[32 * b + j + 16 * hl] / d : 0.0f;
+						for (int k = 1; k < 16; k++)
+							if (fabsf(v - moe_kvalues_iq4nl[k]) < fabsf(v - moe_kvalues_iq4nl[best[hl]]))
+								best[hl] = k;
+					}
+					o->qs[j] = (uint8_t)(best[0] | best[1] << 4);
+				}
+			}
+			break;
 		default: cr_assert_fail();
 		}
 	}
@@ -170,7 +199,7 @@ static float *make_x(uint32_t B, uint32_t n, float a)
 /* ---- paths ----------------------------------------------------------------- */
 
 static const enum moe_dtype all_dtypes[] = { MOE_DTYPE_F32, MOE_DTYPE_F16, MOE_DTYPE_BF16,
-					     MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_MXFP4 };
+					     MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_MXFP4, MOE_DTYPE_IQ4_NL };
 #define N_DTYPES (sizeof(all_dtypes) / sizeof(all_dtypes[0]))
 
 /* Each check picks its path; the bounds below are for f32 x (EXACT) unless
@@ -209,7 +238,8 @@ static void q8_err(enum moe_dtype t, const double *v, const double *slack, uint3
 		for (uint32_t i = b; i < b + 32 && i < n; i++)
 			amax = fmax(amax, fabs(v[i]) + (slack ? slack[i] : 0));
 		for (uint32_t i = b; i < b + 32 && i < n; i++)
-			e[i] = g_q8int && (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0) ? 0.57 * amax / 127.0 : 0.0;
+			e[i] = g_q8int && (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0 || t == MOE_DTYPE_IQ4_NL)
+				       ? 0.57 * amax / 127.0 : 0.0;
 	}
 }
 
@@ -237,7 +267,7 @@ static void check_onehot(enum ffn_isa isa)
 		for (uint32_t r = 0; r < rows; r++) {
 			uint8_t *row = w + rb * r;
 			for (uint32_t b = 0; b < cols / 32; b++) {
-				if (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0) {
+				if (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0 || t == MOE_DTYPE_IQ4_NL) {
 					uint8_t *hi = row + b * (t == MOE_DTYPE_Q8_0 ? 34 : 18) + 1;
 					*hi = (uint8_t)(*hi & 0xbb); /* exponent bits 14..10: clear bit 14 */
 				} else if (t == MOE_DTYPE_MXFP4 && row[b * 17] == 255) {
@@ -663,6 +693,10 @@ static void check_q8int(enum ffn_isa isa)
 	fake_swiglu(&e, 64, 96, MOE_DTYPE_Q4_0, MOE_DTYPE_Q4_0, MOE_DTYPE_Q8_0);
 	check_expert(&e, isa, 5, 1);
 	free_fake(&e);
+	fake_swiglu(&e, 96, 64, MOE_DTYPE_IQ4_NL, MOE_DTYPE_IQ4_NL, MOE_DTYPE_IQ4_NL);
+	check_expert(&e, isa, 1, 1);
+	check_expert(&e, isa, 16, 2);
+	free_fake(&e);
 }
 
 #define PER_ISA(NAME, FN, TMO) \
@@ -696,7 +730,7 @@ PER_ISA(q8int, check_q8int, 60)
  * batch size and thread count give the same bits: checked exactly. */
 
 static const enum moe_dtype kq_dtypes[] = { MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K, MOE_DTYPE_Q3_K,
-					    MOE_DTYPE_Q2_K };
+					    MOE_DTYPE_Q2_K, MOE_DTYPE_IQ4_XS };
 #define N_KQ (sizeof(kq_dtypes) / sizeof(kq_dtypes[0]))
 
 /* Byte offsets of d and dmin (-1: none) in a super-block. */
@@ -705,6 +739,7 @@ static void kq_scale_offsets(enum moe_dtype t, int *od, int *om)
 	switch (t) {
 	case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K: *od = 0; *om = 2; break;
 	case MOE_DTYPE_Q6_K: *od = 208; *om = -1; break;
+	case MOE_DTYPE_IQ4_XS: *od = 0; *om = -1; break;
 	case MOE_DTYPE_Q3_K: *od = 108; *om = -1; break;
 	default: *od = 80; *om = 82; break;
 	}
@@ -843,7 +878,7 @@ static void check_kquant_expert(enum ffn_isa isa)
 	static const enum moe_dtype mixes[][3] = {
 		{ MOE_DTYPE_Q4_K, MOE_DTYPE_Q4_K, MOE_DTYPE_Q6_K }, { MOE_DTYPE_Q5_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K },
 		{ MOE_DTYPE_Q3_K, MOE_DTYPE_Q2_K, MOE_DTYPE_Q4_K }, { MOE_DTYPE_Q4_K, MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0 },
-		{ MOE_DTYPE_BF16, MOE_DTYPE_BF16, MOE_DTYPE_Q6_K },
+		{ MOE_DTYPE_BF16, MOE_DTYPE_BF16, MOE_DTYPE_Q6_K }, { MOE_DTYPE_IQ4_XS, MOE_DTYPE_IQ4_XS, MOE_DTYPE_IQ4_NL },
 	};
 	static const uint32_t Bs[] = { 1, 5, 16 };
 	const uint32_t n = 512, m = 256;
