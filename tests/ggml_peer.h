@@ -46,6 +46,8 @@ static inline enum ggml_type ggml_peer_type(enum moe_dtype t)
 	case MOE_DTYPE_Q6_K: return GGML_TYPE_Q6_K;
 	case MOE_DTYPE_Q3_K: return GGML_TYPE_Q3_K;
 	case MOE_DTYPE_Q2_K: return GGML_TYPE_Q2_K;
+	case MOE_DTYPE_IQ4_NL: return GGML_TYPE_IQ4_NL;
+	case MOE_DTYPE_IQ4_XS: return GGML_TYPE_IQ4_XS;
 	default: return GGML_TYPE_COUNT;
 	}
 }

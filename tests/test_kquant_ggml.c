@@ -1,12 +1,14 @@
 /* test_kquant_ggml.c - our K-quant code against llama.cpp's ggml itself
  * (the npm prebuilt, configure --with-llama; exit 77 without it).
  *
- * For q4_K, q5_K, q6_K, q3_K, q2_K, random rows (several distributions,
- * outliers, all-zero and tiny rows) are quantized by ggml_quantize_chunk:
+ * For q4_K, q5_K, q6_K, q3_K, q2_K, iq4_xs and iq4_nl, random rows
+ * (several distributions, outliers, all-zero and tiny rows) are quantized by
+ * ggml_quantize_chunk:
  * 1. block geometry: ggml's block size and bytes equal dtype.c's;
  * 2. dequantization: moe_dequantize_row equals ggml's to_float BIT FOR BIT;
- * 3. activations: moe_quantize_row_q8_K (and every ISA's q8_K quantizer)
- *    equals the CPU backend's from_float for q8_K byte for byte;
+ * 3. activations: moe_quantize_row_q8_K (and the AVX2 q8_K quantizer)
+ *    equals the CPU backend's from_float for q8_K byte for byte (for
+ *    iq4_nl, whose dots take q8_0 x: moe_quantize_row_q8_0 and q8_0's);
  * 4. dot products: ffn_matmul on every path this CPU has against the CPU
  *    backend's vec_dot (row by row) and a ggml mul_mat graph (1, 7 and 32
  *    tokens), within the tolerance below.
@@ -86,21 +88,22 @@ static void fill_row(float *x, uint32_t n, uint32_t r)
 }
 
 static const enum moe_dtype kq[] = { MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K, MOE_DTYPE_Q3_K,
-				     MOE_DTYPE_Q2_K };
+				     MOE_DTYPE_Q2_K, MOE_DTYPE_IQ4_XS, MOE_DTYPE_IQ4_NL };
 
 /* |d sc q| + |dmin m| per element (see the tolerance). */
 static void parts_abs(enum moe_dtype t, const uint8_t *w, size_t nblk, double *out)
 {
-	const uint32_t bb = moe_dtype_block_bytes(t);
+	const uint32_t bb = moe_dtype_block_bytes(t), be = moe_dtype_block_elems(t);
 	int od, om;
 	switch (t) {
 	case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K: od = 0; om = 2; break;
+	case MOE_DTYPE_IQ4_XS: case MOE_DTYPE_IQ4_NL: od = 0; om = -1; break;
 	case MOE_DTYPE_Q6_K: od = 208; om = -1; break;
 	case MOE_DTYPE_Q3_K: od = 108; om = -1; break;
 	default: od = 80; om = 82; break;
 	}
 	uint8_t *a = malloc(nblk * bb), *b = malloc(nblk * bb);
-	float *fa = malloc(nblk * 256 * sizeof(float)), *fb = malloc(nblk * 256 * sizeof(float));
+	float *fa = malloc(nblk * be * sizeof(float)), *fb = malloc(nblk * be * sizeof(float));
 	memcpy(a, w, nblk * bb);
 	memcpy(b, w, nblk * bb);
 	for (size_t k = 0; k < nblk; k++) {
@@ -108,9 +111,9 @@ static void parts_abs(enum moe_dtype t, const uint8_t *w, size_t nblk, double *o
 		if (om >= 0)
 			memset(a + k * bb + om, 0, 2);
 	}
-	moe_dequantize_row(t, a, fa, nblk * 256);
-	moe_dequantize_row(t, b, fb, nblk * 256);
-	for (size_t i = 0; i < nblk * 256; i++)
+	moe_dequantize_row(t, a, fa, nblk * be);
+	moe_dequantize_row(t, b, fb, nblk * be);
+	for (size_t i = 0; i < nblk * be; i++)
 		out[i] = fabs((double)fa[i]) + (om >= 0 ? fabs((double)fb[i]) : 0.0);
 	free(a);
 	free(b);
@@ -137,7 +140,7 @@ static void tap(int failures_before, const char *what, enum moe_dtype t)
 static void run_type(struct ggml_peer *p, enum moe_dtype t)
 {
 	int f0 = failures;
-	const uint32_t rows = 24, n = 1024, nb = n / 256;
+	const uint32_t rows = 24, n = 1024, nb = n / moe_dtype_block_elems(t);
 	const enum ggml_type gt = ggml_peer_type(t);
 	uint64_t rb = 0;
 	CHECK(moe_dtype_row_bytes(t, n, &rb), "%s row bytes", moe_dtype_name(t));
@@ -175,28 +178,44 @@ static void run_type(struct ggml_peer *p, enum moe_dtype t)
 	float *x = malloc(sizeof(float) * B * n);
 	for (uint32_t tk = 0; tk < B; tk++)
 		fill_row(x + (size_t)tk * n, n, tk * 7 + 1);
-	const struct ggml_type_traits_cpu *q8t = p->traits_cpu(GGML_TYPE_Q8_K);
+	/* x as the kernels take it: q8_K for the super-block types, q8_0 for
+	 * iq4_nl (ggml's vec_dot_type, and our FFN_Q8_INT) */
+	const bool k8 = moe_dtype_block_elems(t) == 256;
+	const enum ggml_type at = k8 ? GGML_TYPE_Q8_K : GGML_TYPE_Q8_0;
+	const size_t arb = k8 ? (n / 256) * sizeof(struct moe_block_q8_K) : (n / 32) * sizeof(struct moe_block_q8_0);
+	const struct ggml_type_traits_cpu *q8t = p->traits_cpu(at);
 	const struct ggml_type_traits_cpu *wt = p->traits_cpu(gt);
-	CHECK(wt->vec_dot_type == GGML_TYPE_Q8_K, "%s: ggml's vec_dot_type is %d, not q8_K", moe_dtype_name(t),
-	      (int)wt->vec_dot_type);
-	struct moe_block_q8_K *xq = malloc(sizeof(*xq) * nb * B), *xg = malloc(sizeof(*xg) * nb * B);
-	double *wa = malloc(sizeof(double) * rows * n);
+	CHECK(wt->vec_dot_type == at, "%s: ggml's vec_dot_type is %d, not %d", moe_dtype_name(t), (int)wt->vec_dot_type,
+	      (int)at);
+	uint8_t *xq = malloc(arb * B), *xg = malloc(arb * B);
+	double *wa = malloc(sizeof(double) * rows * n), *xd = malloc(sizeof(double) * B * n);
+	float *xf = malloc(sizeof(float) * n);
 	parts_abs(t, w, (size_t)rows * nb, wa);
 	for (uint32_t tk = 0; tk < B; tk++) {
-		moe_quantize_row_q8_K(x + (size_t)tk * n, xq + (size_t)tk * nb, n);
-		q8t->from_float(x + (size_t)tk * n, xg + (size_t)tk * nb, n);
+		if (k8)
+			moe_quantize_row_q8_K(x + (size_t)tk * n, (void *)(xq + arb * tk), n);
+		else
+			moe_quantize_row_q8_0(x + (size_t)tk * n, (void *)(xq + arb * tk), n);
+		q8t->from_float(x + (size_t)tk * n, xg + arb * tk, n);
+		if (k8) {
+			const struct moe_block_q8_K *b = (const void *)(xq + arb * tk);
+			for (uint32_t c = 0; c < n; c++)
+				xd[(size_t)tk * n + c] = (double)b[c / 256].d * b[c / 256].qs[c % 256];
+		} else {
+			moe_dequantize_row(MOE_DTYPE_Q8_0, xq + arb * tk, xf, n);
+			for (uint32_t c = 0; c < n; c++)
+				xd[(size_t)tk * n + c] = xf[c];
+		}
 	}
-	CHECK(memcmp(xq, xg, sizeof(*xq) * nb * B) == 0, "q8_K: moe_quantize_row_q8_K differs from ggml's from_float");
+	CHECK(memcmp(xq, xg, arb * B) == 0, "%s: our quantized x differs from ggml's from_float", k8 ? "q8_K" : "q8_0");
 
 	/* T per (row, token) */
 	double *T = malloc(sizeof(double) * rows * B);
 	for (uint32_t tk = 0; tk < B; tk++)
 		for (uint32_t r = 0; r < rows; r++) {
 			double s = 0;
-			for (uint32_t c = 0; c < n; c++) {
-				const struct moe_block_q8_K *b = &xq[(size_t)tk * nb + c / 256];
-				s += wa[(size_t)r * n + c] * fabs((double)b->d * b->qs[c % 256]);
-			}
+			for (uint32_t c = 0; c < n; c++)
+				s += wa[(size_t)r * n + c] * fabs(xd[(size_t)tk * n + c]);
 			T[(size_t)tk * rows + r] = s;
 		}
 
@@ -204,16 +223,16 @@ static void run_type(struct ggml_peer *p, enum moe_dtype t)
 	float *vd = malloc(sizeof(float) * rows * B), *y = malloc(sizeof(float) * rows * B);
 	for (uint32_t tk = 0; tk < B; tk++)
 		for (uint32_t r = 0; r < rows; r++)
-			wt->vec_dot((int)n, &vd[(size_t)tk * rows + r], 0, w + rb * r, 0, xg + (size_t)tk * nb, 0, 1);
+			wt->vec_dot((int)n, &vd[(size_t)tk * rows + r], 0, w + rb * r, 0, xg + arb * tk, 0, 1);
 	for (int isa = 0; isa < FFN_ISA_COUNT; isa++) {
 		if (!ffn_isa_supported((enum ffn_isa)isa))
 			continue;
 		ffn_set_isa((enum ffn_isa)isa);
-		if (ffn_isa_supported(FFN_ISA_AVX2) && isa != FFN_ISA_REF) {
-			struct moe_block_q8_K *xa = malloc(sizeof(*xa) * nb * B);
+		if (k8 && isa != FFN_ISA_REF) {
+			uint8_t *xa = malloc(arb * B);
 			for (uint32_t tk = 0; tk < B; tk++)
-				ffn_quant_q8k_avx2(x + (size_t)tk * n, xa + (size_t)tk * nb, n);
-			CHECK(memcmp(xa, xg, sizeof(*xa) * nb * B) == 0, "q8_K: the AVX2 quantizer differs from ggml's");
+				ffn_quant_q8k_avx2(x + (size_t)tk * n, (void *)(xa + arb * tk), n);
+			CHECK(memcmp(xa, xg, arb * B) == 0, "q8_K: the AVX2 quantizer differs from ggml's");
 			free(xa);
 		}
 		CHECK(ffn_matmul(t, w, rows, n, x, n, B, y, rows, 1) == 0, "ffn_matmul");
@@ -239,7 +258,9 @@ static void run_type(struct ggml_peer *p, enum moe_dtype t)
 		ggml_peer_graph_free(&g);
 		free(gy);
 	}
-	tap(f0, "q8_K activations equal ggml's; dots within 1e-5 T of vec_dot (every path) and mul_mat (1, 7, 32 tokens)", t);
+	tap(f0, k8 ? "q8_K activations equal ggml's; dots within 1e-5 T of vec_dot (every path) and mul_mat (1, 7, 32 tokens)"
+		   : "q8_0 activations equal ggml's; dots within 1e-5 T of vec_dot (every path) and mul_mat (1, 7, 32 tokens)",
+	    t);
 
 	free(src);
 	free(ours);
@@ -248,6 +269,8 @@ static void run_type(struct ggml_peer *p, enum moe_dtype t)
 	free(x);
 	free(xq);
 	free(xg);
+	free(xd);
+	free(xf);
 	free(wa);
 	free(T);
 	free(vd);
