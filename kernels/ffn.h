@@ -7,11 +7,11 @@
  *            g = min(gate, L), u = clamp(up, -L, L), glu = g * sigmoid(alpha g),
  *            y = W_down ((u + 1) * glu) + b_down
  *
- * Activations are f32; weights f32, f16, bf16, q8_0, q4_0, mxfp4 and the
- * K-quants q4_K, q5_K, q6_K, q3_K, q2_K (ggml block layouts, dtype.h); for
- * K-quant weights x (and h) is quantized to q8_K per 256 columns and each
- * super-block is an exact integer dot (ggml's scheme, whatever the q8
- * mode below). One implementation per instruction set (portable C,
+ * Activations are f32; weights f32, f16, bf16, q8_0, q4_0, mxfp4, iq4_nl and
+ * the super-block types q4_K, q5_K, q6_K, q3_K, q2_K, iq4_xs (ggml block
+ * layouts, dtype.h); for the super-block types x (and h) is quantized to
+ * q8_K per 256 columns and each super-block is an exact integer dot (ggml's
+ * scheme, whatever the q8 mode below). One implementation per instruction set (portable C,
  * AVX2+FMA+F16C, AVX-512, AVX-512 + AVX512-BF16 vdpbf16ps) is chosen once by
  * CPUID; MOETIER_FFN_ISA=ref|avx2|avx512|avx512bf16 or ffn_set_isa() forces
  * one (tests run every path the CPU has).
@@ -61,8 +61,8 @@ int ffn_set_isa(enum ffn_isa isa);
  * memory bound on AVX2), but x carries up to ~0.6/127 of each block's max |x|
  * of quantization error. EXACT: weights widened to f32 on the fly, f32 x,
  * results within f32 rounding of the exact product. MOETIER_FFN_Q8=exact|int or
- * ffn_set_q8_mode() (process-wide; 0 or -EINVAL). INT applies to q4_0
- * weights as well (ggml's q4_0 x q8_0 integer dot). */
+ * ffn_set_q8_mode() (process-wide; 0 or -EINVAL). INT applies to q4_0 and
+ * iq4_nl weights as well (ggml's q4_0 / iq4_nl x q8_0 integer dots). */
 enum ffn_q8_mode {
 	FFN_Q8_EXACT = 0,
 	FFN_Q8_INT = 1,
@@ -111,7 +111,7 @@ int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg,
 uint64_t ffn_layout_flops_per_token(const struct ffn_layout *L);
 
 /* Whether the kernels take this weight dtype (f32, f16, bf16, q8_0, q4_0, mxfp4,
- * q4_K, q5_K, q6_K, q3_K, q2_K). */
+ * iq4_nl, q4_K, q5_K, q6_K, q3_K, q2_K, iq4_xs). */
 bool ffn_dtype_supported(enum moe_dtype t);
 
 /* y[t*ldy + r] = sum_c W[r][c] * x[t*ldx + c] for r in [0, rows), t in [0, B).
