@@ -2,8 +2,11 @@
  *
  * Locking: c->mu protects every field below marked [mu]. The I/O thread owns
  * the tier_nvme engine and the tier_gpu arena (both single-owner) and talks
- * to the callers through a job list [mu] and a wake eventfd; callers wait on
- * c->cv, broadcast whenever a load or copy finishes. The I/O thread never
+ * to the callers through a job list [mu] and a wake eventfd. No acquire
+ * waits here: a miss starts (or joins) a load and returns; the caller is told
+ * through on_ready and the ready eventfd, and retries (the service parks
+ * blocking acquires, server_ring.c). c->cv is broadcast whenever a load or
+ * copy finishes, for cache_wait_idle and the GPU export. The I/O thread never
  * holds c->mu while it calls into tier_nvme or tier_gpu, and the CRC32C of a
  * fresh load is computed without the lock: the slot is LOADING and owned by
  * that load, so nothing else reads or writes it.
@@ -48,7 +51,6 @@ struct expert_state {
 	bool gpu_prefetched;  /* GPU copy made for a prefetch and not used since */
 	uint32_t slot[2];
 	uint32_t pins[2];
-	uint32_t seq;         /* bumped when a load or copy of it finishes */
 	int err;              /* result of the last failed load/copy, 0 if none */
 	uint64_t mark;        /* c->calls of the last acquire naming it */
 };
@@ -464,12 +466,9 @@ static void after_unref(struct cache *c, int t, uint32_t slot)
 
 /* ---- acquire ------------------------------------------------------------- */
 
-enum { TRY_DONE, TRY_WAIT };
-
-/* One entry: serves it (status 0), starts or joins a load (TRY_WAIT with
- * *seq set to the expert's sequence), or fails it. */
-static int try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned flags, bool first,
-		     uint32_t *seq, struct cache_loc *out)
+/* One entry: serves it (status 0), starts or joins a load (-EAGAIN), or
+ * fails it (-ENOBUFS: no slot can be freed now; a load error). */
+static void try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned flags, struct cache_loc *out)
 {
 	struct expert_state *e = &c->ex[id];
 	bool want_gpu = (flags & CACHE_WANT_GPU) && c->gpu;
@@ -481,7 +480,7 @@ static int try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned f
 		int rc = lease_add(c, cl, t, e->slot[t]);
 		if (rc < 0) {
 			out->status = rc;
-			return TRY_DONE;
+			return;
 		}
 		out->status = 0;
 		out->tier = (uint8_t)t;
@@ -492,12 +491,10 @@ static int try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned f
 		out->lease = (struct cache_lease){ .slot = e->slot[t], .generation = slot_of(c, t, e->slot[t])->gen,
 						   .tier = (uint8_t)t };
 		stats_inc(c->st, STAT_cache_leases);
-		if (first) {
-			stats_inc(c->st, t == T_GPU ? STAT_cache_hits_gpu : STAT_cache_hits_host);
-			stats_expert_add(c->st, l, x, STAT_EXPERT_HITS, 1);
-			if (c->pol[t] && !c->retry)
-				policy_hit(c->pol[t], id);
-		}
+		stats_inc(c->st, t == T_GPU ? STAT_cache_hits_gpu : STAT_cache_hits_host);
+		stats_expert_add(c->st, l, x, STAT_EXPERT_HITS, 1);
+		if (c->pol[t] && !c->retry)
+			policy_hit(c->pol[t], id);
 		if (e->prefetched) {
 			e->prefetched = false;
 			stats_inc(c->st, STAT_cache_prefetch_hits);
@@ -506,23 +503,22 @@ static int try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned f
 			e->gpu_prefetched = false;
 			stats_inc(c->st, STAT_cache_gpu_prefetch_hits);
 		}
-		return TRY_DONE;
+		return;
 	}
-	if (first) {
-		stats_inc(c->st, STAT_cache_misses);
-		stats_expert_add(c->st, l, x, STAT_EXPERT_MISSES, 1);
-	}
+	stats_inc(c->st, STAT_cache_misses);
+	stats_expert_add(c->st, l, x, STAT_EXPERT_MISSES, 1);
 	if (flags & CACHE_NO_LOAD) {
 		out->status = -EAGAIN;
-		return TRY_DONE;
+		return;
 	}
-	/* The previous load failed and this caller was not waiting on it:
-	 * report the failure once (NOWAIT) so a bad extent is not re-read in
-	 * a tight loop; a blocking caller retries from scratch. */
-	if ((flags & CACHE_NOWAIT) && e->err && e->st[T_HOST] == CACHE_ABSENT && first) {
+	/* The last load or copy towards the wanted tier failed: report the
+	 * failure once, so the caller retrying its miss gets the error and a
+	 * bad extent is not re-read in a tight loop; the next acquire tries
+	 * again. */
+	if (e->err && e->st[t] == CACHE_ABSENT && e->st[T_HOST] != CACHE_LOADING) {
 		out->status = e->err;
 		e->err = 0;
-		return TRY_DONE;
+		return;
 	}
 	int rc = 0;
 	if (e->st[T_HOST] == CACHE_ABSENT) {
@@ -536,31 +532,20 @@ static int try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned f
 			push_job(c, JOB_PROMOTE, id, e->slot[T_HOST], NONE, false);
 		}
 		e->want_gpu |= want_gpu;
-		if (first)
-			stats_inc(c->st, STAT_cache_joined_loads);
+		stats_inc(c->st, STAT_cache_joined_loads);
 	} else if (want_gpu && e->st[T_HOST] == CACHE_RESIDENT && e->st[T_GPU] == CACHE_ABSENT) {
 		rc = start_gpu_copy(c, id);
-	} else if (want_gpu && e->st[T_GPU] == CACHE_LOADING && first) {
+	} else if (want_gpu && e->st[T_GPU] == CACHE_LOADING) {
 		stats_inc(c->st, STAT_cache_joined_loads);
 	}
 	if (rc < 0) {
 		out->status = rc;
-		/* No slot now: a blocking caller waits for one to free up. */
-		if (rc == -ENOBUFS && !(flags & CACHE_NOWAIT)) {
-			*seq = UINT32_MAX;
-			return TRY_WAIT;
-		}
 		if (rc == -ENOBUFS)
 			stats_inc(c->st, STAT_cache_no_slot);
-		return TRY_DONE;
+		return;
 	}
 	out->status = -EAGAIN;
-	if (flags & CACHE_NOWAIT) {
-		stats_inc(c->st, STAT_cache_nowait_misses);
-		return TRY_DONE;
-	}
-	*seq = e->seq;
-	return TRY_WAIT;
+	stats_inc(c->st, STAT_cache_nowait_misses);
 }
 
 static void deadline_after(struct timespec *ts, unsigned ms)
@@ -581,17 +566,10 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 		return -EINVAL;
 	if (n > (1u << 20))
 		return -E2BIG;
-	uint32_t *seq = NULL;
-	if (!(flags & CACHE_NOWAIT) && n) {
-		seq = calloc(n, sizeof(*seq));
-		if (!seq)
-			return -ENOMEM;
-	}
 	pthread_mutex_lock(&c->mu);
 	struct client *cl = client_get(c, client, true);
 	if (!cl) {
 		pthread_mutex_unlock(&c->mu);
-		free(seq);
 		return -EMFILE;
 	}
 	/* A call naming only experts of the previous call, all of one layer,
@@ -612,7 +590,7 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 	for (size_t i = 0; i < n; i++)
 		if (keys[i].layer < c->n_layers && keys[i].expert < c->n_experts)
 			c->ex[id_of(c, keys[i])].mark = c->calls;
-	size_t waiting = 0, served = 0;
+	size_t served = 0;
 	for (size_t i = 0; i < n; i++) {
 		memset(&out[i], 0, sizeof(out[i]));
 		stats_inc(c->st, STAT_cache_acquires);
@@ -621,66 +599,12 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 			stats_inc(c->st, STAT_cache_rejects);
 			continue;
 		}
-		uint32_t s = 0;
-		if (try_entry(c, cl, id_of(c, keys[i]), flags, true, &s, &out[i]) == TRY_WAIT) {
-			seq[i] = s;
-			waiting++;
-		} else if (out[i].status == 0) {
+		try_entry(c, cl, id_of(c, keys[i]), flags, &out[i]);
+		if (out[i].status == 0)
 			served++;
-		}
-	}
-	if (waiting) {
-		uint64_t t0 = moe_now_ns();
-		stats_inc(c->st, STAT_cache_stalls);
-		struct timespec dl;
-		deadline_after(&dl, c->cfg.wait_timeout_ms);
-		while (waiting) {
-			int rc = pthread_cond_timedwait(&c->cv, &c->mu, &dl);
-			waiting = 0;
-			/* An entry with no lease is reusable by another id while
-			 * we slept: look ours up again. */
-			cl = client_get(c, client, true);
-			if (!cl) {
-				for (size_t i = 0; i < n; i++)
-					if (out[i].status == -EAGAIN || out[i].status == -ENOBUFS)
-						out[i].status = -EMFILE;
-				break;
-			}
-			for (size_t i = 0; i < n; i++) {
-				if (out[i].status != -EAGAIN && out[i].status != -ENOBUFS)
-					continue;
-				if (keys[i].layer >= c->n_layers || keys[i].expert >= c->n_experts)
-					continue;
-				uint32_t id = id_of(c, keys[i]);
-				struct expert_state *e = &c->ex[id];
-				int t = (flags & CACHE_WANT_GPU) && c->gpu ? T_GPU : T_HOST;
-				/* The load this entry waited on ended in an error. */
-				if (seq[i] != UINT32_MAX && e->seq != seq[i] && e->err && e->st[t] != CACHE_RESIDENT &&
-				    e->st[t] != CACHE_LOADING && e->st[T_HOST] != CACHE_LOADING) {
-					out[i].status = e->err;
-					continue;
-				}
-				uint32_t s = 0;
-				if (try_entry(c, cl, id, flags, false, &s, &out[i]) == TRY_WAIT) {
-					seq[i] = s;
-					waiting++;
-				} else if (out[i].status == 0) {
-					served++;
-				}
-			}
-			if (waiting && rc == ETIMEDOUT) {
-				for (size_t i = 0; i < n; i++)
-					if (out[i].status == -EAGAIN || out[i].status == -ENOBUFS)
-						out[i].status = -ETIMEDOUT;
-				stats_inc(c->st, STAT_cache_timeouts);
-				break;
-			}
-		}
-		stats_hist_add(c->st, HIST_acquire_wait_ns, moe_now_ns() - t0);
 	}
 	update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
-	free(seq);
 	return (int)served;
 }
 
@@ -728,9 +652,6 @@ int cache_release(struct cache *c, uint32_t client, const struct cache_lease *le
 	ss->refs--;
 	stats_inc(c->st, STAT_cache_releases);
 	after_unref(c, lease->tier, lease->slot);
-	/* A slot may have become evictable: blocked acquirers retry. */
-	if (ss->refs == 0)
-		pthread_cond_broadcast(&c->cv);
 	update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
 	return 0;
@@ -768,7 +689,6 @@ size_t cache_release_client(struct cache *c, uint32_t client)
 		cl->n = cl->cap = 0;
 		cl->used = false;
 		stats_add(c->st, STAT_cache_client_releases, dropped);
-		pthread_cond_broadcast(&c->cv);
 	}
 	update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
@@ -927,7 +847,6 @@ int cache_unpin(struct cache *c, struct cache_key key, enum cache_tier tier)
 		e->pins[tier]--;
 		if (tier == CACHE_TIER_GPU && !c->cfg.exclusive && e->pins[T_HOST])
 			e->pins[T_HOST]--;
-		pthread_cond_broadcast(&c->cv);
 	}
 	pthread_mutex_unlock(&c->mu);
 	return rc;
@@ -953,7 +872,6 @@ int cache_evict(struct cache *c, struct cache_key key, enum cache_tier tier)
 		else
 			evict_host(c, id);
 		rc = 0;
-		pthread_cond_broadcast(&c->cv);
 	}
 	update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
@@ -1188,7 +1106,6 @@ static void finish_host_load(struct cache *c, uint32_t id, int res)
 				 res == -EBADMSG ? "CRC32C mismatch after a re-read" : strerror(-res));
 		}
 	}
-	e->seq++;
 	c->busy--;
 }
 
@@ -1215,7 +1132,6 @@ static void finish_gpu_copy(struct cache *c, uint32_t id, int res)
 		moe_warn("cache: copying layer %u expert %u to the GPU failed: %s", layer_of(c, id), expert_of(c, id),
 			 strerror(-res));
 	}
-	e->seq++;
 	c->busy--;
 }
 
@@ -1421,8 +1337,6 @@ int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct 
 	c->cfg = *cfg;
 	if (!c->cfg.queue_depth)
 		c->cfg.queue_depth = 8;
-	if (!c->cfg.wait_timeout_ms)
-		c->cfg.wait_timeout_ms = 30000;
 	if (!c->cfg.max_clients)
 		c->cfg.max_clients = 1024;
 	c->n_layers = m->n_moe_layers;

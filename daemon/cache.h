@@ -17,11 +17,13 @@
  * Threading model: one internal I/O thread per cache owns the io_uring ring
  * (tier_nvme) and does the host -> GPU copies; all residency state is behind
  * one mutex. Every public function may be called from any thread, at the
- * same time. Nothing here blocks on I/O except cache_acquire() without
- * CACHE_NOWAIT (which waits, bounded by cache_config.wait_timeout_ms) and
- * cache_wait_idle(). An event loop uses CACHE_NOWAIT and polls
- * cache_eventfd(): it becomes readable whenever a load or a copy finishes
- * (successfully or not); then the loop retries its pending acquires.
+ * same time. Nothing here blocks on I/O except cache_wait_idle():
+ * cache_acquire() never waits. A miss starts (or joins) the load and comes
+ * back -EAGAIN; the caller learns that a load or copy finished (successfully
+ * or not) from on_ready or cache_eventfd() and retries its misses. That is
+ * how the service waits for a blocking ACQUIRE: it parks the entry and
+ * retries it until wait-timeout-ms (server_ring.c), and counts the wait in
+ * this cache's stats (cache_stalls, acquire_wait_ns, cache_timeouts).
  *
  * Memory: the host arena is a memfd (MFD_ALLOW_SEALING) mapped MAP_SHARED,
  * pre-faulted at creation (the load path never takes a page fault), placed
@@ -78,7 +80,8 @@ struct cache_config {
 	bool no_register;         /* do not register the arena as fixed buffers */
 	bool sqpoll;              /* IORING_SETUP_SQPOLL (off: it hurts on few cores) */
 	const char *policy;       /* eviction policy name; NULL = "lru" */
-	unsigned wait_timeout_ms; /* bound for blocking acquires; 0 = 30000 */
+	unsigned wait_timeout_ms; /* ignored: acquires never wait here (the
+				   * service's wait-timeout-ms bounds its parking) */
 	unsigned max_clients;     /* distinct client ids holding leases; 0 = 1024 */
 	/* Optional: called from the I/O thread (no cache lock held) after each
 	 * load or copy finishes: status 0, or a negative errno. Must not block. */
@@ -105,9 +108,9 @@ struct cache_lease {
 /* Where one acquired expert lives. */
 struct cache_loc {
 	int32_t status;     /* 0: served, lease held; -EAGAIN: miss, load started
-			     * (NOWAIT); -ENOBUFS: no slot can be freed right now;
-			     * -EBADMSG: CRC failed twice; -EIO: read failed;
-			     * -ETIMEDOUT: blocking wait ran out; -EINVAL: bad key */
+			     * or joined; -ENOBUFS: no slot can be freed right now;
+			     * -EBADMSG: CRC failed twice; -EIO: read failed (each
+			     * load error is reported once); -EINVAL: bad key */
 	uint8_t tier;       /* enum cache_tier the lease is on (when status == 0) */
 	uint8_t pad[3];
 	uint32_t slot;
@@ -117,7 +120,8 @@ struct cache_loc {
 };
 
 enum cache_acquire_flags {
-	CACHE_NOWAIT = 1 << 0,   /* misses return -EAGAIN at once; loads are started */
+	CACHE_NOWAIT = 1 << 0,   /* no effect: every acquire returns at once (misses
+				  * -EAGAIN, their loads started) */
 	CACHE_WANT_GPU = 1 << 1, /* serve from the GPU tier (promote host -> GPU);
 				  * without a GPU tier this falls back to host */
 	CACHE_NO_LOAD = 1 << 2,  /* pure lookup: a miss starts nothing */
@@ -136,8 +140,7 @@ void cache_destroy(struct cache *c);
  * out[i].status == 0 carries a lease the caller must release. Returns the
  * number of entries served (status 0), or a negative errno when the call
  * itself is wrong (e.g. too many clients: -EMFILE). A key listed twice gets
- * two leases. Without CACHE_NOWAIT, waits until every load it started or
- * joined has finished (or the timeout passed). */
+ * two leases. Never waits: see the top of this file for how to wait. */
 int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys, size_t n,
 		  unsigned flags, struct cache_loc *out);
 

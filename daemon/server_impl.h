@@ -29,6 +29,7 @@ struct parked {
 	struct moet_sqe sqe;
 	struct moet_cqe cqe;     /* filled so far */
 	uint32_t lease_idx;      /* lease record (may hold some already) */
+	uint64_t park_ns;        /* when it was parked (acquire_wait_ns) */
 	uint64_t deadline_ns;
 };
 

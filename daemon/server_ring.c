@@ -19,6 +19,7 @@
 #include "placement.h"
 #include "route.h"
 #include "server_impl.h"
+#include "stats.h"
 
 /* ---- leases -------------------------------------------------------------- */
 
@@ -100,7 +101,7 @@ static unsigned try_acquire(struct client *c, uint32_t layer, struct moet_cqe *o
 		}
 	if (!n)
 		return 0;
-	unsigned cf = CACHE_NOWAIT | ((flags & MOET_F_WANT_GPU) ? CACHE_WANT_GPU : 0);
+	unsigned cf = (flags & MOET_F_WANT_GPU) ? CACHE_WANT_GPU : 0;
 	int rc = cache_acquire(m->cache, c->cache_id, keys, n, cf, locs);
 	if (rc < 0) {
 		out->result = rc;
@@ -217,7 +218,7 @@ static int exec_compute(struct client *c, const struct moet_sqe *q, struct moet_
 			}
 		}
 	}
-	rc = cache_acquire(m->cache, c->cache_id, keys, lk->n, CACHE_NOWAIT, locs);
+	rc = cache_acquire(m->cache, c->cache_id, keys, lk->n, 0, locs);
 	if (rc < 0)
 		goto out;
 	uint32_t missing = 0;
@@ -364,9 +365,12 @@ int server_ring_exec(struct server *s, struct client *c, const struct moet_sqe *
 			p->sqe = local;
 			p->cqe = *out;
 			p->lease_idx = lidx;
-			p->deadline_ns = moe_now_ns() + (uint64_t)s->cfg->wait_timeout_ms * 1000000ull;
+			p->park_ns = moe_now_ns();
+			p->deadline_ns = p->park_ns + (uint64_t)s->cfg->wait_timeout_ms * 1000000ull;
 			pthread_mutex_unlock(&c->lock);
 			server_cnt(s, SERVER_parked_acquires);
+			/* The cache's own wait counters: this is where acquires wait. */
+			stats_inc(cache_stats(m->cache), STAT_cache_stalls);
 			return 0;
 		}
 		finish_acquire(c, out, lidx);
@@ -412,6 +416,10 @@ static void retry_parked(struct server *s, struct client *c, uint64_t now)
 			i++;
 			continue;
 		}
+		struct stats *st = cache_stats(c->m->cache);
+		stats_hist_add(st, HIST_acquire_wait_ns, now > p->park_ns ? now - p->park_ns : 0);
+		if (pending && p->cqe.result >= 0)
+			stats_inc(st, STAT_cache_timeouts);
 		count_hits(c->m, p->sqe.layer, &p->cqe);
 		ring_push(&c->cq, &p->cqe);
 		c->parked[i] = c->parked[--c->n_parked];

@@ -6,6 +6,7 @@
 
 #include <criterion/criterion.h>
 #include <jansson.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,12 +48,48 @@ static struct cache *mk(unsigned host_slots, unsigned gpu_slots, bool exclusive,
 {
 	struct cache_config cfg = { .host_bytes = host_slots * pack_extent_bytes(pack),
 				    .gpu_bytes = gpu_slots * PAYLOAD, .gpu_backend = "emulated",
-				    .exclusive = exclusive, .queue_depth = 4, .no_uring = no_uring,
-				    .wait_timeout_ms = 20000 };
+				    .exclusive = exclusive, .queue_depth = 4, .no_uring = no_uring };
 	struct cache *c;
 	struct moe_error err = { "" };
 	cr_assert_eq(cache_create(pack, &cfg, &c, &err), 0, "%s", err.msg);
 	return c;
+}
+
+#define WAIT_MS 10000
+
+/* A blocking acquire as the service does it (the cache itself never
+ * waits; server_ring.c parks the entry): retry the misses, all at once so
+ * the policy sees one access, whenever a load finished (the eventfd) or a
+ * slot may have been freed (1 ms), until served, failed, or timeout_ms.
+ * Returns the number served; misses left keep -EAGAIN or -ENOBUFS. */
+static int acquire_wait(struct cache *c, uint32_t client, const struct cache_key *k, size_t n, unsigned flags,
+			struct cache_loc *out, unsigned timeout_ms)
+{
+	int served = cache_acquire(c, client, k, n, flags, out);
+	uint64_t end = moe_now_ns() + timeout_ms * 1000000ull;
+	while (served >= 0 && moe_now_ns() < end) {
+		struct cache_key mk[16];
+		struct cache_loc ml[16];
+		size_t map[16], m = 0;
+		for (size_t i = 0; i < n && m < 16; i++)
+			if (out[i].status == -EAGAIN || out[i].status == -ENOBUFS) {
+				mk[m] = k[i];
+				map[m++] = i;
+			}
+		if (!m)
+			break;
+		struct pollfd pfd = { cache_eventfd(c), POLLIN, 0 };
+		uint64_t v;
+		if (poll(&pfd, 1, 1) == 1 && read(pfd.fd, &v, sizeof(v)) < 0)
+			cr_log_info("eventfd already read by another thread");
+		int got = cache_acquire(c, client, mk, m, flags, ml);
+		if (got < 0)
+			return got;
+		for (size_t j = 0; j < m; j++)
+			out[map[j]] = ml[j];
+		served += got;
+	}
+	return served;
 }
 
 static void *loc_ptr(struct cache *c, const struct cache_loc *loc)
@@ -98,7 +135,7 @@ Test(cache, acquire_serves_verified_payload_and_leases)
 	struct cache *c = mk(4, 0, false, false);
 	struct cache_key k[3] = { { 0, 1 }, { 1, 7 }, { 0, 1 } };
 	struct cache_loc loc[3];
-	cr_assert_eq(cache_acquire(c, 42, k, 3, 0, loc), 3);
+	cr_assert_eq(acquire_wait(c, 42, k, 3, 0, loc, WAIT_MS), 3);
 	for (int i = 0; i < 3; i++) {
 		cr_assert_eq(loc[i].status, 0);
 		cr_assert_eq(loc[i].tier, CACHE_TIER_HOST);
@@ -126,7 +163,7 @@ Test(cache, bad_keys_are_rejected_per_entry)
 	struct cache *c = mk(2, 0, false, false);
 	struct cache_key k[3] = { { 0, N_EXP }, { N_MOE, 0 }, { 1, 1 } };
 	struct cache_loc loc[3];
-	cr_assert_eq(cache_acquire(c, 1, k, 3, 0, loc), 1);
+	cr_assert_eq(acquire_wait(c, 1, k, 3, 0, loc, WAIT_MS), 1);
 	cr_assert_eq(loc[0].status, -EINVAL);
 	cr_assert_eq(loc[1].status, -EINVAL);
 	cr_assert_eq(loc[2].status, 0);
@@ -143,17 +180,17 @@ Test(cache, lru_eviction_never_takes_a_leased_slot)
 	struct cache *c = mk(2, 0, false, false);
 	struct cache_loc a, b, x;
 	struct cache_key ka = { 0, 0 }, kb = { 0, 1 }, kx = { 0, 2 };
-	cr_assert_eq(cache_acquire(c, 1, &ka, 1, 0, &a), 1);
-	cr_assert_eq(cache_acquire(c, 1, &kb, 1, 0, &b), 1);
+	cr_assert_eq(acquire_wait(c, 1, &ka, 1, 0, &a, WAIT_MS), 1);
+	cr_assert_eq(acquire_wait(c, 1, &kb, 1, 0, &b, WAIT_MS), 1);
 	/* Both slots leased: a third expert cannot get one. */
-	cr_assert_eq(cache_acquire(c, 2, &kx, 1, CACHE_NOWAIT, &x), 0);
+	cr_assert_eq(cache_acquire(c, 2, &kx, 1, 0, &x), 0);
 	cr_assert_eq(x.status, -ENOBUFS);
 	cr_assert_eq(cache_evict(c, ka, CACHE_TIER_HOST), -EBUSY);
 	cr_assert_eq(tp_check(loc_ptr(c, &a), 0, 0, PAYLOAD), 0);
 	cr_assert_eq(tp_check(loc_ptr(c, &b), 0, 1, PAYLOAD), 0);
 	/* Release b: the only slot nothing holds, so x takes it. */
 	cr_assert_eq(cache_release(c, 1, &b.lease), 0);
-	cr_assert_eq(cache_acquire(c, 2, &kx, 1, 0, &x), 1);
+	cr_assert_eq(acquire_wait(c, 2, &kx, 1, 0, &x, WAIT_MS), 1);
 	cr_assert_eq(x.slot, b.slot);
 	cr_assert_eq(cache_state(c, kb, CACHE_TIER_HOST), CACHE_ABSENT);
 	cr_assert_eq(cache_state(c, ka, CACHE_TIER_HOST), CACHE_RESIDENT);
@@ -164,9 +201,9 @@ Test(cache, lru_eviction_never_takes_a_leased_slot)
 	cr_assert_eq(cache_release(c, 1, &a.lease), 0);
 	cr_assert_eq(cache_release(c, 2, &x.lease), 0);
 	struct cache_loc y;
-	cr_assert_eq(cache_acquire(c, 3, &kx, 1, 0, &y), 1);
+	cr_assert_eq(acquire_wait(c, 3, &kx, 1, 0, &y, WAIT_MS), 1);
 	cr_assert_eq(cache_release(c, 3, &y.lease), 0);
-	cr_assert_eq(cache_acquire(c, 3, &kb, 1, 0, &y), 1);
+	cr_assert_eq(acquire_wait(c, 3, &kb, 1, 0, &y, WAIT_MS), 1);
 	cr_assert_eq(cache_state(c, ka, CACHE_TIER_HOST), CACHE_ABSENT, "a was least recently used");
 	cr_assert_eq(cache_state(c, kx, CACHE_TIER_HOST), CACHE_RESIDENT);
 	cr_assert_eq(cache_release_client(c, 3), 1);
@@ -175,20 +212,29 @@ Test(cache, lru_eviction_never_takes_a_leased_slot)
 	cache_destroy(c);
 }
 
-Test(cache, blocking_acquire_times_out_when_every_slot_is_leased)
+/* The cache never waits, even with every slot leased: the miss comes back
+ * -ENOBUFS at once (the service's parked acquire, which does wait and time
+ * out, is tested in test_server). */
+Test(cache, acquire_never_waits_when_every_slot_is_leased)
 {
-	struct cache_config cfg = { .host_bytes = pack_extent_bytes(pack), .wait_timeout_ms = 200 };
+	struct cache_config cfg = { .host_bytes = pack_extent_bytes(pack) };
 	struct cache *c;
 	struct moe_error err = { "" };
 	cr_assert_eq(cache_create(pack, &cfg, &c, &err), 0, "%s", err.msg);
 	struct cache_key k0 = { 0, 0 }, k1 = { 1, 0 };
 	struct cache_loc a, b;
-	cr_assert_eq(cache_acquire(c, 1, &k0, 1, 0, &a), 1);
+	cr_assert_eq(acquire_wait(c, 1, &k0, 1, 0, &a, WAIT_MS), 1);
+	uint64_t t0 = moe_now_ns();
 	cr_assert_eq(cache_acquire(c, 2, &k1, 1, 0, &b), 0);
-	cr_assert_eq(b.status, -ETIMEDOUT);
-	cr_assert_eq(stats_get(cache_stats(c), STAT_cache_timeouts), 1);
+	cr_assert_lt(moe_now_ns() - t0, 1000000000ull, "returned at once");
+	cr_assert_eq(b.status, -ENOBUFS);
+	struct stats *s = cache_stats(c);
+	cr_assert_eq(stats_get(s, STAT_cache_no_slot), 1);
+	cr_assert_eq(stats_get(s, STAT_cache_stalls) + stats_get(s, STAT_cache_timeouts), 0, "nothing waited");
+	cr_assert_eq(acquire_wait(c, 2, &k1, 1, 0, &b, 100), 0, "still no slot while the lease is held");
+	cr_assert_eq(b.status, -ENOBUFS);
 	cr_assert_eq(cache_release(c, 1, &a.lease), 0);
-	cr_assert_eq(cache_acquire(c, 2, &k1, 1, 0, &b), 1);
+	cr_assert_eq(acquire_wait(c, 2, &k1, 1, 0, &b, WAIT_MS), 1);
 	cr_assert_eq(tp_check(loc_ptr(c, &b), 1, 0, PAYLOAD), 0);
 	cache_release_client(c, 2);
 	check_inv(c);
@@ -200,10 +246,10 @@ Test(cache, stale_lease_is_detected_after_the_slot_is_reused)
 	struct cache *c = mk(1, 0, false, false);
 	struct cache_key k0 = { 0, 3 }, k1 = { 1, 4 };
 	struct cache_loc a, b;
-	cr_assert_eq(cache_acquire(c, 9, &k0, 1, 0, &a), 1);
+	cr_assert_eq(acquire_wait(c, 9, &k0, 1, 0, &a, WAIT_MS), 1);
 	struct cache_lease old = a.lease;
 	cr_assert_eq(cache_release(c, 9, &a.lease), 0);
-	cr_assert_eq(cache_acquire(c, 9, &k1, 1, 0, &b), 1);
+	cr_assert_eq(acquire_wait(c, 9, &k1, 1, 0, &b, WAIT_MS), 1);
 	cr_assert_eq(b.slot, a.slot, "one slot: it was reused");
 	cr_assert_neq(b.lease.generation, old.generation);
 	cr_assert_eq(cache_lease_check(c, 9, &old), -ESTALE);
@@ -221,7 +267,7 @@ Test(cache, nowait_miss_then_eventfd_then_hit)
 	struct cache *c = mk(4, 0, false, false);
 	struct cache_key k = { 1, 2 };
 	struct cache_loc loc;
-	cr_assert_eq(cache_acquire(c, 1, &k, 1, CACHE_NOWAIT, &loc), 0);
+	cr_assert_eq(cache_acquire(c, 1, &k, 1, 0, &loc), 0);
 	cr_assert_eq(loc.status, -EAGAIN);
 	/* The eventfd says a load finished. */
 	uint64_t v = 0;
@@ -230,7 +276,7 @@ Test(cache, nowait_miss_then_eventfd_then_hit)
 	cr_assert_eq(cache_state(c, k, CACHE_TIER_HOST), CACHE_RESIDENT);
 	cr_assert_eq(read(cache_eventfd(c), &v, sizeof(v)), (ssize_t)sizeof(v));
 	cr_assert_geq(v, 1);
-	cr_assert_eq(cache_acquire(c, 1, &k, 1, CACHE_NOWAIT, &loc), 1);
+	cr_assert_eq(cache_acquire(c, 1, &k, 1, 0, &loc), 1);
 	cr_assert_eq(tp_check(loc_ptr(c, &loc), 1, 2, PAYLOAD), 0);
 	struct stats *s = cache_stats(c);
 	cr_assert_eq(stats_get(s, STAT_cache_nowait_misses), 1);
@@ -250,7 +296,7 @@ Test(cache, pread_fallback_serves_the_same_bytes)
 	struct cache_key k[4] = { { 0, 0 }, { 0, 5 }, { 1, 6 }, { 1, 7 } };
 	for (int i = 0; i < 4; i++) {
 		struct cache_loc loc;
-		cr_assert_eq(cache_acquire(c, 1, &k[i], 1, 0, &loc), 1);
+		cr_assert_eq(acquire_wait(c, 1, &k[i], 1, 0, &loc, WAIT_MS), 1);
 		cr_assert_eq(tp_check(loc_ptr(c, &loc), k[i].layer, k[i].expert, PAYLOAD), 0);
 		cr_assert_eq(cache_release(c, 1, &loc.lease), 0);
 	}
@@ -277,7 +323,7 @@ Test(cache, pins_are_never_evicted)
 	for (uint32_t e = 1; e < N_EXP; e++) {
 		struct cache_loc loc;
 		struct cache_key k = { 1, e };
-		cr_assert_eq(cache_acquire(c, 1, &k, 1, 0, &loc), 1);
+		cr_assert_eq(acquire_wait(c, 1, &k, 1, 0, &loc, WAIT_MS), 1);
 		cr_assert_eq(cache_release(c, 1, &loc.lease), 0);
 		cr_assert_eq(cache_state(c, kp, CACHE_TIER_HOST), CACHE_RESIDENT);
 	}
@@ -298,7 +344,7 @@ Test(cache, prefetch_loads_then_counts_the_hit)
 	cr_assert_eq(cache_prefetch(c, k, 3, CACHE_TIER_HOST), 0, "already loading or resident");
 	cr_assert_eq(cache_wait_idle(c, 10000), 0);
 	struct cache_loc loc[3];
-	cr_assert_eq(cache_acquire(c, 1, k, 3, CACHE_NOWAIT, loc), 3);
+	cr_assert_eq(cache_acquire(c, 1, k, 3, 0, loc), 3);
 	for (int i = 0; i < 3; i++)
 		cr_assert_eq(tp_check(loc_ptr(c, &loc[i]), k[i].layer, k[i].expert, PAYLOAD), 0);
 	struct stats *s = cache_stats(c);
@@ -315,7 +361,7 @@ Test(cache, residency_bitmap)
 	struct cache *c = mk(4, 0, false, false);
 	struct cache_key k[3] = { { 1, 0 }, { 1, 5 }, { 0, 7 } };
 	struct cache_loc loc[3];
-	cr_assert_eq(cache_acquire(c, 1, k, 3, 0, loc), 3);
+	cr_assert_eq(acquire_wait(c, 1, k, 3, 0, loc, WAIT_MS), 3);
 	uint64_t w[1];
 	cr_assert_eq(cache_residency_bitmap(c, CACHE_TIER_HOST, 1, w, 1), 2);
 	cr_assert_eq(w[0], (1ull << 0) | (1ull << 5));
@@ -333,7 +379,7 @@ Test(cache, host_arena_memfd_maps_read_only_with_the_same_bytes)
 	struct cache *c = mk(2, 0, false, false);
 	struct cache_key k = { 1, 1 };
 	struct cache_loc loc;
-	cr_assert_eq(cache_acquire(c, 1, &k, 1, 0, &loc), 1);
+	cr_assert_eq(acquire_wait(c, 1, &k, 1, 0, &loc, WAIT_MS), 1);
 	struct cache_arena_info ai;
 	cr_assert_eq(cache_arena(c, CACHE_TIER_HOST, &ai), 0);
 	cr_assert_geq(ai.fd, 0);
@@ -352,18 +398,18 @@ Test(cache, gpu_promotion_inclusive)
 	struct cache *c = mk(4, 2, false, false);
 	struct cache_key k[3] = { { 0, 0 }, { 0, 1 }, { 0, 2 } };
 	struct cache_loc loc[3];
-	cr_assert_eq(cache_acquire(c, 1, k, 2, CACHE_WANT_GPU, loc), 2);
+	cr_assert_eq(acquire_wait(c, 1, k, 2, CACHE_WANT_GPU, loc, WAIT_MS), 2);
 	for (int i = 0; i < 2; i++) {
 		cr_assert_eq(loc[i].tier, CACHE_TIER_GPU);
 		cr_assert_eq(tp_check(cache_slot_ptr(c, CACHE_TIER_GPU, loc[i].slot), 0, k[i].expert, PAYLOAD), 0);
 		cr_assert_eq(tp_check(loc_ptr(c, &loc[i]), 0, k[i].expert, PAYLOAD), 0);
 		cr_assert_eq(cache_state(c, k[i], CACHE_TIER_HOST), CACHE_RESIDENT, "inclusive");
 	}
-	/* GPU full and leased: a third WANT_GPU NOWAIT gets no slot. */
-	cr_assert_eq(cache_acquire(c, 1, &k[2], 1, CACHE_WANT_GPU | CACHE_NOWAIT, &loc[2]), 0);
+	/* GPU full and leased: a third WANT_GPU gets no slot. */
+	cr_assert_eq(cache_acquire(c, 1, &k[2], 1, CACHE_WANT_GPU, &loc[2]), 0);
 	cr_assert(loc[2].status == -ENOBUFS || loc[2].status == -EAGAIN);
 	cr_assert_eq(cache_release(c, 1, &loc[0].lease), 0);
-	cr_assert_eq(cache_acquire(c, 1, &k[2], 1, CACHE_WANT_GPU, &loc[2]), 1);
+	cr_assert_eq(acquire_wait(c, 1, &k[2], 1, CACHE_WANT_GPU, &loc[2], WAIT_MS), 1);
 	cr_assert_eq(loc[2].tier, CACHE_TIER_GPU);
 	cr_assert_eq(cache_state(c, k[0], CACHE_TIER_GPU), CACHE_ABSENT);
 	cr_assert_eq(tp_check(loc_ptr(c, &loc[2]), 0, 2, PAYLOAD), 0);
@@ -384,7 +430,7 @@ Test(cache, gpu_promotion_exclusive_drops_the_host_copy)
 	struct cache *c = mk(2, 2, true, false);
 	struct cache_key k = { 1, 3 };
 	struct cache_loc loc;
-	cr_assert_eq(cache_acquire(c, 1, &k, 1, CACHE_WANT_GPU, &loc), 1);
+	cr_assert_eq(acquire_wait(c, 1, &k, 1, CACHE_WANT_GPU, &loc, WAIT_MS), 1);
 	cr_assert_eq(loc.tier, CACHE_TIER_GPU);
 	cr_assert_eq(cache_wait_idle(c, 10000), 0);
 	cr_assert_eq(cache_state(c, k, CACHE_TIER_HOST), CACHE_ABSENT, "exclusive: host copy let go");
@@ -392,8 +438,8 @@ Test(cache, gpu_promotion_exclusive_drops_the_host_copy)
 	/* A host lease held while the copy lands keeps the host copy. */
 	struct cache_key k2 = { 1, 4 };
 	struct cache_loc h, g;
-	cr_assert_eq(cache_acquire(c, 2, &k2, 1, 0, &h), 1);
-	cr_assert_eq(cache_acquire(c, 2, &k2, 1, CACHE_WANT_GPU, &g), 1);
+	cr_assert_eq(acquire_wait(c, 2, &k2, 1, 0, &h, WAIT_MS), 1);
+	cr_assert_eq(acquire_wait(c, 2, &k2, 1, CACHE_WANT_GPU, &g, WAIT_MS), 1);
 	cr_assert_eq(cache_state(c, k2, CACHE_TIER_HOST), CACHE_RESIDENT);
 	cr_assert_eq(cache_release(c, 2, &h.lease), 0);
 	cr_assert_eq(cache_state(c, k2, CACHE_TIER_HOST), CACHE_ABSENT, "released: now dropped");
@@ -408,8 +454,8 @@ Test(cache, release_client_drops_every_lease)
 	struct cache *c = mk(4, 2, false, false);
 	struct cache_key k[4] = { { 0, 0 }, { 0, 1 }, { 1, 1 }, { 0, 0 } };
 	struct cache_loc loc[4];
-	cr_assert_eq(cache_acquire(c, 77, k, 4, 0, loc), 4);
-	cr_assert_eq(cache_acquire(c, 77, k, 1, CACHE_WANT_GPU, loc), 1);
+	cr_assert_eq(acquire_wait(c, 77, k, 4, 0, loc, WAIT_MS), 4);
+	cr_assert_eq(acquire_wait(c, 77, k, 1, CACHE_WANT_GPU, loc, WAIT_MS), 1);
 	cr_assert_eq(stats_gauge_get(cache_stats(c), GAUGE_clients_with_leases), 1);
 	cr_assert_eq(cache_release_client(c, 77), 5);
 	cr_assert_eq(cache_release_client(c, 77), 0);
@@ -426,7 +472,7 @@ Test(cache, stats_render_json_and_prometheus)
 	struct cache *c = mk(2, 0, false, false);
 	struct cache_key k = { 1, 6 };
 	struct cache_loc loc;
-	cr_assert_eq(cache_acquire(c, 1, &k, 1, 0, &loc), 1);
+	cr_assert_eq(acquire_wait(c, 1, &k, 1, 0, &loc, WAIT_MS), 1);
 	cache_release_client(c, 1);
 	struct stats_snapshot snap;
 	cr_assert_eq(stats_snapshot(cache_stats(c), &snap), 0);
@@ -494,15 +540,14 @@ static void *stress_main(void *p)
 		unsigned op = r % 10;
 		if (op < 6 && n_held < HELD_MAX) {
 			struct cache_key k = { xs(&seed) % N_MOE, xs(&seed) % N_EXP };
-			unsigned flags = (r >> 8) & 1 ? CACHE_NOWAIT : 0;
-			if ((r >> 9) % 3 == 0)
-				flags |= CACHE_WANT_GPU;
+			unsigned flags = (r >> 9) % 3 == 0 ? CACHE_WANT_GPU : 0;
 			struct cache_loc loc;
-			int n = cache_acquire(a->c, a->id, &k, 1, flags, &loc);
+			/* Half the acquires return at once, half wait a little. */
+			int n = acquire_wait(a->c, a->id, &k, 1, flags, &loc, (r >> 8) & 1 ? 0 : 300);
 			if (n == 1) {
 				held[n_held] = loc;
 				held_k[n_held++] = k;
-			} else if (!(loc.status == -EAGAIN || loc.status == -ENOBUFS || loc.status == -ETIMEDOUT)) {
+			} else if (!(loc.status == -EAGAIN || loc.status == -ENOBUFS)) {
 				snprintf(a->why, sizeof(a->why), "acquire status %d", loc.status);
 				a->bad++;
 			}
@@ -560,8 +605,7 @@ static void *stress_main(void *p)
 static void stress(bool exclusive)
 {
 	struct cache_config cfg = { .host_bytes = 6 * pack_extent_bytes(pack), .gpu_bytes = 4 * PAYLOAD,
-				    .gpu_backend = "emulated", .exclusive = exclusive, .queue_depth = 4,
-				    .wait_timeout_ms = 300 };
+				    .gpu_backend = "emulated", .exclusive = exclusive, .queue_depth = 4 };
 	struct cache *c;
 	struct moe_error err = { "" };
 	cr_assert_eq(cache_create(pack, &cfg, &c, &err), 0, "%s", err.msg);
@@ -629,7 +673,7 @@ Test(cache, prefetches_no_longer_wanted_are_cancelled)
 		cr_assert(r == CACHE_ABSENT || r == CACHE_RESIDENT);
 		if (r == CACHE_RESIDENT) {
 			struct cache_loc loc;
-			cr_assert_eq(cache_acquire(c, 1, &k[i], 1, CACHE_NOWAIT, &loc), 1);
+			cr_assert_eq(cache_acquire(c, 1, &k[i], 1, 0, &loc), 1);
 			cr_assert_eq(tp_check(loc_ptr(c, &loc), k[i].layer, k[i].expert, PAYLOAD), 0);
 		}
 	}

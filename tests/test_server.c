@@ -6,6 +6,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -498,6 +499,73 @@ Test(server, residency_counters_route, .timeout = 60)
 	const void *p = moet_slot_ptr(c, MOET_TIER_HOST, 0);
 	cr_assert_not_null(p);
 	cr_expect_eq(mprotect((void *)((uintptr_t)p & ~4095ul), 4096, PROT_READ | PROT_WRITE), -1);
+	moet_close(c);
+	teardown(&e);
+}
+
+/* A counter of the served model's cache, from the JSON stats. */
+static json_int_t cache_stat(moet_ctx *c, const char *group, const char *name, const char *field)
+{
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_JSON, &txt), 0);
+	json_error_t je;
+	json_t *root = json_loads(txt, 0, &je);
+	cr_assert_not_null(root, "%s: %s", je.text, txt);
+	const char *key;
+	json_t *model, *v = NULL;
+	json_object_foreach(json_object_get(root, "models"), key, model) {
+		v = json_object_get(json_object_get(model, group), name);
+		if (field)
+			v = json_object_get(v, field);
+		break;
+	}
+	cr_assert(json_is_integer(v), "no %s.%s in %s", group, name, txt);
+	json_int_t r = json_integer_value(v);
+	json_decref(root);
+	free(txt);
+	return r;
+}
+
+/* The daemon is where blocking acquires wait (parked on the ring thread):
+ * one that finds every host slot leased waits wait-timeout-ms, then completes
+ * with its miss, and the cache's stall, wait-time and timeout counters say so. */
+Test(server, parked_acquire_times_out_and_is_counted, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "60K", "--wait-timeout-ms=300");
+	moet_ctx *c = attach(&e, "waiter");
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	uint32_t n = mi.n_slots[MOET_TIER_HOST];
+	cr_assert(n > 0 && n < mi.n_experts && n <= MOET_MAX_BATCH, "%u host slots", n);
+	/* Every slot leased (a blocking acquire: the loads are waited for). */
+	uint32_t ids[MOET_MAX_BATCH];
+	int32_t slots[MOET_MAX_BATCH];
+	for (uint32_t i = 0; i < n; i++)
+		ids[i] = i;
+	moet_lease held, l;
+	cr_assert_eq(moet_acquire(c, 0, ids, n, 0, slots, NULL, &held), (int)n);
+	json_int_t stalls = cache_stat(c, "counters", "cache_stalls", NULL);
+	json_int_t waits = cache_stat(c, "histograms", "acquire_wait_ns", "count");
+	cr_assert_eq(cache_stat(c, "counters", "cache_timeouts", NULL), 0);
+	/* One more expert: no slot can be freed, so it waits, then times out. */
+	uint32_t more = n;
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	cr_assert_eq(moet_acquire(c, 0, &more, 1, 0, slots, NULL, &l), 0);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	double waited = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	cr_expect_eq(slots[0], -1);
+	cr_expect_geq(waited, 0.25, "returned after %.3f s, before wait-timeout-ms", waited);
+	cr_expect_eq(cache_stat(c, "counters", "cache_timeouts", NULL), 1);
+	cr_expect_eq(cache_stat(c, "counters", "cache_stalls", NULL), stalls + 1);
+	cr_expect_eq(cache_stat(c, "histograms", "acquire_wait_ns", "count"), waits + 1);
+	/* With the slots released, the same acquire waits for its load only. */
+	cr_assert_eq(moet_release(c, held), 0);
+	cr_assert_eq(moet_acquire(c, 0, &more, 1, 0, slots, NULL, &l), 1);
+	cr_expect_eq(cache_stat(c, "counters", "cache_timeouts", NULL), 1);
+	cr_assert_eq(moet_release(c, l), 0);
 	moet_close(c);
 	teardown(&e);
 }
