@@ -193,6 +193,8 @@ static int run_expert(struct experts *ex, uint32_t e, const void *extent, const 
 	const uint8_t *slot = ex->slot_of + (size_t)e * ex->cap_B;
 	for (uint32_t i = 0; i < cnt; i++)
 		memcpy(ex->xg + (size_t)i * n, x + (size_t)tok[i] * n, n * sizeof(float));
+	if ((uint64_t)cnt * ex->m->layout.m * n * 3 < model_split_min())
+		threads = 1; /* as model_matmul: too little work to start threads for */
 	int rc = ffn_expert(&ex->m->layout, extent, ex->xg, n, cnt, ex->yg, n, NULL, 0, threads);
 	if (rc)
 		return rc;
