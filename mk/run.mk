@@ -18,10 +18,11 @@ EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_
 	tests/logits-compare.py
 
 if HAVE_CRITERION
-check_PROGRAMS += tests/test_moe_run
-TESTS += tests/test_moe_run
-tests_test_moe_run_SOURCES = tests/test_moe_run.c
-tests_test_moe_run_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/client/run
-tests_test_moe_run_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_moe_run_LDADD = client/run/libmoerun.a $(KERNELS_LINK) $(CRITERION_LIBS)
+# (not tests/test_moe_run: its log would be test_moe_run.sh's)
+check_PROGRAMS += tests/test_moe_run_dense
+TESTS += tests/test_moe_run_dense
+tests_test_moe_run_dense_SOURCES = tests/test_moe_run_dense.c
+tests_test_moe_run_dense_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/client/run
+tests_test_moe_run_dense_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_moe_run_dense_LDADD = client/run/libmoerun.a $(KERNELS_LINK) $(CRITERION_LIBS)
 endif

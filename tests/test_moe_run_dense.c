@@ -1,4 +1,4 @@
-/* test_moe_run.c - moe-run's dense pieces against values worked out by hand
+/* test_moe_run_dense.c - moe-run's dense pieces against values worked out by hand
  * (no llama.cpp needed): RMSNorm, both RoPE pairings, and one attention block
  * (GQA, causal softmax, QK-norm per head and over the whole vector, biases)
  * against a direct double-precision computation written here. */
