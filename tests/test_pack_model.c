@@ -608,6 +608,107 @@ Test(pack_model, st_tokenizer_llama)
 	tu_rmtree(dir);
 }
 
+/* Appends one protobuf SentencePiece {piece, score, type} as field 1. */
+static size_t sp_piece(uint8_t *o, const char *piece, float score, uint8_t type)
+{
+	size_t pl = strlen(piece), n = 0;
+	o[n++] = 0x0a;
+	o[n++] = (uint8_t)(2 + pl + 5 + 2);
+	o[n++] = 0x0a;
+	o[n++] = (uint8_t)pl;
+	memcpy(o + n, piece, pl);
+	n += pl;
+	o[n++] = 0x15;
+	memcpy(o + n, &score, 4);
+	n += 4;
+	o[n++] = 0x18;
+	o[n++] = type;
+	return n;
+}
+
+/* Mixtral with a SentencePiece tokenizer.model: llama.cpp's converter's
+ * pieces, scores and types; added_tokens_decoder retypes; the normalizer's
+ * add_dummy_prefix gives add_space_prefix; unknown fields are skipped. */
+Test(pack_model, st_tokenizer_sentencepiece)
+{
+	char *dir = tu_mkdtemp("pmp"), path[4200], *log;
+	struct pack_file *p;
+	struct moe_error err = { "" };
+	struct gguf_file *kv;
+	void *buf;
+	uint8_t m[512];
+	size_t n = 0;
+	cr_assert_eq(tu_sh("'%s' model --family mixtral --dtype f32 --preset tiny --out '%s/s' > /dev/null 2>&1",
+			   tu_build_path("tools/moe-gen"), dir), 0);
+	n += sp_piece(m + n, "<unk>", 0.0f, 2);
+	n += sp_piece(m + n, "<s>", 0.0f, 3);
+	n += sp_piece(m + n, "</s>", 0.0f, 3);
+	n += sp_piece(m + n, "<0x00>", 0.0f, 6);
+	/* a trainer_spec (field 2) to skip */
+	m[n++] = 0x12;
+	m[n++] = 3;
+	m[n++] = 0x08;
+	m[n++] = 0x96;
+	m[n++] = 0x01;
+	n += sp_piece(m + n, "\xe2\x96\x81" "a", -1.5f, 1);
+	n += sp_piece(m + n, "b", -2.0f, 4);
+	n += sp_piece(m + n, "x", 0.0f, 5);
+	/* normalizer_spec (field 3): add_dummy_prefix = false */
+	m[n++] = 0x1a;
+	m[n++] = 2;
+	m[n++] = 0x18;
+	m[n++] = 0x00;
+	snprintf(path, sizeof(path), "%s/s/tokenizer.model", dir);
+	cr_assert_eq(tu_write_file(path, m, n), 0);
+	const char *tc = "{\"add_bos_token\": true, \"bos_token\": \"<s>\", \"eos_token\": \"</s>\", \"unk_token\": \"<unk>\","
+			 "\"added_tokens_decoder\": {\"7\": {\"content\": \"<tool>\", \"special\": false},"
+			 "\"2\": {\"content\": \"</s>\", \"special\": true}}}";
+	snprintf(path, sizeof(path), "%s/s/tokenizer_config.json", dir);
+	cr_assert_eq(tu_write_file(path, tc, strlen(tc)), 0);
+	snprintf(path, sizeof(path), "%s/x.moepack", dir);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/s' -o '%s' -q", dir, path), 0, "%s", log);
+	free(log);
+	cr_assert_eq(pack_open(path, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open_kv(p, &buf, &kv, &err), 0, "%s", err.msg);
+	cr_assert_str_eq(need_kv(kv, "tokenizer.ggml.model", GGUF_TYPE_STRING)->v.str.data, "llama");
+	const struct gguf_kv *t = need_kv(kv, "tokenizer.ggml.tokens", GGUF_TYPE_ARRAY);
+	const struct gguf_kv *ty = need_kv(kv, "tokenizer.ggml.token_type", GGUF_TYPE_ARRAY);
+	const struct gguf_kv *sc = need_kv(kv, "tokenizer.ggml.scores", GGUF_TYPE_ARRAY);
+	uint64_t vocab = need_kv(kv, "llama.vocab_size", GGUF_TYPE_UINT32)->v.u64;
+	cr_assert_eq(t->v.arr.count, vocab > 8 ? vocab : 8);
+	cr_assert_str_eq(arr_str(t, 4), "\xe2\x96\x81" "a");
+	cr_assert_str_eq(arr_str(t, 7), "<tool>");
+	static const int64_t want_type[8] = { 2, 3, 3, 6, 1, 1, 5, 4 };
+	static const double want_score[8] = { 0, 0, -1000, 0, -1.5, -2, 0, -1000 };
+	for (int i = 0; i < 8; i++) {
+		double x;
+		cr_assert_eq(arr_int(ty, (uint64_t)i), want_type[i], "token %d type", i);
+		cr_assert_eq(gguf_arr_f64(sc, (uint64_t)i, &x), 0);
+		cr_assert_eq(x, want_score[i], "token %d score %g", i, x);
+	}
+	if (vocab > 8) {
+		cr_assert_str_eq(arr_str(t, 8), "[PAD8]");
+		cr_assert_eq(arr_int(ty, 8), 5);
+	}
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.bos_token_id", GGUF_TYPE_UINT32)->v.u64, 1);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.eos_token_id", GGUF_TYPE_UINT32)->v.u64, 2);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.unknown_token_id", GGUF_TYPE_UINT32)->v.u64, 0);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.add_bos_token", GGUF_TYPE_BOOL)->v.u64, 1);
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.add_space_prefix", GGUF_TYPE_BOOL)->v.u64, 0);
+	gguf_close(kv);
+	free(buf);
+	pack_close(p);
+
+	/* a damaged protobuf is refused */
+	m[1] = 0x7f;
+	snprintf(path, sizeof(path), "%s/s/tokenizer.model", dir);
+	cr_assert_eq(tu_write_file(path, m, n), 0);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s/s' -o '%s/y.moepack' -q", dir, dir), 1, "%s", log);
+	cr_assert(strstr(log, "tokenizer.model: not a SentencePiece model"), "%s", log);
+	free(log);
+	tu_rmtree(dir);
+}
+
 /* A tokenizer moe-pack cannot convert is refused, naming the file. */
 Test(pack_model, st_tokenizer_unsupported)
 {

@@ -1455,6 +1455,258 @@ out:
 	return rc;
 }
 
+/* ---- SentencePiece tokenizer.model (protobuf) ---- */
+
+static bool pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
+{
+	*v = 0;
+	for (int sh = 0; sh < 64 && *p < end; sh += 7) {
+		uint8_t b = *(*p)++;
+		*v |= (uint64_t)(b & 0x7f) << sh;
+		if (!(b & 0x80))
+			return true;
+	}
+	return false;
+}
+
+/* Skips a field of wire type wt; false when it runs past end. */
+static bool pb_skip(const uint8_t **p, const uint8_t *end, uint32_t wt)
+{
+	uint64_t v;
+	switch (wt) {
+	case 0: return pb_varint(p, end, &v);
+	case 1: if (end - *p < 8) return false; *p += 8; return true;
+	case 5: if (end - *p < 4) return false; *p += 4; return true;
+	case 2:
+		if (!pb_varint(p, end, &v) || v > (uint64_t)(end - *p))
+			return false;
+		*p += v;
+		return true;
+	default: return false;
+	}
+}
+
+struct sp_piece {
+	const char *s; /* into the file buffer, not terminated */
+	uint32_t len;
+	float score;
+	int32_t type;  /* sentencepiece's Type: NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6 */
+};
+
+/* ModelProto: repeated SentencePiece pieces = 1 {piece = 1, score = 2,
+ * type = 3}; NormalizerSpec normalizer_spec = 3 {add_dummy_prefix = 3}. */
+static int sp_parse(const uint8_t *buf, size_t len, struct sp_piece **out, uint32_t *n_out, bool *dummy_prefix,
+		    struct moe_error *err)
+{
+	const uint8_t *p = buf, *end = buf + len;
+	struct sp_piece *v = NULL;
+	uint32_t n = 0, cap = 0;
+	*dummy_prefix = true;
+	while (p < end) {
+		uint64_t key, l;
+		if (!pb_varint(&p, end, &key))
+			goto bad;
+		uint32_t field = (uint32_t)(key >> 3), wt = key & 7;
+		if ((field != 1 && field != 3) || wt != 2) {
+			if (!pb_skip(&p, end, wt))
+				goto bad;
+			continue;
+		}
+		if (!pb_varint(&p, end, &l) || l > (uint64_t)(end - p))
+			goto bad;
+		const uint8_t *q = p, *qe = p + l;
+		p = qe;
+		if (field == 3) {
+			while (q < qe) {
+				uint64_t k2, x;
+				if (!pb_varint(&q, qe, &k2))
+					goto bad;
+				if (k2 == (3 << 3 | 0)) {
+					if (!pb_varint(&q, qe, &x))
+						goto bad;
+					*dummy_prefix = x != 0;
+				} else if (!pb_skip(&q, qe, k2 & 7)) {
+					goto bad;
+				}
+			}
+			continue;
+		}
+		if (n == cap) {
+			cap = cap ? cap * 2 : 1024;
+			void *nv = cap > (1u << 24) ? NULL : realloc(v, cap * sizeof(*v));
+			if (!nv) {
+				free(v);
+				return moe_error_set(err, -ENOMEM, "tokenizer.model: out of memory");
+			}
+			v = nv;
+		}
+		struct sp_piece *sp = &v[n++];
+		*sp = (struct sp_piece){ .s = "", .len = 0, .score = 0.0f, .type = 1 };
+		while (q < qe) {
+			uint64_t k2, x;
+			if (!pb_varint(&q, qe, &k2))
+				goto bad;
+			if (k2 == (1 << 3 | 2)) {
+				if (!pb_varint(&q, qe, &x) || x > (uint64_t)(qe - q) || x > 4096)
+					goto bad;
+				sp->s = (const char *)q;
+				sp->len = (uint32_t)x;
+				q += x;
+			} else if (k2 == (2 << 3 | 5)) {
+				if (qe - q < 4)
+					goto bad;
+				memcpy(&sp->score, q, 4);
+				q += 4;
+			} else if (k2 == (3 << 3 | 0)) {
+				if (!pb_varint(&q, qe, &x) || x < 1 || x > 6)
+					goto bad;
+				sp->type = (int32_t)x;
+			} else if (!pb_skip(&q, qe, k2 & 7)) {
+				goto bad;
+			}
+		}
+	}
+	if (n == 0)
+		goto bad;
+	*out = v;
+	*n_out = n;
+	return 0;
+bad:
+	free(v);
+	return moe_error_set(err, -EINVAL, "tokenizer.model: not a SentencePiece model (bad protobuf)");
+}
+
+static void kw_elem_bytes(struct kvw *k, const char *s, size_t len)
+{
+	struct gguf_str vs = { len, (char *)s };
+	ob_str(&k->b, &vs);
+}
+
+/* tokenizer.model -> "llama" tokenizer.ggml.*, as llama.cpp's converter
+ * (_create_vocab_sentencepiece) makes it: the pieces, their scores, types
+ * NORMAL except UNKNOWN, CONTROL, UNUSED and BYTE pieces;
+ * tokenizer_config.json's added_tokens_decoder retypes ids (CONTROL when
+ * special, else USER_DEFINED, score -1000); [PADi] up to vocab_size;
+ * add_space_prefix from the normalizer's add_dummy_prefix. Returns 1 when
+ * there is no tokenizer.model. */
+static int sp_tokenizer_kv(struct kvw *k, const char *dir, json_t *c, struct moe_error *err)
+{
+	enum { T_NORMAL = 1, T_UNKNOWN = 2, T_CONTROL = 3, T_USER = 4, T_UNUSED = 5 };
+	char path[4200];
+	uint8_t *buf = NULL;
+	size_t len = 0;
+	struct sp_piece *pc = NULL;
+	uint32_t n = 0, cfg_vocab = 0;
+	bool prefix;
+	json_error_t je;
+	json_t *tc = NULL;
+	int rc;
+
+	snprintf(path, sizeof(path), "%s/tokenizer.model", dir);
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return 1;
+	long fl = -1;
+	if (fseek(f, 0, SEEK_END) == 0)
+		fl = ftell(f);
+	rewind(f);
+	if (fl <= 0 || fl > (64l << 20) || !(buf = malloc((size_t)fl)) || fread(buf, 1, (size_t)fl, f) != (size_t)fl) {
+		fclose(f);
+		free(buf);
+		return moe_error_set(err, -EINVAL, "%s: cannot read it (or larger than 64 MiB)", path);
+	}
+	fclose(f);
+	len = (size_t)fl;
+	if ((rc = sp_parse(buf, len, &pc, &n, &prefix, err)) < 0) {
+		free(buf);
+		return moe_error_prefix(err, rc, "%s", dir);
+	}
+	if ((rc = j_u32(c, "vocab_size", &cfg_vocab, err)) < 0)
+		goto out;
+	uint32_t total = MOE_MAX(n, cfg_vocab);
+	struct sp_piece *t = calloc(total, sizeof(*t));
+	if (!t) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		int32_t ty = pc[i].type;
+		t[i].s = pc[i].s;
+		t[i].len = pc[i].len;
+		t[i].score = pc[i].score;
+		t[i].type = ty == 2 || ty == 3 || ty == 5 || ty == 6 ? ty : T_NORMAL;
+	}
+	for (uint32_t i = n; i < total; i++)
+		t[i] = (struct sp_piece){ NULL, 0, -1000.0f, T_UNUSED };
+	snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
+	tc = json_load_file(path, 0, &je);
+	json_t *dec = json_object_get(tc, "added_tokens_decoder");
+	const char *key;
+	json_t *v;
+	json_object_foreach(dec, key, v) {
+		char *e;
+		unsigned long id = strtoul(key, &e, 10);
+		const char *content = json_string_value(json_object_get(v, "content"));
+		if (*e || id >= total || !content)
+			continue;
+		t[id].s = content;
+		t[id].len = (uint32_t)strlen(content);
+		t[id].score = -1000.0f;
+		t[id].type = json_is_true(json_object_get(v, "special")) ? T_CONTROL : T_USER;
+	}
+	kw_str(k, "tokenizer.ggml.model", "llama");
+	kw_arr(k, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, total);
+	for (uint32_t i = 0; i < total; i++) {
+		char pad[32];
+		if (t[i].s) {
+			kw_elem_bytes(k, t[i].s, t[i].len);
+		} else {
+			snprintf(pad, sizeof(pad), "[PAD%u]", i);
+			kw_elem_str(k, pad);
+		}
+	}
+	kw_arr(k, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, total);
+	for (uint32_t i = 0; i < total; i++)
+		ob_put(&k->b, &t[i].score, 4);
+	kw_arr(k, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, total);
+	for (uint32_t i = 0; i < total; i++)
+		ob_put(&k->b, &t[i].type, 4);
+	/* special ids: tokenizer_config.json's strings, else config.json */
+	static const char *const specials[][3] = {
+		{ "bos_token_id", "bos_token", "tokenizer.ggml.bos_token_id" },
+		{ "eos_token_id", "eos_token", "tokenizer.ggml.eos_token_id" },
+		{ "unk_token_id", "unk_token", "tokenizer.ggml.unknown_token_id" },
+		{ "pad_token_id", "pad_token", "tokenizer.ggml.padding_token_id" },
+	};
+	for (size_t j = 0; j < MOE_ARRAY_SIZE(specials); j++) {
+		const char *ts = tc ? tc_token(tc, specials[j][1]) : NULL;
+		json_t *x = json_object_get(c, specials[j][0]);
+		int64_t id = -1;
+		for (uint32_t i = 0; ts && i < total && id < 0; i++)
+			if (t[i].s && t[i].len == strlen(ts) && memcmp(t[i].s, ts, t[i].len) == 0)
+				id = i;
+		if (id < 0 && json_is_integer(x))
+			id = json_integer_value(x);
+		if (id >= 0 && id < total)
+			kw_u32(k, specials[j][2], (uint32_t)id);
+	}
+	if (tc && json_is_boolean(json_object_get(tc, "add_bos_token")))
+		kw_bool(k, "tokenizer.ggml.add_bos_token", json_is_true(json_object_get(tc, "add_bos_token")));
+	if (tc && json_is_boolean(json_object_get(tc, "add_eos_token")))
+		kw_bool(k, "tokenizer.ggml.add_eos_token", json_is_true(json_object_get(tc, "add_eos_token")));
+	kw_bool(k, "tokenizer.ggml.add_space_prefix", prefix);
+	if (tc && json_is_string(json_object_get(tc, "chat_template")))
+		kw_str(k, "tokenizer.chat_template", json_string_value(json_object_get(tc, "chat_template")));
+	/* the strings point into buf and tc: written above, before they go */
+	free(t);
+	rc = 0;
+out:
+	json_decref(tc);
+	free(pc);
+	free(buf);
+	return rc;
+}
+
 /* config.json -> the {arch}.* keys llama.cpp's converter writes. */
 static int hf_build_kv(struct convert_source *s, json_t *c, const char *arch, struct moe_error *err)
 {
@@ -1528,7 +1780,12 @@ static int hf_build_kv(struct convert_source *s, json_t *c, const char *arch, st
 			kw_u32(&k, full, (uint32_t)json_integer_value(json_object_get(rs, "original_max_position_embeddings")));
 		}
 	}
-	if ((rc = hf_tokenizer_kv(&k, s->hf_dir, c, m->family, s->progress, err)) < 0)
+	/* Mixtral: the SentencePiece model when there is one (llama.cpp's
+	 * converter prefers it), else tokenizer.json */
+	rc = m->family == MOE_FAMILY_MIXTRAL ? sp_tokenizer_kv(&k, s->hf_dir, c, err) : 1;
+	if (rc == 1)
+		rc = hf_tokenizer_kv(&k, s->hf_dir, c, m->family, s->progress, err);
+	if (rc < 0)
 		goto fail;
 	return kw_finish(s, &k, err);
 fail:
