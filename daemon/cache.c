@@ -55,15 +55,19 @@ struct expert_state {
 	uint64_t mark;        /* c->calls of the last acquire naming it */
 };
 
-struct lease_rec {
+/* A client's hold on one slot: the leases it took on that (tier, slot,
+ * generation), counted; struct cache_lease is the handle it was given. */
+struct cache_lease_ref {
 	uint32_t slot, gen, count;
 	uint8_t tier;
 };
 
-struct client {
+/* A client id of the caller's (the service's connection slot + 1) and the
+ * leases it holds. */
+struct cache_client {
 	uint32_t id;
 	bool used;
-	struct lease_rec *v;
+	struct cache_lease_ref *v;
 	size_t n, cap;
 };
 
@@ -108,7 +112,7 @@ struct cache {
 	uint32_t *gfree;             /* free GPU slots (stack) [mu] */
 	uint32_t n_gfree;
 	struct policy *pol[2];       /* [mu] */
-	struct client *clients;      /* [max_clients] [mu] */
+	struct cache_client *clients;      /* [max_clients] [mu] */
 	unsigned n_clients;
 	struct job *jobs_head, *jobs_tail; /* [mu] */
 	unsigned busy;               /* loads + copies queued or in flight [mu] */
@@ -403,9 +407,9 @@ static void finish_host_load(struct cache *c, uint32_t id, int res);
 
 /* ---- leases -------------------------------------------------------------- */
 
-static struct client *client_get(struct cache *c, uint32_t client, bool create)
+static struct cache_client *client_get(struct cache *c, uint32_t client, bool create)
 {
-	struct client *free_one = NULL;
+	struct cache_client *free_one = NULL;
 	for (unsigned i = 0; i < c->n_clients; i++) {
 		if (c->clients[i].used && c->clients[i].id == client)
 			return &c->clients[i];
@@ -426,11 +430,11 @@ static struct client *client_get(struct cache *c, uint32_t client, bool create)
 	return free_one;
 }
 
-static int lease_add(struct cache *c, struct client *cl, int t, uint32_t slot)
+static int lease_add(struct cache *c, struct cache_client *cl, int t, uint32_t slot)
 {
 	struct slot_state *ss = slot_of(c, t, slot);
 	for (size_t i = 0; i < cl->n; i++) {
-		struct lease_rec *r = &cl->v[i];
+		struct cache_lease_ref *r = &cl->v[i];
 		if (r->tier == t && r->slot == slot && r->gen == ss->gen) {
 			r->count++;
 			ss->refs++;
@@ -439,13 +443,13 @@ static int lease_add(struct cache *c, struct client *cl, int t, uint32_t slot)
 	}
 	if (cl->n == cl->cap) {
 		size_t cap = cl->cap ? cl->cap * 2 : 16;
-		struct lease_rec *nv = realloc(cl->v, cap * sizeof(*nv));
+		struct cache_lease_ref *nv = realloc(cl->v, cap * sizeof(*nv));
 		if (!nv)
 			return -ENOMEM;
 		cl->v = nv;
 		cl->cap = cap;
 	}
-	cl->v[cl->n++] = (struct lease_rec){ .slot = slot, .gen = ss->gen, .count = 1, .tier = (uint8_t)t };
+	cl->v[cl->n++] = (struct cache_lease_ref){ .slot = slot, .gen = ss->gen, .count = 1, .tier = (uint8_t)t };
 	ss->refs++;
 	return 0;
 }
@@ -468,7 +472,7 @@ static void after_unref(struct cache *c, int t, uint32_t slot)
 
 /* One entry: serves it (status 0), starts or joins a load (-EAGAIN), or
  * fails it (-ENOBUFS: no slot can be freed now; a load error). */
-static void try_entry(struct cache *c, struct client *cl, uint32_t id, unsigned flags, struct cache_loc *out)
+static void try_entry(struct cache *c, struct cache_client *cl, uint32_t id, unsigned flags, struct cache_loc *out)
 {
 	struct expert_state *e = &c->ex[id];
 	bool want_gpu = (flags & CACHE_WANT_GPU) && c->gpu;
@@ -567,7 +571,7 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 	if (n > (1u << 20))
 		return -E2BIG;
 	pthread_mutex_lock(&c->mu);
-	struct client *cl = client_get(c, client, true);
+	struct cache_client *cl = client_get(c, client, true);
 	if (!cl) {
 		pthread_mutex_unlock(&c->mu);
 		return -EMFILE;
@@ -608,10 +612,10 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 	return (int)served;
 }
 
-static int find_lease(struct client *cl, const struct cache_lease *lease)
+static int find_lease(struct cache_client *cl, const struct cache_lease *lease)
 {
 	for (size_t i = 0; cl && i < cl->n; i++) {
-		struct lease_rec *r = &cl->v[i];
+		struct cache_lease_ref *r = &cl->v[i];
 		if (r->tier == lease->tier && r->slot == lease->slot && r->gen == lease->generation)
 			return (int)i;
 	}
@@ -621,9 +625,9 @@ static int find_lease(struct client *cl, const struct cache_lease *lease)
 /* The slot a client's lease still holds (same generation, referenced), with
  * the client and its lease record; NULL (counted as stale) otherwise. [mu] */
 static struct slot_state *held_slot(struct cache *c, uint32_t client, const struct cache_lease *lease,
-				    struct client **clp, int *idx)
+				    struct cache_client **clp, int *idx)
 {
-	struct client *cl = client_get(c, client, false);
+	struct cache_client *cl = client_get(c, client, false);
 	int i = lease->tier <= T_HOST ? find_lease(cl, lease) : -1;
 	struct slot_state *ss = i >= 0 ? slot_of(c, lease->tier, lease->slot) : NULL;
 	if (!ss || ss->gen != lease->generation || ss->refs == 0) {
@@ -640,7 +644,7 @@ int cache_release(struct cache *c, uint32_t client, const struct cache_lease *le
 	if (!c || !lease)
 		return -EINVAL;
 	pthread_mutex_lock(&c->mu);
-	struct client *cl;
+	struct cache_client *cl;
 	int i;
 	struct slot_state *ss = held_slot(c, client, lease, &cl, &i);
 	if (!ss) {
@@ -662,7 +666,7 @@ int cache_lease_check(struct cache *c, uint32_t client, const struct cache_lease
 	if (!c || !lease)
 		return -EINVAL;
 	pthread_mutex_lock(&c->mu);
-	struct client *cl;
+	struct cache_client *cl;
 	int i;
 	int rc = held_slot(c, client, lease, &cl, &i) ? 0 : -ESTALE;
 	pthread_mutex_unlock(&c->mu);
@@ -675,10 +679,10 @@ size_t cache_release_client(struct cache *c, uint32_t client)
 		return 0;
 	size_t dropped = 0;
 	pthread_mutex_lock(&c->mu);
-	struct client *cl = client_get(c, client, false);
+	struct cache_client *cl = client_get(c, client, false);
 	if (cl) {
 		for (size_t i = 0; i < cl->n; i++) {
-			struct lease_rec *r = &cl->v[i];
+			struct cache_lease_ref *r = &cl->v[i];
 			struct slot_state *ss = slot_of(c, r->tier, r->slot);
 			ss->refs -= r->count;
 			dropped += r->count;
@@ -1041,9 +1045,9 @@ int cache_check_invariants(struct cache *c, struct moe_error *err)
 		}
 	}
 	for (unsigned i = 0; i < c->n_clients && !rc; i++) {
-		struct client *cl = &c->clients[i];
+		struct cache_client *cl = &c->clients[i];
 		for (size_t k = 0; cl->used && k < cl->n && !rc; k++) {
-			struct lease_rec *r = &cl->v[k];
+			struct cache_lease_ref *r = &cl->v[k];
 			if (r->tier > T_HOST || r->slot >= nslots[r->tier] || r->count == 0)
 				rc = moe_error_set(err, -EUCLEAN, "client %u: bad lease record", cl->id);
 			else if (slot_of(c, r->tier, r->slot)->gen != r->gen)

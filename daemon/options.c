@@ -1,5 +1,5 @@
 #include "config.h"
-/* config.c - the option table and everything generated from it. */
+/* options.c - the option table and everything generated from it. */
 #include <ctype.h>
 #include <errno.h>
 #include <getopt.h>

@@ -1,4 +1,4 @@
-/* config.h - moetierd's options, declared ONCE in OPTIONS_TABLE below.
+/* options.h - moetierd's options, declared ONCE in OPTIONS_TABLE below.
  * The same table drives the command-line flags (--name=value), the
  * configuration file (/etc/moetier/moetierd.conf, "name = value" lines),
  * `moectl config get|set` and `moetierd --dump-config` (which writes

@@ -106,7 +106,7 @@ int server_create(struct moetierd_config *cfg, struct server **out, struct moe_e
 	}
 	char *save = NULL;
 	for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-		struct model *m = &s->models[s->n_models];
+		struct served_model *m = &s->models[s->n_models];
 		m->shared_fd = m->shared_ro_fd = m->arena_ro_fd[0] = m->arena_ro_fd[1] = -1;
 		s->n_models++;
 		if ((rc = server_model_open(s, m, tok, s->n_models - 1, err))) {
@@ -240,7 +240,7 @@ int server_run(struct server *s, struct moe_error *err)
 			} else if (p == &tags[3]) {
 				server_conn_reap(s);
 			} else {
-				struct client *c = p;
+				struct srv_client *c = p;
 				if (evs[i].events & EPOLLIN)
 					server_conn_readable(s, c);
 				else if (evs[i].events & (EPOLLHUP | EPOLLRDHUP | EPOLLERR))
@@ -261,7 +261,7 @@ void server_destroy(struct server *s)
 		pthread_join(s->ring_thread, NULL);
 	}
 	for (unsigned i = 0; s->clients && i < s->max_clients; i++) {
-		struct client *c = s->clients[i];
+		struct srv_client *c = s->clients[i];
 		if (!c)
 			continue;
 		if (c->fd >= 0)

@@ -32,7 +32,7 @@ static char *render_clients(struct server *s)
 	fprintf(f, "%-6s %-8s %-6s %-6s %-16s %-16s %-7s %s\n", "id", "pid", "uid", "gid", "name", "model", "leases", "ops");
 	pthread_mutex_lock(&s->lock);
 	for (unsigned i = 0; i < s->max_clients; i++) {
-		struct client *c = s->clients[i];
+		struct srv_client *c = s->clients[i];
 		if (!c || !c->hello_done || atomic_load(&c->state) != CL_ACTIVE)
 			continue;
 		fprintf(f, "%-6u %-8d %-6u %-6u %-16s %-16s %-7u %" PRIu64 "\n", c->id, (int)c->pid, (unsigned)c->uid,
@@ -71,7 +71,7 @@ static char *render_stats(struct server *s, uint32_t fmt)
 		json_object_set_new(root, "models", json_object());
 	}
 	for (unsigned i = 0; i < s->n_models; i++) {
-		struct model *m = &s->models[i];
+		struct served_model *m = &s->models[i];
 		struct stats_snapshot snap;
 		if (stats_snapshot(cache_stats(m->cache), &snap))
 			continue;
@@ -113,7 +113,7 @@ static char *render_stats(struct server *s, uint32_t fmt)
 
 
 /* Move or compute, per expert, from where it is now and the cost model. */
-void server_admin_advise(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload)
+void server_admin_advise(struct server *s, struct srv_client *c, const struct moet_msg *h, const uint8_t *payload)
 {
 	struct moet_advise_req q;
 	struct moet_advise_reply r;
@@ -123,7 +123,7 @@ void server_admin_advise(struct server *s, struct client *c, const struct moet_m
 		return;
 	}
 	memcpy(&q, payload, sizeof(q));
-	struct model *m = c->m;
+	struct served_model *m = c->m;
 	if (!m->compute) {
 		server_conn_error(s, c, h->seq, -EOPNOTSUPP, "ADVISE: no cost model for model %s (COMPUTE not offered)", m->name);
 		return;
@@ -160,7 +160,7 @@ void server_admin_advise(struct server *s, struct client *c, const struct moet_m
 	server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, &r, sizeof(r), NULL, 0);
 }
 /* Hands a data-plane client the GPU arena's handles, a batch at a time. */
-void server_admin_gpu_export(struct server *s, struct client *c, const struct moet_msg *h)
+void server_admin_gpu_export(struct server *s, struct srv_client *c, const struct moet_msg *h)
 {
 	struct tier_gpu_export e;
 	struct moe_error err = { { 0 } };
@@ -207,7 +207,7 @@ void server_admin_gpu_export(struct server *s, struct client *c, const struct mo
 		moe_debug("client %u: GPU export reply: %s", c->id, strerror(-rc));
 	tier_gpu_export_free(&e);
 }
-void server_admin_request(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload)
+void server_admin_request(struct server *s, struct srv_client *c, const struct moet_msg *h, const uint8_t *payload)
 {
 	char text[1024];
 	int rc;
@@ -315,7 +315,7 @@ void server_admin_request(struct server *s, struct client *c, const struct moet_
 			return;
 		}
 		memcpy(&a, payload, sizeof(a));
-		struct model *m = c->m;
+		struct served_model *m = c->m;
 		if (a.layer >= m->n_layers || a.expert >= m->n_experts || a.tier > CACHE_TIER_HOST) {
 			server_conn_error(s, c, h->seq, -ERANGE, "layer %u expert %u tier %u is out of range (%u layers, %u experts)",
 				   a.layer, a.expert, a.tier, m->n_layers, m->n_experts);

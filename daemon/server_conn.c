@@ -133,7 +133,7 @@ int server_conn_send(int fd, uint16_t type, uint32_t seq, int32_t status, uint32
 	return n < 0 ? -errno : 0;
 }
 
-int server_conn_error(struct server *s, struct client *c, uint32_t seq, int status, const char *fmt, ...)
+int server_conn_error(struct server *s, struct srv_client *c, uint32_t seq, int status, const char *fmt, ...)
 {
 	char msg[512];
 	va_list ap;
@@ -145,7 +145,7 @@ int server_conn_error(struct server *s, struct client *c, uint32_t seq, int stat
 	return server_conn_send(c->fd, MOET_MSG_ERROR, seq, status, 0, msg, (uint32_t)strlen(msg) + 1, NULL, 0);
 }
 
-int server_conn_text(struct client *c, uint32_t seq, const char *text)
+int server_conn_text(struct srv_client *c, uint32_t seq, const char *text)
 {
 	size_t len = strlen(text);
 	int fd = memfd_create("moetier-reply", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -191,7 +191,7 @@ void server_conn_accept(struct server *s)
 	}
 	if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &gl) == 0)
 		ngroups = (int)(gl / sizeof(gid_t));
-	struct client *c = calloc(1, sizeof(*c));
+	struct srv_client *c = calloc(1, sizeof(*c));
 	if (!c) {
 		close(fd);
 		return;
@@ -231,7 +231,7 @@ void server_conn_accept(struct server *s)
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev);
 }
 
-void server_conn_free(struct client *c)
+void server_conn_free(struct srv_client *c)
 {
 	if (c->ring_fd >= 0)
 		close(c->ring_fd);
@@ -244,7 +244,7 @@ void server_conn_free(struct client *c)
 	free(c);
 }
 
-void server_conn_close(struct server *s, struct client *c)
+void server_conn_close(struct server *s, struct srv_client *c)
 {
 	if (c->fd >= 0) {
 		epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
@@ -274,7 +274,7 @@ void server_conn_reap(struct server *s)
 		moe_warn("reap eventfd: %s", strerror(errno));
 	pthread_mutex_lock(&s->lock);
 	for (unsigned i = 0; i < s->max_clients; i++) {
-		struct client *c = s->clients[i];
+		struct srv_client *c = s->clients[i];
 		if (c && atomic_load(&c->state) == CL_DEAD) {
 			s->clients[i] = NULL;
 			server_conn_free(c);
@@ -283,7 +283,7 @@ void server_conn_reap(struct server *s)
 	pthread_mutex_unlock(&s->lock);
 }
 
-static int setup_ring(struct server *s, struct client *c, struct moe_error *err)
+static int setup_ring(struct server *s, struct srv_client *c, struct moe_error *err)
 {
 	uint32_t n = s->cfg->ring_entries;
 	uint64_t bytes = ring_region_layout(&c->reg, n, n, s->cfg->scratch_bytes);
@@ -315,7 +315,7 @@ static int setup_ring(struct server *s, struct client *c, struct moe_error *err)
 	return 0;
 }
 
-static void do_hello(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload)
+static void do_hello(struct server *s, struct srv_client *c, const struct moet_msg *h, const uint8_t *payload)
 {
 	struct moet_hello hello;
 	struct moe_error err = { "" };
@@ -340,7 +340,7 @@ static void do_hello(struct server *s, struct client *c, const struct moet_msg *
 	}
 	hello.client_name[sizeof(hello.client_name) - 1] = '\0';
 	hello.model[sizeof(hello.model) - 1] = '\0';
-	struct model *m = NULL;
+	struct served_model *m = NULL;
 	for (unsigned i = 0; i < s->n_models; i++)
 		if (!hello.model[0] || !strcmp(hello.model, s->models[i].name)) {
 			m = &s->models[i];
@@ -420,7 +420,7 @@ refuse:
 	server_conn_close(s, c);
 }
 
-void server_conn_readable(struct server *s, struct client *c)
+void server_conn_readable(struct server *s, struct srv_client *c)
 {
 	uint8_t buf[MOET_MAX_MSG + 1];
 	union {

@@ -16,16 +16,19 @@
 #include "route.h"
 #include "server.h"
 
-enum client_state { CL_ACTIVE = 0, CL_CLOSING = 1, CL_DEAD = 2 };
+enum srv_client_state { CL_ACTIVE = 0, CL_CLOSING = 1, CL_DEAD = 2 };
 
-struct lease_rec {
+/* A lease as a client sees it (the id in a CQE, released by RELEASE): the
+ * cache leases of one ACQUIRE or ROUTE entry. */
+struct srv_lease {
 	uint32_t gen;
 	uint16_t n;
 	bool used;
 	struct cache_lease l[MOET_MAX_BATCH];
 };
 
-struct parked {
+/* A blocking ACQUIRE waiting on the ring thread for its loads. */
+struct srv_parked {
 	struct moet_sqe sqe;
 	struct moet_cqe cqe;     /* filled so far */
 	uint32_t lease_idx;      /* lease record (may hold some already) */
@@ -33,7 +36,8 @@ struct parked {
 	uint64_t deadline_ns;
 };
 
-struct model {
+/* A model the daemon serves: its pack, cache and shared region. */
+struct served_model {
 	char name[64];
 	struct pack_file *pack;
 	struct cache *cache;
@@ -58,7 +62,8 @@ struct model {
 	uint32_t top_k;
 };
 
-struct client {
+/* A connection: its credentials, its ring and its leases. */
+struct srv_client {
 	uint32_t id;              /* connection number (moectl clients) */
 	uint32_t cache_id;        /* client id towards the cache */
 	unsigned idx;             /* slot in srv->clients */
@@ -68,7 +73,7 @@ struct client {
 	pid_t pid;                /* shown only; never used for access decisions */
 	bool admin, data, hello_done;
 	char name[32];
-	struct model *m;
+	struct served_model *m;
 	uint16_t version;
 	_Atomic int state;
 	/* Set once HELLO set up the rings, leases and model (release): only
@@ -82,9 +87,9 @@ struct client {
 	struct moet_ring_region reg;
 	struct ring sq, cq;
 	pthread_mutex_t lock;     /* lease table (ring thread vs socket SUBMIT) */
-	struct lease_rec *leases;
+	struct srv_lease *leases;
 	uint32_t n_leases_max, n_leases_used, lease_hint;
-	struct parked *parked;    /* ring thread only */
+	struct srv_parked *parked;    /* ring thread only */
 	uint32_t n_parked, max_parked;
 	struct placement *pl;     /* this stream's predictor + prefetch [lock] */
 	bool pl_failed;           /* creating it failed once: do not retry */
@@ -93,14 +98,14 @@ struct client {
 
 struct server {
 	struct moetierd_config *cfg;
-	struct model *models;
+	struct served_model *models;
 	unsigned n_models;
 	int listen_fd, epfd, sig_fd, timer_fd, reap_fd;
 	gid_t sock_gid, admin_gid;
 	bool have_sock_gid, have_admin_gid;
 	char *sock_path;
 	pthread_mutex_t lock;     /* clients[] membership */
-	struct client **clients;
+	struct srv_client **clients;
 	unsigned max_clients;
 	uint32_t next_id;
 	uint32_t ctl_word;        /* ring thread's private futex word */
@@ -123,38 +128,38 @@ static inline void server_cnt(struct server *s, enum server_counter c)
 void server_kick_ring(struct server *s);
 
 /* server_model.c: the served models. */
-int server_model_open(struct server *s, struct model *m, const char *path, unsigned idx, struct moe_error *err);
-void server_model_close(struct model *m);
+int server_model_open(struct server *s, struct served_model *m, const char *path, unsigned idx, struct moe_error *err);
+void server_model_close(struct served_model *m);
 /* Copies the residency bitmaps of the layers with a finished load (all:
  * every layer) into the shared region. Ring thread. */
-void server_model_refresh(struct model *m, bool all);
-struct moet_expert_counters *server_model_expert_ctr(struct model *m, uint32_t l, uint32_t e);
+void server_model_refresh(struct served_model *m, bool all);
+struct moet_expert_counters *server_model_expert_ctr(struct served_model *m, uint32_t l, uint32_t e);
 
 /* server_conn.c: the control socket and its clients (event loop thread). */
 int server_conn_bind(struct server *s, struct moe_error *err);
 void server_conn_accept(struct server *s);
-void server_conn_readable(struct server *s, struct client *c);
-void server_conn_close(struct server *s, struct client *c);
-void server_conn_free(struct client *c);
+void server_conn_readable(struct server *s, struct srv_client *c);
+void server_conn_close(struct server *s, struct srv_client *c);
+void server_conn_free(struct srv_client *c);
 /* Frees the clients the ring thread marked DEAD. */
 void server_conn_reap(struct server *s);
 int server_conn_send(int fd, uint16_t type, uint32_t seq, int32_t status, uint32_t arg, const void *payload,
 		     uint32_t len, const int *fds, unsigned nfds);
-int server_conn_error(struct server *s, struct client *c, uint32_t seq, int status, const char *fmt, ...)
+int server_conn_error(struct server *s, struct srv_client *c, uint32_t seq, int status, const char *fmt, ...)
 	MOE_PRINTF(5, 6);
 /* Sends text back as a sealed memfd (no size limit on replies). */
-int server_conn_text(struct client *c, uint32_t seq, const char *text);
+int server_conn_text(struct srv_client *c, uint32_t seq, const char *text);
 
 /* server_ring.c: the data plane. */
 void *server_ring_main(void *arg);
 /* Runs one entry (already copied out of shared memory). Returns 1 when the
  * completion is ready in *out, 0 when the entry was parked (ring only). */
-int server_ring_exec(struct server *s, struct client *c, const struct moet_sqe *q, struct moet_cqe *out,
+int server_ring_exec(struct server *s, struct srv_client *c, const struct moet_sqe *q, struct moet_cqe *out,
 		     bool may_park);
 
 /* server_admin.c: admin and advisory requests. */
-void server_admin_request(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload);
-void server_admin_gpu_export(struct server *s, struct client *c, const struct moet_msg *h);
-void server_admin_advise(struct server *s, struct client *c, const struct moet_msg *h, const uint8_t *payload);
+void server_admin_request(struct server *s, struct srv_client *c, const struct moet_msg *h, const uint8_t *payload);
+void server_admin_gpu_export(struct server *s, struct srv_client *c, const struct moet_msg *h);
+void server_admin_advise(struct server *s, struct srv_client *c, const struct moet_msg *h, const uint8_t *payload);
 
 #endif

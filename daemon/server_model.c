@@ -25,25 +25,25 @@
 
 /* ---- shared state (residency bitmaps under a seqlock, counters) -------- */
 
-static uint32_t *layer_seq(struct model *m, uint32_t l)
+static uint32_t *layer_seq(struct served_model *m, uint32_t l)
 {
 	return (uint32_t *)(m->shared + m->hdr->layer_off + (uint64_t)l * m->hdr->layer_stride);
 }
 
-static uint64_t *layer_bits(struct model *m, uint32_t l, unsigned tier)
+static uint64_t *layer_bits(struct served_model *m, uint32_t l, unsigned tier)
 {
 	return (uint64_t *)(m->shared + m->hdr->layer_off + (uint64_t)l * m->hdr->layer_stride + 8) +
 	       (size_t)tier * m->words;
 }
 
-struct moet_expert_counters *server_model_expert_ctr(struct model *m, uint32_t l, uint32_t e)
+struct moet_expert_counters *server_model_expert_ctr(struct served_model *m, uint32_t l, uint32_t e)
 {
 	return (struct moet_expert_counters *)(m->shared + m->hdr->counters_off) + (size_t)l * m->n_experts + e;
 }
 
 /* Copies the cache's bitmaps of layer l into shared memory when they
  * changed; the seq word is bumped (and waiters woken) only then. */
-static void refresh_layer(struct model *m, uint32_t l, bool force_wake)
+static void refresh_layer(struct served_model *m, uint32_t l, bool force_wake)
 {
 	uint64_t tmp[2][64];
 	bool changed = false;
@@ -67,7 +67,7 @@ static void refresh_layer(struct model *m, uint32_t l, bool force_wake)
 	syscall(SYS_futex, seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-void server_model_refresh(struct model *m, bool all)
+void server_model_refresh(struct served_model *m, bool all)
 {
 	for (uint32_t l = 0; l < m->n_layers; l++) {
 		uint64_t bit = 1ull << (l % 64);
@@ -79,7 +79,7 @@ void server_model_refresh(struct model *m, bool all)
 
 static void on_ready(void *ctx, uint32_t layer, uint32_t expert, enum cache_tier tier, int status)
 {
-	struct model *m = ctx;
+	struct served_model *m = ctx;
 	if (layer >= m->n_layers || expert >= m->n_experts)
 		return;
 	if (status == 0 && m->hdr) {
@@ -100,7 +100,7 @@ static int reopen_ro(int fd)
 	return open(p, O_RDONLY | O_CLOEXEC);
 }
 
-static int make_shared(struct model *m, struct moe_error *err)
+static int make_shared(struct served_model *m, struct moe_error *err)
 {
 	uint64_t layer_stride = MOE_ALIGN_UP(8 + 16ull * m->words, 64);
 	uint64_t layer_off = 4096;
@@ -134,7 +134,7 @@ static int make_shared(struct model *m, struct moe_error *err)
 	return 0;
 }
 
-int server_model_open(struct server *s, struct model *m, const char *path, unsigned idx, struct moe_error *err)
+int server_model_open(struct server *s, struct served_model *m, const char *path, unsigned idx, struct moe_error *err)
 {
 	int rc = pack_open(path, 0, &m->pack, err);
 	if (rc)
@@ -254,7 +254,7 @@ int server_model_open(struct server *s, struct model *m, const char *path, unsig
 	return 0;
 }
 
-void server_model_close(struct model *m)
+void server_model_close(struct served_model *m)
 {
 	if (m->compute)
 		compute_destroy(m->compute);

@@ -23,7 +23,7 @@
 
 /* ---- leases -------------------------------------------------------------- */
 
-static int lease_alloc(struct client *c, uint32_t *idx)
+static int lease_alloc(struct srv_client *c, uint32_t *idx)
 {
 	for (uint32_t k = 0; k < c->n_leases_max; k++) {
 		uint32_t i = (c->lease_hint + k) % c->n_leases_max;
@@ -40,14 +40,14 @@ static int lease_alloc(struct client *c, uint32_t *idx)
 	return -ENOSPC;
 }
 
-static uint64_t lease_id(struct client *c, uint32_t idx)
+static uint64_t lease_id(struct srv_client *c, uint32_t idx)
 {
 	return ((uint64_t)c->leases[idx].gen << 32) | (idx + 1);
 }
 
-static void lease_drop(struct model *m, struct client *c, uint32_t idx)
+static void lease_drop(struct served_model *m, struct srv_client *c, uint32_t idx)
 {
-	struct lease_rec *r = &c->leases[idx];
+	struct srv_lease *r = &c->leases[idx];
 	for (unsigned i = 0; i < r->n; i++)
 		cache_release(m->cache, c->cache_id, &r->l[i]);
 	r->n = 0;
@@ -55,7 +55,7 @@ static void lease_drop(struct model *m, struct client *c, uint32_t idx)
 	c->n_leases_used--;
 }
 
-static int lease_release(struct client *c, uint64_t id)
+static int lease_release(struct srv_client *c, uint64_t id)
 {
 	uint32_t idx = (uint32_t)(id & 0xffffffffu);
 	uint32_t gen = (uint32_t)(id >> 32);
@@ -70,7 +70,7 @@ static int lease_release(struct client *c, uint64_t id)
 
 /* ---- executing entries ---------------------------------------------------- */
 
-static int check_ids(struct model *m, const struct moet_sqe *q)
+static int check_ids(struct served_model *m, const struct moet_sqe *q)
 {
 	if (q->count == 0)
 		return -EINVAL;
@@ -87,9 +87,9 @@ static int check_ids(struct model *m, const struct moet_sqe *q)
 /* Tries the experts of `out` that are still missing (slot -1) and fills in
  * the ones served. Returns how many are still missing but may yet load
  * (-EAGAIN: loading; -ENOBUFS: no free slot right now). */
-static unsigned try_acquire(struct client *c, uint32_t layer, struct moet_cqe *out, uint32_t lidx, unsigned flags)
+static unsigned try_acquire(struct srv_client *c, uint32_t layer, struct moet_cqe *out, uint32_t lidx, unsigned flags)
 {
-	struct model *m = c->m;
+	struct served_model *m = c->m;
 	struct cache_key keys[MOET_MAX_BATCH];
 	struct cache_loc locs[MOET_MAX_BATCH];
 	unsigned map[MOET_MAX_BATCH], n = 0, pending = 0;
@@ -107,7 +107,7 @@ static unsigned try_acquire(struct client *c, uint32_t layer, struct moet_cqe *o
 		out->result = rc;
 		return 0;
 	}
-	struct lease_rec *r = &c->leases[lidx];
+	struct srv_lease *r = &c->leases[lidx];
 	for (unsigned j = 0; j < n; j++) {
 		unsigned i = map[j];
 		if (locs[j].status == 0) {
@@ -122,7 +122,7 @@ static unsigned try_acquire(struct client *c, uint32_t layer, struct moet_cqe *o
 	return pending;
 }
 
-static void count_hits(struct model *m, uint32_t layer, const struct moet_cqe *out)
+static void count_hits(struct served_model *m, uint32_t layer, const struct moet_cqe *out)
 {
 	for (unsigned i = 0; i < out->count; i++) {
 		struct moet_expert_counters *e = server_model_expert_ctr(m, layer, out->ids[i]);
@@ -133,7 +133,7 @@ static void count_hits(struct model *m, uint32_t layer, const struct moet_cqe *o
 	}
 }
 
-static void finish_acquire(struct client *c, struct moet_cqe *out, uint32_t lidx)
+static void finish_acquire(struct srv_client *c, struct moet_cqe *out, uint32_t lidx)
 {
 	out->n_miss = 0;
 	for (unsigned i = 0; i < out->count; i++)
@@ -170,9 +170,9 @@ static const void *lookup_leased(void *ctx, uint32_t layer, uint32_t expert)
  * checked, the distinct experts leased on the host tier for the duration,
  * the FFNs run, and y copied back. Runs on the ring thread: a long request
  * delays other clients by its compute time. */
-static int exec_compute(struct client *c, const struct moet_sqe *q, struct moet_cqe *out)
+static int exec_compute(struct srv_client *c, const struct moet_sqe *q, struct moet_cqe *out)
 {
-	struct model *m = c->m;
+	struct served_model *m = c->m;
 	struct moet_compute_args a;
 	uint64_t n = m->pack->model->hidden, need;
 	if (q->layer >= m->n_layers)
@@ -256,9 +256,9 @@ out:
 
 /* The client's placement (under c->lock), created at its first use; NULL
  * when the model runs no predictor. */
-static struct placement *client_placement(struct client *c)
+static struct placement *client_placement(struct srv_client *c)
 {
-	struct model *m = c->m;
+	struct served_model *m = c->m;
 	if (c->pl || c->pl_failed || !m || !placement_enabled(&m->plc))
 		return c->pl;
 	struct moe_error err;
@@ -270,10 +270,10 @@ static struct placement *client_placement(struct client *c)
 	return c->pl;
 }
 
-int server_ring_exec(struct server *s, struct client *c, const struct moet_sqe *q, struct moet_cqe *out,
+int server_ring_exec(struct server *s, struct srv_client *c, const struct moet_sqe *q, struct moet_cqe *out,
 		      bool may_park)
 {
-	struct model *m = c->m;
+	struct served_model *m = c->m;
 	int rc = 0;
 	memset(out, 0, sizeof(*out));
 	out->user_tag = q->user_tag;
@@ -361,7 +361,7 @@ int server_ring_exec(struct server *s, struct client *c, const struct moet_sqe *
 		placement_access(client_placement(c), q->layer, local.ids, local.count, q->token_key, q->token_pos);
 		if (pending && may_park && !(q->flags & MOET_F_NOWAIT) && out->result >= 0 &&
 		    c->n_parked < c->max_parked) {
-			struct parked *p = &c->parked[c->n_parked++];
+			struct srv_parked *p = &c->parked[c->n_parked++];
 			p->sqe = local;
 			p->cqe = *out;
 			p->lease_idx = lidx;
@@ -400,10 +400,10 @@ bad:
 }
 
 /* Retries parked acquires; completes the ones done or out of time. */
-static void retry_parked(struct server *s, struct client *c, uint64_t now)
+static void retry_parked(struct server *s, struct srv_client *c, uint64_t now)
 {
 	for (uint32_t i = 0; i < c->n_parked;) {
-		struct parked *p = &c->parked[i];
+		struct srv_parked *p = &c->parked[i];
 		if (ring_space(&c->cq) == 0)
 			return;
 		pthread_mutex_lock(&c->lock);
@@ -429,7 +429,7 @@ static void retry_parked(struct server *s, struct client *c, uint64_t now)
 
 /* ---- the ring thread ------------------------------------------------------ */
 
-static void client_teardown_data(struct server *s, struct client *c)
+static void client_teardown_data(struct server *s, struct srv_client *c)
 {
 	/* Leases of the dead client go back to the cache: slots become
 	 * evictable again. */
@@ -464,7 +464,7 @@ struct fwaitv {
 void *server_ring_main(void *arg)
 {
 	struct server *s = arg;
-	struct client **local = calloc(s->max_clients, sizeof(*local));
+	struct srv_client **local = calloc(s->max_clients, sizeof(*local));
 	struct fwaitv *wv = calloc(s->max_clients + 1, sizeof(*wv));
 	unsigned n_local = 0;
 	uint32_t seen_ctl = ~0u;
@@ -485,7 +485,7 @@ void *server_ring_main(void *arg)
 			pthread_mutex_lock(&s->lock);
 			n_local = 0;
 			for (unsigned i = 0; i < s->max_clients; i++) {
-				struct client *c = s->clients[i];
+				struct srv_client *c = s->clients[i];
 				if (!c)
 					continue;
 				int st = atomic_load(&c->state);
@@ -508,7 +508,7 @@ void *server_ring_main(void *arg)
 					retry_parked(s, local[i], now);
 		}
 		for (unsigned i = 0; i < n_local; i++) {
-			struct client *c = local[i];
+			struct srv_client *c = local[i];
 			struct moet_sqe q;
 			struct moet_cqe out;
 			for (unsigned k = 0; k < 64 && ring_space(&c->cq) > 0; k++) {
