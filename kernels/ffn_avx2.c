@@ -273,24 +273,31 @@ static FN_ATTR ALWAYS_INLINE uint32_t ld32(const uint8_t *p)
 	return v;
 }
 
-/* One super-block times one q8_K block: the exact integer isum and imin
- * of ffn_kq_accum, equal to ref_kq_block's. Codes are taken unsigned
- * (vpmaddubsw needs an unsigned operand); the types with signed codes
- * (q6_K: q - 32, q3_K: q - 4) take off offset * scale * bsum, folded into
- * the same int32 lanes. Scales are unpacked with 32-bit word operations
- * (the bit layout of moe_kquant_scale_min / moe_q3_K_scale, four at a
- * time) and widened to int16 once per super-block; the bsums products are
- * vpmaddwd too. */
-static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, const struct moe_block_q8_K *xb,
-					    int32_t *isum, int32_t *imin, float *d, float *dmin)
+#define KQ_TMAX 2 /* tokens sharing one decode of a weight super-block */
+
+/* One super-block times T (1 or KQ_TMAX) q8_K blocks: the exact integer
+ * isum[t] and imin[t] of ffn_kq_accum, equal to ref_kq_block's. The weight
+ * side (codes, scales) is decoded once for the T tokens. Codes are taken
+ * unsigned (vpmaddubsw needs an unsigned operand); the types with signed
+ * codes take off offset * scale * bsum (q6_K: 32, q3_K: 4), folded into
+ * the same int32 lanes, or (iq4_xs, signed levels) multiply |w| by x with
+ * w's sign, as q8_0. Scales are unpacked with 32-bit word operations (the
+ * bit layout of moe_kquant_scale_min / moe_q3_K_scale, four at a time) and
+ * widened to int16 once per super-block; the bsums products are vpmaddwd. */
+static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint8_t *blk,
+					    const struct moe_block_q8_K *const *xb, int32_t *isum, int32_t *imin,
+					    float *d, float *dmin)
 {
 	const __m256i m4 = _mm256_set1_epi8(0x0f);
-	const __m256i bsums = _mm256_loadu_si256((const __m256i *)(const void *)xb->bsums);
-	const int8_t *xq = xb->qs;
-	__m256i acc = _mm256_setzero_si256();
-	int32_t im = 0;
+	__m256i acc[KQ_TMAX];
+	int32_t im[KQ_TMAX] = { 0 };
 	uint16_t h;
 
+#pragma GCC unroll 2
+	for (int t = 0; t < T; t++)
+		acc[t] = _mm256_setzero_si256();
+#define BSUMS(t) _mm256_loadu_si256((const __m256i *)(const void *)xb[t]->bsums)
+#define XQ(t, off) (xb[t]->qs + (off))
 	if (DT == MOE_DTYPE_Q4_K || DT == MOE_DTYPE_Q5_K) {
 		const bool q5 = DT == MOE_DTYPE_Q5_K;
 		const uint8_t *sp = blk + 4, *qs = blk + (q5 ? 48 : 16);
@@ -301,13 +308,17 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 		const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 6) & 0x03030303u) << 4;
 		const __m128i sc8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
 		const __m128i mn8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo));
-		/* sums of the 32-element sub-blocks of x: pairs of bsums (each
-		 * |pair| <= 32 * 127, so 16 bits hold it) */
-		const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256(bsums, 1));
-		__m128i mi = _mm_madd_epi16(mn8, b32);
-		mi = _mm_add_epi32(mi, _mm_shuffle_epi32(mi, _MM_SHUFFLE(1, 0, 3, 2)));
-		mi = _mm_add_epi32(mi, _mm_shuffle_epi32(mi, _MM_SHUFFLE(2, 3, 0, 1)));
-		im = _mm_cvtsi128_si32(mi);
+#pragma GCC unroll 2
+		for (int t = 0; t < T; t++) {
+			/* sums of the 32-element sub-blocks of x: pairs of bsums
+			 * (each |pair| <= 32 * 127, so 16 bits hold it) */
+			const __m256i bs = BSUMS(t);
+			const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+			__m128i mi = _mm_madd_epi16(mn8, b32);
+			mi = _mm_add_epi32(mi, _mm_shuffle_epi32(mi, _MM_SHUFFLE(1, 0, 3, 2)));
+			mi = _mm_add_epi32(mi, _mm_shuffle_epi32(mi, _MM_SHUFFLE(2, 3, 0, 1)));
+			im[t] = _mm_cvtsi128_si32(mi);
+		}
 		const __m256i s16 = _mm256_broadcastsi128_si256(sc8);
 		const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(const void *)(blk + 16)) : _mm256_setzero_si256();
 #pragma GCC unroll 4
@@ -321,8 +332,12 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 				lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
 				hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
 			}
-			acc = _mm256_add_epi32(acc, kq_dot32(lo, xq + 64 * j, kq_pick(s16, 2 * j, 2 * j)));
-			acc = _mm256_add_epi32(acc, kq_dot32(hi, xq + 64 * j + 32, kq_pick(s16, 2 * j + 1, 2 * j + 1)));
+			const __m256i pl = kq_pick(s16, 2 * j, 2 * j), ph = kq_pick(s16, 2 * j + 1, 2 * j + 1);
+#pragma GCC unroll 2
+			for (int t = 0; t < T; t++) {
+				acc[t] = _mm256_add_epi32(acc[t], kq_dot32(lo, XQ(t, 64 * j), pl));
+				acc[t] = _mm256_add_epi32(acc[t], kq_dot32(hi, XQ(t, 64 * j + 32), ph));
+			}
 		}
 		memcpy(&h, blk, 2);
 		*d = _cvtsh_ss(h);
@@ -343,7 +358,10 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 		}
 		const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
 		/* the offset (32 or 4) times sum of scale * bsum, in the lanes */
-		acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums), DT == MOE_DTYPE_Q6_K ? 5 : 2));
+#pragma GCC unroll 2
+		for (int t = 0; t < T; t++)
+			acc[t] = _mm256_sub_epi32(acc[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, BSUMS(t)),
+									     DT == MOE_DTYPE_Q6_K ? 5 : 2));
 		const __m256i sA = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16));      /* scales 0..7 */
 		const __m256i sB = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1)); /* 8..15 */
 		if (DT == MOE_DTYPE_Q6_K) {
@@ -353,17 +371,21 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 				const __m256i l0 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh));
 				const __m256i l1 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh + 32));
 				const __m256i qh = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 128 + 32 * hh));
-				const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(bits2(qh, 0), 4));
-				const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(bits2(qh, 2), 4));
-				const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-								   _mm256_slli_epi16(bits2(qh, 4), 4));
-				const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-								   _mm256_slli_epi16(bits2(qh, 6), 4));
-				const int8_t *x = xq + 128 * hh;
-				acc = _mm256_add_epi32(acc, kq_dot32(q0, x, kq_pick(sv, 0, 1)));
-				acc = _mm256_add_epi32(acc, kq_dot32(q1, x + 32, kq_pick(sv, 2, 3)));
-				acc = _mm256_add_epi32(acc, kq_dot32(q2, x + 64, kq_pick(sv, 4, 5)));
-				acc = _mm256_add_epi32(acc, kq_dot32(q3, x + 96, kq_pick(sv, 6, 7)));
+				__m256i qv[4], pv[4];
+				qv[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(bits2(qh, 0), 4));
+				qv[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(bits2(qh, 2), 4));
+				qv[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+							_mm256_slli_epi16(bits2(qh, 4), 4));
+				qv[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+							_mm256_slli_epi16(bits2(qh, 6), 4));
+#pragma GCC unroll 4
+				for (int g = 0; g < 4; g++)
+					pv[g] = kq_pick(sv, 2 * g, 2 * g + 1);
+#pragma GCC unroll 2
+				for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+					for (int g = 0; g < 4; g++)
+						acc[t] = _mm256_add_epi32(acc[t], kq_dot32(qv[g], XQ(t, 128 * hh + 32 * g), pv[g]));
 			}
 			memcpy(&h, blk + 208, 2);
 		} else {
@@ -377,7 +399,10 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 				for (int g = 0; g < 4; g++) {
 					const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(4 * hh + g)), one);
 					const __m256i qu = _mm256_or_si256(bits2(q, 2 * g), _mm256_slli_epi16(hb, 2));
-					acc = _mm256_add_epi32(acc, kq_dot32(qu, xq + 128 * hh + 32 * g, kq_pick(sv, 2 * g, 2 * g + 1)));
+					const __m256i pk = kq_pick(sv, 2 * g, 2 * g + 1);
+#pragma GCC unroll 2
+					for (int t = 0; t < T; t++)
+						acc[t] = _mm256_add_epi32(acc[t], kq_dot32(qu, XQ(t, 128 * hh + 32 * g), pk));
 				}
 			}
 			memcpy(&h, blk + 108, 2);
@@ -394,10 +419,14 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 		for (int sb = 0; sb < 8; sb++) {
 			const __m256i q2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)(b->qs + 16 * sb)));
 			const __m256i wv = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srlv_epi64(q2, hi_by4), m4));
-			const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + 32 * sb));
-			const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-			const int ls = moe_iq4_xs_scale(b, sb);
-			acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16((short)ls)));
+			const __m256i wa = _mm256_sign_epi8(wv, wv);
+			const __m256i ls = _mm256_set1_epi16((short)moe_iq4_xs_scale(b, sb));
+#pragma GCC unroll 2
+			for (int t = 0; t < T; t++) {
+				const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)XQ(t, 32 * sb));
+				const __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv));
+				acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ls));
+			}
 		}
 		*d = _cvtsh_ss(b->d);
 		*dmin = 0.0f;
@@ -406,7 +435,9 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 		const __m128i m8 = _mm_set1_epi8(0x0f);
 		const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s8, m8));
 		const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), m8));
-		im = hsum_i32_avx2(_mm256_madd_epi16(mn16, bsums));
+#pragma GCC unroll 2
+		for (int t = 0; t < T; t++)
+			im[t] = hsum_i32_avx2(_mm256_madd_epi16(mn16, BSUMS(t)));
 		const __m256i sA = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16));
 		const __m256i sB = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1));
 #pragma GCC unroll 2
@@ -414,43 +445,74 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const uint8_t *blk, con
 			const __m256i sv = hh ? sB : sA;
 			const __m256i q = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 16 + 32 * hh));
 #pragma GCC unroll 4
-			for (int g = 0; g < 4; g++)
-				acc = _mm256_add_epi32(acc, kq_dot32(bits2(q, 2 * g), xq + 128 * hh + 32 * g,
-								     kq_pick(sv, 2 * g, 2 * g + 1)));
+			for (int g = 0; g < 4; g++) {
+				const __m256i qg = bits2(q, 2 * g), pk = kq_pick(sv, 2 * g, 2 * g + 1);
+#pragma GCC unroll 2
+				for (int t = 0; t < T; t++)
+					acc[t] = _mm256_add_epi32(acc[t], kq_dot32(qg, XQ(t, 128 * hh + 32 * g), pk));
+			}
 		}
 		memcpy(&h, blk + 80, 2);
 		*d = _cvtsh_ss(h);
 		memcpy(&h, blk + 82, 2);
 		*dmin = _cvtsh_ss(h);
 	}
-	*isum = hsum_i32_avx2(acc);
-	*imin = im;
+#undef BSUMS
+#undef XQ
+#pragma GCC unroll 2
+	for (int t = 0; t < T; t++) {
+		isum[t] = hsum_i32_avx2(acc[t]);
+		imin[t] = im[t];
+	}
 }
 
-/* R rows (rs bytes apart) times one token: y[i * ys]. */
-static FN_ATTR ALWAYS_INLINE void kq_tile(const int DT, const int R, const uint8_t *W, size_t rs, uint32_t nb,
-					   const struct moe_block_q8_K *xb, float *y, size_t ys)
+/* R rows (rs bytes apart) times T tokens (ldq blocks apart):
+ * y[t * ldy + i * ys]. */
+static FN_ATTR ALWAYS_INLINE void kq_tile(const int DT, const int R, const int T, const uint8_t *W, size_t rs,
+					   uint32_t nb, const struct moe_block_q8_K *xq, size_t ldq, float *y, size_t ys,
+					   size_t ldy)
 {
 	const size_t bb = DT == MOE_DTYPE_Q4_K ? 144 : DT == MOE_DTYPE_Q5_K ? 176 : DT == MOE_DTYPE_Q6_K ? 210 :
 			  DT == MOE_DTYPE_Q3_K ? 110 : DT == MOE_DTYPE_IQ4_XS ? 136 : 84;
-	float acc[RMAX] = { 0 };
-	for (uint32_t b = 0; b < nb; b++)
+	float acc[RMAX][KQ_TMAX] = { { 0 } };
+	for (uint32_t b = 0; b < nb; b++) {
+		const struct moe_block_q8_K *xb[KQ_TMAX];
+#pragma GCC unroll 2
+		for (int t = 0; t < T; t++)
+			xb[t] = xq + (size_t)t * ldq + b;
 #pragma GCC unroll 4
 		for (int i = 0; i < R; i++) {
-			int32_t isum, imin;
+			int32_t isum[KQ_TMAX], imin[KQ_TMAX];
 			float d, dmin;
-			kq_block(DT, W + (size_t)i * rs + (size_t)b * bb, &xb[b], &isum, &imin, &d, &dmin);
-			acc[i] = ffn_kq_accum(acc[i], d, dmin, xb[b].d, isum, imin);
+			kq_block(DT, T, W + (size_t)i * rs + (size_t)b * bb, xb, isum, imin, &d, &dmin);
+#pragma GCC unroll 2
+			for (int t = 0; t < T; t++)
+				acc[i][t] = ffn_kq_accum(acc[i][t], d, dmin, xb[t]->d, isum[t], imin[t]);
 		}
+	}
 #pragma GCC unroll 4
 	for (int i = 0; i < R; i++)
-		y[(size_t)i * ys] = acc[i];
+#pragma GCC unroll 2
+		for (int t = 0; t < T; t++)
+			y[(size_t)t * ldy + (size_t)i * ys] = acc[i][t];
+}
+
+/* All tokens of an R-row tile: pairs of tokens, then the last one alone. */
+static FN_ATTR ALWAYS_INLINE void kq_rows(const int DT, const int R, const uint8_t *W, size_t rs, uint32_t nb,
+					   const struct ffn_act *a, float *y, size_t ys, size_t ldy)
+{
+	uint32_t t = 0;
+	for (; t + KQ_TMAX <= a->B; t += KQ_TMAX)
+		kq_tile(DT, R, KQ_TMAX, W, rs, nb, a->q8k + (size_t)t * a->ldqk, a->ldqk, y + (size_t)t * ldy, ys, ldy);
+	if (t < a->B)
+		kq_tile(DT, R, 1, W, rs, nb, a->q8k + (size_t)t * a->ldqk, a->ldqk, y + (size_t)t * ldy, ys, ldy);
 }
 
 /* Rows [r0, r1): tiles of RMAX rows from the RMAX quarters of the range
  * (long sequential streams, see ffn_simd.h), each tile through every token
- * while its rows are in L1, then the rest. Every (row, token) runs the
- * super-blocks in order through ffn_kq_accum whatever the tile. */
+ * while its rows are in L1, then the rest one row at a time. Every (row,
+ * token) runs the super-blocks in order through ffn_kq_accum on exact
+ * integers whatever the tile, so batches and threads give the same bits. */
 static FN_ATTR ALWAYS_INLINE void kq_mm(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
 					 uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
 {
@@ -458,13 +520,9 @@ static FN_ATTR ALWAYS_INLINE void kq_mm(const int DT, const uint8_t *W, size_t r
 	const uint8_t *W0 = W + (size_t)r0 * rb, *Wr = W0 + (size_t)q * RMAX * rb;
 
 	for (uint32_t j = 0; j < q; j++)
-		for (uint32_t t = 0; t < a->B; t++)
-			kq_tile(DT, RMAX, W0 + (size_t)j * rb, (size_t)q * rb, nb, a->q8k + (size_t)t * a->ldqk,
-				y + (size_t)t * ldy + j, q);
+		kq_rows(DT, RMAX, W0 + (size_t)j * rb, (size_t)q * rb, nb, a, y + j, q, ldy);
 	for (uint32_t i = 0; i < rem; i++)
-		for (uint32_t t = 0; t < a->B; t++)
-			kq_tile(DT, 1, Wr + (size_t)i * rb, rb, nb, a->q8k + (size_t)t * a->ldqk,
-				y + (size_t)t * ldy + (size_t)q * RMAX + i, 1);
+		kq_rows(DT, 1, Wr + (size_t)i * rb, rb, nb, a, y + (size_t)q * RMAX + i, 1, ldy);
 }
 
 #define DEFINE_KQ(NAME, DT) \
