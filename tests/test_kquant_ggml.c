@@ -11,7 +11,9 @@
  *    iq4_nl, whose dots take q8_0 x: moe_quantize_row_q8_0 and q8_0's);
  * 4. dot products: ffn_matmul on every path this CPU has against the CPU
  *    backend's vec_dot (row by row) and a ggml mul_mat graph (1, 7 and 32
- *    tokens), within the tolerance below.
+ *    tokens), within the tolerance below
+ * 5. whole experts (Q4_K_M-style q4_K/q4_K/q6_K and other mixes): ffn_expert
+ *    against ggml's graph of the same FFN (see run_expert).
  *
  * Tolerance. Both sides compute the same exact integer sums of each
  * sub-block (the codes times the same q8_K activations) and differ only in
@@ -35,6 +37,8 @@
 #include "dtype.h"
 #include "ffn.h"
 #include "ffn_impl.h"
+#include "model.h"
+#include "pack.h"
 
 #ifndef MOE_HAVE_LLAMA
 /* TAP, as every non-shell test here (Makefile.am's LOG_DRIVER). */
@@ -295,6 +299,98 @@ static void run_type(struct ggml_peer *p, enum moe_dtype t)
 	free(y);
 }
 
+/* 5. A whole SwiGLU expert (Q4_K_M-style and other mixes) through
+ * ffn_expert and through a ggml graph (mul_mat, silu, mul, mul_mat) on the
+ * same weights: max |ours - ggml| <= 1e-3 max |ggml| per batch. Beyond the
+ * dot-product differences above, h differs by ggml's own silu (its expf)
+ * and may then round to a neighbouring q8_K code (or bf16 / q8_0) before
+ * the down projection: at most one code step of h, 1/127 of a 256-column
+ * block's max, in a few elements; 1e-3 of the output's max covers that,
+ * a wrong sub-block scale or layout moves the output by far more. */
+static void run_expert(struct ggml_peer *p, enum moe_dtype tg, enum moe_dtype tu, enum moe_dtype td)
+{
+	const uint32_t n = 512, m = 256;
+	static const uint32_t Bs[] = { 1, 5, 16 };
+	const int f0 = failures;
+	struct moe_model_config cfg;
+	struct pack_part_desc parts[3];
+	const enum moe_dtype ts[3] = { tg, tu, td };
+	uint64_t off = 0;
+
+	memset(&cfg, 0, sizeof(cfg));
+	moe_model_set_family_defaults(&cfg, MOE_FAMILY_QWEN3_MOE);
+	cfg.hidden = n;
+	cfg.expert_width = m;
+	for (int i = 0; i < 3; i++) {
+		const uint32_t rows = i < 2 ? m : n, cols = i < 2 ? n : m;
+		uint64_t rb = 0;
+		moe_dtype_row_bytes(ts[i], cols, &rb);
+		parts[i] = (struct pack_part_desc){ i == 0 ? PACK_ROLE_GATE : i == 1 ? PACK_ROLE_UP : PACK_ROLE_DOWN,
+						    ts[i], rows, cols, off, rb * rows };
+		off += (rb * rows + 63) & ~63ull;
+	}
+	uint8_t *ext = calloc(1, off);
+	float *src = malloc(sizeof(float) * n * m);
+	for (int i = 0; i < 3; i++) {
+		for (uint32_t r = 0; r < parts[i].rows; r++)
+			fill_row(src + (size_t)r * parts[i].cols, parts[i].cols, 0); /* uniform, scale 2^-10 */
+		for (size_t k = 0; k < (size_t)parts[i].rows * parts[i].cols; k++)
+			src[k] *= 30.0f;
+		if (ts[i] == MOE_DTYPE_BF16) {
+			for (size_t k = 0; k < (size_t)parts[i].rows * parts[i].cols; k++) {
+				const uint16_t h = moe_f32_to_bf16(src[k]);
+				memcpy(ext + parts[i].offset + 2 * k, &h, 2);
+			}
+		} else {
+			ggml_quantize_chunk(ggml_peer_type(ts[i]), src, ext + parts[i].offset, 0, parts[i].rows,
+					    parts[i].cols, NULL);
+		}
+	}
+	struct ffn_layout L;
+	struct moe_error err = { { 0 } };
+	CHECK(ffn_layout_init(&L, &cfg, parts, 3, off, &err) == 0, "expert layout: %s", err.msg);
+	float *x = malloc(sizeof(float) * 16 * n), *y = malloc(sizeof(float) * 16 * n), *g = malloc(sizeof(float) * 16 * n);
+	for (uint32_t tk = 0; tk < 16; tk++)
+		fill_row(x + (size_t)tk * n, n, tk % 4); /* several shapes of x */
+	double worst = 0;
+	for (size_t bi = 0; bi < sizeof(Bs) / sizeof(Bs[0]) && failures == f0; bi++) {
+		struct ggml_peer_graph gr;
+		if (ggml_peer_graph_init(p, &gr, tg, ext + parts[0].offset, tu, ext + parts[1].offset, td,
+					 ext + parts[2].offset, n, m, Bs[bi], NULL, 0) != 0) {
+			CHECK(0, "expert graph set-up failed");
+			break;
+		}
+		CHECK(ggml_peer_graph_run(p, &gr, x, g) == 0, "expert graph compute failed");
+		CHECK(ffn_expert(&L, ext, x, n, Bs[bi], y, n, NULL, 0, 1) == 0, "ffn_expert");
+		for (uint32_t tk = 0; tk < Bs[bi]; tk++) {
+			double md = 0, mr = 0;
+			for (uint32_t k = 0; k < n; k++) {
+				md = fmax(md, fabs((double)y[(size_t)tk * n + k] - g[(size_t)tk * n + k]));
+				mr = fmax(mr, fabs((double)g[(size_t)tk * n + k]));
+			}
+			if (mr > 0)
+				worst = fmax(worst, md / mr);
+			CHECK(mr > 0 && md <= 1e-3 * mr, "expert %s/%s/%s B=%u token %u: max|ours - ggml| %.3g, max|ggml| %.3g",
+			      moe_dtype_name(tg), moe_dtype_name(tu), moe_dtype_name(td), Bs[bi], tk, md, mr);
+		}
+		ggml_peer_graph_free(&gr);
+	}
+	printf("%s %d - expert %s/%s/%s (1, 5, 16 tokens) within 1e-3 of ggml's graph (worst %.2g)\n",
+	       failures == f0 ? "ok" : "not ok", ++tap_n, moe_dtype_name(tg), moe_dtype_name(tu), moe_dtype_name(td),
+	       worst);
+	free(ext);
+	free(src);
+	free(x);
+	free(y);
+	free(g);
+}
+
+static const enum moe_dtype experts[][3] = {
+	{ MOE_DTYPE_Q4_K, MOE_DTYPE_Q4_K, MOE_DTYPE_Q6_K }, { MOE_DTYPE_Q5_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K },
+	{ MOE_DTYPE_Q3_K, MOE_DTYPE_Q3_K, MOE_DTYPE_Q5_K }, { MOE_DTYPE_Q2_K, MOE_DTYPE_Q2_K, MOE_DTYPE_Q4_K },
+	{ MOE_DTYPE_IQ4_XS, MOE_DTYPE_IQ4_XS, MOE_DTYPE_IQ4_NL }, { MOE_DTYPE_Q4_K, MOE_DTYPE_Q4_K, MOE_DTYPE_Q8_0 },
+};
+
 int main(void)
 {
 	struct ggml_peer p;
@@ -304,10 +400,13 @@ int main(void)
 		printf("1..0 # SKIP %s\n", why);
 		return 77;
 	}
-	printf("1..%zu\n# ggml CPU backend: %s\n", 2 * sizeof(kq) / sizeof(kq[0]), p.lib);
+	const size_t ne = sizeof(experts) / sizeof(experts[0]);
+	printf("1..%zu\n# ggml CPU backend: %s\n", 2 * sizeof(kq) / sizeof(kq[0]) + ne, p.lib);
 	ffn_set_q8_mode(FFN_Q8_INT);
 	for (size_t i = 0; i < sizeof(kq) / sizeof(kq[0]); i++)
 		run_type(&p, kq[i]);
+	for (size_t i = 0; i < ne; i++)
+		run_expert(&p, experts[i][0], experts[i][1], experts[i][2]);
 	ggml_peer_close(&p);
 	printf("# largest |ours - ggml| / T: %.3g (tolerance %.0e); %d failures\n", worst_ratio, TOL, failures);
 	return failures ? 1 : 0;
