@@ -162,12 +162,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	moe_log_init("ring-vs-socket", MOE_LOG_WARN, false);
-	sigset_t mask;
-	sigemptyset(&mask);
-	sigaddset(&mask, SIGTERM);
-	sigaddset(&mask, SIGINT);
-	sigaddset(&mask, SIGHUP);
-	pthread_sigmask(SIG_BLOCK, &mask, NULL);
+	server_block_signals(NULL);
 	struct server *srv;
 	if (server_create(&cfg, &srv, &err) || server_start(srv, &err)) {
 		fprintf(stderr, "ring-vs-socket: %s\n", err.msg);

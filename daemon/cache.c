@@ -131,6 +131,7 @@ struct cache {
 /* ---- small helpers (all under c->mu) -------------------------------------- */
 
 static uint32_t id_of(const struct cache *c, struct cache_key k) { return k.layer * c->n_experts + k.expert; }
+static bool key_ok(const struct cache *c, struct cache_key k) { return k.layer < c->n_layers && k.expert < c->n_experts; }
 static uint32_t layer_of(const struct cache *c, uint32_t id) { return id / c->n_experts; }
 static uint32_t expert_of(const struct cache *c, uint32_t id) { return id % c->n_experts; }
 
@@ -583,8 +584,7 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 	 * inserted, not hit: moe-sim's one event per expert and access). */
 	c->retry = n > 0 && c->calls > 0;
 	for (size_t i = 0; i < n && c->retry; i++)
-		c->retry = keys[i].layer < c->n_layers && keys[i].expert < c->n_experts &&
-			   keys[i].layer == keys[0].layer && c->ex[id_of(c, keys[i])].mark == c->calls;
+		c->retry = key_ok(c, keys[i]) && keys[i].layer == keys[0].layer && c->ex[id_of(c, keys[i])].mark == c->calls;
 	c->calls++;
 	if (n && keys[0].layer < c->n_layers && !c->retry) {
 		for (int t = 0; t < 2; t++)
@@ -592,13 +592,13 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 				policy_begin(c->pol[t], c->calls, keys[0].layer);
 	}
 	for (size_t i = 0; i < n; i++)
-		if (keys[i].layer < c->n_layers && keys[i].expert < c->n_experts)
+		if (key_ok(c, keys[i]))
 			c->ex[id_of(c, keys[i])].mark = c->calls;
 	size_t served = 0;
 	for (size_t i = 0; i < n; i++) {
 		memset(&out[i], 0, sizeof(out[i]));
 		stats_inc(c->st, STAT_cache_acquires);
-		if (keys[i].layer >= c->n_layers || keys[i].expert >= c->n_experts) {
+		if (!key_ok(c, keys[i])) {
 			out[i].status = -EINVAL;
 			stats_inc(c->st, STAT_cache_rejects);
 			continue;
@@ -699,35 +699,47 @@ size_t cache_release_client(struct cache *c, uint32_t client)
 	return dropped;
 }
 
+/* Runs fn on the expert of every valid key (others are skipped), under the
+ * lock; returns the sum of what fn returned. */
+static int for_each_key(struct cache *c, const struct cache_key *keys, size_t n,
+			int (*fn)(struct cache *c, uint32_t id, void *arg), void *arg)
+{
+	int sum = 0;
+	pthread_mutex_lock(&c->mu);
+	for (size_t i = 0; i < n; i++)
+		if (key_ok(c, keys[i]))
+			sum += fn(c, id_of(c, keys[i]), arg);
+	update_gauges(c);
+	pthread_mutex_unlock(&c->mu);
+	return sum;
+}
+
+/* 1 when a prefetch load or copy of id started. */
+static int prefetch_one(struct cache *c, uint32_t id, void *arg)
+{
+	struct expert_state *e = &c->ex[id];
+	bool gpu = *(enum cache_tier *)arg == CACHE_TIER_GPU && c->gpu;
+	if (e->st[T_HOST] == CACHE_ABSENT) {
+		if (start_host_load(c, id, true) == 0) {
+			e->want_gpu |= gpu;
+			return 1;
+		}
+	} else if (gpu && e->st[T_HOST] == CACHE_RESIDENT && e->st[T_GPU] == CACHE_ABSENT) {
+		if (start_gpu_copy(c, id) == 0) {
+			gpu_prefetch_started(c, e);
+			return 1;
+		}
+	} else if (gpu && e->st[T_HOST] == CACHE_LOADING) {
+		e->want_gpu = true;
+	}
+	return 0;
+}
+
 int cache_prefetch(struct cache *c, const struct cache_key *keys, size_t n, enum cache_tier tier)
 {
 	if (!c || (n && !keys) || (tier != CACHE_TIER_HOST && tier != CACHE_TIER_GPU))
 		return -EINVAL;
-	int started = 0;
-	pthread_mutex_lock(&c->mu);
-	for (size_t i = 0; i < n; i++) {
-		if (keys[i].layer >= c->n_layers || keys[i].expert >= c->n_experts)
-			continue;
-		uint32_t id = id_of(c, keys[i]);
-		struct expert_state *e = &c->ex[id];
-		bool gpu = tier == CACHE_TIER_GPU && c->gpu;
-		if (e->st[T_HOST] == CACHE_ABSENT) {
-			if (start_host_load(c, id, true) == 0) {
-				e->want_gpu |= gpu;
-				started++;
-			}
-		} else if (gpu && e->st[T_HOST] == CACHE_RESIDENT && e->st[T_GPU] == CACHE_ABSENT) {
-			if (start_gpu_copy(c, id) == 0) {
-				gpu_prefetch_started(c, e);
-				started++;
-			}
-		} else if (gpu && e->st[T_HOST] == CACHE_LOADING) {
-			e->want_gpu = true;
-		}
-	}
-	update_gauges(c);
-	pthread_mutex_unlock(&c->mu);
-	return started;
+	return for_each_key(c, keys, n, prefetch_one, &tier);
 }
 
 int cache_layer_view_tier(struct cache *c, enum cache_tier tier, uint32_t layer, uint8_t *resident,
@@ -760,50 +772,45 @@ int cache_layer_view(struct cache *c, uint32_t layer, uint8_t *resident, uint8_t
 
 bool cache_has_gpu(struct cache *c) { return c && c->gpu; }
 
+/* 1 when a cancel of id's prefetch load was done or asked for. */
+static int cancel_one(struct cache *c, uint32_t id, void *arg)
+{
+	struct expert_state *e = &c->ex[id];
+	(void)arg;
+	if (e->st[T_HOST] != CACHE_LOADING || !e->prefetch || e->cancel_asked)
+		return 0;
+	e->cancel_asked = true;
+	e->want_gpu = false;
+	/* Still in our job list: the I/O thread never saw it. */
+	struct job **pp = &c->jobs_head, *prev = NULL;
+	while (*pp && !((*pp)->kind == JOB_LOAD && (*pp)->expert == id)) {
+		prev = *pp;
+		pp = &(*pp)->next;
+	}
+	if (*pp) {
+		struct job *j = *pp;
+		*pp = j->next;
+		if (c->jobs_tail == j)
+			c->jobs_tail = prev;
+		free(j);
+		finish_host_load(c, id, -ECANCELED);
+		notify_ready(c);
+		return 1;
+	}
+	return push_job(c, JOB_CANCEL, id, e->slot[T_HOST], NONE, true) == 0;
+}
+
 int cache_prefetch_cancel(struct cache *c, const struct cache_key *keys, size_t n)
 {
 	if (!c || (n && !keys))
 		return -EINVAL;
-	int asked = 0;
-	pthread_mutex_lock(&c->mu);
-	for (size_t i = 0; i < n; i++) {
-		if (keys[i].layer >= c->n_layers || keys[i].expert >= c->n_experts)
-			continue;
-		uint32_t id = id_of(c, keys[i]);
-		struct expert_state *e = &c->ex[id];
-		if (e->st[T_HOST] != CACHE_LOADING || !e->prefetch || e->cancel_asked)
-			continue;
-		e->cancel_asked = true;
-		e->want_gpu = false;
-		/* Still in our job list: the I/O thread never saw it. */
-		struct job **pp = &c->jobs_head, *prev = NULL;
-		while (*pp && !((*pp)->kind == JOB_LOAD && (*pp)->expert == id)) {
-			prev = *pp;
-			pp = &(*pp)->next;
-		}
-		if (*pp) {
-			struct job *j = *pp;
-			*pp = j->next;
-			if (c->jobs_tail == j)
-				c->jobs_tail = prev;
-			free(j);
-			finish_host_load(c, id, -ECANCELED);
-			notify_ready(c);
-			asked++;
-		} else if (push_job(c, JOB_CANCEL, id, e->slot[T_HOST], NONE, true) == 0) {
-			asked++;
-		}
-	}
-	update_gauges(c);
-	pthread_mutex_unlock(&c->mu);
-	return asked;
+	return for_each_key(c, keys, n, cancel_one, NULL);
 }
 
 /* An expert of the pack and a memory tier: what pin, unpin and evict accept. */
 static bool valid_key_tier(const struct cache *c, struct cache_key key, enum cache_tier tier)
 {
-	return c && key.layer < c->n_layers && key.expert < c->n_experts &&
-	       (tier == CACHE_TIER_HOST || tier == CACHE_TIER_GPU);
+	return c && key_ok(c, key) && (tier == CACHE_TIER_HOST || tier == CACHE_TIER_GPU);
 }
 
 int cache_pin(struct cache *c, struct cache_key key, enum cache_tier tier)
@@ -884,7 +891,7 @@ int cache_evict(struct cache *c, struct cache_key key, enum cache_tier tier)
 
 enum cache_residency cache_state(struct cache *c, struct cache_key key, enum cache_tier tier)
 {
-	if (!c || key.layer >= c->n_layers || key.expert >= c->n_experts || tier > CACHE_TIER_HOST)
+	if (!c || !key_ok(c, key) || tier > CACHE_TIER_HOST)
 		return CACHE_ABSENT;
 	pthread_mutex_lock(&c->mu);
 	enum cache_residency r = c->ex[id_of(c, key)].st[tier];

@@ -3,7 +3,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -79,14 +78,9 @@ int main(int argc, char **argv)
 		fprintf(stderr, "moetierd: detaching: %s\n", strerror(-rc));
 		return 1;
 	}
-	/* Block the signals server_run reads from a signalfd before any thread
-	 * exists (the cache's I/O thread, the ring thread inherit the mask). */
-	sigset_t mask;
-	sigemptyset(&mask);
-	sigaddset(&mask, SIGTERM);
-	sigaddset(&mask, SIGINT);
-	sigaddset(&mask, SIGHUP);
-	pthread_sigmask(SIG_BLOCK, &mask, NULL);
+	/* Before any thread exists (the cache's I/O thread, the ring thread
+	 * inherit the mask). */
+	server_block_signals(NULL);
 	rc = server_create(&cfg, &srv, &err);
 	if (rc) {
 		moe_err("%s", err.msg);

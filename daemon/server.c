@@ -161,6 +161,18 @@ void server_stop(struct server *s)
 	}
 }
 
+void server_block_signals(sigset_t *mask)
+{
+	sigset_t m;
+	sigemptyset(&m);
+	sigaddset(&m, SIGTERM);
+	sigaddset(&m, SIGINT);
+	sigaddset(&m, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &m, NULL);
+	if (mask)
+		*mask = m;
+}
+
 static void notify_status(struct server *s)
 {
 	unsigned n = 0;
@@ -176,11 +188,7 @@ static void notify_status(struct server *s)
 int server_run(struct server *s, struct moe_error *err)
 {
 	sigset_t mask;
-	sigemptyset(&mask);
-	sigaddset(&mask, SIGTERM);
-	sigaddset(&mask, SIGINT);
-	sigaddset(&mask, SIGHUP);
-	pthread_sigmask(SIG_BLOCK, &mask, NULL);
+	server_block_signals(&mask);
 	s->epfd = epoll_create1(EPOLL_CLOEXEC);
 	s->sig_fd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
 	s->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);

@@ -22,6 +22,7 @@
 #define MOETIER_SERVER_H
 
 #include <stdbool.h>
+#include <signal.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -65,6 +66,10 @@ int server_start(struct server *s, struct moe_error *err);
 /* Runs the event loop until SIGTERM/SIGINT (or server_stop). Sends
  * READY=1 once listening, STATUS= and WATCHDOG=1 when systemd asks. */
 int server_run(struct server *s, struct moe_error *err);
+/* Blocks, in the calling thread, the signals server_run reads from its
+ * signalfd (SIGTERM, SIGINT, SIGHUP) and sets *mask (may be NULL) to them.
+ * Call it before any thread exists, so every thread inherits the mask. */
+void server_block_signals(sigset_t *mask);
 /* Asks server_run to return (async-signal-safe). */
 void server_stop(struct server *s);
 /* Closes every client, stops the ring thread, unlinks the socket. */

@@ -194,7 +194,6 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 		.no_uring = s->cfg->no_uring,
 		.policy = s->cfg->policy,
 		.layer_slots = s->cfg->layer_slots,
-		.wait_timeout_ms = s->cfg->wait_timeout_ms,
 		.max_clients = s->max_clients + 1,
 		.on_ready = on_ready,
 		.on_ready_ctx = m,
