@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1148,6 +1149,51 @@ int gen_expert_part(const struct gen_model *g, uint32_t layer, uint32_t expert, 
 /* ---- streaming ---- */
 
 #define STREAM_CHUNK (8u << 20)
+#define MAX_THREADS 16
+
+struct rows_job {
+	const struct gen_model *g;
+	const struct gen_tensor *t;
+	uint64_t row, n;
+	uint8_t *out;
+};
+
+static void *rows_worker(void *arg)
+{
+	struct rows_job *j = arg;
+	gen_tensor_rows(j->g, j->t, j->row, j->n, j->out);
+	return NULL;
+}
+
+/* gen_tensor_rows over up to `threads` threads: values are a pure function
+ * of their index, so the split changes no byte; a multi-GiB model is CPU
+ * bound on the generator and the quantizers. A thread that cannot start
+ * leaves its share to the caller. */
+static void rows_parallel(const struct gen_model *g, const struct gen_tensor *t, uint64_t row, uint64_t n,
+			  uint8_t *out, uint32_t threads)
+{
+	pthread_t th[MAX_THREADS];
+	struct rows_job j[MAX_THREADS];
+	bool started[MAX_THREADS] = { false };
+	uint32_t k = (uint32_t)MOE_MIN((uint64_t)MOE_MIN(threads, (uint32_t)MAX_THREADS), n);
+	if (k < 2 || n * t->row_bytes < (1u << 20)) {
+		gen_tensor_rows(g, t, row, n, out);
+		return;
+	}
+	for (uint32_t i = 0; i < k; i++) {
+		uint64_t a = n * i / k, b = n * (i + 1) / k;
+		j[i] = (struct rows_job){ g, t, row + a, b - a, out + a * t->row_bytes };
+		if (i > 0)
+			started[i] = pthread_create(&th[i], NULL, rows_worker, &j[i]) == 0;
+	}
+	rows_worker(&j[0]);
+	for (uint32_t i = 1; i < k; i++) {
+		if (started[i])
+			pthread_join(th[i], NULL);
+		else
+			rows_worker(&j[i]);
+	}
+}
 
 int gen_stream_tensors(const struct gen_model *g, const struct gen_tensor *t, size_t first,
 		       size_t last, int fd, struct moe_error *err)
@@ -1156,6 +1202,8 @@ int gen_stream_tensors(const struct gen_model *g, const struct gen_tensor *t, si
 	size_t fill = 0, cap;
 	uint8_t *buf;
 	int rc = 0;
+	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+	const uint32_t threads = cpus > 1 ? (uint32_t)MOE_MIN(cpus, (long)MAX_THREADS) : 1;
 	for (size_t i = first; i < last; i++)
 		maxrow = MOE_MAX(maxrow, t[i].row_bytes);
 	cap = (size_t)MOE_MAX((uint64_t)STREAM_CHUNK, maxrow);
@@ -1186,7 +1234,7 @@ int gen_stream_tensors(const struct gen_model *g, const struct gen_tensor *t, si
 				continue;
 			}
 			fit = MOE_MIN(fit, t[i].n_rows - r);
-			gen_tensor_rows(g, &t[i], r, fit, buf + fill);
+			rows_parallel(g, &t[i], r, fit, buf + fill, threads);
 			fill += (size_t)(fit * t[i].row_bytes);
 			pos += fit * t[i].row_bytes;
 			r += fit;
