@@ -28,6 +28,7 @@ struct experts {
 	uint8_t *slot_of;            /* [E][B] top-k slot of each use */
 	uint32_t *count;             /* [E] */
 	uint8_t *mask;               /* [E] residency */
+	uint32_t *ids;               /* [E] the experts of one layer call */
 	float *logits;               /* [B][E] */
 	struct experts_stats st;
 };
@@ -67,8 +68,10 @@ static struct experts *alloc_experts(const struct model *m)
 	ex->n = m->n_embd;
 	ex->k = m->top_k;
 	ex->E = m->n_experts;
-	if (!(ex->count = calloc(ex->E, sizeof(uint32_t))) || !(ex->mask = calloc(ex->E, 1))) {
+	if (!(ex->count = calloc(ex->E, sizeof(uint32_t))) || !(ex->mask = calloc(ex->E, 1)) ||
+	    !(ex->ids = calloc(ex->E, sizeof(uint32_t)))) {
 		free(ex->count);
+		free(ex->mask);
 		free(ex);
 		return NULL;
 	}
@@ -176,6 +179,7 @@ void experts_close(struct experts *ex)
 	free(ex->logits);
 	free(ex->count);
 	free(ex->mask);
+	free(ex->ids);
 	free(ex);
 }
 
@@ -232,78 +236,93 @@ static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids
 	return false;
 }
 
-/* Acquires and computes the experts in ids[0..n) (n <= MOET_MAX_BATCH):
- * what is resident first, then what was missing as its loads land. */
-static int daemon_group(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x,
-			uint32_t B, bool *pf_pending, int threads, struct moe_error *err)
+/* One acquire of ids[0..n) (n <= MOET_MAX_BATCH): computes what was served
+ * (or, when told, what cannot be served: from the pack), releases, and
+ * appends what is still missing to keep[*kept]. */
+static int acquire_chunk(struct experts *ex, uint32_t moe_l, const uint32_t *ids, unsigned n, bool block, bool first,
+			 bool from_pack, const float *x, int threads, uint32_t *keep, unsigned *kept,
+			 struct moe_error *err)
 {
 	int32_t slots[MOET_MAX_BATCH];
 	uint8_t tiers[MOET_MAX_BATCH];
-	bool first = true;
+	moet_lease lease = 0;
+	uint64_t t0 = block ? moe_now_ns() : 0;
+	int rc = moet_acquire(ex->ctx, moe_l, ids, n, block ? 0 : MOET_F_NOWAIT, slots, tiers, &lease);
+	if (block) {
+		ex->st.stall_ns += moe_now_ns() - t0;
+		ex->st.waits++;
+	}
+	if (rc < 0)
+		return moe_error_set(err, -EIO, "moetierd: acquire layer %u: %s %s", moe_l, moet_strerror(rc),
+				     moet_last_error(ex->ctx));
+	rc = 0; /* the count served */
+	for (unsigned i = 0; i < n && !rc; i++) {
+		if (first) {
+			if (slots[i] < 0)
+				ex->st.misses++;
+			else if (tiers[i] == MOET_TIER_GPU)
+				ex->st.hits_gpu++;
+			else
+				ex->st.hits_host++;
+		}
+		const void *p = slots[i] >= 0 ? moet_slot_ptr(ex->ctx, tiers[i], slots[i]) : NULL;
+		if (!p && (slots[i] >= 0 || from_pack)) {
+			/* served from a tier this process cannot map, or the
+			 * daemon makes no progress: read it from the pack (same
+			 * bytes, CRC checked) */
+			if ((rc = pack_read_expert(ex->m->pack, moe_l, ids[i], ex->fallback, err)))
+				break;
+			ex->st.fallback_reads++;
+			p = ex->fallback;
+		}
+		if (!p)
+			keep[(*kept)++] = ids[i];
+		else if ((rc = run_expert(ex, ids[i], p, x, threads)))
+			moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
+	}
+	if (lease)
+		moet_release(ex->ctx, lease);
+	return rc;
+}
+
+/* Acquires and computes the experts ids[0..n): what is resident first, then
+ * what was missing as its loads land. Every round asks for all of them (in
+ * ring-entry chunks), so all their loads start at once. */
+static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x,
+			uint32_t B, int threads, struct moe_error *err)
+{
+	bool first = true, pf = ex->prefetch;
 	unsigned idle = 0;
+	int rc;
 	while (n) {
-		moet_lease lease = 0;
 		/* After a few rounds without progress a blocking acquire of one
 		 * expert: with a tiny arena, NOWAIT loads can evict each other
 		 * before they are acquired. */
 		bool block = idle >= 3;
-		uint64_t t0 = block ? moe_now_ns() : 0;
-		int rc = moet_acquire(ex->ctx, moe_l, ids, block ? 1 : n, block ? 0 : MOET_F_NOWAIT, slots, tiers, &lease);
-		if (block) {
-			ex->st.stall_ns += moe_now_ns() - t0;
-			ex->st.waits++;
-		}
-		if (rc < 0)
-			return moe_error_set(err, -EIO, "moetierd: acquire layer %u: %s %s", moe_l, moet_strerror(rc),
-					     moet_last_error(ex->ctx));
-		unsigned m = block ? 1 : n, kept = 0;
-		if (*pf_pending) {
-			/* this layer's misses are queued: now the next layer's
-			 * hint, loading while this layer computes */
-			*pf_pending = false;
-			prefetch_next(ex, il, x, B);
-		}
-		for (unsigned i = 0; i < m; i++) {
-			if (first) {
-				if (slots[i] < 0)
-					ex->st.misses++;
-				else if (tiers[i] == MOET_TIER_GPU)
-					ex->st.hits_gpu++;
-				else
-					ex->st.hits_host++;
-			}
-			const void *p = slots[i] >= 0 ? moet_slot_ptr(ex->ctx, tiers[i], slots[i]) : NULL;
-			if (!p && (slots[i] >= 0 || idle > 20)) {
-				/* served from a tier this process cannot map, or
-				 * the daemon makes no progress: read it from the
-				 * pack (same bytes, CRC checked) */
-				if ((rc = pack_read_expert(ex->m->pack, moe_l, ids[i], ex->fallback, err))) {
-					moet_release(ex->ctx, lease);
-					return rc;
-				}
-				ex->st.fallback_reads++;
-				p = ex->fallback;
-			}
-			if (!p) {
-				ids[kept++] = ids[i];
-				continue;
-			}
-			if ((rc = run_expert(ex, ids[i], p, x, threads))) {
-				moet_release(ex->ctx, lease);
-				return moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
+		unsigned kept = 0, todo = block ? 1 : n;
+		for (unsigned c = 0; c < todo; c += MOET_MAX_BATCH) {
+			unsigned cn = MOE_MIN(todo - c, (unsigned)MOET_MAX_BATCH);
+			/* kept <= c: compacting ids in place never overwrites
+			 * an id not yet asked for */
+			if ((rc = acquire_chunk(ex, moe_l, ids + c, cn, block, first, idle > 20, x, threads, ids, &kept,
+						err)))
+				return rc;
+			if (pf && c + cn >= MOE_MIN(todo, (unsigned)MOET_MAX_BATCH)) {
+				/* this layer's misses are queued: now the next
+				 * layer's hint, loading while this layer computes */
+				pf = false;
+				prefetch_next(ex, il, x, B);
 			}
 		}
-		for (unsigned i = m; i < n; i++)
+		for (unsigned i = todo; i < n; i++)
 			ids[kept++] = ids[i];
-		if (lease)
-			moet_release(ex->ctx, lease);
 		first = false;
 		idle = kept == n ? idle + 1 : 0;
 		n = kept;
 		if (n && !block && !any_resident(ex, moe_l, ids, n)) {
 			/* the residency check first: a load that landed since the
 			 * acquire would otherwise cost the whole wait timeout */
-			t0 = moe_now_ns();
+			uint64_t t0 = moe_now_ns();
 			rc = moet_wait_ready(ex->ctx, moe_l, 2);
 			ex->st.stall_ns += moe_now_ns() - t0;
 			ex->st.waits++;
@@ -346,20 +365,11 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 			    (rc = run_expert(ex, e, ex->all + ((uint64_t)moe_l * ex->E + e) * ex->ext_bytes, x, threads)))
 				return moe_error_set(err, rc, "expert %u of layer %u: %d", e, il, rc);
 	} else {
-		uint32_t ids[MOET_MAX_BATCH];
 		unsigned ng = 0;
-		bool pf = ex->prefetch;
-		for (uint32_t e = 0; e < ex->E; e++) {
-			if (!ex->count[e])
-				continue;
-			ids[ng++] = e;
-			if (ng == MOET_MAX_BATCH) {
-				if ((rc = daemon_group(ex, il, moe_l, ids, ng, x, B, &pf, threads, err)))
-					return rc;
-				ng = 0;
-			}
-		}
-		if (ng && (rc = daemon_group(ex, il, moe_l, ids, ng, x, B, &pf, threads, err)))
+		for (uint32_t e = 0; e < ex->E; e++)
+			if (ex->count[e])
+				ex->ids[ng++] = e;
+		if ((rc = daemon_layer(ex, il, moe_l, ex->ids, ng, x, B, threads, err)))
 			return rc;
 	}
 

@@ -457,6 +457,7 @@ int main(int argc, char **argv)
 			goto fail;
 		c.tok = NULL; /* --tokens: ids are printed instead of text */
 		rc = 0;
+		err.msg[0] = '\0';
 	}
 	if (c.o.tokens && (rc = parse_ids(c.o.tokens, &ids, &n)))
 		return 2;
