@@ -429,11 +429,27 @@ static void st_vs_gguf(const char *family, const char *extra)
 		    (kl > 20 && !strcmp(x->key.data + kl - 20, ".feed_forward_length")))
 			continue;
 		cr_assert_eq(x->type, y->type, "%s: type", x->key.data);
-		if (x->type == GGUF_TYPE_STRING)
+		if (x->type == GGUF_TYPE_STRING) {
 			cr_assert(same_str(&x->v.str, &y->v.str), "%s", x->key.data);
-		else if (x->type != GGUF_TYPE_ARRAY)
+		} else if (x->type != GGUF_TYPE_ARRAY) {
 			cr_assert_eq(x->v.u64, y->v.u64, "%s: %lu vs %lu", x->key.data, (unsigned long)x->v.u64,
 				     (unsigned long)y->v.u64);
+		} else {
+			/* the vocabulary: tokens, scores, types */
+			cr_assert_eq(x->v.arr.type, y->v.arr.type, "%s", x->key.data);
+			cr_assert_eq(x->v.arr.count, y->v.arr.count, "%s", x->key.data);
+			for (uint64_t j = 0; j < x->v.arr.count; j++) {
+				if (x->v.arr.type == GGUF_TYPE_STRING) {
+					cr_assert(same_str(((struct gguf_str *)x->v.arr.data) + j, ((struct gguf_str *)y->v.arr.data) + j),
+						  "%s[%lu]", x->key.data, (unsigned long)j);
+				} else {
+					double u, v;
+					cr_assert_eq(gguf_arr_f64(x, j, &u), 0);
+					cr_assert_eq(gguf_arr_f64(y, j, &v), 0);
+					cr_assert_eq(u, v, "%s[%lu]: %g vs %g", x->key.data, (unsigned long)j, u, v);
+				}
+			}
+		}
 	}
 	static const char *const need[] = { "block_count", "embedding_length", "context_length", "attention.head_count",
 					    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "expert_count",
@@ -458,6 +474,12 @@ Test(pack_model, st_qwen3_moe) { st_vs_gguf("qwen3_moe", ""); st_vs_gguf("qwen3_
 Test(pack_model, st_olmoe) { st_vs_gguf("olmoe", ""); }
 /* several heads and GQA: q and k rows are permuted per head of their own count */
 Test(pack_model, st_mixtral) { st_vs_gguf("mixtral", ""); st_vs_gguf("mixtral", "--heads 4 --kv-heads 2"); }
+/* tiny-lm: moe-gen's vocabulary as tokenizer.json and as GGUF keys */
+Test(pack_model, st_tiny_lm)
+{
+	st_vs_gguf("mixtral", "--preset tiny-lm");
+	st_vs_gguf("qwen3_moe", "--preset tiny-lm");
+}
 
 /* ---- tokenizer.json -> tokenizer.ggml.* ---- */
 
@@ -602,6 +624,9 @@ Test(pack_model, st_tokenizer_llama)
 	cr_assert_eq(need_kv(kv, "tokenizer.ggml.unknown_token_id", GGUF_TYPE_UINT32)->v.u64, 0);
 	cr_assert_eq(need_kv(kv, "tokenizer.ggml.add_bos_token", GGUF_TYPE_BOOL)->v.u64, 1);
 	cr_assert_eq(need_kv(kv, "llama.rope.dimension_count", GGUF_TYPE_UINT32)->v.u64 % 2, 0);
+	/* SentencePiece ranks by score: no merges; no Prepend normalizer: no space prefix */
+	cr_assert_null(gguf_find_kv(kv, "tokenizer.ggml.merges"));
+	cr_assert_eq(need_kv(kv, "tokenizer.ggml.add_space_prefix", GGUF_TYPE_BOOL)->v.u64, 0);
 	gguf_close(kv);
 	free(buf);
 	pack_close(p);

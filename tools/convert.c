@@ -1398,7 +1398,32 @@ static int hf_tokenizer_kv(struct kvw *k, const char *dir, json_t *c, enum moe_f
 	}
 	kw_arr(k, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, n);
 	ob_put(&k->b, types, n * sizeof(*types));
-	if (json_is_array(merges) && json_array_size(merges)) {
+	if (fallback) {
+		/* SentencePiece's word boundary: a Prepend("\u2581") normalizer or a
+		 * Metaspace pre-tokenizer that prepends (llama.cpp: add_space_prefix) */
+		json_t *nz = json_object_get(t, "normalizer"), *pt = json_object_get(t, "pre_tokenizer"), *x;
+		bool prefix = false;
+		json_t *nl = json_object_get(nz, "normalizers");
+		if (!json_is_array(nl)) {
+			nl = json_array();
+			json_array_append(nl, nz);
+		} else {
+			json_incref(nl);
+		}
+		json_array_foreach(nl, i, x)
+			prefix |= json_is_string(json_object_get(x, "type")) &&
+				  !strcmp(json_string_value(json_object_get(x, "type")), "Prepend") &&
+				  json_is_string(json_object_get(x, "prepend")) &&
+				  !strcmp(json_string_value(json_object_get(x, "prepend")), "\xe2\x96\x81");
+		json_decref(nl);
+		if (json_is_string(json_object_get(pt, "type")) && !strcmp(json_string_value(json_object_get(pt, "type")), "Metaspace")) {
+			const char *ps = json_string_value(json_object_get(pt, "prepend_scheme"));
+			prefix |= ps ? strcmp(ps, "never") != 0 : json_is_true(json_object_get(pt, "add_prefix_space"));
+		}
+		kw_bool(k, "tokenizer.ggml.add_space_prefix", prefix);
+	}
+	/* merges: byte-level BPE only (SentencePiece ranks by score) */
+	if (!fallback && json_is_array(merges) && json_array_size(merges)) {
 		kw_arr(k, "tokenizer.ggml.merges", GGUF_TYPE_STRING, json_array_size(merges));
 		json_array_foreach(merges, i, v) {
 			char m[1024];
