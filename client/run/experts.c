@@ -29,6 +29,9 @@ struct experts {
 	uint32_t *count;             /* [E] */
 	uint8_t *mask;               /* [E] residency */
 	uint32_t *ids;               /* [E] the experts of one layer call */
+	int32_t *slots;              /* [E] their slots (-1: miss) */
+	uint8_t *tiers;              /* [E] */
+	moet_lease *leases;          /* [E / MOET_MAX_BATCH + 1] one per acquire */
 	float *logits;               /* [B][E] */
 	struct experts_stats st;
 };
@@ -69,9 +72,13 @@ static struct experts *alloc_experts(const struct model *m)
 	ex->k = m->top_k;
 	ex->E = m->n_experts;
 	if (!(ex->count = calloc(ex->E, sizeof(uint32_t))) || !(ex->mask = calloc(ex->E, 1)) ||
-	    !(ex->ids = calloc(ex->E, sizeof(uint32_t)))) {
+	    !(ex->ids = calloc(ex->E, sizeof(uint32_t))) || !(ex->slots = calloc(ex->E, sizeof(int32_t))) ||
+	    !(ex->tiers = calloc(ex->E, 1)) || !(ex->leases = calloc(ex->E / MOET_MAX_BATCH + 1, sizeof(moet_lease)))) {
 		free(ex->count);
 		free(ex->mask);
+		free(ex->ids);
+		free(ex->slots);
+		free(ex->tiers);
 		free(ex);
 		return NULL;
 	}
@@ -180,6 +187,9 @@ void experts_close(struct experts *ex)
 	free(ex->count);
 	free(ex->mask);
 	free(ex->ids);
+	free(ex->slots);
+	free(ex->tiers);
+	free(ex->leases);
 	free(ex);
 }
 
@@ -236,84 +246,79 @@ static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids
 	return false;
 }
 
-/* One acquire of ids[0..n) (n <= MOET_MAX_BATCH): computes what was served
- * (or, when told, what cannot be served: from the pack), releases, and
- * appends what is still missing to keep[*kept]. */
-static int acquire_chunk(struct experts *ex, uint32_t moe_l, const uint32_t *ids, unsigned n, bool block, bool first,
-			 bool from_pack, const float *x, int threads, uint32_t *keep, unsigned *kept,
-			 struct moe_error *err)
-{
-	int32_t slots[MOET_MAX_BATCH];
-	uint8_t tiers[MOET_MAX_BATCH];
-	moet_lease lease = 0;
-	uint64_t t0 = block ? moe_now_ns() : 0;
-	int rc = moet_acquire(ex->ctx, moe_l, ids, n, block ? 0 : MOET_F_NOWAIT, slots, tiers, &lease);
-	if (block) {
-		ex->st.stall_ns += moe_now_ns() - t0;
-		ex->st.waits++;
-	}
-	if (rc < 0)
-		return moe_error_set(err, -EIO, "moetierd: acquire layer %u: %s %s", moe_l, moet_strerror(rc),
-				     moet_last_error(ex->ctx));
-	rc = 0; /* the count served */
-	for (unsigned i = 0; i < n && !rc; i++) {
-		if (first) {
-			if (slots[i] < 0)
-				ex->st.misses++;
-			else if (tiers[i] == MOET_TIER_GPU)
-				ex->st.hits_gpu++;
-			else
-				ex->st.hits_host++;
-		}
-		const void *p = slots[i] >= 0 ? moet_slot_ptr(ex->ctx, tiers[i], slots[i]) : NULL;
-		if (!p && (slots[i] >= 0 || from_pack)) {
-			/* served from a tier this process cannot map, or the
-			 * daemon makes no progress: read it from the pack (same
-			 * bytes, CRC checked) */
-			if ((rc = pack_read_expert(ex->m->pack, moe_l, ids[i], ex->fallback, err)))
-				break;
-			ex->st.fallback_reads++;
-			p = ex->fallback;
-		}
-		if (!p)
-			keep[(*kept)++] = ids[i];
-		else if ((rc = run_expert(ex, ids[i], p, x, threads)))
-			moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
-	}
-	if (lease)
-		moet_release(ex->ctx, lease);
-	return rc;
-}
-
 /* Acquires and computes the experts ids[0..n): what is resident first, then
  * what was missing as its loads land. Every round asks for all of them (in
- * ring-entry chunks), so all their loads start at once. */
+ * ring-entry chunks) before computing any, so all their loads start at once,
+ * then sends the next layer's hint, then computes what was served. */
 static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x,
 			uint32_t B, int threads, struct moe_error *err)
 {
 	bool first = true, pf = ex->prefetch;
 	unsigned idle = 0;
-	int rc;
+	int rc = 0;
 	while (n) {
 		/* After a few rounds without progress a blocking acquire of one
 		 * expert: with a tiny arena, NOWAIT loads can evict each other
-		 * before they are acquired. */
-		bool block = idle >= 3;
-		unsigned kept = 0, todo = block ? 1 : n;
+		 * before they are acquired. After many, the pack itself. */
+		const bool block = idle >= 3, from_pack = idle > 20;
+		const unsigned todo = block ? 1 : n;
+		unsigned nl = 0, kept = 0;
+		uint64_t t0 = moe_now_ns();
 		for (unsigned c = 0; c < todo; c += MOET_MAX_BATCH) {
 			unsigned cn = MOE_MIN(todo - c, (unsigned)MOET_MAX_BATCH);
-			/* kept <= c: compacting ids in place never overwrites
-			 * an id not yet asked for */
-			if ((rc = acquire_chunk(ex, moe_l, ids + c, cn, block, first, idle > 20, x, threads, ids, &kept,
-						err)))
-				return rc;
-			if (pf && c + cn >= MOE_MIN(todo, (unsigned)MOET_MAX_BATCH)) {
-				/* this layer's misses are queued: now the next
-				 * layer's hint, loading while this layer computes */
-				pf = false;
-				prefetch_next(ex, il, x, B);
+			rc = moet_acquire(ex->ctx, moe_l, ids + c, cn, block ? 0 : MOET_F_NOWAIT, ex->slots + c,
+					  ex->tiers + c, &ex->leases[nl]);
+			if (rc < 0) {
+				rc = moe_error_set(err, -EIO, "moetierd: acquire layer %u: %s %s", moe_l,
+						   moet_strerror(rc), moet_last_error(ex->ctx));
+				goto release;
+			}
+			nl++;
+		}
+		if (block) {
+			ex->st.stall_ns += moe_now_ns() - t0;
+			ex->st.waits++;
+		}
+		if (pf) {
+			/* this layer's misses are queued: now the next layer's
+			 * hint, loading while this layer computes */
+			pf = false;
+			prefetch_next(ex, il, x, B);
+		}
+		rc = 0;
+		for (unsigned i = 0; i < todo; i++) {
+			const int32_t slot = ex->slots[i];
+			if (first) {
+				if (slot < 0)
+					ex->st.misses++;
+				else if (ex->tiers[i] == MOET_TIER_GPU)
+					ex->st.hits_gpu++;
+				else
+					ex->st.hits_host++;
+			}
+			const void *p = slot >= 0 ? moet_slot_ptr(ex->ctx, ex->tiers[i], slot) : NULL;
+			if (!p && (slot >= 0 || from_pack)) {
+				/* served from a tier this process cannot map, or
+				 * the daemon makes no progress: read it from the
+				 * pack (same bytes, CRC checked) */
+				if ((rc = pack_read_expert(ex->m->pack, moe_l, ids[i], ex->fallback, err)))
+					goto release;
+				ex->st.fallback_reads++;
+				p = ex->fallback;
+			}
+			if (!p) {
+				ids[kept++] = ids[i]; /* kept <= i: compaction in place */
+			} else if ((rc = run_expert(ex, ids[i], p, x, threads))) {
+				moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
+				goto release;
 			}
 		}
+release:
+		for (unsigned l = 0; l < nl; l++)
+			if (ex->leases[l])
+				moet_release(ex->ctx, ex->leases[l]);
+		if (rc)
+			return rc;
 		for (unsigned i = todo; i < n; i++)
 			ids[kept++] = ids[i];
 		first = false;
@@ -322,7 +327,7 @@ static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 		if (n && !block && !any_resident(ex, moe_l, ids, n)) {
 			/* the residency check first: a load that landed since the
 			 * acquire would otherwise cost the whole wait timeout */
-			uint64_t t0 = moe_now_ns();
+			t0 = moe_now_ns();
 			rc = moet_wait_ready(ex->ctx, moe_l, 2);
 			ex->st.stall_ns += moe_now_ns() - t0;
 			ex->st.waits++;
