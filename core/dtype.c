@@ -467,9 +467,11 @@ void moe_quantize_row_q8_K(const float *src, struct moe_block_q8_K *dst, size_t 
 			continue;
 		}
 		for (int j = 0; j < 256; j++) {
-			/* rintf: nearest, ties to even, as ggml's 1.5 * 2^23 trick */
-			const int v = (int)rintf(iscale * x[j]);
-			y->qs[j] = (int8_t)(v < 127 ? v : 127);
+			/* rintf: nearest, ties to even, as ggml's 1.5 * 2^23 trick;
+			 * a NaN element (skipped by the max) gets code 0 */
+			const float v = iscale * x[j];
+			const int q = v == v ? (int)rintf(v) : 0;
+			y->qs[j] = (int8_t)(q < 127 ? q : 127);
 		}
 		for (int g = 0; g < 16; g++) {
 			int sum = 0;

@@ -103,7 +103,8 @@ void moe_quantize_row_mxfp4(const float *src, struct moe_block_mxfp4 *dst, size_
  * quantize_row_q8_K_ref: with max the element of largest magnitude (the
  * first one), iscale = -127 / max, q = round-half-even(x * iscale) clamped
  * to 127, d = 1 / iscale; an all-zero block (or one too small for a finite
- * iscale) gets d 0 and codes 0. */
+ * iscale) gets d 0 and codes 0. NaN elements are skipped by the max and get
+ * code 0. */
 void moe_quantize_row_q8_K(const float *src, struct moe_block_q8_K *dst, size_t n);
 /* Scale j (0..7) and min of a q4_K / q5_K super-block's 12 packed bytes:
  * 6 bits each, j < 4 in the low bits of bytes j / j+4, j >= 4 split

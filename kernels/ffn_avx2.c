@@ -541,7 +541,8 @@ DEFINE_KQ(ffn_mm_iq4_xs_avx2, MOE_DTYPE_IQ4_XS)
 /* moe_quantize_row_q8_K 8 lanes at a time, the same blocks for finite x:
  * the first element of largest magnitude gives iscale = -127 / max; codes
  * are vcvtps2dq of x * iscale (round to nearest even, as rintf in the
- * default rounding mode), clamped to 127. */
+ * default rounding mode), clamped to 127; NaN elements are skipped by the
+ * max and get code 0, as there. */
 FN_ATTR void ffn_quant_q8k_avx2(const float *x, struct moe_block_q8_K *out, uint32_t n)
 {
 	const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -551,8 +552,10 @@ FN_ATTR void ffn_quant_q8k_avx2(const float *x, struct moe_block_q8_K *out, uint
 		const float *p = x + (size_t)b * 256;
 		struct moe_block_q8_K *o = &out[b];
 		__m256 m = _mm256_setzero_ps();
+		/* vmaxps returns its second operand when either is NaN: NaN
+		 * elements are skipped, as by the scalar ax > amax */
 		for (int k = 0; k < 32; k++)
-			m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(p + 8 * k), abs_mask));
+			m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p + 8 * k), abs_mask), m);
 		__m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
 		m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
 		m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
@@ -578,8 +581,12 @@ FN_ATTR void ffn_quant_q8k_avx2(const float *x, struct moe_block_q8_K *out, uint
 		for (int k = 0; k < 8; k++) {
 			__m256i q[4];
 #pragma GCC unroll 4
-			for (int i = 0; i < 4; i++)
-				q[i] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 32 * k + 8 * i), is)), c127);
+			for (int i = 0; i < 4; i++) {
+				const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(p + 32 * k + 8 * i), is);
+				/* NaN elements get code 0 (vcvtps2dq would give INT_MIN) */
+				q[i] = _mm256_and_si256(_mm256_min_epi32(_mm256_cvtps_epi32(v), c127),
+							_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q)));
+			}
 			const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
 			_mm256_storeu_si256((__m256i *)(void *)(o->qs + 32 * k), _mm256_permutevar8x32_epi32(w, order));
 		}

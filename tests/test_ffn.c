@@ -955,8 +955,8 @@ PER_ISA(kquant_expert, check_kquant_expert, 60)
 
 /* The AVX2 q8_K quantizer gives moe_quantize_row_q8_K's blocks: random
  * blocks of many magnitudes (and signs of the largest element), exact ties
- * (max -127: iscale 1, x = k + 0.5 round to even), an all-zero block and
- * one too small for a finite iscale. */
+ * (max -127: iscale 1, x = k + 0.5 round to even), an all-zero block, one
+ * too small for a finite iscale, and NaN elements (code 0, not in the max). */
 Test(ffn, quant_q8k_avx2_matches_dtype, .timeout = 10)
 {
 	if (!ffn_isa_supported(FFN_ISA_AVX2))
@@ -978,12 +978,17 @@ Test(ffn, quant_q8k_avx2_matches_dtype, .timeout = 10)
 		x[3 * 256 + j] = j == 9 ? 1e-44f : 0.0f;
 	x[4 * 256 + 17] = 5.0f; /* equal magnitudes: the first one's sign wins */
 	x[4 * 256 + 200] = -5.0f;
+	x[5 * 256 + 3] = NAN; /* skipped by the max, code 0 */
+	x[5 * 256 + 100] = -NAN;
+	x[5 * 256 + 255] = NAN;
 	moe_quantize_row_q8_K(x, a, NB * 256);
 	ffn_quant_q8k_avx2(x, b, NB * 256);
 	for (int blk = 0; blk < NB; blk++)
 		cr_assert(memcmp(&a[blk], &b[blk], sizeof(a[0])) == 0, "block %d: d %a vs %a", blk, (double)a[blk].d,
 			  (double)b[blk].d);
 	cr_assert_eq(a[4].qs[17], -127);
+	cr_assert_eq(a[5].qs[3], 0);
+	cr_assert_neq(a[5].d, 0.0f);
 	free(x);
 }
 
