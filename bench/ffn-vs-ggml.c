@@ -14,20 +14,24 @@
  * FFN_Q8_INT, the default), q8_K per 256 for K-quants; bf16: ggml rounds x
  * to bf16, we keep f32 x (or bf16 x on the AVX512-BF16 path).
  *
- * ggml's weights stay in the plain CPU buffer: llama.cpp may also repack
- * q4_0 / q4_K weights into its interleaved layouts (CPU_REPACK extra
- * buffer) when it loads a model; that layout is not measured here.
+ * llama.cpp also repacks weights into interleaved layouts (the CPU_REPACK
+ * buffer type) when it loads a model on AVX2 / AVX-512 hosts, for the
+ * types that have one (q4_0, q4_K, q6_K, q8_0, ... here); that is measured
+ * too, as "ggml repack": the same number of cold copies, each repacked by
+ * ggml from the same bytes. The last line and the "ggml" column are the
+ * plain layout (the same bytes as ours, as in GGUF files and packs).
  *
  * Prints a table (tokens/s and weight GB/s from process CPU time, medians
  * over reps; wall us for reference), the target checks (>= 1.0 at 1 token,
  * >= 0.8 at 64 tokens), and last:
  *   ffn-vs-ggml: ratio=X (ours / ggml tokens/s, q4_K, 1 token)
  *
- * Usage: ffn-vs-ggml [--quick] [--reps N] [--check]
+ * Usage: ffn-vs-ggml [--quick] [--reps N] [--check] [--smoke]
  * --check: no timing; a small rotation, each type and batch size run once
  * on both sides, outputs compared (max |ours - ggml| <= 2e-2 max |ggml|,
  * the differences being how x / h round to q8 / bf16 and ggml's own expf);
- * exits 1 on a mismatch. */
+ * exits 1 on a mismatch. --smoke: the timing code path once per cell on a
+ * 16 MiB rotation (the numbers mean nothing; it checks the program runs). */
 #include "config.h"
 
 #include <math.h>
@@ -56,7 +60,7 @@ int main(void)
 #define N_HID 2048
 #define M_WID 768
 
-static bool quick, check;
+static bool quick, check, smoke;
 static int reps = 5;
 static double min_time = 0.25; /* CPU seconds per measurement */
 
@@ -69,7 +73,7 @@ struct copies {
 
 static void copies_init(struct copies *c, const void *one, size_t bytes)
 {
-	const size_t target = check ? (16u << 20) : quick ? (256u << 20) : (1100u << 20);
+	const size_t target = check || smoke ? (16u << 20) : quick ? (256u << 20) : (1100u << 20);
 	c->stride = MOE_ALIGN_UP(bytes, (size_t)4096);
 	c->count = target / c->stride + 1;
 	if (c->count < 2)
@@ -148,6 +152,9 @@ struct side {
 	struct copies cp;
 	struct ggml_peer *peer;
 	struct ggml_peer_graph g;
+	struct ggml_peer_graph gr;  /* over repacked weights, when the type has a layout */
+	struct ggml_peer_wset *rs;  /* cp.count repacked copies */
+	size_t nrs, rnext;
 	const float *x;
 	float *y;
 	uint32_t B;
@@ -230,6 +237,54 @@ static void side_graph(struct side *s, enum moe_dtype dt, uint32_t B)
 	s->B = B;
 }
 
+/* cp.count weight sets in the CPU_REPACK buffer type, repacked by ggml
+ * from copy 0; none when the buffer type or the type's layout is absent. */
+static void side_repack(struct side *s, enum moe_dtype dt, ggml_backend_buffer_type_t rb)
+{
+	const uint8_t *e = s->cp.base;
+	if (!rb)
+		return;
+	s->rs = calloc(s->cp.count, sizeof(*s->rs));
+	for (s->nrs = 0; s->rs && s->nrs < s->cp.count; s->nrs++)
+		if (ggml_peer_wset_init(s->peer, &s->rs[s->nrs], dt, e + s->L.gate.offset, dt, e + s->L.up.offset, dt,
+					e + s->L.down.offset, N_HID, M_WID, NULL, 0, rb))
+			break;
+	if (s->nrs < s->cp.count) { /* no repacked layout for this type */
+		for (size_t i = 0; i < s->nrs; i++)
+			ggml_peer_wset_free(&s->rs[i]);
+		free(s->rs);
+		s->rs = NULL;
+		s->nrs = 0;
+	}
+}
+
+static void side_repack_graph(struct side *s, enum moe_dtype dt, ggml_backend_buffer_type_t rb, uint32_t B)
+{
+	const uint8_t *e = s->cp.base;
+	struct ggml_peer_wset w;
+	ggml_peer_graph_free(&s->gr);
+	if (!s->nrs)
+		return;
+	if (ggml_peer_wset_init(s->peer, &w, dt, e + s->L.gate.offset, dt, e + s->L.up.offset, dt, e + s->L.down.offset,
+				N_HID, M_WID, NULL, 0, rb) ||
+	    ggml_peer_graph_build(s->peer, &s->gr, &w, N_HID, B)) {
+		fprintf(stderr, "ffn-vs-ggml: repacked graph set-up failed (%s, B=%u)\n", moe_dtype_name(dt), B);
+		exit(1);
+	}
+}
+
+static void ggml_repack_run(void *p)
+{
+	struct side *s = p;
+	const struct ggml_peer_wset *w = &s->rs[s->rnext];
+	s->rnext = (s->rnext + 1) % s->nrs;
+	ggml_peer_graph_point(&s->gr, w->wg->data, w->wu->data, w->wd->data);
+	if (ggml_peer_graph_run(s->peer, &s->gr, s->x, s->y)) {
+		fprintf(stderr, "ffn-vs-ggml: ggml graph compute failed\n");
+		exit(1);
+	}
+}
+
 static void ours_run(void *p)
 {
 	struct side *s = p;
@@ -269,10 +324,12 @@ int main(int argc, char **argv)
 			quick = true;
 		else if (!strcmp(argv[i], "--check"))
 			check = true;
+		else if (!strcmp(argv[i], "--smoke"))
+			smoke = true;
 		else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
 			reps = atoi(argv[++i]);
 		else {
-			fprintf(stderr, "usage: %s [--quick] [--reps N] [--check]\n", argv[0]);
+			fprintf(stderr, "usage: %s [--quick] [--reps N] [--check] [--smoke]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -283,6 +340,10 @@ int main(int argc, char **argv)
 	}
 	if (reps < 1 || reps > 100)
 		reps = 5;
+	if (smoke) {
+		min_time = 0.0;
+		reps = 1;
+	}
 
 	struct ggml_peer peer;
 	char why[600], la[128];
@@ -292,7 +353,8 @@ int main(int argc, char **argv)
 	}
 	load_avg(la, sizeof(la));
 	printf("ffn-vs-ggml: Qwen3-30B-A3B expert n=%d m=%d, one thread each, cold weights (%s MiB rotation), "
-	       "%d reps x >= %.2f s, medians\n", N_HID, M_WID, check ? "16" : quick ? "256" : "1100", reps, min_time);
+	       "%d reps x >= %.2f s, medians%s\n", N_HID, M_WID, check || smoke ? "16" : quick ? "256" : "1100", reps,
+	       min_time, smoke ? " (--smoke: one call per cell, the numbers mean nothing)" : "");
 	printf("our path: %s (q8_0/q4_0: x as q8_0, K-quants: x as q8_K); ggml CPU backend: %s; loadavg at start: %s\n",
 	       ffn_isa_name(ffn_get_isa()), peer.lib, la);
 	ffn_set_q8_mode(FFN_Q8_INT);
@@ -301,7 +363,10 @@ int main(int argc, char **argv)
 					      MOE_DTYPE_BF16 };
 	static const uint32_t Bs[] = { 1, 16, 64 };
 	enum { ND = 5, NB = 3 };
-	double t_ours[ND][NB] = { { 0 } }, t_ggml[ND][NB] = { { 0 } }, w_ours[ND][NB], w_ggml[ND][NB], gbytes[ND];
+	double t_ours[ND][NB] = { { 0 } }, t_ggml[ND][NB] = { { 0 } }, t_rep[ND][NB] = { { 0 } }, w_ours[ND][NB],
+		w_ggml[ND][NB], gbytes[ND];
+	ggml_backend_buffer_type_t rbuft = ggml_peer_repack_buft(&peer);
+	printf("ggml CPU_REPACK buffer type: %s\n", rbuft ? "present" : "absent");
 	float *x = malloc(sizeof(float) * 64 * N_HID), *y = malloc(sizeof(float) * 64 * N_HID);
 	float *yg = malloc(sizeof(float) * 64 * N_HID);
 	uint64_t seed = 3;
@@ -315,9 +380,11 @@ int main(int argc, char **argv)
 		s.peer = &peer;
 		s.x = x;
 		side_init(&s, dts[d]);
+		side_repack(&s, dts[d], rbuft);
 		gbytes[d] = (double)s.L.weight_bytes;
 		for (int bi = 0; bi < NB; bi++) {
 			side_graph(&s, dts[d], Bs[bi]);
+			side_repack_graph(&s, dts[d], rbuft, Bs[bi]);
 			if (check) {
 				/* the same copy through both */
 				s.y = y;
@@ -331,25 +398,41 @@ int main(int argc, char **argv)
 					md = fmax(md, fabs((double)y[i] - yg[i]));
 					mr = fmax(mr, fabs((double)yg[i]));
 				}
-				const bool ok = md <= 2e-2 * mr && mr > 0;
+				bool ok = md <= 2e-2 * mr && mr > 0;
+				double mdr = 0;
+				if (s.nrs) {
+					s.y = yg;
+					s.rnext = 0;
+					ggml_repack_run(&s);
+					for (size_t i = 0; i < (size_t)Bs[bi] * N_HID; i++)
+						mdr = fmax(mdr, fabs((double)y[i] - yg[i]));
+					ok = ok && mdr <= 2e-2 * mr;
+				}
 				bad += !ok;
-				printf("check %-5s B=%-2u max|ours - ggml| = %.3g, max|ggml| = %.3g: %s\n", moe_dtype_name(dts[d]),
-				       Bs[bi], md, mr, ok ? "ok" : "MISMATCH");
+				printf("check %-5s B=%-2u max|ours - ggml| = %.3g (repacked: %s%.3g), max|ggml| = %.3g: %s\n",
+				       moe_dtype_name(dts[d]), Bs[bi], md, s.nrs ? "" : "n/a ", mdr, mr, ok ? "ok" : "MISMATCH");
 				continue;
 			}
-			struct tm2 vo[100], vg[100];
+			struct tm2 vo[100], vg[100], vr[100];
 			s.y = y;
 			for (int r = 0; r < reps; r++) {
 				vo[r] = time_calls(ours_run, &s);
 				vg[r] = time_calls(ggml_run, &s);
+				if (s.nrs)
+					vr[r] = time_calls(ggml_repack_run, &s);
 			}
 			const struct tm2 mo = median2(vo, reps), mg = median2(vg, reps);
 			t_ours[d][bi] = mo.cpu;
 			t_ggml[d][bi] = mg.cpu;
+			t_rep[d][bi] = s.nrs ? median2(vr, reps).cpu : 0;
 			w_ours[d][bi] = mo.wall;
 			w_ggml[d][bi] = mg.wall;
 		}
 		ggml_peer_graph_free(&s.g);
+		ggml_peer_graph_free(&s.gr);
+		for (size_t i = 0; i < s.nrs; i++)
+			ggml_peer_wset_free(&s.rs[i]);
+		free(s.rs);
 		munmap(s.cp.base, s.cp.total);
 	}
 	ggml_peer_close(&peer);
@@ -362,19 +445,29 @@ int main(int argc, char **argv)
 	}
 
 	printf("\n(tokens/s and weight GB/s from process CPU time; wall us per call for reference)\n");
-	printf("%-6s %3s %12s %12s %7s %9s %9s %10s %10s\n", "type", "B", "ours tok/s", "ggml tok/s", "ratio",
-	       "ours GB/s", "ggml GB/s", "ours wall", "ggml wall");
+	printf("%-6s %3s %11s %11s %6s %11s %6s %9s %9s %9s %9s\n", "type", "B", "ours tok/s", "ggml tok/s", "ratio",
+	       "repack t/s", "ratio", "ours GB/s", "ggml GB/s", "ours wall", "ggml wall");
 	for (int d = 0; d < ND; d++)
-		for (int bi = 0; bi < NB; bi++)
-			printf("%-6s %3u %12.1f %12.1f %7.2f %9.2f %9.2f %10.1f %10.1f\n", moe_dtype_name(dts[d]), Bs[bi],
-			       Bs[bi] / t_ours[d][bi], Bs[bi] / t_ggml[d][bi], t_ggml[d][bi] / t_ours[d][bi],
+		for (int bi = 0; bi < NB; bi++) {
+			char rt[32] = "n/a", rr[32] = "n/a";
+			if (t_rep[d][bi] > 0) {
+				snprintf(rt, sizeof(rt), "%.1f", Bs[bi] / t_rep[d][bi]);
+				snprintf(rr, sizeof(rr), "%.2f", t_rep[d][bi] / t_ours[d][bi]);
+			}
+			printf("%-6s %3u %11.1f %11.1f %6.2f %11s %6s %9.2f %9.2f %9.1f %9.1f\n", moe_dtype_name(dts[d]),
+			       Bs[bi], Bs[bi] / t_ours[d][bi], Bs[bi] / t_ggml[d][bi], t_ggml[d][bi] / t_ours[d][bi], rt, rr,
 			       gbytes[d] / t_ours[d][bi] * 1e-9, gbytes[d] / t_ggml[d][bi] * 1e-9, w_ours[d][bi] * 1e6,
 			       w_ggml[d][bi] * 1e6);
+		}
 	load_avg(la, sizeof(la));
 	printf("\nchecks (issue 17 targets; loadavg at end: %s):\n", la);
-	for (int d = 0; d < ND; d++)
-		printf("  %-5s ours / ggml tokens/s: 1 token %.2fx (target >= 1.0), 64 tokens %.2fx (target >= 0.8)\n",
+	for (int d = 0; d < ND; d++) {
+		printf("  %-5s ours / ggml tokens/s: 1 token %.2fx (target >= 1.0), 64 tokens %.2fx (target >= 0.8)",
 		       moe_dtype_name(dts[d]), t_ggml[d][0] / t_ours[d][0], t_ggml[d][2] / t_ours[d][2]);
+		if (t_rep[d][0] > 0)
+			printf("; vs repacked: %.2fx, %.2fx", t_rep[d][0] / t_ours[d][0], t_rep[d][2] / t_ours[d][2]);
+		putchar('\n');
+	}
 	printf("ffn-vs-ggml: ratio=%.2f (ours / ggml tokens/s, q4_K, 1 token)\n", t_ggml[2][0] / t_ours[2][0]);
 	return 0;
 }

@@ -26,6 +26,7 @@
 
 struct ggml_peer {
 	ggml_backend_t be;
+	ggml_backend_dev_t dev;
 	ggml_backend_set_n_threads_t set_threads;
 	const struct ggml_type_traits_cpu *(*traits_cpu)(enum ggml_type);
 	char lib[512]; /* the CPU variant loaded */
@@ -77,6 +78,7 @@ static inline int ggml_peer_open(struct ggml_peer *p, int threads, char *why, si
 	}
 	ggml_backend_load_all_from_path(dir);
 	ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+	p->dev = dev;
 	if (!dev || !(p->be = ggml_backend_dev_init(dev, NULL))) {
 		snprintf(why, whylen, "no ggml CPU backend in %s", dir);
 		return -1;
@@ -118,83 +120,119 @@ static inline void ggml_peer_close(struct ggml_peer *p)
 	p->be = NULL;
 }
 
-/* A graph on the CPU backend: the expert FFN out = Wd (silu(Wg x) * (Wu x))
- * over B tokens (SWIGLU), or a plain mul_mat out = Wg x when wu / wd are
- * NULL. Weights are ggml rows of `cols` (ne0) elements, as in GGUF files and
- * packs: Wg, Wu [m rows of n], Wd [n rows of m]. With host NULL they are
- * copied into a backend buffer; otherwise they stay where they are, inside
- * [host, host + host_bytes), which becomes a CPU buffer of the backend, and
- * ggml_peer_graph_point moves them to another copy in that range (so ggml
- * reads the very bytes, cold or not, that our kernels read). */
+/* The CPU backend's CPU_REPACK buffer type (weights stored in ggml's
+ * interleaved layouts, as llama.cpp loads q4_0 / q4_K / ... on AVX2 and
+ * AVX-512 hosts), or NULL. */
+static inline ggml_backend_buffer_type_t ggml_peer_repack_buft(struct ggml_peer *p)
+{
+	ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(p->dev);
+	ggml_backend_dev_get_extra_bufts_t get =
+		(ggml_backend_dev_get_extra_bufts_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+	for (ggml_backend_buffer_type_t *b = get ? get(p->dev) : NULL; b && *b; b++)
+		if (!strcmp(ggml_backend_buft_name(*b), "CPU_REPACK"))
+			return *b;
+	return NULL;
+}
+
+/* One expert's weights as ggml tensors: Wg, Wu [m rows of n], Wd [n rows
+ * of m] (ggml rows of `cols` = ne0 elements, as in GGUF files and packs);
+ * wu / wd NULL for a lone matrix Wg. Where they live:
+ * - host != NULL: they stay where they are, inside [host, host +
+ *   host_bytes), which becomes a CPU buffer (ggml reads our very bytes);
+ * - else buft (NULL: the backend's default) gets a copy; CPU_REPACK
+ *   repacks it. -1 when a type has no repacked layout there. */
+struct ggml_peer_wset {
+	struct ggml_context *ctx;
+	ggml_backend_buffer_t buf;
+	struct ggml_tensor *wg, *wu, *wd;
+};
+
+static inline void ggml_peer_wset_free(struct ggml_peer_wset *w)
+{
+	if (w->buf)
+		ggml_backend_buffer_free(w->buf);
+	if (w->ctx)
+		ggml_free(w->ctx);
+	memset(w, 0, sizeof(*w));
+}
+
+static inline int ggml_peer_wset_init(struct ggml_peer *p, struct ggml_peer_wset *w, enum moe_dtype tg,
+				      const void *wg, enum moe_dtype tu, const void *wu, enum moe_dtype td,
+				      const void *wd, uint32_t n, uint32_t m, void *host, size_t host_bytes,
+				      ggml_backend_buffer_type_t buft)
+{
+	struct ggml_init_params ip = { ggml_tensor_overhead() * 4, NULL, true };
+	const bool ffn = wu && wd;
+	memset(w, 0, sizeof(*w));
+	if (ggml_peer_type(tg) == GGML_TYPE_COUNT || (ffn && (ggml_peer_type(tu) == GGML_TYPE_COUNT ||
+							       ggml_peer_type(td) == GGML_TYPE_COUNT)) ||
+	    !(w->ctx = ggml_init(ip)))
+		return -1;
+	w->wg = ggml_new_tensor_2d(w->ctx, ggml_peer_type(tg), n, m);
+	if (ffn) {
+		w->wu = ggml_new_tensor_2d(w->ctx, ggml_peer_type(tu), n, m);
+		w->wd = ggml_new_tensor_2d(w->ctx, ggml_peer_type(td), m, n);
+	}
+	if (host) {
+		if (!(w->buf = ggml_backend_cpu_buffer_from_ptr(host, host_bytes)) ||
+		    ggml_backend_tensor_alloc(w->buf, w->wg, (void *)(uintptr_t)wg) != GGML_STATUS_SUCCESS ||
+		    (ffn && (ggml_backend_tensor_alloc(w->buf, w->wu, (void *)(uintptr_t)wu) != GGML_STATUS_SUCCESS ||
+			     ggml_backend_tensor_alloc(w->buf, w->wd, (void *)(uintptr_t)wd) != GGML_STATUS_SUCCESS)))
+			goto fail;
+		return 0;
+	}
+	if (!(w->buf = buft ? ggml_backend_alloc_ctx_tensors_from_buft(w->ctx, buft)
+			    : ggml_backend_alloc_ctx_tensors(w->ctx, p->be)))
+		goto fail;
+	/* the repack buffer names its layout in extra when it has one */
+	if (buft && (!w->wg->extra || (ffn && (!w->wu->extra || !w->wd->extra))))
+		goto fail;
+	ggml_backend_tensor_set(w->wg, wg, 0, ggml_nbytes(w->wg));
+	if (ffn) {
+		ggml_backend_tensor_set(w->wu, wu, 0, ggml_nbytes(w->wu));
+		ggml_backend_tensor_set(w->wd, wd, 0, ggml_nbytes(w->wd));
+	}
+	return 0;
+fail:
+	ggml_peer_wset_free(w);
+	return -1;
+}
+
+/* A graph on the CPU backend over a weight set: the expert FFN
+ * out = Wd (silu(Wg x) * (Wu x)) for B tokens (SWIGLU), or out = Wg x. */
 struct ggml_peer_graph {
-	struct ggml_context *ctx_w, *ctx;
-	ggml_backend_buffer_t buf_w, buf;
+	struct ggml_peer_wset w;
+	struct ggml_context *ctx;
+	ggml_backend_buffer_t buf;
 	struct ggml_cgraph *gf;
-	struct ggml_tensor *x, *out, *wg, *wu, *wd;
+	struct ggml_tensor *x, *out;
 };
 
 static inline void ggml_peer_graph_free(struct ggml_peer_graph *g)
 {
 	if (g->buf)
 		ggml_backend_buffer_free(g->buf);
-	if (g->buf_w)
-		ggml_backend_buffer_free(g->buf_w);
 	if (g->ctx)
 		ggml_free(g->ctx);
-	if (g->ctx_w)
-		ggml_free(g->ctx_w);
+	ggml_peer_wset_free(&g->w);
 	memset(g, 0, sizeof(*g));
 }
 
-/* Points the weights at wg / wu / wd (inside the host range). */
-static inline void ggml_peer_graph_point(struct ggml_peer_graph *g, const void *wg, const void *wu, const void *wd)
+/* Takes the weight set over (freed with the graph). */
+static inline int ggml_peer_graph_build(struct ggml_peer *p, struct ggml_peer_graph *g, struct ggml_peer_wset *w,
+					uint32_t n, uint32_t B)
 {
-	g->wg->data = (void *)(uintptr_t)wg;
-	if (g->wu) {
-		g->wu->data = (void *)(uintptr_t)wu;
-		g->wd->data = (void *)(uintptr_t)wd;
-	}
-}
-
-static inline int ggml_peer_graph_init(struct ggml_peer *p, struct ggml_peer_graph *g, enum moe_dtype tg,
-				       const void *wg, enum moe_dtype tu, const void *wu, enum moe_dtype td,
-				       const void *wd, uint32_t n, uint32_t m, uint32_t B, void *host,
-				       size_t host_bytes)
-{
-	struct ggml_init_params ip = { ggml_tensor_overhead() * 8, NULL, true };
-	struct ggml_init_params ip2 = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), NULL, true };
-	const bool ffn = wu && wd;
+	struct ggml_init_params ip = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), NULL, true };
 	memset(g, 0, sizeof(*g));
-	if (ggml_peer_type(tg) == GGML_TYPE_COUNT || (ffn && (ggml_peer_type(tu) == GGML_TYPE_COUNT ||
-							       ggml_peer_type(td) == GGML_TYPE_COUNT)))
-		return -1;
-	if (!(g->ctx_w = ggml_init(ip)) || !(g->ctx = ggml_init(ip2)))
+	g->w = *w;
+	memset(w, 0, sizeof(*w));
+	if (!(g->ctx = ggml_init(ip)))
 		goto fail;
-	g->wg = ggml_new_tensor_2d(g->ctx_w, ggml_peer_type(tg), n, m);
-	if (ffn) {
-		g->wu = ggml_new_tensor_2d(g->ctx_w, ggml_peer_type(tu), n, m);
-		g->wd = ggml_new_tensor_2d(g->ctx_w, ggml_peer_type(td), m, n);
-	}
-	if (host) {
-		if (!(g->buf_w = ggml_backend_cpu_buffer_from_ptr(host, host_bytes)) ||
-		    ggml_backend_tensor_alloc(g->buf_w, g->wg, (void *)(uintptr_t)wg) != GGML_STATUS_SUCCESS ||
-		    (ffn && (ggml_backend_tensor_alloc(g->buf_w, g->wu, (void *)(uintptr_t)wu) != GGML_STATUS_SUCCESS ||
-			     ggml_backend_tensor_alloc(g->buf_w, g->wd, (void *)(uintptr_t)wd) != GGML_STATUS_SUCCESS)))
-			goto fail;
-	} else {
-		if (!(g->buf_w = ggml_backend_alloc_ctx_tensors(g->ctx_w, p->be)))
-			goto fail;
-		ggml_backend_tensor_set(g->wg, wg, 0, ggml_nbytes(g->wg));
-		if (ffn) {
-			ggml_backend_tensor_set(g->wu, wu, 0, ggml_nbytes(g->wu));
-			ggml_backend_tensor_set(g->wd, wd, 0, ggml_nbytes(g->wd));
-		}
-	}
 	g->x = ggml_new_tensor_2d(g->ctx, GGML_TYPE_F32, n, B);
-	struct ggml_tensor *gate = ggml_mul_mat(g->ctx, g->wg, g->x);
-	if (ffn) {
-		struct ggml_tensor *h = ggml_mul(g->ctx, ggml_silu(g->ctx, gate), ggml_mul_mat(g->ctx, g->wu, g->x));
-		g->out = ggml_mul_mat(g->ctx, g->wd, h);
+	struct ggml_tensor *gate = ggml_mul_mat(g->ctx, g->w.wg, g->x);
+	if (g->w.wu) {
+		struct ggml_tensor *h = ggml_mul(g->ctx, ggml_silu(g->ctx, gate), ggml_mul_mat(g->ctx, g->w.wu, g->x));
+		g->out = ggml_mul_mat(g->ctx, g->w.wd, h);
 	} else {
 		g->out = gate;
 	}
@@ -206,6 +244,31 @@ static inline int ggml_peer_graph_init(struct ggml_peer *p, struct ggml_peer_gra
 fail:
 	ggml_peer_graph_free(g);
 	return -1;
+}
+
+/* Weights given as bytes (see ggml_peer_wset_init), then the graph. */
+static inline int ggml_peer_graph_init(struct ggml_peer *p, struct ggml_peer_graph *g, enum moe_dtype tg,
+				       const void *wg, enum moe_dtype tu, const void *wu, enum moe_dtype td,
+				       const void *wd, uint32_t n, uint32_t m, uint32_t B, void *host,
+				       size_t host_bytes)
+{
+	struct ggml_peer_wset w;
+	memset(g, 0, sizeof(*g));
+	if (ggml_peer_wset_init(p, &w, tg, wg, tu, wu, td, wd, n, m, host, host_bytes, NULL))
+		return -1;
+	return ggml_peer_graph_build(p, g, &w, n, B);
+}
+
+/* Points the graph's weights at other bytes of the same layout: another
+ * copy in the host range, or another weight set's tensors (same types and
+ * shapes, same buffer type, so the same repacked layout). */
+static inline void ggml_peer_graph_point(struct ggml_peer_graph *g, const void *wg, const void *wu, const void *wd)
+{
+	g->w.wg->data = (void *)(uintptr_t)wg;
+	if (g->w.wu) {
+		g->w.wu->data = (void *)(uintptr_t)wu;
+		g->w.wd->data = (void *)(uintptr_t)wd;
+	}
 }
 
 /* x: B rows of n floats; out: B rows (m for a mul_mat, n for the FFN). */
