@@ -7,7 +7,8 @@
 #     vocabularies of llama-oracle mkmodel and moe-gen, the trained models in
 #     models/*.gguf (GPT-2-style BPE) and a few of llama.cpp's vocabularies:
 #     a set of texts encoded by both, with and without BOS and special
-#     parsing, must give identical ids.
+#     parsing, and the held-out texts (models/*.heldout.txt) as perplexity
+#     encodes them, must give identical ids.
 # Skips (77) when neither llama.cpp's source nor the harness is there.
 set -eu
 B=${MOETIER_BUILDDIR:-.}
@@ -111,7 +112,18 @@ if [ -x "$O" ]; then
 			done
 			k=$((k + 1))
 		done
-		echo "harness $(basename "$(dirname "$m")")/$(basename "$m"): $((n_texts * 3)) encodings, $bad different"
+		# Whole held-out texts of the trained models, as perplexity encodes them.
+		for h in "$S"/models/*.heldout.txt; do
+			[ -f "$h" ] || continue
+			want=$("$O" tokenize "$m" --no-special --file "$h" 2>/dev/null) || continue
+			got=$("$T" --no-add-special --no-parse-special "$m" -f "$h" 2>&1) || true
+			if [ "$want" != "$got" ]; then
+				echo "FAIL: $m on $h: the ids differ" >&2
+				bad=$((bad + 1))
+			fi
+			checked=$((checked + 1))
+		done
+		echo "harness $(basename "$(dirname "$m")")/$(basename "$m"): $((n_texts * 3)) encodings and the held-out texts, $bad different"
 		failed=$((failed + bad))
 	done
 elif [ $suites -eq 0 ]; then
