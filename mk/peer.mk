@@ -15,3 +15,5 @@ EXTRA_DIST += tests/test_llama_oracle.sh
 # Decode tokens/s of moe-run against llama.cpp under memory budgets (root,
 # idle machine; --dry-run shows the plan). Not a test.
 dist_noinst_SCRIPTS += bench/decode-vs-llamacpp
+# Benchmarks are not installed, so neither are their pages.
+EXTRA_DIST += doc/decode-vs-llamacpp.1
