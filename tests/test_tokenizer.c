@@ -451,6 +451,7 @@ static void bpe_vocab(void)
 	bpe_merge(G, "!");            /* r20 */
 	add_tok(&bpe, "<|endoftext|>", 0, T_CONTROL);
 	add_tok(&bpe, "<|im_start|>", 0, T_CONTROL);
+	add_tok(&bpe, "xyz", 0, T_NORMAL);   /* a token no merge makes */
 }
 
 static struct tokenizer *bpe_load_as(const char *pre, bool with_type, int expect_rc)
@@ -562,6 +563,45 @@ Test(bpe, olmo_and_default_pre_tokenizers)
 		EXPECT(t, "hello world", false, false, bid("hello"), bid(G "world"));
 		tokenizer_free(t);
 	}
+}
+
+Test(bpe, llama3_pre_tokenizer)
+{
+	struct tokenizer *t = bpe_load("llama-bpe");
+	/* digits in threes: "123" (12, 3) and "45" */
+	EXPECT(t, "12345", false, false, bid("12"), '3', '4', '5');
+	/* a word that is a whole token is taken as it is (ignore_merges) */
+	EXPECT(t, "xyz", false, false, bid("xyz"));
+	/* and llama.cpp turns BOS on for this pre-tokenizer */
+	EXPECT(t, "xyz", true, false, bid("<|endoftext|>"), bid("xyz"));
+	tokenizer_free(t);
+	t = bpe_load("gpt-2");
+	EXPECT(t, "xyz", false, false, 'x', 'y', 'z');
+	tokenizer_free(t);
+}
+
+Test(spm, phi3_strips_after_special_tokens)
+{
+	/* llama.cpp strips the whitespace after "</s>" for models named Phi-3 */
+	spm_vocab();
+	struct gb g = { 0 };
+	kv_str(&g, "general.name", "Phi-3-mini");
+	kv_str(&g, "tokenizer.ggml.model", "llama");
+	kv_arr_str(&g, "tokenizer.ggml.tokens", spm.text, spm.n);
+	kv_arr_f32(&g, "tokenizer.ggml.scores", spm.score, spm.n);
+	kv_arr_i32(&g, "tokenizer.ggml.token_type", spm.type, spm.n);
+	size_t len;
+	uint8_t *img = image(&g, &len);
+	struct tokenizer *t = load_image(img, len, 0);
+	EXPECT(t, "a</s>  b", false, true, sid("\xe2\x96\x81"), sid("a"), 2, sid("\xe2\x96\x81"), sid("b"));
+	/* but not after "<s>" */
+	EXPECT(t, "<s> b", false, true, 1, sid("\xe2\x96\x81\xe2\x96\x81"), sid("b"));
+	tokenizer_free(t);
+	/* any other name: the spaces stay ("▁▁▁b": the leftmost pair merges) */
+	t = spm_load(NULL, false);
+	EXPECT(t, "a</s>  b", false, true, sid("\xe2\x96\x81"), sid("a"), 2, sid("\xe2\x96\x81\xe2\x96\x81"),
+	       sid("\xe2\x96\x81"), sid("b"));
+	tokenizer_free(t);
 }
 
 Test(bpe, round_trip)
