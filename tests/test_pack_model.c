@@ -750,3 +750,74 @@ Test(pack_model, st_tokenizer_unsupported)
 	free(log);
 	tu_rmtree(dir);
 }
+
+/* pack_open_kv on a gguf.kv that is not a GGUF image, or not U8: -EINVAL
+ * with a message, nothing returned. */
+static void write_kv_pack(const char *path, uint32_t dtype, const void *bytes, uint64_t len)
+{
+	struct moe_model_config m;
+	struct pack_part_desc parts[1] = { { .role = PACK_ROLE_DOWN, .dtype = MOE_DTYPE_F32, .rows = 32, .cols = 32 } };
+	struct pack_writer *w;
+	struct moe_error err = { "" };
+	static float ex[32 * 32];
+	memset(&m, 0, sizeof(m));
+	moe_model_set_family_defaults(&m, MOE_FAMILY_QWEN3_MOE);
+	snprintf(m.name, sizeof(m.name), "kv-test");
+	m.dtype = MOE_DTYPE_F32;
+	m.hidden = 32;
+	m.expert_width = 32;
+	m.n_experts = 2;
+	m.top_k = 1;
+	m.n_layers = 1;
+	m.n_moe_layers = 1;
+	m.moe_layer_step = 1;
+	cr_assert_eq(pack_writer_create(path, &m, parts, 1, "test", &w, &err), 0, "%s", err.msg);
+	for (uint32_t e = 0; e < 2; e++) {
+		cr_assert_eq(pack_writer_begin_expert(w, 0, e, &err), 0, "%s", err.msg);
+		cr_assert_eq(pack_writer_write(w, ex, sizeof(ex), &err), 0, "%s", err.msg);
+		cr_assert_eq(pack_writer_end_expert(w, &err), 0, "%s", err.msg);
+	}
+	struct pack_tensor_entry t = { .name = PACK_KV_TENSOR, .role = PACK_ROLE_OTHER, .dtype = dtype,
+				       .layer = UINT32_MAX, .n_dims = 1 };
+	t.shape[0] = dtype == MOE_DTYPE_F32 ? len / 4 : len;
+	cr_assert_eq(pack_writer_begin_tensor(w, &t, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_writer_write(w, bytes, len, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_writer_end_tensor(w, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_writer_finish(w, &err), 0, "%s", err.msg);
+}
+
+Test(pack_model, open_kv_rejects_bad_images)
+{
+	char *dir = tu_mkdtemp("pmk"), path[4200];
+	struct pack_file *p;
+	struct moe_error err = { "" };
+	struct gguf_file *kv;
+	void *buf;
+	static const uint8_t junk[16] = "GGUF\x03\0\0\0junkjunk";
+	/* a valid empty image: 24 bytes, 0 tensors, 0 KV */
+	static const uint8_t empty[24] = "GGUF\x03";
+
+	snprintf(path, sizeof(path), "%s/a.moepack", dir);
+	write_kv_pack(path, MOE_DTYPE_U8, junk, sizeof(junk));
+	cr_assert_eq(pack_open(path, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open_kv(p, &buf, &kv, &err), -EINVAL);
+	cr_assert_null(kv);
+	cr_assert_null(buf);
+	cr_assert(strstr(err.msg, "a.moepack"), "%s", err.msg);
+	pack_close(p);
+
+	write_kv_pack(path, MOE_DTYPE_F32, junk, sizeof(junk));
+	cr_assert_eq(pack_open(path, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open_kv(p, &buf, &kv, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "not a U8 vector"), "%s", err.msg);
+	pack_close(p);
+
+	write_kv_pack(path, MOE_DTYPE_U8, empty, sizeof(empty));
+	cr_assert_eq(pack_open(path, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open_kv(p, &buf, &kv, &err), 0, "%s", err.msg);
+	cr_assert_eq(kv->n_kv, 0);
+	gguf_close(kv);
+	free(buf);
+	pack_close(p);
+	tu_rmtree(dir);
+}
