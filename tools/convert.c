@@ -80,7 +80,7 @@ struct convert_source {
 	uint32_t n_parts;
 	struct resident *res;
 	uint32_t n_res, cap_res;
-	bool progress, experts_only;
+	bool progress;
 	char *hf_dir;       /* safetensors: the directory of config.json */
 	uint8_t *kv_image;  /* PACK_KV_TENSOR: the source's metadata as a GGUF image */
 	size_t kv_len;
@@ -2225,7 +2225,6 @@ int convert_open(const char *src, const struct convert_options *opt, struct conv
 	s->model.dtype = r[0].part.dtype;
 	if ((rc = collect_residents(s, err)) < 0)
 		goto fail;
-	s->experts_only = opt->experts_only;
 	if (!opt->experts_only && (rc = collect_dense(s, err)) < 0)
 		goto fail;
 	if ((rc = moe_model_validate(&s->model, err)) < 0) {
