@@ -2,11 +2,14 @@
 #include "experts.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "moetier/moetier.h"
+
+#define EXPERTS_MAX_WORKERS 32
 
 struct experts {
 	const struct model *m;
@@ -23,7 +26,10 @@ struct experts {
 	uint32_t cap_B;
 	struct route_result *routes; /* [B] */
 	float *outs;                 /* [B][k][n] */
-	float *xg, *yg;              /* [B][n] gathered rows of one expert */
+	unsigned cap_w;              /* workers the buffers below are sized for */
+	float *xg[EXPERTS_MAX_WORKERS], *yg[EXPERTS_MAX_WORKERS]; /* per worker: [B][n] rows of one expert */
+	uint32_t *cl_e;              /* [E] experts to compute now */
+	const void **cl_p;           /* [E] their extents */
 	uint32_t *tok_of;            /* [E][B] token of each use */
 	uint8_t *slot_of;            /* [E][B] top-k slot of each use */
 	uint32_t *count;             /* [E] */
@@ -36,29 +42,39 @@ struct experts {
 	struct experts_stats st;
 };
 
-static int grow(struct experts *ex, uint32_t B)
+static int grow(struct experts *ex, uint32_t B, unsigned workers)
 {
-	if (B <= ex->cap_B)
+	if (B <= ex->cap_B && workers <= ex->cap_w)
 		return 0;
+	B = MOE_MAX(B, ex->cap_B);
+	workers = MOE_MAX(workers, ex->cap_w);
 	free(ex->routes);
 	free(ex->outs);
-	free(ex->xg);
-	free(ex->yg);
+	for (unsigned w = 0; w < EXPERTS_MAX_WORKERS; w++) {
+		free(ex->xg[w]);
+		free(ex->yg[w]);
+		ex->xg[w] = ex->yg[w] = NULL;
+	}
 	free(ex->tok_of);
 	free(ex->slot_of);
 	free(ex->logits);
 	ex->routes = malloc((size_t)B * sizeof(*ex->routes));
 	ex->outs = malloc((size_t)B * ex->k * ex->n * sizeof(float));
-	ex->xg = malloc((size_t)B * ex->n * sizeof(float));
-	ex->yg = malloc((size_t)B * ex->n * sizeof(float));
 	ex->tok_of = malloc((size_t)ex->E * B * sizeof(uint32_t));
 	ex->slot_of = malloc((size_t)ex->E * B);
 	ex->logits = malloc((size_t)B * ex->E * sizeof(float));
-	if (!ex->routes || !ex->outs || !ex->xg || !ex->yg || !ex->tok_of || !ex->slot_of || !ex->logits) {
-		ex->cap_B = 0;
+	bool ok = ex->routes && ex->outs && ex->tok_of && ex->slot_of && ex->logits;
+	for (unsigned w = 0; w < workers && ok; w++) {
+		ex->xg[w] = malloc((size_t)B * ex->n * sizeof(float));
+		ex->yg[w] = malloc((size_t)B * ex->n * sizeof(float));
+		ok = ex->xg[w] && ex->yg[w];
+	}
+	if (!ok) {
+		ex->cap_B = ex->cap_w = 0;
 		return -ENOMEM;
 	}
 	ex->cap_B = B;
+	ex->cap_w = workers;
 	return 0;
 }
 
@@ -73,12 +89,16 @@ static struct experts *alloc_experts(const struct model *m)
 	ex->E = m->n_experts;
 	if (!(ex->count = calloc(ex->E, sizeof(uint32_t))) || !(ex->mask = calloc(ex->E, 1)) ||
 	    !(ex->ids = calloc(ex->E, sizeof(uint32_t))) || !(ex->slots = calloc(ex->E, sizeof(int32_t))) ||
-	    !(ex->tiers = calloc(ex->E, 1)) || !(ex->leases = calloc(ex->E / MOET_MAX_BATCH + 1, sizeof(moet_lease)))) {
+	    !(ex->tiers = calloc(ex->E, 1)) || !(ex->leases = calloc(ex->E / MOET_MAX_BATCH + 1, sizeof(moet_lease))) ||
+	    !(ex->cl_e = calloc(ex->E, sizeof(uint32_t))) || !(ex->cl_p = calloc(ex->E, sizeof(void *)))) {
 		free(ex->count);
 		free(ex->mask);
 		free(ex->ids);
 		free(ex->slots);
 		free(ex->tiers);
+		free(ex->leases);
+		free(ex->cl_e);
+		free(ex->cl_p);
 		free(ex);
 		return NULL;
 	}
@@ -179,11 +199,15 @@ void experts_close(struct experts *ex)
 	free(ex->bytes1);
 	free(ex->routes);
 	free(ex->outs);
-	free(ex->xg);
-	free(ex->yg);
+	for (unsigned w = 0; w < EXPERTS_MAX_WORKERS; w++) {
+		free(ex->xg[w]);
+		free(ex->yg[w]);
+	}
 	free(ex->tok_of);
 	free(ex->slot_of);
 	free(ex->logits);
+	free(ex->cl_e);
+	free(ex->cl_p);
 	free(ex->count);
 	free(ex->mask);
 	free(ex->ids);
@@ -199,24 +223,80 @@ void experts_set_token(struct experts *ex, uint32_t token_key, uint32_t position
 		moet_set_token(ex->ctx, token_key, position);
 }
 
-/* Runs expert e over the tokens routed to it, each result into its (token, slot) buffer. */
-static int run_expert(struct experts *ex, uint32_t e, const void *extent, const float *x, int threads)
+/* Runs expert e over the tokens routed to it, each result into its (token,
+ * slot) buffer, with worker w's scratch. */
+static int run_expert(struct experts *ex, uint32_t e, const void *extent, const float *x, int threads, unsigned w)
 {
 	const uint32_t n = ex->n, cnt = ex->count[e];
 	const uint32_t *tok = ex->tok_of + (size_t)e * ex->cap_B;
 	const uint8_t *slot = ex->slot_of + (size_t)e * ex->cap_B;
+	float *xg = ex->xg[w], *yg = ex->yg[w];
 	for (uint32_t i = 0; i < cnt; i++)
-		memcpy(ex->xg + (size_t)i * n, x + (size_t)tok[i] * n, n * sizeof(float));
+		memcpy(xg + (size_t)i * n, x + (size_t)tok[i] * n, n * sizeof(float));
 	if ((uint64_t)cnt * ex->m->layout.m * n * 3 < model_split_min())
 		threads = 1; /* as model_matmul: too little work to start threads for */
-	int rc = ffn_expert(&ex->m->layout, extent, ex->xg, n, cnt, ex->yg, n, NULL, 0, threads);
+	int rc = ffn_expert(&ex->m->layout, extent, xg, n, cnt, yg, n, NULL, 0, threads);
 	if (rc)
 		return rc;
 	for (uint32_t i = 0; i < cnt; i++)
-		memcpy(ex->outs + ((size_t)tok[i] * ex->k + slot[i]) * n, ex->yg + (size_t)i * n, n * sizeof(float));
-	ex->st.slots += cnt;
-	ex->st.uses++;
+		memcpy(ex->outs + ((size_t)tok[i] * ex->k + slot[i]) * n, yg + (size_t)i * n, n * sizeof(float));
 	return 0;
+}
+
+struct list_job {
+	struct experts *ex;
+	const float *x;
+	unsigned n, w;
+	unsigned *next; /* shared: the next list entry to take */
+	int rc;
+};
+
+static void *list_worker(void *arg)
+{
+	struct list_job *j = arg;
+	for (;;) {
+		unsigned i = __atomic_fetch_add(j->next, 1, __ATOMIC_RELAXED);
+		if (i >= j->n || j->rc)
+			break;
+		j->rc = run_expert(j->ex, j->ex->cl_e[i], j->ex->cl_p[i], j->x, 1, j->w);
+	}
+	return NULL;
+}
+
+/* Computes the n experts of cl_e/cl_p. With threads >= 2 and at least two
+ * experts, the experts are shared out to the threads, each computed on one
+ * (one thread start per worker per call instead of two per expert in the
+ * kernels; the bits do not depend on it); otherwise one after the other,
+ * each split over the threads. */
+static int compute_list(struct experts *ex, unsigned n, const float *x, int threads, struct moe_error *err)
+{
+	unsigned workers = MOE_MIN((unsigned)threads, MOE_MIN(n, ex->cap_w));
+	int rc = 0;
+	if (workers < 2) {
+		for (unsigned i = 0; i < n && !rc; i++)
+			if ((rc = run_expert(ex, ex->cl_e[i], ex->cl_p[i], x, threads, 0)))
+				moe_error_set(err, rc, "expert %u: %d", ex->cl_e[i], rc);
+	} else {
+		struct list_job jobs[EXPERTS_MAX_WORKERS];
+		pthread_t tids[EXPERTS_MAX_WORKERS];
+		bool started[EXPERTS_MAX_WORKERS] = { false };
+		unsigned next = 0;
+		for (unsigned w = 0; w < workers; w++)
+			jobs[w] = (struct list_job){ .ex = ex, .x = x, .n = n, .w = w, .next = &next };
+		for (unsigned w = 1; w < workers; w++)
+			started[w] = pthread_create(&tids[w], NULL, list_worker, &jobs[w]) == 0;
+		list_worker(&jobs[0]); /* whatever a worker failed to start for is taken here */
+		for (unsigned w = 1; w < workers; w++)
+			if (started[w])
+				pthread_join(tids[w], NULL);
+		for (unsigned w = 0; w < workers && !rc; w++)
+			if ((rc = jobs[w].rc))
+				moe_error_set(err, rc, "expert computation: %d", rc);
+	}
+	for (unsigned i = 0; i < n; i++)
+		ex->st.slots += ex->count[ex->cl_e[i]];
+	ex->st.uses += n;
+	return rc;
 }
 
 /* Next-layer hint: the next layer's router applied to this layer's input
@@ -286,6 +366,7 @@ static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 			prefetch_next(ex, il, x, B);
 		}
 		rc = 0;
+		unsigned nc = 0;
 		for (unsigned i = 0; i < todo; i++) {
 			const int32_t slot = ex->slots[i];
 			if (first) {
@@ -304,15 +385,24 @@ static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 				if ((rc = pack_read_expert(ex->m->pack, moe_l, ids[i], ex->fallback, err)))
 					goto release;
 				ex->st.fallback_reads++;
-				p = ex->fallback;
+				/* the one fallback buffer: computed now */
+				if ((rc = run_expert(ex, ids[i], ex->fallback, x, threads, 0))) {
+					moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
+					goto release;
+				}
+				ex->st.slots += ex->count[ids[i]];
+				ex->st.uses++;
+				continue;
 			}
 			if (!p) {
 				ids[kept++] = ids[i]; /* kept <= i: compaction in place */
-			} else if ((rc = run_expert(ex, ids[i], p, x, threads))) {
-				moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
-				goto release;
+			} else {
+				ex->cl_e[nc] = ids[i];
+				ex->cl_p[nc++] = p;
 			}
 		}
+		/* what was served, while the misses load; then the leases go */
+		rc = compute_list(ex, nc, x, threads, err);
 release:
 		for (unsigned l = 0; l < nl; l++)
 			if (ex->leases[l])
@@ -347,7 +437,7 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 	const uint32_t n = ex->n, k = ex->k, moe_l = (uint32_t)L->moe_index;
 	int rc;
 
-	if ((rc = grow(ex, B)))
+	if ((rc = grow(ex, B, (unsigned)MOE_MIN(MOE_MAX(threads, 1), EXPERTS_MAX_WORKERS))))
 		return moe_error_set(err, rc, "out of memory");
 	if ((rc = model_matmul(&L->router, x, B, ex->logits, threads)))
 		return moe_error_set(err, rc, "router of layer %u: %d", il, rc);
@@ -365,10 +455,14 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 	}
 
 	if (ex->all) {
+		unsigned nc = 0;
 		for (uint32_t e = 0; e < ex->E; e++)
-			if (ex->count[e] &&
-			    (rc = run_expert(ex, e, ex->all + ((uint64_t)moe_l * ex->E + e) * ex->ext_bytes, x, threads)))
-				return moe_error_set(err, rc, "expert %u of layer %u: %d", e, il, rc);
+			if (ex->count[e]) {
+				ex->cl_e[nc] = e;
+				ex->cl_p[nc++] = ex->all + ((uint64_t)moe_l * ex->E + e) * ex->ext_bytes;
+			}
+		if ((rc = compute_list(ex, nc, x, threads, err)))
+			return moe_error_prefix(err, rc, "layer %u", il);
 	} else {
 		unsigned ng = 0;
 		for (uint32_t e = 0; e < ex->E; e++)
