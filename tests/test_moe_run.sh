@@ -4,7 +4,8 @@
 # packed, moe-run --local writes the teacher-forced logits of 24 tokens, and
 # tests/llama-oracle writes llama.cpp's for the same GGUF; logits-compare.py
 # checks them. Also: batched prefill, one token at a time and 2 threads give
-# the same bits; greedy decoding of 64 tokens gives llama.cpp's ids. Skips (77) when llama-oracle was not built (no llama.cpp)
+# the same bits; greedy decoding of 64 tokens gives llama.cpp's ids; --ppl
+# equals the perplexity of llama.cpp's logits of the same chunks. Skips (77) when llama-oracle was not built (no llama.cpp)
 # or Debian's python3 has no numpy.
 #
 # Tolerances (per row: max |ours - llama.cpp| / max |llama.cpp logit|;
@@ -110,4 +111,48 @@ for arch in qwen3_moe qwen2_moe olmoe mixtral; do
 		fail=1
 	fi
 done
+
+# --ppl against perplexity computed here from llama.cpp's logits of the same
+# chunks (llama.cpp's tokenizer, no BOS): equal within 1e-4 relative (F32;
+# the per-row logit differences above are ~1e-6)
+o=$tmp/lm-qwen3_moe
+cat >"$tmp/ppl.txt" <<'TEXT'
+The quick brown fox jumps over the lazy dog. Debian is a free operating system,
+developed by thousands of volunteers from all over the world who collaborate via
+the Internet. It comes with over 59000 packages, precompiled software bundled in
+a nice format for easy installation on your machine.
+TEXT
+# shellcheck disable=SC2086
+ours=$("$B/moe-run" "$o.moepack" --local $rkv --ppl "$tmp/ppl.txt" --ctx 16 --quiet)
+ids=$("$oracle" tokenize "$o/model.gguf" --no-special --file "$tmp/ppl.txt" 2>/dev/null)
+# shellcheck disable=SC2086
+if ! $PY - "$oracle" "$o/model.gguf" "$ids" "$tmp" "$ours" $okv <<'PY'
+import math, subprocess, sys
+import numpy as np
+oracle, model, ids, tmp, ours = sys.argv[1:6]
+extra = sys.argv[6:]
+ids = [int(t) for t in ids.split(",") if t]
+ctx = 16
+nll, n, chunks = 0.0, 0, len(ids) // ctx
+for c in range(chunks):
+    t = ids[c * ctx:(c + 1) * ctx]
+    out = f"{tmp}/ppl-{c}.lgt"
+    subprocess.run([oracle, "logits", model, "--flash-attn", "off", *extra, "--tokens",
+                    ",".join(map(str, t)), "--out", out], check=True, stderr=subprocess.DEVNULL)
+    b = open(out, "rb").read()
+    nt, nv = np.frombuffer(b[8:16], "<u4")
+    z = np.frombuffer(b[16:], "<f4").reshape(nt, nv).astype(np.float64)
+    for i in range(ctx - 1):
+        m = z[i].max()
+        nll -= z[i][t[i + 1]] - m - math.log(np.exp(z[i] - m).sum())
+        n += 1
+want = math.exp(nll / n)
+got = float(ours.split()[1])
+ok = f"over {n} tokens ({chunks} chunks of {ctx})" in ours and abs(got - want) <= 1e-4 * want
+print(f"ppl: moe-run {ours.strip()!r}, from llama.cpp's logits {want:.4f} over {n} tokens: {'ok' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
+then
+	fail=1
+fi
 exit $fail
