@@ -273,9 +273,9 @@ static FN_ATTR ALWAYS_INLINE uint32_t ld32(const uint8_t *p)
 	return v;
 }
 
-#define KQ_TMAX 2 /* tokens sharing one decode of a weight super-block */
+#define KQ_TMAX 4 /* tokens sharing one decode of a weight super-block */
 
-/* One super-block times T (1 or KQ_TMAX) q8_K blocks: the exact integer
+/* One super-block times T (1, 2 or KQ_TMAX) q8_K blocks: the exact integer
  * isum[t] and imin[t] of ffn_kq_accum, equal to ref_kq_block's. The weight
  * side (codes, scales) is decoded once for the T tokens. Codes are taken
  * unsigned (vpmaddubsw needs an unsigned operand); the types with signed
@@ -293,7 +293,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 	int32_t im[KQ_TMAX] = { 0 };
 	uint16_t h;
 
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 	for (int t = 0; t < T; t++)
 		acc[t] = _mm256_setzero_si256();
 #define BSUMS(t) _mm256_loadu_si256((const __m256i *)(const void *)xb[t]->bsums)
@@ -308,7 +308,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 		const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 6) & 0x03030303u) << 4;
 		const __m128i sc8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
 		const __m128i mn8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 		for (int t = 0; t < T; t++) {
 			/* sums of the 32-element sub-blocks of x: pairs of bsums
 			 * (each |pair| <= 32 * 127, so 16 bits hold it) */
@@ -333,7 +333,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 				hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
 			}
 			const __m256i pl = kq_pick(s16, 2 * j, 2 * j), ph = kq_pick(s16, 2 * j + 1, 2 * j + 1);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 			for (int t = 0; t < T; t++) {
 				acc[t] = _mm256_add_epi32(acc[t], kq_dot32(lo, XQ(t, 64 * j), pl));
 				acc[t] = _mm256_add_epi32(acc[t], kq_dot32(hi, XQ(t, 64 * j + 32), ph));
@@ -358,7 +358,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 		}
 		const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
 		/* the offset (32 or 4) times sum of scale * bsum, in the lanes */
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 		for (int t = 0; t < T; t++)
 			acc[t] = _mm256_sub_epi32(acc[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, BSUMS(t)),
 									     DT == MOE_DTYPE_Q6_K ? 5 : 2));
@@ -371,21 +371,19 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 				const __m256i l0 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh));
 				const __m256i l1 = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 64 * hh + 32));
 				const __m256i qh = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 128 + 32 * hh));
-				__m256i qv[4], pv[4];
-				qv[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(bits2(qh, 0), 4));
-				qv[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(bits2(qh, 2), 4));
-				qv[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-							_mm256_slli_epi16(bits2(qh, 4), 4));
-				qv[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-							_mm256_slli_epi16(bits2(qh, 6), 4));
+				/* group g: low (g < 2) or high nibbles of l0 (even g) or
+				 * l1 (odd g), with bit pair 2g of qh; built one at a time
+				 * so T accumulators fit beside them */
 #pragma GCC unroll 4
-				for (int g = 0; g < 4; g++)
-					pv[g] = kq_pick(sv, 2 * g, 2 * g + 1);
-#pragma GCC unroll 2
-				for (int t = 0; t < T; t++)
+				for (int g = 0; g < 4; g++) {
+					const __m256i l = g & 1 ? l1 : l0;
+					const __m256i lo4 = g < 2 ? _mm256_and_si256(l, m4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
+					const __m256i qv = _mm256_or_si256(lo4, _mm256_slli_epi16(bits2(qh, 2 * g), 4));
+					const __m256i pk = kq_pick(sv, 2 * g, 2 * g + 1);
 #pragma GCC unroll 4
-					for (int g = 0; g < 4; g++)
-						acc[t] = _mm256_add_epi32(acc[t], kq_dot32(qv[g], XQ(t, 128 * hh + 32 * g), pv[g]));
+					for (int t = 0; t < T; t++)
+						acc[t] = _mm256_add_epi32(acc[t], kq_dot32(qv, XQ(t, 128 * hh + 32 * g), pk));
+				}
 			}
 			memcpy(&h, blk + 208, 2);
 		} else {
@@ -400,7 +398,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 					const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(4 * hh + g)), one);
 					const __m256i qu = _mm256_or_si256(bits2(q, 2 * g), _mm256_slli_epi16(hb, 2));
 					const __m256i pk = kq_pick(sv, 2 * g, 2 * g + 1);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 					for (int t = 0; t < T; t++)
 						acc[t] = _mm256_add_epi32(acc[t], kq_dot32(qu, XQ(t, 128 * hh + 32 * g), pk));
 				}
@@ -421,7 +419,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 			const __m256i wv = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srlv_epi64(q2, hi_by4), m4));
 			const __m256i wa = _mm256_sign_epi8(wv, wv);
 			const __m256i ls = _mm256_set1_epi16((short)moe_iq4_xs_scale(b, sb));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 			for (int t = 0; t < T; t++) {
 				const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)XQ(t, 32 * sb));
 				const __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv));
@@ -435,7 +433,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 		const __m128i m8 = _mm_set1_epi8(0x0f);
 		const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s8, m8));
 		const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), m8));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 		for (int t = 0; t < T; t++)
 			im[t] = hsum_i32_avx2(_mm256_madd_epi16(mn16, BSUMS(t)));
 		const __m256i sA = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16));
@@ -447,7 +445,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 #pragma GCC unroll 4
 			for (int g = 0; g < 4; g++) {
 				const __m256i qg = bits2(q, 2 * g), pk = kq_pick(sv, 2 * g, 2 * g + 1);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 				for (int t = 0; t < T; t++)
 					acc[t] = _mm256_add_epi32(acc[t], kq_dot32(qg, XQ(t, 128 * hh + 32 * g), pk));
 			}
@@ -459,7 +457,7 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 	}
 #undef BSUMS
 #undef XQ
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 	for (int t = 0; t < T; t++) {
 		isum[t] = hsum_i32_avx2(acc[t]);
 		imin[t] = im[t];
@@ -467,7 +465,8 @@ static FN_ATTR ALWAYS_INLINE void kq_block(const int DT, const int T, const uint
 }
 
 /* R rows (rs bytes apart) times T tokens (ldq blocks apart):
- * y[t * ldy + i * ys]. */
+ * y[t * ldy + i * ys]. One token (decode) unrolls the R rows, whose 4
+ * streams then interleave; batches loop over them (code size). */
 static FN_ATTR ALWAYS_INLINE void kq_tile(const int DT, const int R, const int T, const uint8_t *W, size_t rs,
 					   uint32_t nb, const struct moe_block_q8_K *xq, size_t ldq, float *y, size_t ys,
 					   size_t ldy)
@@ -477,33 +476,46 @@ static FN_ATTR ALWAYS_INLINE void kq_tile(const int DT, const int R, const int T
 	float acc[RMAX][KQ_TMAX] = { { 0 } };
 	for (uint32_t b = 0; b < nb; b++) {
 		const struct moe_block_q8_K *xb[KQ_TMAX];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 		for (int t = 0; t < T; t++)
 			xb[t] = xq + (size_t)t * ldq + b;
+#define KQ_ROW(i) \
+	do { \
+		int32_t isum[KQ_TMAX], imin[KQ_TMAX]; \
+		float d, dmin; \
+		kq_block(DT, T, W + (size_t)(i) * rs + (size_t)b * bb, xb, isum, imin, &d, &dmin); \
+		for (int t = 0; t < T; t++) \
+			acc[i][t] = ffn_kq_accum(acc[i][t], d, dmin, xb[t]->d, isum[t], imin[t]); \
+	} while (0)
+		if (T == 1) {
 #pragma GCC unroll 4
-		for (int i = 0; i < R; i++) {
-			int32_t isum[KQ_TMAX], imin[KQ_TMAX];
-			float d, dmin;
-			kq_block(DT, T, W + (size_t)i * rs + (size_t)b * bb, xb, isum, imin, &d, &dmin);
-#pragma GCC unroll 2
-			for (int t = 0; t < T; t++)
-				acc[i][t] = ffn_kq_accum(acc[i][t], d, dmin, xb[t]->d, isum[t], imin[t]);
+			for (int i = 0; i < R; i++)
+				KQ_ROW(i);
+		} else {
+#pragma GCC unroll 1
+			for (int i = 0; i < R; i++)
+				KQ_ROW(i);
 		}
+#undef KQ_ROW
 	}
 #pragma GCC unroll 4
 	for (int i = 0; i < R; i++)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 		for (int t = 0; t < T; t++)
 			y[(size_t)t * ldy + (size_t)i * ys] = acc[i][t];
 }
 
-/* All tokens of an R-row tile: pairs of tokens, then the last one alone. */
+/* All tokens of an R-row tile: groups of KQ_TMAX tokens, then 2, then 1. */
 static FN_ATTR ALWAYS_INLINE void kq_rows(const int DT, const int R, const uint8_t *W, size_t rs, uint32_t nb,
 					   const struct ffn_act *a, float *y, size_t ys, size_t ldy)
 {
 	uint32_t t = 0;
 	for (; t + KQ_TMAX <= a->B; t += KQ_TMAX)
 		kq_tile(DT, R, KQ_TMAX, W, rs, nb, a->q8k + (size_t)t * a->ldqk, a->ldqk, y + (size_t)t * ldy, ys, ldy);
+	if (t + 2 <= a->B) {
+		kq_tile(DT, R, 2, W, rs, nb, a->q8k + (size_t)t * a->ldqk, a->ldqk, y + (size_t)t * ldy, ys, ldy);
+		t += 2;
+	}
 	if (t < a->B)
 		kq_tile(DT, R, 1, W, rs, nb, a->q8k + (size_t)t * a->ldqk, a->ldqk, y + (size_t)t * ldy, ys, ldy);
 }

@@ -53,6 +53,15 @@ static inline enum ggml_type ggml_peer_type(enum moe_dtype t)
 	}
 }
 
+/* ggml's log, warnings and errors only (its info lines, one per repacked
+ * tensor, would bury the results). */
+static inline void ggml_peer_log(enum ggml_log_level level, const char *text, void *user)
+{
+	(void)user;
+	if (level == GGML_LOG_LEVEL_WARN || level == GGML_LOG_LEVEL_ERROR)
+		fputs(text, stderr);
+}
+
 /* The prebuilt folder: $MOETIER_LLAMA_LIB, else configure's. */
 static inline const char *ggml_peer_dir(void)
 {
@@ -76,6 +85,8 @@ static inline int ggml_peer_open(struct ggml_peer *p, int threads, char *why, si
 		snprintf(why, whylen, "no llama.cpp peer (configure --with-llama or MOETIER_LLAMA_LIB)");
 		return -1;
 	}
+	if (!getenv("MOETIER_GGML_VERBOSE"))
+		ggml_log_set(ggml_peer_log, NULL);
 	ggml_backend_load_all_from_path(dir);
 	ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
 	p->dev = dev;
