@@ -12,9 +12,11 @@ moe_run_LDADD = client/run/libmoerun.a client/libmoetier.la $(TOK_LINK) $(KERNEL
 dist_man_MANS += doc/moe-run.1
 
 # Against llama.cpp (skips without tests/llama-oracle), through the daemon,
-# and from GGUF- vs safetensors-made packs.
-TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh
+# from GGUF- vs safetensors-made packs, and on the trained model (skips until
+# models/ has it).
+TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh tests/test_moe_run_trained.sh
 EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh \
+	tests/test_moe_run_trained.sh \
 	tests/logits-compare.py
 
 if HAVE_CRITERION
