@@ -1,20 +1,20 @@
 /* cache.c - residency state machine, leases, promotion and eviction (see cache.h).
  *
- * Locking: c->mu protects every field below marked [mu]. The I/O thread owns
- * the tier_nvme engine and the tier_gpu arena (both single-owner) and talks
- * to the callers through a job list [mu] and a wake eventfd. No acquire
- * waits here: a miss starts (or joins) a load and returns; the caller is told
- * through on_ready and the ready eventfd, and retries (the service parks
- * blocking acquires, server_ring.c). c->cv is broadcast whenever a load or
- * copy finishes, for cache_wait_idle and the GPU export. The I/O thread never
- * holds c->mu while it calls into tier_nvme or tier_gpu, and the CRC32C of a
- * fresh load is computed without the lock: the slot is LOADING and owned by
- * that load, so nothing else reads or writes it.
+ * Locking: c->mu protects every field of struct cache (cache_impl.h) marked
+ * [mu]. The I/O thread (cache_io.c) owns the tier_nvme engine and the
+ * tier_gpu arena (both single-owner) and talks to the callers through a job
+ * list [mu] and a wake eventfd. No acquire waits here: a miss starts (or
+ * joins) a load and returns; the caller is told through on_ready and the
+ * ready eventfd, and retries (the service parks blocking acquires,
+ * server_ring.c). c->cv is broadcast whenever a load or copy finishes, for
+ * cache_wait_idle and the GPU export. The I/O thread never holds c->mu while
+ * it calls into tier_nvme or tier_gpu, and the CRC32C of a fresh load is
+ * computed without the lock: the slot is LOADING and owned by that load, so
+ * nothing else reads or writes it.
  */
 #define _GNU_SOURCE
-#include "cache.h"
+#include "cache_impl.h"
 
-#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,120 +22,15 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "crc32c.h"
 #include "fault.h"
 #include "policy.h"
 #include "tier_gpu.h"
 #include "tier_host.h"
 #include "tier_nvme.h"
 
-#define NONE UINT32_MAX
-#define T_GPU 0
-#define T_HOST 1
-
-struct slot_state {
-	uint32_t owner;  /* expert id, or NONE when free */
-	uint32_t gen;    /* bumped at every change of owner */
-	uint32_t refs;   /* client leases */
-	uint32_t iref;   /* internal holds (source of a host -> GPU copy) */
-	uint64_t token;  /* GPU: token of the copy in flight */
-};
-
-struct expert_state {
-	uint8_t st[2];        /* enum cache_residency per memory tier */
-	uint8_t crc_fails;    /* CRC mismatches during the current host load */
-	bool prefetch;        /* current host load is a prefetch nobody demanded */
-	bool prefetched;      /* loaded by a prefetch and not used since */
-	bool cancel_asked;    /* a cancel of its (prefetch) load was requested */
-	bool want_gpu;        /* promote to the GPU as soon as the host load lands */
-	bool gpu_prefetched;  /* GPU copy made for a prefetch and not used since */
-	uint32_t slot[2];
-	uint32_t pins[2];
-	int err;              /* result of the last failed load/copy, 0 if none */
-	uint64_t mark;        /* c->calls of the last acquire naming it */
-};
-
-/* A client's hold on one slot: the leases it took on that (tier, slot,
- * generation), counted; struct cache_lease is the handle it was given. */
-struct cache_lease_ref {
-	uint32_t slot, gen, count;
-	uint8_t tier;
-};
-
-/* A client id of the caller's (the service's connection slot + 1) and the
- * leases it holds. */
-struct cache_client {
-	uint32_t id;
-	bool used;
-	struct cache_lease_ref *v;
-	size_t n, cap;
-};
-
-enum job_kind { JOB_LOAD, JOB_PROMOTE, JOB_CANCEL, JOB_GPU_COPY, JOB_GPU_EVICT, JOB_GPU_EXPORT };
-
-/* A GPU export runs on the I/O thread, which alone drives tier_gpu. */
-struct gpu_export_req {
-	struct tier_gpu_export *out;
-	struct moe_error err;
-	int rc;
-	bool done; /* [mu] */
-};
-
-struct job {
-	enum job_kind kind;
-	uint32_t expert, slot, gslot;
-	bool prefetch;
-	struct gpu_export_req *export_req; /* JOB_GPU_EXPORT */
-	struct job *next;
-};
-
-struct cache {
-	struct pack_file *pack;
-	struct cache_config cfg;
-	uint32_t n_layers, n_experts, n_ids;
-	uint64_t payload, extent;
-
-	struct stats *st;
-	struct tier_host *host;
-	struct tier_nvme *nvme;
-	struct tier_gpu *gpu;
-	uint32_t n_gslots;
-	/* Emulated GPU region exported once (read-only memfd) for clients. */
-	struct tier_gpu_export gpu_exp;
-	bool gpu_exp_valid;
-
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	struct expert_state *ex;     /* [n_ids] [mu] */
-	struct slot_state *hslot;    /* [host slots] [mu] */
-	struct slot_state *gslot;    /* [gpu slots] [mu] */
-	uint32_t *gfree;             /* free GPU slots (stack) [mu] */
-	uint32_t n_gfree;
-	struct policy *pol[2];       /* [mu] */
-	struct cache_client *clients;      /* [max_clients] [mu] */
-	unsigned n_clients;
-	struct job *jobs_head, *jobs_tail; /* [mu] */
-	unsigned busy;               /* loads + copies queued or in flight [mu] */
-	uint64_t calls;              /* acquire calls, the policies' clock [mu] */
-	uint32_t *hocc;              /* host slots held per layer (layer_slots) [mu] */
-	bool retry;                  /* the acquire in progress repeats the last one [mu] */
-	bool stop;                   /* [mu] */
-
-	int wake_efd;                /* wakes the I/O thread */
-	int ready_efd;               /* cache_eventfd() */
-	pthread_t io;
-	bool io_started;
-	const char *engine;
-};
-
 /* ---- small helpers (all under c->mu) -------------------------------------- */
 
-static uint32_t id_of(const struct cache *c, struct cache_key k) { return k.layer * c->n_experts + k.expert; }
-static bool key_ok(const struct cache *c, struct cache_key k) { return k.layer < c->n_layers && k.expert < c->n_experts; }
-static uint32_t layer_of(const struct cache *c, uint32_t id) { return id / c->n_experts; }
-static uint32_t expert_of(const struct cache *c, uint32_t id) { return id % c->n_experts; }
-
-static void notify_ready(struct cache *c)
+void cache_notify_ready(struct cache *c)
 {
 	uint64_t one = 1;
 	if (write(c->ready_efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
@@ -166,7 +61,7 @@ static int push_job(struct cache *c, enum job_kind kind, uint32_t expert, uint32
 	return 0;
 }
 
-static void update_gauges(struct cache *c)
+void cache_update_gauges(struct cache *c)
 {
 	int64_t used = 0, leased = 0;
 	uint32_t nh = tier_host_n_slots(c->host);
@@ -404,8 +299,6 @@ static int start_gpu_copy(struct cache *c, uint32_t id)
 	return 0;
 }
 
-static void finish_host_load(struct cache *c, uint32_t id, int res);
-
 /* ---- leases -------------------------------------------------------------- */
 
 static struct cache_client *client_get(struct cache *c, uint32_t client, bool create)
@@ -607,7 +500,7 @@ int cache_acquire(struct cache *c, uint32_t client, const struct cache_key *keys
 		if (out[i].status == 0)
 			served++;
 	}
-	update_gauges(c);
+	cache_update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
 	return (int)served;
 }
@@ -656,7 +549,7 @@ int cache_release(struct cache *c, uint32_t client, const struct cache_lease *le
 	ss->refs--;
 	stats_inc(c->st, STAT_cache_releases);
 	after_unref(c, lease->tier, lease->slot);
-	update_gauges(c);
+	cache_update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
 	return 0;
 }
@@ -694,7 +587,7 @@ size_t cache_release_client(struct cache *c, uint32_t client)
 		cl->used = false;
 		stats_add(c->st, STAT_cache_client_releases, dropped);
 	}
-	update_gauges(c);
+	cache_update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
 	return dropped;
 }
@@ -709,7 +602,7 @@ static int for_each_key(struct cache *c, const struct cache_key *keys, size_t n,
 	for (size_t i = 0; i < n; i++)
 		if (key_ok(c, keys[i]))
 			sum += fn(c, id_of(c, keys[i]), arg);
-	update_gauges(c);
+	cache_update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
 	return sum;
 }
@@ -793,8 +686,8 @@ static int cancel_one(struct cache *c, uint32_t id, void *arg)
 		if (c->jobs_tail == j)
 			c->jobs_tail = prev;
 		free(j);
-		finish_host_load(c, id, -ECANCELED);
-		notify_ready(c);
+		cache_finish_host_load(c, id, -ECANCELED);
+		cache_notify_ready(c);
 		return 1;
 	}
 	return push_job(c, JOB_CANCEL, id, e->slot[T_HOST], NONE, true) == 0;
@@ -840,7 +733,7 @@ int cache_pin(struct cache *c, struct cache_key key, enum cache_tier tier)
 		moe_debug("cache: pin of layer %u expert %u: load not started (%s)", key.layer, key.expert,
 			  strerror(-rc));
 	}
-	update_gauges(c);
+	cache_update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
 	return rc == -ENOBUFS ? 0 : rc;
 }
@@ -884,7 +777,7 @@ int cache_evict(struct cache *c, struct cache_key key, enum cache_tier tier)
 			evict_host(c, id);
 		rc = 0;
 	}
-	update_gauges(c);
+	cache_update_gauges(c);
 	pthread_mutex_unlock(&c->mu);
 	return rc;
 }
@@ -1076,9 +969,7 @@ out:
 	return rc;
 }
 
-/* ---- the I/O thread -------------------------------------------------------- */
-
-static void finish_host_load(struct cache *c, uint32_t id, int res)
+void cache_finish_host_load(struct cache *c, uint32_t id, int res)
 {
 	struct expert_state *e = &c->ex[id];
 	uint32_t l = layer_of(c, id), x = expert_of(c, id);
@@ -1120,7 +1011,7 @@ static void finish_host_load(struct cache *c, uint32_t id, int res)
 	c->busy--;
 }
 
-static void finish_gpu_copy(struct cache *c, uint32_t id, int res)
+void cache_finish_gpu_copy(struct cache *c, uint32_t id, int res)
 {
 	struct expert_state *e = &c->ex[id];
 	uint32_t hs = e->slot[T_HOST];
@@ -1144,186 +1035,6 @@ static void finish_gpu_copy(struct cache *c, uint32_t id, int res)
 			 strerror(-res));
 	}
 	c->busy--;
-}
-
-static void call_ready(struct cache *c, uint32_t id, int tier, int status)
-{
-	if (c->cfg.on_ready)
-		c->cfg.on_ready(c->cfg.on_ready_ctx, layer_of(c, id), expert_of(c, id), (enum cache_tier)tier, status);
-}
-
-static void run_jobs(struct cache *c, struct job *j)
-{
-	while (j) {
-		struct job *next = j->next;
-		switch (j->kind) {
-		case JOB_LOAD: {
-			const struct pack_index_entry *ie = pack_expert(c->pack, layer_of(c, j->expert),
-								       expert_of(c, j->expert));
-			struct tier_nvme_req rq = { .tag = j->expert, .offset = ie->offset, .len = c->extent,
-						    .buf = tier_host_ptr(c->host, j->slot), .buf_index = (int)j->slot,
-						    .prefetch = j->prefetch };
-			int rc = tier_nvme_queue(c->nvme, &rq);
-			if (rc < 0) {
-				pthread_mutex_lock(&c->mu);
-				finish_host_load(c, j->expert, rc);
-				notify_ready(c);
-				pthread_mutex_unlock(&c->mu);
-				call_ready(c, j->expert, T_HOST, rc);
-			}
-			break;
-		}
-		case JOB_PROMOTE:
-			tier_nvme_promote(c->nvme, j->expert);
-			break;
-		case JOB_CANCEL:
-			if (tier_nvme_cancel(c->nvme, j->expert) < 0) {
-				pthread_mutex_lock(&c->mu);
-				c->ex[j->expert].cancel_asked = false;
-				pthread_mutex_unlock(&c->mu);
-			}
-			break;
-		case JOB_GPU_EVICT:
-			/* -ENOENT: the slot never got its copy (a failed one). */
-			tier_gpu_evict(c->gpu, j->gslot, false);
-			break;
-		case JOB_GPU_EXPORT: {
-			struct gpu_export_req *r = j->export_req;
-			int rc = tier_gpu_export(c->gpu, r->out, &r->err);
-			pthread_mutex_lock(&c->mu);
-			r->rc = rc;
-			r->done = true;
-			pthread_cond_broadcast(&c->cv);
-			pthread_mutex_unlock(&c->mu);
-			break;
-		}
-		case JOB_GPU_COPY: {
-			struct moe_error err = { { 0 } };
-			uint64_t token = 0;
-			int rc;
-			if (FAULT_HIT(FAULT_GPU_COPY)) {
-				stats_inc(c->st, STAT_faults_injected);
-				rc = -EIO;
-			} else {
-				rc = tier_gpu_copy_in(c->gpu, j->gslot, tier_host_ptr(c->host, j->slot), c->payload,
-						      &token, &err);
-			}
-			pthread_mutex_lock(&c->mu);
-			if (rc < 0) {
-				moe_debug("cache: GPU copy: %s", err.msg);
-				finish_gpu_copy(c, j->expert, rc);
-				notify_ready(c);
-			} else {
-				c->gslot[j->gslot].token = token;
-			}
-			pthread_mutex_unlock(&c->mu);
-			if (rc < 0)
-				call_ready(c, j->expert, T_GPU, rc);
-			break;
-		}
-		}
-		free(j);
-		j = next;
-	}
-}
-
-/* A completed NVMe read: CRC check (outside the lock), then the state. */
-static void nvme_done(struct cache *c, const struct tier_nvme_cqe *q)
-{
-	uint32_t id = (uint32_t)q->tag;
-	int res = q->res;
-	if (res == 0) {
-		const struct pack_index_entry *ie = pack_expert(c->pack, layer_of(c, id), expert_of(c, id));
-		pthread_mutex_lock(&c->mu);
-		uint32_t slot = c->ex[id].slot[T_HOST];
-		pthread_mutex_unlock(&c->mu);
-		uint64_t t0 = moe_now_ns();
-		uint32_t crc = crc32c(tier_host_ptr(c->host, slot), ie->length);
-		stats_hist_add(c->st, HIST_crc_ns, moe_now_ns() - t0);
-		if (crc != ie->crc32c) {
-			stats_inc(c->st, STAT_cache_checksum_failures);
-			pthread_mutex_lock(&c->mu);
-			bool reread = c->ex[id].crc_fails++ == 0;
-			pthread_mutex_unlock(&c->mu);
-			if (reread) {
-				stats_inc(c->st, STAT_cache_checksum_rereads);
-				struct tier_nvme_req rq = { .tag = id, .offset = ie->offset, .len = c->extent,
-							    .buf = tier_host_ptr(c->host, slot), .buf_index = (int)slot };
-				if (tier_nvme_queue(c->nvme, &rq) == 0)
-					return;
-			}
-			res = -EBADMSG;
-		}
-	}
-	pthread_mutex_lock(&c->mu);
-	finish_host_load(c, id, res);
-	update_gauges(c);
-	notify_ready(c);
-	pthread_mutex_unlock(&c->mu);
-	call_ready(c, id, T_HOST, res);
-}
-
-static void gpu_done(struct cache *c, const struct tier_gpu_done *d)
-{
-	if (d->to_host)
-		return;
-	pthread_mutex_lock(&c->mu);
-	struct slot_state *gs = &c->gslot[d->slot];
-	uint32_t id = gs->owner;
-	bool ours = id != NONE && gs->token == d->token && c->ex[id].st[T_GPU] == CACHE_LOADING;
-	if (ours) {
-		finish_gpu_copy(c, id, d->rc);
-		update_gauges(c);
-		notify_ready(c);
-	}
-	pthread_mutex_unlock(&c->mu);
-	if (ours)
-		call_ready(c, id, T_GPU, d->rc);
-}
-
-static void *io_main(void *arg)
-{
-	struct cache *c = arg;
-	struct tier_nvme_cqe cq[32];
-	struct tier_gpu_done gd[32];
-	for (;;) {
-		pthread_mutex_lock(&c->mu);
-		struct job *j = c->jobs_head;
-		c->jobs_head = c->jobs_tail = NULL;
-		bool stop = c->stop;
-		pthread_mutex_unlock(&c->mu);
-		run_jobs(c, j);
-		if (stop)
-			break;
-		tier_nvme_submit(c->nvme);
-		int n;
-		while ((n = tier_nvme_reap(c->nvme, cq, MOE_ARRAY_SIZE(cq), 0)) > 0)
-			for (int i = 0; i < n; i++)
-				nvme_done(c, &cq[i]);
-		if (c->gpu)
-			while ((n = tier_gpu_reap(c->gpu, gd, MOE_ARRAY_SIZE(gd))) > 0)
-				for (int i = 0; i < n; i++)
-					gpu_done(c, &gd[i]);
-		/* Re-reads queued by nvme_done, or pread results: go round again. */
-		if (tier_nvme_queued(c->nvme) || tier_nvme_ready(c->nvme))
-			continue;
-		struct pollfd pf[3];
-		int np = 0;
-		pf[np++] = (struct pollfd){ .fd = c->wake_efd, .events = POLLIN };
-		int nfd = tier_nvme_eventfd(c->nvme);
-		if (nfd >= 0)
-			pf[np++] = (struct pollfd){ .fd = nfd, .events = POLLIN };
-		if (c->gpu)
-			pf[np++] = (struct pollfd){ .fd = tier_gpu_event_fd(c->gpu), .events = POLLIN };
-		/* Without an eventfd on the ring, poll it every millisecond. */
-		int timeout = nfd < 0 && tier_nvme_inflight(c->nvme) ? 1 : -1;
-		if (poll(pf, (nfds_t)np, timeout) > 0 && (pf[0].revents & POLLIN)) {
-			uint64_t v;
-			if (read(c->wake_efd, &v, sizeof(v)) < 0)
-				moe_debug("cache: wake eventfd read: %s", strerror(errno));
-		}
-	}
-	return NULL;
 }
 
 /* ---- create / destroy ------------------------------------------------------ */
@@ -1490,13 +1201,13 @@ int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct 
 		rc = moe_error_set(err, -errno, "cache: eventfd: %s", strerror(errno));
 		goto fail;
 	}
-	rc = -pthread_create(&c->io, NULL, io_main, c);
+	rc = -pthread_create(&c->io, NULL, cache_io_main, c);
 	if (rc < 0) {
 		moe_error_set(err, rc, "cache: cannot start the I/O thread: %s", strerror(-rc));
 		goto fail;
 	}
 	c->io_started = true;
-	update_gauges(c);
+	cache_update_gauges(c);
 	*out = c;
 	return 0;
 fail:

@@ -1,7 +1,7 @@
 # tiers: NVMe engine, host arena, residency cache, fault injection, stats.
 libmoetierd_a_SOURCES += daemon/fault.c daemon/fault.h daemon/stats.c daemon/stats.h \
 	daemon/tier_host.c daemon/tier_host.h daemon/tier_nvme.c daemon/tier_nvme.h \
-	daemon/cache.c daemon/cache.h
+	daemon/cache.c daemon/cache.h daemon/cache_impl.h daemon/cache_io.c
 
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_cache tests/test_tier_nvme tests/test_tier_host tests/test_fault
