@@ -325,7 +325,10 @@ Test(gguf, ggml_type_table, .timeout = 30)
 	enum moe_dtype dt;
 	cr_expect(gguf_ggml_type_info(39, NULL, NULL, NULL, &dt) && dt == MOE_DTYPE_MXFP4);
 	cr_expect(gguf_ggml_type_info(30, NULL, NULL, NULL, &dt) && dt == MOE_DTYPE_BF16);
-	cr_expect(gguf_ggml_type_info(12, NULL, NULL, NULL, &dt) && dt == MOE_DTYPE_INVALID);
+	cr_expect(gguf_ggml_type_info(12, NULL, NULL, NULL, &dt) && dt == MOE_DTYPE_Q4_K);
+	cr_expect(gguf_ggml_type_info(14, NULL, NULL, NULL, &dt) && dt == MOE_DTYPE_Q6_K);
+	/* a type ggml has and moetier does not use (Q8_K: activations only) */
+	cr_expect(gguf_ggml_type_info(15, NULL, NULL, NULL, &dt) && dt == MOE_DTYPE_INVALID);
 	cr_expect_str_eq(gguf_type_name(GGUF_TYPE_FLOAT64), "FLOAT64");
 	cr_expect_str_eq(gguf_type_name(13), "?");
 }
