@@ -709,7 +709,8 @@ def perplexity(model, ids, ctx, stats=None, batch=16):
         lp = logits[:, :-1].double().log_softmax(-1)
         nll -= lp.gather(-1, x[:, 1:, None]).sum().item()
         count += x.shape[0] * (ctx - 1)
-    return math.exp(nll / count), n_chunks * ctx, n_chunks
+    # N in "ppl: X over N tokens" counts the predicted positions, C * (ctx - 1), as moe-run does
+    return math.exp(nll / count), count, n_chunks
 
 
 @torch.no_grad()
@@ -753,6 +754,8 @@ def routing_stats(model, ids, ctx):
 
 def cmd_train(a):
     torch.set_num_threads(a.threads)
+    # bit-identical reruns: no scatter-add whose order depends on the threads
+    torch.use_deterministic_algorithms(True)
     torch.manual_seed(a.seed)
     t0 = time.time()
     os.makedirs(a.models, exist_ok=True)
@@ -875,7 +878,8 @@ def cmd_train(a):
                       batch=B, seq=T, tokens_seen=total * B * T, minutes=a.minutes, lr=a.lr, aux_coef=a.aux,
                       seed=a.seed, threads=a.threads, train_seconds=round(train_s, 1),
                       total_seconds=round(time.time() - t0, 1), torch=torch.__version__, loss_history=hist),
-        heldout_ppl=dict(value=round(ppl, 6), ctx=128, tokens=n_tok, chunks=n_chunks,
+        heldout_ppl=dict(value=round(ppl, 6), ctx=128, predicted_tokens=n_tok, chunks=n_chunks,
+                         line="ppl: %.4f over %d tokens (%d chunks of 128)" % (ppl, n_tok, n_chunks),
                          definition="doc run-interfaces: chunks of 128 from an empty cache, no BOS, positions 1..127 predicted"),
         routing=routing,
     )
