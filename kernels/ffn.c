@@ -8,6 +8,8 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -433,6 +435,16 @@ bool ffn_dtype_supported(enum moe_dtype t)
 
 /* ---- threads -------------------------------------------------------------- */
 
+/* A process-wide pool of workers, created on first use and grown to the
+ * largest thread count asked (creating threads per matmul cost more than a
+ * small product itself). A call publishes its pieces, bumps `gen` and does
+ * piece 0 itself; workers spin briefly on `gen`, then sleep on a condvar so
+ * that an idle pool burns no core. The split is the same as it always was,
+ * whoever runs a piece, so the bits never depend on the pool. One caller
+ * uses the pool at a time; a caller that finds it busy runs its pieces
+ * inline (same split, same bits) rather than wait behind another's product.
+ * After fork() the child starts with an empty pool (pthread_atfork). */
+
 typedef void (*range_fn)(void *arg, uint32_t lo, uint32_t hi);
 
 struct range_job {
@@ -441,25 +453,131 @@ struct range_job {
 	uint32_t lo, hi;
 };
 
-static void *range_thread(void *p)
+#define MAX_THREADS 64
+/* Polls of `gen` (each a pause) before a worker sleeps, and of `pending`
+ * before the caller does: a few microseconds, the gap between the products
+ * of one layer, not more (the host is often shared). */
+#define POOL_SPIN 4096
+
+static struct pool {
+	pthread_mutex_t call;     /* held by the one caller using the pool */
+	pthread_mutex_t m;        /* guards the sleeps below */
+	pthread_cond_t wake, done;
+	/* (generation << 8) | pieces of the current call, bumped once per call;
+	 * one word so a worker never pairs a count with another call's pieces */
+	_Atomic uint64_t gen;
+	atomic_int pending;       /* workers' pieces not yet finished */
+	int n_workers;            /* worker i (1-based) runs jobs[i] */
+	uint64_t born[MAX_THREADS]; /* gen when worker i was created: later ones are its work */
+	uint32_t created;         /* threads ever created (tests) */
+	struct range_job jobs[MAX_THREADS];
+} pool = {
+	.call = PTHREAD_MUTEX_INITIALIZER,
+	.m = PTHREAD_MUTEX_INITIALIZER,
+	.wake = PTHREAD_COND_INITIALIZER,
+	.done = PTHREAD_COND_INITIALIZER,
+};
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static inline void cpu_relax(void)
 {
-	struct range_job *j = p;
-	j->fn(j->arg, j->lo, j->hi);
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#endif
+}
+
+static void *pool_worker(void *p)
+{
+	const int me = (int)(intptr_t)p;
+	/* not the gen now: the call that created this worker may have bumped it already */
+	uint64_t seen = pool.born[me];
+
+	for (;;) {
+		uint64_t g;
+		int spin = 0;
+		while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen &&
+		       spin++ < POOL_SPIN)
+			cpu_relax();
+		if (g == seen) {
+			pthread_mutex_lock(&pool.m);
+			while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen)
+				pthread_cond_wait(&pool.wake, &pool.m);
+			pthread_mutex_unlock(&pool.m);
+		}
+		seen = g;
+		/* jobs[] was written before gen was bumped (release); a call ends
+		 * only once its workers are done, so jobs[me] stays put meanwhile */
+		if (me < (int)(g & 0xff)) {
+			const struct range_job *j = &pool.jobs[me];
+			j->fn(j->arg, j->lo, j->hi);
+			if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1) {
+				pthread_mutex_lock(&pool.m);
+				pthread_cond_signal(&pool.done);
+				pthread_mutex_unlock(&pool.m);
+			}
+		}
+	}
 	return NULL;
 }
 
-#define MAX_THREADS 64
+/* fork() keeps only the calling thread: hold `call` across it so no product
+ * is half published, and give the child a fresh, empty pool. */
+static void pool_prefork(void) { pthread_mutex_lock(&pool.call); }
+static void pool_postfork_parent(void) { pthread_mutex_unlock(&pool.call); }
+static void pool_postfork_child(void)
+{
+	pthread_mutex_init(&pool.call, NULL);
+	pthread_mutex_init(&pool.m, NULL);
+	pthread_cond_init(&pool.wake, NULL);
+	pthread_cond_init(&pool.done, NULL);
+	atomic_store(&pool.pending, 0);
+	pool.n_workers = 0;
+}
+
+static void pool_init(void)
+{
+	pthread_atfork(pool_prefork, pool_postfork_parent, pool_postfork_child);
+}
+
+/* Grows the pool to `want` workers (fewer when thread creation fails). */
+static void pool_grow(int want)
+{
+	pthread_attr_t attr;
+
+	if (pool.n_workers >= want || pthread_attr_init(&attr) != 0)
+		return;
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	while (pool.n_workers < want) {
+		pthread_t t;
+		pool.born[pool.n_workers + 1] = atomic_load_explicit(&pool.gen, memory_order_relaxed);
+		if (pthread_create(&t, &attr, pool_worker, (void *)(intptr_t)(pool.n_workers + 1)) != 0)
+			break;
+		pool.n_workers++;
+		pool.created++;
+	}
+	pthread_attr_destroy(&attr);
+}
+
+uint32_t ffn_pool_threads_created(void)
+{
+	uint32_t n;
+	pthread_once(&pool_once, pool_init);
+	pthread_mutex_lock(&pool.call);
+	n = pool.created;
+	pthread_mutex_unlock(&pool.call);
+	return n;
+}
 
 /* Runs fn over [0, total) split into `threads` pieces aligned to `align`.
- * The caller's thread takes the first piece; a piece whose thread cannot be
- * created runs inline, so the result never depends on thread creation. */
+ * The caller's thread takes piece 0; pieces with no worker (pool busy, or
+ * threads that could not be created) run inline, so the result never depends
+ * on who runs them. */
 static void run_split(int threads, uint32_t total, uint32_t align, range_fn fn, void *arg)
 {
 	struct range_job jobs[MAX_THREADS];
-	pthread_t tids[MAX_THREADS];
-	bool started[MAX_THREADS];
 	uint32_t units = (total + align - 1) / align;
 	int n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+	int used = 1;
 
 	if ((uint32_t)n > units)
 		n = units ? (int)units : 1;
@@ -471,17 +589,42 @@ static void run_split(int threads, uint32_t total, uint32_t align, range_fn fn, 
 		uint32_t lo = (uint32_t)((uint64_t)units * i / n) * align;
 		uint32_t hi = (uint32_t)((uint64_t)units * (i + 1) / n) * align;
 		jobs[i] = (struct range_job){ fn, arg, lo < total ? lo : total, hi < total ? hi : total };
-		started[i] = false;
 	}
-	for (int i = 1; i < n; i++)
-		started[i] = pthread_create(&tids[i], NULL, range_thread, &jobs[i]) == 0;
-	range_thread(&jobs[0]);
-	for (int i = 1; i < n; i++) {
-		if (started[i])
-			pthread_join(tids[i], NULL);
-		else
-			range_thread(&jobs[i]);
+	pthread_once(&pool_once, pool_init);
+	if (pthread_mutex_trylock(&pool.call) == 0) {
+		pool_grow(n - 1);
+		used = pool.n_workers + 1 < n ? pool.n_workers + 1 : n;
+		if (used > 1) {
+			memcpy(pool.jobs, jobs, sizeof(jobs[0]) * (size_t)used);
+			atomic_store_explicit(&pool.pending, used - 1, memory_order_relaxed);
+			/* the bump under m: a worker about to sleep sees it or gets the broadcast */
+			pthread_mutex_lock(&pool.m);
+			uint64_t g = atomic_load_explicit(&pool.gen, memory_order_relaxed);
+			atomic_store_explicit(&pool.gen, ((g >> 8) + 1) << 8 | (uint64_t)used,
+					      memory_order_release);
+			pthread_cond_broadcast(&pool.wake);
+			pthread_mutex_unlock(&pool.m);
+		}
+		jobs[0].fn(jobs[0].arg, jobs[0].lo, jobs[0].hi);
+		for (int i = used; i < n; i++)
+			jobs[i].fn(jobs[i].arg, jobs[i].lo, jobs[i].hi);
+		if (used > 1) {
+			int spin = 0;
+			while (atomic_load_explicit(&pool.pending, memory_order_acquire) != 0 &&
+			       spin++ < POOL_SPIN)
+				cpu_relax();
+			if (atomic_load_explicit(&pool.pending, memory_order_acquire) != 0) {
+				pthread_mutex_lock(&pool.m);
+				while (atomic_load_explicit(&pool.pending, memory_order_acquire) != 0)
+					pthread_cond_wait(&pool.done, &pool.m);
+				pthread_mutex_unlock(&pool.m);
+			}
+		}
+		pthread_mutex_unlock(&pool.call);
+		return;
 	}
+	for (int i = 0; i < n; i++)
+		jobs[i].fn(jobs[i].arg, jobs[i].lo, jobs[i].hi);
 }
 
 /* ---- matmul --------------------------------------------------------------- */
@@ -933,4 +1076,49 @@ const void *ffn_cuda_fatbin(size_t *len)
 		*len = 0;
 	return NULL;
 #endif
+}
+
+/* ffn.cu's dq() decodes these and nothing else (its default is 0.0f): a
+ * launch with another type would compute zeros, so hosts ask first. */
+bool ffn_cuda_dtype_supported(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_F32:
+	case MOE_DTYPE_F16:
+	case MOE_DTYPE_BF16:
+	case MOE_DTYPE_Q8_0:
+	case MOE_DTYPE_Q4_0:
+	case MOE_DTYPE_MXFP4:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static int cuda_mat_ok(const struct ffn_mat *M, const char *what, struct moe_error *err)
+{
+	if (M->rows == 0 || ffn_cuda_dtype_supported(M->dtype))
+		return 0;
+	return moe_error_set(err, -ENOTSUP,
+			     "the CUDA expert FFN has no %s kernel (%s weights); it takes f32, f16, bf16, q8_0, "
+			     "q4_0 and mxfp4: compute this expert on the CPU",
+			     moe_dtype_name(M->dtype), what);
+}
+
+int ffn_cuda_layout_check(const struct ffn_layout *L, struct moe_error *err)
+{
+	int rc;
+	if (L->kind == MOE_FFN_GPTOSS) {
+		if ((rc = cuda_mat_ok(&L->gate_up, "gate_up", err)))
+			return rc;
+		if (L->gate_up_bias.dtype != MOE_DTYPE_INVALID && !ffn_cuda_dtype_supported(L->gate_up_bias.dtype))
+			return moe_error_set(err, -ENOTSUP, "the CUDA expert FFN has no %s bias",
+					     moe_dtype_name(L->gate_up_bias.dtype));
+		if (L->down_bias.dtype != MOE_DTYPE_INVALID && !ffn_cuda_dtype_supported(L->down_bias.dtype))
+			return moe_error_set(err, -ENOTSUP, "the CUDA expert FFN has no %s bias",
+					     moe_dtype_name(L->down_bias.dtype));
+	} else if ((rc = cuda_mat_ok(&L->gate, "gate", err)) || (rc = cuda_mat_ok(&L->up, "up", err))) {
+		return rc;
+	}
+	return cuda_mat_ok(&L->down, "down", err);
 }

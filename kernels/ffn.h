@@ -120,6 +120,14 @@ bool ffn_dtype_supported(enum moe_dtype t);
 int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols,
 	       const float *x, size_t ldx, uint32_t B, float *y, size_t ldy, int threads);
 
+/* Threads (threads > 1) come from one process-wide pool of workers, created
+ * on first use and grown to the largest count asked, not per call; they
+ * sleep when idle. Several caller threads may call at once: one uses the
+ * pool, the others run their pieces on their own thread (same bits). Safe
+ * across fork(): the child starts with an empty pool. Threads the pool has
+ * ever created (for tests). */
+uint32_t ffn_pool_threads_created(void);
+
 enum ffn_flags {
 	FFN_ACCUMULATE = 1 << 0, /* y += scale * expert(x) instead of y = expert(x) */
 };
@@ -144,5 +152,13 @@ void ffn_axpy(float *y, float s, const float *v, size_t n);
 /* The embedded CUDA fatbin (kernels/ffn.cu) and its size, or NULL when the
  * build had no nvcc. */
 const void *ffn_cuda_fatbin(size_t *len);
+
+/* Whether kernels/ffn.cu decodes this weight type: f32, f16, bf16, q8_0,
+ * q4_0, mxfp4 (not the K-quants nor iq4, which the CPU kernels take). */
+bool ffn_cuda_dtype_supported(enum moe_dtype t);
+/* 0 when every matrix and bias of the layout has a CUDA decoder, else
+ * -ENOTSUP naming the type: every host that launches ffn.cu calls it first,
+ * since the device code would read an unknown type as zeros. */
+int ffn_cuda_layout_check(const struct ffn_layout *L, struct moe_error *err);
 
 #endif

@@ -76,3 +76,13 @@ bench_ffn_vs_ggml_CPPFLAGS = $(AM_CPPFLAGS) $(LLAMA_CPPFLAGS) -DMOE_HAVE_LLAMA \
 bench_ffn_vs_ggml_LDADD += $(LLAMA_LIBS) -ldl
 endif
 EXTRA_DIST += doc/kernels.md doc/ffn-vs-openblas.1
+
+# The kernels' persistent thread pool: no thread per call, same bits for any
+# thread count, concurrent callers, fork.
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_ffn_pool
+TESTS += tests/test_ffn_pool
+tests_test_ffn_pool_SOURCES = tests/test_ffn_pool.c
+tests_test_ffn_pool_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_ffn_pool_LDADD = $(KERNELS_LINK) $(CRITERION_LIBS)
+endif
