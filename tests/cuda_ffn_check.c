@@ -171,6 +171,10 @@ static int run_case(CUfunction f_up, CUfunction f_down, enum moe_ffn_kind kind, 
 		fprintf(stderr, "cuda_ffn_check: %s\n", err.msg);
 		return 1;
 	}
+	if (ffn_cuda_layout_check(&L, &err)) {
+		fprintf(stderr, "cuda_ffn_check: %s\n", err.msg);
+		return 1;
+	}
 	/* the arena: expert e lives in slot slot_of[e] */
 	const uint32_t slots = E + 2, slot_of[5] = { 3, 0, 6, 2, 5 };
 	uint8_t *arena = calloc(slots, stride);

@@ -1174,3 +1174,42 @@ Test(ffn, cuda_fatbin, .timeout = 10)
 	cr_assert(!fb && len == 0);
 #endif
 }
+
+/* ffn.cu decodes six types; a layout with any other (a Q4_K_M expert: q4_K
+ * gate/up, q6_K down) is refused by name before a launch, not computed as
+ * zeros. Mixed types: each matrix is checked, down alone can refuse. */
+Test(ffn, cuda_refuses_types_it_lacks, .timeout = 10)
+{
+	const uint32_t n = 256, m = 256;
+	const struct {
+		enum moe_dtype g, d;
+		bool ok;
+	} cases[] = {
+		{ MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0, true }, { MOE_DTYPE_BF16, MOE_DTYPE_Q4_0, true },
+		{ MOE_DTYPE_Q4_K, MOE_DTYPE_Q6_K, false }, { MOE_DTYPE_Q8_0, MOE_DTYPE_Q6_K, false },
+		{ MOE_DTYPE_IQ4_NL, MOE_DTYPE_F16, false }, { MOE_DTYPE_Q2_K, MOE_DTYPE_Q3_K, false },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct fake_expert e;
+		struct moe_error err = { { 0 } };
+		memset(&e, 0, sizeof(e));
+		moe_model_set_family_defaults(&e.cfg, MOE_FAMILY_QWEN3_MOE);
+		e.cfg.hidden = n;
+		e.cfg.expert_width = m;
+		add_part(&e, PACK_ROLE_GATE, cases[i].g, m, n);
+		add_part(&e, PACK_ROLE_UP, cases[i].g, m, n);
+		add_part(&e, PACK_ROLE_DOWN, cases[i].d, n, m);
+		cr_assert_eq(ffn_layout_init(&e.L, &e.cfg, e.parts, e.n_parts, e.ext_bytes, &err), 0, "%s", err.msg);
+		int rc = ffn_cuda_layout_check(&e.L, &err);
+		if (cases[i].ok) {
+			cr_assert_eq(rc, 0, "case %zu: %s", i, err.msg);
+		} else {
+			const enum moe_dtype bad = ffn_cuda_dtype_supported(cases[i].g) ? cases[i].d : cases[i].g;
+			cr_assert_eq(rc, -ENOTSUP, "case %zu accepted", i);
+			cr_assert(strstr(err.msg, moe_dtype_name(bad)) && strstr(err.msg, "CUDA"), "case %zu: %s", i,
+				  err.msg);
+		}
+	}
+	cr_assert(!ffn_cuda_dtype_supported(MOE_DTYPE_Q5_K) && !ffn_cuda_dtype_supported(MOE_DTYPE_IQ4_XS));
+	cr_assert(ffn_cuda_dtype_supported(MOE_DTYPE_MXFP4));
+}
