@@ -207,6 +207,13 @@ void gguf_close(struct gguf_file *g)
 		return;
 	if (g->fd >= 0)
 		close(g->fd);
+	for (uint32_t i = 1; i < g->n_parts; i++) {
+		if (g->part_fd[i] >= 0)
+			close(g->part_fd[i]);
+		free(g->part_path[i]);
+	}
+	free(g->part_fd);
+	free(g->part_path);
 	for (uint64_t i = 0; i < g->n_kv; i++)
 		free_kv(&g->kv[i]);
 	for (uint64_t i = 0; i < g->n_tensors; i++)
@@ -804,8 +811,196 @@ int gguf_read(const struct gguf_file *g, const struct gguf_tensor *t, uint64_t o
 		memcpy(buf, g->buf + t->offset + off, len);
 		return 0;
 	}
-	int rc = moe_pread_full(g->fd, buf, len, t->offset + off);
+	int rc = moe_pread_full(gguf_tensor_fd(g, t), buf, len, t->offset + off);
 	if (rc)
-		return moe_error_set(err, rc, "%s: tensor '%s': read: %s", g->path, t->name.data, strerror(-rc));
+		return moe_error_set(err, rc, "%s: tensor '%s': read: %s",
+				     g->n_parts ? g->part_path[t->part] : g->path, t->name.data, strerror(-rc));
+	return 0;
+}
+
+int gguf_tensor_fd(const struct gguf_file *g, const struct gguf_tensor *t)
+{
+	return g->n_parts && t->part < g->n_parts ? g->part_fd[t->part] : g->fd;
+}
+
+/* ---- split models -------------------------------------------------------- */
+
+#define SPLIT_NO "split.no"
+#define SPLIT_COUNT "split.count"
+#define SPLIT_TENSORS "split.tensors.count"
+
+static bool is_split_key(const struct gguf_str *k)
+{
+	return (k->len == sizeof(SPLIT_NO) - 1 && memcmp(k->data, SPLIT_NO, k->len) == 0) ||
+	       (k->len == sizeof(SPLIT_COUNT) - 1 && memcmp(k->data, SPLIT_COUNT, k->len) == 0) ||
+	       (k->len == sizeof(SPLIT_TENSORS) - 1 && memcmp(k->data, SPLIT_TENSORS, k->len) == 0);
+}
+
+/* split.no and split.count of a part (llama.cpp writes u16; any integer is
+ * taken, as its loader's get_key does). */
+static int split_keys(const struct gguf_file *g, uint32_t *no, uint32_t *count, struct moe_error *err)
+{
+	int rc;
+	if ((rc = gguf_get_u32(g, SPLIT_COUNT, count)) == -ENOENT)
+		return moe_error_set(err, -EINVAL, "%s: a split part without %s", g->path, SPLIT_COUNT);
+	if (rc == 0 && (rc = gguf_get_u32(g, SPLIT_NO, no)) == -ENOENT)
+		return moe_error_set(err, -EINVAL, "%s: a split part without %s", g->path, SPLIT_NO);
+	if (rc)
+		return moe_error_set(err, -EINVAL, "%s: %s / %s is not a small unsigned integer", g->path, SPLIT_NO,
+				     SPLIT_COUNT);
+	if (*count == 0 || *count > 99999 || *no >= *count)
+		return moe_error_set(err, -EINVAL, "%s: split.no %u of split.count %u is impossible", g->path, *no,
+				     *count);
+	return 0;
+}
+
+/* Moves parts[1..n) into g: tensors appended (names owned by g from now),
+ * fds and paths kept; then drops the split.* keys and rebuilds the indices. */
+static int merge_parts(struct gguf_file *g, struct gguf_file **parts, uint32_t n, struct moe_error *err)
+{
+	uint64_t total = 0;
+	for (uint32_t i = 0; i < n; i++)
+		total += parts[i]->n_tensors;
+	if (total > GGUF_MAX_COUNT)
+		return moe_error_set(err, -EINVAL, "%s: %" PRIu64 " tensors in all parts, more than %llu", g->path,
+				     total, (unsigned long long)GGUF_MAX_COUNT);
+	struct gguf_tensor *t = realloc(g->tensors, (total ? total : 1) * sizeof(*t));
+	if (!t)
+		return -ENOMEM;
+	g->tensors = t;
+	uint32_t *by_name = realloc(g->tensor_by_name, (total ? total : 1) * sizeof(uint32_t));
+	if (!by_name)
+		return -ENOMEM;
+	g->tensor_by_name = by_name;
+	g->part_fd = calloc(n, sizeof(int));
+	g->part_path = calloc(n, sizeof(char *));
+	if (!g->part_fd || !g->part_path)
+		return -ENOMEM;
+	g->n_parts = n;
+	g->part_fd[0] = g->fd;
+	g->part_path[0] = g->path;
+	for (uint32_t i = 1; i < n; i++) {
+		struct gguf_file *p = parts[i];
+		memcpy(&g->tensors[g->n_tensors], p->tensors, p->n_tensors * sizeof(*t));
+		for (uint64_t j = 0; j < p->n_tensors; j++)
+			g->tensors[g->n_tensors + j].part = i;
+		g->n_tensors += p->n_tensors;
+		p->n_tensors = 0; /* the names are g's now */
+		g->part_fd[i] = p->fd;
+		p->fd = -1;
+		g->part_path[i] = p->path;
+		p->path = NULL;
+	}
+	for (uint64_t i = 0; i < g->n_tensors; i++)
+		g->tensor_by_name[i] = (uint32_t)i;
+	t_base = g->tensors;
+	qsort(g->tensor_by_name, g->n_tensors, sizeof(uint32_t), cmp_t_idx);
+	for (uint64_t i = 1; i < g->n_tensors; i++) {
+		const struct gguf_tensor *a = &g->tensors[g->tensor_by_name[i - 1]];
+		const struct gguf_tensor *b = &g->tensors[g->tensor_by_name[i]];
+		if (str_cmp(&a->name, &b->name) == 0)
+			return moe_error_set(err, -EINVAL, "%s: tensor '%s' is in split parts %u and %u", g->path,
+					     a->name.data, MOE_MIN(a->part, b->part) + 1, MOE_MAX(a->part, b->part) + 1);
+	}
+	/* the model's own KV pairs, as its unsplit file has them */
+	uint64_t k = 0;
+	for (uint64_t i = 0; i < g->n_kv; i++) {
+		if (is_split_key(&g->kv[i].key))
+			free_kv(&g->kv[i]);
+		else
+			g->kv[k++] = g->kv[i];
+	}
+	g->n_kv = k;
+	for (uint64_t i = 0; i < g->n_kv; i++)
+		g->kv_by_key[i] = (uint32_t)i;
+	kv_base = g->kv;
+	qsort(g->kv_by_key, g->n_kv, sizeof(uint32_t), cmp_kv_idx);
+	return 0;
+}
+
+int gguf_open_model(const char *path, struct gguf_file **out, struct moe_error *err)
+{
+	struct gguf_file *g, **parts = NULL;
+	uint32_t no = 0, count = 0;
+	int64_t want = 0;
+	char suffix[32], *prefix = NULL, *pp = NULL;
+	int rc;
+
+	if ((rc = gguf_open(path, &g, err)))
+		return rc;
+	if (!gguf_find_kv(g, SPLIT_COUNT)) {
+		*out = g;
+		return 0;
+	}
+	if ((rc = split_keys(g, &no, &count, err)))
+		goto out;
+	if (no != 0) {
+		rc = moe_error_set(err, -EINVAL, "%s is part %u of a model split in %u: open the first part "
+				   "(-00001-of-%05u.gguf)", path, no + 1, count, count);
+		goto out;
+	}
+	if ((rc = gguf_get_i64(g, SPLIT_TENSORS, &want))) {
+		rc = moe_error_set(err, -EINVAL, "%s: %s %s", path, SPLIT_TENSORS,
+				   rc == -ENOENT ? "is missing" : "is not an integer");
+		goto out;
+	}
+	/* the other parts' names, as llama_split_prefix / llama_split_path make them */
+	snprintf(suffix, sizeof(suffix), "-%05u-of-%05u.gguf", 1u, count);
+	size_t pl = strlen(path), sl = strlen(suffix);
+	if (count > 1 && (pl <= sl || strcmp(path + pl - sl, suffix) != 0)) {
+		rc = moe_error_set(err, -EINVAL, "%s: split.count is %u but the name does not end in %s, so the "
+				   "other parts cannot be found", path, count, suffix);
+		goto out;
+	}
+	prefix = strndup(path, count > 1 ? pl - sl : pl);
+	pp = malloc(pl + 1);
+	parts = calloc(count, sizeof(*parts));
+	if (!prefix || !pp || !parts) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	parts[0] = g;
+	for (uint32_t i = 1; i < count; i++) {
+		uint32_t pno, pcount;
+		snprintf(pp, pl + 1, "%s-%05u-of-%05u.gguf", prefix, i + 1, count);
+		if ((rc = gguf_open(pp, &parts[i], err))) {
+			if (rc == -ENOENT)
+				moe_error_set(err, rc, "%s: split part %u of %u is missing (%s)", path, i + 1, count, pp);
+			goto out;
+		}
+		if (!gguf_find_kv(parts[i], SPLIT_COUNT) || !gguf_find_kv(parts[i], SPLIT_NO)) {
+			rc = moe_error_set(err, -EINVAL, "%s: split part %u has no split.no / split.count", pp, i + 1);
+			goto out;
+		}
+		if ((rc = split_keys(parts[i], &pno, &pcount, err)))
+			goto out;
+		if (pno != i || pcount != count) {
+			rc = moe_error_set(err, -EINVAL, "%s: says it is part %u of %u, expected part %u of %u", pp,
+					   pno + 1, pcount, i + 1, count);
+			goto out;
+		}
+	}
+	if ((rc = merge_parts(g, parts, count, err))) {
+		if (rc == -ENOMEM)
+			moe_error_set(err, rc, "out of memory");
+		goto out;
+	}
+	if (want < 0 || (uint64_t)want != g->n_tensors) {
+		rc = moe_error_set(err, -EINVAL, "%s: split.tensors.count is %" PRId64 " but the %u parts hold %" PRIu64
+				   " tensors", path, want, count, g->n_tensors);
+		goto out;
+	}
+out:
+	if (parts)
+		for (uint32_t i = 1; i < count; i++)
+			gguf_close(parts[i]);
+	free(parts);
+	free(prefix);
+	free(pp);
+	if (rc) {
+		gguf_close(g);
+		return rc;
+	}
+	*out = g;
 	return 0;
 }

@@ -102,8 +102,9 @@ struct gguf_tensor {
 	enum moe_dtype dtype;             /* INVALID for ggml types moetier does not use */
 	uint64_t n_elems;
 	uint64_t rel_offset;              /* as stored: relative to data_start */
-	uint64_t offset;                  /* absolute file offset */
+	uint64_t offset;                  /* absolute file offset (in its part's file) */
 	uint64_t bytes;
+	uint32_t part;                    /* gguf_open_model: the split part holding it (0-based) */
 };
 
 struct gguf_file {
@@ -120,6 +121,9 @@ struct gguf_file {
 	struct gguf_tensor *tensors;      /* in file order */
 	uint32_t *kv_by_key;              /* private: sorted indices */
 	uint32_t *tensor_by_name;         /* private: sorted indices */
+	uint32_t n_parts;                 /* gguf_open_model of a split model: parts; else 0 */
+	int *part_fd;                     /* [n_parts]; part_fd[0] == fd */
+	char **part_path;                 /* [n_parts]; part_path[0] == path */
 };
 
 /* Opens and validates a GGUF file; the fd stays open for gguf_read. -EINVAL
@@ -129,6 +133,22 @@ int gguf_open(const char *path, struct gguf_file **out, struct moe_error *err);
  * while the result is used (gguf_read copies from it). */
 int gguf_parse(const void *buf, size_t len, struct gguf_file **out, struct moe_error *err);
 void gguf_close(struct gguf_file *g);
+
+/* Split models, as llama.cpp's gguf-split writes them: PREFIX-00001-of-0000N.gguf
+ * ... PREFIX-0000N-of-0000N.gguf, each a whole GGUF with its own tensors and
+ * the keys split.no (0-based), split.count and split.tensors.count; the
+ * first part also holds every other KV pair. Given the first part's path,
+ * opens all N and returns them as one file: the first part's KV pairs
+ * without the three split.* keys (so the model reads as its unsplit file
+ * does), the tensors of every part in part order, each with its part index
+ * (gguf_read reads from the right file). A file without split.count is
+ * opened as gguf_open does. Refused with a message: another part than the
+ * first, a name not ending in -00001-of-0000N.gguf, a missing part, a part
+ * whose split.no/split.count disagree, a tensor in two parts, a total other
+ * than split.tensors.count. */
+int gguf_open_model(const char *path, struct gguf_file **out, struct moe_error *err);
+/* The descriptor tensor t is read from (its part's). */
+int gguf_tensor_fd(const struct gguf_file *g, const struct gguf_tensor *t);
 
 /* KV lookup by key; NULL if absent. */
 const struct gguf_kv *gguf_find_kv(const struct gguf_file *g, const char *key);

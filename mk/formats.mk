@@ -35,3 +35,17 @@ tests_fuzz_fuzz_trace_CFLAGS = $(AM_CFLAGS) $(FUZZ_CFLAGS)
 tests_fuzz_fuzz_trace_LDFLAGS = $(AM_LDFLAGS) $(FUZZ_CFLAGS)
 tests_fuzz_fuzz_trace_LDADD = -lm
 endif
+
+# Split GGUFs (gguf_open_model) and K-quant tensors through moe-pack:
+# tests/gguf-split writes llama.cpp's split layout (and stand-in K-quant
+# tensors), the test converts and compares packs.
+check_PROGRAMS += tests/gguf-split
+tests_gguf_split_SOURCES = tests/gguf-split.c
+tests_gguf_split_LDADD = $(CORE_LINK)
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_gguf_split
+TESTS += tests/test_gguf_split
+tests_test_gguf_split_SOURCES = tests/test_gguf_split.c tests/testutil.h
+tests_test_gguf_split_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_gguf_split_LDADD = $(CORE_LINK) $(CRITERION_LIBS)
+endif

@@ -175,7 +175,7 @@ static int src_read(const struct convert_source *s, const struct stensor *t, uin
 		abs = t->st->offset + off;
 	} else {
 		rc = gguf_read(s->gg, t->gg, off, buf, len, err);
-		fd = s->gg->fd;
+		fd = gguf_tensor_fd(s->gg, t->gg);
 		abs = t->gg->offset + off;
 	}
 	/* each source byte is read once: keep the page cache for others */
@@ -193,11 +193,23 @@ static bool weight_dtype_ok(enum moe_dtype t)
 	case MOE_DTYPE_Q8_0:
 	case MOE_DTYPE_Q4_0:
 	case MOE_DTYPE_MXFP4:
+	/* the K-quants and iq4 of llama.cpp's Q*_K_M / IQ4 files: the kernels,
+	 * the daemon's COMPUTE and moe-run read them; each part and resident
+	 * keeps its own type, so mixed types per expert (Q4_K_M) need nothing */
+	case MOE_DTYPE_Q4_K:
+	case MOE_DTYPE_Q5_K:
+	case MOE_DTYPE_Q6_K:
+	case MOE_DTYPE_Q3_K:
+	case MOE_DTYPE_Q2_K:
+	case MOE_DTYPE_IQ4_NL:
+	case MOE_DTYPE_IQ4_XS:
 		return true;
 	default:
 		return false;
 	}
 }
+
+#define WEIGHT_DTYPES "f32, f16, bf16, q8_0, q4_0, mxfp4, q4_K, q5_K, q6_K, q3_K, q2_K, iq4_nl and iq4_xs"
 
 static int check_weight_dtype(const struct stensor *t, bool quant_ok, struct moe_error *err)
 {
@@ -207,7 +219,7 @@ static int check_weight_dtype(const struct stensor *t, bool quant_ok, struct moe
 	if (!weight_dtype_ok(t->dtype) || (!quant_ok && moe_dtype_is_quantized(t->dtype)))
 		return moe_error_set(err, -ENOTSUP, "tensor %s has type %s; moe-pack supports %s", t->name,
 				     name ? name : moe_dtype_name(t->dtype),
-				     quant_ok ? "f32, f16, bf16, q8_0, q4_0 and mxfp4" : "f32, f16 and bf16 here");
+				     quant_ok ? WEIGHT_DTYPES : "f32, f16 and bf16 here");
 	return 0;
 }
 
@@ -843,8 +855,8 @@ static int collect_dense_gguf(struct convert_source *s, struct moe_error *err)
 			const char *tn = "?";
 			gguf_ggml_type_info(gt->ggml_type, &tn, NULL, NULL, NULL);
 			rc = moe_error_set(err, -ENOTSUP,
-					   "tensor %s has type %s; a whole-model pack holds f32, f16, bf16, q8_0, q4_0 and "
-					   "mxfp4 tensors (--experts-only leaves the dense tensors out)",
+					   "tensor %s has type %s; a whole-model pack holds " WEIGHT_DTYPES
+					   " tensors (--experts-only leaves the dense tensors out)",
 					   gt->name.data, tn ? tn : "?");
 			break;
 		}
@@ -2144,7 +2156,8 @@ static int open_source(struct convert_source *s, const char *src, const struct c
 	if (S_ISREG(st.st_mode) && is_gguf_file(src)) {
 		const char *gname = NULL;
 		s->kind = SRC_GGUF;
-		if ((rc = gguf_open(src, &s->gg, err)) < 0)
+		/* the first part of a split model opens all of them */
+		if ((rc = gguf_open_model(src, &s->gg, err)) < 0)
 			return rc;
 		if ((rc = gguf_config(s, opt, err)) < 0)
 			return rc;
@@ -2153,6 +2166,10 @@ static int open_source(struct convert_source *s, const char *src, const struct c
 		char *dot = strrchr(base, '.');
 		if (dot && dot != base)
 			*dot = '\0';
+		/* a split model is named as its unsplit file: no -00001-of-0000N */
+		size_t bl = strlen(base);
+		if (s->gg->n_parts > 1 && bl > 15 && strncmp(base + bl - 15, "-00001-of-", 10) == 0)
+			base[bl - 15] = '\0';
 		set_name(s, opt, gname ? gname : base);
 		free(dup);
 		return 0;
