@@ -3,13 +3,15 @@
 and serve as the torch reference for it (issue 12, item 2).
 
 Subcommands:
-  train     learn a byte-level BPE, train the model, write the GGUF (F16), the
-            held-out text and a JSON of facts into models/, and an F32 GGUF,
-            safetensors and config.json into the build folder
+  train     learn a byte-level BPE, train the model, write the GGUF (F32 when it
+            fits in 16 MB, else F16), the held-out text, the corpus manifest and a
+            JSON of facts into models/; safetensors, config.json (and an F32 GGUF
+            when the committed one is F16) into the build folder (--out)
   eval      held-out perplexity of a GGUF's weights (loaded FROM THE GGUF)
   tokenize  token ids of a text with the GGUF's tokenizer
   logits    teacher-forced logits in the MOELGT01 format
   to-f32    widen an F16 GGUF to F32 exactly (no training)
+  safetensors  the GGUF's weights as safetensors with HF names, and config.json
   greedy    greedy continuation (full recompute, the plain reference)
   routing   expert-load statistics of a GGUF on a text
   compare   max abs difference of two logits files (this script's, llama-oracle's, moe-run's)
@@ -686,7 +688,7 @@ def write_safetensors(model, outdir):
         "intermediate_size": c["expert_ff"] * c["top_k"], "moe_intermediate_size": c["expert_ff"],
         "num_experts": c["experts"], "num_experts_per_tok": c["top_k"], "norm_topk_prob": True,
         "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": c["ctx_train"],
-        "rms_norm_eps": c["rms_eps"], "rope_theta": c["rope_base"], "tie_word_embeddings": False,
+        "rms_norm_eps": float("%g" % c["rms_eps"]), "rope_theta": float("%g" % c["rope_base"]), "tie_word_embeddings": False,
         "hidden_act": "silu", "attention_bias": False, "torch_dtype": "float32",
         "bos_token_id": c["vocab"] - 1, "eos_token_id": c["vocab"] - 1,
     }
@@ -962,6 +964,13 @@ def cmd_greedy(a):
     print(repr(tok.decode(out)))
 
 
+def cmd_safetensors(a):
+    model, _, _ = load_gguf(a.gguf)
+    os.makedirs(a.out, exist_ok=True)
+    write_safetensors(model, a.out)
+    print("wrote %s/model.safetensors and config.json" % a.out)
+
+
 def cmd_to_f32(a):
     to_f32(a.src, a.dst)
     print("wrote %s" % a.dst)
@@ -1018,6 +1027,9 @@ def main():
     cp.add_argument("a")
     cp.add_argument("b")
     cp.add_argument("--tol", type=float, default=0, help="exit 1 above this")
+    st = sub.add_parser("safetensors", help="the GGUF's weights as safetensors (HF names) + config.json")
+    st.add_argument("--gguf", required=True)
+    st.add_argument("--out", required=True)
     f = sub.add_parser("to-f32")
     f.add_argument("src")
     f.add_argument("dst")
@@ -1032,7 +1044,8 @@ def main():
         print("wrote %s" % a.to_f32[1])
         return
     cmds = dict(train=cmd_train, eval=cmd_eval, tokenize=cmd_tokenize, logits=cmd_logits,
-                greedy=cmd_greedy, routing=cmd_routing, compare=cmd_compare)
+                greedy=cmd_greedy, routing=cmd_routing, compare=cmd_compare,
+                safetensors=cmd_safetensors)
     cmds["to-f32"] = cmd_to_f32
     if a.cmd not in cmds:
         ap.print_help()
