@@ -2248,6 +2248,26 @@ int convert_open(const char *src, const struct convert_options *opt, struct conv
 		moe_error_prefix(err, rc, "model config");
 		goto fail;
 	}
+	/* One part layout serves every layer. llama.cpp's *_K_M / *_K_S files
+	 * give ffn_down (and attn_v) more bits in some layers only: say so now,
+	 * before any byte is written, rather than at that layer. */
+	for (uint32_t l = 1; l < s->model.n_moe_layers; l++) {
+		uint32_t n2 = 0;
+		if ((rc = expert_recipes(s, l, 0, r, &n2, err)) < 0)
+			goto fail;
+		for (uint32_t i = 0; i < n2 && n2 == n; i++)
+			if (r[i].part.dtype != s->parts[i].dtype && r[i].part.role == s->parts[i].role &&
+			    r[i].part.rows == s->parts[i].rows && r[i].part.cols == s->parts[i].cols) {
+				rc = moe_error_set(err, -ENOTSUP,
+						   "%s is %s but layer 0's %s is %s: the file mixes expert types across "
+						   "layers (as llama.cpp's Q*_K_M and Q*_K_S do for ffn_down), and a pack "
+						   "has one part layout for all layers; quantize with one type per expert "
+						   "tensor (llama-quantize --tensor-type ffn_down_exps=q6_k, say)",
+						   r[i].a.name, moe_dtype_name(r[i].part.dtype), pack_role_name(r[i].part.role),
+						   moe_dtype_name(s->parts[i].dtype));
+				goto fail;
+			}
+	}
 	*out = s;
 	return 0;
 fail:

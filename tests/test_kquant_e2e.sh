@@ -1,0 +1,117 @@
+#!/bin/sh
+# K-quants and split files end to end, with llama.cpp's own tools: a moe-gen
+# qwen3_moe tiny-lm model (f32, hidden and expert width 256 so that every
+# matrix takes 256-element super-blocks) is quantized by llama.cpp's
+# llama_model_quantize (tests/llama-quantize) as Q4_K_M: attention, gate and
+# up in q4_K, output and blk.2.attn_v in q6_K, and (to get one type per
+# expert tensor, see below) ffn_down_exps in q6_K and the embedding in q8_0;
+# then written as 3 split parts in llama.cpp's gguf-split layout
+# (tests/gguf-split). Checks:
+#  - llama.cpp loads the split parts and gives the unsplit file's logits
+#    (the parts are what its loader expects);
+#  - moe-pack converts the first part; the pack equals the unsplit file's
+#    byte for byte, keeps gate/up q4_K and down q6_K, and verifies;
+#  - moe-run's teacher-forced logits of 24 tokens match llama.cpp's (rel.
+#    to the row's max |logit|: worst row <= 2e-2, median <= 1e-4; both
+#    sides quantize activations to q8_K and take ggml's integer dots, so
+#    most rows agree to ~1e-7; as in test_moe_run's Q8_0 case an activation
+#    on a rounding boundary can take the neighbouring code on one side and
+#    move the later rows by a few 1e-3: measured worst row 7.3e-3, median
+#    1.4e-7); one token at a time on 2 threads gives the same bits; greedy
+#    32 tokens give llama.cpp's ids;
+#  - the plain Q4_K_M file (ffn_down q6_K in layer 2 only) is refused up
+#    front with a message saying why: a pack has one part layout for all
+#    layers.
+# Skips (77) without the llama.cpp peer (tests/llama-quantize and
+# tests/llama-oracle not built) or without numpy in Debian's python3.
+set -eu
+B=${MOETIER_BUILDDIR:-.}
+S=${MOETIER_SRCDIR:-..}
+PY=/usr/bin/python3
+
+for p in moe-run tools/moe-gen tools/moe-pack tests/gguf-split; do
+	[ -x "$B/$p" ] || { echo "test_kquant_e2e: $B/$p is missing" >&2; exit 1; }
+done
+if [ ! -x "$B/tests/llama-quantize" ] || [ ! -x "$B/tests/llama-oracle" ]; then
+	echo "test_kquant_e2e: tests/llama-quantize or llama-oracle not built (no llama.cpp): skip"
+	exit 77
+fi
+if ! $PY -c 'import numpy' 2>/dev/null; then
+	echo "test_kquant_e2e: $PY has no numpy: skip"
+	exit 77
+fi
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/kquant-e2e.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT INT TERM
+fail=0
+oracle=$B/tests/llama-oracle
+toks=1,5,9,3,17,33,2,8,60,12,7,7,40,21,63,4,11,30,45,6,19,50,27,14
+
+"$B/tools/moe-gen" model --family qwen3_moe --preset tiny-lm --format gguf --dtype f32 --hidden 256 --width 256 \
+	--out "$tmp/f" >/dev/null
+"$B/tests/llama-quantize" --tensor 'ffn_down_exps=Q6_K' --embd Q8_0 "$tmp/f/model.gguf" "$tmp/q.gguf" Q4_K_M \
+	2>"$tmp/quant.log" || { cat "$tmp/quant.log" >&2; exit 1; }
+mkdir "$tmp/s"
+"$B/tests/gguf-split" --split 3 "$tmp/q.gguf" "$tmp/s/q"
+first=$tmp/s/q-00001-of-00003.gguf
+
+# llama.cpp reads the parts as the model
+"$oracle" logits "$tmp/q.gguf" --flash-attn off --tokens "$toks" --out "$tmp/ref" 2>"$tmp/o.log" ||
+	{ cat "$tmp/o.log" >&2; exit 1; }
+"$oracle" logits "$first" --flash-attn off --tokens "$toks" --out "$tmp/ref.split" 2>"$tmp/o.log" ||
+	{ cat "$tmp/o.log" >&2; exit 1; }
+if cmp -s "$tmp/ref" "$tmp/ref.split"; then
+	echo "llama.cpp: the 3 split parts give the unsplit file's logits"
+else
+	echo "test_kquant_e2e: llama.cpp's logits of the split parts differ from the unsplit file's" >&2
+	fail=1
+fi
+
+# moe-pack: split == unsplit, types kept, verify
+"$B/tools/moe-pack" convert "$first" -o "$tmp/qs.moepack" -q
+"$B/tools/moe-pack" convert "$tmp/q.gguf" -o "$tmp/q.moepack" -q
+if cmp -s "$tmp/qs.moepack" "$tmp/q.moepack"; then
+	echo "moe-pack: the split model's pack equals the unsplit file's"
+else
+	echo "test_kquant_e2e: the split model's pack differs from the unsplit file's" >&2
+	fail=1
+fi
+"$B/tools/moe-pack" info "$tmp/qs.moepack" >"$tmp/info"
+for want in 'gate *q4_K' 'up *q4_K' 'down *q6_K'; do
+	grep -q "^ *$want " "$tmp/info" || { echo "test_kquant_e2e: no part '$want' in:" >&2; cat "$tmp/info" >&2; fail=1; }
+done
+"$B/tools/moe-pack" verify "$tmp/qs.moepack"
+
+# moe-run vs llama.cpp (llama-oracle keeps llama.cpp's f16 KV cache: --kv-f16)
+"$B/moe-run" "$tmp/qs.moepack" --local --kv-f16 --tokens "$toks" --dump-logits "$tmp/lg" --quiet
+printf 'qwen3_moe Q4_K_M split: '
+$PY "$S/tests/logits-compare.py" "$tmp/lg" "$tmp/ref" --tol 2e-2 --median-tol 1e-4 || fail=1
+MOETIER_RUN_SPLIT_MIN=0 "$B/moe-run" "$tmp/qs.moepack" --local --kv-f16 --tokens "$toks" --dump-logits "$tmp/lg1" \
+	--batch 1 -t 2 --quiet
+if ! cmp -s "$tmp/lg" "$tmp/lg1"; then
+	echo "test_kquant_e2e: --batch 1 -t 2 logits differ from the batched prefill" >&2
+	fail=1
+fi
+ids=$("$oracle" tokenize "$first" "The quick brown fox" 2>/dev/null)
+want=$("$oracle" greedy "$first" --tokens "$ids" -n 32 2>/dev/null)
+got=$("$B/moe-run" "$tmp/qs.moepack" --local --kv-f16 --tokens "$ids" -n 32 --ids --quiet)
+if [ -n "$got" ] && [ "$got" = "$want" ]; then
+	echo "greedy 32 tokens as llama.cpp"
+else
+	printf 'test_kquant_e2e: greedy decode differs from llama.cpp\n ours:  %s\n llama: %s\n' "$got" "$want" >&2
+	fail=1
+fi
+
+# plain Q4_K_M: ffn_down is q6_K in some layers only -> refused up front
+"$B/tests/llama-quantize" "$tmp/f/model.gguf" "$tmp/qm.gguf" Q4_K_M 2>/dev/null
+if "$B/tools/moe-pack" convert "$tmp/qm.gguf" -o "$tmp/qm.moepack" -q 2>"$tmp/qm.log"; then
+	echo "test_kquant_e2e: a pack was made of a file mixing expert types across layers" >&2
+	fail=1
+elif ! grep -q "mixes expert types across layers" "$tmp/qm.log" || [ -e "$tmp/qm.moepack" ]; then
+	echo "test_kquant_e2e: unclear refusal of a plain Q4_K_M file:" >&2
+	cat "$tmp/qm.log" >&2
+	fail=1
+else
+	echo "plain Q4_K_M (ffn_down q6_K in some layers) refused: $(cat "$tmp/qm.log")"
+fi
+exit $fail
