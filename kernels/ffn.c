@@ -627,6 +627,11 @@ static void run_split(int threads, uint32_t total, uint32_t align, range_fn fn, 
 		jobs[i].fn(jobs[i].arg, jobs[i].lo, jobs[i].hi);
 }
 
+void ffn_parallel_for(int threads, uint32_t n, void (*fn)(void *arg, uint32_t lo, uint32_t hi), void *arg)
+{
+	run_split(threads, n, 1, fn, arg);
+}
+
 /* ---- matmul --------------------------------------------------------------- */
 
 /* Columns [lo, hi) of B rows of stride ld, rounded to nearest even bf16. */

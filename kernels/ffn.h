@@ -127,6 +127,11 @@ int ffn_matmul(enum moe_dtype dt, const void *W, uint32_t rows, uint32_t cols,
  * across fork(): the child starts with an empty pool. Threads the pool has
  * ever created (for tests). */
 uint32_t ffn_pool_threads_created(void);
+/* The same pool for callers' own work: fn(arg, lo, hi) over [0, n) cut into
+ * min(threads, n) consecutive pieces (piece i: [n*i/k, n*(i+1)/k)), piece 0
+ * on the calling thread; returns when all are done. Pieces may call the
+ * kernels with threads > 1 (they then run on their own thread). */
+void ffn_parallel_for(int threads, uint32_t n, void (*fn)(void *arg, uint32_t lo, uint32_t hi), void *arg);
 
 enum ffn_flags {
 	FFN_ACCUMULATE = 1 << 0, /* y += scale * expert(x) instead of y = expert(x) */

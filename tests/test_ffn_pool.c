@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -135,6 +136,49 @@ Test(ffn_pool, concurrent_callers, .timeout = 60)
 		pthread_join(t[i], &rc);
 		cr_assert_eq((intptr_t)rc, 0, "caller %d got other bits", i);
 	}
+}
+
+struct pf {
+	uint32_t n;
+	int threads;
+	_Atomic uint32_t pieces;
+	uint8_t *hit;
+	int inner_bad;
+};
+
+static void pf_body(void *p, uint32_t lo, uint32_t hi)
+{
+	struct pf *s = p;
+	atomic_fetch_add(&s->pieces, 1);
+	for (uint32_t i = lo; i < hi; i++)
+		s->hit[i]++;
+	/* a piece that calls the kernels with threads: no deadlock, same bits */
+	if (lo == 0 && run_checked(1, 2))
+		s->inner_bad = 1;
+}
+
+/* ffn_parallel_for: every index once, min(threads, n) pieces, no new
+ * threads once the pool is grown. */
+Test(ffn_pool, parallel_for, .timeout = 60)
+{
+	for (int t = 1; t <= 6; t++)
+		for (uint32_t n = 0; n <= 9; n++) {
+			uint8_t hit[9] = { 0 };
+			struct pf s = { .n = n, .threads = t, .hit = hit };
+			ffn_parallel_for(t, n, pf_body, &s);
+			for (uint32_t i = 0; i < n; i++)
+				cr_assert_eq(hit[i], 1, "t %d n %u: index %u run %u times", t, n, i, hit[i]);
+			cr_assert_eq(atomic_load(&s.pieces), n == 0 ? 1u : (uint32_t)(t < (int)n ? t : (int)n));
+			cr_assert_eq(s.inner_bad, 0);
+		}
+	const uint32_t created = ffn_pool_threads_created();
+	for (int i = 0; i < 500; i++) {
+		uint8_t hit[9] = { 0 };
+		struct pf s = { .n = 9, .threads = 4, .hit = hit };
+		ffn_parallel_for(4, 9, pf_body, &s);
+		cr_assert_eq(s.inner_bad, 0);
+	}
+	cr_assert_eq(ffn_pool_threads_created(), created);
 }
 
 /* The parent's workers do not exist in a child: it gets a pool of its own. */
