@@ -19,6 +19,8 @@
 #    move the later rows by a few 1e-3: measured worst row 7.3e-3, median
 #    1.4e-7); one token at a time on 2 threads gives the same bits; greedy
 #    32 tokens give llama.cpp's ids;
+#  - through moetierd (a host arena of 8 of the 48 extents: misses,
+#    evictions, loads of mixed-type extents) moe-run gives the --local bits;
 #  - the plain Q4_K_M file (ffn_down q6_K in layer 2 only) is refused up
 #    front with a message saying why: a pack has one part layout for all
 #    layers.
@@ -29,7 +31,7 @@ B=${MOETIER_BUILDDIR:-.}
 S=${MOETIER_SRCDIR:-..}
 PY=/usr/bin/python3
 
-for p in moe-run tools/moe-gen tools/moe-pack tests/gguf-split; do
+for p in moe-run moetierd moe-client tools/moe-gen tools/moe-pack tests/gguf-split; do
 	[ -x "$B/$p" ] || { echo "test_kquant_e2e: $B/$p is missing" >&2; exit 1; }
 done
 if [ ! -x "$B/tests/llama-quantize" ] || [ ! -x "$B/tests/llama-oracle" ]; then
@@ -42,7 +44,15 @@ if ! $PY -c 'import numpy' 2>/dev/null; then
 fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/kquant-e2e.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT INT TERM
+pid=
+cleanup() {
+	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+		kill -TERM "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT INT TERM
 fail=0
 oracle=$B/tests/llama-oracle
 toks=1,5,9,3,17,33,2,8,60,12,7,7,40,21,63,4,11,30,45,6,19,50,27,14
@@ -101,6 +111,40 @@ else
 	printf 'test_kquant_e2e: greedy decode differs from llama.cpp\n ours:  %s\n llama: %s\n' "$got" "$want" >&2
 	fail=1
 fi
+
+# through the daemon: 8 slots of 128 KiB for 48 extents
+mkdir -m 0755 "$tmp/run"
+sock=$tmp/run/moetierd.sock
+"$B/moetierd" --foreground --config= --socket="$sock" --socket-group= --host-bytes=1M --gpu-bytes=0 \
+	--log-level=warn "$tmp/qs.moepack" 2>"$tmp/moetierd.log" &
+pid=$!
+i=0
+until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
+	i=$((i + 1))
+	if [ $i -gt 100 ] || ! kill -0 "$pid" 2>/dev/null; then
+		echo "test_kquant_e2e: moetierd did not come up:" >&2
+		cat "$tmp/moetierd.log" >&2
+		exit 1
+	fi
+	sleep 0.1
+done
+"$B/moe-run" "$tmp/qs.moepack" --socket "$sock" --kv-f16 --tokens "$toks" --dump-logits "$tmp/lgd" \
+	2>"$tmp/d.err" || { cat "$tmp/d.err" >&2; exit 1; }
+if cmp -s "$tmp/lg" "$tmp/lgd"; then
+	echo "moetierd: moe-run's logits through a 1 MiB host arena equal --local's"
+else
+	echo "test_kquant_e2e: logits through moetierd differ from --local" >&2
+	fail=1
+fi
+# as test_moe_run_daemon: misses and pack reads, or nothing was tiered
+if ! grep -q 'missed [1-9]' "$tmp/d.err" && ! grep -q 'missed 0\.[0-9]*[1-9]' "$tmp/d.err"; then
+	echo "test_kquant_e2e: no misses through moetierd: the arena tiered nothing" >&2
+	cat "$tmp/d.err" >&2
+	fail=1
+fi
+kill -TERM "$pid"
+wait "$pid" || true
+pid=
 
 # plain Q4_K_M: ffn_down is q6_K in some layers only -> refused up front
 "$B/tests/llama-quantize" "$tmp/f/model.gguf" "$tmp/qm.gguf" Q4_K_M 2>/dev/null
