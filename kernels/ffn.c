@@ -454,10 +454,11 @@ struct range_job {
 };
 
 #define MAX_THREADS 64
-/* Polls of `gen` (each a pause) before a worker sleeps, and of `pending`
- * before the caller does: a few microseconds, the gap between the products
- * of one layer, not more (the host is often shared). */
-#define POOL_SPIN 4096
+/* Polls of `gen` (each a pause, 10..140 cycles by CPU) before a worker
+ * sleeps, and of `pending` before the caller does: some 10..100 us, about
+ * the gap between the products of one layer, not more (the host is often
+ * shared, and a sleeping worker costs only a futex wake). */
+#define POOL_SPIN 2048
 
 static struct pool {
 	pthread_mutex_t call;     /* held by the one caller using the pool */
