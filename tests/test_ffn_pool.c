@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "dtype.h"
@@ -179,6 +180,19 @@ Test(ffn_pool, parallel_for, .timeout = 60)
 		cr_assert_eq(s.inner_bad, 0);
 	}
 	cr_assert_eq(ffn_pool_threads_created(), created);
+}
+
+/* Idle workers sleep: over 300 ms with no call the process uses well under
+ * a core (a pool that kept spinning would use 3 x 300 ms here). */
+Test(ffn_pool, idle_workers_sleep, .timeout = 60)
+{
+	struct timespec a, b, nap = { 0, 300 * 1000 * 1000 };
+	cr_assert_eq(run_checked(5, 4), 0);
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
+	nanosleep(&nap, NULL);
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
+	const double used = (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) * 1e-9;
+	cr_assert_lt(used, 0.05, "idle pool used %.3f s of CPU in 0.3 s", used);
 }
 
 /* The parent's workers do not exist in a child: it gets a pool of its own. */
