@@ -8,7 +8,7 @@
  * the shared machine's noise hits both. Prints a table, then
  * `h2d: ratio=X (...)` where X = memcpy time / our time at 16.5 MiB (>= 1
  * means no slower than memcpy). */
-#include <config.h>  /* autoconf's, not daemon/config.h */
+#include <config.h>  /* autoconf's, from the build tree */
 
 #include <getopt.h>
 #include <poll.h>

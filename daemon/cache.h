@@ -80,8 +80,6 @@ struct cache_config {
 	bool no_register;         /* do not register the arena as fixed buffers */
 	bool sqpoll;              /* IORING_SETUP_SQPOLL (off: it hurts on few cores) */
 	const char *policy;       /* eviction policy name; NULL = "lru" */
-	unsigned wait_timeout_ms; /* ignored: acquires never wait here (the
-				   * service's wait-timeout-ms bounds its parking) */
 	unsigned max_clients;     /* distinct client ids holding leases; 0 = 1024 */
 	/* Optional: called from the I/O thread (no cache lock held) after each
 	 * load or copy finishes: status 0, or a negative errno. Must not block. */
@@ -120,8 +118,8 @@ struct cache_loc {
 };
 
 enum cache_acquire_flags {
-	CACHE_NOWAIT = 1 << 0,   /* no effect: every acquire returns at once (misses
-				  * -EAGAIN, their loads started) */
+	/* Every acquire returns at once: misses come back -EAGAIN with their
+	 * loads started (the service parks and retries; bit 0 is free). */
 	CACHE_WANT_GPU = 1 << 1, /* serve from the GPU tier (promote host -> GPU);
 				  * without a GPU tier this falls back to host */
 	CACHE_NO_LOAD = 1 << 2,  /* pure lookup: a miss starts nothing */

@@ -1,5 +1,5 @@
 /* cuda_api.c - dlopen("libcuda.so.1") and a versioned driver table. */
-#include <config.h>  /* autoconf's, not daemon/config.h */
+#include <config.h>  /* autoconf's, from the build tree */
 
 #include <dlfcn.h>
 #include <pthread.h>

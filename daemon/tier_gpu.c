@@ -1,7 +1,7 @@
 /* tier_gpu.c - GPU arena: backend selection, slot state machine, copy
  * tokens, completion (poll / reap / event fd) and stats. The bytes are moved
  * by a backend (tier_gpu_emu.c, tier_gpu_cuda.c) behind struct tier_gpu_ops. */
-#include <config.h>  /* autoconf's, not daemon/config.h */
+#include <config.h>  /* autoconf's, from the build tree */
 
 #include <poll.h>
 #include <stdlib.h>

@@ -16,7 +16,7 @@
  * uvm: one cuMemAllocManaged range, preferred location and accessed-by the
  *   device; a fill prefetches the slot to the device then copies into it;
  *   evict(release) prefetches it back to host memory. */
-#include <config.h>  /* autoconf's, not daemon/config.h */
+#include <config.h>  /* autoconf's, from the build tree */
 
 #include <stdio.h>
 #include <stdlib.h>

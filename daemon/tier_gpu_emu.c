@@ -9,7 +9,7 @@
  * Copies are memcpy done by worker threads; the caller sees them complete
  * only through the common poll/reap path and the event fd, exactly as with
  * CUDA events, so the daemon's state machine is the same on every backend. */
-#include <config.h>  /* autoconf's, not daemon/config.h */
+#include <config.h>  /* autoconf's, from the build tree */
 
 #include <fcntl.h>
 #include <pthread.h>
