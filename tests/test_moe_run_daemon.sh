@@ -50,9 +50,9 @@ done
 "$B/moe-client" --socket "$sock" info | grep 'host arena'
 
 # the second client: decodes 1500 tokens beside the teacher-forced runs
-"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --tokens 5,6,7 -n 1500 --temp 0.8 --seed 9 >"$tmp/b.out" 2>&1 &
+"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --prefetch --tokens 5,6,7 -n 1500 --temp 0.8 --seed 9 >"$tmp/b.out" 2>&1 &
 bpid=$!
-"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --tokens "$toks" --dump-logits "$tmp/d1.lg" 2>"$tmp/d1.err" ||
+"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --prefetch --tokens "$toks" --dump-logits "$tmp/d1.lg" 2>"$tmp/d1.err" ||
 	{ cat "$tmp/d1.err" >&2; exit 1; }
 MOETIER_RUN_SPLIT_MIN=0 "$B/moe-run" "$tmp/m.moepack" --socket "$sock" --tokens "$toks" --dump-logits "$tmp/d2.lg" \
 	--batch 1 -t 2 2>"$tmp/d2.err" || { cat "$tmp/d2.err" >&2; exit 1; }

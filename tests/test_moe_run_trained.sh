@@ -89,7 +89,7 @@ until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
 	fi
 	sleep 0.1
 done
-daemon_ppl=$("$B/moe-run" "$tmp/m.moepack" --socket "$sock" --ppl "$dir/$name.heldout.txt" --ctx "$ctx" \
+daemon_ppl=$("$B/moe-run" "$tmp/m.moepack" --socket "$sock" --prefetch --ppl "$dir/$name.heldout.txt" --ctx "$ctx" \
 	2>"$tmp/d.err")
 cat "$tmp/d.err"
 if [ "$daemon_ppl" = "$local_ppl" ] && grep -q 'missed [1-9]' "$tmp/d.err"; then

@@ -2,7 +2,6 @@
 #include "experts.h"
 
 #include <errno.h>
-#include <pthread.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +28,8 @@ struct experts {
 	unsigned cap_w;              /* workers the buffers below are sized for */
 	float *xg[EXPERTS_MAX_WORKERS], *yg[EXPERTS_MAX_WORKERS]; /* per worker: [B][n] rows of one expert */
 	uint32_t *cl_e;              /* [E] experts to compute now */
+	uint32_t hint[ROUTE_MAX_K];  /* the last PREFETCH hint, for layer hint_layer */
+	uint32_t hint_n, hint_layer;
 	const void **cl_p;           /* [E] their extents */
 	uint32_t *tok_of;            /* [E][B] token of each use */
 	uint8_t *slot_of;            /* [E][B] top-k slot of each use */
@@ -234,7 +235,7 @@ static int run_expert(struct experts *ex, uint32_t e, const void *extent, const 
 	for (uint32_t i = 0; i < cnt; i++)
 		memcpy(xg + (size_t)i * n, x + (size_t)tok[i] * n, n * sizeof(float));
 	if ((uint64_t)cnt * ex->m->layout.m * n * 3 < model_split_min())
-		threads = 1; /* as model_matmul: too little work to start threads for */
+		threads = 1; /* as model_matmul: too little work to share */
 	int rc = ffn_expert(&ex->m->layout, extent, xg, n, cnt, yg, n, NULL, 0, threads);
 	if (rc)
 		return rc;
@@ -246,28 +247,30 @@ static int run_expert(struct experts *ex, uint32_t e, const void *extent, const 
 struct list_job {
 	struct experts *ex;
 	const float *x;
-	unsigned n, w;
-	unsigned *next; /* shared: the next list entry to take */
-	int rc;
+	unsigned scratch; /* next free per-piece scratch index (atomic) */
+	int rc;           /* first error (atomic) */
 };
 
-static void *list_worker(void *arg)
+/* One piece of the list: experts [lo, hi), each on this thread, with a
+ * scratch of its own (at most `workers` pieces run at once). */
+static void list_piece(void *arg, uint32_t lo, uint32_t hi)
 {
 	struct list_job *j = arg;
-	for (;;) {
-		unsigned i = __atomic_fetch_add(j->next, 1, __ATOMIC_RELAXED);
-		if (i >= j->n || j->rc)
-			break;
-		j->rc = run_expert(j->ex, j->ex->cl_e[i], j->ex->cl_p[i], j->x, 1, j->w);
+	const unsigned w = __atomic_fetch_add(&j->scratch, 1, __ATOMIC_RELAXED);
+	for (uint32_t i = lo; i < hi; i++) {
+		int rc = run_expert(j->ex, j->ex->cl_e[i], j->ex->cl_p[i], j->x, 1, w);
+		if (rc) {
+			int zero = 0;
+			__atomic_compare_exchange_n(&j->rc, &zero, rc, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+			return;
+		}
 	}
-	return NULL;
 }
 
 /* Computes the n experts of cl_e/cl_p. With threads >= 2 and at least two
- * experts, the experts are shared out to the threads, each computed on one
- * (one thread start per worker per call instead of two per expert in the
- * kernels; the bits do not depend on it); otherwise one after the other,
- * each split over the threads. */
+ * experts, the experts are shared out to the kernels' thread pool
+ * (ffn_parallel_for), each computed on one thread; otherwise one after the
+ * other, each split over the threads. Either way the same bits. */
 static int compute_list(struct experts *ex, unsigned n, const float *x, int threads, struct moe_error *err)
 {
 	unsigned workers = MOE_MIN((unsigned)threads, MOE_MIN(n, ex->cap_w));
@@ -277,21 +280,10 @@ static int compute_list(struct experts *ex, unsigned n, const float *x, int thre
 			if ((rc = run_expert(ex, ex->cl_e[i], ex->cl_p[i], x, threads, 0)))
 				moe_error_set(err, rc, "expert %u: %d", ex->cl_e[i], rc);
 	} else {
-		struct list_job jobs[EXPERTS_MAX_WORKERS];
-		pthread_t tids[EXPERTS_MAX_WORKERS];
-		bool started[EXPERTS_MAX_WORKERS] = { false };
-		unsigned next = 0;
-		for (unsigned w = 0; w < workers; w++)
-			jobs[w] = (struct list_job){ .ex = ex, .x = x, .n = n, .w = w, .next = &next };
-		for (unsigned w = 1; w < workers; w++)
-			started[w] = pthread_create(&tids[w], NULL, list_worker, &jobs[w]) == 0;
-		list_worker(&jobs[0]); /* whatever a worker failed to start for is taken here */
-		for (unsigned w = 1; w < workers; w++)
-			if (started[w])
-				pthread_join(tids[w], NULL);
-		for (unsigned w = 0; w < workers && !rc; w++)
-			if ((rc = jobs[w].rc))
-				moe_error_set(err, rc, "expert computation: %d", rc);
+		struct list_job j = { .ex = ex, .x = x };
+		ffn_parallel_for((int)workers, n, list_piece, &j);
+		if ((rc = j.rc))
+			moe_error_set(err, rc, "expert computation: %d", rc);
 	}
 	for (unsigned i = 0; i < n; i++)
 		ex->st.slots += ex->count[ex->cl_e[i]];
@@ -312,8 +304,12 @@ static void prefetch_next(struct experts *ex, uint32_t il, const float *x, uint3
 	if (model_matmul(&N->router, x + (size_t)(B - 1) * ex->n, 1, ex->logits, 1) ||
 	    route_topk(&m->rp, ex->logits, &r))
 		return;
-	if (moet_prefetch(ex->ctx, (uint32_t)N->moe_index, r.experts, r.n, MOET_TIER_HOST) >= 0)
+	if (moet_prefetch(ex->ctx, (uint32_t)N->moe_index, r.experts, r.n, MOET_TIER_HOST) >= 0) {
 		ex->st.prefetches += r.n;
+		memcpy(ex->hint, r.experts, r.n * sizeof(uint32_t));
+		ex->hint_n = r.n;
+		ex->hint_layer = il + 1;
+	}
 }
 
 static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids, unsigned n)
@@ -454,6 +450,14 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		}
 	}
 
+	if (ex->hint_n && ex->hint_layer == il) {
+		/* how good the last hint was: its experts the token chose */
+		const struct route_result *r = &ex->routes[B - 1];
+		for (uint32_t i = 0; i < ex->hint_n; i++)
+			for (uint32_t j = 0; j < r->n; j++)
+				ex->st.prefetches_used += ex->hint[i] == r->experts[j];
+		ex->hint_n = 0;
+	}
 	if (ex->all) {
 		unsigned nc = 0;
 		for (uint32_t e = 0; e < ex->E; e++)

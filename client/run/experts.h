@@ -29,6 +29,7 @@ struct experts_stats {
 	uint64_t waits;        /* waits for a load */
 	uint64_t stall_ns;     /* time spent waiting for misses */
 	uint64_t prefetches;   /* experts hinted for the next layer */
+	uint64_t prefetches_used; /* ...that the (last) token then chose there */
 	uint64_t fallback_reads; /* experts read from the pack by moe-run itself */
 	uint64_t bytes_read;   /* bytes the daemon read from NVMe (its counters) */
 	bool local;
@@ -37,7 +38,7 @@ struct experts_stats {
 /* Every expert read from the pack into memory. */
 int experts_open_local(const struct model *m, struct experts **out, struct moe_error *err);
 /* The daemon at socket (NULL: $MOETIER_SOCKET, else the default socket).
- * prefetch: send next-layer hints. */
+ * prefetch: send next-layer hints (the next layer's router on this layer's input). */
 int experts_open_daemon(const struct model *m, const char *socket, bool prefetch, struct experts **out,
 			struct moe_error *err);
 void experts_close(struct experts *ex);

@@ -346,7 +346,7 @@ uint64_t model_split_min(void)
 	uint64_t x = __atomic_load_n(&v, __ATOMIC_RELAXED);
 	if (x == UINT64_MAX) {
 		const char *e = getenv("MOETIER_RUN_SPLIT_MIN");
-		x = e && *e ? strtoull(e, NULL, 0) : 1u << 20;
+		x = e && *e ? strtoull(e, NULL, 0) : 1u << 18;
 		__atomic_store_n(&v, x, __ATOMIC_RELAXED);
 	}
 	return x;
@@ -354,9 +354,9 @@ uint64_t model_split_min(void)
 
 int model_matmul(const struct model_mat *W, const float *x, uint32_t B, float *y, int threads)
 {
-	/* kernels/ start threads per call (~10-15 us each): below ~1M
-	 * multiply-adds (a router, a small head) one thread is faster. The
-	 * bits do not depend on it. */
+	/* waking the kernels' pool and joining it costs microseconds: below
+	 * ~256K multiply-adds (a router) one thread is faster. The bits do not
+	 * depend on it. */
 	if ((uint64_t)W->rows * W->cols * B < model_split_min())
 		threads = 1;
 	return ffn_matmul(W->dtype, W->data, W->rows, W->cols, x, W->cols, B, y, W->rows, threads);

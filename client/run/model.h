@@ -76,8 +76,9 @@ struct model {
 int model_open(const char *pack_path, const char *gguf_path, struct model **out, struct moe_error *err);
 void model_close(struct model *m);
 
-/* Multiply-adds below which a product runs on one thread (starting threads
- * costs more): 1M, or $MOETIER_RUN_SPLIT_MIN (tests set 0 to split everything). */
+/* Multiply-adds below which a product runs on one thread (handing work to
+ * the pool costs more): 256K, or $MOETIER_RUN_SPLIT_MIN (tests set 0 to split
+ * everything). */
 uint64_t model_split_min(void);
 
 /* y[t*W->rows + r] = W[r] . x[t*W->cols] for t < B, through kernels/ffn.h

@@ -21,7 +21,7 @@
 
 struct opts {
 	const char *pack, *gguf, *socket, *prompt, *tokens, *ppl, *dump;
-	bool local, quiet, no_prefetch, kv_f16, ids;
+	bool local, quiet, prefetch, kv_f16, ids;
 	uint32_t n_predict, ctx, batch;
 	int threads;
 	struct sampler_params sp;
@@ -32,7 +32,7 @@ static void usage(FILE *f)
 	fputs("Usage: moe-run PACK [--socket S | --local] [--gguf FILE]\n"
 	      "               [--prompt TEXT | --tokens IDS] [-n N] [-t N] [--batch N]\n"
 	      "               [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
-	      "               [--ppl FILE [--ctx N]] [--dump-logits FILE] [--kv-f16] [--no-prefetch]\n"
+	      "               [--ppl FILE [--ctx N]] [--dump-logits FILE] [--kv-f16] [--prefetch]\n"
 	      "               [--ids] [--quiet]\n"
 	      "       moe-run --help | --version\n"
 	      "See moe-run(1).\n",
@@ -323,8 +323,9 @@ static void summary(struct ctx *c)
 	char b[32];
 	fprintf(stderr,
 		"moe-run: experts: %" PRIu64 " acquired, hit rate host %.1f%% gpu %.1f%%, missed %.1f%%; %" PRIu64
-		" prefetch hints\n",
-		u, st.hits_host * pct, st.hits_gpu * pct, st.misses * pct, st.prefetches);
+		" prefetch hints (%.1f%% then chosen)\n",
+		u, st.hits_host * pct, st.hits_gpu * pct, st.misses * pct, st.prefetches,
+		st.prefetches ? 100.0 * st.prefetches_used / st.prefetches : 0.0);
 	fprintf(stderr, "moe-run: stall %.3f ms/token (%" PRIu64 " waits), NVMe read %s/token",
 		toks ? st.stall_ns * 1e-6 / toks : 0.0, st.waits,
 		moe_fmt_size(toks ? st.bytes_read / toks : 0, b, sizeof(b)));
@@ -334,7 +335,7 @@ static void summary(struct ctx *c)
 }
 
 enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
-       O_QUIET, O_BATCH, O_NOPF, O_KVF16, O_IDS, O_HELP, O_VERSION };
+       O_QUIET, O_BATCH, O_NOPF, O_PF, O_KVF16, O_IDS, O_HELP, O_VERSION };
 
 static int parse(int argc, char **argv, struct opts *o)
 {
@@ -346,7 +347,7 @@ static int parse(int argc, char **argv, struct opts *o)
 		{ "seed", required_argument, 0, O_SEED },     { "ppl", required_argument, 0, O_PPL },
 		{ "ctx", required_argument, 0, O_CTX },       { "dump-logits", required_argument, 0, O_DUMP },
 		{ "quiet", no_argument, 0, O_QUIET },         { "batch", required_argument, 0, O_BATCH },
-		{ "no-prefetch", no_argument, 0, O_NOPF },    { "kv-f16", no_argument, 0, O_KVF16 },
+		{ "no-prefetch", no_argument, 0, O_NOPF },    { "prefetch", no_argument, 0, O_PF },    { "kv-f16", no_argument, 0, O_KVF16 },
 		{ "ids", no_argument, 0, O_IDS },    { "help", no_argument, 0, O_HELP },
 		{ "version", no_argument, 0, O_VERSION },     { 0, 0, 0, 0 },
 	};
@@ -370,7 +371,8 @@ static int parse(int argc, char **argv, struct opts *o)
 		case O_PPL: o->ppl = optarg; break;
 		case O_DUMP: o->dump = optarg; break;
 		case O_QUIET: case 'q': o->quiet = true; break;
-		case O_NOPF: o->no_prefetch = true; break;
+		case O_NOPF: o->prefetch = false; break;
+		case O_PF: o->prefetch = true; break;
 		case O_KVF16: o->kv_f16 = true; break;
 		case O_IDS: o->ids = true; break;
 		case 'n':
@@ -481,7 +483,7 @@ int main(int argc, char **argv)
 		goto fail;
 	}
 	if ((rc = c.o.local ? experts_open_local(c.m, &c.ex, &err)
-			    : experts_open_daemon(c.m, c.o.socket, !c.o.no_prefetch, &c.ex, &err)))
+			    : experts_open_daemon(c.m, c.o.socket, c.o.prefetch, &c.ex, &err)))
 		goto fail;
 	if ((rc = runner_create(c.m, c.ex, n_ctx, c.o.batch, c.o.threads, &c.r, &err)))
 		goto fail;
