@@ -12,13 +12,21 @@
 #  - moe-pack converts the first part; the pack equals the unsplit file's
 #    byte for byte, keeps gate/up q4_K and down q6_K, and verifies;
 #  - moe-run's teacher-forced logits of 24 tokens match llama.cpp's (rel.
-#    to the row's max |logit|: worst row <= 2e-2, median <= 1e-4; both
-#    sides quantize activations to q8_K and take ggml's integer dots, so
-#    most rows agree to ~1e-7; as in test_moe_run's Q8_0 case an activation
-#    on a rounding boundary can take the neighbouring code on one side and
-#    move the later rows by a few 1e-3: measured worst row 7.3e-3, median
-#    1.4e-7); one token at a time on 2 threads gives the same bits; greedy
-#    32 tokens give llama.cpp's ids;
+#    to the row's max |logit|): both sides quantize activations to q8_K and
+#    take ggml's integer dots, so rows agree to ~1e-7 until, now and then,
+#    a value on a rounding boundary (a q8 code, a router near-tie) goes the
+#    other way on one side, and every later row moves by a few 1e-3 through
+#    the KV cache. llama.cpp's own repacked and plain (--no-repack) paths
+#    disagree in just that way (measured: from row 3 on, 6e-3..9e-3, on a
+#    Q6_K model with Q3_K attn_output). So: the first 3 rows (every tensor
+#    type, attention over 3 positions) within 1e-5, every row within 2e-2,
+#    and for the Q4_K_M model also the median row within 1e-4 (measured:
+#    worst 7.3e-3 at row 15, median 1.4e-7); one token at a time on 2
+#    threads gives the same bits; greedy 32 tokens give llama.cpp's ids;
+#  - the other K-quant and iq4 types, one llama.cpp ftype each with one
+#    type per expert tensor (Q5_K_M: experts q5_K/q6_K; Q3_K_M: q3_K/q5_K;
+#    Q2_K: q2_K/q3_K; IQ4_XS: iq4_xs/iq4_nl), unsplit: the same row checks
+#    without the median;
 #  - through moetierd (a host arena of 8 of the 48 extents: misses,
 #    evictions, loads of mixed-type extents) moe-run gives the --local bits;
 #  - the plain Q4_K_M file (ffn_down q6_K in layer 2 only) is refused up
@@ -94,8 +102,24 @@ done
 
 # moe-run vs llama.cpp (llama-oracle keeps llama.cpp's f16 KV cache: --kv-f16)
 "$B/moe-run" "$tmp/qs.moepack" --local --kv-f16 --tokens "$toks" --dump-logits "$tmp/lg" --quiet
+# rows 0..2 within 1e-5 (before any boundary flip can have spread)
+head_rows() {
+	$PY - "$1" "$2" <<'PY'
+import sys
+import numpy as np
+def rd(p):
+    b = open(p, "rb").read()
+    n, v = np.frombuffer(b[8:16], dtype="<u4")
+    return np.frombuffer(b[16:], dtype="<f4").reshape(n, v)
+a, r = rd(sys.argv[1]), rd(sys.argv[2])
+e = [float(np.abs(a[i] - r[i]).max() / np.abs(r[i]).max()) for i in range(3)]
+print("first 3 rows: " + " ".join(f"{x:.1e}" for x in e) + (" ok" if max(e) <= 1e-5 else " FAIL (tol 1e-5)"))
+sys.exit(0 if max(e) <= 1e-5 else 1)
+PY
+}
 printf 'qwen3_moe Q4_K_M split: '
 $PY "$S/tests/logits-compare.py" "$tmp/lg" "$tmp/ref" --tol 2e-2 --median-tol 1e-4 || fail=1
+head_rows "$tmp/lg" "$tmp/ref" || fail=1
 MOETIER_RUN_SPLIT_MIN=0 "$B/moe-run" "$tmp/qs.moepack" --local --kv-f16 --tokens "$toks" --dump-logits "$tmp/lg1" \
 	--batch 1 -t 2 --quiet
 if ! cmp -s "$tmp/lg" "$tmp/lg1"; then
@@ -111,6 +135,20 @@ else
 	printf 'test_kquant_e2e: greedy decode differs from llama.cpp\n ours:  %s\n llama: %s\n' "$got" "$want" >&2
 	fail=1
 fi
+
+# the other types
+for spec in Q5_K_M:Q5_K:Q6_K Q3_K_M:Q3_K:Q5_K Q2_K:Q2_K:Q3_K IQ4_XS:IQ4_XS:IQ4_NL; do
+	ft=${spec%%:*} gu=${spec#*:} gu=${gu%%:*} dn=${spec##*:}
+	"$B/tests/llama-quantize" --tensor "ffn_(gate|up)_exps=$gu" --tensor "ffn_down_exps=$dn" "$tmp/f/model.gguf" \
+		"$tmp/$ft.gguf" "$ft" 2>"$tmp/quant.log" || { cat "$tmp/quant.log" >&2; exit 1; }
+	"$B/tools/moe-pack" convert "$tmp/$ft.gguf" -o "$tmp/$ft.moepack" -q
+	"$oracle" logits "$tmp/$ft.gguf" --flash-attn off --tokens "$toks" --out "$tmp/$ft.ref" 2>"$tmp/o.log" ||
+		{ cat "$tmp/o.log" >&2; exit 1; }
+	"$B/moe-run" "$tmp/$ft.moepack" --local --kv-f16 --tokens "$toks" --dump-logits "$tmp/$ft.lg" --quiet
+	printf 'qwen3_moe %s (experts %s/%s): ' "$ft" "$gu" "$dn"
+	$PY "$S/tests/logits-compare.py" "$tmp/$ft.lg" "$tmp/$ft.ref" --tol 2e-2 || fail=1
+	head_rows "$tmp/$ft.lg" "$tmp/$ft.ref" || fail=1
+done
 
 # through the daemon: 8 slots of 128 KiB for 48 extents
 mkdir -m 0755 "$tmp/run"
