@@ -25,7 +25,8 @@ static void usage(FILE *f)
 		"       moe-pack info FILE [--tensors] [--json]\n"
 		"       moe-pack verify FILE\n"
 		"SRC is a safetensors file, a directory holding model.safetensors or\n"
-		"model.safetensors.index.json (+ config.json), an index .json, or a .gguf file.\n"
+		"model.safetensors.index.json (+ config.json), an index .json, or a .gguf file\n"
+		"(of a split model, the first part: NAME-00001-of-0000N.gguf).\n"
 		"Families: mixtral qwen2_moe qwen3_moe deepseek_v2 deepseek_v3 olmoe gpt_oss.\n");
 }
 
