@@ -332,6 +332,7 @@ class MoE(torch.nn.Module):
         super().__init__()
         c = cfg
         self.cfg = c
+        self.kv_f16 = False
         H, L, E, Fe = c["hidden"], c["layers"], c["experts"], c["expert_ff"]
         nq, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
         P = torch.nn.Parameter
@@ -425,6 +426,8 @@ class MoE(torch.nn.Module):
             v = (h @ b.attn_v.t()).view(B, T, nkv, hd)
             q = rope_neox(rms_norm(q, b.attn_q_norm, eps), pos, c["rope_base"])
             kk = rope_neox(rms_norm(kk, b.attn_k_norm, eps), pos, c["rope_base"])
+            if self.kv_f16:     # llama.cpp's default KV cache holds K (after RoPE) and V in F16
+                kk, v = kk.half().float(), v.half().float()
             rep = nq // nkv
             kk = kk.repeat_interleave(rep, dim=2)      # head j uses kv head j // rep
             v = v.repeat_interleave(rep, dim=2)
@@ -901,6 +904,7 @@ def read_text(path):
 def cmd_eval(a):
     torch.set_num_threads(a.threads)
     model, tok, _ = load_gguf(a.gguf)
+    model.kv_f16 = a.kv_f16
     ppl, n, c = perplexity(model, tok.encode(read_text(a.text)), a.ctx)
     print("ppl: %.4f over %d tokens (%d chunks of %d)" % (ppl, n, c, a.ctx))
 
@@ -920,6 +924,7 @@ def parse_ids(s):
 def cmd_logits(a):
     torch.set_num_threads(a.threads)
     model, tok, _ = load_gguf(a.gguf)
+    model.kv_f16 = a.kv_f16
     ids = parse_ids(a.tokens) if a.tokens else tok.encode(a.prompt)
     with torch.no_grad():
         logits, _ = model(torch.tensor([ids]))
@@ -954,6 +959,7 @@ def cmd_compare(a):
 def cmd_greedy(a):
     torch.set_num_threads(a.threads)
     model, tok, _ = load_gguf(a.gguf)
+    model.kv_f16 = a.kv_f16
     ids = parse_ids(a.tokens) if a.tokens else tok.encode(a.prompt)
     out = []
     with torch.no_grad():
@@ -1007,6 +1013,7 @@ def main():
     e.add_argument("--text", required=True)
     e.add_argument("--ctx", type=int, default=128)
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--kv-f16", action="store_true", help="round K and V to F16 as llama.cpp's default cache does")
     k = sub.add_parser("tokenize")
     k.add_argument("--gguf", required=True)
     k.add_argument("--file")
@@ -1017,12 +1024,14 @@ def main():
     lg.add_argument("--prompt")
     lg.add_argument("--out", required=True)
     lg.add_argument("--threads", type=int, default=2)
+    lg.add_argument("--kv-f16", action="store_true", help="round K and V to F16 as llama.cpp's default cache does")
     gr = sub.add_parser("greedy")
     gr.add_argument("--gguf", required=True)
     gr.add_argument("--tokens")
     gr.add_argument("--prompt")
     gr.add_argument("-n", type=int, default=64)
     gr.add_argument("--threads", type=int, default=2)
+    gr.add_argument("--kv-f16", action="store_true", help="round K and V to F16 as llama.cpp's default cache does")
     cp = sub.add_parser("compare", help="max abs difference of two MOELGT01 logits files")
     cp.add_argument("a")
     cp.add_argument("b")
