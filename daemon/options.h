@@ -87,6 +87,8 @@ enum config_type { CONFIG_STR, CONFIG_SIZE, CONFIG_U32, CONFIG_I32, CONFIG_BOOL 
 	  "switch to this user after start-up (empty: stay); capabilities are kept") \
 	X("seccomp", seccomp, CONFIG_BOOL, 0, 1, "true", false, \
 	  "install the seccomp filter after start-up") \
+	X("bpf", bpf, CONFIG_BOOL, 0, 1, "true", false, \
+	  "load the eBPF programs (block I/O latency, arena faults, run-queue waits; needs CAP_BPF and CAP_PERFMON)") \
 	X("log-level", log_level, CONFIG_STR, 0, 0, "info", true, \
 	  "err, warn, info or debug") \
 	X("foreground", foreground, CONFIG_BOOL, 0, 1, "false", false, \

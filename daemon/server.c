@@ -13,6 +13,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
@@ -52,6 +53,36 @@ static int lookup_group(const char *name, gid_t *out)
 		return -ENOENT;
 	*out = res->gr_gid;
 	return 0;
+}
+
+/* The eBPF programs, aimed at the devices holding the packs and at the
+ * arenas' memfds; one that cannot load leaves its reason in the stats. */
+static int start_bpf(struct server *s)
+{
+	struct bpf_obs_config bc = { .tgid = getpid(), .disabled = !s->cfg->bpf };
+	struct stat st;
+
+	for (unsigned i = 0; i < s->n_models; i++) {
+		struct served_model *m = &s->models[i];
+		if (fstat(m->pack->fd, &st) == 0) {
+			unsigned d = 0;
+			while (d < bc.n_devs && bc.devs[d] != st.st_dev)
+				d++;
+			if (d == bc.n_devs && bc.n_devs < IOLAT_MAX_DEVS)
+				bc.devs[bc.n_devs++] = st.st_dev;
+		}
+		for (int t = 0; t < 2 && bc.n_arenas < FAULTS_MAX_ARENAS; t++) {
+			if (m->arena_ro_fd[t] < 0 || fstat(m->arena_ro_fd[t], &st) < 0)
+				continue;
+			bc.arenas[bc.n_arenas].dev = st.st_dev;
+			bc.arenas[bc.n_arenas].ino = st.st_ino;
+			snprintf(bc.arenas[bc.n_arenas].name, sizeof(bc.arenas[0].name), "%s%s%.8s",
+				 t == CACHE_TIER_GPU ? "gpu" : "host", s->n_models > 1 ? ":" : "",
+				 s->n_models > 1 ? m->name : "");
+			bc.n_arenas++;
+		}
+	}
+	return bpf_obs_start(&bc, &s->bpf);
 }
 
 int server_create(struct moetierd_config *cfg, struct server **out, struct moe_error *err)
@@ -115,6 +146,11 @@ int server_create(struct moetierd_config *cfg, struct server **out, struct moe_e
 		}
 	}
 	free(list);
+	/* Before the privilege drop and seccomp: loading needs CAP_BPF. */
+	if ((rc = start_bpf(s)) < 0) {
+		rc = moe_error_set(err, rc, "out of memory");
+		goto fail;
+	}
 	if ((rc = server_conn_bind(s, err)))
 		goto fail;
 	*out = s;
@@ -278,6 +314,7 @@ void server_destroy(struct server *s)
 			cache_release_client(c->m->cache, c->cache_id);
 		server_conn_free(c);
 	}
+	bpf_obs_stop(s->bpf);
 	for (unsigned i = 0; i < s->n_models; i++)
 		server_model_close(&s->models[i]);
 	if (s->listen_fd >= 0)

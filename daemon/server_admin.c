@@ -44,6 +44,35 @@ static char *render_clients(struct server *s)
 	return buf;
 }
 
+/* What the kernel sees (daemon/bpf.c): programs' states, block-layer
+ * latency, arena faults, run-queue waits. */
+static void render_bpf(struct server *s, FILE *f, json_t *root, uint32_t fmt)
+{
+	struct bpf_obs_snapshot snap;
+	char *r;
+
+	if (bpf_obs_read(s->bpf, &snap) < 0)
+		return;
+	r = fmt == MOET_STATS_JSON ? bpf_obs_render_json(s->bpf, &snap)
+	    : fmt == MOET_STATS_PROMETHEUS ? bpf_obs_render_prometheus(s->bpf, &snap)
+					   : bpf_obs_render_text(s->bpf, &snap);
+	if (!r)
+		return;
+	if (fmt == MOET_STATS_JSON) {
+		json_error_t je;
+		json_t *j = json_loads(r, 0, &je);
+		if (j)
+			json_object_set_new(root, "bpf", j);
+	} else if (fmt == MOET_STATS_TEXT) {
+		fprintf(f, "\nkernel view (eBPF)\n");
+		for (char *line = strtok(r, "\n"); line; line = strtok(NULL, "\n"))
+			fprintf(f, "  %s\n", line);
+	} else {
+		fputs(r, f);
+	}
+	free(r);
+}
+
 static char *render_stats(struct server *s, uint32_t fmt)
 {
 	char *buf = NULL;
@@ -70,6 +99,7 @@ static char *render_stats(struct server *s, uint32_t fmt)
 		json_object_set_new(root, "server", srv);
 		json_object_set_new(root, "models", json_object());
 	}
+	render_bpf(s, f, root, fmt);
 	for (unsigned i = 0; i < s->n_models; i++) {
 		struct served_model *m = &s->models[i];
 		struct stats_snapshot snap;

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "bpf.h"
 #include "cache.h"
 #include "placement.h"
 #include "ring.h"
@@ -116,6 +117,7 @@ struct server {
 	_Atomic uint64_t counters[SERVER__COUNT];
 	uint64_t watchdog_usec;
 	uint64_t start_ns;
+	struct bpf_obs *bpf;      /* what the kernel sees (never NULL once created) */
 };
 
 static inline void server_cnt(struct server *s, enum server_counter c)

@@ -55,3 +55,6 @@ endif
 # bench/bpf-overhead: io-vs-fio --bpf-overhead (attached vs detached).
 dist_noinst_SCRIPTS += bench/bpf-overhead
 dist_doc_DATA += doc/ebpf.md
+
+TESTS += tests/test_bpf_daemon.sh
+EXTRA_DIST += tests/test_bpf_daemon.sh
