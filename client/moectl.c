@@ -35,7 +35,9 @@ static void usage(FILE *f)
 static int fail(int rc, moet_ctx *c, const char *what)
 {
 	const char *m = moet_last_error(c);
-	fprintf(stderr, "moectl: %s: %s%s%s\n", what, moet_strerror(rc), *m ? ": " : "", m);
+	/* The daemon's message says what failed; the errno name only when it
+	 * sent none. */
+	fprintf(stderr, "moectl: %s: %s\n", what, *m ? m : moet_strerror(rc));
 	return 1;
 }
 

@@ -22,6 +22,29 @@ static const char *const counter_names[] = {
 #undef X
 };
 
+/* What a failed PIN / UNPIN / EVICT means, in the operator's words
+ * (cache.c's errnos alone read as "No such file or directory"). */
+static const char *admin_why(uint32_t type, int rc, uint32_t tier, const struct served_model *m)
+{
+	static __thread char buf[128];
+	const char *t = tier == CACHE_TIER_GPU ? "GPU" : "host";
+
+	if (rc == -EINVAL)
+		snprintf(buf, sizeof(buf), "no such expert or tier (layers < %u, experts < %u, tier host or gpu)",
+			 m->n_layers, m->n_experts);
+	else if (rc == -ENODEV)
+		snprintf(buf, sizeof(buf), "this daemon has no GPU tier");
+	else if (type == MOET_MSG_UNPIN && rc == -ENOENT)
+		snprintf(buf, sizeof(buf), "not pinned on the %s tier", t);
+	else if (type == MOET_MSG_EVICT && rc == -ENOENT)
+		snprintf(buf, sizeof(buf), "not resident on the %s tier", t);
+	else if (type == MOET_MSG_EVICT && rc == -EBUSY)
+		snprintf(buf, sizeof(buf), "leased or pinned on the %s tier: not evicted", t);
+	else
+		snprintf(buf, sizeof(buf), "%s", strerror(-rc));
+	return buf;
+}
+
 static char *render_clients(struct server *s)
 {
 	char *buf = NULL;
@@ -356,7 +379,8 @@ void server_admin_request(struct server *s, struct srv_client *c, const struct m
 		   : h->type == MOET_MSG_UNPIN ? cache_unpin(m->cache, k, (enum cache_tier)a.tier)
 					       : cache_evict(m->cache, k, (enum cache_tier)a.tier);
 		if (rc < 0)
-			server_conn_error(s, c, h->seq, rc, "layer %u expert %u: %s", a.layer, a.expert, strerror(-rc));
+			server_conn_error(s, c, h->seq, rc, "layer %u expert %u: %s", a.layer, a.expert,
+					  admin_why(h->type, rc, a.tier, m));
 		else
 			server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, NULL, 0, NULL, 0);
 		atomic_fetch_or(&m->dirty[a.layer / 64], 1ull << (a.layer % 64));

@@ -56,6 +56,17 @@ print("lookups per MoE layer:", per_layer)
 assert per_layer[5] >= 40, "trace layer 6 should land on MoE layer 5 (20 tokens x top-2, misses counted again when waited for)"
 assert sum(per_layer) == per_layer[5], "lookups landed on other MoE layers"
 PY
+# moectl says what a failed unpin / evict means (not "No such file or directory")
+rc=0
+"$B/moectl" --socket "$sock" unpin 0 1 2>"$tmp/err" || rc=$?
+cat "$tmp/err"
+[ $rc -ne 0 ] && grep -q 'layer 0 expert 1: not pinned on the host tier' "$tmp/err" ||
+	{ echo "FAIL: unpin of an unpinned expert: rc=$rc"; exit 1; }
+rc=0
+"$B/moectl" --socket "$sock" evict 0 2 --tier gpu 2>"$tmp/err" || rc=$?
+cat "$tmp/err"
+[ $rc -ne 0 ] && grep -q 'not resident on the GPU tier\|no GPU tier' "$tmp/err" ||
+	{ echo "FAIL: evict of an absent expert: rc=$rc"; exit 1; }
 rc=0
 "$B/moe-client" --socket "$sock" replay --brief "$tmp/l0.csv" 2>"$tmp/err" || rc=$?
 cat "$tmp/err"
