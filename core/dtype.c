@@ -165,8 +165,9 @@ static float e8m0_half(uint8_t e)
  * bit 4h+g of hmask[l] (set: +0, clear: -4). q6_K: 2 halves of 128, 4
  * groups of 32: low / high nibbles of ql[l] and ql[l+32] with bit pairs 0,
  * 2, 4, 6 of qh[l], minus 32, 16 elements per scale. */
-static void dequant_q4_K(const struct moe_block_q4_K *b, float *y)
+static void dequant_q4_K(const void *blk, float *y)
 {
+	const struct moe_block_q4_K *b = blk;
 	const float d = moe_f16_to_f32(b->d), dmin = moe_f16_to_f32(b->dmin);
 	for (int j = 0; j < 4; j++) {
 		uint8_t s0, m0, s1, m1;
@@ -181,8 +182,9 @@ static void dequant_q4_K(const struct moe_block_q4_K *b, float *y)
 	}
 }
 
-static void dequant_q5_K(const struct moe_block_q5_K *b, float *y)
+static void dequant_q5_K(const void *blk, float *y)
 {
+	const struct moe_block_q5_K *b = blk;
 	const float d = moe_f16_to_f32(b->d), dmin = moe_f16_to_f32(b->dmin);
 	for (int j = 0; j < 4; j++) {
 		uint8_t s0, m0, s1, m1;
@@ -198,8 +200,9 @@ static void dequant_q5_K(const struct moe_block_q5_K *b, float *y)
 	}
 }
 
-static void dequant_q6_K(const struct moe_block_q6_K *b, float *y)
+static void dequant_q6_K(const void *blk, float *y)
 {
+	const struct moe_block_q6_K *b = blk;
 	const float d = moe_f16_to_f32(b->d);
 	for (int h = 0; h < 2; h++) {
 		const uint8_t *ql = b->ql + 64 * h, *qh = b->qh + 32 * h;
@@ -218,8 +221,9 @@ static void dequant_q6_K(const struct moe_block_q6_K *b, float *y)
 	}
 }
 
-static void dequant_q3_K(const struct moe_block_q3_K *b, float *y)
+static void dequant_q3_K(const void *blk, float *y)
 {
+	const struct moe_block_q3_K *b = blk;
 	const float d = moe_f16_to_f32(b->d);
 	for (int h = 0; h < 2; h++) {
 		const uint8_t *q = b->qs + 32 * h;
@@ -236,8 +240,9 @@ static void dequant_q3_K(const struct moe_block_q3_K *b, float *y)
 	}
 }
 
-static void dequant_q2_K(const struct moe_block_q2_K *b, float *y)
+static void dequant_q2_K(const void *blk, float *y)
 {
+	const struct moe_block_q2_K *b = blk;
 	const float d = moe_f16_to_f32(b->d), dmin = moe_f16_to_f32(b->dmin);
 	for (int h = 0; h < 2; h++) {
 		const uint8_t *q = b->qs + 32 * h;
@@ -302,25 +307,20 @@ void moe_dequantize_row(enum moe_dtype t, const void *src, float *dst, size_t n)
 		break;
 	}
 	case MOE_DTYPE_Q4_K:
-		for (i = 0; i < n / 256; i++)
-			dequant_q4_K((const struct moe_block_q4_K *)src + i, dst + i * 256);
-		break;
 	case MOE_DTYPE_Q5_K:
-		for (i = 0; i < n / 256; i++)
-			dequant_q5_K((const struct moe_block_q5_K *)src + i, dst + i * 256);
-		break;
 	case MOE_DTYPE_Q6_K:
-		for (i = 0; i < n / 256; i++)
-			dequant_q6_K((const struct moe_block_q6_K *)src + i, dst + i * 256);
-		break;
 	case MOE_DTYPE_Q3_K:
+	case MOE_DTYPE_Q2_K: {
+		/* one super-block of 256 at a time */
+		void (*fn)(const void *, float *) = t == MOE_DTYPE_Q4_K ? dequant_q4_K
+						  : t == MOE_DTYPE_Q5_K ? dequant_q5_K
+						  : t == MOE_DTYPE_Q6_K ? dequant_q6_K
+						  : t == MOE_DTYPE_Q3_K ? dequant_q3_K : dequant_q2_K;
+		const size_t bb = moe_dtype_block_bytes(t);
 		for (i = 0; i < n / 256; i++)
-			dequant_q3_K((const struct moe_block_q3_K *)src + i, dst + i * 256);
+			fn((const uint8_t *)src + i * bb, dst + i * 256);
 		break;
-	case MOE_DTYPE_Q2_K:
-		for (i = 0; i < n / 256; i++)
-			dequant_q2_K((const struct moe_block_q2_K *)src + i, dst + i * 256);
-		break;
+	}
 	case MOE_DTYPE_IQ4_NL: {
 		/* q4_0's layout with a table instead of q - 8 */
 		const struct moe_block_iq4_nl *b = src;

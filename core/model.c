@@ -60,8 +60,6 @@ void moe_model_set_family_defaults(struct moe_model_config *c, enum moe_family f
 		c->moe_layer_step = 1;
 	switch (f) {
 	case MOE_FAMILY_MIXTRAL:
-		c->norm_topk_prob = 1;
-		break;
 	case MOE_FAMILY_QWEN3_MOE:
 		c->norm_topk_prob = 1;
 		break;

@@ -165,6 +165,14 @@ Test(core, model_validate)
 	c.n_moe_layers = 3;
 	cr_assert_eq(moe_model_validate(&c, &err), -EINVAL);
 	cr_assert(strstr(err.msg, "exceed") != NULL, "%s", err.msg);
+	/* the layer-count errors name the field that is wrong */
+	c.n_layers = 2000;
+	cr_assert_eq(moe_model_validate(&c, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "(n_layers) 2000") != NULL, "%s", err.msg);
+	c.n_layers = 3;
+	c.n_moe_layers = 0;
+	cr_assert_eq(moe_model_validate(&c, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "(n_moe_layers) 0") != NULL, "%s", err.msg);
 	c.n_moe_layers = 2;
 	c.top_k = 9;
 	cr_assert_eq(moe_model_validate(&c, &err), -EINVAL);
