@@ -47,6 +47,8 @@
 #include "pack.h"
 #include "util.h"
 
+#include "ffn_bench.h"
+
 #ifndef MOE_HAVE_LLAMA
 int main(void)
 {
@@ -64,92 +66,11 @@ static bool quick, check, smoke;
 static int reps = 5;
 static double min_time = 0.25; /* CPU seconds per measurement */
 
-/* ---- cold copies of one expert ----------------------------------------------- */
-
-struct copies {
-	uint8_t *base;
-	size_t stride, count, total, next;
-};
-
-static void copies_init(struct copies *c, const void *one, size_t bytes)
-{
-	const size_t target = check || smoke ? (16u << 20) : quick ? (256u << 20) : (1100u << 20);
-	c->stride = MOE_ALIGN_UP(bytes, (size_t)4096);
-	c->count = target / c->stride + 1;
-	if (c->count < 2)
-		c->count = 2;
-	c->total = c->stride * c->count;
-	c->base = mmap(NULL, c->total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (c->base == MAP_FAILED) {
-		perror("ffn-vs-ggml: mmap");
-		exit(1);
-	}
-	madvise(c->base, c->total, MADV_HUGEPAGE);
-	for (size_t i = 0; i < c->count; i++)
-		memcpy(c->base + i * c->stride, one, bytes);
-	c->next = 0;
-}
-
-static uint8_t *copies_next(struct copies *c)
-{
-	uint8_t *p = c->base + c->next * c->stride;
-	c->next = (c->next + 1) % c->count;
-	return p;
-}
-
-/* ---- measurement --------------------------------------------------------------- */
-
-/* Process CPU time: ggml's graph runs on this thread with one thread, but
- * a helper thread of either side would be counted too. */
-static double cpu_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-struct tm2 {
-	double wall, cpu;
-};
-
-typedef void (*run_fn)(void *ctx);
-
-static struct tm2 time_calls(run_fn fn, void *ctx)
-{
-	const uint64_t t0 = moe_now_ns();
-	const double c0 = cpu_s();
-	double c;
-	long calls = 0;
-	do {
-		fn(ctx);
-		calls++;
-		c = cpu_s();
-	} while (c - c0 < min_time);
-	return (struct tm2){ (double)(moe_now_ns() - t0) * 1e-9 / (double)calls, (c - c0) / (double)calls };
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-	const double x = *(const double *)a, y = *(const double *)b;
-	return x < y ? -1 : x > y;
-}
-
-static struct tm2 median2(const struct tm2 *v, int n)
-{
-	double w[100], c[100];
-	for (int i = 0; i < n; i++)
-		w[i] = v[i].wall, c[i] = v[i].cpu;
-	qsort(w, (size_t)n, sizeof(double), cmp_d);
-	qsort(c, (size_t)n, sizeof(double), cmp_d);
-	return n % 2 ? (struct tm2){ w[n / 2], c[n / 2] }
-		     : (struct tm2){ 0.5 * (w[n / 2 - 1] + w[n / 2]), 0.5 * (c[n / 2 - 1] + c[n / 2]) };
-}
-
 /* ---- the expert, both sides ----------------------------------------------------- */
 
 struct side {
 	struct ffn_layout L;
-	struct copies cp;
+	struct fb_copies cp;
 	struct ggml_peer *peer;
 	struct ggml_peer_graph g;
 	struct ggml_peer_graph gr;  /* over repacked weights, when the type has a layout */
@@ -160,11 +81,6 @@ struct side {
 	uint32_t B;
 };
 
-static float frand(uint64_t *s)
-{
-	*s = *s * 6364136223846793005ull + 1442695040888963407ull;
-	return (float)((*s >> 40) / 8388608.0) - 1.0f;
-}
 
 /* Rows of cols floats to dt: our quantizers for the 32-blocks, ggml's
  * (ggml_quantize_chunk, no imatrix) for the K-quants, which dtype.c reads
@@ -186,42 +102,12 @@ static void encode_row(enum moe_dtype dt, const float *row, uint32_t cols, uint8
 
 static void side_init(struct side *s, enum moe_dtype dt)
 {
-	struct moe_model_config cfg;
-	struct pack_part_desc parts[3];
-	uint64_t rb_in, rb_dn, off = 0;
-	struct moe_error err = { { 0 } };
+	size_t bytes;
+	uint8_t *one = fb_expert(&s->L, MOE_FAMILY_QWEN3_MOE, dt, N_HID, M_WID, encode_row, &bytes, "ffn-vs-ggml");
 
-	memset(&cfg, 0, sizeof(cfg));
-	moe_model_set_family_defaults(&cfg, MOE_FAMILY_QWEN3_MOE);
-	cfg.hidden = N_HID;
-	cfg.expert_width = M_WID;
-	moe_dtype_row_bytes(dt, N_HID, &rb_in);
-	moe_dtype_row_bytes(dt, M_WID, &rb_dn);
-	parts[0] = (struct pack_part_desc){ PACK_ROLE_GATE, dt, M_WID, N_HID, off, rb_in * M_WID };
-	off += MOE_ALIGN_UP(rb_in * M_WID, 4096ull);
-	parts[1] = (struct pack_part_desc){ PACK_ROLE_UP, dt, M_WID, N_HID, off, rb_in * M_WID };
-	off += MOE_ALIGN_UP(rb_in * M_WID, 4096ull);
-	parts[2] = (struct pack_part_desc){ PACK_ROLE_DOWN, dt, N_HID, M_WID, off, rb_dn * N_HID };
-	off += MOE_ALIGN_UP(rb_dn * N_HID, 4096ull);
-	if (ffn_layout_init(&s->L, &cfg, parts, 3, off, &err)) {
-		fprintf(stderr, "ffn-vs-ggml: %s\n", err.msg);
-		exit(1);
-	}
-	/* one expert of random weights (scale 0.03, like trained FFNs) */
-	uint8_t *one = calloc(1, off);
-	float *row = malloc(sizeof(float) * N_HID);
-	uint64_t seed = 7;
-	for (int p = 0; p < 3; p++) {
-		const uint64_t rb = p < 2 ? rb_in : rb_dn;
-		for (uint32_t r = 0; r < parts[p].rows; r++) {
-			for (uint32_t c = 0; c < parts[p].cols; c++)
-				row[c] = 0.03f * frand(&seed);
-			encode_row(dt, row, parts[p].cols, one + parts[p].offset + r * rb);
-		}
-	}
-	copies_init(&s->cp, one, off);
+	fb_copies_init(&s->cp, one, bytes, check || smoke ? (16u << 20) : quick ? (256u << 20) : (1100u << 20),
+		       "ffn-vs-ggml");
 	free(one);
-	free(row);
 }
 
 /* The ggml graph for B tokens over the copies (weights pointed per call). */
@@ -288,7 +174,7 @@ static void ggml_repack_run(void *p)
 static void ours_run(void *p)
 {
 	struct side *s = p;
-	if (ffn_expert(&s->L, copies_next(&s->cp), s->x, N_HID, s->B, s->y, N_HID, NULL, 0, 1)) {
+	if (ffn_expert(&s->L, fb_copies_next(&s->cp), s->x, N_HID, s->B, s->y, N_HID, NULL, 0, 1)) {
 		fprintf(stderr, "ffn-vs-ggml: ffn_expert failed\n");
 		exit(1);
 	}
@@ -297,7 +183,7 @@ static void ours_run(void *p)
 static void ggml_run(void *p)
 {
 	struct side *s = p;
-	const uint8_t *e = copies_next(&s->cp);
+	const uint8_t *e = fb_copies_next(&s->cp);
 	ggml_peer_graph_point(&s->g, e + s->L.gate.offset, e + s->L.up.offset, e + s->L.down.offset);
 	if (ggml_peer_graph_run(s->peer, &s->g, s->x, s->y)) {
 		fprintf(stderr, "ffn-vs-ggml: ggml graph compute failed\n");
@@ -305,17 +191,6 @@ static void ggml_run(void *p)
 	}
 }
 
-static void load_avg(char *buf, size_t len)
-{
-	FILE *f = fopen("/proc/loadavg", "r");
-	buf[0] = 0;
-	if (f) {
-		if (!fgets(buf, (int)len, f))
-			buf[0] = 0;
-		fclose(f);
-		buf[strcspn(buf, "\n")] = 0;
-	}
-}
 
 int main(int argc, char **argv)
 {
@@ -351,7 +226,7 @@ int main(int argc, char **argv)
 		printf("ffn-vs-ggml: %s; nothing to compare\n", why);
 		return 77;
 	}
-	load_avg(la, sizeof(la));
+	fb_load_avg(la, sizeof(la));
 	printf("ffn-vs-ggml: Qwen3-30B-A3B expert n=%d m=%d, one thread each, cold weights (%s MiB rotation), "
 	       "%d reps x >= %.2f s, medians%s\n", N_HID, M_WID, check || smoke ? "16" : quick ? "256" : "1100", reps,
 	       min_time, smoke ? " (--smoke: one call per cell, the numbers mean nothing)" : "");
@@ -372,7 +247,7 @@ int main(int argc, char **argv)
 	uint64_t seed = 3;
 	int bad = 0;
 	for (int i = 0; i < 64 * N_HID; i++)
-		x[i] = frand(&seed);
+		x[i] = fb_frand(&seed);
 
 	for (int d = 0; d < ND; d++) {
 		struct side s;
@@ -413,18 +288,18 @@ int main(int argc, char **argv)
 				       moe_dtype_name(dts[d]), Bs[bi], md, s.nrs ? "" : "n/a ", mdr, mr, ok ? "ok" : "MISMATCH");
 				continue;
 			}
-			struct tm2 vo[100], vg[100], vr[100];
+			struct fb_tm vo[100], vg[100], vr[100];
 			s.y = y;
 			for (int r = 0; r < reps; r++) {
-				vo[r] = time_calls(ours_run, &s);
-				vg[r] = time_calls(ggml_run, &s);
+				vo[r] = fb_time_calls(ours_run, &s, min_time, CLOCK_PROCESS_CPUTIME_ID);
+				vg[r] = fb_time_calls(ggml_run, &s, min_time, CLOCK_PROCESS_CPUTIME_ID);
 				if (s.nrs)
-					vr[r] = time_calls(ggml_repack_run, &s);
+					vr[r] = fb_time_calls(ggml_repack_run, &s, min_time, CLOCK_PROCESS_CPUTIME_ID);
 			}
-			const struct tm2 mo = median2(vo, reps), mg = median2(vg, reps);
+			const struct fb_tm mo = fb_median2(vo, reps), mg = fb_median2(vg, reps);
 			t_ours[d][bi] = mo.cpu;
 			t_ggml[d][bi] = mg.cpu;
-			t_rep[d][bi] = s.nrs ? median2(vr, reps).cpu : 0;
+			t_rep[d][bi] = s.nrs ? fb_median2(vr, reps).cpu : 0;
 			w_ours[d][bi] = mo.wall;
 			w_ggml[d][bi] = mg.wall;
 		}
@@ -459,7 +334,7 @@ int main(int argc, char **argv)
 			       gbytes[d] / t_ours[d][bi] * 1e-9, gbytes[d] / t_ggml[d][bi] * 1e-9, w_ours[d][bi] * 1e6,
 			       w_ggml[d][bi] * 1e6);
 		}
-	load_avg(la, sizeof(la));
+	fb_load_avg(la, sizeof(la));
 	printf("\nchecks (issue 17 targets; loadavg at end: %s):\n", la);
 	for (int d = 0; d < ND; d++) {
 		printf("  %-5s ours / ggml tokens/s: 1 token %.2fx (target >= 1.0), 64 tokens %.2fx (target >= 0.8)",

@@ -31,6 +31,8 @@
 #include "pack.h"
 #include "util.h"
 
+#include "ffn_bench.h"
+
 #ifdef HAVE_OPENBLAS
 #include <cblas.h>
 void openblas_set_num_threads(int);
@@ -47,102 +49,11 @@ static bool quick;
 static int reps = 5;
 static double min_time = 0.25; /* seconds per measurement */
 
-/* ---- cold buffers ----------------------------------------------------------- */
-
-struct copies {
-	uint8_t *base;
-	size_t stride, count, total;
-	size_t next;
-};
-
-static void copies_init(struct copies *c, const void *one, size_t bytes)
-{
-	const size_t target = quick ? (256u << 20) : (1100u << 20);
-	c->stride = MOE_ALIGN_UP(bytes, (size_t)4096);
-	c->count = target / c->stride + 1;
-	if (c->count < 2)
-		c->count = 2;
-	c->total = c->stride * c->count;
-	c->base = mmap(NULL, c->total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (c->base == MAP_FAILED) {
-		perror("ffn-vs-openblas: mmap");
-		exit(1);
-	}
-	madvise(c->base, c->total, MADV_HUGEPAGE);
-	for (size_t i = 0; i < c->count; i++)
-		memcpy(c->base + i * c->stride, one, bytes);
-	c->next = 0;
-}
-
-static const uint8_t *copies_next(struct copies *c)
-{
-	const uint8_t *p = c->base + c->next * c->stride;
-	c->next = (c->next + 1) % c->count;
-	return p;
-}
-
-static void copies_free(struct copies *c)
-{
-	munmap(c->base, c->total);
-}
-
-/* ---- measurement ------------------------------------------------------------ */
-
-typedef void (*run_fn)(void *ctx);
-
-static double thread_cpu_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* Seconds per call, wall clock and this thread's CPU time: calls repeated
- * for at least min_time of CPU time. On a loaded 2-vCPU VM the wall time
- * mostly measures the scheduler (other processes hold the vCPU for whole
- * timeslices), so the ratios use CPU time; both are printed. */
-struct tm2 {
-	double wall, cpu;
-};
-
-static struct tm2 time_calls(run_fn fn, void *ctx)
-{
-	uint64_t t0 = moe_now_ns();
-	double c0 = thread_cpu_s(), c;
-	long calls = 0;
-	do {
-		fn(ctx);
-		calls++;
-		c = thread_cpu_s();
-	} while (c - c0 < min_time);
-	return (struct tm2){ (double)(moe_now_ns() - t0) * 1e-9 / (double)calls, (c - c0) / (double)calls };
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-	qsort(v, (size_t)n, sizeof(double), cmp_d);
-	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-static struct tm2 median2(const struct tm2 *v, int n)
-{
-	double w[100], c[100];
-	for (int i = 0; i < n; i++)
-		w[i] = v[i].wall, c[i] = v[i].cpu;
-	return (struct tm2){ median(w, n), median(c, n) };
-}
-
 /* ---- ours ------------------------------------------------------------------- */
 
 struct ours {
 	struct ffn_layout L;
-	struct copies cp;
+	struct fb_copies cp;
 	const float *x;
 	float *y;
 	uint32_t B;
@@ -152,68 +63,36 @@ struct ours {
 static void ours_run(void *p)
 {
 	struct ours *o = p;
-	if (ffn_expert(&o->L, copies_next(&o->cp), o->x, N_HID, o->B, o->y, N_HID, NULL, 0, 1)) {
+	if (ffn_expert(&o->L, fb_copies_next(&o->cp), o->x, N_HID, o->B, o->y, N_HID, NULL, 0, 1)) {
 		fprintf(stderr, "ffn-vs-openblas: ffn_expert failed\n");
 		exit(1);
 	}
 }
 
-static float frand(uint64_t *s)
+/* Rows of cols floats to dt (the types this benchmark compares). */
+static void encode_row(enum moe_dtype dt, const float *row, uint32_t cols, uint8_t *dst)
 {
-	*s = *s * 6364136223846793005ull + 1442695040888963407ull;
-	return (float)((*s >> 40) / 8388608.0) - 1.0f;
+	switch (dt) {
+	case MOE_DTYPE_F32: memcpy(dst, row, 4ull * cols); break;
+	case MOE_DTYPE_BF16:
+		for (uint32_t c = 0; c < cols; c++) {
+			uint16_t h = moe_f32_to_bf16(row[c]);
+			memcpy(dst + 2 * c, &h, 2);
+		}
+		break;
+	case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(row, (void *)dst, cols); break;
+	case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(row, (void *)dst, cols); break;
+	default: abort();
+	}
 }
 
 static void ours_init(struct ours *o, enum moe_dtype dt)
 {
-	struct moe_model_config cfg;
-	struct pack_part_desc parts[3];
-	uint64_t rb_in, rb_dn, off = 0;
-	struct moe_error err = { { 0 } };
+	size_t bytes;
+	uint8_t *one = fb_expert(&o->L, MOE_FAMILY_DEEPSEEK_V2, dt, N_HID, M_WID, encode_row, &bytes, "ffn-vs-openblas");
 
-	memset(&cfg, 0, sizeof(cfg));
-	moe_model_set_family_defaults(&cfg, MOE_FAMILY_DEEPSEEK_V2);
-	cfg.hidden = N_HID;
-	cfg.expert_width = M_WID;
-	moe_dtype_row_bytes(dt, N_HID, &rb_in);
-	moe_dtype_row_bytes(dt, M_WID, &rb_dn);
-	parts[0] = (struct pack_part_desc){ PACK_ROLE_GATE, dt, M_WID, N_HID, off, rb_in * M_WID };
-	off += MOE_ALIGN_UP(rb_in * M_WID, 4096ull);
-	parts[1] = (struct pack_part_desc){ PACK_ROLE_UP, dt, M_WID, N_HID, off, rb_in * M_WID };
-	off += MOE_ALIGN_UP(rb_in * M_WID, 4096ull);
-	parts[2] = (struct pack_part_desc){ PACK_ROLE_DOWN, dt, N_HID, M_WID, off, rb_dn * N_HID };
-	off += MOE_ALIGN_UP(rb_dn * N_HID, 4096ull);
-	if (ffn_layout_init(&o->L, &cfg, parts, 3, off, &err)) {
-		fprintf(stderr, "ffn-vs-openblas: %s\n", err.msg);
-		exit(1);
-	}
-	/* one expert of random weights (scale 0.03, like trained FFNs) */
-	uint8_t *one = calloc(1, off);
-	float *row = malloc(sizeof(float) * N_HID);
-	uint64_t s = 7;
-	for (int p = 0; p < 3; p++) {
-		const uint64_t rb = p < 2 ? rb_in : rb_dn;
-		for (uint32_t r = 0; r < parts[p].rows; r++) {
-			uint8_t *dst = one + parts[p].offset + r * rb;
-			for (uint32_t c = 0; c < parts[p].cols; c++)
-				row[c] = 0.03f * frand(&s);
-			switch (dt) {
-			case MOE_DTYPE_F32: memcpy(dst, row, 4ull * parts[p].cols); break;
-			case MOE_DTYPE_BF16:
-				for (uint32_t c = 0; c < parts[p].cols; c++) {
-					uint16_t h = moe_f32_to_bf16(row[c]);
-					memcpy(dst + 2 * c, &h, 2);
-				}
-				break;
-			case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(row, (void *)dst, parts[p].cols); break;
-			case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(row, (void *)dst, parts[p].cols); break;
-			default: abort();
-			}
-		}
-	}
-	copies_init(&o->cp, one, off);
+	fb_copies_init(&o->cp, one, bytes, quick ? (256u << 20) : (1100u << 20), "ffn-vs-openblas");
 	free(one);
-	free(row);
 	o->dt = dt;
 }
 
@@ -226,7 +105,7 @@ static float silu_mul(float g, float u)
 
 #ifdef HAVE_OPENBLAS
 struct blas {
-	struct copies cp; /* gate | up | down, f32 */
+	struct fb_copies cp; /* gate | up | down, f32 */
 	const float *x;
 	float *g, *u, *y;
 	uint32_t B;
@@ -235,7 +114,7 @@ struct blas {
 static void blas_run(void *p)
 {
 	struct blas *b = p;
-	const float *w = (const float *)(const void *)copies_next(&b->cp);
+	const float *w = (const float *)(const void *)fb_copies_next(&b->cp);
 	const float *wg = w, *wu = w + (size_t)M_WID * N_HID, *wd = w + 2 * (size_t)M_WID * N_HID;
 	if (b->B == 1) {
 		cblas_sgemv(CblasRowMajor, CblasNoTrans, M_WID, N_HID, 1.0f, wg, N_HID, b->x, 1, 0.0f, b->g, 1);
@@ -261,7 +140,7 @@ static void blas_run(void *p)
 
 #ifdef HAVE_DNNL
 struct dnn {
-	struct copies cp;   /* gate | up | down, bf16 */
+	struct fb_copies cp;   /* gate | up | down, bf16 */
 	dnnl_engine_t eng;
 	dnnl_stream_t st;
 	dnnl_primitive_t mm_in, mm_dn; /* [B x n] x [n x m] and [B x m] x [m x n] */
@@ -310,7 +189,7 @@ static bool exec_mm(struct dnn *d, dnnl_primitive_t p, const dnnl_memory_desc_t 
 static void dnn_run(void *p)
 {
 	struct dnn *d = p;
-	const uint16_t *w = (const uint16_t *)(const void *)copies_next(&d->cp);
+	const uint16_t *w = (const uint16_t *)(const void *)fb_copies_next(&d->cp);
 	const uint16_t *wg = w, *wu = w + (size_t)M_WID * N_HID, *wd = w + 2 * (size_t)M_WID * N_HID;
 	const size_t B = d->B;
 	/* x arrives as f32 (as our kernels get it): the conversion is part of the call */
@@ -336,7 +215,7 @@ static void dnn_run(void *p)
  * distant streams read 10-30% faster than one. The bound the checks use is
  * the faster of the two, measured in the same run. */
 struct rsum {
-	struct copies *cp;
+	struct fb_copies *cp;
 	int streams;          /* 1 or 4 */
 	volatile double sink; /* keeps the compiler from dropping the (pure) sums */
 };
@@ -383,7 +262,7 @@ static bool have512;
 static void rsum_run(void *p)
 {
 	struct rsum *r = p;
-	const float *b = (const float *)(const void *)copies_next(r->cp);
+	const float *b = (const float *)(const void *)fb_copies_next(r->cp);
 	const size_t nf = r->cp->stride / 4; /* a multiple of 1024: the quarters are whole vectors */
 	r->sink += have512 ? sum512(b, nf, r->streams) : sum256(b, nf, r->streams);
 }
@@ -413,17 +292,6 @@ static void print_row(const struct row *r)
 		       r->wall * 1e6);
 }
 
-static void load_avg(char *buf, size_t len)
-{
-	FILE *f = fopen("/proc/loadavg", "r");
-	buf[0] = 0;
-	if (f) {
-		if (!fgets(buf, (int)len, f))
-			buf[0] = 0;
-		fclose(f);
-		buf[strcspn(buf, "\n")] = 0;
-	}
-}
 
 int main(int argc, char **argv)
 {
@@ -447,7 +315,7 @@ int main(int argc, char **argv)
 	__builtin_cpu_init();
 	have512 = __builtin_cpu_supports("avx512f");
 	char la[128];
-	load_avg(la, sizeof(la));
+	fb_load_avg(la, sizeof(la));
 	const char *ct = getenv("OPENBLAS_CORETYPE");
 	printf("ffn-vs-openblas: DeepSeek-V2-Lite expert n=%d m=%d, one thread, cold weights (%s MiB rotation), "
 	       "%d reps x >= %.2f s, medians\n", N_HID, M_WID, quick ? "256" : "1100", reps, min_time);
@@ -469,12 +337,12 @@ int main(int argc, char **argv)
 	struct row rows[32];
 	int nr = 0;
 	double s_ours[ND][3], s_blas[3] = { 0 }, s_dnn[3] = { 0 };
-	struct tm2 m;
+	struct fb_tm m;
 	bool blas_ok = false, dnn_ok = false;
 	float *x = malloc(sizeof(float) * 64 * N_HID), *y = malloc(sizeof(float) * 64 * N_HID);
 	uint64_t seed = 3;
 	for (int i = 0; i < 64 * N_HID; i++)
-		x[i] = frand(&seed);
+		x[i] = fb_frand(&seed);
 	const double f32_bytes = 3.0 * N_HID * M_WID * 4;
 
 	/* f32 first: ours and OpenBLAS share the same cold copies, interleaved */
@@ -505,7 +373,7 @@ int main(int argc, char **argv)
 #endif
 		struct rsum rs1 = { .cp = &o.cp, .streams = 1 }, rs4 = { .cp = &o.cp, .streams = 4 };
 		for (size_t bi = 0; bi < 3; bi++) {
-			struct tm2 v_ours[100], v_peer[100], v_dnn[100], v_rs1[100], v_rs4[100];
+			struct fb_tm v_ours[100], v_peer[100], v_dnn[100], v_rs1[100], v_rs4[100];
 			bool peer = false, dpeer = false;
 			o.B = Bs[bi];
 #ifdef HAVE_OPENBLAS
@@ -525,22 +393,22 @@ int main(int argc, char **argv)
 			}
 #endif
 			for (int r = 0; r < reps; r++) {
-				v_ours[r] = time_calls(ours_run, &o);
+				v_ours[r] = fb_time_calls(ours_run, &o, min_time, CLOCK_THREAD_CPUTIME_ID);
 #ifdef HAVE_OPENBLAS
 				if (peer)
-					v_peer[r] = time_calls(blas_run, &b);
+					v_peer[r] = fb_time_calls(blas_run, &b, min_time, CLOCK_THREAD_CPUTIME_ID);
 #endif
 #ifdef HAVE_DNNL
 				if (dpeer)
-					v_dnn[r] = time_calls(dnn_run, &dn);
+					v_dnn[r] = fb_time_calls(dnn_run, &dn, min_time, CLOCK_THREAD_CPUTIME_ID);
 #endif
 				if (d == 1 && bi == 0) {
-					v_rs1[r] = time_calls(rsum_run, &rs1);
-					v_rs4[r] = time_calls(rsum_run, &rs4);
+					v_rs1[r] = fb_time_calls(rsum_run, &rs1, min_time, CLOCK_THREAD_CPUTIME_ID);
+					v_rs4[r] = fb_time_calls(rsum_run, &rs4, min_time, CLOCK_THREAD_CPUTIME_ID);
 				}
 			}
 			(void)v_peer, (void)v_dnn;
-			m = median2(v_ours, reps);
+			m = fb_median2(v_ours, reps);
 			s_ours[d][bi] = m.cpu;
 			struct row *R = &rows[nr++];
 			*R = (struct row){ .B = Bs[bi], .s = m.cpu, .wall = m.wall, .bytes = (double)o.L.weight_bytes, .valid = true };
@@ -549,7 +417,7 @@ int main(int argc, char **argv)
 				 ffn_isa_name(ffn_get_isa()));
 #ifdef HAVE_OPENBLAS
 			if (peer) {
-				m = median2(v_peer, reps);
+				m = fb_median2(v_peer, reps);
 				s_blas[bi] = m.cpu;
 				blas_ok = true;
 				R = &rows[nr++];
@@ -562,7 +430,7 @@ int main(int argc, char **argv)
 				R = &rows[nr++];
 				*R = (struct row){ .B = Bs[bi], .bytes = f32_bytes / 2, .valid = dpeer };
 				if (dpeer) {
-					m = median2(v_dnn, reps);
+					m = fb_median2(v_dnn, reps);
 					s_dnn[bi] = m.cpu;
 					R->s = m.cpu;
 					R->wall = m.wall;
@@ -573,7 +441,7 @@ int main(int argc, char **argv)
 #endif
 			if (d == 1 && bi == 0) {
 				for (int k = 0; k < 2; k++) {
-					m = median2(k ? v_rs4 : v_rs1, reps);
+					m = fb_median2(k ? v_rs4 : v_rs1, reps);
 					R = &rows[nr++];
 					*R = (struct row){ .B = 0, .s = m.cpu, .wall = m.wall, .bytes = (double)o.cp.stride,
 							   .valid = true };
@@ -594,7 +462,7 @@ int main(int argc, char **argv)
 #ifdef HAVE_OPENBLAS
 		free(b.g), free(b.u);
 #endif
-		copies_free(&o.cp);
+		fb_copies_free(&o.cp);
 	}
 	(void)s_dnn, (void)dnn_ok, (void)blas_ok, (void)s_blas;
 
@@ -603,7 +471,7 @@ int main(int argc, char **argv)
 	for (int i = 0; i < nr; i++)
 		print_row(&rows[i]);
 
-	load_avg(la, sizeof(la));
+	fb_load_avg(la, sizeof(la));
 	double rs_gbs = 0; /* the faster read-only sum */
 	for (int i = 0; i < nr; i++)
 		if (rows[i].B == 0)
