@@ -334,9 +334,23 @@ char *stats_render_json(const struct stats_snapshot *snap, bool per_expert)
 	return s;
 }
 
+/* The exposed name of a histogram: moetier_<id> with a trailing _ns
+ * replaced by _seconds. */
+static void prom_hist_name(char *out, size_t n, const char *id)
+{
+	size_t l = strlen(id);
+	if (l > 3 && !strcmp(id + l - 3, "_ns"))
+		snprintf(out, n, "moetier_%.*s_seconds", (int)(l - 3), id);
+	else
+		snprintf(out, n, "moetier_%s", id);
+}
+
 char *stats_render_prometheus(const struct stats_snapshot *snap, bool per_expert)
 {
 	struct sbuf b = { 0 };
+	if (snap->n_info)
+		sb_printf(&b, "# HELP moetier_info facts about the daemon (engine in use and why, placement...)\n"
+			      "# TYPE moetier_info gauge\n");
 	for (unsigned i = 0; i < snap->n_info; i++) {
 		/* Label values escape backslash, quote and newline. */
 		sb_printf(&b, "moetier_info{key=\"%s\",value=\"", snap->info_key[i]);
@@ -358,23 +372,29 @@ char *stats_render_prometheus(const struct stats_snapshot *snap, bool per_expert
 		sb_printf(&b, "# HELP moetier_%s %s\n# TYPE moetier_%s gauge\nmoetier_%s %lld\n", gauge_names[i],
 			  gauge_help[i], gauge_names[i], gauge_names[i], (long long)snap->gauges[i]);
 	for (int h = 0; h < HIST__COUNT; h++) {
-		/* Exposed in seconds, as Prometheus expects; le = bucket upper bound. */
-		sb_printf(&b, "# HELP moetier_%s %s\n# TYPE moetier_%s histogram\n", hist_names[h], hist_help[h],
-			  hist_names[h]);
+		/* Recorded in ns, exposed in seconds as Prometheus wants base
+		 * units; the name says so (nvme_read_ns -> nvme_read_seconds). */
+		char name[64];
+		prom_hist_name(name, sizeof(name), hist_names[h]);
+		sb_printf(&b, "# HELP %s %s\n# TYPE %s histogram\n", name, hist_help[h], name);
+		/* le = a bucket's upper bound: 2^k ns, in seconds. */
 		uint64_t cum = 0;
 		for (unsigned k = 0; k + 1 < STATS_HIST_BUCKETS; k++) {
 			cum += snap->hist[h][k];
-			sb_printf(&b, "moetier_%s_bucket{le=\"%.9g\"} %llu\n", hist_names[h],
-				  (double)(1ull << k) / 1e9, (unsigned long long)cum);
+			sb_printf(&b, "%s_bucket{le=\"%.9g\"} %llu\n", name, (double)(1ull << k) / 1e9,
+				  (unsigned long long)cum);
 		}
 		cum += snap->hist[h][STATS_HIST_BUCKETS - 1];
-		sb_printf(&b, "moetier_%s_bucket{le=\"+Inf\"} %llu\nmoetier_%s_sum %.9f\nmoetier_%s_count %llu\n",
-			  hist_names[h], (unsigned long long)cum, hist_names[h], (double)snap->hist_sum[h] / 1e9,
-			  hist_names[h], (unsigned long long)cum);
+		sb_printf(&b, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9f\n%s_count %llu\n", name, (unsigned long long)cum,
+			  name, (double)snap->hist_sum[h] / 1e9, name, (unsigned long long)cum);
 	}
+	/* 4 series per (layer, expert), 6,656 for a 26 x 64 model: only when
+	 * asked for (moectl stats --prometheus --per-expert). */
 	if (per_expert && snap->expert) {
 		for (int w = 0; w < STAT_EXPERT__COUNT; w++) {
-			sb_printf(&b, "# TYPE moetier_expert_%s_total counter\n", expert_names[w]);
+			sb_printf(&b, "# HELP moetier_expert_%s_total per (layer, expert) %s\n"
+				      "# TYPE moetier_expert_%s_total counter\n",
+				  expert_names[w], expert_names[w], expert_names[w]);
 			for (uint32_t l = 0; l < snap->n_layers; l++)
 				for (uint32_t e = 0; e < snap->n_experts; e++) {
 					uint64_t v = expert_row(snap, l, e)[w];

@@ -212,7 +212,11 @@ uint64_t stats_hist_quantile(const struct stats_snapshot *snap, enum stat_hist i
 
 /* Renderers. Each returns a malloc'd NUL-terminated string, or NULL on
  * allocation failure. per_expert: include the per-(layer, expert) table
- * (only nonzero rows in text). */
+ * (only nonzero rows in text and Prometheus). Prometheus follows its
+ * conventions: counters end in _total, gauges and histograms never do,
+ * histograms are in seconds (an X_ns id is exposed as moetier_X_seconds,
+ * le and _sum in seconds); per_expert there is opt-in (4 series per
+ * expert), the caller passes true only when the request asked for it. */
 char *stats_render_text(const struct stats_snapshot *snap, bool per_expert);
 char *stats_render_json(const struct stats_snapshot *snap, bool per_expert);
 char *stats_render_prometheus(const struct stats_snapshot *snap, bool per_expert);
