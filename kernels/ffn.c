@@ -41,19 +41,13 @@ static void ref_mm(enum moe_dtype dt, const uint8_t *W, size_t rb, uint32_t cols
 	}
 }
 
-#define REF_MM(NAME, DT) \
-	static void NAME(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1, \
-			 const struct ffn_act *a, float *y, size_t ldy) \
-	{ \
-		ref_mm(DT, W, rb, cols, r0, r1, a, y, ldy); \
-	}
-REF_MM(ref_f32, MOE_DTYPE_F32)
-REF_MM(ref_f16, MOE_DTYPE_F16)
-REF_MM(ref_bf16, MOE_DTYPE_BF16)
-REF_MM(ref_q8_0, MOE_DTYPE_Q8_0)
-REF_MM(ref_q4_0, MOE_DTYPE_Q4_0)
-REF_MM(ref_mxfp4, MOE_DTYPE_MXFP4)
-REF_MM(ref_iq4_nl, MOE_DTYPE_IQ4_NL)
+FFN_MM_FOR_DTYPE(static, ref_f32, ref_mm, MOE_DTYPE_F32)
+FFN_MM_FOR_DTYPE(static, ref_f16, ref_mm, MOE_DTYPE_F16)
+FFN_MM_FOR_DTYPE(static, ref_bf16, ref_mm, MOE_DTYPE_BF16)
+FFN_MM_FOR_DTYPE(static, ref_q8_0, ref_mm, MOE_DTYPE_Q8_0)
+FFN_MM_FOR_DTYPE(static, ref_q4_0, ref_mm, MOE_DTYPE_Q4_0)
+FFN_MM_FOR_DTYPE(static, ref_mxfp4, ref_mm, MOE_DTYPE_MXFP4)
+FFN_MM_FOR_DTYPE(static, ref_iq4_nl, ref_mm, MOE_DTYPE_IQ4_NL)
 
 /* q8_0, q4_0 or iq4_nl weights x q8_0 x: exact integer sum per block,
  * then scaled by d_w * d_x. */
@@ -93,23 +87,11 @@ static void ref_int(enum moe_dtype dt, const uint8_t *W, size_t rb, uint32_t col
 	}
 }
 
-static void ref_q8int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		      const struct ffn_act *a, float *y, size_t ldy)
-{
-	ref_int(MOE_DTYPE_Q8_0, W, rb, cols, r0, r1, a, y, ldy);
-}
+FFN_MM_FOR_DTYPE(static, ref_q8int, ref_int, MOE_DTYPE_Q8_0)
 
-static void ref_q4int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		      const struct ffn_act *a, float *y, size_t ldy)
-{
-	ref_int(MOE_DTYPE_Q4_0, W, rb, cols, r0, r1, a, y, ldy);
-}
+FFN_MM_FOR_DTYPE(static, ref_q4int, ref_int, MOE_DTYPE_Q4_0)
 
-static void ref_iq4int(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		       const struct ffn_act *a, float *y, size_t ldy)
-{
-	ref_int(MOE_DTYPE_IQ4_NL, W, rb, cols, r0, r1, a, y, ldy);
-}
+FFN_MM_FOR_DTYPE(static, ref_iq4int, ref_int, MOE_DTYPE_IQ4_NL)
 
 /* One K-quant super-block times one q8_K block: the exact integer sums
  * of ffn_kq_accum (see there), and the block's f16 d and dmin. The codes
@@ -225,18 +207,12 @@ static void ref_kq(enum moe_dtype dt, const uint8_t *W, size_t rb, uint32_t cols
 	}
 }
 
-#define REF_KQ(NAME, DT) \
-	static void NAME(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1, \
-			 const struct ffn_act *a, float *y, size_t ldy) \
-	{ \
-		ref_kq(DT, W, rb, cols, r0, r1, a, y, ldy); \
-	}
-REF_KQ(ref_q4_K, MOE_DTYPE_Q4_K)
-REF_KQ(ref_q5_K, MOE_DTYPE_Q5_K)
-REF_KQ(ref_q6_K, MOE_DTYPE_Q6_K)
-REF_KQ(ref_q3_K, MOE_DTYPE_Q3_K)
-REF_KQ(ref_q2_K, MOE_DTYPE_Q2_K)
-REF_KQ(ref_iq4_xs, MOE_DTYPE_IQ4_XS)
+FFN_MM_FOR_DTYPE(static, ref_q4_K, ref_kq, MOE_DTYPE_Q4_K)
+FFN_MM_FOR_DTYPE(static, ref_q5_K, ref_kq, MOE_DTYPE_Q5_K)
+FFN_MM_FOR_DTYPE(static, ref_q6_K, ref_kq, MOE_DTYPE_Q6_K)
+FFN_MM_FOR_DTYPE(static, ref_q3_K, ref_kq, MOE_DTYPE_Q3_K)
+FFN_MM_FOR_DTYPE(static, ref_q2_K, ref_kq, MOE_DTYPE_Q2_K)
+FFN_MM_FOR_DTYPE(static, ref_iq4_xs, ref_kq, MOE_DTYPE_IQ4_XS)
 
 static void ref_quant_q8k(const float *x, struct moe_block_q8_K *out, uint32_t n)
 {

@@ -169,23 +169,11 @@ static FN_ATTR ALWAYS_INLINE void int_mm(const int DT, const uint8_t *W, size_t 
 	}
 }
 
-FN_ATTR void ffn_mm_q8int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-			       const struct ffn_act *a, float *y, size_t ldy)
-{
-	int_mm(MOE_DTYPE_Q8_0, W, rb, cols, r0, r1, a, y, ldy);
-}
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q8int_avx2, int_mm, MOE_DTYPE_Q8_0)
 
-FN_ATTR void ffn_mm_q4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-			       const struct ffn_act *a, float *y, size_t ldy)
-{
-	int_mm(MOE_DTYPE_Q4_0, W, rb, cols, r0, r1, a, y, ldy);
-}
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q4int_avx2, int_mm, MOE_DTYPE_Q4_0)
 
-FN_ATTR void ffn_mm_iq4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-				const struct ffn_act *a, float *y, size_t ldy)
-{
-	int_mm(MOE_DTYPE_IQ4_NL, W, rb, cols, r0, r1, a, y, ldy);
-}
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_iq4int_avx2, int_mm, MOE_DTYPE_IQ4_NL)
 
 /* moe_quantize_row_q8_0, 8 lanes at a time, giving the same blocks for
  * finite x: d = amax / 127 (to f16 by the same routine), q = x * (1 / d)
@@ -537,18 +525,12 @@ static FN_ATTR ALWAYS_INLINE void kq_mm(const int DT, const uint8_t *W, size_t r
 		kq_rows(DT, 1, Wr + (size_t)i * rb, rb, nb, a, y + (size_t)q * RMAX + i, 1, ldy);
 }
 
-#define DEFINE_KQ(NAME, DT) \
-	FN_ATTR void NAME(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1, \
-			  const struct ffn_act *a, float *y, size_t ldy) \
-	{ \
-		kq_mm(DT, W, rb, cols, r0, r1, a, y, ldy); \
-	}
-DEFINE_KQ(ffn_mm_q4_K_avx2, MOE_DTYPE_Q4_K)
-DEFINE_KQ(ffn_mm_q5_K_avx2, MOE_DTYPE_Q5_K)
-DEFINE_KQ(ffn_mm_q6_K_avx2, MOE_DTYPE_Q6_K)
-DEFINE_KQ(ffn_mm_q3_K_avx2, MOE_DTYPE_Q3_K)
-DEFINE_KQ(ffn_mm_q2_K_avx2, MOE_DTYPE_Q2_K)
-DEFINE_KQ(ffn_mm_iq4_xs_avx2, MOE_DTYPE_IQ4_XS)
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q4_K_avx2, kq_mm, MOE_DTYPE_Q4_K)
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q5_K_avx2, kq_mm, MOE_DTYPE_Q5_K)
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q6_K_avx2, kq_mm, MOE_DTYPE_Q6_K)
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q3_K_avx2, kq_mm, MOE_DTYPE_Q3_K)
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q2_K_avx2, kq_mm, MOE_DTYPE_Q2_K)
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_iq4_xs_avx2, kq_mm, MOE_DTYPE_IQ4_XS)
 
 /* moe_quantize_row_q8_K 8 lanes at a time, the same blocks for finite x:
  * the first element of largest magnitude gives iscale = -127 / max; codes

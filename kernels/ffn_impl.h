@@ -67,29 +67,33 @@ struct ffn_isa_ops {
 	void (*quant_q8k)(const float *x, struct moe_block_q8_K *out, uint32_t n);
 };
 
+/* One ffn_mm_fn per weight type for the `mm` tables: NAME runs IMPL, a kernel
+ * that takes the type as its first argument, on type DT. ATTR: static, or
+ * the target attribute of an exported ISA kernel. */
+#define FFN_MM_DECL(NAME) \
+	void NAME(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1, const struct ffn_act *x, \
+		  float *y, size_t ldy)
+#define FFN_MM_FOR_DTYPE(ATTR, NAME, IMPL, DT) \
+	ATTR void NAME(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1, \
+		       const struct ffn_act *a, float *y, size_t ldy) \
+	{ \
+		IMPL(DT, W, rb, cols, r0, r1, a, y, ldy); \
+	}
+
 /* The AVX2 integer q8_0 / q4_0 / iq4_nl kernels, shared by the AVX-512 tables (they
  * work on 34- and 18-byte blocks, which 512-bit registers do not help). */
-void ffn_mm_q8int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		       const struct ffn_act *x, float *y, size_t ldy);
-void ffn_mm_q4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		       const struct ffn_act *x, float *y, size_t ldy);
-void ffn_mm_iq4int_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-			const struct ffn_act *x, float *y, size_t ldy);
+FFN_MM_DECL(ffn_mm_q8int_avx2);
+FFN_MM_DECL(ffn_mm_q4int_avx2);
+FFN_MM_DECL(ffn_mm_iq4int_avx2);
 void ffn_quant_q8_avx2(const float *x, struct moe_block_q8_0 *out, uint32_t n);
 /* The AVX2 K-quant kernels (q4_K ... q2_K x q8_K) and q8_K quantizer,
  * shared by the AVX-512 tables in the same way. */
-void ffn_mm_q4_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		      const struct ffn_act *x, float *y, size_t ldy);
-void ffn_mm_q5_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		      const struct ffn_act *x, float *y, size_t ldy);
-void ffn_mm_q6_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		      const struct ffn_act *x, float *y, size_t ldy);
-void ffn_mm_q3_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		      const struct ffn_act *x, float *y, size_t ldy);
-void ffn_mm_q2_K_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-		      const struct ffn_act *x, float *y, size_t ldy);
-void ffn_mm_iq4_xs_avx2(const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0, uint32_t r1,
-			const struct ffn_act *x, float *y, size_t ldy);
+FFN_MM_DECL(ffn_mm_q4_K_avx2);
+FFN_MM_DECL(ffn_mm_q5_K_avx2);
+FFN_MM_DECL(ffn_mm_q6_K_avx2);
+FFN_MM_DECL(ffn_mm_q3_K_avx2);
+FFN_MM_DECL(ffn_mm_q2_K_avx2);
+FFN_MM_DECL(ffn_mm_iq4_xs_avx2);
 void ffn_quant_q8k_avx2(const float *x, struct moe_block_q8_K *out, uint32_t n);
 #define FFN_KQUANT_MM_AVX2 \
 	[MOE_DTYPE_Q4_K] = ffn_mm_q4_K_avx2, [MOE_DTYPE_Q5_K] = ffn_mm_q5_K_avx2, \
