@@ -120,6 +120,20 @@ __device__ __forceinline__ void fma2x2(float acc[2][2], float w0, float w1, floa
 	acc[1][1] = fmaf(w1, x1, acc[1][1]);
 }
 
+// This block's tile: group g (blockIdx.y), pairs from p0 (blockIdx.z), rows
+// from row0 (< rows). False when the block has nothing to do.
+__device__ __forceinline__ bool block_tile(const ffn_cuda_args &a, uint32_t g, uint32_t row0, uint32_t rows,
+					   uint32_t *p_end, uint32_t *p0)
+{
+	if (g >= a.n_groups)
+		return false;
+	const uint32_t *start = reinterpret_cast<const uint32_t *>(a.group_start);
+	const uint32_t p_begin = start[g];
+	*p_end = start[g + 1];
+	*p0 = p_begin + blockIdx.z * TP;
+	return *p_end > p_begin && *p0 < *p_end && row0 < rows;
+}
+
 // gate/up projections and the activation: h[p][i] for the group's pairs.
 extern "C" __global__ void __launch_bounds__(NT) moe_ffn_gate_up(const ffn_cuda_args a)
 {
@@ -127,14 +141,9 @@ extern "C" __global__ void __launch_bounds__(NT) moe_ffn_gate_up(const ffn_cuda_
 	__shared__ float wg[TR][TK + 1];
 	__shared__ float wu[TR][TK + 1];
 
-	const uint32_t g = blockIdx.y;
-	if (g >= a.n_groups)
-		return;
-	const uint32_t *start = reinterpret_cast<const uint32_t *>(a.group_start);
-	const uint32_t p_begin = start[g], p_end = start[g + 1];
-	const uint32_t p0 = p_begin + blockIdx.z * TP;
-	const uint32_t i0 = blockIdx.x * TR;
-	if (p_end <= p_begin || p0 >= p_end || i0 >= a.m)
+	const uint32_t g = blockIdx.y, i0 = blockIdx.x * TR;
+	uint32_t p_end, p0;
+	if (!block_tile(a, g, i0, a.m, &p_end, &p0))
 		return; // uniform for the whole block: no barrier is skipped by some threads only
 	const uint8_t *base = slot_base(a, g);
 	const uint32_t *ptok = reinterpret_cast<const uint32_t *>(a.pair_token);
@@ -206,14 +215,9 @@ extern "C" __global__ void __launch_bounds__(NT) moe_ffn_down(const ffn_cuda_arg
 	__shared__ float hs[TP][TK + 1];
 	__shared__ float wd[TR][TK + 1];
 
-	const uint32_t g = blockIdx.y;
-	if (g >= a.n_groups)
-		return;
-	const uint32_t *start = reinterpret_cast<const uint32_t *>(a.group_start);
-	const uint32_t p_begin = start[g], p_end = start[g + 1];
-	const uint32_t p0 = p_begin + blockIdx.z * TP;
-	const uint32_t r0 = blockIdx.x * TR;
-	if (p_end <= p_begin || p0 >= p_end || r0 >= a.n)
+	const uint32_t g = blockIdx.y, r0 = blockIdx.x * TR;
+	uint32_t p_end, p0;
+	if (!block_tile(a, g, r0, a.n, &p_end, &p0))
 		return;
 	const uint8_t *base = slot_base(a, g);
 	const float *hsrc = reinterpret_cast<const float *>(a.h);
