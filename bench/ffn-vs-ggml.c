@@ -194,27 +194,19 @@ static void ggml_run(void *p)
 
 int main(int argc, char **argv)
 {
-	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--quick"))
-			quick = true;
+	for (int i = 1, k; i < argc; i++) {
+		if ((k = fb_common_opt(argc, argv, i, &quick, &reps)))
+			i += k - 1;
 		else if (!strcmp(argv[i], "--check"))
 			check = true;
 		else if (!strcmp(argv[i], "--smoke"))
 			smoke = true;
-		else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
-			reps = atoi(argv[++i]);
 		else {
 			fprintf(stderr, "usage: %s [--quick] [--reps N] [--check] [--smoke]\n", argv[0]);
 			return 2;
 		}
 	}
-	if (quick) {
-		min_time = 0.08;
-		if (reps > 3)
-			reps = 3;
-	}
-	if (reps < 1 || reps > 100)
-		reps = 5;
+	fb_settle_opts(quick, &reps, &min_time);
 	if (smoke) {
 		min_time = 0.0;
 		reps = 1;

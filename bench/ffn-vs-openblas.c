@@ -295,23 +295,15 @@ static void print_row(const struct row *r)
 
 int main(int argc, char **argv)
 {
-	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--quick"))
-			quick = true;
-		else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
-			reps = atoi(argv[++i]);
+	for (int i = 1, k; i < argc; i++) {
+		if ((k = fb_common_opt(argc, argv, i, &quick, &reps)))
+			i += k - 1;
 		else {
 			fprintf(stderr, "usage: %s [--quick] [--reps N]\n", argv[0]);
 			return 2;
 		}
 	}
-	if (quick) {
-		min_time = 0.08;
-		if (reps > 3)
-			reps = 3;
-	}
-	if (reps < 1 || reps > 100)
-		reps = 5;
+	fb_settle_opts(quick, &reps, &min_time);
 	__builtin_cpu_init();
 	have512 = __builtin_cpu_supports("avx512f");
 	char la[128];

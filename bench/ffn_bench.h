@@ -6,6 +6,8 @@
 #ifndef MOETIER_BENCH_FFN_BENCH_H
 #define MOETIER_BENCH_FFN_BENCH_H
 
+#include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,6 +167,33 @@ static inline uint8_t *fb_expert(struct ffn_layout *L, enum moe_family family, e
 	free(row);
 	*bytes = off;
 	return one;
+}
+
+/* The options both benchmarks take: --quick (fewer, shorter measurements)
+ * and --reps N. Returns the arguments consumed at argv[i] (0: not ours). */
+static inline int fb_common_opt(int argc, char **argv, int i, bool *quick, int *reps)
+{
+	if (!strcmp(argv[i], "--quick")) {
+		*quick = true;
+		return 1;
+	}
+	if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
+		*reps = atoi(argv[i + 1]);
+		return 2;
+	}
+	return 0;
+}
+
+/* What --quick means, and the bounds on --reps. */
+static inline void fb_settle_opts(bool quick, int *reps, double *min_time)
+{
+	if (quick) {
+		*min_time = 0.08;
+		if (*reps > 3)
+			*reps = 3;
+	}
+	if (*reps < 1 || *reps > 100)
+		*reps = 5;
 }
 
 /* /proc/loadavg's line, for the report (the machine is shared). */
