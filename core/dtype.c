@@ -165,39 +165,36 @@ static float e8m0_half(uint8_t e)
  * bit 4h+g of hmask[l] (set: +0, clear: -4). q6_K: 2 halves of 128, 4
  * groups of 32: low / high nibbles of ql[l] and ql[l+32] with bit pairs 0,
  * 2, 4, 6 of qh[l], minus 32, 16 elements per scale. */
+/* q4_K and q5_K: 4 pairs of 32-element halves with 6-bit scales and mins;
+ * q5_K adds a fifth bit per element from qh (NULL for q4_K). */
+static void dequant_q45_K(uint16_t dh, uint16_t mh, const uint8_t *scales, const uint8_t *qs, const uint8_t *qh,
+			  float *y)
+{
+	const float d = moe_f16_to_f32(dh), dmin = moe_f16_to_f32(mh);
+	for (int j = 0; j < 4; j++) {
+		uint8_t s0, m0, s1, m1;
+		moe_kquant_scale_min(scales, 2 * j, &s0, &m0);
+		moe_kquant_scale_min(scales, 2 * j + 1, &s1, &m1);
+		const float d0 = d * s0, mn0 = dmin * m0, d1 = d * s1, mn1 = dmin * m1;
+		const uint8_t *q = qs + 32 * j;
+		for (int l = 0; l < 32; l++) {
+			const int h0 = qh ? (qh[l] >> (2 * j)) & 1 : 0, h1 = qh ? (qh[l] >> (2 * j + 1)) & 1 : 0;
+			y[64 * j + l] = d0 * ((q[l] & 15) | h0 << 4) - mn0;
+			y[64 * j + 32 + l] = d1 * ((q[l] >> 4) | h1 << 4) - mn1;
+		}
+	}
+}
+
 static void dequant_q4_K(const void *blk, float *y)
 {
 	const struct moe_block_q4_K *b = blk;
-	const float d = moe_f16_to_f32(b->d), dmin = moe_f16_to_f32(b->dmin);
-	for (int j = 0; j < 4; j++) {
-		uint8_t s0, m0, s1, m1;
-		moe_kquant_scale_min(b->scales, 2 * j, &s0, &m0);
-		moe_kquant_scale_min(b->scales, 2 * j + 1, &s1, &m1);
-		const float d0 = d * s0, mn0 = dmin * m0, d1 = d * s1, mn1 = dmin * m1;
-		const uint8_t *q = b->qs + 32 * j;
-		for (int l = 0; l < 32; l++) {
-			y[64 * j + l] = d0 * (q[l] & 15) - mn0;
-			y[64 * j + 32 + l] = d1 * (q[l] >> 4) - mn1;
-		}
-	}
+	dequant_q45_K(b->d, b->dmin, b->scales, b->qs, NULL, y);
 }
 
 static void dequant_q5_K(const void *blk, float *y)
 {
 	const struct moe_block_q5_K *b = blk;
-	const float d = moe_f16_to_f32(b->d), dmin = moe_f16_to_f32(b->dmin);
-	for (int j = 0; j < 4; j++) {
-		uint8_t s0, m0, s1, m1;
-		moe_kquant_scale_min(b->scales, 2 * j, &s0, &m0);
-		moe_kquant_scale_min(b->scales, 2 * j + 1, &s1, &m1);
-		const float d0 = d * s0, mn0 = dmin * m0, d1 = d * s1, mn1 = dmin * m1;
-		const uint8_t *q = b->qs + 32 * j;
-		for (int l = 0; l < 32; l++) {
-			const int h0 = (b->qh[l] >> (2 * j)) & 1, h1 = (b->qh[l] >> (2 * j + 1)) & 1;
-			y[64 * j + l] = d0 * ((q[l] & 15) | h0 << 4) - mn0;
-			y[64 * j + 32 + l] = d1 * ((q[l] >> 4) | h1 << 4) - mn1;
-		}
-	}
+	dequant_q45_K(b->d, b->dmin, b->scales, b->qs, b->qh, y);
 }
 
 static void dequant_q6_K(const void *blk, float *y)
