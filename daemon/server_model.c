@@ -138,7 +138,7 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 {
 	int rc = pack_open(path, 0, &m->pack, err);
 	if (rc)
-		return moe_error_prefix(err, rc, "%s", path);
+		return rc; /* pack_open's message already starts with the path */
 	const struct moe_model_config *mc = m->pack->model;
 	const char *base = strrchr(path, '/');
 	snprintf(m->name, sizeof(m->name), "%s", mc->name[0] ? mc->name : base ? base + 1 : path);

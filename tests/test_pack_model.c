@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "gguf.h"
@@ -819,5 +820,82 @@ Test(pack_model, open_kv_rejects_bad_images)
 	gguf_close(kv);
 	free(buf);
 	pack_close(p);
+	tu_rmtree(dir);
+}
+
+/* ---- what moe-pack says about sources it cannot read ---- */
+
+static unsigned count_str(const char *hay, const char *needle)
+{
+	unsigned n = 0;
+	for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle))
+		n++;
+	return n;
+}
+
+/* A file named .gguf whose magic is wrong is "not a GGUF", not a
+ * safetensors header error; the path is said once. */
+Test(pack_model, gguf_bad_magic_says_so)
+{
+	char *dir = tu_mkdtemp("pmg"), src[4200], *log;
+	char junk[256];
+	memset(junk, 'x', sizeof(junk));
+	memcpy(junk, "GGUX", 4);
+	snprintf(src, sizeof(src), "%s/bad.gguf", dir);
+	cr_assert_eq(tu_write_file(src, junk, sizeof(junk)), 0);
+	cr_assert_eq(pack_cmd(dir, &log, "convert '%s' -o '%s/x.moepack' -q", src, dir), 1, "%s", log);
+	cr_expect(strstr(log, "not a GGUF file"), "%s", log);
+	cr_expect(!strstr(log, "header length"), "the safetensors parser's message: %s", log);
+	cr_expect_eq(count_str(log, src), 1, "the path is said %u times: %s", count_str(log, src), log);
+	free(log);
+	tu_rmtree(dir);
+}
+
+/* A FIFO (or any non-regular file) is refused before it is opened: opening
+ * it for reading would block until a writer came. */
+Test(pack_model, fifo_refused_not_blocked)
+{
+	char *dir = tu_mkdtemp("pmf"), *log;
+	static const char *const names[] = { "f.gguf", "f.safetensors" };
+	for (unsigned i = 0; i < 2; i++) {
+		char src[4200];
+		snprintf(src, sizeof(src), "%s/%s", dir, names[i]);
+		cr_assert_eq(mkfifo(src, 0600), 0);
+		char lp[4200];
+		snprintf(lp, sizeof(lp), "%s/pack.log", dir);
+		int st = tu_sh("timeout 10 '%s' convert '%s' -o '%s/x.moepack' -q > '%s' 2>&1",
+			       tu_build_path("tools/moe-pack"), src, dir, lp);
+		log = tu_read_file(lp, NULL);
+		cr_assert(log);
+		cr_expect_eq(st, 1, "%s: exit %d (124: blocked): %s", names[i], st, log);
+		cr_expect(strstr(log, "not a regular file"), "%s", log);
+		free(log);
+	}
+	tu_rmtree(dir);
+}
+
+/* moetierd on a missing or a bad pack names the pack once. */
+Test(pack_model, daemon_startup_error_names_the_path_once)
+{
+	const char *bin = tu_build_path("moetierd");
+	if (access(bin, X_OK))
+		cr_skip_test("moetierd not built");
+	char *dir = tu_mkdtemp("pmd"), pack[4200], lp[4200], *log;
+	static const char *const what[] = { "missing", "bad" };
+	snprintf(lp, sizeof(lp), "%s/d.log", dir);
+	for (unsigned i = 0; i < 2; i++) {
+		snprintf(pack, sizeof(pack), "%s/%s.moepack", dir, what[i]);
+		if (i == 1)
+			cr_assert_eq(tu_write_file(pack, "not a pack", 10), 0);
+		int st = tu_sh("timeout 20 '%s' --foreground --config= --socket='%s/s.sock' --socket-group= "
+			       "--host-bytes=4M '%s' > '%s' 2>&1",
+			       bin, dir, pack, lp);
+		log = tu_read_file(lp, NULL);
+		cr_assert(log);
+		cr_expect(st != 0 && st != 124, "%s pack: exit %d: %s", what[i], st, log);
+		cr_expect_eq(count_str(log, pack), 1, "%s pack: the path is said %u times: %s", what[i],
+			     count_str(log, pack), log);
+		free(log);
+	}
 	tu_rmtree(dir);
 }

@@ -8,6 +8,7 @@
 #include "gguf.h"
 #include "safetensors.h"
 
+#include <ctype.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -2127,16 +2128,30 @@ static int gguf_config(struct convert_source *s, const struct convert_options *o
 
 /* ---- open / write ---- */
 
-static bool is_gguf_file(const char *path)
+/* The first 4 bytes of a regular file (magic, zero-filled when shorter);
+ * true when they are GGUF's. */
+static bool is_gguf_file(const char *path, char magic[4])
 {
-	char magic[4];
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	bool yes = false;
+	memset(magic, 0, 4);
 	if (fd >= 0) {
 		yes = pread(fd, magic, 4, 0) == 4 && memcmp(magic, "GGUF", 4) == 0;
 		close(fd);
 	}
 	return yes;
+}
+
+static bool has_suffix_ci(const char *s, const char *suf)
+{
+	size_t a = strlen(s), b = strlen(suf);
+	return a >= b && strcasecmp(s + a - b, suf) == 0;
+}
+
+static const char *file_kind(mode_t m)
+{
+	return S_ISFIFO(m) ? "a FIFO" : S_ISSOCK(m) ? "a socket" : S_ISCHR(m) ? "a character device"
+	       : S_ISBLK(m) ? "a block device" : "not a file";
 }
 
 static void set_name(struct convert_source *s, const struct convert_options *opt, const char *fallback)
@@ -2151,9 +2166,28 @@ static int open_source(struct convert_source *s, const char *src, const struct c
 	struct stat st;
 	int rc;
 
+	char magic[4];
+
 	if (stat(src, &st) < 0)
 		return moe_error_set(err, -errno, "%s: %s", src, strerror(errno));
-	if (S_ISREG(st.st_mode) && is_gguf_file(src)) {
+	/* Refused before any open(): opening a FIFO for reading blocks until a
+	 * writer comes, and a device is no checkpoint. */
+	if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode))
+		return moe_error_set(err, -EINVAL, "%s: not a regular file or a directory (%s)", src,
+				     file_kind(st.st_mode));
+	bool gguf = S_ISREG(st.st_mode) && is_gguf_file(src, magic);
+	/* Named .gguf but without the magic: say so, rather than the
+	 * safetensors parser's view of its first 8 bytes. */
+	if (S_ISREG(st.st_mode) && !gguf && has_suffix_ci(src, ".gguf")) {
+		char shown[20];
+		size_t o = 0;
+		for (int i = 0; i < 4; i++)
+			o += (size_t)snprintf(shown + o, sizeof(shown) - o, isprint((unsigned char)magic[i]) ? "%c" : "\\x%02x",
+					      (unsigned char)magic[i]);
+		return moe_error_set(err, -EINVAL, "%s: not a GGUF file (its first 4 bytes are \"%s\", not \"GGUF\")",
+				     src, shown);
+	}
+	if (gguf) {
 		const char *gname = NULL;
 		s->kind = SRC_GGUF;
 		/* the first part of a split model opens all of them */
@@ -2271,7 +2305,9 @@ int convert_open(const char *src, const struct convert_options *opt, struct conv
 	*out = s;
 	return 0;
 fail:
-	moe_error_prefix(err, rc, "%s", src);
+	/* most messages already start with the path: say it once */
+	if (!err || strncmp(err->msg, src, strlen(src)) != 0)
+		moe_error_prefix(err, rc, "%s", src);
 	convert_close(s);
 	return rc;
 }
