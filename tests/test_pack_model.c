@@ -871,6 +871,19 @@ Test(pack_model, fifo_refused_not_blocked)
 		cr_expect(strstr(log, "not a regular file"), "%s", log);
 		free(log);
 	}
+	/* info and verify of a "pack" that is a FIFO */
+	static const char *const cmds[] = { "info", "verify" };
+	for (unsigned i = 0; i < 2; i++) {
+		char lp[4200];
+		snprintf(lp, sizeof(lp), "%s/pack.log", dir);
+		int st = tu_sh("timeout 10 '%s' %s '%s/f.gguf' > '%s' 2>&1", tu_build_path("tools/moe-pack"), cmds[i],
+			       dir, lp);
+		log = tu_read_file(lp, NULL);
+		cr_assert(log);
+		cr_expect_eq(st, 1, "%s: exit %d (124: blocked): %s", cmds[i], st, log);
+		cr_expect(strstr(log, "not a regular file (a FIFO)"), "%s", log);
+		free(log);
+	}
 	tu_rmtree(dir);
 }
 

@@ -7,12 +7,14 @@
  * Exit status: 0 success, 1 failure (bad input, a verify failure), 2 usage. */
 #include "config.h"
 
+#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "convert.h"
 #include "pack.h"
@@ -282,6 +284,21 @@ static void info_text(const struct pack_file *p, bool tensors)
 	}
 }
 
+/* A pack is a regular file (or a block device holding one); anything else
+ * is refused before pack_open() opens it, since opening a FIFO for reading
+ * blocks until a writer comes. 0, or -1 with the message in err. */
+static int check_pack_path(const char *path, struct moe_error *err)
+{
+	struct stat st;
+	if (stat(path, &st) < 0)
+		return moe_error_set(err, -errno, "%s: %s", path, strerror(errno));
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+		return moe_error_set(err, -EINVAL, "%s: not a regular file (%s)", path,
+				     S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO"
+				     : S_ISSOCK(st.st_mode) ? "a socket" : "a character device");
+	return 0;
+}
+
 static int cmd_info(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -305,7 +322,7 @@ static int cmd_info(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
-	if (pack_open(argv[optind], PACK_OPEN_NO_DIRECT, &p, &err) < 0) {
+	if (check_pack_path(argv[optind], &err) < 0 || pack_open(argv[optind], PACK_OPEN_NO_DIRECT, &p, &err) < 0) {
 		fprintf(stderr, "moe-pack: %s\n", err.msg);
 		return 1;
 	}
@@ -339,7 +356,7 @@ static int cmd_verify(int argc, char **argv)
 		return argc == 2 && strcmp(argv[1], "--help") == 0 ? 0 : 2;
 	}
 	uint64_t t0 = moe_now_ns();
-	if (pack_open(argv[1], 0, &p, &err) < 0) {
+	if (check_pack_path(argv[1], &err) < 0 || pack_open(argv[1], 0, &p, &err) < 0) {
 		printf("FAIL: %s\n", err.msg);
 		return 1;
 	}
