@@ -29,12 +29,12 @@
 
 static bool is_part_role(uint32_t r)
 {
-	return r >= PACK_ROLE_GATE && r <= PACK_ROLE_LATENT_A;
+	return r >= PACK_ROLE_GATE && r <= PACK_ROLE_LATENT_A_UP;
 }
 
 static bool is_resident_role(uint32_t r)
 {
-	return (r >= PACK_ROLE_ROUTER && r <= PACK_ROLE_SHARED_EXPERT_GATE) || r == PACK_ROLE_OTHER;
+	return (r >= PACK_ROLE_ROUTER && r <= PACK_ROLE_LATENT_REPORT) || r == PACK_ROLE_OTHER;
 }
 
 static bool dtype_ok(uint32_t t)
@@ -52,6 +52,12 @@ const char *pack_role_name(enum pack_role r)
 	case PACK_ROLE_GATE_UP_BIAS: return "gate_up_bias";
 	case PACK_ROLE_DOWN_BIAS: return "down_bias";
 	case PACK_ROLE_LATENT_A: return "latent_a";
+	case PACK_ROLE_LATENT_A_GATE: return "latent_a_gate";
+	case PACK_ROLE_LATENT_A_UP: return "latent_a_up";
+	case PACK_ROLE_LATENT_B_GATE: return "latent_b_gate";
+	case PACK_ROLE_LATENT_B_UP: return "latent_b_up";
+	case PACK_ROLE_LATENT_GROUPS: return "latent_groups";
+	case PACK_ROLE_LATENT_REPORT: return "latent_report";
 	case PACK_ROLE_ROUTER: return "router";
 	case PACK_ROLE_ROUTER_BIAS: return "router_bias";
 	case PACK_ROLE_SCORE_BIAS: return "score_bias";

@@ -58,6 +58,8 @@ enum pack_role {
 	PACK_ROLE_GATE_UP_BIAS = 5, /* GPT-OSS: [2m], interleaved like the rows */
 	PACK_ROLE_DOWN_BIAS = 6,    /* GPT-OSS: [n] */
 	PACK_ROLE_LATENT_A = 7,     /* MoLAE per-expert matrices (reserved) */
+	PACK_ROLE_LATENT_A_GATE = 8, /* MoLAE A_gate_i [m x r]: W_gate_i ~ A_gate_i B_gate_g (tools/molae.h) */
+	PACK_ROLE_LATENT_A_UP = 9,   /* MoLAE A_up_i [m x r] */
 	/* resident tensors */
 	PACK_ROLE_ROUTER = 32,          /* [E x n] */
 	PACK_ROLE_ROUTER_BIAS = 33,     /* [E] (GPT-OSS) */
@@ -66,6 +68,11 @@ enum pack_role {
 	PACK_ROLE_SHARED_UP = 36,
 	PACK_ROLE_SHARED_DOWN = 37,     /* [n x shared_width] */
 	PACK_ROLE_SHARED_EXPERT_GATE = 38, /* Qwen2-MoE [1 x n] */
+	/* MoLAE packs (tools/molae.h); layer = model layer index */
+	PACK_ROLE_LATENT_B_GATE = 39,   /* [r x n] per (layer, group), orthonormal rows: "blk.L.molae_b_gate.G" */
+	PACK_ROLE_LATENT_B_UP = 40,     /* [r x n]: "blk.L.molae_b_up.G" */
+	PACK_ROLE_LATENT_GROUPS = 41,   /* I32 [E]: group of each expert: "blk.L.molae_groups" */
+	PACK_ROLE_LATENT_REPORT = 42,   /* U8 JSON: rank, groups, per-layer errors (layer UINT32_MAX) */
 	PACK_ROLE_OTHER = 63,
 };
 

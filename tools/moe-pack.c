@@ -3,6 +3,7 @@
  *   moe-pack convert SRC -o OUT.moepack [--name N] [--family F] [--experts-only] [-q]
  *   moe-pack info FILE [--tensors] [--json]
  *   moe-pack verify FILE
+ *   moe-pack molae --rank R [--group-size K | --groups auto] IN -o OUT [--json] [-q]
  *
  * Exit status: 0 success, 1 failure (bad input, a verify failure), 2 usage. */
 #include "config.h"
@@ -17,6 +18,7 @@
 #include <sys/stat.h>
 
 #include "convert.h"
+#include "molae.h"
 #include "pack.h"
 #include "util.h"
 
@@ -26,6 +28,8 @@ static void usage(FILE *f)
 		"usage: moe-pack convert SRC -o OUT.moepack [--name NAME] [--family FAMILY] [--experts-only] [-q]\n"
 		"       moe-pack info FILE [--tensors] [--json]\n"
 		"       moe-pack verify FILE\n"
+		"       moe-pack molae --rank R [--group-size K | --groups auto] IN.moepack -o OUT.moepack [--json] [-q]\n"
+		"         (MoLAE: gate/up of each group of K experts ~ A_i B_g, rank R; doc/molae.md)\n"
 		"SRC is a safetensors file, a directory holding model.safetensors or\n"
 		"model.safetensors.index.json (+ config.json), an index .json, or a .gguf file\n"
 		"(of a split model, the first part: NAME-00001-of-0000N.gguf).\n"
@@ -397,6 +401,8 @@ int main(int argc, char **argv)
 		return cmd_info(argc - 1, argv + 1);
 	if (strcmp(argv[1], "verify") == 0)
 		return cmd_verify(argc - 1, argv + 1);
+	if (strcmp(argv[1], "molae") == 0)
+		return molae_main(argc - 1, argv + 1);
 	fprintf(stderr, "moe-pack: unknown command '%s'\n", argv[1]);
 	usage(stderr);
 	return 2;

@@ -1,0 +1,21 @@
+# molae: MoLAE conversion (`moe-pack molae`, issue 15): rank-r shared-basis
+# factorization of expert gate/up matrices. CBLAS + LAPACKE when configure
+# found them (HAVE_LAPACKE); otherwise the subcommand says it was not built.
+noinst_LIBRARIES += tools/libmolae.a
+tools_libmolae_a_SOURCES = tools/molae.c tools/molae.h
+tools_libmolae_a_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS) $(LAPACKE_CFLAGS)
+MOLAE_LINK = tools/libmolae.a $(CORE_LINK) $(LAPACKE_LIBS) $(OPENBLAS_LIBS)
+tools_moe_pack_LDADD += $(MOLAE_LINK)
+
+if HAVE_CRITERION
+if HAVE_LAPACKE
+check_PROGRAMS += tests/test_molae
+TESTS += tests/test_molae
+tests_test_molae_SOURCES = tests/test_molae.c tests/testutil.h
+tests_test_molae_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
+tests_test_molae_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_molae_LDADD = tools/libmolae.a $(KERNELS_LINK) $(LAPACKE_LIBS) $(OPENBLAS_LIBS) $(CRITERION_LIBS)
+endif
+endif
+
+EXTRA_DIST += doc/molae.md
