@@ -12,7 +12,8 @@
  *   llama-oracle mkmodel  OUT.gguf [--arch A] [--seed S]
  *
  * Common: -t N threads (1), --ctx N, --batch N, --load-mode M, --flash-attn
- * on|off|auto, --no-repack, -v (all of llama.cpp's log). IDS: "1,2,3" (commas or blanks)
+ * on|off|auto, --no-repack, --kv-f32 (an F32 KV cache instead of llama.cpp's
+ * default F16), -v (all of llama.cpp's log). IDS: "1,2,3" (commas or blanks)
  * or @FILE holding them. The logits file (--out) is the format shared with
  * moe-run: "MOELGT01", u32 n_tokens, u32 n_vocab (little-endian), then
  * n_tokens rows of n_vocab f32. */
@@ -49,7 +50,7 @@ struct opts {
 	uint64_t seed;
 	enum llama_load_mode load_mode;
 	enum llama_flash_attn_type flash_attn;
-	bool no_special, parse_special, special, stop_eog, verbose, no_repack;
+	bool no_special, parse_special, special, stop_eog, verbose, no_repack, kv_f32;
 };
 
 struct ids {
@@ -202,6 +203,8 @@ static struct llama_context *new_context(const struct opts *o, struct llama_mode
 	cp.n_outputs_max_per_seq = 0;
 	cp.n_threads = cp.n_threads_batch = o->threads;
 	cp.flash_attn_type = o->flash_attn;
+	if (o->kv_f32) /* f32 K and V: no f16 rounding for moe-run to imitate */
+		cp.type_k = cp.type_v = GGML_TYPE_F32;
 	cp.no_perf = true;
 	struct llama_context *ctx = llama_init_from_model(m, cp);
 	if (!ctx)
@@ -671,7 +674,8 @@ static void usage(FILE *f)
 		"       llama-oracle info     MODEL.gguf\n"
 		"       llama-oracle mkmodel  OUT.gguf [--arch qwen3moe|qwen2moe|olmoe|llama] [--seed S]\n"
 		"common: -t N threads (1)  --ctx N  --batch N  --load-mode auto|none|mmap|mlock|mmap+mlock|dio\n"
-		"        --flash-attn on|off|auto  --no-repack  -v (llama.cpp's whole log)\n"
+		"        --flash-attn on|off|auto  --no-repack  --kv-f32 (F32 KV cache, not F16)\n"
+		"        -v (llama.cpp's whole log)\n"
 		"IDS: 1,2,3 (commas or blanks) or @FILE. Backends: MOETIER_LLAMA_BACKENDS or %s\n",
 		*LLAMA_ORACLE_BACKEND_DIR ? LLAMA_ORACLE_BACKEND_DIR : "(none built in)");
 }
@@ -750,6 +754,8 @@ int main(int argc, char **argv)
 			o.stop_eog = true;
 		else if (!strcmp(a, "--no-repack"))
 			o.no_repack = true;
+		else if (!strcmp(a, "--kv-f32"))
+			o.kv_f32 = true;
 		else if (!strcmp(a, "-v"))
 			o.verbose = true;
 		else if (a[0] == '-' && a[1] && !(a[1] >= '0' && a[1] <= '9'))

@@ -18,7 +18,7 @@ struct experts {
 	uint64_t ext_bytes;
 	/* daemon */
 	moet_ctx *ctx;
-	bool prefetch;
+	unsigned prefetch;           /* layers ahead to hint (0: none) */
 	uint64_t *bytes0, *bytes1; /* per-expert read counters at open / now */
 	void *fallback;            /* one extent read from the pack when the daemon cannot serve it */
 	/* per call scratch, grown on demand */
@@ -28,8 +28,8 @@ struct experts {
 	unsigned cap_w;              /* workers the buffers below are sized for */
 	float *xg[EXPERTS_MAX_WORKERS], *yg[EXPERTS_MAX_WORKERS]; /* per worker: [B][n] rows of one expert */
 	uint32_t *cl_e;              /* [E] experts to compute now */
-	uint32_t hint[ROUTE_MAX_K];  /* the last PREFETCH hint, for layer hint_layer */
-	uint32_t hint_n, hint_layer;
+	uint32_t *hint;              /* [n_layers][hint_cap] experts hinted per layer, pending */
+	uint32_t *hint_n, hint_cap;  /* [n_layers] how many (0: none pending) */
 	const void **cl_p;           /* [E] their extents */
 	uint32_t *tok_of;            /* [E][B] token of each use */
 	uint8_t *slot_of;            /* [E][B] top-k slot of each use */
@@ -144,7 +144,7 @@ static uint64_t sum_bytes(struct experts *ex, uint64_t *buf)
 	return s;
 }
 
-int experts_open_daemon(const struct model *m, const char *socket, bool prefetch, struct experts **out,
+int experts_open_daemon(const struct model *m, const char *socket, unsigned prefetch, struct experts **out,
 			struct moe_error *err)
 {
 	struct experts *ex = alloc_experts(m);
@@ -180,7 +180,10 @@ int experts_open_daemon(const struct model *m, const char *socket, bool prefetch
 		experts_close(ex);
 		return moe_error_set(err, -ENOMEM, "out of memory");
 	}
-	if (!(ex->bytes0 = calloc(nc, sizeof(uint64_t))) || !(ex->bytes1 = calloc(nc, sizeof(uint64_t)))) {
+	if (!(ex->bytes0 = calloc(nc, sizeof(uint64_t))) || !(ex->bytes1 = calloc(nc, sizeof(uint64_t))) ||
+	    !(ex->hint = calloc((size_t)m->n_layers * (ex->hint_cap = ROUTE_MAX_K * MOE_MAX(prefetch, 1u)),
+				sizeof(uint32_t))) ||
+	    !(ex->hint_n = calloc(m->n_layers, sizeof(uint32_t)))) {
 		experts_close(ex);
 		return moe_error_set(err, -ENOMEM, "out of memory");
 	}
@@ -198,6 +201,8 @@ void experts_close(struct experts *ex)
 	free(ex->fallback);
 	free(ex->bytes0);
 	free(ex->bytes1);
+	free(ex->hint);
+	free(ex->hint_n);
 	free(ex->routes);
 	free(ex->outs);
 	for (unsigned w = 0; w < EXPERTS_MAX_WORKERS; w++) {
@@ -291,24 +296,36 @@ static int compute_list(struct experts *ex, unsigned n, const float *x, int thre
 	return rc;
 }
 
-/* Next-layer hint: the next layer's router applied to this layer's input
- * (the residual stream changes little from one layer to the next), its
- * top-k for the last token sent as a PREFETCH. */
+/* Next-layers hint: each of the next `prefetch` layers' routers applied to
+ * this layer's input (the residual stream changes little from one layer to
+ * the next), its top-k for the last token sent as a PREFETCH, nearest layer
+ * first (the daemon queues them in order); experts a shallower call already
+ * hinted for that layer are not sent again. Deeper hints keep the disk busy
+ * across more layers but are less often right. */
 static void prefetch_next(struct experts *ex, uint32_t il, const float *x, uint32_t B)
 {
 	const struct model *m = ex->m;
-	if (il + 1 >= m->n_layers)
-		return;
-	const struct model_layer *N = &m->layers[il + 1];
-	struct route_result r;
-	if (model_matmul(&N->router, x + (size_t)(B - 1) * ex->n, 1, ex->logits, 1) ||
-	    route_topk(&m->rp, ex->logits, &r))
-		return;
-	if (moet_prefetch(ex->ctx, (uint32_t)N->moe_index, r.experts, r.n, MOET_TIER_HOST) >= 0) {
-		ex->st.prefetches += r.n;
-		memcpy(ex->hint, r.experts, r.n * sizeof(uint32_t));
-		ex->hint_n = r.n;
-		ex->hint_layer = il + 1;
+	for (uint32_t d = 1; d <= ex->prefetch && il + d < m->n_layers; d++) {
+		const uint32_t nl = il + d;
+		const struct model_layer *N = &m->layers[nl];
+		uint32_t *h = ex->hint + (size_t)nl * ex->hint_cap, nh = ex->hint_n[nl], nn = 0;
+		struct route_result r;
+		if (model_matmul(&N->router, x + (size_t)(B - 1) * ex->n, 1, ex->logits, 1) ||
+		    route_topk(&m->rp, ex->logits, &r))
+			return;
+		for (uint32_t j = 0; j < r.n; j++) {
+			bool dup = false;
+			for (uint32_t i = 0; i < nh && !dup; i++)
+				dup = h[i] == r.experts[j];
+			if (!dup && nh + nn < ex->hint_cap)
+				h[nh + nn++] = r.experts[j];
+		}
+		if (!nn)
+			continue;
+		if (moet_prefetch(ex->ctx, (uint32_t)N->moe_index, h + nh, nn, MOET_TIER_HOST) < 0)
+			return;
+		ex->st.prefetches += nn;
+		ex->hint_n[nl] = nh + nn;
 	}
 }
 
@@ -329,7 +346,7 @@ static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids
 static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x,
 			uint32_t B, int threads, struct moe_error *err)
 {
-	bool first = true, pf = ex->prefetch;
+	bool first = true, pf = ex->prefetch > 0;
 	unsigned idle = 0;
 	int rc = 0;
 	while (n) {
@@ -450,13 +467,15 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		}
 	}
 
-	if (ex->hint_n && ex->hint_layer == il) {
-		/* how good the last hint was: its experts the token chose */
+	if (ex->hint_n && ex->hint_n[il]) {
+		/* how good the last hint for this layer was: its experts the
+		 * token chose */
 		const struct route_result *r = &ex->routes[B - 1];
-		for (uint32_t i = 0; i < ex->hint_n; i++)
+		const uint32_t *h = ex->hint + (size_t)il * ex->hint_cap;
+		for (uint32_t i = 0; i < ex->hint_n[il]; i++)
 			for (uint32_t j = 0; j < r->n; j++)
-				ex->st.prefetches_used += ex->hint[i] == r->experts[j];
-		ex->hint_n = 0;
+				ex->st.prefetches_used += h[i] == r->experts[j];
+		ex->hint_n[il] = 0;
 	}
 	if (ex->all) {
 		unsigned nc = 0;

@@ -38,8 +38,9 @@ struct experts_stats {
 /* Every expert read from the pack into memory. */
 int experts_open_local(const struct model *m, struct experts **out, struct moe_error *err);
 /* The daemon at socket (NULL: $MOETIER_SOCKET, else the default socket).
- * prefetch: send next-layer hints (the next layer's router on this layer's input). */
-int experts_open_daemon(const struct model *m, const char *socket, bool prefetch, struct experts **out,
+ * prefetch: send hints for the next `prefetch` layers (each one's router on
+ * this layer's input); 0 none. */
+int experts_open_daemon(const struct model *m, const char *socket, unsigned prefetch, struct experts **out,
 			struct moe_error *err);
 void experts_close(struct experts *ex);
 

@@ -20,8 +20,9 @@
 #include "tokenizer.h"
 
 struct opts {
-	const char *pack, *gguf, *socket, *prompt, *tokens, *ppl, *dump;
-	bool local, quiet, prefetch, kv_f16, ids;
+	const char *pack, *gguf, *socket, *prompt, *tokens, *feed, *ppl, *dump;
+	bool local, quiet, kv_f16, ids;
+	unsigned prefetch; /* layers ahead to hint, 0 none */
 	uint32_t n_predict, ctx, batch;
 	int threads;
 	struct sampler_params sp;
@@ -30,10 +31,12 @@ struct opts {
 static void usage(FILE *f)
 {
 	fputs("Usage: moe-run PACK [--socket S | --local] [--gguf FILE]\n"
-	      "               [--prompt TEXT | --tokens IDS] [-n N] [-t N] [--batch N]\n"
+	      "               [--prompt TEXT | --tokens IDS [--feed IDS]] [-n N] [-t N] [--batch N]\n"
 	      "               [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
-	      "               [--ppl FILE [--ctx N]] [--dump-logits FILE] [--kv-f16] [--prefetch]\n"
+	      "               [--ppl FILE [--ctx N]] [--dump-logits FILE] [--kv-f16]\n"
+	      "               [--prefetch | --prefetch-depth N]\n"
 	      "               [--ids] [--quiet]\n"
+	      "  IDS: comma-separated token ids, or @FILE holding them\n"
 	      "       moe-run --help | --version\n"
 	      "See moe-run(1).\n",
 	      f);
@@ -52,26 +55,54 @@ static int parse_num(const char *opt, const char *s, double lo, double hi, doubl
 	return 0;
 }
 
-static int parse_ids(const char *s, int32_t **ids, size_t *n)
+static int read_file(const char *path, char **out, size_t *len);
+
+/* IDS: "1,2,3" (commas or blanks), or @FILE holding such a list. */
+static int parse_ids(const char *opt, const char *s, int32_t **ids, size_t *n)
 {
+	char *text = NULL;
+	if (*s == '@') {
+		size_t len;
+		int rc = read_file(s + 1, &text, &len);
+		if (rc) {
+			fprintf(stderr, "moe-run: %s %s: %s\n", opt, s + 1, strerror(-rc));
+			return rc;
+		}
+		char *t = realloc(text, len + 1);
+		if (!t) {
+			free(text);
+			return -ENOMEM;
+		}
+		text = t;
+		text[len] = '\0';
+		for (size_t i = 0; i < len; i++)
+			if (text[i] == '\n' || text[i] == '\r' || text[i] == '\t')
+				text[i] = ' ';
+		s = text;
+		while (*s == ' ')
+			s++;
+	}
+	int rc = 0;
 	size_t cap = 16, k = 0;
 	int32_t *v = malloc(cap * sizeof(*v));
-	if (!v)
+	if (!v) {
+		free(text);
 		return -ENOMEM;
+	}
 	while (*s) {
 		char *end;
 		errno = 0;
 		long x = strtol(s, &end, 10);
 		if (errno || end == s || x < 0 || x > INT32_MAX || (*end && *end != ',' && *end != ' ')) {
-			fprintf(stderr, "moe-run: --tokens wants comma-separated ids, got '%s'\n", s);
-			free(v);
-			return -EINVAL;
+			fprintf(stderr, "moe-run: %s wants comma-separated ids, got '%.40s'\n", opt, s);
+			rc = -EINVAL;
+			goto fail;
 		}
 		if (k == cap) {
 			int32_t *nv = realloc(v, (cap *= 2) * sizeof(*v));
 			if (!nv) {
-				free(v);
-				return -ENOMEM;
+				rc = -ENOMEM;
+				goto fail;
 			}
 			v = nv;
 		}
@@ -81,13 +112,18 @@ static int parse_ids(const char *s, int32_t **ids, size_t *n)
 			s++;
 	}
 	if (!k) {
-		fprintf(stderr, "moe-run: --tokens is empty\n");
-		free(v);
-		return -EINVAL;
+		fprintf(stderr, "moe-run: %s is empty\n", opt);
+		rc = -EINVAL;
+		goto fail;
 	}
+	free(text);
 	*ids = v;
 	*n = k;
 	return 0;
+fail:
+	free(v);
+	free(text);
+	return rc;
 }
 
 static int read_file(const char *path, char **out, size_t *len)
@@ -141,6 +177,8 @@ struct ctx {
 	struct runner *r;
 	struct tokenizer *tok;
 	uint64_t prefill_tokens, prefill_ns, decode_tokens, decode_ns;
+	struct experts_stats at_decode; /* the counters when decoding began */
+	bool decoding;
 };
 
 static uint32_t token_key(void *p, int32_t id)
@@ -173,6 +211,12 @@ static void put_piece(struct ctx *c, int32_t id, bool first)
 static int feed(struct ctx *c, const int32_t *ids, uint32_t n, float *logits, bool all, bool prefill,
 		struct moe_error *err)
 {
+	if (!prefill && !c->decoding) {
+		/* before the first decode step: the bench line's decode-only
+		 * counters are the difference from here */
+		experts_get_stats(c->ex, &c->at_decode);
+		c->decoding = true;
+	}
 	uint64_t t0 = moe_now_ns();
 	int rc = runner_feed(c->r, ids, n, logits, all, err);
 	uint64_t dt = moe_now_ns() - t0;
@@ -227,15 +271,22 @@ out:
 	return rc;
 }
 
-/* --tokens with --dump-logits: every position's logits, one batched pass. */
-static int teacher_forced(struct ctx *c, const int32_t *ids, size_t n, struct moe_error *err)
+/* --tokens with --dump-logits and/or --feed: the prompt in batched passes
+ * (every position's logits with --dump-logits), then each --feed id alone
+ * through a full decode step (its logits computed, nothing sampled), counted
+ * as decode; the logits file covers the prompt and the fed ids. */
+static int teacher_forced(struct ctx *c, const int32_t *ids, size_t n, const int32_t *fids, size_t nf,
+			  struct moe_error *err)
 {
-	float *logits = malloc(n * (size_t)c->m->n_vocab * sizeof(float));
+	const size_t V = c->m->n_vocab, rows = c->o.dump ? n + nf : 1;
+	float *logits = malloc(rows * V * sizeof(float));
 	int rc;
 	if (!logits)
-		return moe_error_set(err, -ENOMEM, "logits of %zu tokens: out of memory", n);
-	if (!(rc = feed(c, ids, (uint32_t)n, logits, true, true, err)) &&
-	    (rc = write_logits(c->o.dump, logits, (uint32_t)n, c->m->n_vocab)))
+		return moe_error_set(err, -ENOMEM, "logits of %zu tokens: out of memory", rows);
+	rc = feed(c, ids, (uint32_t)n, logits, c->o.dump != NULL, true, err);
+	for (size_t i = 0; i < nf && !rc; i++)
+		rc = feed(c, fids + i, 1, c->o.dump ? logits + (n + i) * V : logits, false, false, err);
+	if (!rc && c->o.dump && (rc = write_logits(c->o.dump, logits, (uint32_t)(n + nf), (uint32_t)V)))
 		moe_error_set(err, rc, "%s: %s", c->o.dump, strerror(-rc));
 	free(logits);
 	return rc;
@@ -304,6 +355,27 @@ static int perplexity(struct ctx *c, struct moe_error *err)
 	return rc;
 }
 
+/* The machine-readable line (bench/decode-vs-llamacpp reads it): rates, and
+ * the expert counters of the decode steps alone (the whole run when nothing
+ * was decoded). hit_host and miss are shares of the acquires, 0-1. */
+static void bench_line(struct ctx *c, const struct experts_stats *st)
+{
+	const struct experts_stats *a = &c->at_decode;
+	double pf = c->prefill_ns ? c->prefill_tokens / (c->prefill_ns * 1e-9) : 0.0;
+	double dc = c->decode_ns ? c->decode_tokens / (c->decode_ns * 1e-9) : 0.0;
+	uint64_t hh = st->hits_host - a->hits_host, mi = st->misses - a->misses;
+	uint64_t u = hh + (st->hits_gpu - a->hits_gpu) + mi, nd = c->decode_tokens;
+	double hit = st->local ? 1.0 : u ? (double)hh / u : 0.0, miss = st->local || !u ? 0.0 : (double)mi / u;
+	uint64_t rd = st->bytes_read >= a->bytes_read ? st->bytes_read - a->bytes_read : 0;
+	fprintf(stderr,
+		"moe-run: bench prefill_tps=%.3f decode_tps=%.3f n_prefill=%" PRIu64 " n_decode=%" PRIu64
+		" hit_host=%.4f miss=%.4f read_decode_bytes_per_tok=%" PRIu64 " stall_decode_ms_per_tok=%.4f"
+		" resident_bytes=%" PRIu64 " kv_bytes=%" PRIu64 " threads=%d\n",
+		pf, dc, c->prefill_tokens, nd, hit, miss, nd ? rd / nd : 0,
+		nd ? (st->stall_ns - a->stall_ns) * 1e-6 / nd : 0.0, c->m->resident_bytes, runner_kv_bytes(c->r),
+		c->o.threads);
+}
+
 static void summary(struct ctx *c)
 {
 	struct experts_stats st;
@@ -316,6 +388,7 @@ static void summary(struct ctx *c)
 		c->prefill_tokens, pf, c->decode_tokens, dc, c->o.threads, c->o.threads == 1 ? "" : "s");
 	if (st.local) {
 		fprintf(stderr, "moe-run: experts: %" PRIu64 " computed, all resident (--local, host memory)\n", st.uses);
+		bench_line(c, &st);
 		return;
 	}
 	uint64_t u = st.hits_host + st.hits_gpu + st.misses;
@@ -332,10 +405,11 @@ static void summary(struct ctx *c)
 	if (st.fallback_reads)
 		fprintf(stderr, ", %" PRIu64 " experts read from the pack by moe-run", st.fallback_reads);
 	fputc('\n', stderr);
+	bench_line(c, &st);
 }
 
-enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
-       O_QUIET, O_BATCH, O_NOPF, O_PF, O_KVF16, O_IDS, O_HELP, O_VERSION };
+enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_FEED, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
+       O_QUIET, O_BATCH, O_NOPF, O_PF, O_PFD, O_KVF16, O_IDS, O_HELP, O_VERSION };
 
 static int parse(int argc, char **argv, struct opts *o)
 {
@@ -343,11 +417,13 @@ static int parse(int argc, char **argv, struct opts *o)
 		{ "socket", required_argument, 0, O_SOCKET }, { "local", no_argument, 0, O_LOCAL },
 		{ "gguf", required_argument, 0, O_GGUF },     { "prompt", required_argument, 0, O_PROMPT },
 		{ "tokens", required_argument, 0, O_TOKENS }, { "temp", required_argument, 0, O_TEMP },
+		{ "feed", required_argument, 0, O_FEED },
 		{ "top-k", required_argument, 0, O_TOPK },    { "top-p", required_argument, 0, O_TOPP },
 		{ "seed", required_argument, 0, O_SEED },     { "ppl", required_argument, 0, O_PPL },
 		{ "ctx", required_argument, 0, O_CTX },       { "dump-logits", required_argument, 0, O_DUMP },
 		{ "quiet", no_argument, 0, O_QUIET },         { "batch", required_argument, 0, O_BATCH },
-		{ "no-prefetch", no_argument, 0, O_NOPF },    { "prefetch", no_argument, 0, O_PF },    { "kv-f16", no_argument, 0, O_KVF16 },
+		{ "no-prefetch", no_argument, 0, O_NOPF },    { "prefetch", no_argument, 0, O_PF },
+		{ "prefetch-depth", required_argument, 0, O_PFD },    { "kv-f16", no_argument, 0, O_KVF16 },
 		{ "ids", no_argument, 0, O_IDS },    { "help", no_argument, 0, O_HELP },
 		{ "version", no_argument, 0, O_VERSION },     { 0, 0, 0, 0 },
 	};
@@ -368,11 +444,17 @@ static int parse(int argc, char **argv, struct opts *o)
 		case O_GGUF: o->gguf = optarg; break;
 		case O_PROMPT: o->prompt = optarg; break;
 		case O_TOKENS: o->tokens = optarg; break;
+		case O_FEED: o->feed = optarg; break;
 		case O_PPL: o->ppl = optarg; break;
 		case O_DUMP: o->dump = optarg; break;
 		case O_QUIET: case 'q': o->quiet = true; break;
-		case O_NOPF: o->prefetch = false; break;
-		case O_PF: o->prefetch = true; break;
+		case O_NOPF: o->prefetch = 0; break;
+		case O_PF: o->prefetch = 1; break;
+		case O_PFD:
+			if (parse_num("--prefetch-depth", optarg, 0, 64, &v))
+				return 2;
+			o->prefetch = (unsigned)v;
+			break;
 		case O_KVF16: o->kv_f16 = true; break;
 		case O_IDS: o->ids = true; break;
 		case 'n':
@@ -430,6 +512,10 @@ static int parse(int argc, char **argv, struct opts *o)
 		fprintf(stderr, "moe-run: give one of --prompt, --tokens, --ppl\n");
 		return 2;
 	}
+	if (o->feed && !o->tokens) {
+		fprintf(stderr, "moe-run: --feed goes with --tokens (the prompt it follows)\n");
+		return 2;
+	}
 	if (o->dump && !o->tokens) {
 		fprintf(stderr, "moe-run: --dump-logits goes with --tokens (teacher-forced)\n");
 		return 2;
@@ -445,8 +531,8 @@ int main(int argc, char **argv)
 {
 	struct ctx c = { 0 };
 	struct moe_error err = { 0 };
-	int32_t *ids = NULL;
-	size_t n = 0;
+	int32_t *ids = NULL, *fids = NULL;
+	size_t n = 0, nf = 0;
 	int rc = parse(argc, argv, &c.o);
 	if (rc)
 		return rc;
@@ -461,25 +547,30 @@ int main(int argc, char **argv)
 		rc = 0;
 		err.msg[0] = '\0';
 	}
-	if (c.o.tokens && (rc = parse_ids(c.o.tokens, &ids, &n)))
-		return 2;
+	if (c.o.tokens && (rc = parse_ids("--tokens", c.o.tokens, &ids, &n)))
+		goto usage;
+	if (c.o.feed && (rc = parse_ids("--feed", c.o.feed, &fids, &nf)))
+		goto usage;
 	if (c.o.prompt && (rc = tokenizer_encode(c.tok, c.o.prompt, strlen(c.o.prompt), true, true, &ids, &n, &err)))
 		goto fail;
 	if (c.o.prompt && !n) {
 		rc = moe_error_set(&err, -EINVAL, "the prompt has no tokens");
 		goto fail;
 	}
-	for (size_t i = 0; i < n; i++)
-		if ((uint32_t)ids[i] >= c.m->n_vocab) {
-			rc = moe_error_set(&err, -ERANGE, "token id %d is outside the vocabulary (%u)", ids[i], c.m->n_vocab);
+	for (size_t i = 0; i < n + nf; i++) {
+		int32_t id = i < n ? ids[i] : fids[i - n];
+		if ((uint32_t)id >= c.m->n_vocab) {
+			rc = moe_error_set(&err, -ERANGE, "token id %d is outside the vocabulary (%u)", id, c.m->n_vocab);
 			goto fail;
 		}
-	uint32_t n_ctx = c.o.ppl ? (c.o.ctx ? c.o.ctx : 128) : (uint32_t)n + (c.o.dump ? 0 : c.o.n_predict);
+	}
+	bool forced = c.o.dump || c.o.feed;
+	uint32_t n_ctx = c.o.ppl ? (c.o.ctx ? c.o.ctx : 128) : (uint32_t)(n + nf) + (forced ? 0 : c.o.n_predict);
 	if (c.o.ppl)
 		c.o.ctx = n_ctx;
 	else if (c.o.ctx && c.o.ctx < n_ctx) {
-		rc = moe_error_set(&err, -ENOSPC, "%zu prompt + %u new tokens do not fit --ctx %u", n, c.o.n_predict,
-				   c.o.ctx);
+		rc = moe_error_set(&err, -ENOSPC, "%zu prompt + %u new tokens do not fit --ctx %u", n,
+				   forced ? (uint32_t)nf : c.o.n_predict, c.o.ctx);
 		goto fail;
 	}
 	if ((rc = c.o.local ? experts_open_local(c.m, &c.ex, &err)
@@ -493,8 +584,8 @@ int main(int argc, char **argv)
 
 	if (c.o.ppl)
 		rc = perplexity(&c, &err);
-	else if (c.o.dump)
-		rc = teacher_forced(&c, ids, n, &err);
+	else if (forced)
+		rc = teacher_forced(&c, ids, n, fids, nf, &err);
 	else
 		rc = generate(&c, ids, n, &err);
 	if (rc)
@@ -502,17 +593,24 @@ int main(int argc, char **argv)
 	if (!c.o.quiet)
 		summary(&c);
 	free(ids);
+	free(fids);
 	runner_free(c.r);
 	experts_close(c.ex);
 	tokenizer_free(c.tok);
 	model_close(c.m);
 	return 0;
+usage:
+	rc = 2;
+	goto out;
 fail:
 	fprintf(stderr, "moe-run: %s\n", err.msg[0] ? err.msg : strerror(rc < 0 ? -rc : rc));
+	rc = 1;
+out:
 	free(ids);
+	free(fids);
 	runner_free(c.r);
 	experts_close(c.ex);
 	tokenizer_free(c.tok);
 	model_close(c.m);
-	return 1;
+	return rc;
 }

@@ -79,6 +79,10 @@ int runner_create(const struct model *m, struct experts *ex, uint32_t n_ctx, uin
 void runner_reset(struct runner *r) { r->pos = 0; }
 void runner_set_kv_f16(struct runner *r, bool on) { r->cache.f16 = on; }
 uint32_t runner_pos(const struct runner *r) { return r->pos; }
+uint64_t runner_kv_bytes(const struct runner *r)
+{
+	return 2ull * r->cache.n_ctx * r->cache.n_layers * r->cache.kv_dim * sizeof(float);
+}
 
 void runner_set_token_key(struct runner *r, uint32_t (*fn)(void *ctx, int32_t tok), void *ctx)
 {

@@ -27,6 +27,8 @@ void runner_set_kv_f16(struct runner *r, bool on);
 /* Empties the KV cache: the next token is at position 0. */
 void runner_reset(struct runner *r);
 uint32_t runner_pos(const struct runner *r);
+/* Bytes of the KV cache (K and V, every layer, n_ctx positions). */
+uint64_t runner_kv_bytes(const struct runner *r);
 
 /* Optional: the moet_set_token key of a token (FNV-1a of its text). */
 void runner_set_token_key(struct runner *r, uint32_t (*fn)(void *ctx, int32_t tok), void *ctx);
