@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dtype.h"
 #include "ffn.h"
 #include "molae.h"
 #include "pack.h"
@@ -190,14 +191,19 @@ Test(molae, math_optimal_and_exact)
 	cr_assert_eq(molae_basis(G, n, 0, B, &(double){ 0 }, &(double){ 0 }, &err), -EINVAL);
 }
 
-static struct molae_report *convert_ok(uint32_t rank, uint32_t k, bool autog)
+static struct molae_report *convert_dt(uint32_t rank, uint32_t k, bool autog, uint32_t dtype)
 {
-	struct molae_options o = { .rank = rank, .group_size = k, .groups_auto = autog };
+	struct molae_options o = { .rank = rank, .group_size = k, .groups_auto = autog, .dtype = dtype };
 	struct molae_report *rep;
 	struct moe_error err = { "" };
 	cr_assert_eq(molae_convert(in_path, out_path, &o, &rep, &err), 0, "%s", err.msg);
 	cr_assert_not_null(rep);
 	return rep;
+}
+
+static struct molae_report *convert_ok(uint32_t rank, uint32_t k, bool autog)
+{
+	return convert_dt(rank, k, autog, 0);
 }
 
 Test(molae, random_model_error_equals_bound)
@@ -231,7 +237,11 @@ static void check_round_trip(const struct molae_report *rep, double tol)
 					       pack_part(out, PACK_ROLE_LATENT_A_UP) };
 	const struct pack_part_desc *pd = pack_part(out, PACK_ROLE_DOWN);
 	cr_assert(pa[0] && pa[1] && pd && !pack_part(out, PACK_ROLE_GATE));
-	cr_assert(pa[0]->rows == M_W && pa[0]->cols == r && pa[0]->dtype == MOE_DTYPE_F32);
+	const uint32_t dt = rep->dtype;
+	cr_assert(pa[0]->rows == M_W && pa[0]->cols == r && pa[0]->dtype == dt && pd->dtype == dt);
+	uint64_t rba = 0;
+	cr_assert(moe_dtype_row_bytes(dt, r, &rba));
+	float Af[M_W * N_HID], Df[N_HID * M_W];
 	cr_assert_not_null(pack_find_tensor(out, "blk.0.ffn_gate_inp.weight"));
 	cr_assert_not_null(pack_find_role(out, PACK_ROLE_LATENT_REPORT, UINT32_MAX));
 	uint8_t *ei = aligned_alloc(PACK_ALIGN, pack_extent_bytes(in)), *eo = aligned_alloc(PACK_ALIGN, pack_extent_bytes(out));
@@ -254,7 +264,9 @@ static void check_round_trip(const struct molae_report *rep, double tol)
 				cr_assert_eq(tb->shape[0], r);
 				cr_assert_eq(pack_read_tensor(out, tb, B, &err), 0, "%s", err.msg);
 				const float *W = (const float *)(ei + in->hdr->parts[p].offset);
-				const float *A = (const float *)(eo + pa[p]->offset);
+				for (uint32_t i = 0; i < M_W; i++)
+					moe_dequantize_row(dt, eo + pa[p]->offset + i * rba, Af + i * r, r);
+				const float *A = Af;
 				double d2 = 0, n2 = 0;
 				for (uint32_t i = 0; i < M_W; i++)
 					for (uint32_t j = 0; j < N_HID; j++) {
@@ -270,8 +282,15 @@ static void check_round_trip(const struct molae_report *rep, double tol)
 				cr_assert(sqrt(d2 / n2) <= ge * sqrt((double)N_EXP) + tol,
 					  "layer %u expert %u %s: %g vs group %g", l, e, p ? "up" : "gate", sqrt(d2 / n2), ge);
 			}
-			/* down is carried as it was */
-			cr_assert_eq(memcmp(ei + in->hdr->parts[2].offset, eo + pd->offset, pd->bytes), 0);
+			/* down is carried as it was (exactly when its dtype is kept) */
+			if (dt == MOE_DTYPE_F32) {
+				cr_assert_eq(memcmp(ei + in->hdr->parts[2].offset, eo + pd->offset, pd->bytes), 0);
+			} else {
+				moe_dequantize_row(dt, eo + pd->offset, Df, (size_t)N_HID * M_W);
+				const float *D = (const float *)(ei + in->hdr->parts[2].offset);
+				for (size_t i = 0; i < (size_t)N_HID * M_W; i++)
+					cr_assert(fabsf(D[i] - Df[i]) <= 1e-2f * fabsf(D[i]) + 1e-6f, "down[%zu]", i);
+			}
 		}
 	}
 	free(B);
@@ -298,6 +317,17 @@ Test(molae, random_round_trip)
 	write_pack(in_path, FILL_RANDOM);
 	struct molae_report *rep = convert_ok(10, 2, false);
 	check_round_trip(rep, 1e-5);
+	molae_report_free(rep);
+}
+
+/* bf16 A and down: the reconstruction is within bf16 rounding of the f64 one. */
+Test(molae, bf16_output_round_trip)
+{
+	write_pack(in_path, FILL_RANDOM);
+	struct molae_report *rep = convert_dt(10, 4, false, MOE_DTYPE_BF16);
+	cr_assert_eq(rep->dtype, MOE_DTYPE_BF16);
+	cr_assert_eq(rep->extent_bytes_after, 4096);
+	check_round_trip(rep, 1e-2);
 	molae_report_free(rep);
 }
 
@@ -338,6 +368,14 @@ Test(molae, hostile_inputs)
 	convert_fails(4, 3, "group size 3 does not divide the 8");
 	convert_fails(4, 16, "group size 16 does not divide");
 	convert_fails(0, 4, "rank 0 out of range");
+	struct molae_options oq = { .rank = 12, .group_size = 4, .dtype = MOE_DTYPE_Q8_0 };
+	struct molae_report *rq = (void *)1;
+	struct moe_error eq = { "" };
+	cr_assert_eq(molae_convert(in_path, out_path, &oq, &rq, &eq), -EINVAL);
+	cr_assert(strstr(eq.msg, "whole blocks of 32"), "%s", eq.msg);
+	oq.dtype = MOE_DTYPE_Q4_0;
+	cr_assert_eq(molae_convert(in_path, out_path, &oq, &rq, &eq), -EINVAL);
+	cr_assert(strstr(eq.msg, "not supported"), "%s", eq.msg);
 	/* a latent pack is not converted again */
 	struct molae_report *rep = convert_ok(4, 4, false);
 	molae_report_free(rep);

@@ -89,6 +89,7 @@ json_t *molae_report_json(const struct molae_report *r)
 	json_object_set_new(o, "extent_bytes_before", json_integer((json_int_t)r->extent_bytes_before));
 	json_object_set_new(o, "extent_bytes_after", json_integer((json_int_t)r->extent_bytes_after));
 	json_object_set_new(o, "resident_b_bytes", json_integer((json_int_t)r->resident_b_bytes));
+	json_object_set_new(o, "dtype", json_string(moe_dtype_name(r->dtype)));
 	for (uint32_t l = 0; l < r->n_moe_layers; l++) {
 		json_t *lo = json_object(), *ga = json_array(), *map = json_array();
 		double se[2] = { 0, 0 }, sn[2] = { 0, 0 }, sb[2] = { 0, 0 };
@@ -144,8 +145,9 @@ void molae_report_print(const struct molae_report *r, FILE *f)
 			? 100.0 * (1.0 - (double)r->expert_params_after / (double)r->expert_params_before)
 			: 0.0,
 		r->expert_params_before * 4, r->expert_params_after * 4);
-	fprintf(f, "extent bytes: %" PRIu64 " (input) -> %" PRIu64 " (output, f32); resident B: %" PRIu64 " bytes\n",
-		r->extent_bytes_before, r->extent_bytes_after, r->resident_b_bytes);
+	fprintf(f, "extent bytes: %" PRIu64 " (input) -> %" PRIu64 " (output, %s); resident B (f32): %" PRIu64
+		   " bytes\n",
+		r->extent_bytes_before, r->extent_bytes_after, moe_dtype_name(r->dtype), r->resident_b_bytes);
 }
 
 #if HAVE_LAPACKE
@@ -237,14 +239,29 @@ static void load_part(struct conv *c, int p, double *W)
 	}
 }
 
-static int write_f32(struct pack_writer *w, const double *x, size_t count, float *buf, size_t buf_n,
-		     struct moe_error *err)
+/* Writes rows x cols doubles as dtype t, one row at a time (row: cols
+ * floats; out: one output row). */
+static int write_rows(struct pack_writer *w, const double *x, uint32_t rows, uint32_t cols, uint32_t t, float *row,
+		      uint8_t *out, struct moe_error *err)
 {
-	for (size_t off = 0; off < count; off += buf_n) {
-		size_t nn = count - off < buf_n ? count - off : buf_n;
-		for (size_t i = 0; i < nn; i++)
-			buf[i] = (float)x[off + i];
-		int rc = pack_writer_write(w, buf, nn * sizeof(float), err);
+	uint64_t rb = 0;
+	(void)moe_dtype_row_bytes(t, cols, &rb); /* checked by the writer's part shapes */
+	for (uint32_t i = 0; i < rows; i++) {
+		for (uint32_t j = 0; j < cols; j++)
+			row[j] = (float)x[(size_t)i * cols + j];
+		switch (t) {
+		case MOE_DTYPE_F16:
+			for (uint32_t j = 0; j < cols; j++)
+				((uint16_t *)out)[j] = moe_f32_to_f16(row[j]);
+			break;
+		case MOE_DTYPE_BF16:
+			for (uint32_t j = 0; j < cols; j++)
+				((uint16_t *)out)[j] = moe_f32_to_bf16(row[j]);
+			break;
+		case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(row, (struct moe_block_q8_0 *)out, cols); break;
+		default: memcpy(out, row, (size_t)cols * sizeof(float)); break;
+		}
+		int rc = pack_writer_write(w, out, rb, err);
 		if (rc < 0)
 			return rc;
 	}
@@ -281,6 +298,10 @@ static int conv_check(struct conv *c, const struct molae_options *o, struct moe_
 	    c->part[1]->cols != c->n || c->part[2]->rows != c->n || c->part[2]->cols != c->m)
 		return moe_error_set(err, -EINVAL, "molae: part shapes do not match the model (n %u, m %u)", c->n, c->m);
 	/* auto without a size: four groups where E allows, else one */
+	if (o->dtype != MOE_DTYPE_F32 && o->dtype != MOE_DTYPE_F16 && o->dtype != MOE_DTYPE_BF16 &&
+	    o->dtype != MOE_DTYPE_Q8_0)
+		return moe_error_set(err, -EINVAL, "molae: output dtype %s not supported (f32, f16, bf16, q8_0)",
+				     moe_dtype_name(o->dtype));
 	c->k = o->group_size ? o->group_size : (o->groups_auto && c->E % 4 == 0) ? c->E / 4 : c->E;
 	if (c->k > c->E || c->E % c->k)
 		return moe_error_set(err, -EINVAL, "molae: group size %u does not divide the %u experts of a layer", c->k,
@@ -292,6 +313,10 @@ static int conv_check(struct conv *c, const struct molae_options *o, struct moe_
 		return moe_error_set(err, -EINVAL,
 				     "molae: rank %u out of range: 1..%" PRIu64 " (min(n = %u, group size %u x m = %u))",
 				     c->r, maxr, c->n, c->k, c->m);
+	uint64_t rb;
+	if (!moe_dtype_row_bytes(o->dtype, c->r, &rb) || !moe_dtype_row_bytes(o->dtype, c->m, &rb))
+		return moe_error_set(err, -EINVAL, "molae: %s needs rank %u and width %u in whole blocks of %u",
+				     moe_dtype_name(o->dtype), c->r, c->m, moe_dtype_block_elems(o->dtype));
 	return 0;
 }
 
@@ -394,12 +419,16 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 	struct molae_report *rep = NULL;
 	struct pack_writer *w = NULL;
 	double *W[3] = { NULL, NULL, NULL }, *Gm[2] = { NULL, NULL }, *Bd[2] = { NULL, NULL }, *A = NULL, *scr = NULL;
-	float *Bf = NULL, *fbuf = NULL;
-	const size_t fbuf_n = 1u << 16;
+	float *Bf = NULL, *frow = NULL;
+	uint8_t *orow = NULL;
 	int rc;
 
+	struct molae_options opt = *o;
 	memset(&c, 0, sizeof(c));
 	*rep_out = NULL;
+	if (!opt.dtype)
+		opt.dtype = MOE_DTYPE_F32;
+	o = &opt;
 	if ((rc = pack_open(in_path, PACK_OPEN_NO_DIRECT, &c.in, err)) < 0)
 		return rc;
 	if ((rc = conv_check(&c, o, err)) < 0)
@@ -439,25 +468,35 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 	}
 	A = malloc((size_t)m * r * sizeof(double));
 	scr = malloc(mn * sizeof(double));
-	fbuf = malloc(fbuf_n * sizeof(float));
+	frow = malloc((size_t)(n > r ? n : r) * sizeof(float) + 64);
+	orow = malloc((size_t)(n > r ? n : r) * sizeof(float) + 64);
 	/* Every B stays in memory until the resident region (after the extents). */
 	Bf = malloc((size_t)L * c.G * 2 * r * n * sizeof(float));
 	if (!c.ext || !c.row || !W[0] || !W[1] || !W[2] || !Gm[0] || !Gm[1] || !Bd[0] || !Bd[1] || !A || !scr ||
-	    !fbuf || !Bf) {
+	    !frow || !orow || !Bf) {
 		rc = moe_error_set(err, -ENOMEM, "molae: out of memory (n %u, m %u, rank %u)", n, m, r);
 		goto fail;
 	}
 
 	struct moe_model_config outm = *mc;
-	outm.dtype = MOE_DTYPE_F32;
+	const uint32_t dt = o->dtype;
+	outm.dtype = dt;
+	rep->dtype = dt;
 	struct pack_part_desc parts[3];
 	memset(parts, 0, sizeof(parts));
-	parts[0] = (struct pack_part_desc){ .role = PACK_ROLE_LATENT_A_GATE, .dtype = MOE_DTYPE_F32, .rows = m, .cols = r };
-	parts[1] = (struct pack_part_desc){ .role = PACK_ROLE_LATENT_A_UP, .dtype = MOE_DTYPE_F32, .rows = m, .cols = r };
-	parts[2] = (struct pack_part_desc){ .role = PACK_ROLE_DOWN, .dtype = MOE_DTYPE_F32, .rows = n, .cols = m };
+	parts[0] = (struct pack_part_desc){ .role = PACK_ROLE_LATENT_A_GATE, .dtype = dt, .rows = m, .cols = r };
+	parts[1] = (struct pack_part_desc){ .role = PACK_ROLE_LATENT_A_UP, .dtype = dt, .rows = m, .cols = r };
+	parts[2] = (struct pack_part_desc){ .role = PACK_ROLE_DOWN, .dtype = dt, .rows = n, .cols = m };
+	/* down keeps its bytes when its dtype is kept (exact, nothing re-rounded) */
+	const bool down_raw = c.part[2]->dtype == dt;
 	if ((rc = pack_writer_create(out_path, &outm, parts, 3, "molae", &w, err)) < 0)
 		goto fail;
-	rep->extent_bytes_after = MOE_ALIGN_UP((2 * (uint64_t)m * r + mn) * sizeof(float), (uint64_t)PACK_ALIGN);
+	{
+		uint64_t ra, rd;
+		(void)moe_dtype_row_bytes(dt, r, &ra);
+		(void)moe_dtype_row_bytes(dt, m, &rd);
+		rep->extent_bytes_after = MOE_ALIGN_UP(2 * (uint64_t)m * ra + (uint64_t)n * rd, (uint64_t)PACK_ALIGN);
+	}
 
 	for (uint32_t l = 0; l < L; l++) {
 		int32_t *gof = rep->group_of + (size_t)l * c.E;
@@ -506,12 +545,16 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 					load_part(&c, p, W[p]);
 					molae_project(W[p], m, n, Bd[p], r, A);
 					res2[p] += molae_residual2(W[p], A, Bd[p], m, n, r, scr);
-					if ((rc = write_f32(w, A, (size_t)m * r, fbuf, fbuf_n, err)) < 0)
+					if ((rc = write_rows(w, A, m, r, dt, frow, orow, err)) < 0)
 						goto fail;
 				}
-				load_part(&c, 2, W[2]);
-				if ((rc = write_f32(w, W[2], mn, fbuf, fbuf_n, err)) < 0 ||
-				    (rc = pack_writer_end_expert(w, err)) < 0)
+				if (down_raw) {
+					rc = pack_writer_write(w, c.ext + c.part[2]->offset, c.part[2]->bytes, err);
+				} else {
+					load_part(&c, 2, W[2]);
+					rc = write_rows(w, W[2], n, m, dt, frow, orow, err);
+				}
+				if (rc < 0 || (rc = pack_writer_end_expert(w, err)) < 0)
 					goto fail;
 			}
 			for (int p = 0; p < 2; p++)
@@ -587,7 +630,8 @@ done:
 	}
 	free(A);
 	free(scr);
-	free(fbuf);
+	free(frow);
+	free(orow);
 	free(Bf);
 	return rc;
 }
@@ -631,7 +675,7 @@ int molae_convert(const char *in, const char *out, const struct molae_options *o
 static void molae_usage(FILE *f)
 {
 	fprintf(f, "usage: moe-pack molae --rank R [--group-size K | --groups auto] IN.moepack -o OUT.moepack\n"
-		   "                      [--json] [-q]\n");
+		   "                      [--dtype f32|f16|bf16|q8_0] [--json] [-q]\n");
 }
 
 int molae_main(int argc, char **argv)
@@ -640,7 +684,8 @@ int molae_main(int argc, char **argv)
 		{ "rank", required_argument, NULL, 'r' },   { "group-size", required_argument, NULL, 'k' },
 		{ "groups", required_argument, NULL, 'g' }, { "output", required_argument, NULL, 'o' },
 		{ "json", no_argument, NULL, 'j' },         { "quiet", no_argument, NULL, 'q' },
-		{ "help", no_argument, NULL, 'h' },         { NULL, 0, NULL, 0 },
+		{ "help", no_argument, NULL, 'h' },         { "dtype", required_argument, NULL, 'd' },
+		{ NULL, 0, NULL, 0 },
 	};
 	struct molae_options o = { .progress = true };
 	const char *out = NULL;
@@ -649,8 +694,16 @@ int molae_main(int argc, char **argv)
 	int c;
 	char *end;
 
-	while ((c = getopt_long(argc, argv, "r:k:g:o:jqh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "r:k:g:o:d:jqh", longopts, NULL)) != -1) {
 		switch (c) {
+		case 'd':
+			o.dtype = moe_dtype_parse(optarg);
+			if (o.dtype != MOE_DTYPE_F32 && o.dtype != MOE_DTYPE_F16 && o.dtype != MOE_DTYPE_BF16 &&
+			    o.dtype != MOE_DTYPE_Q8_0) {
+				fprintf(stderr, "moe-pack molae: --dtype %s: expected f32, f16, bf16 or q8_0\n", optarg);
+				return 2;
+			}
+			break;
 		case 'r': {
 			unsigned long v = strtoul(optarg, &end, 10);
 			if (*optarg == '-' || *end || !*optarg || v == 0 || v > (1ul << 20)) {

@@ -8,7 +8,8 @@
  * expert at a time (memory n^2, not k*m*n). The squared error is exactly the
  * sum of the eigenvalues past r.
  *
- * The output pack's extents hold (A_gate_i | A_up_i | W_down_i), f32; the B
+ * The output pack's extents hold (A_gate_i | A_up_i | W_down_i) (f32, or f16,
+ * bf16, q8_0 by option; down is copied as it is when its dtype is kept); the B
  * matrices, each expert's group and a JSON report are resident tensors
  * (PACK_ROLE_LATENT_*, doc/molae.md). */
 #ifndef MOETIER_MOLAE_H
@@ -26,6 +27,7 @@ struct molae_options {
 	uint32_t group_size; /* k: experts per group (must divide E); 0 = E (one group per layer) */
 	bool groups_auto;    /* group by subspace similarity instead of contiguous ranges */
 	bool progress;       /* a line per layer on stderr */
+	uint32_t dtype;      /* enum moe_dtype of A and down in the output: F32 (0 = F32), F16, BF16, Q8_0 */
 };
 
 /* One (layer, group): index 0 = gate, 1 = up. */
@@ -48,7 +50,8 @@ struct molae_report {
 	uint64_t expert_params_before;   /* 3 m n: what moves per routed expert */
 	uint64_t expert_params_after;    /* 2 m r + m n */
 	uint64_t extent_bytes_before;    /* the input pack's extent (its dtype, padded) */
-	uint64_t extent_bytes_after;     /* the output pack's extent (f32, padded) */
+	uint64_t extent_bytes_after;     /* the output pack's extent (its dtype, padded) */
+	uint32_t dtype;                  /* of the output's A and down */
 	uint64_t resident_b_bytes;       /* all B matrices, f32 */
 };
 
