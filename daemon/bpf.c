@@ -170,6 +170,8 @@ static void load_all(struct bpf_obs *o)
 			o->faults->rodata->targ_tgid = tgid;
 			o->faults->rodata->targ_narenas = c->n_arenas;
 			for (unsigned i = 0; i < c->n_arenas; i++) {
+				o->faults->rodata->targ_lo[i] = (__u64)(uintptr_t)c->arenas[i].base;
+				o->faults->rodata->targ_hi[i] = (__u64)(uintptr_t)c->arenas[i].base + c->arenas[i].len;
 				o->faults->rodata->targ_ino[i] = (__u64)c->arenas[i].ino;
 				o->faults->rodata->targ_sdev[i] = kdev(c->arenas[i].dev);
 			}

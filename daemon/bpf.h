@@ -33,6 +33,8 @@ struct bpf_obs_config {
 	struct {
 		dev_t dev;                /* st_dev and st_ino of the arena's memfd */
 		ino_t ino;
+		const void *base;         /* where the daemon (tgid) maps it, and how much */
+		uint64_t len;
 		char name[16];            /* "host", "gpu" */
 	} arenas[FAULTS_MAX_ARENAS];
 	bool disabled;                    /* --no-bpf: load nothing */

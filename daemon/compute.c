@@ -434,9 +434,14 @@ void compute_render(const struct compute_ctx *c, FILE *f, json_t *jm, uint32_t f
 			fprintf(f, "  compute_%-26s %.6g\n", in[i].name, in[i].v);
 		else if (jc)
 			json_object_set_new(jc, in[i].name, json_real(in[i].v));
-		else if (first)
-			fprintf(f, "# TYPE moetier_compute_%s gauge\nmoetier_compute_%s %.9g\n", in[i].name, in[i].name,
-				in[i].v);
+		else if (first) {
+			/* Prometheus wants base units: host_fixed_us as seconds */
+			size_t n = strlen(in[i].name);
+			bool us = n > 3 && !strcmp(in[i].name + n - 3, "_us");
+			fprintf(f, "# TYPE moetier_compute_%.*s%s gauge\nmoetier_compute_%.*s%s %.9g\n", (int)(us ? n - 3 : n),
+				in[i].name, us ? "_seconds" : "", (int)(us ? n - 3 : n), in[i].name, us ? "_seconds" : "",
+				us ? in[i].v * 1e-6 : in[i].v);
+		}
 	}
 	for (unsigned i = 0; i < COMPUTE_CTR_COUNT; i++) {
 		const char *name = compute_counter_name((enum compute_counter)i);
@@ -445,8 +450,16 @@ void compute_render(const struct compute_ctx *c, FILE *f, json_t *jm, uint32_t f
 			fprintf(f, "  compute_%-26s %" PRIu64 "\n", name, v);
 		else if (jc)
 			json_object_set_new(jc, name, json_integer((json_int_t)v));
-		else if (first)
-			fprintf(f, "# TYPE moetier_compute_%s counter\nmoetier_compute_%s %" PRIu64 "\n", name, name, v);
+		else if (first) {
+			/* counters end in _total; compute_ns counts seconds there */
+			size_t n = strlen(name);
+			if (n > 3 && !strcmp(name + n - 3, "_ns"))
+				fprintf(f, "# TYPE moetier_compute_%.*s_seconds_total counter\nmoetier_compute_%.*s_seconds_total %.9g\n",
+					(int)(n - 3), name, (int)(n - 3), name, (double)v * 1e-9);
+			else
+				fprintf(f, "# TYPE moetier_compute_%s_total counter\nmoetier_compute_%s_total %" PRIu64 "\n", name,
+					name, v);
+		}
 	}
 	if (jc)
 		json_object_set_new(jm, "compute", jc);

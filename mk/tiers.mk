@@ -27,3 +27,13 @@ bench_io_vs_fio_LDADD = $(DAEMON_LINK)
 # Benchmarks are not installed, so neither are their pages.
 EXTRA_DIST += doc/io-vs-fio.1
 dist_doc_DATA += doc/tiers.md
+
+# The Prometheus exposition follows the conventions (tests/test_metrics.c).
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_metrics
+TESTS += tests/test_metrics
+tests_test_metrics_SOURCES = tests/test_metrics.c
+tests_test_metrics_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_metrics_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+endif
+EXTRA_DIST += tests/test_metrics_daemon.sh

@@ -490,7 +490,7 @@ Test(cache, stats_render_json_and_prometheus)
 	char *pr = stats_render_prometheus(&snap, true);
 	cr_assert(strstr(pr, "moetier_cache_loads_host_total 1\n"));
 	cr_assert(strstr(pr, "moetier_expert_loads_total{layer=\"1\",expert=\"6\"} 1\n"));
-	cr_assert(strstr(pr, "moetier_nvme_read_ns_count 1\n"));
+	cr_assert(strstr(pr, "moetier_nvme_read_seconds_count 1\n"));
 	cr_assert(strstr(pr, "# TYPE moetier_host_slots gauge\n"));
 	free(pr);
 	/* Every counter named in the X-macro list is in the text rendering. */
