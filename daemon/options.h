@@ -79,6 +79,12 @@ enum config_type { CONFIG_STR, CONFIG_SIZE, CONFIG_U32, CONFIG_I32, CONFIG_BOOL 
 	  "busy-poll window of the ring thread before it sleeps on the futex") \
 	X("max-clients", max_clients, CONFIG_U32, 1, 127, "64", false, \
 	  "clients attached at once") \
+	X("admin-reserve", admin_reserve, CONFIG_U32, 0, 64, "4", false, \
+	  "slots of max-clients kept for admin peers (root, the daemon's uid, admin-group), by SO_PEERCRED at accept") \
+	X("hello-timeout-ms", hello_timeout_ms, CONFIG_U32, 0, 600000, "2000", true, \
+	  "a connection that has not sent HELLO by then is closed (0: no deadline)") \
+	X("client-share", client_share, CONFIG_U32, 1, 100, "50", true, \
+	  "percent of each tier's slots one client may hold leased while other clients are attached") \
 	X("max-leases", max_leases, CONFIG_U32, 1, 1048576, "4096", false, \
 	  "leases one client may hold at once") \
 	X("wait-timeout-ms", wait_timeout_ms, CONFIG_U32, 1, 3600000, "30000", true, \

@@ -76,6 +76,8 @@ static int start_bpf(struct server *s)
 				continue;
 			bc.arenas[bc.n_arenas].dev = st.st_dev;
 			bc.arenas[bc.n_arenas].ino = st.st_ino;
+			bc.arenas[bc.n_arenas].base = m->arena[t].base;
+			bc.arenas[bc.n_arenas].len = m->arena[t].bytes;
 			snprintf(bc.arenas[bc.n_arenas].name, sizeof(bc.arenas[0].name), "%s%s%.8s",
 				 t == CACHE_TIER_GPU ? "gpu" : "host", s->n_models > 1 ? ":" : "",
 				 s->n_models > 1 ? m->name : "");
@@ -235,6 +237,9 @@ int server_run(struct server *s, struct moe_error *err)
 	uint64_t period_ns = 1000000000ull;
 	if (sd_watchdog_enabled(0, &s->watchdog_usec) > 0 && s->watchdog_usec)
 		period_ns = MOE_MIN(period_ns, s->watchdog_usec * 1000ull / 2);
+	/* The tick also closes connections whose HELLO is overdue. */
+	if (s->cfg->hello_timeout_ms)
+		period_ns = MOE_MIN(period_ns, MOE_MAX(s->cfg->hello_timeout_ms, 20u) * 1000000ull / 4);
 	struct itimerspec its = { { (time_t)(period_ns / 1000000000ull), (long)(period_ns % 1000000000ull) },
 				  { (time_t)(period_ns / 1000000000ull), (long)(period_ns % 1000000000ull) } };
 	timerfd_settime(s->timer_fd, 0, &its, NULL);
@@ -280,6 +285,7 @@ int server_run(struct server *s, struct moe_error *err)
 				if (s->watchdog_usec)
 					sd_notify(0, "WATCHDOG=1");
 				notify_status(s);
+				server_conn_sweep(s);
 				server_kick_ring(s);
 			} else if (p == &tags[3]) {
 				server_conn_reap(s);

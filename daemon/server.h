@@ -44,7 +44,8 @@ struct cache;
 	X(bad_messages, "control messages that failed validation") \
 	X(admin_requests, "admin requests served") \
 	X(parked_acquires, "blocking acquires parked until a load finished") \
-	X(ring_sleeps, "times the ring thread slept on the futex")
+	X(ring_sleeps, "times the ring thread slept on the futex") \
+	X(hello_timeouts, "connections closed for not sending HELLO within hello-timeout-ms")
 
 enum server_counter {
 #define X(id, help) SERVER_##id,

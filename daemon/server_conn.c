@@ -205,13 +205,21 @@ void server_conn_accept(struct server *s)
 	bool self = cr.uid == 0 || cr.uid == geteuid();
 	c->admin = self || (s->have_admin_gid && in_group(s->admin_gid, cr.gid, groups, ngroups));
 	c->data = c->admin || (s->have_sock_gid && in_group(s->sock_gid, cr.gid, groups, ngroups));
+	c->accept_ns = moe_now_ns();
 	pthread_mutex_lock(&s->lock);
-	unsigned idx = s->max_clients;
-	for (unsigned i = 0; i < s->max_clients; i++)
-		if (!s->clients[i]) {
+	unsigned idx = s->max_clients, used = 0;
+	for (unsigned i = 0; i < s->max_clients; i++) {
+		if (s->clients[i])
+			used++;
+		else if (idx == s->max_clients)
 			idx = i;
-			break;
-		}
+	}
+	/* The last admin-reserve slots go to admins only, so that connections
+	 * of other users (even ones that never say HELLO) cannot lock root's
+	 * moectl out. */
+	unsigned reserve = MOE_MIN(s->cfg->admin_reserve, s->max_clients - 1);
+	if (!c->admin && used + reserve >= s->max_clients)
+		idx = s->max_clients;
 	if (idx < s->max_clients) {
 		s->clients[idx] = c;
 		c->idx = idx;
@@ -220,7 +228,8 @@ void server_conn_accept(struct server *s)
 	}
 	pthread_mutex_unlock(&s->lock);
 	if (idx == s->max_clients) {
-		server_conn_error(s, c, 0, -EUSERS, "too many clients (max-clients = %u)", s->max_clients);
+		server_conn_error(s, c, 0, -EUSERS, "too many clients (max-clients = %u, %u kept for admins)",
+				  s->max_clients, MOE_MIN(s->cfg->admin_reserve, s->max_clients - 1));
 		server_cnt(s, SERVER_clients_refused);
 		close(fd);
 		pthread_mutex_destroy(&c->lock);
@@ -265,6 +274,29 @@ void server_conn_close(struct server *s, struct srv_client *c)
 	s->clients[c->idx] = NULL;
 	pthread_mutex_unlock(&s->lock);
 	server_conn_free(c);
+}
+
+void server_conn_sweep(struct server *s)
+{
+	uint32_t ms = s->cfg->hello_timeout_ms;
+	if (!ms)
+		return;
+	uint64_t now = moe_now_ns();
+	/* Only the event loop adds or closes pre-HELLO clients: no lock needed
+	 * to close them here, but the table is read under it. */
+	for (unsigned i = 0; i < s->max_clients; i++) {
+		pthread_mutex_lock(&s->lock);
+		struct srv_client *c = s->clients[i];
+		bool late = c && !c->hello_done && c->fd >= 0 && now - c->accept_ns > (uint64_t)ms * 1000000ull;
+		pthread_mutex_unlock(&s->lock);
+		if (!late)
+			continue;
+		moe_warn("client %u (uid %u, pid %d) sent no HELLO within %u ms: closed", c->id, (unsigned)c->uid,
+			 (int)c->pid, ms);
+		server_conn_error(s, c, 0, -ETIMEDOUT, "no HELLO within hello-timeout-ms = %u", ms);
+		server_cnt(s, SERVER_hello_timeouts);
+		server_conn_close(s, c);
+	}
 }
 
 void server_conn_reap(struct server *s)

@@ -73,6 +73,7 @@ struct srv_client {
 	gid_t gid;
 	pid_t pid;                /* shown only; never used for access decisions */
 	bool admin, data, hello_done;
+	uint64_t accept_ns;       /* HELLO is due by accept_ns + hello-timeout-ms */
 	char name[32];
 	struct served_model *m;
 	uint16_t version;
@@ -143,6 +144,8 @@ void server_conn_accept(struct server *s);
 void server_conn_readable(struct server *s, struct srv_client *c);
 void server_conn_close(struct server *s, struct srv_client *c);
 void server_conn_free(struct srv_client *c);
+/* Closes the connections whose HELLO is overdue (timer tick). */
+void server_conn_sweep(struct server *s);
 /* Frees the clients the ring thread marked DEAD. */
 void server_conn_reap(struct server *s);
 int server_conn_send(int fd, uint16_t type, uint32_t seq, int32_t status, uint32_t arg, const void *payload,

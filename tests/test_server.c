@@ -72,8 +72,22 @@ static void start_daemon(struct env *e, const char *host_bytes, const char *extr
 			dup2(fd, 2);
 			close(fd);
 		}
-		execl(tu_build_path("moetierd"), "moetierd", "--foreground", "--config=", so, hb, "--socket-group=",
-		      "--log-level=debug", extra ? extra : "--seccomp", e->pack, (char *)NULL);
+		/* extra: one or more options, separated by spaces */
+		char xb[1024], *argv[32], *save = NULL;
+		unsigned n = 0;
+		argv[n++] = "moetierd";
+		argv[n++] = "--foreground";
+		argv[n++] = "--config=";
+		argv[n++] = so;
+		argv[n++] = hb;
+		argv[n++] = "--socket-group=";
+		argv[n++] = "--log-level=debug";
+		snprintf(xb, sizeof(xb), "%s", extra ? extra : "--seccomp");
+		for (char *t = strtok_r(xb, " ", &save); t && n < 30; t = strtok_r(NULL, " ", &save))
+			argv[n++] = t;
+		argv[n++] = e->pack;
+		argv[n] = NULL;
+		execv(tu_build_path("moetierd"), argv);
 		_exit(127);
 	}
 	e->pid = p;
@@ -819,5 +833,117 @@ Test(server, advise_move_or_compute, .timeout = 60)
 	cr_assert(strstr(st, "\"decide_host\""), "%s", st);
 	free(st);
 	moet_close(c);
+	teardown(&e);
+}
+
+/* ---- many tenants (issue 14) ------------------------------------------------ */
+
+static json_int_t server_stat(moet_ctx *c, const char *name)
+{
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_JSON, &txt), 0);
+	json_error_t je;
+	json_t *root = json_loads(txt, 0, &je);
+	cr_assert_not_null(root, "%s: %s", je.text, txt);
+	json_t *v = json_object_get(json_object_get(root, "server"), name);
+	cr_assert(json_is_integer(v), "no server.%s in %s", name, txt);
+	json_int_t r = json_integer_value(v);
+	json_decref(root);
+	free(txt);
+	return r;
+}
+
+static int control_connect(struct env *e, moet_ctx **c)
+{
+	struct moet_connect_opts o = { sizeof(o), e->sock, NULL, "moectl", 0, 1, 0 };
+	return moet_connect(&o, c);
+}
+
+/* Waits until the daemon closes fd (EOF or an error reply then EOF). */
+static bool closed_by_daemon(int fd, int ms)
+{
+	struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	uint8_t buf[4096];
+	for (;;) {
+		ssize_t n = recv(fd, buf, sizeof(buf), 0);
+		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+			return true;
+		if (n < 0)
+			return false;
+	}
+}
+
+/* Connections that never say HELLO: those of other users cannot take the
+ * slots kept for admins, and every one is closed after hello-timeout-ms, so
+ * root's moectl always gets in and everyone else soon does. */
+Test(server, silent_connections_cannot_lock_out_admins, .timeout = 90)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	enum { MAXC = 8 };
+	if (geteuid() == 0) {
+		/* No deadline: the admin reserve alone must let root in. */
+		start_daemon(&e, "1M", "--max-clients=8 --hello-timeout-ms=0 --socket-mode=0666 --seccomp");
+		int pfd[2], done[2];
+		cr_assert_eq(pipe(pfd), 0);
+		cr_assert_eq(pipe(done), 0);
+		pid_t kid = fork();
+		if (kid == 0) {
+			close(pfd[0]);
+			close(done[1]);
+			if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+				_exit(3);
+			int fds[MAXC];
+			for (int i = 0; i < MAXC; i++)
+				fds[i] = raw_connect(&e);
+			sleep_ms(200); /* let the daemon accept them all */
+			char x = 1;
+			if (write(pfd[1], &x, 1) != 1)
+				_exit(4);
+			if (read(done[0], &x, 1) < 0)
+				_exit(5);
+			for (int i = 0; i < MAXC; i++)
+				close(fds[i]);
+			_exit(0);
+		}
+		close(pfd[1]);
+		close(done[0]);
+		char x;
+		cr_assert_eq(read(pfd[0], &x, 1), 1);
+		moet_ctx *c = NULL;
+		int rc = control_connect(&e, &c);
+		cr_expect_eq(rc, 0, "root's moectl with %d silent connections of uid 65534 held: %s (%s)", MAXC,
+			     moet_strerror(rc), moet_last_error(NULL));
+		if (rc == 0) {
+			cr_expect_geq(server_stat(c, "clients_refused"), 1);
+			moet_close(c);
+		}
+		close(done[1]);
+		int st;
+		waitpid(kid, &st, 0);
+		cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+		close(pfd[0]);
+		stop_daemon(&e);
+	}
+	/* Same uid (an admin too), every slot taken: the deadline frees them. */
+	start_daemon(&e, "1M", "--max-clients=8 --hello-timeout-ms=300 --seccomp");
+	int fds[MAXC];
+	for (int i = 0; i < MAXC; i++)
+		fds[i] = raw_connect(&e);
+	for (int i = 0; i < MAXC; i++)
+		cr_expect(closed_by_daemon(fds[i], 5000), "silent connection %d still open after 5 s", i);
+	moet_ctx *c = NULL;
+	int rc = control_connect(&e, &c);
+	cr_assert_eq(rc, 0, "%s (%s)", moet_strerror(rc), moet_last_error(NULL));
+	cr_expect_eq(server_stat(c, "hello_timeouts"), MAXC);
+	moet_close(c);
+	/* A client that says HELLO in time is never closed by the deadline. */
+	c = attach(&e, "prompt");
+	sleep_ms(800);
+	check_alive(c);
+	moet_close(c);
+	for (int i = 0; i < MAXC; i++)
+		close(fds[i]);
 	teardown(&e);
 }
