@@ -1,8 +1,8 @@
 #!/bin/sh
 # Tiering changes no bit: moe-run's teacher-forced logits through moetierd,
 # with a host arena holding about 10% of the experts (misses, evictions,
-# io_uring loads, prefetch hints) and a second client decoding beside it,
-# are byte-identical to moe-run --local (every expert in memory); also with
+# io_uring loads, prefetch hints two layers ahead) and a second client
+# decoding beside it, are byte-identical to moe-run --local (every expert in memory); also with
 # one token at a time on 2 threads, and the prompt batched then --feed ids
 # one decode step each (their bench line's decode-only counters must show
 # misses and bytes read). The runs must have missed and read from
@@ -54,7 +54,7 @@ done
 # the second client: decodes 1500 tokens beside the teacher-forced runs
 "$B/moe-run" "$tmp/m.moepack" --socket "$sock" --prefetch --tokens 5,6,7 -n 1500 --temp 0.8 --seed 9 >"$tmp/b.out" 2>&1 &
 bpid=$!
-"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --prefetch --tokens "$toks" --dump-logits "$tmp/d1.lg" 2>"$tmp/d1.err" ||
+"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --prefetch-depth 2 --tokens "$toks" --dump-logits "$tmp/d1.lg" 2>"$tmp/d1.err" ||
 	{ cat "$tmp/d1.err" >&2; exit 1; }
 MOETIER_RUN_SPLIT_MIN=0 "$B/moe-run" "$tmp/m.moepack" --socket "$sock" --tokens "$toks" --dump-logits "$tmp/d2.lg" \
 	--batch 1 -t 2 2>"$tmp/d2.err" || { cat "$tmp/d2.err" >&2; exit 1; }
