@@ -331,6 +331,120 @@ Test(molae, bf16_output_round_trip)
 	molae_report_free(rep);
 }
 
+/* sum ||(W_i - A_i B) x_t||^2 / sum ||W_i x_t||^2 over all experts and the
+ * T calibration states of each layer, from IN and the f32 pack OUT. */
+static double act_err(const char *outp, const float *X, uint32_t T, int p)
+{
+	struct pack_file *in, *out;
+	struct moe_error err = { "" };
+	cr_assert_eq(pack_open(in_path, PACK_OPEN_NO_DIRECT, &in, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_open(outp, PACK_OPEN_NO_DIRECT, &out, &err), 0, "%s", err.msg);
+	const struct pack_part_desc *pa = pack_part(out, p ? PACK_ROLE_LATENT_A_UP : PACK_ROLE_LATENT_A_GATE);
+	const uint32_t r = pa->cols;
+	uint8_t *ei = aligned_alloc(PACK_ALIGN, pack_extent_bytes(in)), *eo = aligned_alloc(PACK_ALIGN, pack_extent_bytes(out));
+	float *B = malloc((size_t)r * N_HID * sizeof(float));
+	int32_t gof[N_EXP];
+	double num = 0, den = 0;
+	for (uint32_t l = 0; l < N_MOE; l++) {
+		char name[96];
+		snprintf(name, sizeof(name), "blk.%u.molae_groups", l);
+		cr_assert_eq(pack_read_tensor(out, pack_find_tensor(out, name), gof, &err), 0, "%s", err.msg);
+		for (uint32_t e = 0; e < N_EXP; e++) {
+			snprintf(name, sizeof(name), "blk.%u.molae_b_%s.%d", l, p ? "up" : "gate", gof[e]);
+			cr_assert_eq(pack_read_tensor(out, pack_find_tensor(out, name), B, &err), 0, "%s", err.msg);
+			cr_assert_eq(pack_read_expert(in, l, e, ei, &err), 0, "%s", err.msg);
+			cr_assert_eq(pack_read_expert(out, l, e, eo, &err), 0, "%s", err.msg);
+			const float *W = (const float *)(ei + in->hdr->parts[p].offset), *A = (const float *)(eo + pa->offset);
+			for (uint32_t t = 0; t < T; t++) {
+				const float *x = X + ((size_t)l * T + t) * N_HID;
+				double bx[N_HID];
+				for (uint32_t q = 0; q < r; q++) {
+					bx[q] = 0;
+					for (uint32_t j = 0; j < N_HID; j++)
+						bx[q] += (double)B[q * N_HID + j] * x[j];
+				}
+				for (uint32_t i = 0; i < M_W; i++) {
+					double wx = 0, abx = 0;
+					for (uint32_t j = 0; j < N_HID; j++)
+						wx += (double)W[i * N_HID + j] * x[j];
+					for (uint32_t q = 0; q < r; q++)
+						abx += (double)A[i * r + q] * bx[q];
+					num += (wx - abx) * (wx - abx);
+					den += wx * wx;
+				}
+			}
+		}
+	}
+	free(B);
+	free(ei);
+	free(eo);
+	pack_close(in);
+	pack_close(out);
+	return sqrt(num / den);
+}
+
+/* Calibration states with very unequal scales per coordinate (and a few
+ * dead coordinates, covered by the ridge). */
+static void write_calib(const char *path, uint32_t T, size_t extra_bytes)
+{
+	size_t cnt = (size_t)N_MOE * T * N_HID;
+	float *x = malloc(cnt * sizeof(float) + extra_bytes);
+	uint64_t s = 99;
+	for (size_t i = 0; i < cnt; i++) {
+		uint32_t j = (uint32_t)(i % N_HID);
+		x[i] = j >= N_HID - 3 ? 0.0f : (float)(urand(&s) * (j < 8 ? 10.0 : 0.1));
+	}
+	memset(x + cnt, 0, extra_bytes);
+	cr_assert_eq(tu_write_file(path, x, cnt * sizeof(float) + extra_bytes), 0);
+	free(x);
+}
+
+Test(molae, activation_aware_optimal_in_the_weighted_norm)
+{
+	char cpath[600];
+	snprintf(cpath, sizeof(cpath), "%s/calib.f32", dir);
+	write_pack(in_path, FILL_RANDOM);
+	write_calib(cpath, 100, 0);
+	struct molae_options o = { .rank = 10, .group_size = 4, .calib = cpath };
+	struct molae_report *rep;
+	struct moe_error err = { "" };
+	cr_assert_eq(molae_convert(in_path, out_path, &o, &rep, &err), 0, "%s", err.msg);
+	cr_assert_eq(rep->calib_tokens, 100);
+	for (uint32_t i = 0; i < N_MOE * rep->n_groups; i++)
+		for (int p = 0; p < 2; p++) {
+			const struct molae_group_stat *g = &rep->groups[i];
+			/* optimal in the activation norm; the plain error exceeds the plain optimum */
+			cr_assert(g->werr[p] > 0.01 && fabs(g->werr[p] - g->wbound[p]) <= 1e-6 * g->wbound[p],
+				  "group %u: act error %.12g bound %.12g", i, g->werr[p], g->wbound[p]);
+			cr_assert(g->err[p] > g->bound[p] * (1 + 1e-3), "group %u: plain %.9g vs optimum %.9g", i,
+				  g->err[p], g->bound[p]);
+		}
+	check_round_trip(rep, 1e-4);
+	molae_report_free(rep);
+	/* on the calibration states, the activation-aware pack beats the plain one */
+	size_t len;
+	float *X = (float *)tu_read_file(cpath, &len);
+	cr_assert_not_null(X);
+	double aware[2] = { act_err(out_path, X, 100, 0), act_err(out_path, X, 100, 1) };
+	o.calib = NULL;
+	cr_assert_eq(molae_convert(in_path, out_path, &o, &rep, &err), 0, "%s", err.msg);
+	molae_report_free(rep);
+	for (int p = 0; p < 2; p++) {
+		double plain = act_err(out_path, X, 100, p);
+		cr_assert(aware[p] < 0.95 * plain, "%s: aware %.6g plain %.6g on the states", p ? "up" : "gate", aware[p],
+			  plain);
+	}
+	free(X);
+	o.calib = cpath;
+	/* a file that is not L x T x n f32 values, and a missing one */
+	write_calib(cpath, 100, 4);
+	cr_assert_eq(molae_convert(in_path, out_path, &o, &rep, &err), -EINVAL);
+	cr_assert(strstr(err.msg, "is not 2 MoE layers x T tokens x 48 hidden f32"), "%s", err.msg);
+	o.calib = "/nonexistent/calib.f32";
+	cr_assert_lt(molae_convert(in_path, out_path, &o, &rep, &err), 0);
+	cr_assert(strstr(err.msg, "calibration file"), "%s", err.msg);
+}
+
 Test(molae, auto_groups_find_interleaved_structure)
 {
 	write_pack(in_path, FILL_PLANTED_INTERLEAVED);

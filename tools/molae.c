@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "dtype.h"
 #include "pack.h"
@@ -90,6 +91,7 @@ json_t *molae_report_json(const struct molae_report *r)
 	json_object_set_new(o, "extent_bytes_after", json_integer((json_int_t)r->extent_bytes_after));
 	json_object_set_new(o, "resident_b_bytes", json_integer((json_int_t)r->resident_b_bytes));
 	json_object_set_new(o, "dtype", json_string(moe_dtype_name(r->dtype)));
+	json_object_set_new(o, "calib_tokens", json_integer((json_int_t)r->calib_tokens));
 	for (uint32_t l = 0; l < r->n_moe_layers; l++) {
 		json_t *lo = json_object(), *ga = json_array(), *map = json_array();
 		double se[2] = { 0, 0 }, sn[2] = { 0, 0 }, sb[2] = { 0, 0 };
@@ -104,6 +106,12 @@ json_t *molae_report_json(const struct molae_report *r)
 				json_object_set_new(go, key, json_real(s->err[p]));
 				snprintf(key, sizeof(key), "%s_rel_bound", nm);
 				json_object_set_new(go, key, json_real(s->bound[p]));
+				if (r->calib_tokens) {
+					snprintf(key, sizeof(key), "%s_act_rel_error", nm);
+					json_object_set_new(go, key, json_real(s->werr[p]));
+					snprintf(key, sizeof(key), "%s_act_rel_bound", nm);
+					json_object_set_new(go, key, json_real(s->wbound[p]));
+				}
 				se[p] += s->err[p] * s->err[p] * s->norm2[p];
 				sb[p] += s->bound[p] * s->bound[p] * s->norm2[p];
 				sn[p] += s->norm2[p];
@@ -129,12 +137,19 @@ void molae_report_print(const struct molae_report *r, FILE *f)
 {
 	fprintf(f, "molae: rank %u, %u group(s) of %u expert(s) per layer (%s), n=%u m=%u E=%u\n", r->rank,
 		r->n_groups, r->group_size, r->groups_auto ? "auto" : "contiguous", r->n, r->m, r->n_experts);
+	if (r->calib_tokens)
+		fprintf(f, "activation-aware: %" PRIu64 " calibration tokens per layer; act = ||(W - A B) L|| / ||W L||\n",
+			r->calib_tokens);
 	fprintf(f, "%5s %5s %12s %12s %12s %12s\n", "layer", "group", "gate_err", "gate_bound", "up_err", "up_bound");
 	for (uint32_t l = 0; l < r->n_moe_layers; l++)
 		for (uint32_t g = 0; g < r->n_groups; g++) {
 			const struct molae_group_stat *s = &r->groups[(size_t)l * r->n_groups + g];
-			fprintf(f, "%5u %5u %12.6e %12.6e %12.6e %12.6e\n", l, g, s->err[0], s->bound[0], s->err[1],
+			fprintf(f, "%5u %5u %12.6e %12.6e %12.6e %12.6e", l, g, s->err[0], s->bound[0], s->err[1],
 				s->bound[1]);
+			if (r->calib_tokens)
+				fprintf(f, "  act: gate %.6e (bound %.6e) up %.6e (bound %.6e)", s->werr[0], s->wbound[0],
+					s->werr[1], s->wbound[1]);
+			fputc('\n', f);
 		}
 	fprintf(f, "params per layer: %" PRIu64 " -> %" PRIu64 " (%.1f%% saved)\n", r->params_before, r->params_after,
 		r->params_before ? 100.0 * (1.0 - (double)r->params_after / (double)r->params_before) : 0.0);
@@ -375,6 +390,65 @@ out:
 	return rc;
 }
 
+/* C = X^T X over the T calibration states of MoE layer l (rows of X, f32 in
+ * the file), plus a ridge of 1e-6 trace(C)/n so that C is positive definite
+ * even for states in a subspace, then C = L L^T: L overwrites C (lower, the
+ * upper triangle zeroed so that it is L as a full matrix). */
+static int calib_factor(FILE *f, const char *path, uint32_t l, uint64_t T, uint32_t n, double *C,
+			struct moe_error *err)
+{
+	enum { CHUNK = 256 };
+	float *xf = malloc((size_t)CHUNK * n * sizeof(float));
+	double *xd = malloc((size_t)CHUNK * n * sizeof(double));
+	int rc = 0;
+	if (!xf || !xd) {
+		rc = moe_error_set(err, -ENOMEM, "molae: out of memory (calibration)");
+		goto out;
+	}
+	memset(C, 0, (size_t)n * n * sizeof(double));
+	if (fseeko(f, (off_t)((uint64_t)l * T * n * sizeof(float)), SEEK_SET) != 0) {
+		rc = moe_error_set(err, -EIO, "molae: %s: cannot seek to layer %u", path, l);
+		goto out;
+	}
+	for (uint64_t t = 0; t < T; t += CHUNK) {
+		size_t rows = T - t < CHUNK ? (size_t)(T - t) : CHUNK;
+		if (fread(xf, (size_t)n * sizeof(float), rows, f) != rows) {
+			rc = moe_error_set(err, -EIO, "molae: %s: short read in layer %u", path, l);
+			goto out;
+		}
+		for (size_t i = 0; i < rows * n; i++) {
+			if (!isfinite(xf[i])) {
+				rc = moe_error_set(err, -EINVAL, "molae: %s: non-finite value in layer %u, token %" PRIu64,
+						   path, l, t + i / n);
+				goto out;
+			}
+			xd[i] = xf[i];
+		}
+		cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, (int)n, (int)rows, 1.0, xd, (int)n, 1.0, C, (int)n);
+	}
+	double tr = 0.0;
+	for (uint32_t i = 0; i < n; i++)
+		tr += C[(size_t)i * n + i];
+	if (!(tr > 0.0)) {
+		rc = moe_error_set(err, -EINVAL, "molae: %s: the calibration states of layer %u are all zero", path, l);
+		goto out;
+	}
+	for (uint32_t i = 0; i < n; i++)
+		C[(size_t)i * n + i] += 1e-6 * tr / n;
+	lapack_int info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, 'L', (lapack_int)n, C, (lapack_int)n);
+	if (info != 0) {
+		rc = moe_error_set(err, -EDOM, "molae: %s: layer %u: Cholesky failed (info %d)", path, l, (int)info);
+		goto out;
+	}
+	for (uint32_t i = 0; i < n; i++)
+		for (uint32_t j = i + 1; j < n; j++)
+			C[(size_t)i * n + j] = 0.0;
+out:
+	free(xf);
+	free(xd);
+	return rc;
+}
+
 static int copy_tensor(struct pack_writer *w, struct pack_file *in, const struct pack_tensor_entry *t,
 		       struct moe_error *err)
 {
@@ -419,6 +493,9 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 	struct molae_report *rep = NULL;
 	struct pack_writer *w = NULL;
 	double *W[3] = { NULL, NULL, NULL }, *Gm[2] = { NULL, NULL }, *Bd[2] = { NULL, NULL }, *A = NULL, *scr = NULL;
+	double *Lc = NULL, *T1 = NULL, *Gw = NULL, *Vt = NULL, *P[2] = { NULL, NULL };
+	FILE *cf = NULL;
+	uint64_t T = 0;
 	float *Bf = NULL, *frow = NULL;
 	uint8_t *orow = NULL;
 	int rc;
@@ -437,6 +514,24 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 	const uint32_t n = c.n, m = c.m, r = c.r, L = mc->n_moe_layers;
 	const size_t nn = (size_t)n * n, mn = (size_t)m * n;
 
+	if (o->calib) {
+		struct stat sb;
+		const uint64_t row = (uint64_t)L * n * sizeof(float);
+		cf = fopen(o->calib, "rb");
+		if (!cf || fstat(fileno(cf), &sb) != 0 || !S_ISREG(sb.st_mode)) {
+			rc = moe_error_set(err, -ENOENT, "molae: calibration file %s: %s", o->calib,
+					   cf ? "not a regular file" : strerror(errno));
+			goto fail;
+		}
+		if (sb.st_size <= 0 || (uint64_t)sb.st_size % row) {
+			rc = moe_error_set(err, -EINVAL,
+					   "molae: calibration file %s: %" PRIu64 " bytes is not %u MoE layers x T tokens x "
+					   "%u hidden f32 values",
+					   o->calib, (uint64_t)sb.st_size, L, n);
+			goto fail;
+		}
+		T = (uint64_t)sb.st_size / row;
+	}
 	rep = calloc(1, sizeof(*rep));
 	if (!rep || !(rep->groups = calloc((size_t)L * c.G, sizeof(*rep->groups))) ||
 	    !(rep->group_of = calloc((size_t)L * c.E, sizeof(int32_t)))) {
@@ -451,6 +546,7 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 	rep->group_size = c.k;
 	rep->n_groups = c.G;
 	rep->groups_auto = o->groups_auto;
+	rep->calib_tokens = T;
 	rep->expert_params_before = 3 * (uint64_t)mn;
 	rep->expert_params_after = 2 * (uint64_t)m * r + mn;
 	rep->params_before = rep->expert_params_before * c.E;
@@ -472,6 +568,12 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 	orow = malloc((size_t)(n > r ? n : r) * sizeof(float) + 64);
 	/* Every B stays in memory until the resident region (after the extents). */
 	Bf = malloc((size_t)L * c.G * 2 * r * n * sizeof(float));
+	if (cf && (!(Lc = malloc(nn * sizeof(double))) || !(T1 = malloc(nn * sizeof(double))) ||
+		   !(Gw = malloc(nn * sizeof(double))) || !(Vt = malloc((size_t)r * n * sizeof(double))) ||
+		   !(P[0] = malloc((size_t)n * r * sizeof(double))) || !(P[1] = malloc((size_t)n * r * sizeof(double))))) {
+		rc = moe_error_set(err, -ENOMEM, "molae: out of memory (activation-aware, n %u)", n);
+		goto fail;
+	}
 	if (!c.ext || !c.row || !W[0] || !W[1] || !W[2] || !Gm[0] || !Gm[1] || !Bd[0] || !Bd[1] || !A || !scr ||
 	    !frow || !orow || !Bf) {
 		rc = moe_error_set(err, -ENOMEM, "molae: out of memory (n %u, m %u, rank %u)", n, m, r);
@@ -500,6 +602,8 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 
 	for (uint32_t l = 0; l < L; l++) {
 		int32_t *gof = rep->group_of + (size_t)l * c.E;
+		if (cf && (rc = calib_factor(cf, o->calib, l, T, n, Lc, err)) < 0)
+			goto fail;
 		if (o->groups_auto && c.G > 1) {
 			if ((rc = auto_groups(&c, l, gof, err)) < 0)
 				goto fail;
@@ -509,7 +613,7 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 		}
 		for (uint32_t g = 0; g < c.G; g++) {
 			struct molae_group_stat *st = &rep->groups[(size_t)l * c.G + g];
-			double res2[2] = { 0, 0 };
+			double res2[2] = { 0, 0 }, wres2[2] = { 0, 0 }, wtot[2] = { 0, 0 };
 			st->layer = l;
 			st->group = g;
 			memset(Gm[0], 0, nn * sizeof(double));
@@ -530,6 +634,26 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 				if ((rc = molae_basis(Gm[p], n, r, Bd[p], &st->norm2[p], &tail, err)) < 0)
 					goto fail;
 				st->bound[p] = st->norm2[p] > 0 ? sqrt(tail / st->norm2[p]) : 0.0;
+				if (cf) {
+					/* min sum ||(W_i - A_i B) L||: the top-r eigenvectors Vt of
+					 * L^T G L; A_i = W_i L Vt^T, B = Vt L^-1 (molae.md section 4). */
+					double wtail;
+					for (uint32_t i = 0; i < n; i++)
+						for (uint32_t j = i + 1; j < n; j++)
+							Gm[p][(size_t)j * n + i] = Gm[p][(size_t)i * n + j];
+					cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)n, (int)n, 1.0, Gm[p],
+						    (int)n, Lc, (int)n, 0.0, T1, (int)n);
+					cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)n, (int)n, (int)n, 1.0, Lc,
+						    (int)n, T1, (int)n, 0.0, Gw, (int)n);
+					if ((rc = molae_basis(Gw, n, r, Vt, &wtot[p], &wtail, err)) < 0)
+						goto fail;
+					st->wbound[p] = wtot[p] > 0 ? sqrt(wtail / wtot[p]) : 0.0;
+					cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)r, (int)n, 1.0, Lc,
+						    (int)n, Vt, (int)n, 0.0, P[p], (int)r);
+					memcpy(Bd[p], Vt, (size_t)r * n * sizeof(double));
+					cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit, (int)r,
+						    (int)n, 1.0, Lc, (int)n, Bd[p], (int)n);
+				}
 				float *bf = Bf + (((size_t)l * c.G + g) * 2 + p) * r * n;
 				for (size_t i = 0; i < (size_t)r * n; i++)
 					bf[i] = (float)Bd[p][i];
@@ -543,8 +667,19 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 					goto fail;
 				for (int p = 0; p < 2; p++) {
 					load_part(&c, p, W[p]);
-					molae_project(W[p], m, n, Bd[p], r, A);
+					if (cf)
+						cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)r, (int)n,
+							    1.0, W[p], (int)n, P[p], (int)r, 0.0, A, (int)r);
+					else
+						molae_project(W[p], m, n, Bd[p], r, A);
 					res2[p] += molae_residual2(W[p], A, Bd[p], m, n, r, scr);
+					if (cf) {
+						/* scr holds W - A B */
+						cblas_dtrmm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit,
+							    (int)m, (int)n, 1.0, Lc, (int)n, scr, (int)n);
+						for (size_t i = 0; i < mn; i++)
+							wres2[p] += scr[i] * scr[i];
+					}
 					if ((rc = write_rows(w, A, m, r, dt, frow, orow, err)) < 0)
 						goto fail;
 				}
@@ -557,8 +692,10 @@ int molae_convert(const char *in_path, const char *out_path, const struct molae_
 				if (rc < 0 || (rc = pack_writer_end_expert(w, err)) < 0)
 					goto fail;
 			}
-			for (int p = 0; p < 2; p++)
+			for (int p = 0; p < 2; p++) {
 				st->err[p] = st->norm2[p] > 0 ? sqrt(res2[p] / st->norm2[p]) : 0.0;
+				st->werr[p] = wtot[p] > 0 ? sqrt(wres2[p] / wtot[p]) : 0.0;
+			}
 		}
 		if (o->progress) {
 			double e0 = 0, e1 = 0;
@@ -632,6 +769,14 @@ done:
 	free(scr);
 	free(frow);
 	free(orow);
+	free(Lc);
+	free(T1);
+	free(Gw);
+	free(Vt);
+	free(P[0]);
+	free(P[1]);
+	if (cf)
+		fclose(cf);
 	free(Bf);
 	return rc;
 }
@@ -675,7 +820,8 @@ int molae_convert(const char *in, const char *out, const struct molae_options *o
 static void molae_usage(FILE *f)
 {
 	fprintf(f, "usage: moe-pack molae --rank R [--group-size K | --groups auto] IN.moepack -o OUT.moepack\n"
-		   "                      [--dtype f32|f16|bf16|q8_0] [--json] [-q]\n");
+		   "                      [--dtype f32|f16|bf16|q8_0] [--calib STATES.f32] [--json] [-q]\n"
+		   "STATES.f32: raw little-endian f32 hidden states [MoE layers][T][hidden] (activation-aware)\n");
 }
 
 int molae_main(int argc, char **argv)
@@ -685,6 +831,7 @@ int molae_main(int argc, char **argv)
 		{ "groups", required_argument, NULL, 'g' }, { "output", required_argument, NULL, 'o' },
 		{ "json", no_argument, NULL, 'j' },         { "quiet", no_argument, NULL, 'q' },
 		{ "help", no_argument, NULL, 'h' },         { "dtype", required_argument, NULL, 'd' },
+		{ "calib", required_argument, NULL, 'c' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct molae_options o = { .progress = true };
@@ -694,8 +841,9 @@ int molae_main(int argc, char **argv)
 	int c;
 	char *end;
 
-	while ((c = getopt_long(argc, argv, "r:k:g:o:d:jqh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "r:k:g:o:d:c:jqh", longopts, NULL)) != -1) {
 		switch (c) {
+		case 'c': o.calib = optarg; break;
 		case 'd':
 			o.dtype = moe_dtype_parse(optarg);
 			if (o.dtype != MOE_DTYPE_F32 && o.dtype != MOE_DTYPE_F16 && o.dtype != MOE_DTYPE_BF16 &&

@@ -28,6 +28,7 @@ struct molae_options {
 	bool groups_auto;    /* group by subspace similarity instead of contiguous ranges */
 	bool progress;       /* a line per layer on stderr */
 	uint32_t dtype;      /* enum moe_dtype of A and down in the output: F32 (0 = F32), F16, BF16, Q8_0 */
+	const char *calib;   /* activation-aware: raw little-endian f32 hidden states [n_moe_layers][T][n], or NULL */
 };
 
 /* One (layer, group): index 0 = gate, 1 = up. */
@@ -37,11 +38,16 @@ struct molae_group_stat {
 	double err[2];       /* ||W - A B||_F / ||W||_F over the group (computed) */
 	double bound[2];     /* sqrt(sum_{j>r} lambda_j / sum_j lambda_j) (eigenvalues of G) */
 	double norm2[2];     /* ||W||_F^2 over the group */
+	/* activation-aware only (C = X^T X = L L^T): ||(W - A B) L||_F / ||W L||_F and
+	 * its bound from the eigenvalues of L^T G L; err/bound above stay the plain
+	 * ones (bound: the plain optimum, which err then exceeds) */
+	double werr[2], wbound[2];
 };
 
 struct molae_report {
 	uint32_t n, m, n_experts, n_moe_layers, rank, group_size, n_groups;
 	bool groups_auto;
+	uint64_t calib_tokens;           /* T per layer; 0 = plain (not activation-aware) */
 	struct molae_group_stat *groups; /* [n_moe_layers * n_groups] */
 	int32_t *group_of;               /* [n_moe_layers * n_experts] */
 	/* molae.md section 7, per layer */
