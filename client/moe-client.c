@@ -106,6 +106,13 @@ static int cmd_info(void)
 	return 0;
 }
 
+/* "EBADMSG" for EBADMSG: the name scripts and people search for. */
+static const char *errno_name(int e)
+{
+	const char *s = strerrorname_np(e);
+	return s ? s : "E?";
+}
+
 static int cmd_acquire(int argc, char **argv)
 {
 	unsigned flags = 0, n = 0;
@@ -153,7 +160,16 @@ static int cmd_acquire(int argc, char **argv)
 		return 1;
 	}
 	printf("layer %u: %d of %u served in %.1f us, lease %#" PRIx64 "\n", layer, rc, n, (double)(t1 - t0) / 1e3, lease);
+	unsigned failed = 0;
 	for (unsigned i = 0; i < n; i++) {
+		if (slots[i] < -1) {
+			/* The daemon could not serve it (bad extent, over the share). */
+			printf("  expert %-5u error %s (%s)\n", ids[i], errno_name(-slots[i]), strerror(-slots[i]));
+			fprintf(stderr, "moe-client acquire: layer %u expert %u: %s (%s)\n", layer, ids[i],
+				errno_name(-slots[i]), strerror(-slots[i]));
+			failed++;
+			continue;
+		}
 		if (slots[i] < 0) {
 			printf("  expert %-5u miss\n", ids[i]);
 			continue;
@@ -170,7 +186,7 @@ static int cmd_acquire(int argc, char **argv)
 		fprintf(stderr, "moe-client acquire: release: %s\n", moet_strerror(rc));
 		return 1;
 	}
-	return 0;
+	return failed ? 1 : 0;
 }
 
 /* One bench worker: ACQUIRE+RELEASE of a resident expert for `secs`.
@@ -340,6 +356,39 @@ static void sleep_us(long us)
 		;
 }
 
+/* Experts the daemon answered an error for (slot < -1: a negative errno). */
+struct failed_set {
+	uint64_t total;
+	unsigned n;
+	struct {
+		uint32_t layer, expert;
+		int err;
+		uint64_t times;
+	} v[8];
+};
+
+static void note_failed(struct failed_set *f, uint32_t layer, uint32_t expert, int32_t slot)
+{
+	f->total++;
+	for (unsigned i = 0; i < f->n && i < 8; i++)
+		if (f->v[i].layer == layer && f->v[i].expert == expert) {
+			f->v[i].times++;
+			return;
+		}
+	if (f->n < 8)
+		f->v[f->n] = (typeof(f->v[0])){ layer, expert, -slot, 1 };
+	f->n++;
+}
+
+static void report_failed(const struct failed_set *f)
+{
+	for (unsigned i = 0; i < f->n && i < 8; i++)
+		fprintf(stderr, "moe-client replay: layer %u expert %u: %s (%s), %" PRIu64 " times\n", f->v[i].layer,
+			f->v[i].expert, errno_name(f->v[i].err), strerror(f->v[i].err), f->v[i].times);
+	if (f->n > 8)
+		fprintf(stderr, "moe-client replay: and %u more experts failed\n", f->n - 8);
+}
+
 static int cmd_replay(int argc, char **argv)
 {
 	bool nowait_only = false, cold = false, hints = true, brief = false;
@@ -378,6 +427,7 @@ static int cmd_replay(int argc, char **argv)
 	moet_model_info(c, &mi);
 	bool tty = isatty(2);
 	uint64_t lookups = 0, hit[2] = { 0, 0 }, miss = 0, unserved = 0, stall_ns = 0;
+	struct failed_set failed = { 0 };
 	size_t n_lat = 0, cap_lat = 1 << 16, tokens = 0;
 	uint64_t *lat = malloc(cap_lat * sizeof(*lat));
 	bool folded = false;
@@ -459,6 +509,8 @@ static int cmd_replay(int argc, char **argv)
 				for (unsigned k = 0; k < n; k++) {
 					if (slots[k] >= 0)
 						hit[tiers[k] ? 1 : 0]++;
+					else if (slots[k] < -1)
+						note_failed(&failed, layer, ids[k], slots[k]);
 					else
 						missing[nm++] = ids[k];
 				}
@@ -471,6 +523,9 @@ static int cmd_replay(int argc, char **argv)
 						rc = r;
 						break;
 					}
+					for (unsigned k = 0; k < nm; k++)
+						if (s2[k] < -1)
+							note_failed(&failed, layer, missing[k], s2[k]);
 					unserved += nm - (unsigned)r;
 					stall_ns += now_ns() - s0;
 				}
@@ -507,12 +562,14 @@ static int cmd_replay(int argc, char **argv)
 	}
 	qsort(lat, n_lat, sizeof(*lat), cmp_u64);
 	double L = lookups ? (double)lookups : 1;
+	report_failed(&failed);
 	if (brief) {
-		printf("hit=%.4f gpu=%.4f host=%.4f lookups=%" PRIu64 " tokens=%zu unserved=%" PRIu64 "\n",
-		       (double)(hit[0] + hit[1]) / L, (double)hit[0] / L, (double)hit[1] / L, lookups, tokens, unserved);
+		printf("hit=%.4f gpu=%.4f host=%.4f lookups=%" PRIu64 " tokens=%zu unserved=%" PRIu64 " failed=%" PRIu64 "\n",
+		       (double)(hit[0] + hit[1]) / L, (double)hit[0] / L, (double)hit[1] / L, lookups, tokens, unserved,
+		       failed.total);
 		free(lat);
 		moet_close(c);
-		return unserved ? 1 : 0;
+		return unserved || failed.total ? 1 : 0;
 	}
 	printf("replayed %zu tokens, %" PRIu64 " expert lookups in %.2f s%s\n", tokens, lookups, el,
 	       folded ? " (trace folded onto the model: layer % layers, expert % experts)" : "");
@@ -524,9 +581,12 @@ static int cmd_replay(int argc, char **argv)
 	       (double)pct(lat, n_lat, 0.5) / 1e3, (double)pct(lat, n_lat, 0.99) / 1e3);
 	if (unserved)
 		printf("unserved:      %" PRIu64 " experts could not be loaded in time\n", unserved);
+	if (failed.total)
+		printf("failed:        %" PRIu64 " expert lookups answered an error (%u distinct experts)\n", failed.total,
+		       failed.n);
 	free(lat);
 	moet_close(c);
-	return unserved ? 1 : 0;
+	return unserved || failed.total ? 1 : 0;
 }
 
 static int spin_opt(int argc, char **argv, int *i)

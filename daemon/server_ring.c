@@ -86,7 +86,10 @@ static int check_ids(struct served_model *m, const struct moet_sqe *q)
 
 /* Tries the experts of `out` that are still missing (slot -1) and fills in
  * the ones served. Returns how many are still missing but may yet load
- * (-EAGAIN: loading; -ENOBUFS: no free slot right now). */
+ * (-EAGAIN: loading; -ENOBUFS: no free slot right now). An expert that
+ * cannot be served (-EBADMSG, -EIO: its extent is bad; -EDQUOT: the client
+ * is over its share) gets that negative errno as its slot, so the client
+ * tells it from a miss, and is not retried. */
 static unsigned try_acquire(struct srv_client *c, uint32_t layer, struct moet_cqe *out, uint32_t lidx, unsigned flags)
 {
 	struct served_model *m = c->m;
@@ -94,7 +97,7 @@ static unsigned try_acquire(struct srv_client *c, uint32_t layer, struct moet_cq
 	struct cache_loc locs[MOET_MAX_BATCH];
 	unsigned map[MOET_MAX_BATCH], n = 0, pending = 0;
 	for (unsigned i = 0; i < out->count; i++)
-		if (out->slot[i] < 0) {
+		if (out->slot[i] == -1) {
 			keys[n].layer = layer;
 			keys[n].expert = out->ids[i];
 			map[n++] = i;
@@ -117,6 +120,9 @@ static unsigned try_acquire(struct srv_client *c, uint32_t layer, struct moet_cq
 			out->n_hit++;
 		} else if (locs[j].status == -EAGAIN || locs[j].status == -ENOBUFS) {
 			pending++;
+		} else {
+			/* -1 (-EPERM) means a miss on the wire: never sent as an error. */
+			out->slot[i] = locs[j].status < -1 ? locs[j].status : -EIO;
 		}
 	}
 	return pending;

@@ -947,3 +947,40 @@ Test(server, silent_connections_cannot_lock_out_admins, .timeout = 90)
 		close(fds[i]);
 	teardown(&e);
 }
+
+/* A corrupt extent (CRC32C mismatch) is answered EBADMSG in its slot, and
+ * moe-client acquire names it and exits non-zero instead of printing miss. */
+Test(server, corrupt_expert_reported_per_expert, .timeout = 60)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	struct pack_file *pf;
+	struct moe_error err;
+	cr_assert_eq(pack_open(e.pack, PACK_OPEN_NO_DIRECT, &pf, &err), 0);
+	uint64_t off = pack_expert(pf, 0, 3)->offset;
+	pack_close(pf);
+	int fd = open(e.pack, O_WRONLY);
+	cr_assert(fd >= 0);
+	uint8_t junk[64];
+	memset(junk, 0xa5, sizeof(junk));
+	cr_assert_eq(pwrite(fd, junk, sizeof(junk), (off_t)off + 100), (ssize_t)sizeof(junk));
+	close(fd);
+	start_daemon(&e, "1M", NULL);
+	moet_ctx *c = attach(&e, "checker");
+	uint32_t ids[2] = { 2, 3 };
+	int32_t slots[2];
+	moet_lease lease;
+	cr_assert_eq(moet_acquire(c, 0, ids, 2, 0, slots, NULL, &lease), 1);
+	cr_expect_geq(slots[0], 0);
+	cr_expect_eq(slots[1], -EBADMSG, "slot of the corrupt expert: %d", slots[1]);
+	cr_assert_eq(moet_release(c, lease), 0);
+	moet_close(c);
+	char out[1024];
+	snprintf(out, sizeof(out), "%s/acq.out", e.dir);
+	int rc = tu_sh("%s --socket %s acquire 0 2 3 >%s 2>&1", tu_build_path("moe-client"), e.sock, out);
+	cr_expect_neq(rc, 0, "moe-client acquire of a corrupt expert exited 0");
+	cr_expect_eq(tu_sh("grep -q 'expert 3.*EBADMSG' %s", out), 0, "no EBADMSG named for expert 3");
+	cr_expect_neq(tu_sh("grep -q 'expert 3 *miss' %s", out), 0, "the corrupt expert printed as a miss");
+	tu_sh("cat %s >&2", out);
+	teardown(&e);
+}

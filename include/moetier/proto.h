@@ -239,7 +239,12 @@ struct moet_cqe {
 	uint8_t flags;
 	uint32_t n_hit;
 	uint32_t n_miss;
-	int32_t slot[MOET_MAX_BATCH];    /* -1 for a miss */
+	int32_t slot[MOET_MAX_BATCH];    /* >= 0: served; -1: a miss (not loaded in time);
+					  * < -1: that expert failed, a negative errno:
+					  * -EBADMSG its extent failed its checksum, -EIO it
+					  * could not be read (both: marked bad, answered at
+					  * once until a re-read after a backoff), -EDQUOT the
+					  * client holds its share of the tier (client-share) */
 	uint8_t tier[MOET_MAX_BATCH];    /* tier of slot[i] (0 GPU, 1 host) */
 	uint16_t ids[MOET_MAX_BATCH];    /* the experts (ROUTE: the chosen ones) */
 	float weight[MOET_MAX_BATCH];    /* ROUTE: routing weights */
