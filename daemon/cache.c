@@ -409,14 +409,21 @@ static void try_entry(struct cache *c, struct cache_client *cl, uint32_t id, uns
 		out->status = -EAGAIN;
 		return;
 	}
-	/* The last load or copy towards the wanted tier failed: report the
-	 * failure once, so the caller retrying its miss gets the error and a
-	 * bad extent is not re-read in a tight loop; the next acquire tries
-	 * again. */
+	/* The last load or copy towards the wanted tier failed. A bad extent
+	 * (host load failed) is answered its error without a read until its
+	 * backoff ends, then re-read once (joined by everyone who asks); a
+	 * failed GPU copy is reported once, the next acquire tries again. */
 	if (e->err && e->st[t] == CACHE_ABSENT && e->st[T_HOST] != CACHE_LOADING) {
-		out->status = e->err;
-		e->err = 0;
-		return;
+		if (!e->bad_fails) {
+			out->status = e->err;
+			e->err = 0;
+			return;
+		}
+		if (moe_now_ns() < e->bad_until) {
+			out->status = e->err;
+			e->bad_refused++;
+			return;
+		}
 	}
 	int rc = 0;
 	if (e->st[T_HOST] == CACHE_ABSENT) {
@@ -978,6 +985,9 @@ void cache_finish_host_load(struct cache *c, uint32_t id, int res)
 		e->prefetched = e->prefetch;
 		e->prefetch = false;
 		e->err = 0;
+		if (e->bad_fails)
+			moe_info("cache: layer %u expert %u loads again after %u failures", l, x, e->bad_fails);
+		e->bad_fails = 0;
 		stats_inc(c->st, STAT_cache_loads_host);
 		stats_add(c->st, STAT_cache_load_bytes_host, c->payload);
 		stats_expert_add(c->st, l, x, STAT_EXPERT_LOADS, 1);
@@ -1004,8 +1014,30 @@ void cache_finish_host_load(struct cache *c, uint32_t id, int res)
 		} else {
 			stats_inc(c->st, STAT_cache_load_errors);
 			e->err = res;
-			moe_warn("cache: loading layer %u expert %u failed: %s", l, x,
-				 res == -EBADMSG ? "CRC32C mismatch after a re-read" : strerror(-res));
+			/* Bad until a re-read after 250 ms << (fails - 1), at most 60 s. */
+			if (e->bad_fails < UINT16_MAX)
+				e->bad_fails++;
+			unsigned sh = MOE_MIN(e->bad_fails - 1u, 8u);
+			e->bad_until = moe_now_ns() + MOE_MIN(250000000ull << sh, 60000000000ull);
+			/* Logged at its 1st, 2nd, 4th, 8th... failure, and at most
+			 * CACHE_LOG_BURST lines a second for the whole cache. */
+			if ((e->bad_fails & (e->bad_fails - 1)) == 0) {
+				uint64_t now = moe_now_ns();
+				if (now - c->log_window_ns > 1000000000ull) {
+					if (c->log_suppressed)
+						moe_warn("cache: %u more load errors not logged", c->log_suppressed);
+					c->log_window_ns = now;
+					c->log_lines = c->log_suppressed = 0;
+				}
+				if (c->log_lines++ < CACHE_LOG_BURST)
+					moe_warn("cache: loading layer %u expert %u failed (%u in a row): %s; "
+						 "marked bad, re-read in %llu ms",
+						 l, x, e->bad_fails,
+						 res == -EBADMSG ? "CRC32C mismatch after a re-read" : strerror(-res),
+						 (unsigned long long)(MOE_MIN(250000000ull << sh, 60000000000ull) / 1000000));
+				else
+					c->log_suppressed++;
+			}
 		}
 	}
 	c->busy--;
@@ -1035,6 +1067,25 @@ void cache_finish_gpu_copy(struct cache *c, uint32_t id, int res)
 			 strerror(-res));
 	}
 	c->busy--;
+}
+
+size_t cache_bad_experts(struct cache *c, struct cache_bad_expert *out, size_t max)
+{
+	size_t n = 0;
+	pthread_mutex_lock(&c->mu);
+	uint64_t now = moe_now_ns();
+	for (uint32_t id = 0; id < c->n_ids; id++) {
+		struct expert_state *e = &c->ex[id];
+		if (!e->bad_fails)
+			continue;
+		if (n < max)
+			out[n] = (struct cache_bad_expert){ layer_of(c, id), expert_of(c, id), e->err ? e->err : -EIO,
+							    e->bad_fails, e->bad_refused,
+							    e->bad_until > now ? (e->bad_until - now) / 1000000 : 0 };
+		n++;
+	}
+	pthread_mutex_unlock(&c->mu);
+	return n;
 }
 
 /* ---- create / destroy ------------------------------------------------------ */

@@ -107,8 +107,9 @@ struct cache_lease {
 struct cache_loc {
 	int32_t status;     /* 0: served, lease held; -EAGAIN: miss, load started
 			     * or joined; -ENOBUFS: no slot can be freed right now;
-			     * -EBADMSG: CRC failed twice; -EIO: read failed (each
-			     * load error is reported once); -EINVAL: bad key */
+			     * -EBADMSG: CRC failed twice; -EIO: read failed (the
+			     * expert is then bad: answered so without a read until a
+			     * re-read after a backoff); -EINVAL: bad key */
 	uint8_t tier;       /* enum cache_tier the lease is on (when status == 0) */
 	uint8_t pad[3];
 	uint32_t slot;
@@ -223,6 +224,20 @@ void *cache_slot_ptr(struct cache *c, enum cache_tier tier, uint32_t slot);
 /* The cache's counters, histograms and per-expert counters (live; read with
  * stats_snapshot / the renderers). Valid until cache_destroy. */
 struct stats *cache_stats(struct cache *c);
+
+/* Experts whose extent failed to load (read error or CRC mismatch): each
+ * is marked bad and answered its error at once (no read) until a re-check,
+ * after an exponential backoff (250 ms doubling to 60 s); a good re-check
+ * clears it. */
+struct cache_bad_expert {
+	uint32_t layer, expert;
+	int err;              /* -EIO or -EBADMSG */
+	uint32_t fails;       /* loads failed in a row */
+	uint64_t refused;     /* acquires answered err without a read */
+	uint64_t recheck_ms;  /* until the next re-read is allowed */
+};
+/* Fills up to max entries; returns how many experts are bad (may exceed max). */
+size_t cache_bad_experts(struct cache *c, struct cache_bad_expert *out, size_t max);
 
 /* Readable whenever a load or copy has finished since the last read (an
  * eventfd; read 8 bytes to reset it). Owned by the cache. */

@@ -36,6 +36,9 @@ struct expert_state {
 	uint32_t slot[2];
 	uint32_t pins[2];
 	int err;              /* result of the last failed load/copy, 0 if none */
+	uint16_t bad_fails;   /* host loads failed in a row (0: not bad) */
+	uint64_t bad_until;   /* moe_now_ns() before which it is not re-read */
+	uint64_t bad_refused; /* acquires answered with err while bad */
 	uint64_t mark;        /* c->calls of the last acquire naming it */
 };
 
@@ -73,8 +76,12 @@ struct job {
 	struct job *next;
 };
 
+#define CACHE_LOG_BURST 10
+
 struct cache {
 	struct pack_file *pack;
+	uint64_t log_window_ns;   /* load-error log lines: at most CACHE_LOG_BURST a second */
+	uint32_t log_lines, log_suppressed;
 	struct cache_config cfg;
 	uint32_t n_layers, n_experts, n_ids;
 	uint64_t payload, extent;

@@ -134,15 +134,35 @@ static char *render_stats(struct server *s, uint32_t fmt)
 		stats_snapshot_free(&snap);
 		if (!r)
 			continue;
+		struct cache_bad_expert bad[16];
+		size_t nbad = cache_bad_experts(m->cache, bad, 16);
 		if (fmt == MOET_STATS_TEXT) {
 			fprintf(f, "\nmodel %s (%s engine)\n%s", m->name, cache_io_engine(m->cache), r);
 			compute_render(m->compute, f, NULL, fmt, true);
+			if (nbad)
+				fprintf(f, "bad experts: %zu (answered their error, re-read with backoff)\n", nbad);
+			for (size_t b = 0; b < MOE_MIN(nbad, 16u); b++)
+				fprintf(f, "  layer %u expert %u: %s, %u failed loads, %" PRIu64 " acquires refused, re-read in %" PRIu64 " ms\n",
+					bad[b].layer, bad[b].expert, bad[b].err == -EBADMSG ? "EBADMSG (checksum)" : strerror(-bad[b].err),
+					bad[b].fails, bad[b].refused, bad[b].recheck_ms);
 		} else if (fmt == MOET_STATS_JSON) {
 			json_error_t je;
 			json_t *j = json_loads(r, 0, &je);
 			if (j) {
 				if (json_is_object(j))
 					compute_render(m->compute, f, j, fmt, true);
+				if (json_is_object(j)) {
+					/* Per bad expert (the first 16): error, failed loads, refusals. */
+					json_t *a = json_array();
+					for (size_t b = 0; b < MOE_MIN(nbad, 16u); b++)
+						json_array_append_new(a, json_pack("{s:i, s:i, s:s, s:i, s:I, s:I}", "layer",
+							(int)bad[b].layer, "expert", (int)bad[b].expert, "error",
+							bad[b].err == -EBADMSG ? "EBADMSG" : bad[b].err == -EIO ? "EIO" : strerror(-bad[b].err),
+							"failed_loads", (int)bad[b].fails, "refused", (json_int_t)bad[b].refused,
+							"recheck_ms", (json_int_t)bad[b].recheck_ms));
+					json_object_set_new(j, "bad_experts", a);
+					json_object_set_new(j, "bad_expert_count", json_integer((json_int_t)nbad));
+				}
 				json_object_set_new(json_object_get(root, "models"), m->name, j);
 			}
 		} else if (i == 0) {

@@ -948,6 +948,72 @@ Test(server, silent_connections_cannot_lock_out_admins, .timeout = 90)
 	teardown(&e);
 }
 
+/* An expert whose extent cannot be read is answered its error per expert
+ * (the slot holds the negative errno), at once while it is marked bad,
+ * re-read only with backoff, and logged a bounded number of times: 20
+ * tokens over a truncated pack cost a few reads per expert, not a storm. */
+Test(server, unreadable_expert_is_marked_bad_not_stormed, .timeout = 90)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "1M", "--wait-timeout-ms=2000 --seccomp");
+	moet_ctx *c = attach(&e, "replay");
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	uint32_t last = mi.n_moe_layers - 1, n = mi.n_experts;
+	cr_assert(n <= MOET_MAX_BATCH);
+	/* The last MoE layer's extents are cut off the pack under the daemon. */
+	struct pack_file *pf;
+	struct moe_error err;
+	cr_assert_eq(pack_open(e.pack, PACK_OPEN_NO_DIRECT, &pf, &err), 0);
+	uint64_t cut = UINT64_MAX;
+	for (uint32_t x = 0; x < n; x++)
+		cut = MOE_MIN(cut, pack_expert(pf, last, x)->offset);
+	pack_close(pf);
+	cr_assert_eq(truncate(e.pack, (off_t)cut), 0);
+	json_int_t errs0 = cache_stat(c, "counters", "nvme_errors", NULL);
+	uint32_t ids[MOET_MAX_BATCH];
+	int32_t slots[MOET_MAX_BATCH];
+	for (uint32_t x = 0; x < n; x++)
+		ids[x] = x;
+	unsigned eio = 0;
+	for (int tok = 0; tok < 20; tok++) {
+		for (uint32_t l = 0; l < mi.n_moe_layers; l++) {
+			moet_lease lease;
+			int r = moet_acquire(c, l, ids, n, 0, slots, NULL, &lease);
+			cr_assert_geq(r, 0, "acquire: %s", moet_strerror(r));
+			for (uint32_t x = 0; l == last && x < n; x++) {
+				cr_expect(slots[x] < 0, "a truncated extent was served");
+				eio += slots[x] == -EIO;
+			}
+			cr_assert_eq(moet_release(c, lease), 0);
+		}
+		sleep_ms(50);
+	}
+	json_int_t reads = cache_stat(c, "counters", "nvme_errors", NULL) - errs0;
+	cr_expect_geq(eio, 19 * n, "only %u of %u lookups of the bad layer said EIO", eio, 20 * n);
+	/* ~1.2 s of tokens: the first read and at most a couple of re-checks. */
+	cr_expect_leq(reads, 4 * (json_int_t)n, "%lld failed reads for %u bad experts", (long long)reads, n);
+	cr_expect_geq(reads, (json_int_t)n);
+	/* Reported per expert. */
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_JSON, &txt), 0);
+	cr_expect(strstr(txt, "\"bad_expert_count\": 16") != NULL, "%s", txt);
+	cr_expect(strstr(txt, "\"error\": \"EIO\"") != NULL);
+	free(txt);
+	moet_close(c);
+	char cmd[1200];
+	snprintf(cmd, sizeof(cmd), "grep -c 'loading layer' %s", e.log);
+	FILE *p = popen(cmd, "r");
+	int lines = -1;
+	cr_assert(p && fscanf(p, "%d", &lines) == 1);
+	pclose(p);
+	fprintf(stderr, "truncated pack, 20 tokens: %u bad experts, %u lookups answered EIO, %lld failed reads, %d log lines\n",
+		n, eio, (long long)reads, lines);
+	cr_expect_leq(lines, 3 * (int)n, "%d log lines about failed loads for %u bad experts", lines, n);
+	teardown(&e);
+}
+
 /* A corrupt extent (CRC32C mismatch) is answered EBADMSG in its slot, and
  * moe-client acquire names it and exits non-zero instead of printing miss. */
 Test(server, corrupt_expert_reported_per_expert, .timeout = 60)
