@@ -48,8 +48,11 @@ static uint64_t lease_id(struct srv_client *c, uint32_t idx)
 static void lease_drop(struct served_model *m, struct srv_client *c, uint32_t idx)
 {
 	struct srv_lease *r = &c->leases[idx];
-	for (unsigned i = 0; i < r->n; i++)
+	for (unsigned i = 0; i < r->n; i++) {
 		cache_release(m->cache, c->cache_id, &r->l[i]);
+		if (r->l[i].tier < 2 && c->held[r->l[i].tier])
+			c->held[r->l[i].tier]--;
+	}
 	r->n = 0;
 	r->used = false;
 	c->n_leases_used--;
@@ -90,14 +93,44 @@ static int check_ids(struct served_model *m, const struct moet_sqe *q)
  * cannot be served (-EBADMSG, -EIO: its extent is bad; -EDQUOT: the client
  * is over its share) gets that negative errno as its slot, so the client
  * tells it from a miss, and is not retried. */
+/* Leases client c may hold on tier t: client-share percent of the tier's
+ * slots (at least top_k x 4) while another data client is attached, so one
+ * client cannot lease the whole arena and make everyone else wait out
+ * wait-timeout-ms; unbounded for a client alone. [c->lock] */
+static uint32_t client_quota(struct server *s, struct srv_client *c, int t, unsigned want)
+{
+	uint32_t slots = c->m->arena[t].n_slots;
+	uint64_t q = (uint64_t)slots * s->cfg->client_share / 100;
+	q = MOE_MAX(q, MOE_MIN((uint64_t)slots, (uint64_t)c->m->top_k * 4));
+	if (c->held[t] + want <= q)
+		return UINT32_MAX; /* stays under its share: no need to look */
+	bool others = false;
+	pthread_mutex_lock(&s->lock);
+	for (unsigned i = 0; i < s->max_clients && !others; i++) {
+		struct srv_client *o = s->clients[i];
+		others = o && o != c && o->m == c->m && atomic_load_explicit(&o->ring_ready, memory_order_acquire) &&
+			 atomic_load(&o->state) == CL_ACTIVE;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return others ? (uint32_t)q : UINT32_MAX;
+}
+
 static unsigned try_acquire(struct srv_client *c, uint32_t layer, struct moet_cqe *out, uint32_t lidx, unsigned flags)
 {
 	struct served_model *m = c->m;
 	struct cache_key keys[MOET_MAX_BATCH];
 	struct cache_loc locs[MOET_MAX_BATCH];
 	unsigned map[MOET_MAX_BATCH], n = 0, pending = 0;
+	int t = (flags & MOET_F_WANT_GPU) && m->arena[CACHE_TIER_GPU].n_slots ? CACHE_TIER_GPU : CACHE_TIER_HOST;
+	uint32_t quota = client_quota(m->srv, c, t, out->count);
+	uint32_t room = quota > c->held[t] ? quota - c->held[t] : 0;
 	for (unsigned i = 0; i < out->count; i++)
 		if (out->slot[i] == -1) {
+			if (n >= room) {
+				/* Over its share: said at once, not waited for. */
+				out->slot[i] = -EDQUOT;
+				continue;
+			}
 			keys[n].layer = layer;
 			keys[n].expert = out->ids[i];
 			map[n++] = i;
@@ -117,6 +150,8 @@ static unsigned try_acquire(struct srv_client *c, uint32_t layer, struct moet_cq
 			out->slot[i] = (int32_t)locs[j].slot;
 			out->tier[i] = locs[j].tier;
 			r->l[r->n++] = locs[j].lease;
+			if (locs[j].lease.tier < 2)
+				c->held[locs[j].lease.tier]++;
 			out->n_hit++;
 		} else if (locs[j].status == -EAGAIN || locs[j].status == -ENOBUFS) {
 			pending++;
@@ -448,6 +483,7 @@ static void client_teardown_data(struct server *s, struct srv_client *c)
 		for (uint32_t i = 0; i < c->n_leases_max; i++)
 			c->leases[i].used = false;
 		c->n_leases_used = 0;
+		c->held[0] = c->held[1] = 0;
 		c->n_parked = 0;
 		pthread_mutex_unlock(&c->lock);
 	}

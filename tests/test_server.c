@@ -1050,3 +1050,73 @@ Test(server, corrupt_expert_reported_per_expert, .timeout = 60)
 	tu_sh("cat %s >&2", out);
 	teardown(&e);
 }
+
+/* One client cannot lease the whole host arena: over its client-share it is
+ * told -EDQUOT per expert at once, and another client's acquires are served
+ * within their normal latency instead of waiting out wait-timeout-ms. */
+Test(server, greedy_client_cannot_starve_others, .timeout = 90)
+{
+	struct env e = { 0 };
+	make_model(&e);
+	start_daemon(&e, "480K", "--wait-timeout-ms=5000 --client-share=50 --seccomp");
+	moet_ctx *greedy = attach(&e, "greedy");
+	moet_ctx *other = attach(&e, "other");
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(greedy, &mi), 0);
+	uint32_t slots_host = mi.n_slots[MOET_TIER_HOST];
+	cr_assert(mi.n_moe_layers >= 3 && mi.n_experts <= MOET_MAX_BATCH && slots_host < mi.n_moe_layers * mi.n_experts,
+		  "%u slots for %u x %u experts", slots_host, mi.n_moe_layers, mi.n_experts);
+	/* The greedy client asks for every expert and holds what it gets. */
+	moet_lease held[8];
+	unsigned served = 0, quota_errs = 0, nh = 0;
+	uint32_t ids[MOET_MAX_BATCH];
+	int32_t slots[MOET_MAX_BATCH];
+	for (uint32_t x = 0; x < mi.n_experts; x++)
+		ids[x] = x;
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (uint32_t l = 0; l < mi.n_moe_layers && nh < 8; l++) {
+		int r = moet_acquire(greedy, l, ids, mi.n_experts, 0, slots, NULL, &held[nh++]);
+		cr_assert_geq(r, 0, "%s", moet_strerror(r));
+		served += (unsigned)r;
+		for (uint32_t x = 0; x < mi.n_experts; x++)
+			quota_errs += slots[x] == -EDQUOT;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	double greedy_s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	/* Four experts the greedy client does not hold, for the other one. */
+	/* The last experts of the last layer: the ones the greedy client asked
+	 * for last, so it holds none of them (leases on one slot are shared). */
+	uint32_t nw = 4, want[4];
+	for (uint32_t k = 0; k < nw; k++)
+		want[k] = mi.n_experts - nw + k;
+	uint32_t layer = mi.n_moe_layers - 1;
+	int32_t os[4];
+	moet_lease ol;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	int r = moet_acquire(other, layer, want, nw, 0, os, NULL, &ol);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	double other_s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	fprintf(stderr, "greedy: %u of %u served, %u over its share (%.3f s); other: %d of %u served in %.3f s\n", served,
+		mi.n_moe_layers * mi.n_experts, quota_errs, greedy_s, r, nw, other_s);
+	cr_expect_eq(r, (int)nw, "the other client got %d of %u experts in %.3f s", r, nw, other_s);
+	cr_expect_lt(other_s, 2.0, "the other client waited %.3f s", other_s);
+	cr_expect_lt(greedy_s, 4.0, "the greedy client waited %.3f s for slots it holds itself", greedy_s);
+	cr_expect_gt(quota_errs, 0);
+	cr_expect_leq(served, slots_host / 2 + 4);
+	cr_assert_eq(moet_release(other, ol), 0);
+	for (unsigned i = 0; i < nh; i++)
+		cr_assert_eq(moet_release(greedy, held[i]), 0);
+	/* Alone, a client may use the whole arena again. */
+	moet_close(other);
+	sleep_ms(200);
+	served = 0;
+	for (uint32_t l = 0; l < 2; l++) {
+		int rr = moet_acquire(greedy, l, ids, mi.n_experts, 0, slots, NULL, &held[l]);
+		cr_assert_geq(rr, 0);
+		served += (unsigned)rr;
+	}
+	cr_expect_gt(served, slots_host / 2 + 4, "alone: %u served", served);
+	moet_close(greedy);
+	teardown(&e);
+}
