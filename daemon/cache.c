@@ -410,8 +410,8 @@ static void try_entry(struct cache *c, struct cache_client *cl, uint32_t id, uns
 		return;
 	}
 	/* The last load or copy towards the wanted tier failed. A bad extent
-	 * (host load failed) is answered its error without a read until its
-	 * backoff ends, then re-read once (joined by everyone who asks); a
+	 * (host load failed) is answered its error, then without a read until
+	 * its backoff ends, then re-read once (joined by everyone who asks); a
 	 * failed GPU copy is reported once, the next acquire tries again. */
 	if (e->err && e->st[t] == CACHE_ABSENT && e->st[T_HOST] != CACHE_LOADING) {
 		if (!e->bad_fails) {
@@ -419,9 +419,11 @@ static void try_entry(struct cache *c, struct cache_client *cl, uint32_t id, uns
 			e->err = 0;
 			return;
 		}
-		if (moe_now_ns() < e->bad_until) {
+		if (!e->bad_reported || moe_now_ns() < e->bad_until) {
 			out->status = e->err;
-			e->bad_refused++;
+			if (e->bad_reported)
+				e->bad_refused++;
+			e->bad_reported = true;
 			return;
 		}
 	}
@@ -619,6 +621,9 @@ static int prefetch_one(struct cache *c, uint32_t id, void *arg)
 {
 	struct expert_state *e = &c->ex[id];
 	bool gpu = *(enum cache_tier *)arg == CACHE_TIER_GPU && c->gpu;
+	/* A bad extent is not re-read by predictions before its backoff ends. */
+	if (e->bad_fails && (!e->bad_reported || moe_now_ns() < e->bad_until))
+		return 0;
 	if (e->st[T_HOST] == CACHE_ABSENT) {
 		if (start_host_load(c, id, true) == 0) {
 			e->want_gpu |= gpu;
@@ -1014,11 +1019,15 @@ void cache_finish_host_load(struct cache *c, uint32_t id, int res)
 		} else {
 			stats_inc(c->st, STAT_cache_load_errors);
 			e->err = res;
-			/* Bad until a re-read after 250 ms << (fails - 1), at most 60 s. */
+			/* Reported to the next acquire; the one after re-reads it at
+			 * once (a transient error costs one failed access), later
+			 * failures wait 500 ms << (fails - 2), at most 60 s. */
 			if (e->bad_fails < UINT16_MAX)
 				e->bad_fails++;
-			unsigned sh = MOE_MIN(e->bad_fails - 1u, 8u);
-			e->bad_until = moe_now_ns() + MOE_MIN(250000000ull << sh, 60000000000ull);
+			e->bad_reported = false;
+			unsigned sh = MOE_MIN(e->bad_fails - 2u, 7u);
+			uint64_t backoff = e->bad_fails < 2 ? 0 : MOE_MIN(500000000ull << sh, 60000000000ull);
+			e->bad_until = moe_now_ns() + backoff;
 			/* Logged at its 1st, 2nd, 4th, 8th... failure, and at most
 			 * CACHE_LOG_BURST lines a second for the whole cache. */
 			if ((e->bad_fails & (e->bad_fails - 1)) == 0) {
@@ -1034,7 +1043,7 @@ void cache_finish_host_load(struct cache *c, uint32_t id, int res)
 						 "marked bad, re-read in %llu ms",
 						 l, x, e->bad_fails,
 						 res == -EBADMSG ? "CRC32C mismatch after a re-read" : strerror(-res),
-						 (unsigned long long)(MOE_MIN(250000000ull << sh, 60000000000ull) / 1000000));
+						 (unsigned long long)(backoff / 1000000));
 				else
 					c->log_suppressed++;
 			}

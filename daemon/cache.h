@@ -226,9 +226,10 @@ void *cache_slot_ptr(struct cache *c, enum cache_tier tier, uint32_t slot);
 struct stats *cache_stats(struct cache *c);
 
 /* Experts whose extent failed to load (read error or CRC mismatch): each
- * is marked bad and answered its error at once (no read) until a re-check,
- * after an exponential backoff (250 ms doubling to 60 s); a good re-check
- * clears it. */
+ * is marked bad: the failure is answered to the next acquire, the one after
+ * re-reads it at once; after a second failure in a row it is answered its
+ * error without a read until a re-check after an exponential backoff
+ * (500 ms doubling to 60 s). A good re-read clears it. */
 struct cache_bad_expert {
 	uint32_t layer, expert;
 	int err;              /* -EIO or -EBADMSG */

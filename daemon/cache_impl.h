@@ -37,6 +37,7 @@ struct expert_state {
 	uint32_t pins[2];
 	int err;              /* result of the last failed load/copy, 0 if none */
 	uint16_t bad_fails;   /* host loads failed in a row (0: not bad) */
+	bool bad_reported;    /* the last failure was answered to an acquire */
 	uint64_t bad_until;   /* moe_now_ns() before which it is not re-read */
 	uint64_t bad_refused; /* acquires answered with err while bad */
 	uint64_t mark;        /* c->calls of the last acquire naming it */
