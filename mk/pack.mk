@@ -4,7 +4,7 @@ libmoecore_a_SOURCES += core/pack.c
 
 bin_PROGRAMS += tools/moe-pack
 tools_moe_pack_SOURCES = tools/moe-pack.c tools/convert.c tools/convert.h
-tools_moe_pack_LDADD = $(CORE_LINK)
+tools_moe_pack_LDADD = $(KERNELS_LINK)
 
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_pack

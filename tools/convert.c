@@ -5,6 +5,7 @@
  * set stays a few MiB whatever the model size. */
 #include "config.h"
 #include "convert.h"
+#include "ffn.h"
 #include "gguf.h"
 #include "safetensors.h"
 
@@ -185,29 +186,12 @@ static int src_read(const struct convert_source *s, const struct stensor *t, uin
 	return rc;
 }
 
+/* A pack takes the weight types the kernels compute (the daemon's COMPUTE
+ * and moe-run use them), the K-quants and iq4 of llama.cpp's Q*_K_M / IQ4
+ * files included; each part and resident keeps its own type. */
 static bool weight_dtype_ok(enum moe_dtype t)
 {
-	switch (t) {
-	case MOE_DTYPE_F32:
-	case MOE_DTYPE_F16:
-	case MOE_DTYPE_BF16:
-	case MOE_DTYPE_Q8_0:
-	case MOE_DTYPE_Q4_0:
-	case MOE_DTYPE_MXFP4:
-	/* the K-quants and iq4 of llama.cpp's Q*_K_M / IQ4 files: the kernels,
-	 * the daemon's COMPUTE and moe-run read them; each part and resident
-	 * keeps its own type, so mixed types per expert (Q4_K_M) need nothing */
-	case MOE_DTYPE_Q4_K:
-	case MOE_DTYPE_Q5_K:
-	case MOE_DTYPE_Q6_K:
-	case MOE_DTYPE_Q3_K:
-	case MOE_DTYPE_Q2_K:
-	case MOE_DTYPE_IQ4_NL:
-	case MOE_DTYPE_IQ4_XS:
-		return true;
-	default:
-		return false;
-	}
+	return ffn_dtype_supported(t);
 }
 
 #define WEIGHT_DTYPES "f32, f16, bf16, q8_0, q4_0, mxfp4, q4_K, q5_K, q6_K, q3_K, q2_K, iq4_nl and iq4_xs"
