@@ -92,15 +92,7 @@ static struct experts *alloc_experts(const struct model *m)
 	    !(ex->ids = calloc(ex->E, sizeof(uint32_t))) || !(ex->slots = calloc(ex->E, sizeof(int32_t))) ||
 	    !(ex->tiers = calloc(ex->E, 1)) || !(ex->leases = calloc(ex->E / MOET_MAX_BATCH + 1, sizeof(moet_lease))) ||
 	    !(ex->cl_e = calloc(ex->E, sizeof(uint32_t))) || !(ex->cl_p = calloc(ex->E, sizeof(void *)))) {
-		free(ex->count);
-		free(ex->mask);
-		free(ex->ids);
-		free(ex->slots);
-		free(ex->tiers);
-		free(ex->leases);
-		free(ex->cl_e);
-		free(ex->cl_p);
-		free(ex);
+		experts_close(ex); /* frees whatever was allocated */
 		return NULL;
 	}
 	return ex;
