@@ -1048,6 +1048,18 @@ Test(server, corrupt_expert_reported_per_expert, .timeout = 60)
 	cr_expect_eq(tu_sh("grep -q 'expert 3.*EBADMSG' %s", out), 0, "no EBADMSG named for expert 3");
 	cr_expect_neq(tu_sh("grep -q 'expert 3 *miss' %s", out), 0, "the corrupt expert printed as a miss");
 	tu_sh("cat %s >&2", out);
+	/* replay: a trace of 3 tokens, one of which routes to the corrupt expert */
+	char trace[1024];
+	snprintf(trace, sizeof(trace), "%s/t.csv", e.dir);
+	FILE *tf = fopen(trace, "w");
+	cr_assert_not_null(tf);
+	fprintf(tf, "Layer ID,Batch Number,Token,Activated Expert IDs\n0,0,a,\"[1, 2]\"\n0,0,b,\"[3, 4]\"\n"
+		    "0,0,c,\"[5, 2]\"\n");
+	fclose(tf);
+	rc = tu_sh("%s --socket %s replay --brief %s >%s 2>&1", tu_build_path("moe-client"), e.sock, trace, out);
+	tu_sh("cat %s >&2", out);
+	cr_expect_neq(rc, 0, "moe-client replay over a corrupt expert exited 0");
+	cr_expect_eq(tu_sh("grep -q 'layer 0 expert 3: EBADMSG' %s", out), 0, "replay does not name the corrupt expert");
 	teardown(&e);
 }
 
