@@ -45,7 +45,8 @@ struct cache;
 	X(admin_requests, "admin requests served") \
 	X(parked_acquires, "blocking acquires parked until a load finished") \
 	X(ring_sleeps, "times the ring thread slept on the futex") \
-	X(hello_timeouts, "connections closed for not sending HELLO within hello-timeout-ms")
+	X(hello_timeouts, "connections closed for not sending HELLO within hello-timeout-ms") \
+	X(share_refusals, "experts answered -EDQUOT: the client held its client-share of the tier")
 
 enum server_counter {
 #define X(id, help) SERVER_##id,

@@ -129,6 +129,7 @@ static unsigned try_acquire(struct srv_client *c, uint32_t layer, struct moet_cq
 			if (n >= room) {
 				/* Over its share: said at once, not waited for. */
 				out->slot[i] = -EDQUOT;
+				server_cnt(m->srv, SERVER_share_refusals);
 				continue;
 			}
 			keys[n].layer = layer;

@@ -1115,6 +1115,7 @@ Test(server, greedy_client_cannot_starve_others, .timeout = 90)
 	cr_expect_lt(other_s, 2.0, "the other client waited %.3f s", other_s);
 	cr_expect_lt(greedy_s, 4.0, "the greedy client waited %.3f s for slots it holds itself", greedy_s);
 	cr_expect_gt(quota_errs, 0);
+	cr_expect_eq(server_stat(other, "share_refusals"), quota_errs);
 	cr_expect_leq(served, slots_host / 2 + 4);
 	cr_assert_eq(moet_release(other, ol), 0);
 	for (unsigned i = 0; i < nh; i++)
