@@ -14,9 +14,10 @@ dist_man_MANS += doc/moe-run.1
 # Against llama.cpp (skips without tests/llama-oracle), through the daemon,
 # from GGUF- vs safetensors-made packs, and on the trained model (skips until
 # models/ has it).
-TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh tests/test_moe_run_trained.sh
+TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh tests/test_moe_run_trained.sh \
+	tests/test_moe_run_corrupt.sh
 EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh \
-	tests/test_moe_run_trained.sh \
+	tests/test_moe_run_trained.sh tests/test_moe_run_corrupt.sh \
 	tests/logits-compare.py
 
 if HAVE_CRITERION

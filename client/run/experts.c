@@ -374,6 +374,14 @@ static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 		unsigned nc = 0;
 		for (unsigned i = 0; i < todo; i++) {
 			const int32_t slot = ex->slots[i];
+			if (slot == -EBADMSG || slot == -EIO) {
+				/* the daemon's verdict on this expert (a failed checksum
+				 * or read): no retry would change it before its backoff */
+				rc = moe_error_set(err, slot, "moetierd: layer %u expert %u: %s", moe_l, ids[i],
+						   slot == -EBADMSG ? "its extent failed its checksum (EBADMSG)"
+								    : "its extent could not be read (EIO)");
+				goto release;
+			}
 			if (first) {
 				if (slot < 0)
 					ex->st.misses++;
@@ -383,7 +391,9 @@ static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 					ex->st.hits_host++;
 			}
 			const void *p = slot >= 0 ? moet_slot_ptr(ex->ctx, ex->tiers[i], slot) : NULL;
-			if (!p && (slot >= 0 || from_pack)) {
+			/* -EDQUOT: this client holds its share of the arena; not a
+			 * fault, and waiting would not help: read it from the pack */
+			if (!p && (slot >= 0 || from_pack || slot == -EDQUOT)) {
 				/* served from a tier this process cannot map, or
 				 * the daemon makes no progress: read it from the
 				 * pack (same bytes, CRC checked) */
