@@ -139,6 +139,10 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 	int rc = pack_open(path, 0, &m->pack, err);
 	if (rc)
 		return rc; /* pack_open's message already starts with the path */
+	if (pack_part(m->pack, PACK_ROLE_LATENT_A_GATE) || pack_part(m->pack, PACK_ROLE_LATENT_A_UP))
+		return moe_error_set(err, -ENOTSUP,
+				     "%s: a MoLAE latent pack (moe-pack molae): the daemon does not serve latent "
+				     "experts yet; serve the dense pack it was made from", path);
 	const struct moe_model_config *mc = m->pack->model;
 	const char *base = strrchr(path, '/');
 	snprintf(m->name, sizeof(m->name), "%s", mc->name[0] ? mc->name : base ? base + 1 : path);

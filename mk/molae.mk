@@ -19,3 +19,7 @@ endif
 endif
 
 EXTRA_DIST += doc/molae.md
+
+# The daemon refuses a latent pack until it serves latent experts.
+TESTS += tests/test_molae_daemon.sh
+EXTRA_DIST += tests/test_molae_daemon.sh

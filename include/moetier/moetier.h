@@ -74,7 +74,10 @@ int moet_model_info(moet_ctx *ctx, struct moet_model_info *out);
 
 /* Batched acquire of n <= MOET_MAX_BATCH experts of MoE layer `layer`.
  * slots[i]: slot index of ids[i] in tiers[i] (MOET_TIER_GPU or _HOST), or
- * -1 for a miss. flags: MOET_F_NOWAIT returns misses at once (their loads
+ * -1 for a miss; below -1 that expert failed, a negative errno: -EBADMSG its
+ * extent failed its checksum, -EIO it could not be read (the daemon re-reads
+ * it only after a backoff), -EDQUOT this client holds its client-share of
+ * the tier. flags: MOET_F_NOWAIT returns misses at once (their loads
  * start; wait with moet_wait_ready); without it the daemon completes the
  * entry once the loads finished (bounded by its wait-timeout-ms).
  * *lease (0 when nothing was served) must be passed to moet_release.
