@@ -23,7 +23,7 @@ static const char *sock_path, *model_name;
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: moectl [--socket PATH] [--model NAME] COMMAND [ARGS]\n"
-		   "  stats [--json|--prometheus]      counters, gauges, histograms\n"
+		   "  stats [--json|--prometheus [--per-expert]]  counters, gauges, histograms\n"
 		   "  config get [NAME]                current option values\n"
 		   "  config set NAME VALUE            change a run-time option\n"
 		   "  pin|unpin|evict LAYER EXPERT [--tier host|gpu]\n"
@@ -272,11 +272,17 @@ int main(int argc, char **argv)
 			if (!strcmp(argv[i], "--json"))
 				fmt = MOET_STATS_JSON;
 			else if (!strcmp(argv[i], "--prometheus"))
-				fmt = MOET_STATS_PROMETHEUS;
+				fmt = (fmt & ~(unsigned)MOET_STATS_FORMAT_MASK) | MOET_STATS_PROMETHEUS;
+			else if (!strcmp(argv[i], "--per-expert"))
+				fmt |= MOET_STATS_PER_EXPERT;
 			else {
 				fprintf(stderr, "moectl stats: unknown argument '%s'\n", argv[i]);
 				return 2;
 			}
+		}
+		if ((fmt & MOET_STATS_PER_EXPERT) && (fmt & MOET_STATS_FORMAT_MASK) != MOET_STATS_PROMETHEUS) {
+			fprintf(stderr, "moectl stats: --per-expert goes with --prometheus (JSON always has them)\n");
+			return 2;
 		}
 		if (attach(&c, false))
 			return 1;

@@ -96,7 +96,7 @@ static void render_bpf(struct server *s, FILE *f, json_t *root, uint32_t fmt)
 	free(r);
 }
 
-static char *render_stats(struct server *s, uint32_t fmt)
+static char *render_stats(struct server *s, uint32_t fmt, bool per_expert)
 {
 	char *buf = NULL;
 	size_t len = 0;
@@ -115,8 +115,8 @@ static char *render_stats(struct server *s, uint32_t fmt)
 		else if (fmt == MOET_STATS_JSON)
 			json_object_set_new(srv, counter_names[i], json_integer((json_int_t)v));
 		else
-			fprintf(f, "# TYPE moetier_server_%s counter\nmoetier_server_%s %" PRIu64 "\n", counter_names[i],
-				counter_names[i], v);
+			fprintf(f, "# TYPE moetier_server_%s_total counter\nmoetier_server_%s_total %" PRIu64 "\n",
+				counter_names[i], counter_names[i], v);
 	}
 	if (root) {
 		json_object_set_new(root, "server", srv);
@@ -129,7 +129,7 @@ static char *render_stats(struct server *s, uint32_t fmt)
 		if (stats_snapshot(cache_stats(m->cache), &snap))
 			continue;
 		char *r = fmt == MOET_STATS_JSON ? stats_render_json(&snap, true)
-			: fmt == MOET_STATS_PROMETHEUS ? stats_render_prometheus(&snap, i == 0)
+			: fmt == MOET_STATS_PROMETHEUS ? stats_render_prometheus(&snap, per_expert && i == 0)
 						       : stats_render_text(&snap, false);
 		stats_snapshot_free(&snap);
 		if (!r)
@@ -293,11 +293,14 @@ void server_admin_request(struct server *s, struct srv_client *c, const struct m
 	switch (h->type) {
 	case MOET_MSG_STATS:
 	case MOET_MSG_CLIENTS: {
-		if (h->type == MOET_MSG_STATS && h->arg > MOET_STATS_PROMETHEUS) {
-			server_conn_error(s, c, h->seq, -EINVAL, "unknown stats format %u", h->arg);
+		const uint32_t fmt = h->arg & MOET_STATS_FORMAT_MASK;
+		if (h->type == MOET_MSG_STATS &&
+		    (fmt > MOET_STATS_PROMETHEUS || (h->arg & ~(uint32_t)(MOET_STATS_FORMAT_MASK | MOET_STATS_PER_EXPERT)))) {
+			server_conn_error(s, c, h->seq, -EINVAL, "unknown stats format %#x", h->arg);
 			return;
 		}
-		char *t = h->type == MOET_MSG_STATS ? render_stats(s, h->arg) : render_clients(s);
+		char *t = h->type == MOET_MSG_STATS ? render_stats(s, fmt, (h->arg & MOET_STATS_PER_EXPERT) != 0)
+						    : render_clients(s);
 		if (!t) {
 			server_conn_error(s, c, h->seq, -ENOMEM, "out of memory");
 			return;

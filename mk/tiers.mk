@@ -36,4 +36,5 @@ tests_test_metrics_SOURCES = tests/test_metrics.c
 tests_test_metrics_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_metrics_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
 endif
+TESTS += tests/test_metrics_daemon.sh
 EXTRA_DIST += tests/test_metrics_daemon.sh

@@ -168,6 +168,10 @@ enum moet_stats_format {
 	MOET_STATS_TEXT = 0,
 	MOET_STATS_JSON = 1,
 	MOET_STATS_PROMETHEUS = 2,
+	MOET_STATS_FORMAT_MASK = 0xff,
+	/* flag: Prometheus with the per-(layer, expert) series (layers x
+	 * experts x 4 of them: off unless asked for) */
+	MOET_STATS_PER_EXPERT = 0x100,
 };
 
 struct moet_expert_arg {
