@@ -399,7 +399,9 @@ static int open_validate(struct pack_file *p, unsigned flags, struct moe_error *
 	uint64_t index_bytes, dir_bytes;
 	int rc;
 
-	p->fd = open(p->path, O_RDONLY | O_CLOEXEC);
+	/* O_NONBLOCK: opening a FIFO must not wait for a writer; a regular
+	 * file ignores the flag, and anything else is refused next. */
+	p->fd = open(p->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	if (p->fd < 0)
 		return moe_error_set(err, -errno, "cannot open: %s", strerror(errno));
 	if (fstat(p->fd, &st) < 0)
