@@ -375,7 +375,11 @@ int server_ring_exec(struct server *s, struct srv_client *c, const struct moet_s
 				goto bad;
 			}
 			memcpy(logits, c->region + c->reg.scratch_off + q->data_off, q->data_len);
-			if ((rc = route_topk(&m->rp, logits, &rr)))
+			/* the family's rule with this layer's selection bias
+			 * (DeepSeek-V3's e_score_correction_bias) */
+			struct route_params rp = m->rp;
+			rp.score_bias = m->score_bias ? m->score_bias + (size_t)q->layer * m->n_experts : NULL;
+			if ((rc = route_topk(&rp, logits, &rr)))
 				goto bad;
 			local.count = (uint16_t)rr.n;
 			for (unsigned i = 0; i < rr.n; i++) {

@@ -21,6 +21,7 @@
 #include "moetier/moetier.h"
 #include "ffn.h"
 #include "pack.h"
+#include "route.h"
 /* testutil.h's tu__rm builds "%s/%s" paths into 4 KiB: GCC's truncation
  * analysis flags it under -Werror; the paths here are short. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
@@ -40,7 +41,14 @@ static void sleep_ms(int ms)
 	nanosleep(&d, NULL);
 }
 
+static void make_model_of(struct env *e, const char *gen_args);
+
 static void make_model(struct env *e)
+{
+	make_model_of(e, "--family qwen2_moe --preset tiny --experts 16");
+}
+
+static void make_model_of(struct env *e, const char *gen_args)
 {
 	e->dir = tu_mkdtemp("server");
 	cr_assert_eq(chmod(e->dir, 0755), 0);
@@ -54,7 +62,7 @@ static void make_model(struct env *e)
 	char gen[4096], packer[4096];
 	snprintf(gen, sizeof(gen), "%s", tu_build_path("tools/moe-gen"));
 	snprintf(packer, sizeof(packer), "%s", tu_build_path("tools/moe-pack"));
-	cr_assert_eq(tu_sh("%s model --family qwen2_moe --preset tiny --experts 16 --out %s/src >/dev/null", gen, e->dir), 0);
+	cr_assert_eq(tu_sh("%s model %s --out %s/src >/dev/null", gen, gen_args, e->dir), 0);
 	cr_assert_eq(tu_sh("%s convert %s/src -o %s -q >/dev/null", packer, e->dir, e->pack), 0);
 }
 
@@ -1131,5 +1139,60 @@ Test(server, greedy_client_cannot_starve_others, .timeout = 90)
 	}
 	cr_expect_gt(served, slots_host / 2 + 4, "alone: %u served", served);
 	moet_close(greedy);
+	teardown(&e);
+}
+
+/* ROUTE through the daemon follows the model's own rule, bias included: on a
+ * DeepSeek-V3 model (sigmoid scores, e_score_correction_bias for selection,
+ * groups, scaling) the daemon's answer for each layer equals route.c's with
+ * that layer's bias from the pack, for all-zero logits (where only the bias
+ * decides: the daemon once answered [0, 1] there) and for random ones. */
+Test(server, route_uses_each_layers_score_bias, .timeout = 60)
+{
+	struct env e;
+	make_model_of(&e, "--family deepseek_v3 --preset tiny --experts 16 --top-k 4 --layers 4");
+	start_daemon(&e, "1M", NULL);
+	moet_ctx *c = attach(&e, "route");
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	struct pack_file *pf;
+	struct moe_error err;
+	cr_assert_eq(pack_open(e.pack, PACK_OPEN_NO_DIRECT, &pf, &err), 0, "%s", err.msg);
+	cr_assert(pf->model->has_score_bias, "the generated DeepSeek-V3 model has no score bias");
+	unsigned seed = 5, differ = 0;
+	for (uint32_t l = 0; l < mi.n_moe_layers; l++) {
+		float bias[64], logits[64] = { 0 };
+		const struct pack_tensor_entry *t = pack_find_role(pf, PACK_ROLE_SCORE_BIAS, moe_model_layer_of(pf->model, l));
+		cr_assert_not_null(t);
+		cr_assert_eq(pack_read_tensor(pf, t, bias, &err), 0, "%s", err.msg);
+		struct route_params rp;
+		route_params_from_model(&rp, pf->model, bias);
+		for (int pass = 0; pass < 2; pass++) {
+			if (pass)
+				for (uint32_t i = 0; i < mi.n_experts; i++)
+					logits[i] = (float)((int)(rand_r(&seed) % 2001) - 1000) / 500.0f;
+			struct route_result want;
+			cr_assert_eq(route_topk(&rp, logits, &want), 0);
+			uint32_t ex[MOET_MAX_BATCH];
+			float w[MOET_MAX_BATCH];
+			int32_t slots[MOET_MAX_BATCH];
+			moet_lease lease = 0;
+			int k = moet_route(c, l, logits, mi.n_experts, 0, ex, w, slots, NULL, &lease);
+			cr_assert_eq(k, (int)want.n, "layer %u: %d experts, route.c says %u", l, k, want.n);
+			for (int i = 0; i < k; i++) {
+				cr_expect_eq(ex[i], want.experts[i], "layer %u pass %d slot %d: %u, route.c %u", l, pass, i,
+					     ex[i], want.experts[i]);
+				cr_expect_float_eq(w[i], want.weights[i], 1e-6f);
+			}
+			/* the bias matters: without it the zero-logit answer would be 0, 1, 2, ... */
+			if (!pass && (ex[0] != 0 || ex[1] != 1))
+				differ++;
+			if (lease)
+				moet_release(c, lease);
+		}
+	}
+	cr_expect_gt(differ, 0, "every layer's bias-free answer: the test would not see a dropped bias");
+	pack_close(pf);
+	moet_close(c);
 	teardown(&e);
 }
