@@ -4,3 +4,4 @@ TESTS += tests/test_replay.sh
 EXTRA_DIST += tests/test_replay.sh
 TESTS += tests/test_startup.sh
 EXTRA_DIST += tests/test_startup.sh
+EXTRA_DIST += tests/daemon-env.sh

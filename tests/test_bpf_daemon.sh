@@ -6,51 +6,22 @@
 # counts; with every program failing to load (fault injection) or --no-bpf
 # the daemon serves as before and says why in its stats.
 set -eu
-B=${MOETIER_BUILDDIR:-.}
+. "$(dirname "$0")/daemon-env.sh"
 for p in tools/moe-gen tools/moe-pack moetierd moe-client moectl; do
 	[ -x "$B/$p" ] || { echo "test_bpf_daemon: $B/$p not built" >&2; exit 77; }
 done
 [ "$(id -u)" -eq 0 ] || { echo "needs root (CAP_BPF and CAP_PERFMON)"; exit 77; }
-tmp=$(mktemp -d "${MOETIER_BUILDDIR:-/tmp}/moetier-bpf.XXXXXX")
-pid=
-cleanup() {
-	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-	fi
-	rm -rf "$tmp"
-}
-trap cleanup EXIT INT TERM
+env_init bpf "${MOETIER_BUILDDIR:-/tmp}"
 
 "$B/tools/moe-gen" model --family deepseek_v2 --preset tiny --experts 16 --top-k 2 --layers 5 \
 	--out "$tmp/src" >/dev/null
 "$B/tools/moe-pack" convert "$tmp/src" -o "$tmp/m.moepack" --name bpf -q
 "$B/tools/moe-gen" trace --tokens 30 --layers 4 --first-layer 1 --experts 16 --top-k 2 --seed 5 \
 	--out "$tmp/t.csv" >/dev/null
-mkdir -m 0755 "$tmp/run"
-sock="$tmp/run/s.sock"
-
 start() { # daemon binary, extra options...
-	bin=$1
+	bin_=$1
 	shift
-	"$B/$bin" --foreground --config= --socket="$sock" --socket-group= --host-bytes=4M \
-		--log-level=warn "$@" "$tmp/m.moepack" 2>"$tmp/d.log" &
-	pid=$!
-	i=0
-	until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
-		i=$((i + 1))
-		if [ $i -gt 200 ] || ! kill -0 "$pid" 2>/dev/null; then
-			echo "test_bpf_daemon: moetierd did not come up:" >&2
-			cat "$tmp/d.log" >&2
-			exit 1
-		fi
-		sleep 0.05
-	done
-}
-stop() {
-	kill -TERM "$pid"
-	wait "$pid" || { echo "FAIL: moetierd exited with $?"; cat "$tmp/d.log"; exit 1; }
-	pid=
+	daemon_start "$bin_" "$tmp/m.moepack" --host-bytes=4M "$@"
 }
 json() { # python expression over the stats JSON (s) -> printed
 	"$B/moectl" --socket "$sock" stats --json >"$tmp/s.json"
@@ -83,7 +54,7 @@ rq=$(json "s['bpf']['runqlat_us']['count']")
 [ "$rq" -gt 0 ] || { echo "FAIL: no run-queue wait of the daemon's threads"; exit 1; }
 "$B/moectl" --socket "$sock" stats --prometheus | grep -q '^moetier_block_request_seconds_bucket{dev=' ||
 	{ echo "FAIL: no Prometheus histogram"; exit 1; }
-stop
+daemon_stop
 echo "ok: attached; $loads loads -> $((reads1 - reads0)) block reads; arena faults daemon 0, clients $cf; $rq run-queue waits"
 
 # --no-bpf, and (debug build) every program failing to load: still serving.
@@ -91,12 +62,12 @@ start moetierd --no-bpf
 st=$(json "s['bpf']['programs']['runqlat']")
 case $st in *"--no-bpf"*) ;; *) echo "FAIL: --no-bpf: $st"; exit 1 ;; esac
 "$B/moe-client" --socket "$sock" replay --brief "$tmp/t.csv" >/dev/null
-stop
+daemon_stop
 if [ -x "$B/moetierd-debug" ]; then
 	MOETIER_FAULTS=bpf.load:0:-1 start moetierd-debug
 	st=$(json "s['bpf']['programs']['faults']")
 	case $st in *injected*) ;; *) echo "FAIL: injected load failure: $st"; exit 1 ;; esac
 	"$B/moe-client" --socket "$sock" replay --brief --cold "$tmp/t.csv" >/dev/null
-	stop
+	daemon_stop
 	echo "ok: with every program failing to load the daemon served: $st"
 fi

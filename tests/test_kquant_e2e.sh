@@ -35,7 +35,7 @@
 # Skips (77) without the llama.cpp peer (tests/llama-quantize and
 # tests/llama-oracle not built) or without numpy in Debian's python3.
 set -eu
-B=${MOETIER_BUILDDIR:-.}
+. "$(dirname "$0")/daemon-env.sh"
 S=${MOETIER_SRCDIR:-..}
 PY=/usr/bin/python3
 
@@ -51,16 +51,7 @@ if ! $PY -c 'import numpy' 2>/dev/null; then
 	exit 77
 fi
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/kquant-e2e.XXXXXX")
-pid=
-cleanup() {
-	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-	fi
-	rm -rf "$tmp"
-}
-trap cleanup EXIT INT TERM
+env_init kquant-e2e
 fail=0
 oracle=$B/tests/llama-oracle
 toks=1,5,9,3,17,33,2,8,60,12,7,7,40,21,63,4,11,30,45,6,19,50,27,14
@@ -151,21 +142,7 @@ for spec in Q5_K_M:Q5_K:Q6_K Q3_K_M:Q3_K:Q5_K Q2_K:Q2_K:Q3_K IQ4_XS:IQ4_XS:IQ4_N
 done
 
 # through the daemon: 8 slots of 128 KiB for 48 extents
-mkdir -m 0755 "$tmp/run"
-sock=$tmp/run/moetierd.sock
-"$B/moetierd" --foreground --config= --socket="$sock" --socket-group= --host-bytes=1M --gpu-bytes=0 \
-	--log-level=warn "$tmp/qs.moepack" 2>"$tmp/moetierd.log" &
-pid=$!
-i=0
-until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
-	i=$((i + 1))
-	if [ $i -gt 100 ] || ! kill -0 "$pid" 2>/dev/null; then
-		echo "test_kquant_e2e: moetierd did not come up:" >&2
-		cat "$tmp/moetierd.log" >&2
-		exit 1
-	fi
-	sleep 0.1
-done
+daemon_start moetierd "$tmp/qs.moepack" --host-bytes=1M --gpu-bytes=0
 "$B/moe-run" "$tmp/qs.moepack" --socket "$sock" --kv-f16 --tokens "$toks" --dump-logits "$tmp/lgd" \
 	2>"$tmp/d.err" || { cat "$tmp/d.err" >&2; exit 1; }
 if cmp -s "$tmp/lg" "$tmp/lgd"; then

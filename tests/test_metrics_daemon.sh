@@ -8,43 +8,20 @@
 # Black box: it checks what every renderer (stats.c, server_admin.c,
 # compute.c, bpf.c) contributes, and moectl's --per-expert.
 set -eu
-B=${MOETIER_BUILDDIR:-.}
+. "$(dirname "$0")/daemon-env.sh"
 for p in tools/moe-gen tools/moe-pack moetierd moe-client moectl; do
 	[ -x "$B/$p" ] || { echo "test_metrics_daemon: $B/$p not built" >&2; exit 77; }
 done
 PY=/usr/bin/python3
 [ -x $PY ] || PY=python3
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moetier-metrics.XXXXXX")
-pid=
-cleanup() {
-	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-	fi
-	rm -rf "$tmp"
-}
-trap cleanup EXIT INT TERM
+env_init metrics
 
 "$B/tools/moe-gen" model --family deepseek_v2 --preset tiny --experts 16 --top-k 2 --layers 5 \
 	--out "$tmp/src" >/dev/null
 "$B/tools/moe-pack" convert "$tmp/src" -o "$tmp/m.moepack" --name metrics -q
 "$B/tools/moe-gen" trace --tokens 20 --layers 4 --first-layer 1 --experts 16 --top-k 2 --seed 3 \
 	--out "$tmp/t.csv" >/dev/null
-mkdir -m 0755 "$tmp/run"
-sock="$tmp/run/s.sock"
-"$B/moetierd" --foreground --config= --socket="$sock" --socket-group= --host-bytes=4M \
-	--log-level=warn "$tmp/m.moepack" 2>"$tmp/d.log" &
-pid=$!
-i=0
-until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
-	i=$((i + 1))
-	if [ $i -gt 200 ] || ! kill -0 "$pid" 2>/dev/null; then
-		echo "test_metrics_daemon: moetierd did not come up:" >&2
-		cat "$tmp/d.log" >&2
-		exit 1
-	fi
-	sleep 0.05
-done
+daemon_start moetierd "$tmp/m.moepack" --host-bytes=4M
 # traffic, so that the per-expert counters are not all zero
 timeout 60 "$B/moe-client" --socket "$sock" replay --brief "$tmp/t.csv" >/dev/null
 
@@ -111,7 +88,5 @@ else
 	echo "FAIL: moectl stats --prometheus --per-expert: $(cat "$tmp/pe.err")"
 	rc=1
 fi
-kill -TERM "$pid"
-wait "$pid" || { echo "FAIL: moetierd exited with $?"; cat "$tmp/d.log"; exit 1; }
-pid=
+daemon_stop
 exit $rc

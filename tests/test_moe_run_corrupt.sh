@@ -3,22 +3,13 @@
 # must stop with an error naming the expert and the checksum, exit non-zero,
 # and never print text computed from a corrupt expert.
 set -eu
-B=${MOETIER_BUILDDIR:-.}
+. "$(dirname "$0")/daemon-env.sh"
 S=${MOETIER_SRCDIR:-$(cd "$(dirname "$0")/.." && pwd)}
 for p in tools/moe-pack moetierd moe-run moe-client; do
 	[ -x "$B/$p" ] || { echo "$B/$p not built" >&2; exit 77; }
 done
 [ -f "$S/models/debian-moe-4m.gguf" ] || { echo "no trained model in models/"; exit 77; }
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moetier-corrupt.XXXXXX")
-pid=
-cleanup() {
-	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-	fi
-	rm -rf "$tmp"
-}
-trap cleanup EXIT INT TERM
+env_init corrupt
 "$B/tools/moe-pack" convert "$S/models/debian-moe-4m.gguf" -o "$tmp/m.moepack" -q
 # 64 bytes of junk inside every layer-0 extent (index entries: 32 bytes, offset first)
 python3 - "$tmp/m.moepack" <<'PY'
@@ -33,17 +24,7 @@ for i in range(experts):
     f.seek(off + 100)
     f.write(b"\xff" * 64)
 PY
-mkdir -m 0755 "$tmp/run"
-sock="$tmp/run/s.sock"
-"$B/moetierd" --foreground --config= --socket="$sock" --socket-group= --host-bytes=2M --log-level=warn \
-	"$tmp/m.moepack" 2>"$tmp/d.log" &
-pid=$!
-i=0
-until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
-	i=$((i + 1))
-	[ $i -le 200 ] && kill -0 "$pid" 2>/dev/null || { cat "$tmp/d.log"; exit 1; }
-	sleep 0.05
-done
+daemon_start moetierd "$tmp/m.moepack" --host-bytes=2M
 rc=0
 "$B/moe-run" "$tmp/m.moepack" --socket "$sock" --prompt "This program" -n 8 >"$tmp/out" 2>"$tmp/err" || rc=$?
 cat "$tmp/err"

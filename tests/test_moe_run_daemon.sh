@@ -8,22 +8,13 @@
 # misses and bytes read). The runs must have missed and read from
 # the pack, or the test proves nothing.
 set -eu
-B=${MOETIER_BUILDDIR:-.}
+. "$(dirname "$0")/daemon-env.sh"
 
 for p in moe-run moetierd moe-client tools/moe-gen tools/moe-pack; do
 	[ -x "$B/$p" ] || { echo "test_moe_run_daemon: $B/$p is missing" >&2; exit 1; }
 done
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moe-run-daemon.XXXXXX")
-pid=
-cleanup() {
-	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-	fi
-	rm -rf "$tmp"
-}
-trap cleanup EXIT INT TERM
+env_init moe-run-daemon
 
 # 4 MoE layers x 32 experts (128), top-4; Q8_0 experts of 6.4 KiB in 8 KiB slots
 "$B/tools/moe-gen" model --family qwen3_moe --format gguf --dtype q8_0 --preset tiny --heads 4 --kv-heads 2 \
@@ -33,22 +24,8 @@ trap cleanup EXIT INT TERM
 toks=$(seq -s, 1 60)
 "$B/moe-run" "$tmp/m.moepack" --local --tokens "$toks" --dump-logits "$tmp/local.lg" --quiet
 
-mkdir -m 0755 "$tmp/run"
-sock=$tmp/run/moetierd.sock
 # 13 slots of 8 KiB: 10% of the 128 experts
-"$B/moetierd" --foreground --config= --socket="$sock" --socket-group= --host-bytes=104K --gpu-bytes=0 \
-	--log-level=warn "$tmp/m.moepack" 2>"$tmp/moetierd.log" &
-pid=$!
-i=0
-until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
-	i=$((i + 1))
-	if [ $i -gt 100 ] || ! kill -0 "$pid" 2>/dev/null; then
-		echo "test_moe_run_daemon: moetierd did not come up:" >&2
-		cat "$tmp/moetierd.log" >&2
-		exit 1
-	fi
-	sleep 0.1
-done
+daemon_start moetierd "$tmp/m.moepack" --host-bytes=104K --gpu-bytes=0
 "$B/moe-client" --socket "$sock" info | grep 'host arena'
 
 # the second client: decodes 1500 tokens beside the teacher-forced runs
@@ -96,14 +73,6 @@ for r in d1 d2; do
 		fail=1
 	fi
 done
-kill -TERM "$pid"
-rc=0
-wait "$pid" || rc=$?
-pid=
-if [ $rc -ne 0 ]; then
-	echo "test_moe_run_daemon: moetierd exited with status $rc" >&2
-	cat "$tmp/moetierd.log" >&2
-	exit 1
-fi
+daemon_stop
 [ $fail -eq 0 ] && echo "test_moe_run_daemon: logits through a 10% host arena are bit-identical to --local"
 exit $fail

@@ -12,7 +12,7 @@
 # Skips (77) until the trained model is in models/ (MOETIER_TRAINED_DIR
 # points elsewhere).
 set -eu
-B=${MOETIER_BUILDDIR:-.}
+. "$(dirname "$0")/daemon-env.sh"
 S=${MOETIER_SRCDIR:-..}
 PY=/usr/bin/python3
 dir=${MOETIER_TRAINED_DIR:-$S/models}
@@ -26,16 +26,7 @@ if [ ! -f "$dir/$name.gguf" ] || [ ! -f "$dir/$name.json" ] || [ ! -f "$dir/$nam
 	exit 77
 fi
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moe-run-trained.XXXXXX")
-pid=
-cleanup() {
-	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-	fi
-	rm -rf "$tmp"
-}
-trap cleanup EXIT INT TERM
+env_init moe-run-trained
 
 "$B/tools/moe-pack" convert "$dir/$name.gguf" -o "$tmp/m.moepack" -q
 fail=0
@@ -74,21 +65,7 @@ fi
 # through the daemon, a quarter of the experts in the host arena
 slot=$("$B/tools/moe-pack" info "$tmp/m.moepack" | awk '/^extent:/ {print $(NF-3)}')
 n=$("$B/tools/moe-pack" info "$tmp/m.moepack" | awk '/^extents:/ {print $2}')
-mkdir -m 0755 "$tmp/run"
-sock=$tmp/run/moetierd.sock
-"$B/moetierd" --foreground --config= --socket="$sock" --socket-group= --host-bytes=$((slot * n / 4)) --gpu-bytes=0 \
-	--log-level=warn "$tmp/m.moepack" 2>"$tmp/moetierd.log" &
-pid=$!
-i=0
-until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
-	i=$((i + 1))
-	if [ $i -gt 100 ] || ! kill -0 "$pid" 2>/dev/null; then
-		echo "test_moe_run_trained: moetierd did not come up:" >&2
-		cat "$tmp/moetierd.log" >&2
-		exit 1
-	fi
-	sleep 0.1
-done
+daemon_start moetierd "$tmp/m.moepack" --host-bytes=$((slot * n / 4)) --gpu-bytes=0
 daemon_ppl=$("$B/moe-run" "$tmp/m.moepack" --socket "$sock" --prefetch --ppl "$dir/$name.heldout.txt" --ctx "$ctx" \
 	2>"$tmp/d.err")
 cat "$tmp/d.err"

@@ -4,20 +4,11 @@
 # of a model whose first MoE layer is 1 (it once landed on MoE layer 0), and
 # a trace naming a layer without routed experts is refused, exit non-zero.
 set -eu
-B=${MOETIER_BUILDDIR:-.}
+. "$(dirname "$0")/daemon-env.sh"
 for p in tools/moe-gen tools/moe-pack moetierd moe-client moectl; do
 	[ -x "$B/$p" ] || { echo "test_replay: $B/$p not built" >&2; exit 77; }
 done
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moetier-replay.XXXXXX")
-pid=
-cleanup() {
-	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-	fi
-	rm -rf "$tmp"
-}
-trap cleanup EXIT INT TERM
+env_init replay
 
 # DeepSeek-V2 shape: layer 0 dense, MoE layers 1..6 (MoE index 0..5).
 "$B/tools/moe-gen" model --family deepseek_v2 --preset tiny --experts 16 --top-k 2 --layers 7 \
@@ -27,21 +18,7 @@ trap cleanup EXIT INT TERM
 	--out "$tmp/l6.csv" >/dev/null
 "$B/tools/moe-gen" trace --tokens 5 --layers 2 --first-layer 0 --experts 16 --top-k 2 --seed 4 \
 	--out "$tmp/l0.csv" >/dev/null
-mkdir -m 0755 "$tmp/run"
-sock="$tmp/run/s.sock"
-"$B/moetierd" --foreground --config= --socket="$sock" --socket-group= --host-bytes=16M \
-	--log-level=warn "$tmp/m.moepack" 2>"$tmp/d.log" &
-pid=$!
-i=0
-until "$B/moe-client" --socket "$sock" info >/dev/null 2>&1; do
-	i=$((i + 1))
-	if [ $i -gt 200 ] || ! kill -0 "$pid" 2>/dev/null; then
-		echo "test_replay: moetierd did not come up:" >&2
-		cat "$tmp/d.log" >&2
-		exit 1
-	fi
-	sleep 0.05
-done
+daemon_start moetierd "$tmp/m.moepack" --host-bytes=16M
 # info names every capability the daemon grants (compute was once left out)
 "$B/moe-client" --socket "$sock" info | tee "$tmp/info"
 grep -q '^capabilities:.* route compute' "$tmp/info" || { echo "FAIL: info does not show compute"; exit 1; }
