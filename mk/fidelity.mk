@@ -1,0 +1,1 @@
+# mk/fidelity.mk - see Makefile.am; owned by one subsystem.

@@ -1,0 +1,1 @@
+# mk/fuzz.mk - see Makefile.am; owned by one subsystem.

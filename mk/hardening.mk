@@ -1,0 +1,1 @@
+# mk/hardening.mk - see Makefile.am; owned by one subsystem.

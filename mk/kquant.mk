@@ -1,0 +1,1 @@
+# mk/kquant.mk - see Makefile.am; owned by one subsystem.

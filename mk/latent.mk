@@ -1,0 +1,1 @@
+# mk/latent.mk - see Makefile.am; owned by one subsystem.

@@ -1,0 +1,1 @@
+# mk/routing.mk - see Makefile.am; owned by one subsystem.
