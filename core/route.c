@@ -198,8 +198,35 @@ static void weigh(const struct route_params *rp, const float *logits, const stru
 	}
 }
 
-static int route_common(const struct route_params *rp, const float *logits,
-			const struct route_cache_opts *opt, struct route_result *out)
+/* Residency: a byte map or a callback (route_cache_aware's interface). */
+struct residency {
+	const uint8_t *map;
+	route_resident_fn fn;
+	void *ctx;
+};
+
+static bool is_resident(const struct residency *r, uint32_t e)
+{
+	if (r->map)
+		return r->map[e] != 0;
+	return r->fn && r->fn(r->ctx, e);
+}
+
+/* Is candidate a better than b for the slot of expert e? Similarity first
+ * when a matrix is given, then the selection key, then the lower id. */
+static bool better_candidate(const struct route_cache_rule *rule, uint32_t n, const float *key, uint32_t e,
+			     uint32_t a, uint32_t b)
+{
+	if (rule->similarity) {
+		float sa = rule->similarity[(size_t)e * n + a], sb = rule->similarity[(size_t)e * n + b];
+		if (sa != sb)
+			return sa > sb;
+	}
+	return better(key, a, b);
+}
+
+static int route_common(const struct route_params *rp, const float *logits, const struct residency *res,
+			const struct route_cache_rule *rule, struct route_result *out)
 {
 	struct work w;
 	int rc;
@@ -212,40 +239,67 @@ static int route_common(const struct route_params *rp, const float *logits,
 	if (out->n != rp->top_k)
 		return -EINVAL; /* fewer eligible experts than k: only with -inf logits */
 	memcpy(out->experts, out->exact, sizeof(out->exact));
-
-	if (opt && opt->resident && opt->keep_top < out->n && opt->margin >= 0.0f) {
-		uint32_t J = opt->keep_top ? opt->keep_top : 1;
-		bool taken[ROUTE_MAX_EXPERTS] = { false };
-		for (uint32_t i = 0; i < out->n; i++)
-			taken[out->exact[i]] = true;
-		for (uint32_t i = J; i < out->n; i++) {
-			uint32_t e = out->exact[i], best = UINT32_MAX;
-			if (opt->resident(opt->ctx, e))
-				continue;
-			out->open_mask |= 1u << i;
-			for (uint32_t r = 0; r < rp->n_experts; r++) {
-				if (taken[r] || w.key[r] == -INFINITY || w.key[e] - w.key[r] > opt->margin)
-					continue;
-				if (best != UINT32_MAX && !better(w.key, r, best))
-					continue;
-				if (opt->resident(opt->ctx, r))
-					best = r;
-			}
-			if (best == UINT32_MAX)
-				continue;
-			taken[best] = true;
-			out->experts[i] = best;
-			out->subst_mask |= 1u << i;
-			out->n_subst++;
-		}
-	}
 	weigh(rp, logits, &w, out);
+	memcpy(out->exact_weights, out->weights, sizeof(out->weights));
+	if (!rule || !res || rule->keep_top >= out->n)
+		return 0;
+
+	uint32_t J = rule->keep_top ? rule->keep_top : 1, n = rp->n_experts;
+	double total = 0.0;
+	bool taken[ROUTE_MAX_EXPERTS] = { false };
+	for (uint32_t i = 0; i < out->n; i++) {
+		taken[out->exact[i]] = true;
+		total += out->exact_weights[i];
+	}
+	for (uint32_t i = J; i < out->n; i++) {
+		uint32_t e = out->exact[i], best = UINT32_MAX;
+		if (is_resident(res, e))
+			continue;
+		out->open_mask |= 1u << i;
+		if (!(rule->max_share >= 1.0f) && !(out->exact_weights[i] < rule->max_share * total))
+			continue;
+		for (uint32_t r = 0; r < n; r++) {
+			if (taken[r] || w.key[r] == -INFINITY || !(w.key[e] - w.key[r] <= rule->margin))
+				continue;
+			if (rule->similarity && !(rule->similarity[(size_t)e * n + r] >= rule->min_similarity))
+				continue;
+			if (best != UINT32_MAX && !better_candidate(rule, n, w.key, e, r, best))
+				continue;
+			if (is_resident(res, r))
+				best = r;
+		}
+		if (best == UINT32_MAX)
+			continue;
+		taken[best] = true;
+		out->experts[i] = best;
+		out->subst_mask |= 1u << i;
+		out->n_subst++;
+	}
+	if (!out->n_subst)
+		return 0;
+	switch (rule->weights) {
+	case ROUTE_WEIGHTS_INHERIT:
+		break; /* weights still hold the exact ones, slot by slot */
+	case ROUTE_WEIGHTS_RENORM: {
+		double sum = 0.0;
+		weigh(rp, logits, &w, out);
+		for (uint32_t i = 0; i < out->n; i++)
+			sum += out->weights[i];
+		if (sum > 0.0)
+			for (uint32_t i = 0; i < out->n; i++)
+				out->weights[i] = (float)(out->weights[i] * (total / sum));
+		break;
+	}
+	default:
+		weigh(rp, logits, &w, out);
+		break;
+	}
 	return 0;
 }
 
 int route_topk(const struct route_params *rp, const float *logits, struct route_result *out)
 {
-	return route_common(rp, logits, NULL, out);
+	return route_common(rp, logits, NULL, NULL, out);
 }
 
 int route_cache_aware(const struct route_params *rp, const float *logits,
@@ -253,7 +307,93 @@ int route_cache_aware(const struct route_params *rp, const float *logits,
 {
 	if (!opt || opt->keep_top == 0)
 		return -EINVAL;
-	return route_common(rp, logits, opt, out);
+	if (!(opt->margin >= 0.0f))
+		return route_common(rp, logits, NULL, NULL, out);
+	struct residency res = { NULL, opt->resident, opt->ctx };
+	struct route_cache_rule rule;
+	route_cache_rule_init(&rule, ROUTE_RULE_MARGIN, opt->keep_top, opt->margin);
+	return route_common(rp, logits, &res, &rule, out);
+}
+
+static const char *const rule_names[ROUTE_RULE_COUNT] = { "exact", "margin", "low-weight", "similarity" };
+
+const char *route_rule_name(enum route_rule kind)
+{
+	return (unsigned)kind < ROUTE_RULE_COUNT ? rule_names[kind] : NULL;
+}
+
+int route_rule_parse(const char *name)
+{
+	for (int i = 0; i < ROUTE_RULE_COUNT; i++)
+		if (name && !strcmp(name, rule_names[i]))
+			return i;
+	return -EINVAL;
+}
+
+void route_cache_rule_init(struct route_cache_rule *r, enum route_rule kind, uint32_t keep_top, float margin)
+{
+	memset(r, 0, sizeof(*r));
+	r->keep_top = keep_top;
+	r->margin = margin;
+	r->max_share = INFINITY;
+	r->min_similarity = -INFINITY;
+	r->weights = ROUTE_WEIGHTS_FAMILY;
+	switch (kind) {
+	case ROUTE_RULE_EXACT:
+		r->keep_top = ROUTE_MAX_K;
+		r->margin = 0.0f;
+		break;
+	case ROUTE_RULE_LOW_WEIGHT:
+		r->max_share = 0.25f;
+		r->weights = ROUTE_WEIGHTS_RENORM;
+		break;
+	case ROUTE_RULE_SIMILARITY:
+		r->weights = ROUTE_WEIGHTS_INHERIT;
+		break;
+	default:
+		break;
+	}
+}
+
+int route_cache_rule_check(const struct route_params *rp, const struct route_cache_rule *rule,
+			   struct moe_error *err)
+{
+	if (rule->keep_top == 0 || rule->keep_top > rp->top_k)
+		return moe_error_set(err, -EINVAL, "route: keep-top J=%u must be 1..k (k=%u)", rule->keep_top,
+				     rp->top_k);
+	if (!(rule->margin >= 0.0f))
+		return moe_error_set(err, -EINVAL, "route: margin %g must be >= 0", (double)rule->margin);
+	if (!(rule->max_share > 0.0f))
+		return moe_error_set(err, -EINVAL, "route: max-share %g must be > 0", (double)rule->max_share);
+	if (rule->weights > ROUTE_WEIGHTS_INHERIT)
+		return moe_error_set(err, -EINVAL, "route: unknown weights mode %u", rule->weights);
+	if (isnan(rule->min_similarity))
+		return moe_error_set(err, -EINVAL, "route: min-similarity is NaN");
+	return 0;
+}
+
+int route_cached(const struct route_params *rp, const float *logits, const uint8_t *resident,
+		 const struct route_cache_rule *rule, struct route_result *out, struct moe_error *err)
+{
+	int rc = route_params_check(rp, err);
+	if (rc < 0) {
+		memset(out, 0, sizeof(*out));
+		return rc;
+	}
+	if (rule && (rc = route_cache_rule_check(rp, rule, err)) < 0) {
+		memset(out, 0, sizeof(*out));
+		return rc;
+	}
+	for (uint32_t e = 0; e < rp->n_experts; e++)
+		if (isnan(logits[e])) {
+			memset(out, 0, sizeof(*out));
+			return moe_error_set(err, -EINVAL, "route: logit %u is NaN", e);
+		}
+	struct residency res = { resident, NULL, NULL };
+	rc = route_common(rp, logits, resident ? &res : NULL, rule, out);
+	if (rc < 0)
+		return moe_error_set(err, rc, "route: fewer eligible experts than k=%u (infinite logits?)", rp->top_k);
+	return 0;
 }
 
 void route_count(struct route_counters *c, const struct route_result *r)

@@ -16,7 +16,8 @@
  *     the caller), weights = softmax over the k chosen logits.
  * Ties go to the lower expert id. Experts come out in rank order (best first).
  *
- * Cache-aware routing (route_cache_aware) keeps the exact top-J (J >= 1) and,
+ * Cache-aware routing (route_cached, the rules below; route_cache_aware is
+ * its margin rule with a residency callback) keeps the exact top-J (J >= 1) and,
  * for every later slot whose expert is not resident, may put a resident expert
  * in its place: the eligible resident expert with the best selection key,
  * only when key(replaced) - key(resident) <= margin, never one already chosen
@@ -67,6 +68,8 @@ struct route_result {
 	uint32_t n_subst;                 /* slots where experts[i] != exact[i] */
 	uint32_t subst_mask;              /* bit i set when slot i was substituted */
 	uint32_t open_mask;               /* bit i: slot i >= J and exact[i] not resident */
+	float exact_weights[ROUTE_MAX_K]; /* exact routing's weights (route_cached fills it;
+					     route_topk too, = weights) */
 };
 
 /* Exact routing. logits: [n_experts] raw router outputs. Returns 0 or -EINVAL
@@ -84,8 +87,98 @@ struct route_cache_opts {
 	void *ctx;
 };
 
+/* The original margin rule with a residency callback (kept for moe-sim):
+ * = route_cached with keep_top J, that margin, ROUTE_WEIGHTS_FAMILY, except
+ * that J >= k or margin < 0 means exact routing instead of an error.
+ * -EINVAL when opt is NULL or opt->keep_top is 0. */
 int route_cache_aware(const struct route_params *rp, const float *logits,
 		      const struct route_cache_opts *opt, struct route_result *out);
+
+/* ---- Cache-aware rules (stable API, shared by moetierd's ROUTE and moe-run) ----
+ *
+ * One decision = exact routing first (route_topk's experts and weights, kept
+ * in out->exact / out->exact_weights), then, for each slot i >= keep_top in
+ * rank order whose exact expert is NOT resident, the slot MAY take a resident
+ * expert instead. The router's top-J (slots 0..J-1) are never replaced, and a
+ * resident exact expert is never replaced. A slot is "open" (out->open_mask)
+ * when i >= J and its exact expert is not resident; an open slot is
+ * substituted only when all of these hold:
+ *   - share: exact_weights[i] / sum(exact_weights) < max_share
+ *            (rule (b), "low-weight slots only"; max_share >= 1 = any slot);
+ *   - a candidate exists: an expert r that is resident, not already in the
+ *     set (exact or substituted), inside the allowed groups (group-limited
+ *     families), with key(exact[i]) - key(r) <= margin (selection key: the raw
+ *     logit for SOFTMAX and TOPK_SOFTMAX, so margin m bounds the probability
+ *     ratio by e^m; c = sigmoid(logit) + bias for SIGMOID; INFINITY = no bound),
+ *     and, when a similarity matrix is given, sim[exact[i]][r] >= min_similarity.
+ *   The candidate taken is the one with the best key (rule (a), colibri
+ *   keep-J + margin), or, with a similarity matrix, the most similar one to
+ *   the replaced expert (rule (c); ties: better key, then lower id).
+ * Weights of the final set (out->weights), by rule->weights:
+ *   ROUTE_WEIGHTS_FAMILY  the family's rule over the final set (as if the
+ *                         router had chosen it; route_topk's formula);
+ *   ROUTE_WEIGHTS_RENORM  the family's rule over the final set, then scaled so
+ *                         the weights sum to the exact set's sum (a weaker
+ *                         substitute does not shrink the layer's output);
+ *   ROUTE_WEIGHTS_INHERIT each slot keeps exact routing's weight: the
+ *                         substitute stands in for the expert it replaces.
+ * Without substitutions every mode gives route_topk's weights bit for bit.
+ * resident: [n_experts] bytes, non-zero = resident in the tier that counts
+ * (NULL = nothing resident, i.e. exact routing). similarity: [n_experts *
+ * n_experts] row-major, sim[a * n_experts + b] (e.g. cosine of the experts'
+ * output spaces, 1 on the diagonal), only row exact[i] is read. */
+enum route_weights {
+	ROUTE_WEIGHTS_FAMILY = 0,
+	ROUTE_WEIGHTS_RENORM = 1,
+	ROUTE_WEIGHTS_INHERIT = 2,
+};
+
+/* The named rules (presets of the fields below; the protocol and the CLIs use
+ * these numbers and names). */
+enum route_rule {
+	ROUTE_RULE_EXACT = 0,      /* no substitution */
+	ROUTE_RULE_MARGIN = 1,     /* (a) keep-J + margin, FAMILY weights */
+	ROUTE_RULE_LOW_WEIGHT = 2, /* (b) + only slots with share < max_share, RENORM */
+	ROUTE_RULE_SIMILARITY = 3, /* (c) + most similar resident, INHERIT weights */
+};
+#define ROUTE_RULE_COUNT 4
+
+struct route_cache_rule {
+	uint32_t keep_top;       /* J, 1..top_k: slots 0..J-1 are never substituted
+				    (J = top_k: exact routing) */
+	float margin;            /* >= 0 (INFINITY allowed): max selection-key gap */
+	float max_share;         /* (0, +inf): only slots whose exact weight share is
+				    below it are substitutable; >= 1: every slot */
+	uint32_t weights;        /* enum route_weights */
+	const float *similarity; /* NULL, or [n_experts * n_experts] for rule (c) */
+	float min_similarity;    /* with similarity: the least similarity accepted
+				    (-INFINITY: any) */
+};
+
+/* Fills r with a named rule's defaults: keep_top J, margin m; LOW_WEIGHT sets
+ * max_share 0.25 and RENORM weights; SIMILARITY sets min_similarity -INFINITY
+ * and INHERIT weights (the caller sets r->similarity); MARGIN/EXACT: FAMILY,
+ * max_share +inf. EXACT sets keep_top ROUTE_MAX_K (clamped to top_k when
+ * applied) and margin 0. */
+void route_cache_rule_init(struct route_cache_rule *r, enum route_rule kind, uint32_t keep_top,
+			   float margin);
+
+/* "exact", "margin", "low-weight", "similarity" (NULL for an unknown kind),
+ * and back: the kind, or -EINVAL. */
+const char *route_rule_name(enum route_rule kind);
+int route_rule_parse(const char *name);
+
+/* 0, or -EINVAL with a message: keep_top 0 or > top_k (top_k from rp),
+ * margin NaN or < 0, max_share NaN or <= 0, unknown weights mode,
+ * min_similarity NaN. */
+int route_cache_rule_check(const struct route_params *rp, const struct route_cache_rule *rule,
+			   struct moe_error *err);
+
+/* One cache-aware decision (see above). rule NULL = exact routing. Returns 0,
+ * or -EINVAL with a message in err (may be NULL): bad params, bad rule, a NaN
+ * logit, fewer eligible experts than k. Thread-safe, no allocation. */
+int route_cached(const struct route_params *rp, const float *logits, const uint8_t *resident,
+		 const struct route_cache_rule *rule, struct route_result *out, struct moe_error *err);
 
 /* Counters, declared once. */
 #define ROUTE_COUNTERS(X)                                                              \
