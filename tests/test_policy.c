@@ -1,4 +1,4 @@
-/* test_policy.c - eviction policies: exact LRU/LFU/Least-Stale behaviour on
+/* test_policy.c - eviction policies: exact LRU/LFU/LFRU/ARC/Least-Stale behaviour on
  * hand-made sequences, invariants for every policy on random sequences
  * (capacity, pinned, current access), Belady against a brute-force optimum. */
 #include "config.h"
@@ -18,6 +18,8 @@ struct drv {
 	uint8_t cur[256];
 	uint32_t occ[16];
 	uint64_t hits, misses;
+	uint32_t evicted[64]; /* victims in eviction order */
+	uint32_t n_evicted;
 	/* Belady oracle over a flat sequence. */
 	const uint32_t *seq;
 	size_t seq_n;
@@ -79,6 +81,8 @@ static void drv_access(struct drv *d, uint64_t token, const uint32_t *ids, uint3
 			cr_assert(!d->cur[v], "victim %u is in the current access", v);
 			cr_assert_eq(policy_group_of(d->p, v), g, "victim from another group");
 			policy_remove(d->p, v);
+			if (d->n_evicted < MOE_ARRAY_SIZE(d->evicted))
+				d->evicted[d->n_evicted++] = v;
 			d->res[v] = 0;
 			d->occ[g]--;
 		}
@@ -173,6 +177,153 @@ Test(policy, lfu_decay_forgets)
 		cr_assert_eq(policy_victim(p, 0, NULL, NULL), with_decay ? 0u : 1u, "decay %d", with_decay);
 		policy_destroy(p);
 	}
+}
+
+static void expect_evicted(const struct drv *d, const uint32_t *want, uint32_t n, const char *what)
+{
+	cr_assert_eq(d->n_evicted, n, "%s: %u evictions, expected %u", what, d->n_evicted, n);
+	for (uint32_t i = 0; i < n; i++)
+		cr_assert_eq(d->evicted[i], want[i], "%s: eviction %u is %u, expected %u", what, i, d->evicted[i], want[i]);
+}
+
+Test(policy, arc_exact)
+{
+	/* cap 3, a=0 b=1 c=2 d=3 e=4: a a b c d e c b a.
+	 * a a: a moves to T2 (used twice). b c: T1 = [c b]. p = 0 so victims
+	 * come from T1 while it has any: d evicts b, e evicts c (b falls out of
+	 * B1, which may hold only cap - |T1| ghosts). c is a ghost hit in B1:
+	 * first the victim d (T1 still above p = 0), then p grows by 1 and c
+	 * goes to T2. b (new again): |T1| = 1 is not above p = 1, so the victim
+	 * is T2's oldest, a. a is then a ghost hit in B2: victim e from T1
+	 * (|T1| = 2 > 1), and p shrinks by |B1| / |B2| = 2 to 0.
+	 * LRU on the same sequence evicts a at d already: ARC keeps the entry
+	 * used twice through the scan of one-time entries. */
+	struct drv d;
+	uint32_t seq[] = { 0, 0, 1, 2, 3, 4, 2, 1, 0 };
+	drv_init(&d, "arc", 1, 8, 3, false);
+	run_seq(&d, seq, 6);
+	uint32_t first[] = { 1, 2 };
+	expect_evicted(&d, first, 2, "arc after the scan");
+	cr_assert(d.res[0] && d.res[3] && d.res[4], "a survives the scan");
+	for (size_t i = 6; i < 9; i++)
+		drv_access(&d, i, &seq[i], 1);
+	uint32_t all[] = { 1, 2, 3, 0, 4 };
+	expect_evicted(&d, all, 5, "arc");
+	cr_assert_eq(d.hits, 1);
+	cr_assert(d.res[0] && d.res[1] && d.res[2]);
+	/* T1 = [b], T2 = [a c], p = 0: the next victim is b. */
+	cr_assert_eq(policy_victim(d.p, 0, NULL, NULL), 1u);
+	policy_destroy(d.p);
+
+	/* The same sequence under LRU: a goes at d. */
+	drv_init(&d, "lru", 1, 8, 3, false);
+	run_seq(&d, seq, 6);
+	uint32_t lru[] = { 0, 1 };
+	expect_evicted(&d, lru, 2, "lru on arc's sequence");
+	policy_destroy(d.p);
+}
+
+Test(policy, arc_victim_falls_back_to_the_other_list)
+{
+	/* cap 2: a a b -> T1 = [b], T2 = [a], p = 0: the victim is b; with b
+	 * not evictable (pinned or in use) it is a, from T2. */
+	struct drv d;
+	uint32_t seq[] = { 0, 0, 1 };
+	drv_init(&d, "arc", 1, 8, 2, false);
+	run_seq(&d, seq, 3);
+	cr_assert_eq(policy_victim(d.p, 0, filt, &d), 1u);
+	d.pinned[1] = 1;
+	cr_assert_eq(policy_victim(d.p, 0, filt, &d), 0u);
+	d.pinned[0] = 1;
+	cr_assert_eq(policy_victim(d.p, 0, filt, &d), POLICY_NONE);
+	policy_destroy(d.p);
+}
+
+/* LFRU priority = (1 - r) * count / max_count + r / (1 + age): x is the most
+ * used and the oldest, y the least used and the newest, z in between. */
+static struct policy *lfru_xyz(double r)
+{
+	struct policy_config c;
+	struct policy *p;
+	struct moe_error err;
+	policy_config_default(&c, 1, 8, 3, false);
+	c.decay = 1.0; /* no decay: counts stay exact */
+	c.lfru_recency = r;
+	cr_assert_eq(policy_create("lfru", &c, &p, &err), 0, "%s", err.msg);
+	uint64_t clock = 0;
+	/* x = 0: inserted at clock 1, used at 2..8 (count 8, last 8). */
+	policy_begin(p, clock++, 0);
+	policy_insert(p, 0, 0);
+	for (int i = 0; i < 7; i++) {
+		policy_begin(p, clock++, 0);
+		policy_hit(p, 0);
+	}
+	/* z = 2: inserted at 9, used at 10 (count 2, last 10). */
+	policy_begin(p, clock++, 0);
+	policy_insert(p, 2, 0);
+	policy_begin(p, clock++, 0);
+	policy_hit(p, 2);
+	/* Nothing of this group until clock 20: y = 1 inserted (count 1). */
+	while (clock < 19)
+		policy_begin(p, clock++, 0);
+	policy_insert(p, 1, 0);
+	/* The access that needs a victim: clock 21. */
+	policy_begin(p, clock++, 0);
+	return p;
+}
+
+Test(policy, lfru_exact)
+{
+	/* At clock 21, r = 0.5: x = 0.5 + 0.5/14 = 0.536, z = 0.125 + 0.5/12 =
+	 * 0.167, y = 0.0625 + 0.5/2 = 0.3125: z, then y, then x. LFU would
+	 * take y first (count 1), LRU x (last used at 8). */
+	struct policy *p = lfru_xyz(0.5);
+	uint32_t want[] = { 2, 1, 0 };
+	for (int i = 0; i < 3; i++) {
+		uint32_t v = policy_victim(p, 0, NULL, NULL);
+		cr_assert_eq(v, want[i], "victim %d is %u, expected %u", i, v, want[i]);
+		policy_remove(p, v);
+	}
+	cr_assert_eq(policy_victim(p, 0, NULL, NULL), POLICY_NONE);
+	policy_destroy(p);
+	/* The two ends of the mix: r = 0 is frequency alone (y, count 1),
+	 * r = 1 recency alone (x, the oldest). */
+	p = lfru_xyz(0.0);
+	cr_assert_eq(policy_victim(p, 0, NULL, NULL), 1u, "r = 0 is LFU");
+	policy_destroy(p);
+	p = lfru_xyz(1.0);
+	cr_assert_eq(policy_victim(p, 0, NULL, NULL), 0u, "r = 1 is LRU");
+	policy_destroy(p);
+}
+
+Test(policy, lfru_exact_through_the_driver)
+{
+	/* cap 2, r = 0.5, no decay, a=0 b=1 c=2 d=3 e=4 f=5, access i at clock
+	 * i + 1; counts survive eviction. a a a b, then:
+	 *   c (clock 5): a = 0.5 * 3/3 + 0.5/(1+2) = 0.667, b = 0.5 * 1/3 + 0.5/2 = 0.417: b
+	 *   b (6): a = 0.5 + 0.5/4 = 0.625, c = 0.417: c (b now has count 2)
+	 *   d (7): a = 0.5 + 0.5/5 = 0.600, b = 0.5 * 2/3 + 0.5/2 = 0.583: b
+	 *   e (8): a = 0.583, d = 0.417: d
+	 *   d (9): a = 0.571, e = 0.417: e (d now has count 2)
+	 *   f (10): a = 0.5 + 0.5/8 = 0.5625, d = 0.583: a, at last.
+	 * LRU would have evicted a at d (clock 7); LFU keeps it even at f (3 > 2). */
+	struct drv d;
+	struct policy_config c;
+	struct moe_error err;
+	memset(&d, 0, sizeof(d));
+	policy_config_default(&c, 1, 8, 2, false);
+	c.decay = 1.0;
+	c.lfru_recency = 0.5;
+	cr_assert_eq(policy_create("lfru", &c, &d.p, &err), 0, "%s", err.msg);
+	d.cap = 2;
+	d.n_ids = 8;
+	uint32_t seq[] = { 0, 0, 0, 1, 2, 1, 3, 4, 3, 5 };
+	run_seq(&d, seq, 10);
+	uint32_t want[] = { 1, 2, 1, 3, 4, 0 };
+	expect_evicted(&d, want, 6, "lfru");
+	cr_assert_eq(d.hits, 2);
+	cr_assert(d.res[3] && d.res[5]);
+	policy_destroy(d.p);
 }
 
 Test(policy, leaststale_order)
