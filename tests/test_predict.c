@@ -1,5 +1,6 @@
 /* test_predict.c - predictors: exact temporal scores, online co-activation,
- * the token table, the learned model's token offsets, the combiner's
+ * the token table, tracematch's matching of the stream against stored
+ * activation matrices, the learned model's token offsets, the combiner's
  * per-distance weights, model save/load round trip and rejection of corrupt
  * and old-version files,
  * training on a synthetic trace with a known rule, and (when the real traces
@@ -358,6 +359,92 @@ Test(predict, tokenid_uses_table)
 	predict_token(p, predict_token_key("unseen"));
 	predict_score(p, 0, s);
 	cr_assert_float_eq(s[1], 0.25f, 1e-6);
+	predict_destroy(p);
+	predict_model_free(m);
+}
+
+/* tracematch: 2 layers x 8 experts, three stored activation matrices.
+ * EAM 0: layer 0 {0, 1}, layer 1 {2, 3}, at 0.5 (|EAM 0| = 1).
+ * EAM 1: layer 0 {4, 5}, layer 1 {6, 7}, at 1.0 (|EAM 1| = 2).
+ * EAM 2: layer 0 {0: 1.0, 1: 0.6, 2: 1.0, 3: 1.0}, layer 1 {4: 0.8} (|EAM 2| = 2):
+ * its raw dot product with a stream that used {0, 1} (1.6) beats EAM 0's
+ * (1.0), its cosine (0.8) does not (1.0). */
+static struct predict_model *eam_model(void)
+{
+	struct predict_model *m;
+	struct moe_error err;
+	cr_assert_eq(predict_model_alloc(&m, 2, 8, 2, 16, 3, &err), 0, "%s", err.msg);
+	for (size_t i = 0; i < 16; i++)
+		m->tok_prior[i] = 0.01f * (float)(i + 1);
+	float *e0 = m->eam, *e1 = m->eam + 16, *e2 = m->eam + 32;
+	memset(m->eam, 0, 3 * 16 * sizeof(float));
+	e0[0] = e0[1] = e0[8 + 2] = e0[8 + 3] = 0.5f;
+	e1[4] = e1[5] = e1[8 + 6] = e1[8 + 7] = 1.0f;
+	e2[0] = e2[2] = e2[3] = 1.0f;
+	e2[1] = 0.6f;
+	e2[8 + 4] = 0.8f;
+	return m;
+}
+
+static void expect_row(const float *got, const float *want, const char *what)
+{
+	for (int e = 0; e < 8; e++)
+		cr_assert_float_eq(got[e], want[e], 1e-7, "%s: expert %d scored %g, expected %g", what, e, got[e], want[e]);
+}
+
+Test(predict, tracematch_follows_the_stream)
+{
+	struct predict_model *m = eam_model();
+	struct predictor *p = mk("tracematch", 2, 8, 2, m);
+	float s[8];
+	uint16_t p0[] = { 0, 1 }, p0b[] = { 2, 3 }, p1[] = { 4, 5 }, p1b[] = { 6, 7 };
+
+	/* Nothing seen: the training prior of each layer. */
+	predict_token(p, 1);
+	predict_score(p, 0, s);
+	expect_row(s, &m->tok_prior[0], "prior, layer 0");
+	predict_score(p, 1, s);
+	expect_row(s, &m->tok_prior[8], "prior, layer 1");
+	/* Layer 0 used {4, 5}: EAM 1's layer-1 row. */
+	predict_observe(p, 0, p1, 2);
+	predict_score(p, 1, s);
+	expect_row(s, &m->eam[16 + 8], "after {4, 5}");
+
+	/* A new stream that uses {0, 1}: EAM 0 by cosine, although EAM 2's raw
+	 * dot product is larger. */
+	predict_reset(p);
+	predict_token(p, 1);
+	predict_score(p, 1, s);
+	expect_row(s, &m->tok_prior[8], "a new stream starts from the prior");
+	predict_observe(p, 0, p0, 2);
+	predict_score(p, 1, s);
+	expect_row(s, &m->eam[0 + 8], "after {0, 1}");
+
+	/* The match is over the whole stream, not the current token: three
+	 * tokens of pattern 0, then a token whose layer 0 is pattern 1 still
+	 * matches EAM 0 (dot / |EAM| = 6, 1, 2.4 for EAM 0, 1, 2; |a| is common)... */
+	predict_observe(p, 1, p0b, 2);
+	for (int t = 0; t < 2; t++) {
+		predict_token(p, 2);
+		predict_observe(p, 0, p0, 2);
+		predict_observe(p, 1, p0b, 2);
+	}
+	predict_token(p, 3);
+	predict_observe(p, 0, p1, 2);
+	predict_score(p, 1, s);
+	expect_row(s, &m->eam[0 + 8], "three tokens of pattern 0, one of pattern 1");
+	/* ...and enough tokens of pattern 1 move it to EAM 1: counts {0, 1,
+	 * L1 2, 3} = 3, {4, 5} = 4, {L1 6, 7} = 3 -> 6, 7, 2.4. */
+	predict_observe(p, 1, p1b, 2);
+	for (int t = 0; t < 2; t++) {
+		predict_token(p, 4);
+		predict_observe(p, 0, p1, 2);
+		predict_observe(p, 1, p1b, 2);
+	}
+	predict_token(p, 5);
+	predict_observe(p, 0, p1, 2);
+	predict_score(p, 1, s);
+	expect_row(s, &m->eam[16 + 8], "pattern 1 now dominates");
 	predict_destroy(p);
 	predict_model_free(m);
 }
