@@ -4,7 +4,8 @@
 # tokenizer and sampler come from mk/tokenizer.mk ($(TOK_LINK)).
 noinst_LIBRARIES += client/run/libmoerun.a
 client_run_libmoerun_a_SOURCES = client/run/model.c client/run/model.h client/run/attention.c \
-	client/run/attention.h client/run/experts.c client/run/experts.h client/run/runner.c client/run/runner.h
+	client/run/attention.h client/run/experts.c client/run/experts.h client/run/runner.c client/run/runner.h \
+	client/run/simcache.c client/run/simcache.h
 
 bin_PROGRAMS += moe-run
 moe_run_SOURCES = client/run/moe-run.c

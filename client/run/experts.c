@@ -3,10 +3,15 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention.h"
 #include "moetier/moetier.h"
+#include "simcache.h"
+#include "trace.h"
 
 #define EXPERTS_MAX_WORKERS 32
 
@@ -41,7 +46,27 @@ struct experts {
 	moet_lease *leases;          /* [E / MOET_MAX_BATCH + 1] one per acquire */
 	float *logits;               /* [B][E] */
 	struct experts_stats st;
+	/* experts_configure */
+	struct experts_opts o;
+	bool aware;                  /* a cache-aware rule (not exact) */
+	struct simcache *sim;
+	/* pre-gating: per target layer and distance, B tokens x 2k predicted
+	 * experts (the first k: the family's top-k of the predicted logits) */
+	float *pg_x;                 /* [B][n] ffn_norm'ed residual */
+	uint32_t *pg_pred;           /* [n_layers][PREGATE_MAX][cap_B][2k] */
+	uint32_t *pg_n;              /* [n_layers][PREGATE_MAX] tokens predicted (0: none) */
+	/* token numbering (experts_begin) */
+	uint64_t tok_base, tok_next;
+	uint32_t seq;
+	/* the dump */
+	uint64_t d_n, d_cap;
+	int32_t *d_tok;              /* [d_cap] */
+	uint32_t *d_seq;             /* [d_cap] */
+	uint16_t *d_ids;             /* [d_cap][n_layers][k] */
+	float *d_lg;                 /* [d_cap][n_layers][E] */
 };
+
+#define PG_MAX EXPERTS_PREGATE_MAX
 
 static int grow(struct experts *ex, uint32_t B, unsigned workers)
 {
@@ -59,12 +84,23 @@ static int grow(struct experts *ex, uint32_t B, unsigned workers)
 	free(ex->tok_of);
 	free(ex->slot_of);
 	free(ex->logits);
+	free(ex->pg_x);
+	free(ex->pg_pred);
+	ex->pg_x = NULL;
+	ex->pg_pred = NULL;
+	if (ex->pg_n)
+		memset(ex->pg_n, 0, (size_t)ex->m->n_layers * PG_MAX * sizeof(uint32_t));
 	ex->routes = malloc((size_t)B * sizeof(*ex->routes));
 	ex->outs = malloc((size_t)B * ex->k * ex->n * sizeof(float));
 	ex->tok_of = malloc((size_t)ex->E * B * sizeof(uint32_t));
 	ex->slot_of = malloc((size_t)ex->E * B);
 	ex->logits = malloc((size_t)B * ex->E * sizeof(float));
 	bool ok = ex->routes && ex->outs && ex->tok_of && ex->slot_of && ex->logits;
+	if (ok && ex->o.pregate) {
+		ex->pg_x = malloc((size_t)B * ex->n * sizeof(float));
+		ex->pg_pred = malloc((size_t)ex->m->n_layers * PG_MAX * B * 2 * ex->k * sizeof(uint32_t));
+		ok = ex->pg_x && ex->pg_pred;
+	}
 	for (unsigned w = 0; w < workers && ok; w++) {
 		ex->xg[w] = malloc((size_t)B * ex->n * sizeof(float));
 		ex->yg[w] = malloc((size_t)B * ex->n * sizeof(float));
@@ -204,6 +240,14 @@ void experts_close(struct experts *ex)
 	free(ex->tok_of);
 	free(ex->slot_of);
 	free(ex->logits);
+	free(ex->pg_x);
+	free(ex->pg_pred);
+	free(ex->pg_n);
+	simcache_free(ex->sim);
+	free(ex->d_tok);
+	free(ex->d_seq);
+	free(ex->d_ids);
+	free(ex->d_lg);
 	free(ex->cl_e);
 	free(ex->cl_p);
 	free(ex->count);
@@ -219,6 +263,203 @@ void experts_set_token(struct experts *ex, uint32_t token_key, uint32_t position
 {
 	if (ex->ctx)
 		moet_set_token(ex->ctx, token_key, position);
+}
+
+int experts_configure(struct experts *ex, const struct experts_opts *o, struct moe_error *err)
+{
+	const struct model *m = ex->m;
+	int rc;
+	ex->o = *o;
+	ex->o.sim_policy = NULL; /* not kept: the caller's string */
+	ex->aware = o->rule.keep_top && o->rule.keep_top < ex->k;
+	if (ex->aware && (rc = route_cache_rule_check(&m->rp, &o->rule, err)))
+		return rc;
+	if (o->pregate > PG_MAX)
+		return moe_error_set(err, -EINVAL, "pre-gating: at most %u layers ahead", PG_MAX);
+	if (o->pregate_prefetch && !o->pregate)
+		return moe_error_set(err, -EINVAL, "pre-gating prefetch needs pre-gating (--pregate H)");
+	if (o->sim_cache) {
+		if (ex->ctx)
+			return moe_error_set(err, -EINVAL, "--sim-cache goes with --local (the daemon has a cache)");
+		if (o->sim_cache < ex->k || o->sim_cache > ex->E)
+			return moe_error_set(err, -EINVAL, "--sim-cache %u: between top-k %u and %u experts", o->sim_cache,
+					     ex->k, ex->E);
+		if ((rc = simcache_create(m->cfg->n_moe_layers, ex->E, o->sim_cache, o->sim_policy ? o->sim_policy : "lru",
+					  &ex->sim, err)))
+			return rc;
+		ex->st.sim = true;
+	} else if (ex->aware && !ex->ctx) {
+		return moe_error_set(err, -EINVAL,
+				     "cache-aware routing needs a cache: the daemon's (--socket) or a simulated one (--sim-cache C)");
+	}
+	if (o->pregate && !(ex->pg_n = calloc((size_t)m->n_layers * PG_MAX, sizeof(uint32_t))))
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	ex->cap_B = ex->cap_w = 0; /* the next grow() sizes the pre-gating buffers too */
+	return 0;
+}
+
+int experts_begin(struct experts *ex, const int32_t *toks, uint32_t B, uint32_t pos0)
+{
+	if (pos0 == 0 && ex->tok_next)
+		ex->seq++;
+	ex->tok_base = ex->tok_next;
+	ex->tok_next += B;
+	if (!ex->o.dump)
+		return 0;
+	const size_t L = ex->m->n_layers;
+	if (ex->d_n + B > ex->d_cap) {
+		uint64_t cap = MOE_MAX(ex->d_cap * 2, ex->d_n + B + 256);
+		int32_t *t = realloc(ex->d_tok, cap * sizeof(*t));
+		if (t)
+			ex->d_tok = t;
+		uint32_t *q = realloc(ex->d_seq, cap * sizeof(*q));
+		if (q)
+			ex->d_seq = q;
+		uint16_t *i = realloc(ex->d_ids, cap * L * ex->k * sizeof(*i));
+		if (i)
+			ex->d_ids = i;
+		float *g = realloc(ex->d_lg, cap * L * ex->E * sizeof(*g));
+		if (g)
+			ex->d_lg = g;
+		if (!t || !q || !i || !g)
+			return -ENOMEM;
+		ex->d_cap = cap;
+	}
+	for (uint32_t t = 0; t < B; t++) {
+		ex->d_tok[ex->d_n + t] = toks[t];
+		ex->d_seq[ex->d_n + t] = ex->seq;
+	}
+	ex->d_n += B;
+	return 0;
+}
+
+/* The 2k best experts by the family's selection key, the first k those of
+ * route_topk (the rule itself, groups included), then the next best keys. */
+static int rank_2k(const struct experts *ex, const float *logits, uint32_t *out)
+{
+	const struct route_params *rp = &ex->m->rp;
+	struct route_result r;
+	uint8_t taken[ROUTE_MAX_EXPERTS] = { 0 };
+	int rc = route_topk(rp, logits, &r);
+	if (rc)
+		return rc;
+	for (uint32_t j = 0; j < ex->k; j++) {
+		out[j] = r.experts[j];
+		taken[r.experts[j]] = 1;
+	}
+	for (uint32_t j = ex->k; j < 2 * ex->k; j++) {
+		uint32_t best = UINT32_MAX;
+		float bk = 0.0f;
+		for (uint32_t e = 0; e < ex->E; e++) {
+			if (taken[e])
+				continue;
+			float key = logits[e];
+			if (rp->scoring == MOE_SCORING_SIGMOID)
+				key = 1.0f / (1.0f + expf(-key)) + (rp->score_bias ? rp->score_bias[e] : 0.0f);
+			if (best == UINT32_MAX || key > bk) {
+				best = e;
+				bk = key;
+			}
+		}
+		out[j] = best == UINT32_MAX ? 0 : best;
+		if (best != UINT32_MAX)
+			taken[best] = 1;
+	}
+	return 0;
+}
+
+static uint32_t *pg_row(struct experts *ex, uint32_t layer, uint32_t d, uint32_t t)
+{
+	return ex->pg_pred + (((size_t)layer * PG_MAX + (d - 1)) * ex->cap_B + t) * 2 * ex->k;
+}
+
+static int pregate_at(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads);
+
+int experts_pregate(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads)
+{
+	return ex->o.pregate && !ex->o.pregate_out ? pregate_at(ex, il, resid, B, threads) : 0;
+}
+
+int experts_pregate_out(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads)
+{
+	return ex->o.pregate && ex->o.pregate_out ? pregate_at(ex, il, resid, B, threads) : 0;
+}
+
+static int pregate_at(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads)
+{
+	const struct model *m = ex->m;
+	int rc;
+	if ((rc = grow(ex, B, (unsigned)MOE_MIN(MOE_MAX(threads, 1), EXPERTS_MAX_WORKERS))))
+		return rc;
+	for (uint32_t d = 1; d <= ex->o.pregate && il + d < m->n_layers; d++) {
+		const uint32_t nl = il + d;
+		const struct model_layer *N = &m->layers[nl];
+		for (uint32_t t = 0; t < B; t++)
+			attn_rmsnorm(resid + (size_t)t * ex->n, model_vec(&N->ffn_norm), ex->pg_x + (size_t)t * ex->n,
+				     ex->n, m->rms_eps);
+		if ((rc = model_matmul(&N->router, ex->pg_x, B, ex->logits, threads)))
+			return rc;
+		for (uint32_t t = 0; t < B; t++)
+			if ((rc = rank_2k(ex, ex->logits + (size_t)t * ex->E, pg_row(ex, nl, d, t))))
+				return rc;
+		ex->pg_n[(size_t)nl * PG_MAX + d - 1] = B;
+		if (ex->sim && ex->o.pregate_prefetch)
+			for (uint32_t t = 0; t < B; t++)
+				simcache_prefetch(ex->sim, (uint32_t)N->moe_index, pg_row(ex, nl, d, t), ex->k);
+	}
+	return 0;
+}
+
+/* Scores the predictions made for layer il against what its router chose. */
+static void pregate_score(struct experts *ex, uint32_t il, uint32_t B)
+{
+	for (uint32_t d = 1; d <= PG_MAX; d++) {
+		uint32_t *pn = &ex->pg_n[(size_t)il * PG_MAX + d - 1];
+		if (*pn != B) {
+			*pn = 0;
+			continue;
+		}
+		for (uint32_t t = 0; t < B; t++) {
+			const uint32_t *p = pg_row(ex, il, d, t);
+			const struct route_result *r = &ex->routes[t];
+			for (uint32_t j = 0; j < r->n; j++)
+				for (uint32_t i = 0; i < 2 * ex->k; i++)
+					if (p[i] == r->exact[j]) {
+						ex->st.pg_hits[d - 1] += i < ex->k;
+						ex->st.pg_hits2[d - 1]++;
+						break;
+					}
+			ex->st.pg_tokens[d - 1]++;
+		}
+		*pn = 0;
+	}
+}
+
+/* Pre-gating hints: the last token's predicted top-k for each of the next
+ * layers, nearest first, each expert sent once per layer visit. */
+static void prefetch_pregate(struct experts *ex, uint32_t il, uint32_t B)
+{
+	const struct model *m = ex->m;
+	for (uint32_t d = 1; d <= ex->o.pregate && il + d < m->n_layers; d++) {
+		const uint32_t nl = il + d;
+		if (ex->pg_n[(size_t)nl * PG_MAX + d - 1] != B)
+			continue;
+		const uint32_t *p = pg_row(ex, nl, d, B - 1);
+		uint32_t *h = ex->hint + (size_t)nl * ex->hint_cap, nh = ex->hint_n[nl], nn = 0;
+		for (uint32_t j = 0; j < ex->k; j++) {
+			bool dup = false;
+			for (uint32_t i = 0; i < nh + nn && !dup; i++)
+				dup = h[i] == p[j];
+			if (!dup && nh + nn < ex->hint_cap)
+				h[nh + nn++] = p[j];
+		}
+		if (!nn)
+			continue;
+		if (moet_prefetch(ex->ctx, (uint32_t)m->layers[nl].moe_index, h + nh, nn, MOET_TIER_HOST) < 0)
+			return;
+		ex->st.prefetches += nn;
+		ex->hint_n[nl] = nh + nn;
+	}
 }
 
 /* Runs expert e over the tokens routed to it, each result into its (token,
@@ -338,7 +579,7 @@ static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids
 static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x,
 			uint32_t B, int threads, struct moe_error *err)
 {
-	bool first = true, pf = ex->prefetch > 0;
+	bool first = true, pf = ex->prefetch > 0 || ex->o.pregate_prefetch;
 	unsigned idle = 0;
 	int rc = 0;
 	while (n) {
@@ -368,7 +609,10 @@ static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 			/* this layer's misses are queued: now the next layer's
 			 * hint, loading while this layer computes */
 			pf = false;
-			prefetch_next(ex, il, x, B);
+			if (ex->o.pregate_prefetch)
+				prefetch_pregate(ex, il, B);
+			else
+				prefetch_next(ex, il, x, B);
 		}
 		rc = 0;
 		unsigned nc = 0;
@@ -457,10 +701,31 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 	if ((rc = model_matmul(&L->router, x, B, ex->logits, threads)))
 		return moe_error_set(err, rc, "router of layer %u: %d", il, rc);
 	memset(ex->count, 0, ex->E * sizeof(uint32_t));
+	/* cache-aware routing sees the daemon's host residency as the layer
+	 * call starts, or the simulated cache as each token reaches it */
+	const uint8_t *resmap = NULL;
+	if (ex->aware && ex->ctx && moet_resident(ex->ctx, moe_l, MOET_TIER_HOST, ex->mask, ex->E) >= 0)
+		resmap = ex->mask;
 	for (uint32_t t = 0; t < B; t++) {
 		struct route_result *r = &ex->routes[t];
-		if ((rc = route_topk(&m->rp, ex->logits + (size_t)t * ex->E, r)))
+		const float *lg = ex->logits + (size_t)t * ex->E;
+		if (ex->sim)
+			resmap = simcache_map(ex->sim, moe_l);
+		if (ex->aware)
+			rc = route_cached(&m->rp, lg, resmap, &ex->o.rule, r, err);
+		else
+			rc = route_topk(&m->rp, lg, r);
+		if (rc)
 			return moe_error_set(err, rc, "routing layer %u token %u (NaN logits?)", il, t);
+		route_count(&ex->st.route, r);
+		if (ex->sim)
+			simcache_access(ex->sim, ex->tok_base + t, moe_l, r->experts, r->n);
+		if (ex->o.dump && ex->tok_base + t < ex->d_n) {
+			const size_t row = (size_t)(ex->tok_base + t) * m->n_layers + il;
+			for (uint32_t j = 0; j < k; j++)
+				ex->d_ids[row * k + j] = (uint16_t)r->experts[j];
+			memcpy(ex->d_lg + row * ex->E, lg, ex->E * sizeof(float));
+		}
 		for (uint32_t j = 0; j < r->n; j++) {
 			uint32_t e = r->experts[j];
 			ex->tok_of[(size_t)e * ex->cap_B + ex->count[e]] = t;
@@ -469,6 +734,8 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		}
 	}
 
+	if (ex->pg_n)
+		pregate_score(ex, il, B);
 	if (ex->hint_n && ex->hint_n[il]) {
 		/* how good the last hint for this layer was: its experts the
 		 * token chose */
@@ -517,5 +784,73 @@ void experts_get_stats(struct experts *ex, struct experts_stats *out)
 			a += ex->bytes0[i];
 		ex->st.bytes_read = b >= a ? b - a : 0;
 	}
+	if (ex->sim) {
+		struct simcache_stats ss;
+		simcache_get_stats(ex->sim, &ss);
+		ex->st.sim_accesses = ss.accesses;
+		ex->st.sim_hits = ss.hits;
+		ex->st.sim_prefetches = ss.prefetches;
+		ex->st.sim_prefetch_used = ss.prefetch_used;
+	}
 	*out = ex->st;
+}
+
+int experts_dump_write(struct experts *ex, const char *csv, int (*piece)(void *ctx, int32_t tok, char *buf, size_t len),
+		       void *ctx, struct moe_error *err)
+{
+	const struct model *m = ex->m;
+	const uint32_t L = m->n_layers, k = ex->k;
+	struct trace tr = { .n_tokens = (uint32_t)ex->d_n, .n_layers = L, .first_layer = 0, .k = k,
+			    .max_expert = ex->E - 1 };
+	int rc = 0;
+	if (!ex->o.dump || !ex->d_n)
+		return moe_error_set(err, -EINVAL, "--dump-routing: no token was routed");
+	tr.experts = ex->d_ids;
+	tr.count = malloc((size_t)ex->d_n * L);
+	tr.batch = ex->d_seq;
+	tr.token = calloc(ex->d_n, sizeof(char *));
+	if (!tr.count || !tr.token) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	memset(tr.count, (int)k, (size_t)ex->d_n * L);
+	for (uint64_t t = 0; t < ex->d_n; t++) {
+		char buf[256];
+		int n = piece ? piece(ctx, ex->d_tok[t], buf, sizeof(buf) - 1) : -1;
+		if (n < 0)
+			n = snprintf(buf, sizeof(buf), "[%d]", ex->d_tok[t]);
+		buf[MOE_MIN(n, (int)sizeof(buf) - 1)] = '\0';
+		if (!(tr.token[t] = strdup(buf))) {
+			rc = moe_error_set(err, -ENOMEM, "out of memory");
+			goto out;
+		}
+	}
+	FILE *f = fopen(csv, "w");
+	if (!f) {
+		rc = moe_error_set(err, -errno, "%s: %s", csv, strerror(errno));
+		goto out;
+	}
+	rc = trace_write(f, &tr);
+	if (fclose(f) || rc) {
+		rc = moe_error_set(err, rc ? rc : -EIO, "%s: write failed", csv);
+		goto out;
+	}
+	char path[4096];
+	snprintf(path, sizeof(path), "%s.logits", csv);
+	if (!(f = fopen(path, "wb"))) {
+		rc = moe_error_set(err, -errno, "%s: %s", path, strerror(errno));
+		goto out;
+	}
+	uint32_t hdr[4] = { (uint32_t)ex->d_n, L, ex->E, 0 };
+	size_t nf = (size_t)ex->d_n * L * ex->E;
+	bool ok = fwrite(EXPERTS_LOGITS_MAGIC, 1, 8, f) == 8 && fwrite(hdr, sizeof(uint32_t), 4, f) == 4 &&
+		  fwrite(ex->d_lg, sizeof(float), nf, f) == nf;
+	if (fclose(f) || !ok)
+		rc = moe_error_set(err, -EIO, "%s: write failed", path);
+out:
+	for (uint64_t t = 0; tr.token && t < ex->d_n; t++)
+		free(tr.token[t]);
+	free(tr.token);
+	free(tr.count);
+	return rc;
 }

@@ -17,8 +17,15 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "route.h"
 
 struct experts;
+
+/* The router-logits side file of --dump-routing (doc/fidelity.md). */
+#define EXPERTS_LOGITS_MAGIC "MOERLG01"
+
+/* Pre-gating: layers ahead predicted from one layer's residual stream. */
+#define EXPERTS_PREGATE_MAX 4
 
 struct experts_stats {
 	uint64_t slots;        /* (token, expert) pairs computed */
@@ -33,6 +40,29 @@ struct experts_stats {
 	uint64_t fallback_reads; /* experts read from the pack by moe-run itself */
 	uint64_t bytes_read;   /* bytes the daemon read from NVMe (its counters) */
 	bool local;
+	/* cache-aware routing (every rule, exact included) */
+	struct route_counters route;
+	/* --sim-cache: the simulated per-layer cache (simcache.h) */
+	bool sim;
+	uint64_t sim_accesses, sim_hits, sim_prefetches, sim_prefetch_used;
+	/* pre-gating, per distance d = 1..EXPERTS_PREGATE_MAX (index d - 1):
+	 * of the k experts each (token, layer) chose, how many were in the
+	 * top-k (pg_hits) and the top-2k (pg_hits2) predicted d layers before */
+	uint64_t pg_tokens[EXPERTS_PREGATE_MAX], pg_hits[EXPERTS_PREGATE_MAX], pg_hits2[EXPERTS_PREGATE_MAX];
+};
+
+/* How moe-run routes and what it measures on the way (experts_configure). */
+struct experts_opts {
+	struct route_cache_rule rule; /* keep_top 0: exact routing */
+	uint32_t sim_cache;           /* --local: slots per layer of a simulated cache (0: none) */
+	const char *sim_policy;       /* its eviction policy (core/policy.h name) */
+	unsigned pregate;             /* layers ahead to predict by pre-gating (0: off) */
+	bool pregate_prefetch;        /* ...and prefetch the predictions (daemon: PREFETCH
+				       * hints instead of --prefetch-depth's; --sim-cache:
+				       * inserted at once) */
+	bool pregate_out;             /* predict from the layer's output (after its experts)
+				       * instead of after its attention */
+	bool dump;                    /* keep every route and router logit (experts_dump_write) */
 };
 
 /* Every expert read from the pack into memory. */
@@ -43,6 +73,35 @@ int experts_open_local(const struct model *m, struct experts **out, struct moe_e
 int experts_open_daemon(const struct model *m, const char *socket, unsigned prefetch, struct experts **out,
 			struct moe_error *err);
 void experts_close(struct experts *ex);
+
+/* Routing rule, simulated cache, pre-gating, dump: once, before the first
+ * token. Cache-aware routing needs a cache to be aware of: the daemon's
+ * host arena (its residency map read at each layer call), or with --local
+ * a simulated one. 0 or -EINVAL/-ENOMEM with a message. */
+int experts_configure(struct experts *ex, const struct experts_opts *o, struct moe_error *err);
+
+/* A forward pass of B tokens begins at position pos0 (pos0 0: a new
+ * sequence). Numbers the tokens for the simulated cache and the dump. */
+int experts_begin(struct experts *ex, const int32_t *toks, uint32_t B, uint32_t pos0);
+
+/* Pre-gating, right after layer il's attention: resid [B x n_embd] is the
+ * residual stream there (before ffn_norm); for d = 1..pregate each later
+ * layer il + d's ffn_norm and router give its predicted experts, kept to be
+ * scored against what the layer then routes, and with pregate_prefetch sent
+ * as hints (after layer il's own acquires) or put in the simulated cache.
+ * 0 or -errno. A no-op without pre-gating. */
+int experts_pregate(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads);
+/* The same after layer il's output (its experts added): the point used with
+ * pregate_out; experts_pregate is then the no-op and this one predicts. */
+int experts_pregate_out(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads);
+
+/* The dump: the routing trace CSV of core/trace.h (Layer ID = model layer,
+ * Batch Number = sequence, Token = its text by piece(), rows in rank order of
+ * the experts that ran) at csv, and the router logits at csv".logits"
+ * (doc/fidelity.md: "MOERLG01", u32 n_tokens, n_layers, n_experts,
+ * first_layer, then f32 [n_tokens][n_layers][n_experts]). */
+int experts_dump_write(struct experts *ex, const char *csv, int (*piece)(void *ctx, int32_t tok, char *buf, size_t len),
+		       void *ctx, struct moe_error *err);
 
 /* The token about to be computed (moet_set_token hint; a position going back
  * to 0 starts a sequence). token_key: FNV-1a of the token's text, 0 unknown. */

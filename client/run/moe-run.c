@@ -21,8 +21,16 @@
 
 struct opts {
 	const char *pack, *gguf, *socket, *prompt, *tokens, *feed, *ppl, *dump;
+	const char *dump_routing, *dump_argmax, *sim_policy;
 	bool local, quiet, kv_f16, ids;
 	unsigned prefetch; /* layers ahead to hint, 0 none */
+	bool pf_pregate;   /* --prefetch pregate */
+	bool pregate_out;  /* --pregate-from output */
+	unsigned pregate;  /* --pregate H */
+	int rule;          /* --route RULE (-1: from --route-keep: margin, else exact) */
+	uint32_t keep, sim_cache, sim_pct;
+	double margin, share;
+	int weights;       /* -1: the rule's */
 	uint32_t n_predict, ctx, batch;
 	int threads;
 	struct sampler_params sp;
@@ -34,7 +42,11 @@ static void usage(FILE *f)
 	      "               [--prompt TEXT | --tokens IDS [--feed IDS]] [-n N] [-t N] [--batch N]\n"
 	      "               [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
 	      "               [--ppl FILE [--ctx N]] [--dump-logits FILE] [--kv-f16]\n"
-	      "               [--prefetch | --prefetch-depth N]\n"
+	      "               [--prefetch [router|pregate] | --prefetch-depth N] [--pregate H]\n"
+	      "               [--pregate-from attention|output]\n"
+	      "               [--route exact|margin|low-weight] [--route-keep J] [--route-margin M]\n"
+	      "               [--route-share S] [--route-weights family|renorm|inherit]\n"
+	      "               [--sim-cache C|P%] [--sim-policy P] [--dump-routing FILE] [--dump-argmax FILE]\n"
 	      "               [--ids] [--quiet]\n"
 	      "  IDS: comma-separated token ids, or @FILE holding them\n"
 	      "       moe-run --help | --version\n"
@@ -179,6 +191,9 @@ struct ctx {
 	uint64_t prefill_tokens, prefill_ns, decode_tokens, decode_ns;
 	struct experts_stats at_decode; /* the counters when decoding began */
 	bool decoding;
+	int rule_kind;
+	struct route_cache_rule rule;
+	uint32_t sim_slots;
 };
 
 static uint32_t token_key(void *p, int32_t id)
@@ -327,6 +342,13 @@ static int perplexity(struct ctx *c, struct moe_error *err)
 	bool bar = !c->o.quiet && isatty(STDERR_FILENO);
 	double nll = 0.0;
 	size_t cnt = 0;
+	FILE *am = NULL;
+	if (c->o.dump_argmax && !(am = fopen(c->o.dump_argmax, "w"))) {
+		rc = moe_error_set(err, -errno, "%s: %s", c->o.dump_argmax, strerror(errno));
+		free(logits);
+		free(ids);
+		return rc;
+	}
 	for (size_t ch = 0; ch < chunks && !rc; ch++) {
 		const int32_t *t = ids + ch * ctx;
 		runner_reset(c->r);
@@ -336,8 +358,14 @@ static int perplexity(struct ctx *c, struct moe_error *err)
 			/* log-softmax of row i at the next token, in double */
 			const float *row = logits + (size_t)i * V;
 			double max = -INFINITY, sum = 0.0;
+			uint32_t best = 0;
 			for (uint32_t v = 0; v < V; v++)
-				max = row[v] > max ? row[v] : max;
+				if (row[v] > max) {
+					max = row[v];
+					best = v;
+				}
+			if (am)
+				fprintf(am, "%u\n", best);
 			for (uint32_t v = 0; v < V; v++)
 				sum += exp((double)row[v] - max);
 			nll -= (double)row[t[i + 1]] - max - log(sum);
@@ -348,6 +376,8 @@ static int perplexity(struct ctx *c, struct moe_error *err)
 	}
 	if (bar)
 		fputc('\n', stderr);
+	if (am && fclose(am) && !rc)
+		rc = moe_error_set(err, -EIO, "%s: write failed", c->o.dump_argmax);
 	if (!rc)
 		printf("ppl: %.4f over %zu tokens (%zu chunks of %u)\n", exp(nll / (double)cnt), cnt, chunks, ctx);
 	free(logits);
@@ -376,11 +406,54 @@ static void bench_line(struct ctx *c, const struct experts_stats *st)
 		c->o.threads);
 }
 
+/* Routing, simulated cache and pre-gating: one human line each, then the
+ * machine-readable "moe-run: fidelity" line bench/fidelity reads. */
+static void fidelity_lines(struct ctx *c, const struct experts_stats *st)
+{
+	const struct route_counters *r = &st->route;
+	const double subst = r->slots ? (double)r->substitutions / (double)r->slots : 0.0;
+	const double hit = st->sim_accesses ? (double)st->sim_hits / (double)st->sim_accesses : 0.0;
+	double rec[EXPERTS_PREGATE_MAX], rec2[EXPERTS_PREGATE_MAX];
+	const uint32_t k = c->m->top_k;
+	if (c->rule_kind != ROUTE_RULE_EXACT)
+		fprintf(stderr,
+			"moe-run: routing: cache-aware %s, keep %u, margin %g, share %g, weights %s: %.2f%% of slots "
+			"substituted (%" PRIu64 " of %" PRIu64 " open slots)\n",
+			route_rule_name((enum route_rule)c->rule_kind), c->rule.keep_top, (double)c->rule.margin,
+			(double)c->rule.max_share,
+			c->rule.weights == ROUTE_WEIGHTS_RENORM    ? "renorm"
+			: c->rule.weights == ROUTE_WEIGHTS_INHERIT ? "inherit"
+								   : "family",
+			100.0 * subst, r->substitutions, r->slots_open);
+	if (st->sim)
+		fprintf(stderr,
+			"moe-run: simulated cache (%u slots per layer, %s): hit rate %.2f%% of %" PRIu64
+			" expert accesses; %" PRIu64 " prefetched, %" PRIu64 " of them used\n",
+			c->sim_slots, c->o.sim_policy ? c->o.sim_policy : "lru", 100.0 * hit, st->sim_accesses,
+			st->sim_prefetches, st->sim_prefetch_used);
+	for (unsigned d = 0; d < EXPERTS_PREGATE_MAX; d++) {
+		uint64_t n = st->pg_tokens[d] * k;
+		rec[d] = n ? (double)st->pg_hits[d] / (double)n : 0.0;
+		rec2[d] = n ? (double)st->pg_hits2[d] / (double)n : 0.0;
+		if (st->pg_tokens[d])
+			fprintf(stderr,
+				"moe-run: pre-gating %u layer%s ahead: recall@%u %.4f, recall@%u %.4f (%" PRIu64
+				" token-layers)\n",
+				d + 1, d ? "s" : "", k, rec[d], 2 * k, rec2[d], st->pg_tokens[d]);
+	}
+	fprintf(stderr,
+		"moe-run: fidelity rule=%s slots=%" PRIu64 " subst=%.6f sim_hit=%.6f sim_accesses=%" PRIu64
+		" pg1=%.6f pg1_2k=%.6f pg2=%.6f pg2_2k=%.6f\n",
+		route_rule_name((enum route_rule)c->rule_kind), r->slots, subst, hit, st->sim_accesses, rec[0], rec2[0],
+		rec[1], rec2[1]);
+}
+
 static void summary(struct ctx *c)
 {
 	struct experts_stats st;
 	fflush(stdout);
 	experts_get_stats(c->ex, &st);
+	fidelity_lines(c, &st);
 	uint64_t toks = c->prefill_tokens + c->decode_tokens;
 	double pf = c->prefill_ns ? c->prefill_tokens / (c->prefill_ns * 1e-9) : 0.0;
 	double dc = c->decode_ns ? c->decode_tokens / (c->decode_ns * 1e-9) : 0.0;
@@ -409,7 +482,8 @@ static void summary(struct ctx *c)
 }
 
 enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_FEED, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
-       O_QUIET, O_BATCH, O_NOPF, O_PF, O_PFD, O_KVF16, O_IDS, O_HELP, O_VERSION };
+       O_QUIET, O_BATCH, O_NOPF, O_PF, O_PFD, O_KVF16, O_IDS, O_HELP, O_VERSION, O_DUMPR, O_DUMPA, O_PREGATE, O_ROUTE,
+       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM };
 
 static int parse(int argc, char **argv, struct opts *o)
 {
@@ -425,7 +499,13 @@ static int parse(int argc, char **argv, struct opts *o)
 		{ "no-prefetch", no_argument, 0, O_NOPF },    { "prefetch", no_argument, 0, O_PF },
 		{ "prefetch-depth", required_argument, 0, O_PFD },    { "kv-f16", no_argument, 0, O_KVF16 },
 		{ "ids", no_argument, 0, O_IDS },    { "help", no_argument, 0, O_HELP },
-		{ "version", no_argument, 0, O_VERSION },     { 0, 0, 0, 0 },
+		{ "version", no_argument, 0, O_VERSION },
+		{ "dump-routing", required_argument, 0, O_DUMPR }, { "dump-argmax", required_argument, 0, O_DUMPA },
+		{ "pregate", required_argument, 0, O_PREGATE }, { "route", required_argument, 0, O_ROUTE },
+		{ "route-keep", required_argument, 0, O_RKEEP }, { "route-margin", required_argument, 0, O_RMARGIN },
+		{ "route-share", required_argument, 0, O_RSHARE }, { "route-weights", required_argument, 0, O_RWEIGHTS },
+		{ "pregate-from", required_argument, 0, O_PGFROM }, { "sim-cache", required_argument, 0, O_SIMC }, { "sim-policy", required_argument, 0, O_SIMP },
+		{ 0, 0, 0, 0 },
 	};
 	double v;
 	int ch;
@@ -437,6 +517,10 @@ static int parse(int argc, char **argv, struct opts *o)
 	o->sp.top_k = 40;
 	o->sp.top_p = 0.95f;
 	o->sp.seed = 1;
+	o->rule = -1;
+	o->weights = -1;
+	o->margin = 1.0;
+	o->share = -1.0;
 	while ((ch = getopt_long(argc, argv, "n:t:q", lo, NULL)) != -1) {
 		switch (ch) {
 		case O_SOCKET: o->socket = optarg; break;
@@ -449,7 +533,83 @@ static int parse(int argc, char **argv, struct opts *o)
 		case O_DUMP: o->dump = optarg; break;
 		case O_QUIET: case 'q': o->quiet = true; break;
 		case O_NOPF: o->prefetch = 0; break;
-		case O_PF: o->prefetch = 1; break;
+		case O_PF: {
+			/* --prefetch, --prefetch=MODE or --prefetch MODE */
+			const char *mode = optarg;
+			if (!mode && optind < argc &&
+			    (!strcmp(argv[optind], "router") || !strcmp(argv[optind], "pregate")))
+				mode = argv[optind++];
+			if (!mode || !strcmp(mode, "router")) {
+				o->prefetch = o->prefetch ? o->prefetch : 1;
+			} else if (!strcmp(mode, "pregate")) {
+				o->pf_pregate = true;
+			} else {
+				fprintf(stderr, "moe-run: --prefetch router|pregate, not '%s'\n", mode);
+				return 2;
+			}
+			break;
+		}
+		case O_DUMPR: o->dump_routing = optarg; break;
+		case O_PGFROM:
+			if (strcmp(optarg, "attention") && strcmp(optarg, "output")) {
+				fprintf(stderr, "moe-run: --pregate-from attention|output, not '%s'\n", optarg);
+				return 2;
+			}
+			o->pregate_out = !strcmp(optarg, "output");
+			break;
+		case O_DUMPA: o->dump_argmax = optarg; break;
+		case O_SIMP: o->sim_policy = optarg; break;
+		case O_PREGATE:
+			if (parse_num("--pregate", optarg, 0, EXPERTS_PREGATE_MAX, &v))
+				return 2;
+			o->pregate = (unsigned)v;
+			break;
+		case O_ROUTE:
+			if ((o->rule = route_rule_parse(optarg)) < 0 || o->rule == ROUTE_RULE_SIMILARITY) {
+				fprintf(stderr, "moe-run: --route exact|margin|low-weight, not '%s'\n", optarg);
+				return 2;
+			}
+			break;
+		case O_RKEEP:
+			if (parse_num("--route-keep", optarg, 1, ROUTE_MAX_K, &v))
+				return 2;
+			o->keep = (uint32_t)v;
+			break;
+		case O_RMARGIN:
+			if (parse_num("--route-margin", optarg, 0, INFINITY, &v))
+				return 2;
+			o->margin = v;
+			break;
+		case O_RSHARE:
+			if (parse_num("--route-share", optarg, 1e-6, 1, &v))
+				return 2;
+			o->share = v;
+			break;
+		case O_RWEIGHTS:
+			if (!strcmp(optarg, "family"))
+				o->weights = ROUTE_WEIGHTS_FAMILY;
+			else if (!strcmp(optarg, "renorm"))
+				o->weights = ROUTE_WEIGHTS_RENORM;
+			else if (!strcmp(optarg, "inherit"))
+				o->weights = ROUTE_WEIGHTS_INHERIT;
+			else {
+				fprintf(stderr, "moe-run: --route-weights family|renorm|inherit, not '%s'\n", optarg);
+				return 2;
+			}
+			break;
+		case O_SIMC: {
+			size_t l = strlen(optarg);
+			bool pct = l && optarg[l - 1] == '%';
+			char num[32];
+			snprintf(num, sizeof(num), "%.*s", (int)(pct ? l - 1 : l), optarg);
+			if (parse_num("--sim-cache", num, 1, pct ? 100 : 65536, &v))
+				return 2;
+			if (pct)
+				o->sim_pct = (uint32_t)v;
+			else
+				o->sim_cache = (uint32_t)v;
+			break;
+		}
 		case O_PFD:
 			if (parse_num("--prefetch-depth", optarg, 0, 64, &v))
 				return 2;
@@ -520,11 +680,47 @@ static int parse(int argc, char **argv, struct opts *o)
 		fprintf(stderr, "moe-run: --dump-logits goes with --tokens (teacher-forced)\n");
 		return 2;
 	}
+	if (o->dump_argmax && !o->ppl) {
+		fprintf(stderr, "moe-run: --dump-argmax goes with --ppl\n");
+		return 2;
+	}
 	if (o->local && o->socket) {
 		fprintf(stderr, "moe-run: --local and --socket exclude each other\n");
 		return 2;
 	}
 	return 0;
+}
+
+/* The routing rule and what the run measures (experts_configure). */
+static int configure_experts(struct ctx *c, struct moe_error *err)
+{
+	const struct opts *o = &c->o;
+	struct experts_opts eo = { .sim_policy = o->sim_policy, .pregate = o->pregate,
+				   .pregate_prefetch = o->pf_pregate,
+				   .pregate_out = o->pregate_out, .dump = o->dump_routing != NULL };
+	const uint32_t k = c->m->top_k, E = c->m->n_experts;
+	int kind = o->rule >= 0 ? o->rule : o->keep ? ROUTE_RULE_MARGIN : ROUTE_RULE_EXACT;
+	/* default J: the router's better half always kept */
+	route_cache_rule_init(&eo.rule, (enum route_rule)kind, o->keep ? o->keep : (k + 1) / 2, (float)o->margin);
+	if (kind == ROUTE_RULE_EXACT)
+		eo.rule.keep_top = 0;
+	if (o->share > 0)
+		eo.rule.max_share = (float)o->share;
+	if (o->weights >= 0)
+		eo.rule.weights = (uint32_t)o->weights;
+	eo.sim_cache = o->sim_cache;
+	if (o->sim_pct)
+		eo.sim_cache = MOE_MAX(k, (uint32_t)((uint64_t)E * o->sim_pct / 100));
+	c->rule_kind = kind;
+	c->sim_slots = eo.sim_cache;
+	c->rule = eo.rule;
+	return experts_configure(c->ex, &eo, err);
+}
+
+static int piece_of(void *p, int32_t id, char *buf, size_t len)
+{
+	struct ctx *c = p;
+	return c->tok ? tokenizer_piece(c->tok, id, buf, len) : -1;
 }
 
 int main(int argc, char **argv)
@@ -573,8 +769,13 @@ int main(int argc, char **argv)
 				   forced ? (uint32_t)nf : c.o.n_predict, c.o.ctx);
 		goto fail;
 	}
+	if (c.o.pf_pregate && !c.o.pregate)
+		c.o.pregate = c.o.prefetch ? MOE_MIN(c.o.prefetch, (unsigned)EXPERTS_PREGATE_MAX) : 1;
 	if ((rc = c.o.local ? experts_open_local(c.m, &c.ex, &err)
-			    : experts_open_daemon(c.m, c.o.socket, c.o.prefetch, &c.ex, &err)))
+			    : experts_open_daemon(c.m, c.o.socket, c.o.pf_pregate ? c.o.pregate : c.o.prefetch, &c.ex,
+						  &err)))
+		goto fail;
+	if ((rc = configure_experts(&c, &err)))
 		goto fail;
 	if ((rc = runner_create(c.m, c.ex, n_ctx, c.o.batch, c.o.threads, &c.r, &err)))
 		goto fail;
@@ -589,6 +790,8 @@ int main(int argc, char **argv)
 	else
 		rc = generate(&c, ids, n, &err);
 	if (rc)
+		goto fail;
+	if (c.o.dump_routing && (rc = experts_dump_write(c.ex, c.o.dump_routing, piece_of, &c, &err)))
 		goto fail;
 	if (!c.o.quiet)
 		summary(&c);

@@ -129,6 +129,8 @@ static int forward(struct runner *r, const int32_t *toks, uint32_t B, float *log
 	/* one announcement per forward pass: the daemon's predictors see the
 	 * token being decoded (the last one of a prefill chunk) */
 	experts_set_token(r->ex, r->key_fn ? r->key_fn(r->key_ctx, toks[B - 1]) : 0, r->pos + B - 1);
+	if ((rc = experts_begin(r->ex, toks, B, r->pos)))
+		return moe_error_set(err, rc, "routing dump: out of memory");
 
 	for (uint32_t il = 0; il < m->n_layers; il++) {
 		const struct model_layer *L = &m->layers[il];
@@ -138,6 +140,11 @@ static int forward(struct runner *r, const int32_t *toks, uint32_t B, float *log
 			return moe_error_set(err, rc, "attention of layer %u: %d", il, rc);
 		for (size_t i = 0; i < (size_t)B * n; i++)
 			r->ffn_inp[i] = r->a[i] + r->x[i];
+		/* the next layers' experts, predicted from here (and their hints
+		 * sent after this layer's acquires): the earliest point the
+		 * residual stream of this layer is known */
+		if ((rc = experts_pregate(r->ex, il, r->ffn_inp, B, r->threads)))
+			return moe_error_set(err, rc, "pre-gating at layer %u: %d", il, rc);
 		for (uint32_t t = 0; t < B; t++)
 			attn_rmsnorm(r->ffn_inp + (size_t)t * n, model_vec(&L->ffn_norm), r->xn + (size_t)t * n, n,
 				     m->rms_eps);
@@ -147,6 +154,8 @@ static int forward(struct runner *r, const int32_t *toks, uint32_t B, float *log
 			return moe_error_set(err, rc, "shared expert of layer %u: %d", il, rc);
 		for (size_t i = 0; i < (size_t)B * n; i++)
 			r->x[i] = r->moe[i] + r->ffn_inp[i];
+		if ((rc = experts_pregate_out(r->ex, il, r->x, B, r->threads)))
+			return moe_error_set(err, rc, "pre-gating after layer %u: %d", il, rc);
 	}
 	if (!logits)
 		return 0;
