@@ -158,18 +158,49 @@ static int collect(struct tlist *tl, char **args, int n, const struct opts *o)
 	return tl->n ? 0 : -1;
 }
 
+/* Router logits of the traces that have them (TRACE.logits beside the CSV,
+ * from moe-run --dump-routing): [n] pointers, NULL where absent. */
+static float **trace_logits;
+static uint32_t logits_experts; /* their n_experts (0: none loaded) */
+static size_t n_logits;
+
 static struct trace **load_all(const struct tlist *tl)
 {
 	struct trace **tr = calloc(tl->n ? tl->n : 1, sizeof(*tr));
 	struct moe_error err;
-	if (!tr)
+	if (!tr || !(trace_logits = calloc(tl->n ? tl->n : 1, sizeof(*trace_logits)))) {
+		free(tr);
 		return NULL;
+	}
 	for (size_t i = 0; i < tl->n; i++) {
-		if (trace_load(tl->path[i], &tr[i], &err) < 0) {
+		char path[4096];
+		uint32_t ne = 0;
+		int rc = trace_load(tl->path[i], &tr[i], &err);
+		if (rc == 0) {
+			snprintf(path, sizeof(path), "%s.logits", tl->path[i]);
+			rc = sim_logits_load(path, tr[i], &trace_logits[i], &ne, &err);
+			if (rc == -ENOENT)
+				rc = 0;
+			else if (rc == 0 && logits_experts && ne != logits_experts)
+				rc = moe_error_set(&err, -EINVAL, "%s: %u experts, an earlier trace's logits %u", path, ne,
+						   logits_experts);
+			else if (rc == 0)
+				logits_experts = ne;
+			if (rc == 0 && trace_logits[i])
+				n_logits++;
+		} else {
+			trace_logits[i] = NULL;
+		}
+		if (rc < 0) {
 			fprintf(stderr, "moe-sim: %s\n", err.msg);
-			for (size_t j = 0; j < i; j++)
-				trace_free(tr[j]);
+			for (size_t j = 0; j <= i; j++) {
+				if (tr[j])
+					trace_free(tr[j]);
+				free(trace_logits[j]);
+			}
 			free(tr);
+			free(trace_logits);
+			trace_logits = NULL;
 			return NULL;
 		}
 	}
@@ -178,9 +209,14 @@ static struct trace **load_all(const struct tlist *tl)
 
 static void free_all(struct trace **tr, size_t n)
 {
-	for (size_t i = 0; tr && i < n; i++)
+	for (size_t i = 0; tr && i < n; i++) {
 		trace_free(tr[i]);
+		if (trace_logits)
+			free(trace_logits[i]);
+	}
 	free(tr);
+	free(trace_logits);
+	trace_logits = NULL;
 }
 
 /* ---- running ---- */
@@ -193,6 +229,8 @@ static uint32_t experts_of(struct trace **tr, size_t n, uint32_t given)
 			mx = tr[i]->max_expert;
 	if (given)
 		return given;
+	if (logits_experts)
+		return logits_experts; /* the router's width */
 	return mx + 1 > 64 ? mx + 1 : 64;
 }
 
@@ -209,7 +247,8 @@ static int run_sim(const struct sim_config *sc, struct trace **tr, size_t n, uin
 		return -1;
 	}
 	for (size_t i = 0; i < n; i++) {
-		if (sim_run_trace(s, tr[i], &err) < 0) {
+		const float *lg = trace_logits && E == logits_experts ? trace_logits[i] : NULL;
+		if (sim_run_trace_logits(s, tr[i], lg, &err) < 0) {
 			fprintf(stderr, "moe-sim: trace %zu: %s\n", i, err.msg);
 			sim_destroy(s);
 			return -1;
@@ -251,10 +290,14 @@ static void print_stats(const struct sim_config *sc, const struct sim_stats *st)
 		       sim_pf_recall(st),
 		       (double)st->pred_ns / 1e3 / tl);
 	if (sc->route_keep)
-		printf("routing: cache-aware J=%u margin %.2f (synthetic logits): substitution rate %.4f of slots "
+		printf("routing: cache-aware J=%u margin %.2f (%s): substitution rate %.4f of slots "
 		       "(%llu of %llu open slots)\n", sc->route_keep, (double)sc->route_margin,
+		       n_logits ? "router logits from the traces' .logits files" : "synthetic logits",
 		       st->accesses ? (double)st->route_subst / (double)st->accesses : 0.0,
 		       (unsigned long long)st->route_subst, (unsigned long long)st->route_slots_open);
+	if (st->route_mismatch)
+		printf("routing: %llu rows whose logits' top-k is not the trace's (routed by the logits)\n",
+		       (unsigned long long)st->route_mismatch);
 }
 
 static int parse_cost(struct sim_cost *c, const char *spec)

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,6 +58,8 @@ struct sim {
 
 	struct route_params rp;
 	uint64_t rng;
+	const float *logits; /* the current trace's router logits, or NULL */
+	uint32_t cur_token;
 };
 
 void sim_config_default(struct sim_config *c)
@@ -501,9 +504,23 @@ static void access_layer(struct sim *s, uint32_t t, uint32_t l, const uint16_t *
 		float logits[PREDICT_MAX_EXPERTS];
 		struct route_result r;
 		struct route_cache_opts o = { s->cfg.route_keep, s->cfg.route_margin, route_resident, s };
-		synth_logits(s, row, n, logits);
+		if (s->logits)
+			memcpy(logits, s->logits + ((size_t)s->cur_token * s->L + l) * s->E, s->E * sizeof(float));
+		else
+			synth_logits(s, row, n, logits);
 		memcpy(ids, row, n * sizeof(*ids));
 		if (n == s->k && route_cache_aware(&s->rp, logits, &o, &r) == 0) {
+			if (s->logits) {
+				/* real scores: the route is theirs, in rank order */
+				bool same = true;
+				for (uint32_t i = 0; i < n; i++)
+					same = same && r.exact[i] == row[i];
+				if (!same) {
+					s->st.route_mismatch++;
+					for (uint32_t i = 0; i < n; i++)
+						ids[i] = (uint16_t)r.exact[i];
+				}
+			}
 			/* Keep the trace's order: substitutes take their slot's place. */
 			for (uint32_t i = 0; i < n; i++)
 				if (r.subst_mask & (1u << i))
@@ -614,6 +631,49 @@ static int build_future(struct sim *s, const struct trace *tr, struct moe_error 
 
 int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 {
+	return sim_run_trace_logits(s, tr, NULL, err);
+}
+
+int sim_logits_load(const char *path, const struct trace *tr, float **out, uint32_t *n_experts,
+		    struct moe_error *err)
+{
+	FILE *f = fopen(path, "rb");
+	char magic[8];
+	uint32_t h[4];
+	*out = NULL;
+	if (!f)
+		return errno == ENOENT ? -ENOENT : moe_error_set(err, -errno, "%s: %s", path, strerror(errno));
+	if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "MOERLG01", 8) || fread(h, sizeof(uint32_t), 4, f) != 4) {
+		fclose(f);
+		return moe_error_set(err, -EINVAL, "%s: not a router-logits file (MOERLG01)", path);
+	}
+	if (h[0] != tr->n_tokens || h[1] != tr->n_layers || h[3] != tr->first_layer || h[2] <= tr->max_expert ||
+	    h[2] > PREDICT_MAX_EXPERTS) {
+		fclose(f);
+		return moe_error_set(err, -EINVAL,
+				     "%s: %u tokens x %u layers (from %u) x %u experts, the trace %u x %u (from %u), ids up to %u",
+				     path, h[0], h[1], h[3], h[2], tr->n_tokens, tr->n_layers, tr->first_layer,
+				     tr->max_expert);
+	}
+	size_t n = (size_t)h[0] * h[1] * h[2];
+	float *v = malloc((n ? n : 1) * sizeof(float));
+	if (!v) {
+		fclose(f);
+		return moe_error_set(err, -ENOMEM, "%s: out of memory", path);
+	}
+	if (fread(v, sizeof(float), n, f) != n || fgetc(f) != EOF) {
+		fclose(f);
+		free(v);
+		return moe_error_set(err, -EINVAL, "%s: not %zu logits", path, n);
+	}
+	fclose(f);
+	*out = v;
+	*n_experts = h[2];
+	return 0;
+}
+
+int sim_run_trace_logits(struct sim *s, const struct trace *tr, const float *logits, struct moe_error *err)
+{
 	int rc;
 
 	if (tr->n_layers != s->L || tr->k > s->k || tr->max_expert >= s->E)
@@ -639,8 +699,10 @@ int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 	if (s->pred)
 		predict_reset(s->pred);
 	s->st.prompts++;
+	s->logits = logits;
 	for (uint32_t t = 0; t < tr->n_tokens; t++) {
 		s->st.tokens++;
+		s->cur_token = t;
 		if (s->pred) {
 			uint64_t t0 = cpu_ns();
 			predict_token(s->pred, predict_token_key(tr->token && tr->token[t] ? tr->token[t] : ""));
@@ -668,6 +730,7 @@ int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err)
 			if (s->state[id] != ABSENT)
 				evict(s, id);
 	}
+	s->logits = NULL;
 	s->st.time_ns = (uint64_t)s->now_ns;
 	if (s->have_ps) {
 		s->st.pf_cut = s->ps.c.deadline_cut;

@@ -51,8 +51,9 @@ struct sim_config {
 	const struct predict_model *model;
 	struct prefetch_config pf;   /* n_layers/n_experts filled by the simulator */
 	struct sim_cost cost;
-	/* Cache-aware routing: keep_top = 0 is exact routing. The traces carry no
-	 * logits, so logits consistent with each row are synthesised (seeded). */
+	/* Cache-aware routing: keep_top = 0 is exact routing. Router logits come
+	 * with the trace (sim_run_trace_logits, from moe-run --dump-routing);
+	 * without them, logits consistent with each row are synthesised (seeded). */
 	uint32_t route_keep;
 	float route_margin;
 	uint64_t seed;
@@ -82,6 +83,7 @@ void sim_config_default(struct sim_config *c);
 	X(pf_withdrawn)                                                        \
 	X(route_slots_open)                                                    \
 	X(route_subst)                                                         \
+	X(route_mismatch)                                                      \
 	X(pred_ns)                                                             \
 	X(pred_calls)
 
@@ -98,6 +100,20 @@ int sim_create(const struct sim_config *cfg, uint32_t n_layers, uint32_t n_exper
 void sim_destroy(struct sim *s);
 /* Replays one prompt. -EINVAL when its shape does not match the simulator's. */
 int sim_run_trace(struct sim *s, const struct trace *tr, struct moe_error *err);
+/* The same with the router's logits of every row: logits [n_tokens][n_layers]
+ * [n_experts] (the simulator's n_experts), or NULL. Cache-aware routing then
+ * decides on the real scores; a row whose logits do not give the trace's
+ * experts as their top-k is routed from the logits all the same (counted in
+ * route_mismatch). */
+int sim_run_trace_logits(struct sim *s, const struct trace *tr, const float *logits, struct moe_error *err);
+
+/* The router-logits side file moe-run --dump-routing writes beside a trace
+ * (TRACE.logits; doc/fidelity.md): "MOERLG01", u32 n_tokens, n_layers,
+ * n_experts, first_layer, then f32 [n_tokens][n_layers][n_experts]. Loads
+ * it and checks it against tr (tokens, layers, expert ids). *out is
+ * malloc'ed. -ENOENT when absent, -EINVAL when it does not match. */
+int sim_logits_load(const char *path, const struct trace *tr, float **out, uint32_t *n_experts,
+		    struct moe_error *err);
 const struct sim_stats *sim_stats(const struct sim *s);
 void sim_stats_add(struct sim_stats *to, const struct sim_stats *from);
 
