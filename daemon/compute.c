@@ -53,6 +53,9 @@ uint64_t compute_counter_value(const struct compute_counters *c, enum compute_co
 struct compute_ctx {
 	struct moe_model_config cfg;
 	struct ffn_layout L;
+	bool latent;                 /* MoLAE: LL and basis instead of L */
+	struct latent_layout LL;
+	struct latent_basis *basis;  /* owned */
 	uint64_t extent_bytes;
 	int threads, kernel_threads;
 	pthread_mutex_t model_lock; /* guards model */
@@ -67,9 +70,9 @@ static bool rate_ok(double v)
 	return v >= 0.0 && isfinite(v);
 }
 
-int compute_create(const struct moe_model_config *cfg, const struct pack_part_desc *parts, uint32_t n_parts,
-		   uint64_t extent_bytes, const struct compute_opts *opts, struct compute_ctx **out,
-		   struct moe_error *err)
+static int create(const struct moe_model_config *cfg, const struct pack_part_desc *parts, uint32_t n_parts,
+		  uint64_t extent_bytes, struct latent_basis *basis, const struct compute_opts *opts,
+		  struct compute_ctx **out, struct moe_error *err)
 {
 	static const struct compute_opts defaults = { 0 };
 	struct compute_ctx *c;
@@ -89,7 +92,31 @@ int compute_create(const struct moe_model_config *cfg, const struct pack_part_de
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return moe_error_set(err, -ENOMEM, "compute: out of memory");
-	if ((rc = ffn_layout_init(&c->L, cfg, parts, n_parts, extent_bytes, err))) {
+	if (basis) {
+		c->latent = true;
+		if ((rc = latent_layout_init(&c->LL, cfg, parts, n_parts, extent_bytes, err))) {
+			free(c);
+			return moe_error_prefix(err, rc, "compute");
+		}
+		if (basis->n != c->LL.n || basis->r != c->LL.r || basis->n_layers != cfg->n_moe_layers ||
+		    basis->n_experts != cfg->n_experts) {
+			rc = moe_error_set(err, -EINVAL,
+					   "compute: latent basis [%u layers x %u experts, r %u, n %u] does not fit the "
+					   "model [%u x %u, r %u, n %u]", basis->n_layers, basis->n_experts, basis->r,
+					   basis->n, cfg->n_moe_layers, cfg->n_experts, c->LL.r, c->LL.n);
+			free(c);
+			return rc;
+		}
+		c->basis = basis;
+		/* the dense layout's sizes, for callers that read n and m */
+		c->L.n = c->LL.n;
+		c->L.m = c->LL.m;
+		c->L.weight_bytes = c->LL.weight_bytes;
+		c->L.payload = c->LL.payload;
+	} else if (latent_parts_present(parts, n_parts)) {
+		free(c);
+		return moe_error_set(err, -EINVAL, "compute: a MoLAE latent layout needs its basis (compute_create_latent)");
+	} else if ((rc = ffn_layout_init(&c->L, cfg, parts, n_parts, extent_bytes, err))) {
 		free(c);
 		return moe_error_prefix(err, rc, "compute");
 	}
@@ -101,7 +128,7 @@ int compute_create(const struct moe_model_config *cfg, const struct pack_part_de
 	c->model = (struct compute_model){
 		.isa = ffn_get_isa(),
 		.expert_bytes = c->L.weight_bytes,
-		.flops_per_token = ffn_layout_flops_per_token(&c->L),
+		.flops_per_token = c->latent ? latent_layout_flops_per_token(&c->LL) : ffn_layout_flops_per_token(&c->L),
 		.host_Bps = opts->host_Bps ? opts->host_Bps : DEFAULT_HOST_BPS,
 		.host_flops = opts->host_flops ? opts->host_flops : DEFAULT_HOST_FLOPS,
 		.nvme_to_host_Bps = opts->nvme_to_host_Bps,
@@ -110,6 +137,7 @@ int compute_create(const struct moe_model_config *cfg, const struct pack_part_de
 		.gpu_fixed_s = opts->gpu_fixed_s,
 	};
 	if (opts->calibrate && (rc = compute_calibrate(c, err))) {
+		c->basis = NULL; /* the caller's to free on failure */
 		compute_destroy(c);
 		return rc;
 	}
@@ -122,10 +150,33 @@ int compute_create(const struct moe_model_config *cfg, const struct pack_part_de
 	return 0;
 }
 
+int compute_create(const struct moe_model_config *cfg, const struct pack_part_desc *parts, uint32_t n_parts,
+		   uint64_t extent_bytes, const struct compute_opts *opts, struct compute_ctx **out,
+		   struct moe_error *err)
+{
+	return create(cfg, parts, n_parts, extent_bytes, NULL, opts, out, err);
+}
+
+int compute_create_latent(const struct moe_model_config *cfg, const struct pack_part_desc *parts, uint32_t n_parts,
+			  uint64_t extent_bytes, struct latent_basis *basis, const struct compute_opts *opts,
+			  struct compute_ctx **out, struct moe_error *err)
+{
+	if (!basis) {
+		if (out)
+			*out = NULL;
+		return moe_error_set(err, -EINVAL, "compute: no latent basis");
+	}
+	int rc = create(cfg, parts, n_parts, extent_bytes, basis, opts, out, err);
+	if (rc)
+		latent_basis_free(basis);
+	return rc;
+}
+
 void compute_destroy(struct compute_ctx *c)
 {
 	if (!c)
 		return;
+	latent_basis_free(c->basis);
 	pthread_mutex_destroy(&c->model_lock);
 	free(c);
 }
@@ -133,6 +184,16 @@ void compute_destroy(struct compute_ctx *c)
 const struct ffn_layout *compute_layout(const struct compute_ctx *c)
 {
 	return &c->L;
+}
+
+const struct latent_layout *compute_latent_layout(const struct compute_ctx *c)
+{
+	return c && c->latent ? &c->LL : NULL;
+}
+
+const struct latent_basis *compute_latent_basis(const struct compute_ctx *c)
+{
+	return c && c->latent ? c->basis : NULL;
 }
 
 void compute_get_model(const struct compute_ctx *c, struct compute_model *out)
@@ -156,6 +217,17 @@ static double median3(double a, double b, double c)
 	return a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
 }
 
+/* One expert over B tokens for the calibration: x is [B x max(n, 2r)],
+ * read as z for a latent model (the B products are left out: they are paid
+ * once per token and group, not per expert). */
+static void calib_run(const struct compute_ctx *c, const void *ext, const float *x, size_t ldx, uint32_t B, float *y)
+{
+	if (c->latent)
+		latent_expert(&c->LL, ext, x, ldx, B, y, c->LL.n, NULL, 0, 1);
+	else
+		ffn_expert(&c->L, ext, x, ldx, B, y, c->L.n, NULL, 0, 1);
+}
+
 int compute_calibrate(struct compute_ctx *c, struct moe_error *err)
 {
 	const struct ffn_layout *L = &c->L;
@@ -172,7 +244,8 @@ int compute_calibrate(struct compute_ctx *c, struct moe_error *err)
 				     (unsigned long long)payload);
 	const uint32_t B = 16;
 	uint8_t *buf = aligned_alloc(64, total);
-	float *x = malloc(sizeof(float) * B * L->n);
+	const size_t ldx = c->latent ? MOE_MAX((size_t)L->n, 2 * (size_t)c->LL.r) : L->n;
+	float *x = malloc(sizeof(float) * B * ldx);
 	float *y = malloc(sizeof(float) * B * L->n);
 	if (!buf || !x || !y) {
 		free(buf), free(x), free(y);
@@ -180,22 +253,22 @@ int compute_calibrate(struct compute_ctx *c, struct moe_error *err)
 	}
 	/* all-zero bytes are valid weights in every dtype (scale 0) */
 	memset(buf, 0, total);
-	for (size_t i = 0; i < (size_t)B * L->n; i++)
+	for (size_t i = 0; i < (size_t)B * ldx; i++)
 		x[i] = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
 
 	double t1[3], tb[3];
 	uint64_t idx = 0;
-	ffn_expert(L, buf, x, L->n, 1, y, L->n, NULL, 0, 1); /* warm the code and page tables */
+	calib_run(c, buf, x, ldx, 1, y); /* warm the code and page tables */
 	for (int rep = 0; rep < 3; rep++) {
 		/* 1 token, a different (cold) copy each run, at least `copies` runs */
 		uint64_t t0 = moe_now_ns();
 		for (uint64_t i = 0; i < copies; i++, idx++)
-			ffn_expert(L, buf + (idx % copies) * payload, x, L->n, 1, y, L->n, NULL, 0, 1);
+			calib_run(c, buf + (idx % copies) * payload, x, ldx, 1, y);
 		t1[rep] = (double)(moe_now_ns() - t0) * 1e-9 / (double)copies;
 		/* 16 tokens on one hot copy */
 		t0 = moe_now_ns();
 		for (int i = 0; i < 4; i++)
-			ffn_expert(L, buf, x, L->n, B, y, L->n, NULL, 0, 1);
+			calib_run(c, buf, x, ldx, B, y);
 		tb[rep] = (double)(moe_now_ns() - t0) * 1e-9 / 4.0;
 	}
 	free(buf), free(x), free(y);
@@ -204,7 +277,7 @@ int compute_calibrate(struct compute_ctx *c, struct moe_error *err)
 	pthread_mutex_lock(&c->model_lock);
 	c->model.isa = ffn_get_isa();
 	c->model.host_Bps = (double)L->weight_bytes / fmax(s1, 1e-9);
-	c->model.host_flops = (double)ffn_layout_flops_per_token(L) * B / fmax(sb, 1e-9);
+	c->model.host_flops = (double)c->model.flops_per_token * B / fmax(sb, 1e-9);
 	c->model.host_fixed_s = 0.0; /* folded into the 1-token rate */
 	c->model.measured = true;
 	pthread_mutex_unlock(&c->model_lock);
@@ -260,8 +333,11 @@ struct run_req {
 	const uint32_t *order;   /* pair indices (t*k + j) sorted by expert */
 	const uint32_t *gstart;  /* [ng + 1] ranges of order */
 	const void *const *gext; /* [ng] extents */
+	const uint32_t *gexp;    /* [ng] expert ids */
 	uint32_t ng, maxb;
 	float *pair_out;         /* [T*k x n] */
+	uint32_t layer;
+	const struct latent_zcache *zc; /* latent: z of every (token, group) */
 	uint32_t next;           /* work counter (atomic) */
 	int rc;                  /* first error (atomic) */
 };
@@ -272,7 +348,9 @@ static void *run_worker(void *p)
 	const struct ffn_layout *L = &r->c->L;
 	const uint32_t n = L->n;
 	float *xg = malloc(sizeof(float) * (size_t)r->maxb * n * 2);
-	if (!xg) {
+	uint32_t *tok = r->zc ? malloc(sizeof(uint32_t) * r->maxb) : NULL;
+	if (!xg || (r->zc && !tok)) {
+		free(xg);
 		int zero = 0;
 		__atomic_compare_exchange_n(&r->rc, &zero, -ENOMEM, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 		return NULL;
@@ -283,9 +361,18 @@ static void *run_worker(void *p)
 		if (g >= r->ng || __atomic_load_n(&r->rc, __ATOMIC_RELAXED))
 			break;
 		const uint32_t s = r->gstart[g], B = r->gstart[g + 1] - s;
-		for (uint32_t b = 0; b < B; b++)
-			memcpy(xg + (size_t)b * n, r->x + (size_t)(r->order[s + b] / r->k) * r->ldx, sizeof(float) * n);
-		int rc = ffn_expert(L, r->gext[g], xg, n, B, yg, n, NULL, 0, r->c->kernel_threads);
+		int rc;
+		if (r->zc) {
+			/* the z rows were computed once per (token, group) */
+			for (uint32_t b = 0; b < B; b++)
+				tok[b] = r->order[s + b] / r->k;
+			rc = latent_expert_tokens(&r->c->LL, r->c->basis, r->zc, r->layer, r->gexp[g], r->gext[g], tok, B, yg, n, r->c->kernel_threads);
+		} else {
+			for (uint32_t b = 0; b < B; b++)
+				memcpy(xg + (size_t)b * n, r->x + (size_t)(r->order[s + b] / r->k) * r->ldx,
+				       sizeof(float) * n);
+			rc = ffn_expert(L, r->gext[g], xg, n, B, yg, n, NULL, 0, r->c->kernel_threads);
+		}
 		if (rc) {
 			int zero = 0;
 			__atomic_compare_exchange_n(&r->rc, &zero, rc, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
@@ -295,6 +382,7 @@ static void *run_worker(void *p)
 			memcpy(r->pair_out + (size_t)r->order[s + b] * n, yg + (size_t)b * n, sizeof(float) * n);
 	}
 	free(xg);
+	free(tok);
 	return NULL;
 }
 
@@ -304,8 +392,9 @@ int compute_run(struct compute_ctx *c, uint32_t layer, uint32_t T, const float *
 {
 	const uint64_t t_start = moe_now_ns();
 	const uint32_t n = c ? c->L.n : 0, E = c ? c->cfg.n_experts : 0;
-	uint32_t *cnt = NULL, *order = NULL, *gstart = NULL;
+	uint32_t *cnt = NULL, *order = NULL, *gstart = NULL, *gexp = NULL;
 	const void **gext = NULL;
+	struct latent_zcache zc = { 0 };
 	float *pair_out = NULL;
 	int rc = 0;
 
@@ -341,8 +430,9 @@ int compute_run(struct compute_ctx *c, uint32_t layer, uint32_t T, const float *
 	order = malloc(sizeof(*order) * ((size_t)P + 1));
 	gstart = malloc(sizeof(*gstart) * ((size_t)P + 1));
 	gext = malloc(sizeof(*gext) * ((size_t)P + 1));
+	gexp = malloc(sizeof(*gexp) * ((size_t)P + 1));
 	pair_out = malloc(sizeof(float) * ((size_t)P * n + 1));
-	if (!cnt || !order || !gstart || !gext || !pair_out) {
+	if (!cnt || !order || !gstart || !gext || !gexp || !pair_out) {
 		rc = moe_error_set(err, -ENOMEM, "compute: out of memory for %u pairs", P);
 		goto fail;
 	}
@@ -359,6 +449,7 @@ int compute_run(struct compute_ctx *c, uint32_t layer, uint32_t T, const float *
 				goto fail;
 			}
 			gstart[ng] = cnt[e];
+			gexp[ng] = e;
 			gext[ng++] = ext;
 			maxb = MOE_MAX(maxb, cnt[e + 1]);
 		}
@@ -368,8 +459,18 @@ int compute_run(struct compute_ctx *c, uint32_t layer, uint32_t T, const float *
 	for (uint32_t p = 0; p < P; p++)
 		order[cnt[experts[p]]++] = p; /* stable: tokens in order inside a group */
 
+	if (c->latent) {
+		/* z = B x once per (token, group) the request touches */
+		int zrc = latent_zcache_fill(&zc, c->basis, layer, x, ldx, T, k, experts, c->kernel_threads);
+		if (zrc) {
+			rc = moe_error_set(err, zrc, "compute: latent projections of layer %u failed", layer);
+			goto fail;
+		}
+		CTR_ADD(c, latent_z_rows, zc.rows);
+	}
 	struct run_req req = { .c = c, .x = x, .ldx = ldx, .k = k, .order = order, .gstart = gstart, .gext = gext,
-			       .ng = ng, .maxb = maxb, .pair_out = pair_out };
+			       .gexp = gexp, .ng = ng, .maxb = maxb, .pair_out = pair_out, .layer = layer,
+			       .zc = c->latent ? &zc : NULL };
 	int nthr = (int)MOE_MIN((uint32_t)c->threads, ng);
 	pthread_t tids[COMPUTE_MAX_THREADS];
 	bool started[COMPUTE_MAX_THREADS] = { false };
@@ -396,11 +497,13 @@ int compute_run(struct compute_ctx *c, uint32_t layer, uint32_t T, const float *
 	CTR_ADD(c, expert_runs, ng);
 	CTR_ADD(c, weight_bytes, (uint64_t)ng * c->L.weight_bytes);
 	CTR_ADD(c, compute_ns, moe_now_ns() - t_start);
-	free(cnt), free(order), free(gstart), free(gext), free(pair_out);
+	free(cnt), free(order), free(gstart), free(gext), free(gexp), free(pair_out);
+	latent_zcache_free(&zc);
 	return 0;
 fail:
 	CTR_ADD(c, failed, 1);
-	free(cnt), free(order), free(gstart), free(gext), free(pair_out);
+	free(cnt), free(order), free(gstart), free(gext), free(gexp), free(pair_out);
+	latent_zcache_free(&zc);
 	return rc;
 }
 
@@ -425,11 +528,17 @@ void compute_render(const struct compute_ctx *c, FILE *f, json_t *jm, uint32_t f
 		{ "nvme_to_host_bytes_per_s", cm.nvme_to_host_Bps },
 		{ "host_to_gpu_bytes_per_s", cm.host_to_gpu_Bps },
 		{ "gpu_flops", cm.gpu_flops },
+		/* MoLAE (latent packs only): B stays resident, only the extents move */
+		{ "latent_rank", c->latent ? (double)c->LL.r : 0.0 },
+		{ "latent_groups", c->latent ? (double)c->basis->max_groups : 0.0 },
+		{ "latent_b_bytes", c->latent ? (double)c->basis->bytes : 0.0 },
+		{ "latent_dense_expert_bytes", c->latent ? (double)c->LL.down.row_bytes * c->LL.n * 3 : 0.0 },
 	};
+	const size_t n_in = MOE_ARRAY_SIZE(in) - (c->latent ? 0 : 4);
 	json_t *jc = jm ? json_object() : NULL;
 	if (fmt == MOET_STATS_TEXT)
 		fprintf(f, "compute (%s kernels; cost model inputs, then counters)\n", ffn_isa_name(cm.isa));
-	for (size_t i = 0; i < MOE_ARRAY_SIZE(in); i++) {
+	for (size_t i = 0; i < n_in; i++) {
 		if (fmt == MOET_STATS_TEXT)
 			fprintf(f, "  compute_%-26s %.6g\n", in[i].name, in[i].v);
 		else if (jc)

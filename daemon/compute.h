@@ -21,6 +21,7 @@
 #include <stdio.h>
 
 #include "ffn.h"
+#include "latent.h"
 #include "model.h"
 #include "pack.h"
 #include "util.h"
@@ -35,6 +36,7 @@
 	X(weight_bytes, "expert weight bytes streamed by the host kernels") \
 	X(missing, "experts asked for but not resident on the host") \
 	X(compute_ns, "nanoseconds spent in compute requests") \
+	X(latent_z_rows, "MoLAE latent projections z = B x computed (one per token and group)") \
 	X(decide_host, "cost-model decisions: compute on the host") \
 	X(decide_move, "cost-model decisions: move to the GPU")
 
@@ -110,13 +112,27 @@ struct compute_ctx;
 int compute_create(const struct moe_model_config *cfg, const struct pack_part_desc *parts, uint32_t n_parts,
 		   uint64_t extent_bytes, const struct compute_opts *opts, struct compute_ctx **out,
 		   struct moe_error *err);
+/* The same for a MoLAE latent pack (parts: A_gate, A_up, down): the
+ * context takes ownership of basis (the model's resident B matrices and
+ * groups, latent_basis_load; freed by compute_destroy, also on failure). z is
+ * computed once per (token, latent group) of a request, then every
+ * distinct expert runs on its tokens' z rows (kernels/latent.h); results
+ * equal latent_expert_x() token by token, weighted and summed in top-k
+ * order with ffn_axpy. compute_create refuses latent parts. */
+int compute_create_latent(const struct moe_model_config *cfg, const struct pack_part_desc *parts, uint32_t n_parts,
+			  uint64_t extent_bytes, struct latent_basis *basis, const struct compute_opts *opts,
+			  struct compute_ctx **out, struct moe_error *err);
 void compute_destroy(struct compute_ctx *c);
 
 /* Re-measures the host rates (a short microbenchmark: one expert-sized
  * matrix set streamed cold for 1 token, and a 16-token batch). */
 int compute_calibrate(struct compute_ctx *c, struct moe_error *err);
 
+/* The dense layout (zeroed for a latent model). */
 const struct ffn_layout *compute_layout(const struct compute_ctx *c);
+/* The latent layout and basis, or NULL for a dense model. */
+const struct latent_layout *compute_latent_layout(const struct compute_ctx *c);
+const struct latent_basis *compute_latent_basis(const struct compute_ctx *c);
 void compute_get_model(const struct compute_ctx *c, struct compute_model *out);
 void compute_get_counters(const struct compute_ctx *c, struct compute_counters *out);
 

@@ -139,10 +139,11 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 	int rc = pack_open(path, 0, &m->pack, err);
 	if (rc)
 		return rc; /* pack_open's message already starts with the path */
-	if (pack_part(m->pack, PACK_ROLE_LATENT_A_GATE) || pack_part(m->pack, PACK_ROLE_LATENT_A_UP))
-		return moe_error_set(err, -ENOTSUP,
-				     "%s: a MoLAE latent pack (moe-pack molae): the daemon does not serve latent "
-				     "experts yet; serve the dense pack it was made from", path);
+	/* MoLAE latent pack: its B matrices (per layer and group) are read once
+	 * and stay resident with the model's COMPUTE engine; only the extents
+	 * (A_gate | A_up | W_down) go through the tiers, so the arenas, whose
+	 * slots are extent-sized, hold more experts in the same bytes. */
+	const bool latent = latent_parts_present(m->pack->hdr->parts, m->pack->hdr->n_parts);
 	const struct moe_model_config *mc = m->pack->model;
 	const char *base = strrchr(path, '/');
 	snprintf(m->name, sizeof(m->name), "%s", mc->name[0] ? mc->name : base ? base + 1 : path);
@@ -178,8 +179,20 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 				   .nvme_to_host_Bps = (double)s->cfg->link_nvme_mbps * 1e6,
 				   .host_to_gpu_Bps = s->cfg->gpu_bytes ? (double)s->cfg->link_h2g_mbps * 1e6 : 0.0 };
 	struct moe_error cerr;
-	if (compute_create(mc, m->pack->hdr->parts, m->pack->hdr->n_parts, pack_extent_bytes(m->pack), &co, &m->compute,
-			   &cerr)) {
+	if (latent) {
+		/* the engine takes the basis, and without it the pack cannot be
+		 * computed by anyone the daemon serves: refuse it */
+		struct latent_basis *basis;
+		if ((rc = latent_basis_load(m->pack, &basis, err)))
+			return moe_error_prefix(err, rc, "%s: MoLAE latent pack", path);
+		if ((rc = compute_create_latent(mc, m->pack->hdr->parts, m->pack->hdr->n_parts, pack_extent_bytes(m->pack),
+						basis, &co, &m->compute, err)))
+			return moe_error_prefix(err, rc, "%s: MoLAE latent pack", path);
+		const struct latent_basis *b = compute_latent_basis(m->compute);
+		moe_info("model %s: MoLAE latent experts, rank %u, %u group(s) per layer, B %s resident on the host", m->name,
+			 b->r, b->max_groups, moe_fmt_size(b->bytes, (char[32]){ 0 }, 32));
+	} else if (compute_create(mc, m->pack->hdr->parts, m->pack->hdr->n_parts, pack_extent_bytes(m->pack), &co,
+				  &m->compute, &cerr)) {
 		moe_info("model %s: COMPUTE not offered: %s", m->name, cerr.msg);
 		m->compute = NULL;
 	}

@@ -20,6 +20,10 @@ endif
 
 EXTRA_DIST += doc/molae.md
 
-# The daemon refuses a latent pack until it serves latent experts.
+# moetierd serves a latent pack: ACQUIRE gives the pack's extents, COMPUTE
+# equals the CPU latent kernel (tests/molae_serve_check, a libmoetier client).
 TESTS += tests/test_molae_daemon.sh
 EXTRA_DIST += tests/test_molae_daemon.sh
+check_PROGRAMS += tests/molae_serve_check
+tests_molae_serve_check_SOURCES = tests/molae_serve_check.c
+tests_molae_serve_check_LDADD = client/libmoetier.la $(KERNELS_LINK)
