@@ -27,3 +27,18 @@ EXTRA_DIST += tests/test_molae_daemon.sh
 check_PROGRAMS += tests/molae_serve_check
 tests_molae_serve_check_SOURCES = tests/molae_serve_check.c
 tests_molae_serve_check_LDADD = client/libmoetier.la $(KERNELS_LINK)
+
+# moe-run's latent experts (client/run/latent.h: the calls experts.c and
+# model.c make for a latent pack), in the forward pass's library.
+client_run_libmoerun_a_SOURCES += client/run/latent.c client/run/latent.h
+if HAVE_CRITERION
+if HAVE_LAPACKE
+check_PROGRAMS += tests/test_molae_run
+TESTS += tests/test_molae_run
+tests_test_molae_run_SOURCES = tests/test_molae_run.c tests/testutil.h
+tests_test_molae_run_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
+tests_test_molae_run_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_molae_run_LDADD = client/run/libmoerun.a tools/libmolae.a $(KERNELS_LINK) $(LAPACKE_LIBS) \
+	$(OPENBLAS_LIBS) $(CRITERION_LIBS)
+endif
+endif
