@@ -26,7 +26,10 @@
  * >= 0.8 at 64 tokens), and last:
  *   ffn-vs-ggml: ratio=X (ours / ggml tokens/s, q4_K, 1 token)
  *
- * Usage: ffn-vs-ggml [--quick] [--reps N] [--check] [--smoke]
+ * Usage: ffn-vs-ggml [--quick] [--reps N] [--check] [--smoke] [--type T] [--tokens B]
+ * --type / --tokens: only that type (q8_0 q4_0 q4_K q6_K bf16) / batch size
+ * (1 16 64), so that one cell can be repeated on a shared machine; the last
+ * line then names the first cell measured instead of q4_K at 1 token.
  * --check: no timing; a small rotation, each type and batch size run once
  * on both sides, outputs compared (max |ours - ggml| <= 2e-2 max |ggml|,
  * the differences being how x / h round to q8 / bf16 and ggml's own expf);
@@ -63,6 +66,7 @@ int main(void)
 #define M_WID 768
 
 static bool quick, check, smoke;
+static int only_dt = -1, only_b = -1; /* --type, --tokens */
 static int reps = 5;
 static double min_time = 0.25; /* CPU seconds per measurement */
 
@@ -201,8 +205,13 @@ int main(int argc, char **argv)
 			check = true;
 		else if (!strcmp(argv[i], "--smoke"))
 			smoke = true;
+		else if (!strcmp(argv[i], "--type") && i + 1 < argc && (only_dt = (int)moe_dtype_parse(argv[i + 1])) > 0)
+			i++;
+		else if (!strcmp(argv[i], "--tokens") && i + 1 < argc && (only_b = atoi(argv[i + 1])) > 0)
+			i++;
 		else {
-			fprintf(stderr, "usage: %s [--quick] [--reps N] [--check] [--smoke]\n", argv[0]);
+			fprintf(stderr, "usage: %s [--quick] [--reps N] [--check] [--smoke] [--type T] [--tokens B]\n",
+				argv[0]);
 			return 2;
 		}
 	}
@@ -243,6 +252,8 @@ int main(int argc, char **argv)
 
 	for (int d = 0; d < ND; d++) {
 		struct side s;
+		if (only_dt >= 0 && (int)dts[d] != only_dt)
+			continue;
 		memset(&s, 0, sizeof(s));
 		s.peer = &peer;
 		s.x = x;
@@ -250,6 +261,8 @@ int main(int argc, char **argv)
 		side_repack(&s, dts[d], rbuft);
 		gbytes[d] = (double)s.L.weight_bytes;
 		for (int bi = 0; bi < NB; bi++) {
+			if (only_b > 0 && (int)Bs[bi] != only_b)
+				continue;
 			side_graph(&s, dts[d], Bs[bi]);
 			side_repack_graph(&s, dts[d], rbuft, Bs[bi]);
 			if (check) {
@@ -314,9 +327,14 @@ int main(int argc, char **argv)
 	printf("\n(tokens/s and weight GB/s from process CPU time; wall us per call for reference)\n");
 	printf("%-6s %3s %11s %11s %6s %11s %6s %9s %9s %9s %9s\n", "type", "B", "ours tok/s", "ggml tok/s", "ratio",
 	       "repack t/s", "ratio", "ours GB/s", "ggml GB/s", "ours wall", "ggml wall");
+	int fd = -1, fb = -1; /* the first cell measured */
 	for (int d = 0; d < ND; d++)
 		for (int bi = 0; bi < NB; bi++) {
 			char rt[32] = "n/a", rr[32] = "n/a";
+			if (t_ours[d][bi] <= 0)
+				continue;
+			if (fd < 0)
+				fd = d, fb = bi;
 			if (t_rep[d][bi] > 0) {
 				snprintf(rt, sizeof(rt), "%.1f", Bs[bi] / t_rep[d][bi]);
 				snprintf(rr, sizeof(rr), "%.2f", t_rep[d][bi] / t_ours[d][bi]);
@@ -329,13 +347,23 @@ int main(int argc, char **argv)
 	fb_load_avg(la, sizeof(la));
 	printf("\nchecks (issue 17 targets; loadavg at end: %s):\n", la);
 	for (int d = 0; d < ND; d++) {
-		printf("  %-5s ours / ggml tokens/s: 1 token %.2fx (target >= 1.0), 64 tokens %.2fx (target >= 0.8)",
-		       moe_dtype_name(dts[d]), t_ggml[d][0] / t_ours[d][0], t_ggml[d][2] / t_ours[d][2]);
-		if (t_rep[d][0] > 0)
-			printf("; vs repacked: %.2fx, %.2fx", t_rep[d][0] / t_ours[d][0], t_rep[d][2] / t_ours[d][2]);
+		if (t_ours[d][0] <= 0 && t_ours[d][2] <= 0)
+			continue;
+		printf("  %-5s ours / ggml tokens/s:", moe_dtype_name(dts[d]));
+		if (t_ours[d][0] > 0)
+			printf(" 1 token %.2fx (target >= 1.0)", t_ggml[d][0] / t_ours[d][0]);
+		if (t_ours[d][2] > 0)
+			printf(" 64 tokens %.2fx (target >= 0.8)", t_ggml[d][2] / t_ours[d][2]);
+		if (t_rep[d][0] > 0 || t_rep[d][2] > 0)
+			printf("; vs repacked: %.2fx, %.2fx", t_rep[d][0] > 0 ? t_rep[d][0] / t_ours[d][0] : 0.0,
+			       t_rep[d][2] > 0 ? t_rep[d][2] / t_ours[d][2] : 0.0);
 		putchar('\n');
 	}
-	printf("ffn-vs-ggml: ratio=%.2f (ours / ggml tokens/s, q4_K, 1 token)\n", t_ggml[2][0] / t_ours[2][0]);
+	if (t_ours[2][0] > 0)
+		printf("ffn-vs-ggml: ratio=%.2f (ours / ggml tokens/s, q4_K, 1 token)\n", t_ggml[2][0] / t_ours[2][0]);
+	else if (fd >= 0)
+		printf("ffn-vs-ggml: ratio=%.2f (ours / ggml tokens/s, %s, %u token%s)\n", t_ggml[fd][fb] / t_ours[fd][fb],
+		       moe_dtype_name(dts[fd]), Bs[fb], Bs[fb] > 1 ? "s" : "");
 	return 0;
 }
 #endif

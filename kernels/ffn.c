@@ -361,9 +361,23 @@ struct mm_sel {
 	void (*quant_q8k)(const float *x, struct moe_block_q8_K *out, uint32_t n);
 };
 
+/* AVX512-VNNI, for the batched integer kernels of the AVX-512 paths. */
+static bool cpu_vnni512(void)
+{
+	static int have = -1;
+	int h = __atomic_load_n(&have, __ATOMIC_RELAXED);
+	if (h < 0) {
+		__builtin_cpu_init();
+		h = ffn_isa_supported(FFN_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+		__atomic_store_n(&have, h, __ATOMIC_RELAXED);
+	}
+	return h;
+}
+
 static void ops_now(struct mm_sel *s)
 {
-	const struct ffn_isa_ops *o = isa_ops[ffn_get_isa()];
+	const enum ffn_isa isa = ffn_get_isa();
+	const struct ffn_isa_ops *o = isa_ops[isa];
 	memcpy(s->mm, o->mm, sizeof(s->mm));
 	s->bf16_mask = o->bf16_act_mask;
 	s->perm_mask = o->perm_act_mask;
@@ -376,6 +390,12 @@ static void ops_now(struct mm_sel *s)
 		s->mm[MOE_DTYPE_Q8_0] = o->mm_q8int;
 		s->mm[MOE_DTYPE_Q4_0] = o->mm_q4int;
 		s->mm[MOE_DTYPE_IQ4_NL] = o->mm_iq4int;
+		if ((isa == FFN_ISA_AVX512 || isa == FFN_ISA_AVX512BF16) && cpu_vnni512()) {
+			/* same bits as the AVX2 kernels, batches ~2x faster */
+			s->mm[MOE_DTYPE_Q8_0] = ffn_mm_q8int_vnni512;
+			s->mm[MOE_DTYPE_Q4_0] = ffn_mm_q4int_vnni512;
+			s->mm[MOE_DTYPE_IQ4_NL] = ffn_mm_iq4int_vnni512;
+		}
 		s->q8_mask = (1u << MOE_DTYPE_Q8_0) | (1u << MOE_DTYPE_Q4_0) | (1u << MOE_DTYPE_IQ4_NL);
 	}
 }

@@ -86,6 +86,12 @@ FFN_MM_DECL(ffn_mm_q8int_avx2);
 FFN_MM_DECL(ffn_mm_q4int_avx2);
 FFN_MM_DECL(ffn_mm_iq4int_avx2);
 void ffn_quant_q8_avx2(const float *x, struct moe_block_q8_0 *out, uint32_t n);
+/* The same three on AVX-512 VNNI (ffn_vnni.c), bit for bit, faster for
+ * batches: ffn.c puts them in place of the AVX2 ones on the AVX-512 paths
+ * when the CPU has AVX512-VNNI. */
+FFN_MM_DECL(ffn_mm_q8int_vnni512);
+FFN_MM_DECL(ffn_mm_q4int_vnni512);
+FFN_MM_DECL(ffn_mm_iq4int_vnni512);
 /* The AVX2 K-quant kernels (q4_K ... q2_K x q8_K) and q8_K quantizer,
  * shared by the AVX-512 tables in the same way. */
 FFN_MM_DECL(ffn_mm_q4_K_avx2);

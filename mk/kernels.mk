@@ -4,7 +4,7 @@
 # is present and embedded with .incbin), and daemon/compute (the COMPUTE
 # opcode's engine and the move-vs-compute cost model).
 libmoekernels_a_SOURCES += kernels/ffn.c kernels/ffn.h kernels/ffn_impl.h kernels/ffn_simd.h \
-	kernels/ffn_avx2.c kernels/ffn_avx512.c
+	kernels/ffn_avx2.c kernels/ffn_avx512.c kernels/ffn_vnni.c
 
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_ffn

@@ -202,15 +202,18 @@ static const enum moe_dtype all_dtypes[] = { MOE_DTYPE_F32, MOE_DTYPE_F16, MOE_D
 					     MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_MXFP4, MOE_DTYPE_IQ4_NL };
 #define N_DTYPES (sizeof(all_dtypes) / sizeof(all_dtypes[0]))
 
-/* Each check picks its path; the bounds below are for f32 x (EXACT) unless
- * a check switches to INT itself. */
+static bool g_q8int;
+
+/* Each check picks its path, and the q8 mode g_q8int says (EXACT unless a
+ * check sets it: check_q8int runs check_matmul_bounds in INT mode, which
+ * an unconditional EXACT here used to undo). */
 static void use_isa(enum ffn_isa isa)
 {
 	if (!ffn_isa_supported(isa))
 		cr_skip_test("this CPU lacks the %s path", ffn_isa_name(isa));
 	cr_assert_eq(ffn_set_isa(isa), 0);
 	cr_assert_eq(ffn_get_isa(), isa);
-	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_EXACT), 0);
+	cr_assert_eq(ffn_set_q8_mode(g_q8int ? FFN_Q8_INT : FFN_Q8_EXACT), 0);
 }
 
 /* Relative bound on |y - exact| / sum|w x| for one dot of length K. */
@@ -229,8 +232,6 @@ static bool is_block(enum moe_dtype t) { return moe_dtype_block_elems(t) > 1; }
  * element then errs by at most |q (f16(d) - d)| + d/2 <= (127 * 2^-11 +
  * 0.5) d < 0.57 d, d = (block max |x|) / 127. q8_err fills that per element
  * (0 when the mode or dtype does not quantize). */
-static bool g_q8int;
-
 static void q8_err(enum moe_dtype t, const double *v, const double *slack, uint32_t n, double *e)
 {
 	for (uint32_t b = 0; b < n; b += 32) {
@@ -671,11 +672,11 @@ static void check_topk(enum ffn_isa isa)
 /* FFN_Q8_INT: the integer q8_0 and q4_0 kernels, with x and h quantized. */
 static void check_q8int(enum ffn_isa isa)
 {
-	use_isa(isa);
-	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_INT), 0);
-	cr_assert_eq(ffn_get_q8_mode(), FFN_Q8_INT);
 	g_q8int = true;
+	use_isa(isa);
+	cr_assert_eq(ffn_get_q8_mode(), FFN_Q8_INT);
 	check_matmul_bounds(isa);
+	cr_assert_eq(ffn_get_q8_mode(), FFN_Q8_INT);
 	rng_seed(77);
 	struct fake_expert e;
 	fake_swiglu(&e, 96, 64, MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0, MOE_DTYPE_Q8_0);
@@ -1046,6 +1047,65 @@ Test(ffn, quant_q8_avx2_matches_dtype, .timeout = 10)
 			cr_assert(y[r] == 0.0f, "%s: %a", ffn_isa_name((enum ffn_isa)isa), (double)y[r]);
 	}
 	free(w);
+}
+
+/* FFN_Q8_INT: every SIMD path (the AVX-512 ones run the VNNI batch kernels
+ * where the CPU has AVX512-VNNI) gives the AVX2 kernel's bits, for every
+ * tile shape and tail: row counts around the 8-row tile (odd ones pair the
+ * last row with itself), batches around the 4-token tile and below the
+ * batch threshold, one and two threads, and raw random codes (q8_0 -128
+ * included, which no quantizer writes but a file may hold). */
+Test(ffn, q8int_paths_same_bits, .timeout = 60)
+{
+	static const enum moe_dtype dts[] = { MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_IQ4_NL };
+	static const uint32_t rows_v[] = { 1, 2, 3, 7, 8, 9, 13, 17, 40 };
+	static const uint32_t cols_v[] = { 32, 96, 256 };
+	static const uint32_t Bs[] = { 1, 2, 3, 4, 5, 7, 8, 9, 16, 33 };
+	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_INT), 0);
+	if (!ffn_isa_supported(FFN_ISA_AVX2))
+		cr_skip_test("no AVX2");
+	rng_seed(91);
+	for (size_t d = 0; d < 3; d++)
+		for (size_t ri = 0; ri < sizeof(rows_v) / sizeof(rows_v[0]); ri++)
+			for (size_t ci = 0; ci < sizeof(cols_v) / sizeof(cols_v[0]); ci++) {
+				const enum moe_dtype t = dts[d];
+				const uint32_t rows = rows_v[ri], cols = cols_v[ci], bb = t == MOE_DTYPE_Q8_0 ? 34 : 18;
+				const uint64_t rb = row_bytes(t, cols);
+				uint8_t *w = malloc(rb * rows);
+				for (uint64_t i = 0; i < rb * rows; i++)
+					w[i] = (uint8_t)rng_u64();
+				for (uint32_t r = 0; r < rows; r++)
+					for (uint32_t b = 0; b < cols / 32; b++) {
+						const uint16_t h = moe_f32_to_f16(rng_f(1e-3f, 1e-2f));
+						memcpy(w + r * rb + b * bb, &h, 2);
+					}
+				float *x = make_x(33, cols + 5, 1.0f);
+				float *y0 = malloc(sizeof(float) * 33 * (rows + 3)), *y1 = malloc(sizeof(float) * 33 * (rows + 3));
+				for (size_t bi = 0; bi < sizeof(Bs) / sizeof(Bs[0]); bi++) {
+					const uint32_t B = Bs[bi];
+					cr_assert_eq(ffn_set_isa(FFN_ISA_AVX2), 0);
+					cr_assert_eq(ffn_matmul(t, w, rows, cols, x, cols + 5, B, y0, rows + 3, 1), 0);
+					for (int isa = FFN_ISA_AVX2; isa < FFN_ISA_COUNT; isa++) {
+						if (!ffn_isa_supported((enum ffn_isa)isa))
+							continue;
+						cr_assert_eq(ffn_set_isa((enum ffn_isa)isa), 0);
+						for (int th = 1; th <= 2; th++) {
+							memset(y1, 0xff, sizeof(float) * 33 * (rows + 3));
+							cr_assert_eq(ffn_matmul(t, w, rows, cols, x, cols + 5, B, y1, rows + 3, th), 0);
+							for (uint32_t k = 0; k < B; k++)
+								cr_assert(memcmp(y0 + (size_t)k * (rows + 3), y1 + (size_t)k * (rows + 3),
+										 4ull * rows) == 0,
+									  "%s %s rows %u cols %u B %u threads %d: token %u differs from avx2",
+									  ffn_isa_name((enum ffn_isa)isa), moe_dtype_name(t), rows, cols,
+									  B, th, k);
+						}
+					}
+				}
+				free(w);
+				free(x);
+				free(y0);
+				free(y1);
+			}
 }
 
 /* ---- dequantization: dtype.c against the formulas, all code values -------- */
