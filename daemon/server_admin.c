@@ -12,6 +12,7 @@
 
 #include "cache.h"
 #include "compute.h"
+#include "priv.h"
 #include "server_impl.h"
 #include "stats.h"
 #include "tier_gpu.h"
@@ -352,6 +353,18 @@ void server_admin_request(struct server *s, struct srv_client *c, const struct m
 			return;
 		}
 		*eq = '\0';
+#ifdef MOETIER_FAULT_INJECTION
+		/* Debug builds: "misbehave=PROBE" attempts a forbidden syscall, so
+		 * a test can see the seccomp filter kill the daemon (memcached's
+		 * misbehave). Not an option: no table entry, no config file. */
+		if (!strcmp(text, "misbehave")) {
+			struct moe_error merr = { "" };
+			moe_warn("misbehave: uid %u asks for a forbidden syscall (%s)", (unsigned)c->uid, eq + 1);
+			rc = priv_misbehave(eq + 1, &merr);
+			server_conn_error(s, c, h->seq, rc, "%s", merr.msg);
+			return;
+		}
+#endif
 		const struct option_desc *o = options_find(text);
 		if (!o) {
 			server_conn_error(s, c, h->seq, -ENOENT, "unknown option '%s'", text);

@@ -1,1 +1,7 @@
 # mk/hardening.mk - see Makefile.am; owned by one subsystem.
+# Black-box tests of the lockdown (daemon/priv.c): the seccomp allow-list
+# kills the debug daemon on a forbidden syscall (misbehave), and the `user`
+# drop leaves every thread as the service user with only the kept
+# capabilities.
+TESTS += tests/test_misbehave.sh tests/test_priv_user.sh
+EXTRA_DIST += tests/test_misbehave.sh tests/test_priv_user.sh
