@@ -3,12 +3,16 @@
 set -eu
 B=${MOETIER_BUILDDIR:-.}
 S=${MOETIER_SRCDIR:-.}
+# Debian's python3 first (python3-numpy): the array and DLPack checks need
+# numpy, and test_python.py exits 77 without it rather than pass.
 PY=
-for p in /usr/bin/python3 python3; do
-	if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import ctypes' 2>/dev/null; then
-		PY=$p
-		break
-	fi
+for want in 'import ctypes, numpy' 'import ctypes'; do
+	for p in /usr/bin/python3 python3; do
+		if command -v "$p" >/dev/null 2>&1 && "$p" -c "$want" 2>/dev/null; then
+			PY=$p
+			break 2
+		fi
+	done
 done
 [ -n "$PY" ] || { echo "no python3: skipped"; exit 77; }
 lib=$(cd "$B" && pwd)/client/.libs/libmoetier.so.0
