@@ -1,6 +1,7 @@
 /* Description: the host arena: size classes, slot allocation and freeing,
  * alignment and non-overlap, the sealed memfd, NUMA placement, the anonymous
- * THP variant, mlock success and the RLIMIT_MEMLOCK failure (warned, or
+ * THP variant, huge pages exactly when the 2 MiB pool has room (resizing
+ * the pool as root to test both cases), mlock success and the RLIMIT_MEMLOCK failure (warned, or
  * fatal when required), and bad configurations. */
 #include "config.h"
 
@@ -194,17 +195,109 @@ Test(host, mlock_failure_is_fatal_when_required)
 	cr_assert(strstr(err.msg, "CAP_IPC_LOCK"), "%s", err.msg);
 }
 
-Test(host, huge_pages_without_a_pool_fall_back)
+#define NR_HUGE "/proc/sys/vm/nr_hugepages"
+#define FREE_HUGE "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+
+static long read_long(const char *path)
+{
+	long v = -1;
+	FILE *f = fopen(path, "r");
+	if (f) {
+		if (fscanf(f, "%ld", &v) != 1)
+			v = -1;
+		fclose(f);
+	}
+	return v;
+}
+
+static bool write_long(const char *path, long v)
+{
+	FILE *f = fopen(path, "w");
+	if (!f)
+		return false;
+	bool ok = fprintf(f, "%ld\n", v) > 0;
+	return fclose(f) == 0 && ok;
+}
+
+/* The page size backing addr, from /proc/self/smaps (kB), or -1. */
+static long kernel_page_kb(const void *addr)
+{
+	FILE *f = fopen("/proc/self/smaps", "r");
+	char line[512];
+	bool in = false;
+	long kb = -1;
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long lo, hi;
+		if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' '))
+			in = (uintptr_t)addr >= lo && (uintptr_t)addr < hi;
+		else if (in && sscanf(line, "KernelPageSize: %ld kB", &kb) == 1)
+			break;
+	}
+	fclose(f);
+	return kb;
+}
+
+/* One 2 MiB arena with huge pages asked for: hugetlb exactly when the 2 MiB
+ * pool has room, and then really backed by 2 MiB pages; otherwise 4 KiB
+ * pages and the fallback warning. Serves either way. Returns hugetlb. */
+static bool huge_arena_follows_pool(void)
 {
 	struct tier_host_class cls = { 1 << 20, 2 };
 	struct tier_host_config cfg = { .classes = &cls, .n_classes = 1, .numa_node = TIER_HOST_NUMA_DEFAULT,
 					.huge_pages = true };
 	struct tier_host *h;
 	struct moe_error err = { "" };
+	long free_pages = read_long(FREE_HUGE);
 	cr_assert_eq(tier_host_create(&cfg, NULL, &h, &err), 0, "%s", err.msg);
-	/* Either the pool had room (hugetlb) or we fell back; both serve. */
-	memset(tier_host_ptr(h, 1), 1, 1 << 20);
+	uint64_t bytes = tier_host_bytes(h);
+	bool room = free_pages >= 0 && (uint64_t)free_pages * (2u << 20) >= bytes;
+	cr_assert_eq(tier_host_hugetlb(h), room, "pool has %ld free 2 MiB pages for %llu bytes, hugetlb %d", free_pages,
+		     (unsigned long long)bytes, tier_host_hugetlb(h));
+	long kb = kernel_page_kb(tier_host_base(h));
+	cr_assert_eq(kb, room ? 2048 : 4, "the arena is backed by %ld kB pages", kb);
+	for (uint32_t i = 0; i < 2; i++) {
+		memset(tier_host_ptr(h, i), 0x5a + (int)i, 1 << 20);
+		cr_assert_eq(((unsigned char *)tier_host_ptr(h, i))[(1 << 20) - 1], 0x5a + i);
+	}
 	tier_host_destroy(h);
+	return room;
+}
+
+static long saved_nr_huge = -1;
+
+static void restore_nr_huge(void)
+{
+	if (saved_nr_huge >= 0)
+		write_long(NR_HUGE, saved_nr_huge);
+}
+
+Test(host, huge_pages_follow_the_pool, .fini = restore_nr_huge)
+{
+	/* As the pool is now. */
+	bool first = huge_arena_follows_pool();
+	/* Then the other case, where root may resize the pool: an empty pool
+	 * falls back, a pool with room gives hugetlb. */
+	long nr = read_long(NR_HUGE), free_pages = read_long(FREE_HUGE);
+	if (nr < 0 || free_pages < 0 || geteuid() != 0) {
+		cr_log_warn("hugetlb: only the %s case tested (cannot resize the pool)", first ? "hugetlb" : "fallback");
+		return;
+	}
+	saved_nr_huge = nr;
+	long want = first ? nr - free_pages : nr + 2 - free_pages;
+	if (want < 0 || !write_long(NR_HUGE, want)) {
+		cr_log_warn("hugetlb: only the %s case tested (%s not writable)", first ? "hugetlb" : "fallback", NR_HUGE);
+		return;
+	}
+	long now_free = read_long(FREE_HUGE);
+	if (!first && now_free < 2) {
+		cr_log_warn("hugetlb: the kernel found %ld of 2 huge pages (memory fragmented); fallback case only", now_free);
+		return;
+	}
+	bool second = huge_arena_follows_pool();
+	cr_assert_neq(first, second, "both cases tested");
+	cr_log_info("hugetlb: fallback and 2 MiB-page cases both tested");
 }
 
 Test(host, bad_configurations)
