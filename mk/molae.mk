@@ -4,7 +4,7 @@
 noinst_LIBRARIES += tools/libmolae.a
 tools_libmolae_a_SOURCES = tools/molae.c tools/molae.h
 tools_libmolae_a_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS) $(LAPACKE_CFLAGS)
-MOLAE_LINK = tools/libmolae.a $(CORE_LINK) $(LAPACKE_LIBS) $(OPENBLAS_LIBS)
+MOLAE_LINK = tools/libmolae.a $(KERNELS_LINK) $(LAPACKE_LIBS) $(OPENBLAS_LIBS)
 tools_moe_pack_LDADD += $(MOLAE_LINK)
 
 if HAVE_CRITERION

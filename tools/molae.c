@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "dtype.h"
+#include "latent.h"
 #include "pack.h"
 
 #if HAVE_LAPACKE
@@ -781,6 +782,84 @@ done:
 	return rc;
 }
 
+int molae_reconstruct(const char *in_path, const char *out_path, struct moe_error *err)
+{
+	struct pack_file *in = NULL;
+	struct pack_writer *w = NULL;
+	struct latent_basis *b = NULL;
+	struct latent_layout LL;
+	uint8_t *ext = NULL;
+	float *arow = NULL, *W = NULL;
+	int rc;
+
+	if ((rc = pack_open(in_path, PACK_OPEN_NO_DIRECT, &in, err)) < 0)
+		return rc;
+	if (!latent_parts_present(in->hdr->parts, in->hdr->n_parts)) {
+		rc = moe_error_set(err, -EINVAL, "molae: %s is not a MoLAE latent pack", in_path);
+		goto out;
+	}
+	const struct moe_model_config *mc = in->model;
+	if ((rc = latent_layout_init(&LL, mc, in->hdr->parts, in->hdr->n_parts, pack_extent_bytes(in), err)) < 0 ||
+	    (rc = latent_basis_load(in, &b, err)) < 0)
+		goto out;
+	const uint32_t n = LL.n, m = LL.m, r = LL.r;
+	ext = aligned_alloc(PACK_ALIGN, pack_extent_bytes(in));
+	arow = malloc(sizeof(float) * ((size_t)m * r + 1));
+	W = malloc(sizeof(float) * (size_t)m * n);
+	if (!ext || !arow || !W) {
+		rc = moe_error_set(err, -ENOMEM, "molae: out of memory (n %u, m %u)", n, m);
+		goto out;
+	}
+	/* gate and up f32 (the reconstruction), down as it is */
+	struct pack_part_desc parts[3] = {
+		{ .role = PACK_ROLE_GATE, .dtype = MOE_DTYPE_F32, .rows = m, .cols = n },
+		{ .role = PACK_ROLE_UP, .dtype = MOE_DTYPE_F32, .rows = m, .cols = n },
+		{ .role = PACK_ROLE_DOWN, .dtype = LL.down.dtype, .rows = n, .cols = m },
+	};
+	if ((rc = pack_writer_create(out_path, mc, parts, 3, "molae-dense", &w, err)) < 0)
+		goto out;
+	for (uint32_t l = 0; l < mc->n_moe_layers; l++)
+		for (uint32_t e = 0; e < mc->n_experts; e++) {
+			if ((rc = pack_read_expert(in, l, e, ext, err)) < 0 ||
+			    (rc = pack_writer_begin_expert(w, l, e, err)) < 0)
+				goto out;
+			const uint32_t g = (uint32_t)latent_basis_group(b, l, e);
+			for (int p = 0; p < 2; p++) {
+				const struct ffn_mat *A = p ? &LL.a_up : &LL.a_gate;
+				const float *B = latent_basis_b(b, l, g, p);
+				for (uint32_t i = 0; i < m; i++)
+					moe_dequantize_row(A->dtype, ext + A->offset + (size_t)i * A->row_bytes,
+							   arow + (size_t)i * r, r);
+				/* W = A B (m x n), single precision as the kernels compute */
+				cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)n, (int)r, 1.0f, arow,
+					    (int)r, B, (int)n, 0.0f, W, (int)n);
+				if ((rc = pack_writer_write(w, W, sizeof(float) * (size_t)m * n, err)) < 0)
+					goto out;
+			}
+			if ((rc = pack_writer_write(w, ext + LL.down.offset, LL.down.row_bytes * n, err)) < 0 ||
+			    (rc = pack_writer_end_expert(w, err)) < 0)
+				goto out;
+		}
+	for (uint64_t t = 0; t < in->hdr->n_tensors; t++) {
+		const uint32_t role = in->tensors[t].role;
+		if (role >= PACK_ROLE_LATENT_B_GATE && role <= PACK_ROLE_LATENT_REPORT)
+			continue;
+		if ((rc = copy_tensor(w, in, &in->tensors[t], err)) < 0)
+			goto out;
+	}
+	rc = pack_writer_finish(w, err);
+	w = NULL;
+out:
+	if (w)
+		pack_writer_abort(w);
+	latent_basis_free(b);
+	pack_close(in);
+	free(ext);
+	free(arow);
+	free(W);
+	return rc < 0 ? rc : 0;
+}
+
 #else /* !HAVE_LAPACKE */
 
 void molae_gram_add(double *G, const double *W, uint32_t m, uint32_t n)
@@ -815,13 +894,21 @@ int molae_convert(const char *in, const char *out, const struct molae_options *o
 	return moe_error_set(err, -ENOTSUP, "molae: moe-pack was built without LAPACKE/CBLAS (liblapacke-dev)");
 }
 
+int molae_reconstruct(const char *in, const char *out, struct moe_error *err)
+{
+	(void)in, (void)out;
+	return moe_error_set(err, -ENOTSUP, "molae: moe-pack was built without LAPACKE/CBLAS (liblapacke-dev)");
+}
+
 #endif
 
 static void molae_usage(FILE *f)
 {
 	fprintf(f, "usage: moe-pack molae --rank R [--group-size K | --groups auto] IN.moepack -o OUT.moepack\n"
 		   "                      [--dtype f32|f16|bf16|q8_0] [--calib STATES.f32] [--json] [-q]\n"
-		   "STATES.f32: raw little-endian f32 hidden states [MoE layers][T][hidden] (activation-aware)\n");
+		   "       moe-pack molae --reconstruct LATENT.moepack -o DENSE.moepack\n"
+		   "STATES.f32: raw little-endian f32 hidden states [MoE layers][T][hidden] (activation-aware)\n"
+		   "--reconstruct: the dense pack of the latent one (gate = A_gate B, up = A_up B in f32)\n");
 }
 
 int molae_main(int argc, char **argv)
@@ -831,12 +918,12 @@ int molae_main(int argc, char **argv)
 		{ "groups", required_argument, NULL, 'g' }, { "output", required_argument, NULL, 'o' },
 		{ "json", no_argument, NULL, 'j' },         { "quiet", no_argument, NULL, 'q' },
 		{ "help", no_argument, NULL, 'h' },         { "dtype", required_argument, NULL, 'd' },
-		{ "calib", required_argument, NULL, 'c' },
+		{ "calib", required_argument, NULL, 'c' },  { "reconstruct", no_argument, NULL, 'R' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct molae_options o = { .progress = true };
 	const char *out = NULL;
-	bool json = false, have_rank = false;
+	bool json = false, have_rank = false, reconstruct = false;
 	struct moe_error err = { "" };
 	int c;
 	char *end;
@@ -844,6 +931,7 @@ int molae_main(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "r:k:g:o:d:c:jqh", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'c': o.calib = optarg; break;
+		case 'R': reconstruct = true; break;
 		case 'd':
 			o.dtype = moe_dtype_parse(optarg);
 			if (o.dtype != MOE_DTYPE_F32 && o.dtype != MOE_DTYPE_F16 && o.dtype != MOE_DTYPE_BF16 &&
@@ -886,7 +974,16 @@ int molae_main(int argc, char **argv)
 		default: molae_usage(stderr); return 2;
 		}
 	}
-	if (optind + 1 != argc || !out || !have_rank) {
+	if (reconstruct && optind + 1 == argc && out && !have_rank) {
+		if (molae_reconstruct(argv[optind], out, &err) < 0) {
+			fprintf(stderr, "moe-pack: %s\n", err.msg);
+			return 1;
+		}
+		if (o.progress)
+			printf("wrote %s\n", out);
+		return 0;
+	}
+	if (optind + 1 != argc || !out || !have_rank || reconstruct) {
 		molae_usage(stderr);
 		return 2;
 	}

@@ -91,6 +91,10 @@ void molae_group_greedy(const double *S, uint32_t E, uint32_t n, uint32_t d, uin
 int molae_convert(const char *in, const char *out, const struct molae_options *o, struct molae_report **rep,
 		  struct moe_error *err);
 void molae_report_free(struct molae_report *r);
+/* The dense pack of a latent one: gate = A_gate B_g and up = A_up B_g in f32
+ * (single precision), down as it is, the resident tensors but the latent
+ * ones copied (to compare moe-run on a latent pack with its dense twin). */
+int molae_reconstruct(const char *in, const char *out, struct moe_error *err);
 json_t *molae_report_json(const struct molae_report *r);
 void molae_report_print(const struct molae_report *r, FILE *f);
 
