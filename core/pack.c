@@ -298,6 +298,65 @@ static int check_tensors(const struct pack_file *p, struct moe_error *err)
 	return rc;
 }
 
+static bool all_zero(const void *buf, size_t len)
+{
+	const unsigned char *b = buf;
+	for (size_t i = 0; i < len; i++)
+		if (b[i])
+			return false;
+	return true;
+}
+
+/* Version 1: parts[] is the one table and the version 2 fields are zero.
+ * Version 2: parts[] is empty, 2..PACK_MAX_LAYOUTS tables, each checked as
+ * the one table of version 1 is, and every MoE layer maps to one. *payload:
+ * the largest table's payload (what every extent holds). */
+static int check_layouts(const struct pack_header_disk *h, uint64_t *payload, struct moe_error *err)
+{
+	const struct moe_model_config *m = &h->model;
+	uint64_t pl;
+	int rc;
+
+	if (h->version == PACK_VERSION_UNIFORM) {
+		if (h->n_layouts || h->reserved1 || !all_zero(h->layouts, sizeof(h->layouts)) ||
+		    !all_zero(h->layer_layout, sizeof(h->layer_layout)))
+			return moe_error_set(err, -EINVAL, "version 1 header with per-layer layout fields that are not 0");
+		return check_parts(m, (struct pack_part_desc *)h->parts, h->n_parts, false, payload, err);
+	}
+	if (h->n_parts || !all_zero(h->parts, sizeof(h->parts)))
+		return moe_error_set(err, -EINVAL, "version 2 header with a version 1 part table (n_parts %u)", h->n_parts);
+	if (h->n_layouts < 2 || h->n_layouts > PACK_MAX_LAYOUTS || h->reserved1)
+		return moe_error_set(err, -EINVAL, "layout count %u out of range (2..%u)", h->n_layouts, PACK_MAX_LAYOUTS);
+	*payload = 0;
+	for (uint32_t i = 0; i < PACK_MAX_LAYOUTS; i++) {
+		const struct pack_layout_disk *L = &h->layouts[i];
+		if (i >= h->n_layouts) {
+			if (!all_zero(L, sizeof(*L)))
+				return moe_error_set(err, -EINVAL, "unused layout %u is not 0", i);
+			continue;
+		}
+		if (L->reserved)
+			return moe_error_set(err, -EINVAL, "layout %u: reserved field is not 0", i);
+		rc = check_parts(m, (struct pack_part_desc *)L->parts, L->n_parts, false, &pl, err);
+		if (rc < 0)
+			return moe_error_prefix(err, rc, "layout %u", i);
+		if (!all_zero(L->parts + L->n_parts, (PACK_MAX_PARTS - L->n_parts) * sizeof(L->parts[0])))
+			return moe_error_set(err, -EINVAL, "layout %u: unused part entries are not 0", i);
+		if (L->payload != pl)
+			return moe_error_set(err, -EINVAL, "layout %u: payload %" PRIu64 " bytes, but its parts add up to %" PRIu64,
+					     i, L->payload, pl);
+		*payload = MOE_MAX(*payload, pl);
+	}
+	for (uint32_t l = 0; l < PACK_MAX_LAYER_MAP; l++) {
+		if (l < m->n_moe_layers && h->layer_layout[l] >= h->n_layouts)
+			return moe_error_set(err, -EINVAL, "MoE layer %u: layout %u of %u", l, h->layer_layout[l], h->n_layouts);
+		if (l >= m->n_moe_layers && h->layer_layout[l])
+			return moe_error_set(err, -EINVAL, "layer map entry %u beyond the %u MoE layers is not 0", l,
+					     m->n_moe_layers);
+	}
+	return 0;
+}
+
 static int check_header(const struct pack_header_disk *h, uint64_t real_size, struct moe_error *err)
 {
 	struct pack_header_disk *c;
@@ -306,9 +365,9 @@ static int check_header(const struct pack_header_disk *h, uint64_t real_size, st
 
 	if (memcmp(h->magic, PACK_MAGIC, 8) != 0)
 		return moe_error_set(err, -EINVAL, "not a moepack file (bad magic)");
-	if (h->version != PACK_VERSION)
-		return moe_error_set(err, -EINVAL, "unsupported pack version %u (this build reads %u)", h->version,
-				     PACK_VERSION);
+	if (h->version != PACK_VERSION_UNIFORM && h->version != PACK_VERSION)
+		return moe_error_set(err, -EINVAL, "unsupported pack version %u (this build reads %u and %u)", h->version,
+				     PACK_VERSION_UNIFORM, PACK_VERSION);
 	if (h->header_size != PACK_HEADER_SIZE)
 		return moe_error_set(err, -EINVAL, "header size %u, expected %u", h->header_size, PACK_HEADER_SIZE);
 	/* CRC over a copy with header_crc = 0 */
@@ -332,7 +391,7 @@ static int check_header(const struct pack_header_disk *h, uint64_t real_size, st
 	rc = moe_model_validate(&h->model, err);
 	if (rc < 0)
 		return moe_error_prefix(err, rc, "model config");
-	rc = check_parts(&h->model, (struct pack_part_desc *)h->parts, h->n_parts, false, &payload, err);
+	rc = check_layouts(h, &payload, err);
 	if (rc < 0)
 		return rc;
 	if (h->extent_payload != payload)
@@ -422,6 +481,11 @@ static int open_validate(struct pack_file *p, unsigned flags, struct moe_error *
 	if (rc < 0)
 		return rc;
 	p->model = &h->model;
+	if (h->version == PACK_VERSION_UNIFORM) {
+		p->layout1.n_parts = h->n_parts;
+		p->layout1.payload = h->extent_payload;
+		memcpy(p->layout1.parts, h->parts, sizeof(h->parts));
+	}
 
 	index_bytes = h->index_count * sizeof(struct pack_index_entry);
 	p->index = malloc(index_bytes);
@@ -527,6 +591,24 @@ const struct pack_part_desc *pack_part(const struct pack_file *p, enum pack_role
 	return NULL;
 }
 
+const struct pack_layout_disk *pack_layer_layout(const struct pack_file *p, uint32_t l)
+{
+	if (l >= p->model->n_moe_layers)
+		return NULL;
+	if (p->hdr->version == PACK_VERSION_UNIFORM)
+		return &p->layout1;
+	return &p->hdr->layouts[p->hdr->layer_layout[l]];
+}
+
+const struct pack_part_desc *pack_layer_part(const struct pack_file *p, uint32_t l, enum pack_role role)
+{
+	const struct pack_layout_disk *L = pack_layer_layout(p, l);
+	for (uint32_t i = 0; L && i < L->n_parts; i++)
+		if (L->parts[i].role == (uint32_t)role)
+			return &L->parts[i];
+	return NULL;
+}
+
 static int expert_fail(const struct pack_file *p, int rc, uint32_t l, uint32_t e, struct moe_error *err,
 		       const char *fmt, ...) MOE_PRINTF(6, 7);
 static int expert_fail(const struct pack_file *p, int rc, uint32_t l, uint32_t e, struct moe_error *err,
@@ -580,10 +662,13 @@ int pack_read_expert(const struct pack_file *p, uint32_t l, uint32_t e, void *bu
 	rc = pack_check_expert(p, l, e, buf, err);
 	if (rc < 0)
 		return rc;
-	int64_t nz = first_nonzero((const char *)buf + x->length, p->hdr->extent_bytes - x->length);
+	/* after the layer's parts: zero (inside the payload when the layer's
+	 * layout is smaller than the largest, then the 4 KiB padding) */
+	uint64_t used = pack_layer_layout(p, l)->payload;
+	int64_t nz = first_nonzero((const char *)buf + used, p->hdr->extent_bytes - used);
 	if (nz >= 0)
 		return expert_fail(p, -EBADMSG, l, e, err, "nonzero padding byte at extent offset %" PRIu64,
-				   x->length + (uint64_t)nz);
+				   used + (uint64_t)nz);
 	return 0;
 }
 
@@ -658,10 +743,11 @@ static int verify_extent(const struct pack_file *p, const struct pack_index_entr
 	int rc = pack_check_expert(p, x->layer, x->expert, buf, err);
 	if (rc < 0)
 		return rc;
-	int64_t nz = first_nonzero(buf + x->length, p->hdr->extent_bytes - x->length);
+	uint64_t used = pack_layer_layout(p, x->layer)->payload;
+	int64_t nz = first_nonzero(buf + used, p->hdr->extent_bytes - used);
 	if (nz >= 0)
 		return expert_fail(p, -EBADMSG, x->layer, x->expert, err, "nonzero padding byte at extent offset %" PRIu64,
-				   x->length + (uint64_t)nz);
+				   used + (uint64_t)nz);
 	return 0;
 }
 
@@ -788,17 +874,54 @@ int pack_writer_create(const char *path, const struct moe_model_config *model,
 		       const struct pack_part_desc *parts, uint32_t n_parts, const char *source,
 		       struct pack_writer **out, struct moe_error *err)
 {
+	struct pack_layout_disk one;
+	uint8_t map[PACK_MAX_LAYER_MAP] = { 0 };
+	*out = NULL;
+	if (n_parts == 0 || n_parts > PACK_MAX_PARTS)
+		return moe_error_set(err, -EINVAL, "part count %u out of range (1..%u)", n_parts, PACK_MAX_PARTS);
+	memset(&one, 0, sizeof(one));
+	one.n_parts = n_parts;
+	memcpy(one.parts, parts, n_parts * sizeof(*parts));
+	return pack_writer_create_layers(path, model, &one, 1, map, source, out, err);
+}
+
+/* Layouts equal as far as the pack is concerned (parts and their shapes). */
+static bool same_layout(const struct pack_layout_disk *a, const struct pack_layout_disk *b)
+{
+	return a->n_parts == b->n_parts && memcmp(a->parts, b->parts, a->n_parts * sizeof(a->parts[0])) == 0;
+}
+
+int pack_writer_create_layers(const char *path, const struct moe_model_config *model,
+			      const struct pack_layout_disk *layouts, uint32_t n_layouts, const uint8_t *layer_layout,
+			      const char *source, struct pack_writer **out, struct moe_error *err)
+{
 	struct pack_writer *w;
 	struct pack_header_disk *h;
-	uint64_t payload, count, index_bytes, total;
+	uint64_t payload = 0, count, index_bytes, total;
+	bool uniform = true;
 	int rc;
 
 	*out = NULL;
 	rc = moe_model_validate(model, err);
 	if (rc < 0)
 		return moe_error_prefix(err, rc, "model config");
-	if (n_parts == 0 || n_parts > PACK_MAX_PARTS)
-		return moe_error_set(err, -EINVAL, "part count %u out of range (1..%u)", n_parts, PACK_MAX_PARTS);
+	if (n_layouts == 0 || n_layouts > PACK_MAX_LAYOUTS)
+		return moe_error_set(err, -EINVAL, "layout count %u out of range (1..%u)", n_layouts, PACK_MAX_LAYOUTS);
+	for (uint32_t l = 0; l < model->n_moe_layers; l++)
+		if (layer_layout[l] >= n_layouts)
+			return moe_error_set(err, -EINVAL, "MoE layer %u: layout %u of %u", l, layer_layout[l], n_layouts);
+	for (uint32_t i = 0; i < n_layouts; i++) {
+		if (layouts[i].n_parts == 0 || layouts[i].n_parts > PACK_MAX_PARTS)
+			return moe_error_set(err, -EINVAL, "layout %u: part count %u out of range (1..%u)", i,
+					     layouts[i].n_parts, PACK_MAX_PARTS);
+		/* offsets and bytes are the writer's: compare what the caller gave */
+		for (uint32_t k = 0; k < i; k++) {
+			struct pack_layout_disk a = layouts[i], b = layouts[k];
+			for (uint32_t j = 0; j < PACK_MAX_PARTS; j++)
+				a.parts[j].offset = a.parts[j].bytes = b.parts[j].offset = b.parts[j].bytes = 0;
+			uniform &= same_layout(&a, &b);
+		}
+	}
 	w = calloc(1, sizeof(*w));
 	if (!w || posix_memalign((void **)&w->hdr, PACK_ALIGN, PACK_HEADER_SIZE)) {
 		free(w);
@@ -808,14 +931,32 @@ int pack_writer_create(const char *path, const struct moe_model_config *model,
 	h = w->hdr;
 	memset(h, 0, PACK_HEADER_SIZE);
 	memcpy(h->magic, PACK_MAGIC, 8);
-	h->version = PACK_VERSION;
+	h->version = PACK_VERSION; /* PACK_VERSION_UNIFORM below when one table serves */
 	h->header_size = PACK_HEADER_SIZE;
 	h->model = *model;
-	h->n_parts = n_parts;
-	memcpy(h->parts, parts, n_parts * sizeof(*parts));
-	rc = check_parts(&h->model, h->parts, n_parts, true, &payload, err);
-	if (rc < 0)
-		goto fail;
+	if (uniform) {
+		/* one table serves every layer: version 1, readable by every build */
+		h->version = PACK_VERSION_UNIFORM;
+		h->n_parts = layouts[0].n_parts;
+		memcpy(h->parts, layouts[0].parts, h->n_parts * sizeof(h->parts[0]));
+		rc = check_parts(&h->model, h->parts, h->n_parts, true, &payload, err);
+		if (rc < 0)
+			goto fail;
+	} else {
+		h->n_layouts = n_layouts;
+		for (uint32_t i = 0; i < n_layouts; i++) {
+			struct pack_layout_disk *L = &h->layouts[i];
+			L->n_parts = layouts[i].n_parts;
+			memcpy(L->parts, layouts[i].parts, L->n_parts * sizeof(L->parts[0]));
+			rc = check_parts(&h->model, L->parts, L->n_parts, true, &L->payload, err);
+			if (rc < 0) {
+				moe_error_prefix(err, rc, "layout %u", i);
+				goto fail;
+			}
+			payload = MOE_MAX(payload, L->payload);
+		}
+		memcpy(h->layer_layout, layer_layout, model->n_moe_layers);
+	}
 	h->extent_payload = payload;
 	h->extent_bytes = MOE_ALIGN_UP(payload, (uint64_t)PACK_ALIGN);
 	snprintf(h->source, sizeof(h->source), "%s", source ? source : "");
@@ -880,7 +1021,10 @@ int pack_writer_begin_expert(struct pack_writer *w, uint32_t l, uint32_t e, stru
 	w->state = W_EXPERT;
 	w->cur_index = i;
 	w->cur_off = w->extents_offset + i * w->hdr->extent_bytes;
-	w->cur_len = w->hdr->extent_payload;
+	/* the caller writes the layer's parts; end_expert adds the zeros up to
+	 * extent_payload */
+	w->cur_len = w->hdr->version == PACK_VERSION_UNIFORM ? w->hdr->extent_payload
+							     : w->hdr->layouts[w->hdr->layer_layout[l]].payload;
 	w->cur_done = 0;
 	w->cur_crc = 0;
 	return 0;
@@ -911,8 +1055,15 @@ int pack_writer_end_expert(struct pack_writer *w, struct moe_error *err)
 		return writer_fail(w, moe_error_set(err, -EINVAL, "layer %u expert %u: got %" PRIu64 " of %" PRIu64 " bytes",
 						    (uint32_t)(w->cur_index / ne), (uint32_t)(w->cur_index % ne),
 						    w->cur_done, w->cur_len));
+	/* the file is sparse: the zeros are a hole, but they count in the CRC */
+	static const unsigned char zeros[4096];
+	for (uint64_t left = w->hdr->extent_payload - w->cur_len; left;) {
+		size_t n = (size_t)MOE_MIN(left, (uint64_t)sizeof(zeros));
+		w->cur_crc = crc32c_update(w->cur_crc, zeros, n);
+		left -= n;
+	}
 	x->offset = w->cur_off;
-	x->length = w->cur_len;
+	x->length = w->hdr->extent_payload;
 	x->crc32c = w->cur_crc;
 	x->layer = (uint32_t)(w->cur_index / ne);
 	x->expert = (uint32_t)(w->cur_index % ne);

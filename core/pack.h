@@ -2,7 +2,8 @@
  *
  * Layout (all integers little-endian, every region 4 KiB aligned):
  *
- *   [0, 4096)           struct pack_header_disk
+ *   [0, 4096)           struct pack_header_disk (version 2 also holds the
+ *                       per-layer expert layouts and the layer -> layout map)
  *   index_offset        struct pack_index_entry[n_moe_layers * n_experts]
  *                       (entry for MoE layer l, expert e at l * n_experts + e)
  *   extents             one per expert: parts back to back as described by
@@ -33,7 +34,16 @@
 #include "util.h"
 
 #define PACK_MAGIC "MOEPACK\x01"
-#define PACK_VERSION 1
+/* Version 1: one part table (parts[]) for every MoE layer. Version 2: the
+ * layers' experts differ (llama.cpp's Q*_K_M files give ffn_down more bits in
+ * some layers): up to PACK_MAX_LAYOUTS part tables (layouts[]) and a map from
+ * MoE layer to table; parts[] is unused (n_parts 0), so that readers of the
+ * one table refuse the file instead of misreading it. The writer makes
+ * version 1 whenever one table serves every layer. */
+#define PACK_VERSION 2
+#define PACK_VERSION_UNIFORM 1
+#define PACK_MAX_LAYOUTS 8
+#define PACK_MAX_LAYER_MAP 1024 /* MoE layers (moe_model_validate: n_layers <= 1024) */
 #define PACK_ALIGN 4096u
 #define PACK_HEADER_SIZE 4096u
 #define PACK_MAX_PARTS 8
@@ -87,6 +97,19 @@ struct pack_part_desc {
 };
 _Static_assert(sizeof(struct pack_part_desc) == 32, "part layout");
 
+/* The parts of one kind of expert extent (version 2: one per distinct
+ * layer layout). A layer whose payload is smaller than the pack's
+ * extent_payload has zero bytes from payload to extent_payload (covered by
+ * the extent's CRC), so that every extent has the same length and read
+ * size whatever its layer. */
+struct pack_layout_disk {
+	uint32_t n_parts;  /* 1..PACK_MAX_PARTS */
+	uint32_t reserved; /* 0 */
+	uint64_t payload;  /* sum of the parts' bytes */
+	struct pack_part_desc parts[PACK_MAX_PARTS];
+};
+_Static_assert(sizeof(struct pack_layout_disk) == 272, "layout layout");
+
 struct pack_header_disk {
 	char magic[8];                 /* PACK_MAGIC */
 	uint32_t version;              /* PACK_VERSION */
@@ -97,7 +120,7 @@ struct pack_header_disk {
 	uint32_t n_parts;
 	uint32_t reserved0;
 	struct pack_part_desc parts[PACK_MAX_PARTS];
-	uint64_t extent_payload;       /* sum of part bytes */
+	uint64_t extent_payload;       /* sum of part bytes (v2: the largest layout's) */
 	uint64_t extent_bytes;         /* payload rounded up to PACK_ALIGN: the read size */
 	uint64_t index_offset;
 	uint64_t index_count;          /* n_moe_layers * n_experts */
@@ -109,8 +132,14 @@ struct pack_header_disk {
 	uint64_t n_tensors;
 	uint64_t file_size;            /* expected total length */
 	char source[64];               /* "safetensors", "gguf", ... (informational) */
+	/* version 2 only (version 1: zero) */
+	uint32_t n_layouts;            /* 2..PACK_MAX_LAYOUTS */
+	uint32_t reserved1;            /* 0 */
+	struct pack_layout_disk layouts[PACK_MAX_LAYOUTS]; /* unused entries zero */
+	uint8_t layer_layout[PACK_MAX_LAYER_MAP]; /* MoE layer l: layouts[layer_layout[l]]; beyond n_moe_layers 0 */
 	uint8_t pad[];                 /* to PACK_HEADER_SIZE, zero */
 };
+_Static_assert(sizeof(struct pack_header_disk) <= PACK_HEADER_SIZE, "header fits");
 
 struct pack_index_entry {
 	uint64_t offset;  /* file offset of the extent, multiple of PACK_ALIGN */
@@ -148,6 +177,7 @@ struct pack_file {
 	const struct moe_model_config *model; /* == &hdr->model */
 	struct pack_index_entry *index;       /* [index_count], validated */
 	struct pack_tensor_entry *tensors;    /* [n_tensors], validated */
+	struct pack_layout_disk layout1;      /* version 1: its parts as the one layout */
 };
 
 enum pack_open_flags {
@@ -164,8 +194,16 @@ void pack_close(struct pack_file *p);
 const struct pack_index_entry *pack_expert(const struct pack_file *p, uint32_t l, uint32_t e);
 /* Bytes to read for one expert (a multiple of PACK_ALIGN). */
 static inline uint64_t pack_extent_bytes(const struct pack_file *p) { return p->hdr->extent_bytes; }
-/* The part of the given role, or NULL. */
+/* The part of the given role in the one part table of a version 1 pack, or
+ * NULL (also for every role of a version 2 pack: use pack_layer_part). */
 const struct pack_part_desc *pack_part(const struct pack_file *p, enum pack_role role);
+/* The layout of MoE layer l's experts (version 1: the one table), or NULL
+ * when l is out of range. layout->payload <= pack's extent_payload. */
+const struct pack_layout_disk *pack_layer_layout(const struct pack_file *p, uint32_t l);
+/* The part of the given role in MoE layer l's layout, or NULL. */
+const struct pack_part_desc *pack_layer_part(const struct pack_file *p, uint32_t l, enum pack_role role);
+/* Whether every MoE layer has the same layout (version 1). */
+static inline bool pack_uniform(const struct pack_file *p) { return p->hdr->version == PACK_VERSION_UNIFORM; }
 /* "gate", "up", "down", "gate_up", ..., "router", "shared_gate", ... or "unknown". */
 const char *pack_role_name(enum pack_role r);
 
@@ -210,6 +248,15 @@ struct pack_writer;
 int pack_writer_create(const char *path, const struct moe_model_config *model,
 		       const struct pack_part_desc *parts, uint32_t n_parts, const char *source,
 		       struct pack_writer **out, struct moe_error *err);
+/* The same for experts whose parts differ between layers: n_layouts tables
+ * (parts and n_parts filled; offsets, bytes and payload are computed) and
+ * layer_layout[n_moe_layers] naming each MoE layer's table. One table (or
+ * tables all equal) makes a version 1 pack, else version 2. An expert of
+ * layer l is written as its layout's parts; end_expert zero-fills it to the
+ * largest layout's payload. */
+int pack_writer_create_layers(const char *path, const struct moe_model_config *model,
+			      const struct pack_layout_disk *layouts, uint32_t n_layouts, const uint8_t *layer_layout,
+			      const char *source, struct pack_writer **out, struct moe_error *err);
 /* Streams one expert: begin, then write its parts in parts[] order in any
  * number of chunks, then end. Never buffers more than one chunk. */
 int pack_writer_begin_expert(struct pack_writer *w, uint32_t l, uint32_t e, struct moe_error *err);

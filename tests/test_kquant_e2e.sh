@@ -4,7 +4,7 @@
 # matrix takes 256-element super-blocks) is quantized by llama.cpp's
 # llama_model_quantize (tests/llama-quantize) as Q4_K_M: attention, gate and
 # up in q4_K, output and blk.2.attn_v in q6_K, and (to get one type per
-# expert tensor, see below) ffn_down_exps in q6_K and the embedding in q8_0;
+# expert tensor) ffn_down_exps in q6_K and the embedding in q8_0;
 # then written as 3 split parts in llama.cpp's gguf-split layout
 # (tests/gguf-split). Checks:
 #  - llama.cpp loads the split parts and gives the unsplit file's logits
@@ -29,9 +29,8 @@
 #    without the median;
 #  - through moetierd (a host arena of 8 of the 48 extents: misses,
 #    evictions, loads of mixed-type extents) moe-run gives the --local bits;
-#  - the plain Q4_K_M file (ffn_down q6_K in layer 2 only) is refused up
-#    front with a message saying why: a pack has one part layout for all
-#    layers.
+#  - (the plain Q4_K_M file, ffn_down q6_K in layer 2 only, is
+#    tests/test_kquant_layers.sh's: a version 2 pack).
 # Skips (77) without the llama.cpp peer (tests/llama-quantize and
 # tests/llama-oracle not built) or without numpy in Debian's python3.
 set -eu
@@ -161,16 +160,4 @@ kill -TERM "$pid"
 wait "$pid" || true
 pid=
 
-# plain Q4_K_M: ffn_down is q6_K in some layers only -> refused up front
-"$B/tests/llama-quantize" "$tmp/f/model.gguf" "$tmp/qm.gguf" Q4_K_M 2>/dev/null
-if "$B/tools/moe-pack" convert "$tmp/qm.gguf" -o "$tmp/qm.moepack" -q 2>"$tmp/qm.log"; then
-	echo "test_kquant_e2e: a pack was made of a file mixing expert types across layers" >&2
-	fail=1
-elif ! grep -q "mixes expert types across layers" "$tmp/qm.log" || [ -e "$tmp/qm.moepack" ]; then
-	echo "test_kquant_e2e: unclear refusal of a plain Q4_K_M file:" >&2
-	cat "$tmp/qm.log" >&2
-	fail=1
-else
-	echo "plain Q4_K_M (ffn_down q6_K in some layers) refused: $(cat "$tmp/qm.log")"
-fi
 exit $fail

@@ -395,7 +395,7 @@ static void hostile(mutator fn, const char *want)
 }
 
 static void m_magic(unsigned char *b, size_t *len) { b[0] = 'X'; fix_crcs(b, *len, false, false); }
-static void m_version(unsigned char *b, size_t *len) { H(b)->version = 2; fix_crcs(b, *len, false, false); }
+static void m_version(unsigned char *b, size_t *len) { H(b)->version = 3; fix_crcs(b, *len, false, false); }
 static void m_header_size(unsigned char *b, size_t *len) { H(b)->header_size = 512; fix_crcs(b, *len, false, false); }
 static void m_header_crc(unsigned char *b, size_t *len) { (void)len; H(b)->model.name[3] ^= 1; }
 static void m_header_pad_crc(unsigned char *b, size_t *len) { (void)len; b[4000] = 1; }
@@ -451,7 +451,7 @@ static void m_file_size(unsigned char *b, size_t *len) { H(b)->file_size += 1; f
 Test(pack, hostile_header)
 {
 	hostile(m_magic, "bad magic");
-	hostile(m_version, "unsupported pack version 2");
+	hostile(m_version, "unsupported pack version 3");
 	hostile(m_header_size, "header size 512");
 	hostile(m_header_crc, "header checksum mismatch");
 	hostile(m_header_pad_crc, "header checksum mismatch");
@@ -638,4 +638,191 @@ Test(pack, many_flips_each_reported)
 	cr_assert(strstr(r.msg[0], "layer 0 (model layer 1) expert 0"), "%s", r.msg[0]);
 	cr_assert(strstr(r.msg[1], "layer 1 (model layer 2) expert 3"), "%s", r.msg[1]);
 	pack_close(p);
+}
+
+/* ---- version 2: per-layer layouts ---------------------------------------
+ * MoE layer 0: gate, up, down f32 (18432 bytes); layer 1: down in bf16
+ * (15360 bytes), so its extents end in 3072 zero bytes inside the payload. */
+#define PAYLOAD1 (2u * N_W * N_HID * 4u + N_HID * N_W * 2u)
+
+static int create_layered(const char *p, bool same, struct pack_writer **w, struct moe_error *err)
+{
+	struct moe_model_config m;
+	struct pack_layout_disk lay[2];
+	uint8_t map[N_MOE] = { 0, 1 };
+
+	test_model(&m);
+	memset(lay, 0, sizeof(lay));
+	lay[0].n_parts = lay[1].n_parts = test_parts(lay[0].parts);
+	memcpy(lay[1].parts, lay[0].parts, sizeof(lay[0].parts));
+	if (!same)
+		lay[1].parts[2].dtype = MOE_DTYPE_BF16;
+	return pack_writer_create_layers(p, &m, lay, 2, map, "test", w, err);
+}
+
+static void write_layered_pack(const char *p, bool same)
+{
+	struct pack_writer *w;
+	struct moe_error err = { "" };
+	unsigned char buf[PAYLOAD];
+
+	cr_assert_eq(create_layered(p, same, &w, &err), 0, "%s", err.msg);
+	for (uint32_t l = 0; l < N_MOE; l++)
+		for (uint32_t e = 0; e < N_EXP; e++) {
+			fill_expert(l, e, buf);
+			cr_assert_eq(pack_writer_begin_expert(w, l, e, &err), 0, "%s", err.msg);
+			cr_assert_eq(pack_writer_write(w, buf, l && !same ? PAYLOAD1 : PAYLOAD, &err), 0, "%s", err.msg);
+			cr_assert_eq(pack_writer_end_expert(w, &err), 0, "%s", err.msg);
+		}
+	cr_assert_eq(pack_writer_finish(w, &err), 0, "%s", err.msg);
+}
+
+Test(pack, layered_round_trip)
+{
+	char p2[4200];
+	struct pack_file *p;
+	struct moe_error err = { "" };
+	unsigned char *buf = aligned_alloc(PACK_ALIGN, 20480), want[PAYLOAD];
+
+	snprintf(p2, sizeof(p2), "%s/layered.moepack", tmpdir);
+	write_layered_pack(p2, false);
+	cr_assert_eq(pack_open(p2, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_eq(p->hdr->version, 2);
+	cr_assert(!pack_uniform(p));
+	cr_assert_eq(p->hdr->n_parts, 0);
+	cr_assert_null(pack_part(p, PACK_ROLE_DOWN), "version 2 has no one part table");
+	cr_assert_eq(p->hdr->extent_payload, PAYLOAD, "every extent holds the largest layout");
+	cr_assert_eq(pack_extent_bytes(p), 20480u);
+	cr_assert_eq(pack_layer_layout(p, 0)->payload, PAYLOAD);
+	cr_assert_eq(pack_layer_layout(p, 1)->payload, PAYLOAD1);
+	cr_assert_null(pack_layer_layout(p, N_MOE));
+	cr_assert_eq(pack_layer_part(p, 0, PACK_ROLE_DOWN)->dtype, MOE_DTYPE_F32);
+	cr_assert_eq(pack_layer_part(p, 1, PACK_ROLE_DOWN)->dtype, MOE_DTYPE_BF16);
+	cr_assert_eq(pack_layer_part(p, 1, PACK_ROLE_DOWN)->offset, 2u * N_W * N_HID * 4u);
+	cr_assert_eq(pack_layer_part(p, 1, PACK_ROLE_DOWN)->bytes, N_HID * N_W * 2u);
+	for (uint32_t l = 0; l < N_MOE; l++)
+		for (uint32_t e = 0; e < N_EXP; e++) {
+			uint32_t n = l ? PAYLOAD1 : PAYLOAD;
+			memset(buf, 0xAA, 20480);
+			cr_assert_eq(pack_read_expert(p, l, e, buf, &err), 0, "%s", err.msg);
+			fill_expert(l, e, want);
+			cr_assert_eq(memcmp(buf, want, n), 0, "layer %u expert %u", l, e);
+			for (uint32_t i = n; i < 20480; i++)
+				cr_assert_eq(buf[i], 0, "layer %u expert %u byte %u after the layer's parts", l, e, i);
+			cr_assert_eq(p->index[l * N_EXP + e].length, PAYLOAD);
+		}
+	cr_assert_eq(pack_verify(p, NULL, NULL, &err), 0, "%s", err.msg);
+	pack_close(p);
+
+	/* the same layout twice is one table: version 1 */
+	write_layered_pack(p2, true);
+	cr_assert_eq(pack_open(p2, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_eq(p->hdr->version, 1);
+	cr_assert(pack_uniform(p));
+	cr_assert_eq(p->hdr->n_parts, 3);
+	cr_assert_eq(pack_layer_layout(p, 1)->payload, PAYLOAD);
+	cr_assert_eq(memcmp(pack_layer_part(p, 1, PACK_ROLE_DOWN), pack_part(p, PACK_ROLE_DOWN),
+			    sizeof(struct pack_part_desc)), 0);
+	pack_close(p);
+	free(buf);
+}
+
+Test(pack, layered_writer_misuse)
+{
+	char p2[4200];
+	struct pack_writer *w;
+	struct moe_error err = { "" };
+	unsigned char buf[PAYLOAD] = { 0 };
+	struct moe_model_config m;
+	struct pack_layout_disk lay[1];
+	uint8_t map[N_MOE] = { 0, 1 };
+
+	snprintf(p2, sizeof(p2), "%s/misuse.moepack", tmpdir);
+	/* layer 1's layout is smaller: one byte more than it holds is refused */
+	cr_assert_eq(create_layered(p2, false, &w, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_writer_begin_expert(w, 1, 0, &err), 0, "%s", err.msg);
+	cr_assert_lt(pack_writer_write(w, buf, PAYLOAD1 + 1, &err), 0);
+	cr_assert(strstr(err.msg, "more than"), "%s", err.msg);
+	pack_writer_abort(w);
+	/* a layer naming a layout that does not exist */
+	test_model(&m);
+	memset(lay, 0, sizeof(lay));
+	lay[0].n_parts = test_parts(lay[0].parts);
+	cr_assert_lt(pack_writer_create_layers(p2, &m, lay, 1, map, "test", &w, &err), 0);
+	cr_assert(strstr(err.msg, "MoE layer 1: layout 1 of 1"), "%s", err.msg);
+	cr_assert_eq(access(p2, F_OK), -1, "nothing written");
+}
+
+/* A version 2 copy of the hostile-file machinery. */
+static char lpath[4200];
+static unsigned char *load_layered(size_t *len)
+{
+	snprintf(lpath, sizeof(lpath), "%s/layered.moepack", tmpdir);
+	write_layered_pack(lpath, false);
+	unsigned char *b = (unsigned char *)tu_read_file(lpath, len);
+	cr_assert_not_null(b);
+	return b;
+}
+
+static void hostile_layered(mutator fn, const char *want)
+{
+	size_t len;
+	unsigned char *b = load_layered(&len);
+	fn(b, &len);
+	expect_open_error(b, len, want);
+	free(b);
+}
+
+static void l_n_layouts(unsigned char *b, size_t *len) { H(b)->n_layouts = 9; fix_crcs(b, *len, false, false); }
+static void l_one_layout(unsigned char *b, size_t *len) { H(b)->n_layouts = 1; fix_crcs(b, *len, false, false); }
+static void l_map(unsigned char *b, size_t *len) { H(b)->layer_layout[1] = 2; fix_crcs(b, *len, false, false); }
+static void l_map_tail(unsigned char *b, size_t *len) { H(b)->layer_layout[N_MOE] = 1; fix_crcs(b, *len, false, false); }
+static void l_payload(unsigned char *b, size_t *len) { H(b)->layouts[1].payload += 2; fix_crcs(b, *len, false, false); }
+static void l_part_dtype(unsigned char *b, size_t *len) { H(b)->layouts[1].parts[2].dtype = MOE_DTYPE_F32; fix_crcs(b, *len, false, false); }
+static void l_v1_parts(unsigned char *b, size_t *len) { H(b)->n_parts = 3; fix_crcs(b, *len, false, false); }
+static void l_unused(unsigned char *b, size_t *len) { H(b)->layouts[5].n_parts = 1; fix_crcs(b, *len, false, false); }
+static void l_max(unsigned char *b, size_t *len) { H(b)->extent_payload = PAYLOAD1; fix_crcs(b, *len, false, false); }
+static void l_as_v1(unsigned char *b, size_t *len) { H(b)->version = 1; fix_crcs(b, *len, false, false); }
+
+Test(pack, hostile_layered)
+{
+	hostile_layered(l_n_layouts, "layout count 9 out of range");
+	hostile_layered(l_one_layout, "layout count 1 out of range");
+	hostile_layered(l_map, "MoE layer 1: layout 2 of 2");
+	hostile_layered(l_map_tail, "beyond the 2 MoE layers");
+	hostile_layered(l_payload, "layout 1: payload");
+	hostile_layered(l_part_dtype, "layout 1: part 2 (down): 3072 bytes");
+	hostile_layered(l_v1_parts, "version 2 header with a version 1 part table");
+	hostile_layered(l_unused, "unused layout 5");
+	hostile_layered(l_max, "extent payload 15360 bytes, but the parts add up to 18432");
+	hostile_layered(l_as_v1, "version 1 header with per-layer layout fields");
+}
+
+Test(pack, layered_tail_flip_found_by_verify)
+{
+	size_t len;
+	unsigned char *b = load_layered(&len);
+	struct pack_file *p;
+	struct moe_error err = { "" };
+	/* a byte of layer 1 expert 2's zero tail (inside the CRC'd payload) */
+	uint64_t off = IX(b)[N_EXP + 2].offset + PAYLOAD1 + 100;
+	b[off] = 1;
+	cr_assert_eq(tu_write_file(lpath, b, len), 0);
+	cr_assert_eq(pack_open(lpath, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_verify(p, NULL, NULL, &err), 1);
+	unsigned char *x = aligned_alloc(PACK_ALIGN, 20480);
+	cr_assert_eq(pack_read_expert(p, 1, 2, x, &err), -EBADMSG);
+	cr_assert(strstr(err.msg, "layer 1 (model layer 2) expert 2"), "%s", err.msg);
+	/* with the CRC fixed, the zero check still finds it */
+	IX(b)[N_EXP + 2].crc32c = crc32c(b + IX(b)[N_EXP + 2].offset, PAYLOAD);
+	fix_crcs(b, len, true, false);
+	pack_close(p);
+	cr_assert_eq(tu_write_file(lpath, b, len), 0);
+	cr_assert_eq(pack_open(lpath, 0, &p, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_read_expert(p, 1, 2, x, &err), -EBADMSG);
+	cr_assert(strstr(err.msg, "nonzero padding byte at extent offset 15460"), "%s", err.msg);
+	cr_assert_eq(pack_verify(p, NULL, NULL, &err), 1);
+	pack_close(p);
+	free(x);
+	free(b);
 }

@@ -78,8 +78,13 @@ struct convert_source {
 	struct gguf_file *gg;
 	enum expert_layout layout;
 	struct moe_model_config model;
-	struct pack_part_desc parts[PACK_MAX_PARTS];
+	struct pack_part_desc parts[PACK_MAX_PARTS]; /* MoE layer 0's */
 	uint32_t n_parts;
+	/* the distinct part layouts of the MoE layers (llama.cpp's Q*_K_M give
+	 * ffn_down more bits in some layers) and each layer's */
+	struct pack_layout_disk layouts[PACK_MAX_LAYOUTS];
+	uint32_t n_layouts;
+	uint8_t layer_layout[PACK_MAX_LAYER_MAP];
 	struct resident *res;
 	uint32_t n_res, cap_res;
 	bool progress;
@@ -2266,25 +2271,40 @@ int convert_open(const char *src, const struct convert_options *opt, struct conv
 		moe_error_prefix(err, rc, "model config");
 		goto fail;
 	}
-	/* One part layout serves every layer. llama.cpp's *_K_M / *_K_S files
-	 * give ffn_down (and attn_v) more bits in some layers only: say so now,
-	 * before any byte is written, rather than at that layer. */
-	for (uint32_t l = 1; l < s->model.n_moe_layers; l++) {
-		uint32_t n2 = 0;
+	/* Each layer's part layout, from its expert 0 (every expert of a layer
+	 * must match it: write_expert). llama.cpp's *_K_M / *_K_S files give
+	 * ffn_down more bits in some layers only: those layers get a layout of
+	 * their own (a version 2 pack). Before any byte is written. */
+	if (s->model.n_moe_layers > PACK_MAX_LAYER_MAP) {
+		rc = moe_error_set(err, -ENOTSUP, "%u MoE layers: a pack holds at most %u", s->model.n_moe_layers,
+				   PACK_MAX_LAYER_MAP);
+		goto fail;
+	}
+	for (uint32_t l = 0; l < s->model.n_moe_layers; l++) {
+		struct pack_layout_disk L;
+		uint32_t n2 = 0, k;
 		if ((rc = expert_recipes(s, l, 0, r, &n2, err)) < 0)
 			goto fail;
-		for (uint32_t i = 0; i < n2 && n2 == n; i++)
-			if (r[i].part.dtype != s->parts[i].dtype && r[i].part.role == s->parts[i].role &&
-			    r[i].part.rows == s->parts[i].rows && r[i].part.cols == s->parts[i].cols) {
+		memset(&L, 0, sizeof(L));
+		L.n_parts = n2;
+		for (uint32_t i = 0; i < n2; i++) {
+			L.parts[i] = r[i].part;
+			L.payload += r[i].part.bytes;
+		}
+		for (k = 0; k < s->n_layouts; k++)
+			if (memcmp(&s->layouts[k], &L, sizeof(L)) == 0)
+				break;
+		if (k == s->n_layouts) {
+			if (k == PACK_MAX_LAYOUTS) {
 				rc = moe_error_set(err, -ENOTSUP,
-						   "%s is %s but layer 0's %s is %s: the file mixes expert types across "
-						   "layers (as llama.cpp's Q*_K_M and Q*_K_S do for ffn_down), and a pack "
-						   "has one part layout for all layers; quantize with one type per expert "
-						   "tensor (llama-quantize --tensor-type ffn_down_exps=q6_k, say)",
-						   r[i].a.name, moe_dtype_name(r[i].part.dtype), pack_role_name(r[i].part.role),
-						   moe_dtype_name(s->parts[i].dtype));
+						   "layer %u (model layer %u): its experts' types (%s ...) make a %uth "
+						   "expert layout; a pack holds at most %u",
+						   l, moe_model_layer_of(&s->model, l), r[0].a.name, k + 1, PACK_MAX_LAYOUTS);
 				goto fail;
 			}
+			s->layouts[s->n_layouts++] = L;
+		}
+		s->layer_layout[l] = (uint8_t)k;
 	}
 	*out = s;
 	return 0;
@@ -2327,6 +2347,14 @@ uint32_t convert_parts(const struct convert_source *s, const struct pack_part_de
 	return s->n_parts;
 }
 
+uint32_t convert_layouts(const struct convert_source *s, const struct pack_layout_disk **layouts,
+			 const uint8_t **layer_layout)
+{
+	*layouts = s->layouts;
+	*layer_layout = s->layer_layout;
+	return s->n_layouts;
+}
+
 uint32_t convert_n_resident(const struct convert_source *s)
 {
 	return s->n_res;
@@ -2340,12 +2368,13 @@ static int write_expert(struct convert_source *s, struct pack_writer *w, uint32_
 	int rc = expert_recipes(s, l, e, r, &n, err);
 	if (rc < 0)
 		return rc;
+	const struct pack_layout_disk *L = &s->layouts[s->layer_layout[l]];
 	for (uint32_t i = 0; i < n; i++) {
-		const struct pack_part_desc *want = &s->parts[i], *have = &r[i].part;
-		if (n != s->n_parts || have->role != want->role || have->dtype != want->dtype || have->rows != want->rows ||
+		const struct pack_part_desc *want = &L->parts[i], *have = &r[i].part;
+		if (n != L->n_parts || have->role != want->role || have->dtype != want->dtype || have->rows != want->rows ||
 		    have->cols != want->cols)
-			return moe_error_set(err, -ENOTSUP, "%s is %s [%u x %u], but layer 0 expert 0 has %s [%u x %u]; "
-					     "every expert must have the same layout",
+			return moe_error_set(err, -ENOTSUP, "%s is %s [%u x %u], but the layer's expert 0 has %s [%u x %u]; "
+					     "the experts of a layer must have the same layout",
 					     r[i].a.name, moe_dtype_name(have->dtype), have->rows, have->cols,
 					     moe_dtype_name(want->dtype), want->rows, want->cols);
 	}
@@ -2370,7 +2399,7 @@ int convert_write(struct convert_source *s, const char *out, struct convert_stat
 	struct convert_stats st = { 0 };
 	int rc;
 
-	rc = pack_writer_create(out, m, s->parts, s->n_parts, convert_source_kind(s), &w, err);
+	rc = pack_writer_create_layers(out, m, s->layouts, s->n_layouts, s->layer_layout, convert_source_kind(s), &w, err);
 	if (rc < 0)
 		return rc;
 	for (uint32_t l = 0; l < m->n_moe_layers && rc == 0; l++) {

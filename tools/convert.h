@@ -52,8 +52,14 @@ void convert_close(struct convert_source *s);
 /* "safetensors" or "gguf". */
 const char *convert_source_kind(const struct convert_source *s);
 const struct moe_model_config *convert_model(const struct convert_source *s);
-/* The extent layout (offsets and sizes filled in). Returns the part count. */
+/* The extent layout of MoE layer 0 (offsets and sizes filled in). Returns
+ * the part count. */
 uint32_t convert_parts(const struct convert_source *s, const struct pack_part_desc **parts);
+/* The distinct layouts of the MoE layers (parts' offsets not filled in) and
+ * each MoE layer's index into them. Returns the layout count (1 when every
+ * layer's experts are alike: a version 1 pack). */
+uint32_t convert_layouts(const struct convert_source *s, const struct pack_layout_disk **layouts,
+			 const uint8_t **layer_layout);
 /* Resident tensors that will be written. */
 uint32_t convert_n_resident(const struct convert_source *s);
 

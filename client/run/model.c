@@ -1,5 +1,6 @@
 /* model.c - see model.h. */
 #include "model.h"
+#include "experts.h" /* EXPERTS_LAYOUT_PER_LAYER: whether experts.c takes model_layout() */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -243,13 +244,38 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 	m->rp.routed_scaling_factor = 1.0f;
 	if ((rc = route_params_check(&m->rp, err)))
 		goto fail;
-	if ((rc = ffn_layout_init(&m->layout, m->cfg, m->pack->hdr->parts, m->pack->hdr->n_parts,
-				  m->pack->hdr->extent_bytes, err)))
-		goto fail;
-	if (m->layout.kind != MOE_FFN_SWIGLU) {
-		rc = moe_error_set(err, -ENOTSUP, "expert FFN kind %u: moe-run runs SwiGLU experts", m->layout.kind);
+	/* Each MoE layer's expert layout (a version 2 pack's layers differ:
+	 * llama.cpp's Q*_K_M give ffn_down more bits in some layers). */
+	if (!(m->layouts = calloc(m->cfg->n_moe_layers, sizeof(*m->layouts)))) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
+	for (uint32_t l = 0; l < m->cfg->n_moe_layers; l++) {
+		const struct pack_layout_disk *pl = pack_layer_layout(m->pack, l);
+		if ((rc = ffn_layout_init(&m->layouts[l], m->cfg, pl->parts, pl->n_parts, m->pack->hdr->extent_bytes,
+					  err))) {
+			moe_error_prefix(err, rc, "MoE layer %u", l);
+			goto fail;
+		}
+		if (m->layouts[l].kind != MOE_FFN_SWIGLU) {
+			rc = moe_error_set(err, -ENOTSUP, "expert FFN kind %u: moe-run runs SwiGLU experts",
+					   m->layouts[l].kind);
+			goto fail;
+		}
+		if (memcmp(&m->layouts[l], &m->layouts[0], sizeof(m->layouts[0])) != 0)
+			m->mixed_layouts = true;
+	}
+	m->layout = m->layouts[0];
+#ifndef EXPERTS_LAYOUT_PER_LAYER
+	/* experts.c computes every layer with m->layout until it takes
+	 * model_layout(m, moe_l): refuse rather than compute wrong */
+	if (m->mixed_layouts) {
+		rc = moe_error_set(err, -ENOTSUP,
+				   "the pack's expert types differ between layers (a version 2 pack), and this moe-run "
+				   "computes every layer with layer 0's layout");
+		goto fail;
+	}
+#endif
 
 	if ((rc = load(m, "token_embd.weight", true, &m->tok_embd, err)) ||
 	    (rc = load(m, "output_norm.weight", true, &m->output_norm, err)) ||
@@ -332,6 +358,7 @@ void model_close(struct model *m)
 		free(m->blobs[i]);
 	free(m->blobs);
 	free(m->layers);
+	free(m->layouts);
 	if (m->kv != m->src)
 		gguf_close(m->kv);
 	free(m->kv_image);

@@ -62,7 +62,9 @@ struct model {
 	struct gguf_file *kv;                /* hyper-parameters (and the tokenizer) */
 	void *kv_image;                      /* the pack's gguf.kv bytes (gguf_parse'd) */
 	struct gguf_file *src;               /* --gguf FILE: KV and fallback tensors */
-	struct ffn_layout layout;            /* routed experts */
+	struct ffn_layout layout;            /* routed experts of MoE layer 0 (of every layer unless mixed_layouts) */
+	struct ffn_layout *layouts;          /* [n_moe_layers]: MoE layer l's (model_layout) */
+	bool mixed_layouts;                  /* the layers' layouts differ (a version 2 pack) */
 	struct route_params rp;              /* llama.cpp's rule for the arch */
 	uint64_t resident_bytes;             /* dense tensors held in memory */
 
@@ -75,6 +77,13 @@ struct model {
  * 0 or a negative errno with a message. */
 int model_open(const char *pack_path, const char *gguf_path, struct model **out, struct moe_error *err);
 void model_close(struct model *m);
+
+/* The expert layout of MoE layer moe_l (the pack's index, model_layer's
+ * moe_index): a version 2 pack's layers differ in their experts' types. */
+static inline const struct ffn_layout *model_layout(const struct model *m, uint32_t moe_l)
+{
+	return &m->layouts[moe_l];
+}
 
 /* Multiply-adds below which a product runs on one thread (handing work to
  * the pool costs more): 256K, or $MOETIER_RUN_SPLIT_MIN (tests set 0 to split
