@@ -42,3 +42,8 @@ tests_test_molae_run_LDADD = client/run/libmoerun.a tools/libmolae.a $(KERNELS_L
 	$(OPENBLAS_LIBS) $(CRITERION_LIBS)
 endif
 endif
+
+# moe-run on a latent pack vs its dense reconstruction, --batch 1 -t 2, full
+# rank vs the original, through moetierd (skips until moe-run wires latent.h).
+TESTS += tests/test_molae_run.sh
+EXTRA_DIST += tests/test_molae_run.sh
