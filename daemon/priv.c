@@ -96,6 +96,27 @@ static void step_handler(int sig)
 
 #define PRIV_SIGNAL (SIGRTMIN + 3)
 
+/* Whether thread tid blocks PRIV_SIGNAL (a library thread that masked every
+ * signal, e.g. a GPU driver's): it could never answer. */
+static bool blocks_signal(pid_t tid, char *comm, size_t comm_len)
+{
+	char path[64], line[256];
+	bool blocked = false;
+	snprintf(comm, comm_len, "?");
+	snprintf(path, sizeof(path), "/proc/self/task/%d/status", (int)tid);
+	FILE *f = fopen(path, "re");
+	if (!f)
+		return false;
+	while (fgets(line, sizeof(line), f)) {
+		if (!strncmp(line, "Name:", 5))
+			snprintf(comm, comm_len, "%.*s", (int)strcspn(line + 6, "\n"), line + 6);
+		else if (!strncmp(line, "SigBlk:", 7))
+			blocked = strtoull(line + 7, NULL, 16) >> (PRIV_SIGNAL - 1) & 1;
+	}
+	fclose(f);
+	return blocked;
+}
+
 /* Runs `step` on every thread of the process; 0, or the first error. */
 static int on_every_thread(enum priv_step step, const char *what, struct moe_error *err)
 {
@@ -122,8 +143,18 @@ static int on_every_thread(enum priv_step step, const char *what, struct moe_err
 	struct dirent *de;
 	while ((de = readdir(d))) {
 		pid_t tid = (pid_t)atoi(de->d_name);
+		char comm[32];
 		if (tid <= 0 || tid == self)
 			continue;
+		/* None of ours masks it (server_block_signals blocks TERM, INT,
+		 * HUP); a library thread that masks every signal cannot be made
+		 * to drop: said, not waited for. */
+		if (blocks_signal(tid, comm, sizeof(comm))) {
+			if (step == STEP_CAPSET)
+				moe_warn("thread %d (%s) blocks all signals: it keeps the capabilities it started with",
+					 (int)tid, comm);
+			continue;
+		}
 		if (syscall(SYS_tgkill, pid, tid, PRIV_SIGNAL) == 0)
 			sent++;
 		else if (errno != ESRCH)
