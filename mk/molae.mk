@@ -47,3 +47,8 @@ endif
 # rank vs the original, through moetierd (skips until moe-run wires latent.h).
 TESTS += tests/test_molae_run.sh
 EXTRA_DIST += tests/test_molae_run.sh
+
+# bench/molae: bytes per expert and hit rate at equal arena bytes, dense vs
+# MoLAE, at the OLMoE / Qwen3-30B-A3B / DeepSeek-V2-Lite shapes; the trained
+# model's perplexity table when moe-run computes latent packs.
+dist_noinst_SCRIPTS += bench/molae
