@@ -101,9 +101,15 @@ else
 	echo "test_kquant_layers: the split parts' pack differs from the unsplit file's" >&2
 	fail=1
 fi
+LL=${MOETIER_LLAMA_DIR:-/var/cache/moetier/llama}
 for p in q4m q4m3; do
 	"$B/tools/moe-pack" verify "$tmp/$p.moepack" >"$tmp/verify.out" ||
 		{ cat "$tmp/verify.out" >&2; fail=1; }
+	# every part of every expert is the GGUF's slab (read with llama.cpp's gguf-py)
+	if [ -r "$LL/src/gguf-py/gguf/__init__.py" ]; then
+		printf '%s: ' "$p"
+		$PY "$S/tests/pack-vs-gguf.py" "$tmp/$p.moepack" "$tmp/$p.gguf" "$LL/src/gguf-py" || fail=1
+	fi
 done
 
 # a flipped byte in the zero tail of a layer-0 extent (110592 < 127488)

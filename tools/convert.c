@@ -14,6 +14,7 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <libgen.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,11 @@ struct recipe {
 	uint64_t a_off, b_off;
 	uint64_t rows, cols, unit;
 	struct pack_part_desc part; /* role, dtype, rows, cols, bytes */
+	/* GGUF ffn_*_exps.scale (F32 [E]): llama.cpp multiplies the expert's
+	 * product by its entry; an f32 part's rows are multiplied by it here
+	 * (R_COPY only; 0 = none). sc names the tensor (consumed, not resident). */
+	float scale;
+	struct stensor sc;
 };
 
 struct resident {
@@ -254,6 +260,91 @@ static int copy_recipe(const struct convert_source *s, struct recipe *r, const c
 	return 0;
 }
 
+/* The companion ".scale" of GGUF expert stack `name` (F32 [E]): llama.cpp's
+ * build_moe_ffn multiplies expert e's product by entry e (the ".input_scale"
+ * ones it loads but never uses: they stay resident, unused). An entry of 1
+ * changes nothing; another is folded into an f32 part's rows, and refused
+ * for any other type (a product of rounded values cannot be refolded). */
+static int expert_scale(const struct convert_source *s, struct recipe *r, const char *name, uint32_t e,
+			struct moe_error *err)
+{
+	char sn[256];
+	const char *dot = strrchr(name, '.');
+	uint64_t shape[1] = { s->model.n_experts };
+	float v;
+	int rc;
+
+	snprintf(sn, sizeof(sn), "%.*s.scale", dot ? (int)(dot - name) : (int)strlen(name), name);
+	if (!has_tensor(s, sn))
+		return 0;
+	if ((rc = need(s, sn, 1, shape, &r->sc, err)) < 0)
+		return rc;
+	if (r->sc.dtype != MOE_DTYPE_F32)
+		return moe_error_set(err, -ENOTSUP, "tensor %s is %s; llama.cpp's expert scales are f32", sn,
+				     moe_dtype_name(r->sc.dtype));
+	if ((rc = src_read(s, &r->sc, (uint64_t)e * 4, &v, 4, err)) < 0)
+		return rc;
+	if (v == 1.0f)
+		return 0;
+	if (!isfinite(v))
+		return moe_error_set(err, -EINVAL, "tensor %s: expert %u's scale is %g", sn, e, (double)v);
+	if (r->a.dtype != MOE_DTYPE_F32 || r->kind != R_COPY)
+		return moe_error_set(err, -ENOTSUP,
+				     "tensor %s: expert %u's scale is %g, not 1: llama.cpp multiplies the expert's %s "
+				     "product by it, and moe-pack folds such scales into f32 weights only (%s is %s)",
+				     sn, e, (double)v, pack_role_name(r->part.role), name, moe_dtype_name(r->a.dtype));
+	r->scale = v;
+	return 0;
+}
+
+/* Expert e's slab of GGUF stack blk.L.ffn_<k>_exps.weight as part `role`,
+ * or, when the layer stores gate and up fused (ffn_gate_up_exps
+ * [E, 2m, n], llama.cpp's deepseek2 and others: rows [0, m) are the gate's,
+ * [m, 2m) the up's, as its build_moe_ffn splits them), that half of it. */
+static int gguf_stack_recipe(const struct convert_source *s, struct recipe *r, uint32_t L, uint32_t e, int k,
+			     struct moe_error *err)
+{
+	static const char *const gg[3] = { "gate", "up", "down" };
+	static const uint32_t roles[3] = { PACK_ROLE_GATE, PACK_ROLE_UP, PACK_ROLE_DOWN };
+	const uint64_t N = s->model.hidden, M = s->model.expert_width, E = s->model.n_experts;
+	char name[160];
+	int rc;
+
+	snprintf(name, sizeof(name), "blk.%u.ffn_gate_up_exps.weight", L);
+	if (k < 2 && has_tensor(s, name)) {
+		uint64_t shape[3] = { E, 2 * M, N }, rb;
+		memset(r, 0, sizeof(*r));
+		if ((rc = need(s, name, 3, shape, &r->a, err)) < 0 || (rc = check_weight_dtype(&r->a, true, err)) < 0)
+			return rc;
+		if (!moe_dtype_row_bytes(r->a.dtype, N, &rb))
+			return moe_error_set(err, -EINVAL, "tensor %s: %" PRIu64 " columns are not whole %s blocks", name,
+					     N, moe_dtype_name(r->a.dtype));
+		r->kind = R_COPY;
+		r->unit = rb;
+		set_part(r, roles[k], r->a.dtype, M, N);
+		r->a_off = ((uint64_t)e * 2 + (uint64_t)k) * M * rb;
+		snprintf(name, sizeof(name), "blk.%u.ffn_gate_up_exps.scale", L);
+		if (has_tensor(s, name))
+			return moe_error_set(err, -ENOTSUP, "tensor %s: a scale of fused gate/up experts is not supported",
+					     name);
+		return 0;
+	}
+	snprintf(name, sizeof(name), "blk.%u.ffn_%s_exps.weight", L, gg[k]);
+	if (k == 0 && !has_tensor(s, name)) {
+		char up[160];
+		snprintf(up, sizeof(up), "blk.%u.ffn_up_exps.weight", L);
+		if (has_tensor(s, up))
+			return moe_error_set(err, -ENOTSUP,
+					     "blk.%u has ffn_up_exps and ffn_down_exps but neither ffn_gate_exps nor "
+					     "ffn_gate_up_exps: llama.cpp then computes down(silu(up x)), an expert without "
+					     "a gate, and moe-pack packs gated (SwiGLU) experts only",
+					     L);
+	}
+	if ((rc = copy_recipe(s, r, name, true, e, roles[k], k == 2 ? N : M, k == 2 ? M : N, false, true, err)) < 0)
+		return rc;
+	return expert_scale(s, r, name, e, err);
+}
+
 static int expert_recipes(const struct convert_source *s, uint32_t l, uint32_t e, struct recipe *r, uint32_t *n,
 			  struct moe_error *err)
 {
@@ -274,6 +365,10 @@ static int expert_recipes(const struct convert_source *s, uint32_t l, uint32_t e
 	case LAY_GGUF_SPLIT:
 		for (int k = 0; k < 3 && rc == 0; k++) {
 			bool down = k == 2, stacked = s->layout == LAY_GGUF_STACK;
+			if (stacked && m->family != MOE_FAMILY_GPT_OSS) {
+				rc = gguf_stack_recipe(s, &r[k], L, e, k, err);
+				continue;
+			}
 			if (s->layout == LAY_HF_MLP)
 				snprintf(name, sizeof(name), "model.layers.%u.mlp.experts.%u.%s.weight", L, e, hf[k]);
 			else if (s->layout == LAY_HF_MIXTRAL)
@@ -460,6 +555,11 @@ static int stream_recipe(struct convert_source *s, const struct recipe *r, struc
 		for (uint64_t off = 0; off < r->part.bytes && rc == 0; off += CHUNK) {
 			size_t len = (size_t)MOE_MIN((uint64_t)CHUNK, r->part.bytes - off);
 			rc = src_read(s, &r->a, r->a_off + off, a, len, err);
+			if (rc == 0 && r->scale != 0.0f) { /* f32 (expert_scale), len a multiple of 4 */
+				float *f = (float *)(void *)a;
+				for (size_t i = 0; i < len / 4; i++)
+					f[i] *= r->scale;
+			}
 			if (rc == 0)
 				rc = pack_writer_write(w, a, len, err);
 		}
@@ -595,8 +695,10 @@ static int collect_residents(struct convert_source *s, struct moe_error *err)
 			return rc;
 		any_rbias |= found;
 		snprintf(name, sizeof(name), gg ? "%s.exp_probs_b.bias" : "%s.gate.e_score_correction_bias", pre);
-		if ((rc = add_resident(s, name, PACK_ROLE_SCORE_BIAS, L, m->family == MOE_FAMILY_DEEPSEEK_V3, 1, sb, &found,
-				       err)) < 0)
+		/* llama.cpp's deepseek2 takes exp_probs_b when present (test-llama-archs'
+		 * sigmoid-gated model has none): required of HF DeepSeek-V3 only */
+		if ((rc = add_resident(s, name, PACK_ROLE_SCORE_BIAS, L, m->family == MOE_FAMILY_DEEPSEEK_V3 && !gg, 1, sb,
+				       &found, err)) < 0)
 			return rc;
 		any_score |= found;
 		if (S) {
@@ -804,7 +906,8 @@ static int mark_expert_tensors(struct convert_source *s, uint8_t *used, struct m
 	struct recipe r[PACK_MAX_PARTS];
 	uint32_t n;
 	int rc;
-	/* stacked tensors hold every expert: expert 0's recipe names them */
+	/* stacked tensors hold every expert: expert 0's recipe names them
+	 * (and their .scale, whether or not expert 0's is 1) */
 	uint32_t ne = s->layout == LAY_GGUF_SPLIT ? m->n_experts : 1;
 	for (uint32_t l = 0; l < m->n_moe_layers; l++)
 		for (uint32_t e = 0; e < ne; e++) {
@@ -815,6 +918,8 @@ static int mark_expert_tensors(struct convert_source *s, uint8_t *used, struct m
 					used[r[i].a.gg - s->gg->tensors] = 1;
 				if (r[i].b.gg)
 					used[r[i].b.gg - s->gg->tensors] = 1;
+				if (r[i].sc.gg)
+					used[r[i].sc.gg - s->gg->tensors] = 1;
 			}
 		}
 	return 0;
@@ -2033,11 +2138,16 @@ static int gguf_config(struct convert_source *s, const struct convert_options *o
 		return rc;
 	if (m->n_layers == 0 || m->n_layers > 1024)
 		return moe_error_set(err, -EINVAL, "GGUF %s.block_count %u out of range", arch, m->n_layers);
+	/* llama.cpp's model saver writes every hyper-parameter, so its llama
+	 * (Mixtral) and olmoe files say expert_feed_forward_length = 0: their
+	 * graphs size the experts by feed_forward_length, as for an absent key */
 	rc = g_u32(g, arch, "expert_feed_forward_length", &m->expert_width, err);
-	if (rc == 1)
+	if (rc == 1 || (rc == 0 && m->expert_width == 0))
 		rc = g_need_u32(g, arch, "feed_forward_length", &m->expert_width, err);
 	if (rc < 0)
 		return rc;
+	if (m->expert_width == 0)
+		return moe_error_set(err, -EINVAL, "GGUF %s.feed_forward_length is 0", arch);
 
 	/* which layers have experts: from the tensors */
 	is_moe = calloc(m->n_layers, sizeof(*is_moe));
@@ -2045,8 +2155,14 @@ static int gguf_config(struct convert_source *s, const struct convert_options *o
 		return moe_error_set(err, -ENOMEM, "out of memory");
 	bool stacked = false, split = false;
 	for (uint32_t L = 0; L < m->n_layers; L++) {
-		snprintf(name, sizeof(name), "blk.%u.ffn_gate_exps.weight", L);
-		bool a = has_tensor(s, name);
+		/* stacked experts: gate, fused gate_up (deepseek2...), or up
+		 * alone (an expert without a gate: refused with a message) */
+		static const char *const stacks[3] = { "gate", "gate_up", "up" };
+		bool a = false;
+		for (int j = 0; j < 3 && !a; j++) {
+			snprintf(name, sizeof(name), "blk.%u.ffn_%s_exps.weight", L, stacks[j]);
+			a = has_tensor(s, name);
+		}
 		snprintf(name, sizeof(name), "blk.%u.ffn_gate.0.weight", L);
 		bool b = has_tensor(s, name);
 		is_moe[L] = a || b;
@@ -2087,6 +2203,13 @@ static int gguf_config(struct convert_source *s, const struct convert_options *o
 	else if (gating != 0)
 		return moe_error_set(err, -ENOTSUP, "GGUF %s.expert_gating_func %u is not supported (1 softmax, 2 sigmoid)",
 				     arch, gating);
+	/* llama.cpp's deepseek2 graph takes both from the keys, absent or 0
+	 * meaning no scaling and no renormalisation (not the HF defaults) */
+	bool ds = f == MOE_FAMILY_DEEPSEEK_V2 || f == MOE_FAMILY_DEEPSEEK_V3;
+	if (ds) {
+		m->routed_scaling_factor = 1.0f;
+		m->norm_topk_prob = 0;
+	}
 	snprintf(k, sizeof(k), "%s.expert_weights_scale", arch);
 	if (gguf_get_f32(g, k, &scale) == 0 && scale > 0)
 		m->routed_scaling_factor = scale;

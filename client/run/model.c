@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,6 +97,58 @@ static int load(struct model *m, const char *name, bool required, struct model_m
 	mat->rows = (uint32_t)rows;
 	mat->cols = (uint32_t)cols;
 	mat->data = buf;
+	return 0;
+}
+
+/* llama.cpp's build_lora_mm(w, x, w_s) multiplies the product by "<w>.scale"
+ * (one f32) when the model has one (its test-llama-archs models do, with
+ * random values), on the weights its graph for the arch passes a scale
+ * with (`applied`); the others it loads and ignores, as "*.input_scale"
+ * always. Folded into an f32 matrix here (x.(sW) for (x.W)s: rounding
+ * apart, the same); another type with a scale other than 1 is refused. */
+static int fold_scale(struct model *m, struct model_mat *w, const char *wname, bool applied, struct moe_error *err)
+{
+	char sname[GGUF_MAX_NAME + 32];
+	struct model_mat sc;
+	size_t n = strlen(wname);
+	int rc;
+
+	if (!w->data || n < 7 || strcmp(wname + n - 7, ".weight") != 0)
+		return 0;
+	snprintf(sname, sizeof(sname), "%.*s.scale", (int)(n - 7), wname);
+	if ((rc = load(m, sname, false, &sc, err)))
+		return rc;
+	if (!sc.data || !applied)
+		return 0;
+	if (sc.rows != 1 || sc.cols != 1)
+		return moe_error_set(err, -EINVAL, "tensor %s: [%u x %u], llama.cpp's weight scales are one value", sname,
+				     sc.rows, sc.cols);
+	float v = model_vec(&sc)[0];
+	if (v == 1.0f)
+		return 0;
+	if (w->dtype != MOE_DTYPE_F32 || !isfinite(v))
+		return moe_error_set(err, -ENOTSUP,
+				     "tensor %s is %g: llama.cpp multiplies %s's product by it, and moe-run folds such "
+				     "scales into f32 weights only (%s is %s)",
+				     sname, (double)v, wname, wname, moe_dtype_name(w->dtype));
+	float *f = (float *)(uintptr_t)w->data; /* our own copy (load) */
+	for (size_t i = 0; i < (size_t)w->rows * w->cols; i++)
+		f[i] *= v;
+	return 0;
+}
+
+/* Refuses a tensor llama.cpp's graph for the arch uses but moe-run cannot
+ * compute (attn_output.bias, rope_freqs.weight), unless it changes nothing. */
+static int refuse_extra(struct model *m, const char *name, float neutral, const char *why, struct moe_error *err)
+{
+	struct model_mat t;
+	int rc = load(m, name, false, &t, err);
+	if (rc || !t.data)
+		return rc;
+	if (t.rows == 1)
+		for (uint32_t i = 0; i < t.cols; i++)
+			if (model_vec(&t)[i] != neutral)
+				return moe_error_set(err, -ENOTSUP, "tensor %s: %s; moe-run does not compute it", name, why);
 	return 0;
 }
 
@@ -281,8 +334,18 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 	    (rc = load(m, "output_norm.weight", true, &m->output_norm, err)) ||
 	    (rc = load(m, "output.weight", false, &m->output, err)))
 		goto fail;
-	if (!m->output.data)
+	if (!m->output.data) {
 		m->output = m->tok_embd; /* tied, as llama.cpp does when output.weight is absent */
+		if ((rc = refuse_extra(m, "output.scale", 1.0f, "llama.cpp scales the tied output head's product", err)))
+			goto fail;
+	} else if ((rc = fold_scale(m, &m->output, "output.weight", true, err))) {
+		goto fail;
+	}
+	/* llama's rope_freqs (llama-3 long-context factors) divide the RoPE
+	 * frequencies */
+	if (m->arch == MODEL_ARCH_LLAMA &&
+	    (rc = refuse_extra(m, "rope_freqs.weight", 1.0f, "llama.cpp divides the RoPE frequencies by it", err)))
+		goto fail;
 	m->n_vocab = m->tok_embd.rows;
 	if (m->tok_embd.cols != m->n_embd || m->output.cols != m->n_embd || m->output.rows != m->n_vocab ||
 	    m->output_norm.cols != m->n_embd) {
@@ -299,6 +362,9 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		struct model_layer *L = &m->layers[il];
 		bool qk = m->arch == MODEL_ARCH_QWEN3MOE || m->arch == MODEL_ARCH_OLMOE;
 		bool sh = m->arch == MODEL_ARCH_QWEN2MOE;
+		/* llama.cpp's olmoe graph takes q, k, v without biases or scales
+		 * (build_lora_mm(wq, cur)); the others through build_qkv with both */
+		bool olmoe = m->arch == MODEL_ARCH_OLMOE;
 		L->moe_index = moe_model_moe_index(m->cfg, il);
 		if (L->moe_index < 0) {
 			rc = moe_error_set(err, -ENOTSUP, "layer %u has no routed experts: dense layers are not supported", il);
@@ -309,9 +375,9 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		    (rc = loadl(m, true, &L->wk, err, il, "attn_k.weight")) ||
 		    (rc = loadl(m, true, &L->wv, err, il, "attn_v.weight")) ||
 		    (rc = loadl(m, true, &L->wo, err, il, "attn_output.weight")) ||
-		    (rc = loadl(m, false, &L->bq, err, il, "attn_q.bias")) ||
-		    (rc = loadl(m, false, &L->bk, err, il, "attn_k.bias")) ||
-		    (rc = loadl(m, false, &L->bv, err, il, "attn_v.bias")) ||
+		    (!olmoe && (rc = loadl(m, false, &L->bq, err, il, "attn_q.bias"))) ||
+		    (!olmoe && (rc = loadl(m, false, &L->bk, err, il, "attn_k.bias"))) ||
+		    (!olmoe && (rc = loadl(m, false, &L->bv, err, il, "attn_v.bias"))) ||
 		    (rc = loadl(m, qk, &L->q_norm, err, il, "attn_q_norm.weight")) ||
 		    (rc = loadl(m, qk, &L->k_norm, err, il, "attn_k_norm.weight")) ||
 		    (rc = loadl(m, true, &L->ffn_norm, err, il, "ffn_norm.weight")) ||
@@ -320,6 +386,17 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		    (rc = loadl(m, sh, &L->sh_up, err, il, "ffn_up_shexp.weight")) ||
 		    (rc = loadl(m, sh, &L->sh_down, err, il, "ffn_down_shexp.weight")) ||
 		    (rc = loadl(m, sh, &L->sh_gate_inp, err, il, "ffn_gate_inp_shexp.weight")))
+			goto fail;
+		char nm[64];
+		static const char *const qkvo[4] = { "attn_q", "attn_k", "attn_v", "attn_output" };
+		struct model_mat *w4[4] = { &L->wq, &L->wk, &L->wv, &L->wo };
+		for (int k = 0; k < 4; k++) {
+			snprintf(nm, sizeof(nm), "blk.%u.%s.weight", il, qkvo[k]);
+			if ((rc = fold_scale(m, w4[k], nm, k == 3 || !olmoe, err)))
+				goto fail;
+		}
+		snprintf(nm, sizeof(nm), "blk.%u.attn_output.bias", il);
+		if (!olmoe && (rc = refuse_extra(m, nm, 0.0f, "llama.cpp adds it to attn_output's product", err)))
 			goto fail;
 		uint32_t qn = m->arch == MODEL_ARCH_OLMOE ? nq : m->head_dim;
 		uint32_t kn = m->arch == MODEL_ARCH_OLMOE ? nkv : m->head_dim;

@@ -1,0 +1,161 @@
+#!/bin/sh
+# The MoE models llama.cpp writes itself: its tests/test-llama-archs.cpp
+# (from the bundled source of the npm peer, built here against the npm
+# libraries with tests/llama-archs-shim.c, see there) writes one random
+# model per architecture (-a ARCH -o DIR: 2 layers, 2 experts, top-1, f32),
+# through llama.cpp's own model saver: every hyper-parameter key written
+# (expert_feed_forward_length = 0 for llama and olmoe), deepseek2 with a
+# dense first layer and sigmoid gating. Two flavours of each:
+#  - npm: as the npm build's loader makes them (optional tensors absent:
+#    llama's experts have no gate at all);
+#  - upstream: as upstream llama.cpp's loader makes them (MOETIER_ARCHS_
+#    UPSTREAM=1): every optional tensor, random - deepseek2's fused
+#    ffn_gate_up_exps, ffn_*_exps.scale (per expert) and *.scale (per
+#    matrix) that llama.cpp multiplies products by, *.input_scale it
+#    ignores, q/k/v biases, llama's attn_output.bias and rope_freqs.
+# For qwen3moe, qwen2moe, olmoe, llama and deepseek2 in both: moe-pack
+# converts and verifies, and every expert part equals llama.cpp's tensor
+# (times its .scale; fused gate/up split in two: tests/pack-vs-gguf.py);
+# moe-run's logits of 16 teacher-forced tokens equal llama.cpp's within
+# 1e-4 of the row's max |logit| (qwen3moe, qwen2moe, olmoe in both flavours;
+# llama upstream without rope_freqs and attn_output.bias, which moe-run
+# does not compute), once through moetierd. What cannot run is refused with
+# a message saying why, and checked for it: the gateless npm llama
+# (moe-pack), upstream llama's rope_freqs (moe-run), deepseek2 (moe-run runs
+# no MLA attention; moetierd serves and routes its pack).
+# Skips (77) without the llama.cpp peer (source, libraries, tests/llama-
+# oracle), a C++ compiler or numpy in Debian's python3.
+set -eu
+. "$(dirname "$0")/daemon-env.sh"
+S=${MOETIER_SRCDIR:-..}
+PY=/usr/bin/python3
+LL=${MOETIER_LLAMA_DIR:-/var/cache/moetier/llama}
+
+for p in moe-run moetierd moe-client tools/moe-pack; do
+	[ -x "$B/$p" ] || { echo "test_llama_archs: $B/$p is missing" >&2; exit 1; }
+done
+skip() { echo "test_llama_archs: $*: skip"; exit 77; }
+[ -x "$B/tests/llama-oracle" ] || skip "tests/llama-oracle not built (no llama.cpp)"
+[ -r "$LL/src/tests/test-llama-archs.cpp" ] || skip "no $LL/src/tests/test-llama-archs.cpp"
+[ -r "$LL/src/gguf-py/gguf/__init__.py" ] || skip "no gguf-py in $LL/src"
+command -v g++ >/dev/null 2>&1 || skip "no g++"
+$PY -c 'import numpy' 2>/dev/null || skip "$PY has no numpy"
+lib=
+for d in "$LL/lib" "$LL/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64"; do
+	[ -z "$lib" ] && ls "$d"/libllama*.so >/dev/null 2>&1 && lib=$d
+done
+[ -n "$lib" ] || skip "no llama.cpp libraries in $LL"
+so() { ls "$lib/lib$1.so" "$lib/lib$1".v*.so 2>/dev/null | head -n 1; }
+libs="$(so llama) $(so llama-common) $(so ggml) $(so ggml-base)"
+for f in $libs; do [ -r "$f" ] || skip "llama.cpp library missing in $lib"; done
+[ "$(echo $libs | wc -w)" = 4 ] || skip "llama.cpp libraries missing in $lib"
+
+env_init llama-archs
+fail=0
+bin=$B/tests/test-llama-archs
+# built once per source change (a minute of g++), kept in the build tree
+if [ ! -x "$bin" ] || [ "$S/tests/llama-archs-shim.c" -nt "$bin" ] || [ "$LL/src/tests/test-llama-archs.cpp" -nt "$bin" ]
+then
+	inc="-I$LL/src/include -I$LL/src/ggml/include -I$LL/src/common -I$LL/src/src -I$LL/src/vendor"
+	gcc -c -O1 -I"$LL/src/include" -I"$LL/src/ggml/include" "$S/tests/llama-archs-shim.c" -o "$tmp/shim.o"
+	# shellcheck disable=SC2086
+	g++ -std=c++17 -O1 -w $inc "$LL/src/tests/test-llama-archs.cpp" "$tmp/shim.o" -o "$tmp/tla" $libs -ldl \
+		-Wl,-rpath,"$lib" -Wl,--export-dynamic-symbol=_ZNK18llama_model_loader20done_getting_tensorsEb \
+		-Wl,--export-dynamic-symbol=gguf_find_tensor -Wl,--export-dynamic-symbol=gguf_get_tensor_type \
+		2>"$tmp/cxx.log" || { cat "$tmp/cxx.log" >&2; echo "test_llama_archs: cannot build test-llama-archs" >&2; exit 1; }
+	mv "$tmp/tla" "$bin"
+fi
+export MOETIER_LLAMA_BACKEND_DIR="$lib"
+
+gen() { # flavour arch [omit]
+	mkdir -p "$tmp/$1"
+	if ! MOETIER_ARCHS_UPSTREAM=$([ "$1" = upstream ] && echo 1 || echo 0) MOETIER_ARCHS_OMIT=${3:-} \
+		timeout 120 "$bin" -a "$2" -o "$tmp/$1" -s 1 >"$tmp/gen.log" 2>&1 || [ ! -s "$tmp/$1/$2-moe.gguf" ]; then
+		echo "test_llama_archs: test-llama-archs -a $2 ($1) failed:" >&2
+		cat "$tmp/gen.log" >&2
+		exit 1
+	fi
+}
+
+toks=1,5,9,3,17,33,2,8,60,12,7,7,40,21,63,4
+ok() { echo "$*"; }
+bad() { echo "test_llama_archs: $*" >&2; fail=1; }
+
+pack() { # flavour arch: convert, verify, parts against the GGUF
+	g=$tmp/$1/$2-moe.gguf p=$tmp/$1-$2.moepack
+	"$B/tools/moe-pack" convert "$g" -o "$p" -q 2>"$tmp/conv.err" || { cat "$tmp/conv.err" >&2; bad "$1 $2: convert"; return 1; }
+	"$B/tools/moe-pack" verify "$p" >"$tmp/verify.out" 2>&1 || { cat "$tmp/verify.out" >&2; bad "$1 $2: verify"; return 1; }
+	printf '%s %s: ' "$1" "$2"
+	$PY "$S/tests/pack-vs-gguf.py" "$p" "$g" "$LL/src/gguf-py" || { bad "$1 $2: parts differ"; return 1; }
+}
+
+logits() { # flavour arch [extra moe-run args]: moe-run against llama.cpp
+	f=$1 a=$2
+	shift 2
+	"$B/tests/llama-oracle" logits "$tmp/$f/$a-moe.gguf" --flash-attn off --kv-f32 --tokens "$toks" \
+		--out "$tmp/$f-$a.ref" 2>"$tmp/o.log" || { cat "$tmp/o.log" >&2; bad "$f $a: llama.cpp"; return 1; }
+	"$B/moe-run" "$tmp/$f-$a.moepack" "$@" --tokens "$toks" --dump-logits "$tmp/$f-$a.lg" --quiet \
+		2>"$tmp/run.err" || { cat "$tmp/run.err" >&2; bad "$f $a: moe-run"; return 1; }
+	printf '%s %s moe-run %s: ' "$f" "$a" "$*"
+	$PY "$S/tests/logits-compare.py" "$tmp/$f-$a.lg" "$tmp/$f-$a.ref" --tol 1e-4 || bad "$f $a: logits"
+}
+
+refused() { # what command... : fails, with `what` in its stderr
+	what=$1
+	shift
+	if "$@" >/dev/null 2>"$tmp/ref.err"; then
+		bad "accepted (expected a refusal saying '$what'): $*"
+	elif ! grep -q -- "$what" "$tmp/ref.err"; then
+		cat "$tmp/ref.err" >&2
+		bad "refused without saying '$what': $*"
+	else
+		ok "refused as expected: $(cat "$tmp/ref.err")"
+	fi
+}
+
+for f in npm upstream; do
+	for a in qwen3moe qwen2moe olmoe llama deepseek2; do
+		gen $f $a
+	done
+	for a in qwen3moe qwen2moe olmoe; do
+		pack $f $a && logits $f $a --local
+	done
+	pack $f deepseek2 &&
+		refused "architecture deepseek2: moe-run runs" "$B/moe-run" "$tmp/$f-deepseek2.moepack" --local --tokens 1,2
+done
+
+# llama (Mixtral layout)
+refused "neither ffn_gate_exps nor ffn_gate_up_exps" \
+	"$B/tools/moe-pack" convert "$tmp/npm/llama-moe.gguf" -o "$tmp/npm-llama.moepack" -q
+[ ! -e "$tmp/npm-llama.moepack" ] || bad "a refused conversion left $tmp/npm-llama.moepack"
+pack upstream llama &&
+	refused "rope_freqs.weight: llama.cpp divides the RoPE frequencies" \
+		"$B/moe-run" "$tmp/upstream-llama.moepack" --local --tokens 1,2
+mkdir -p "$tmp/plain"
+MOETIER_ARCHS_UPSTREAM=1 MOETIER_ARCHS_OMIT=rope_freqs,attn_output.bias timeout 120 "$bin" -a llama -o "$tmp/plain" -s 1 \
+	>"$tmp/gen.log" 2>&1 || { cat "$tmp/gen.log" >&2; exit 1; }
+pack plain llama && logits plain llama --local
+
+# through moetierd: one pack's experts from a host arena of 2 extents
+daemon_start moetierd "$tmp/upstream-qwen2moe.moepack" --host-bytes=2M --gpu-bytes=0
+"$B/moe-run" "$tmp/upstream-qwen2moe.moepack" --socket "$sock" --tokens "$toks" --dump-logits "$tmp/d.lg" \
+	2>"$tmp/d.err" || { cat "$tmp/d.err" >&2; bad "moe-run through moetierd"; }
+if cmp -s "$tmp/d.lg" "$tmp/upstream-qwen2moe.lg"; then
+	ok "moetierd: upstream qwen2moe's logits through the daemon equal --local's"
+else
+	bad "upstream qwen2moe's logits through moetierd differ from --local"
+fi
+daemon_stop
+# deepseek2: served and routed by the daemon (sigmoid scores, no bias)
+daemon_start moetierd "$tmp/upstream-deepseek2.moepack" --host-bytes=2M --gpu-bytes=0
+"$B/moe-client" --socket "$sock" route 0 -0.5 0.25 >"$tmp/route.out" 2>&1 || { cat "$tmp/route.out" >&2; bad "route"; }
+# top-1 of sigmoid(-0.5), sigmoid(0.25): expert 1, weight sigmoid(0.25)
+# (llama.cpp's deepseek2: no renormalisation, no scale when the keys say 0)
+if grep -q 'expert 1 .*weight 0\.5621' "$tmp/route.out"; then
+	ok "moetierd serves upstream deepseek2: $(tr '\n' ' ' <"$tmp/route.out")"
+else
+	cat "$tmp/route.out" >&2
+	bad "moetierd did not route deepseek2's logits (-0.5, 0.25) to expert 1 with weight 0.5622"
+fi
+daemon_stop
+exit $fail
