@@ -386,6 +386,12 @@ static void ops_now(struct mm_sel *s)
 	s->quant_q8k = o->quant_q8k;
 	s->q8k_mask = FFN_KQUANT_MASK;
 	s->q8_mask = 0;
+	if ((isa == FFN_ISA_AVX512 || isa == FFN_ISA_AVX512BF16) && cpu_vnni512()) {
+		/* same bits as the AVX2 K-quant kernels, batches ~2x faster */
+		s->mm[MOE_DTYPE_Q4_K] = ffn_mm_q4_K_vnni512;
+		s->mm[MOE_DTYPE_Q5_K] = ffn_mm_q5_K_vnni512;
+		s->mm[MOE_DTYPE_Q6_K] = ffn_mm_q6_K_vnni512;
+	}
 	if (ffn_get_q8_mode() == FFN_Q8_INT) {
 		s->mm[MOE_DTYPE_Q8_0] = o->mm_q8int;
 		s->mm[MOE_DTYPE_Q4_0] = o->mm_q4int;

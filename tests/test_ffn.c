@@ -1049,36 +1049,46 @@ Test(ffn, quant_q8_avx2_matches_dtype, .timeout = 10)
 	free(w);
 }
 
-/* FFN_Q8_INT: every SIMD path (the AVX-512 ones run the VNNI batch kernels
- * where the CPU has AVX512-VNNI) gives the AVX2 kernel's bits, for every
- * tile shape and tail: row counts around the 8-row tile (odd ones pair the
- * last row with itself), batches around the 4-token tile and below the
- * batch threshold, one and two threads, and raw random codes (q8_0 -128
+/* The integer kernels (q8_0, q4_0, iq4_nl x q8_0 in FFN_Q8_INT; q4_K,
+ * q5_K, q6_K x q8_K): every SIMD path (the AVX-512 ones run the VNNI batch
+ * kernels where the CPU has AVX512-VNNI) gives the AVX2 kernels' bits, for
+ * every tile shape and tail: row counts around the tiles (8 rows for the
+ * 32-blocks, odd counts pairing the last row with itself; 4 for the
+ * K-quants), batches around the 4-token tile and below the batch
+ * threshold, one and two threads, and raw random codes (q8_0 -128
  * included, which no quantizer writes but a file may hold). */
-Test(ffn, q8int_paths_same_bits, .timeout = 60)
+Test(ffn, int_paths_same_bits, .timeout = 60)
 {
-	static const enum moe_dtype dts[] = { MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_IQ4_NL };
-	static const uint32_t rows_v[] = { 1, 2, 3, 7, 8, 9, 13, 17, 40 };
-	static const uint32_t cols_v[] = { 32, 96, 256 };
-	static const uint32_t Bs[] = { 1, 2, 3, 4, 5, 7, 8, 9, 16, 33 };
+	static const enum moe_dtype dts[] = { MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_IQ4_NL,
+					      MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K };
+	static const uint32_t rows_v[] = { 1, 2, 3, 5, 7, 8, 9, 13, 17, 40 };
+	static const uint32_t cols32[] = { 32, 96, 256 }, cols256[] = { 256, 512 };
+	static const uint32_t Bs[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33 };
 	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_INT), 0);
 	if (!ffn_isa_supported(FFN_ISA_AVX2))
 		cr_skip_test("no AVX2");
 	rng_seed(91);
-	for (size_t d = 0; d < 3; d++)
+	for (size_t d = 0; d < sizeof(dts) / sizeof(dts[0]); d++) {
+		const enum moe_dtype t = dts[d];
+		const bool kq = moe_dtype_block_elems(t) == 256;
+		const uint32_t *cols_v = kq ? cols256 : cols32, ncols = kq ? 2 : 3;
 		for (size_t ri = 0; ri < sizeof(rows_v) / sizeof(rows_v[0]); ri++)
-			for (size_t ci = 0; ci < sizeof(cols_v) / sizeof(cols_v[0]); ci++) {
-				const enum moe_dtype t = dts[d];
+			for (size_t ci = 0; ci < ncols; ci++) {
 				const uint32_t rows = rows_v[ri], cols = cols_v[ci], bb = t == MOE_DTYPE_Q8_0 ? 34 : 18;
 				const uint64_t rb = row_bytes(t, cols);
-				uint8_t *w = malloc(rb * rows);
-				for (uint64_t i = 0; i < rb * rows; i++)
-					w[i] = (uint8_t)rng_u64();
-				for (uint32_t r = 0; r < rows; r++)
-					for (uint32_t b = 0; b < cols / 32; b++) {
-						const uint16_t h = moe_f32_to_f16(rng_f(1e-3f, 1e-2f));
-						memcpy(w + r * rb + b * bb, &h, 2);
-					}
+				uint8_t *w;
+				if (kq) {
+					w = kq_random(t, rows, cols);
+				} else {
+					w = malloc(rb * rows);
+					for (uint64_t i = 0; i < rb * rows; i++)
+						w[i] = (uint8_t)rng_u64();
+					for (uint32_t r = 0; r < rows; r++)
+						for (uint32_t b = 0; b < cols / 32; b++) {
+							const uint16_t h = moe_f32_to_f16(rng_f(1e-3f, 1e-2f));
+							memcpy(w + r * rb + b * bb, &h, 2);
+						}
+				}
 				float *x = make_x(33, cols + 5, 1.0f);
 				float *y0 = malloc(sizeof(float) * 33 * (rows + 3)), *y1 = malloc(sizeof(float) * 33 * (rows + 3));
 				for (size_t bi = 0; bi < sizeof(Bs) / sizeof(Bs[0]); bi++) {
@@ -1106,6 +1116,7 @@ Test(ffn, q8int_paths_same_bits, .timeout = 60)
 				free(y0);
 				free(y1);
 			}
+	}
 }
 
 /* ---- dequantization: dtype.c against the formulas, all code values -------- */
