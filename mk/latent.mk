@@ -14,7 +14,15 @@ kernels/latent.fatbin: $(srcdir)/kernels/latent.cu $(srcdir)/kernels/latent_cuda
 	$(AM_V_GEN)$(NVCC) -fatbin $(NVCC_GENCODE) -I$(srcdir)/kernels -o $@ $(srcdir)/kernels/latent.cu
 # .incbin is invisible to the dependency tracking, so name the objects
 kernels/latent_fatbin.$(OBJEXT) : kernels/latent.fatbin
+
+# On a GPU: the CUDA latent experts against the CPU latent kernel (skips 77
+# without a driver or device).
+check_PROGRAMS += tests/latent_cuda_check
+TESTS += tests/cuda-latent.sh
+tests_latent_cuda_check_SOURCES = tests/latent_cuda_check.c
+tests_latent_cuda_check_LDADD = $(KERNELS_LINK) -ldl
 endif
+EXTRA_DIST += tests/cuda-latent.sh
 
 # The latent FFN against the dense reconstruction W = A B (synthetic and
 # through a pack made by moe-pack molae), z once per (token, group), the
