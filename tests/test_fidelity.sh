@@ -103,6 +103,17 @@ if awk -v r="$pg1" -v k="$K" -v e="$E" 'BEGIN { exit !(r > 1.5 * k / e && r <= 1
 else
 	bad "pre-gating recall one layer ahead: '$pg1'"
 fi
+# a fitted pre-gate (calibrated on other text) runs and still predicts
+tail -c 6000 "${model%.gguf}.heldout.txt" >"$tmp/calib"
+run fit --local --pregate 1 --pregate-fit "$tmp/calib"
+fpg1=$(field pg1 "$tmp/fit.err")
+if grep -q '^moe-run: pre-gating fitted on [1-9][0-9]* tokens' "$tmp/fit.err" && cmp -s "$tmp/fit.out" "$tmp/plain.out" &&
+	awk -v r="$fpg1" -v k="$K" -v e="$E" 'BEGIN { exit !(r > 1.5 * k / e && r <= 1) }'; then
+	echo "fitted pre-gate: recall@$K one layer ahead $fpg1 (the router's: $pg1), perplexity unchanged"
+else
+	cat "$tmp/fit.err" >&2
+	bad "fitted pre-gate: recall '$fpg1', $(cat "$tmp/fit.out")"
+fi
 # cache-aware routing needs a cache
 if "$B/moe-run" "$tmp/m.moepack" --local --ppl "$tmp/text" --ctx 64 --route margin >/dev/null 2>"$tmp/nocache.err"; then
 	bad "--route margin ran with --local and no cache"

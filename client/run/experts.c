@@ -55,6 +55,12 @@ struct experts {
 	float *pg_x;                 /* [B][n] ffn_norm'ed residual */
 	uint32_t *pg_pred;           /* [n_layers][PREGATE_MAX][cap_B][2k] */
 	uint32_t *pg_n;              /* [n_layers][PREGATE_MAX] tokens predicted (0: none) */
+	/* fitted pre-gates: per target layer and distance, [E][n + 1] (the
+	 * last column a bias) or NULL (the layer's own router) */
+	float **pg_w;                /* [n_layers * PREGATE_MAX] */
+	bool fitting;                /* experts_pregate_fit_begin .. _end */
+	float *pg_xs;                /* fitting: [n_layers][PREGATE_MAX][cap_B][n] inputs kept */
+	double **fit_a, **fit_b;     /* fitting: [n+1]^2 and [n+1][E] per (layer, distance) */
 	/* token numbering (experts_begin) */
 	uint64_t tok_base, tok_next;
 	uint32_t seq;
@@ -86,8 +92,10 @@ static int grow(struct experts *ex, uint32_t B, unsigned workers)
 	free(ex->logits);
 	free(ex->pg_x);
 	free(ex->pg_pred);
+	free(ex->pg_xs);
 	ex->pg_x = NULL;
 	ex->pg_pred = NULL;
+	ex->pg_xs = NULL;
 	if (ex->pg_n)
 		memset(ex->pg_n, 0, (size_t)ex->m->n_layers * PG_MAX * sizeof(uint32_t));
 	ex->routes = malloc((size_t)B * sizeof(*ex->routes));
@@ -100,6 +108,8 @@ static int grow(struct experts *ex, uint32_t B, unsigned workers)
 		ex->pg_x = malloc((size_t)B * ex->n * sizeof(float));
 		ex->pg_pred = malloc((size_t)ex->m->n_layers * PG_MAX * B * 2 * ex->k * sizeof(uint32_t));
 		ok = ex->pg_x && ex->pg_pred;
+		if (ok && ex->fitting)
+			ok = (ex->pg_xs = malloc((size_t)ex->m->n_layers * PG_MAX * B * ex->n * sizeof(float))) != NULL;
 	}
 	for (unsigned w = 0; w < workers && ok; w++) {
 		ex->xg[w] = malloc((size_t)B * ex->n * sizeof(float));
@@ -242,7 +252,17 @@ void experts_close(struct experts *ex)
 	free(ex->logits);
 	free(ex->pg_x);
 	free(ex->pg_pred);
+	free(ex->pg_xs);
 	free(ex->pg_n);
+	for (size_t i = 0; ex->pg_w && i < (size_t)ex->m->n_layers * PG_MAX; i++)
+		free(ex->pg_w[i]);
+	free(ex->pg_w);
+	for (size_t i = 0; ex->fit_a && i < (size_t)ex->m->n_layers * PG_MAX; i++) {
+		free(ex->fit_a[i]);
+		free(ex->fit_b[i]);
+	}
+	free(ex->fit_a);
+	free(ex->fit_b);
 	simcache_free(ex->sim);
 	free(ex->d_tok);
 	free(ex->d_seq);
@@ -269,6 +289,18 @@ int experts_configure(struct experts *ex, const struct experts_opts *o, struct m
 {
 	const struct model *m = ex->m;
 	int rc;
+	/* again after a calibration pass: a fresh cache, fresh counters */
+	simcache_free(ex->sim);
+	ex->sim = NULL;
+	free(ex->pg_n);
+	ex->pg_n = NULL;
+	const bool local = ex->st.local;
+	memset(&ex->st, 0, sizeof(ex->st));
+	ex->st.local = local;
+	if (ex->ctx)
+		moet_expert_counters(ex->ctx, NULL, NULL, NULL, ex->bytes0);
+	if (ex->hint_n)
+		memset(ex->hint_n, 0, ex->m->n_layers * sizeof(uint32_t));
 	ex->o = *o;
 	ex->o.sim_policy = NULL; /* not kept: the caller's string */
 	ex->aware = o->rule.keep_top && o->rule.keep_top < ex->k;
@@ -394,11 +426,24 @@ static int pregate_at(struct experts *ex, uint32_t il, const float *resid, uint3
 	for (uint32_t d = 1; d <= ex->o.pregate && il + d < m->n_layers; d++) {
 		const uint32_t nl = il + d;
 		const struct model_layer *N = &m->layers[nl];
+		float *xs = ex->fitting ? ex->pg_xs + ((size_t)nl * PG_MAX + d - 1) * ex->cap_B * ex->n : ex->pg_x;
+		const float *W = ex->pg_w ? ex->pg_w[(size_t)nl * PG_MAX + d - 1] : NULL;
 		for (uint32_t t = 0; t < B; t++)
-			attn_rmsnorm(resid + (size_t)t * ex->n, model_vec(&N->ffn_norm), ex->pg_x + (size_t)t * ex->n,
-				     ex->n, m->rms_eps);
-		if ((rc = model_matmul(&N->router, ex->pg_x, B, ex->logits, threads)))
+			attn_rmsnorm(resid + (size_t)t * ex->n, model_vec(&N->ffn_norm), xs + (size_t)t * ex->n, ex->n,
+				     m->rms_eps);
+		if (W) {
+			/* the fitted map: logits = W [x; 1] */
+			for (uint32_t t = 0; t < B; t++)
+				for (uint32_t e = 0; e < ex->E; e++) {
+					const float *w = W + (size_t)e * (ex->n + 1), *x = xs + (size_t)t * ex->n;
+					float acc = w[ex->n];
+					for (uint32_t i = 0; i < ex->n; i++)
+						acc += w[i] * x[i];
+					ex->logits[(size_t)t * ex->E + e] = acc;
+				}
+		} else if ((rc = model_matmul(&N->router, xs, B, ex->logits, threads))) {
 			return rc;
+		}
 		for (uint32_t t = 0; t < B; t++)
 			if ((rc = rank_2k(ex, ex->logits + (size_t)t * ex->E, pg_row(ex, nl, d, t))))
 				return rc;
@@ -410,6 +455,142 @@ static int pregate_at(struct experts *ex, uint32_t il, const float *resid, uint3
 	return 0;
 }
 
+/* Fitting: the inputs kept for (il, d) against the logits layer il's router
+ * gave (still in ex->logits), into the normal equations. */
+static void fit_add(struct experts *ex, uint32_t il, uint32_t d, uint32_t B)
+{
+	const size_t slot = (size_t)il * PG_MAX + d - 1, n1 = ex->n + 1;
+	double *A = ex->fit_a[slot], *Bm = ex->fit_b[slot];
+	if (!A || !Bm)
+		return;
+	for (uint32_t t = 0; t < B; t++) {
+		const float *x = ex->pg_xs + (slot * ex->cap_B + t) * ex->n, *y = ex->logits + (size_t)t * ex->E;
+		for (size_t i = 0; i < n1; i++) {
+			const double xi = i < ex->n ? x[i] : 1.0;
+			double *a = A + i * n1, *b = Bm + i * ex->E;
+			for (size_t j = 0; j <= i; j++)
+				a[j] += xi * (j < ex->n ? x[j] : 1.0);
+			for (uint32_t e = 0; e < ex->E; e++)
+				b[e] += xi * y[e];
+		}
+	}
+}
+
+int experts_pregate_fit_begin(struct experts *ex, struct moe_error *err)
+{
+	const size_t nslots = (size_t)ex->m->n_layers * PG_MAX, n1 = ex->n + 1;
+	if (!ex->o.pregate)
+		return moe_error_set(err, -EINVAL, "pre-gating fit: pre-gating is off");
+	if (!ex->fit_a && (!(ex->fit_a = calloc(nslots, sizeof(double *))) || !(ex->fit_b = calloc(nslots, sizeof(double *)))))
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	for (uint32_t nl = 0; nl < ex->m->n_layers; nl++)
+		for (uint32_t d = 1; d <= ex->o.pregate && d <= nl; d++) {
+			const size_t slot = (size_t)nl * PG_MAX + d - 1;
+			if (!(ex->fit_a[slot] = calloc(n1 * n1, sizeof(double))) ||
+			    !(ex->fit_b[slot] = calloc(n1 * ex->E, sizeof(double))))
+				return moe_error_set(err, -ENOMEM, "pre-gating fit: out of memory");
+		}
+	ex->fitting = true;
+	ex->cap_B = ex->cap_w = 0; /* the next grow() keeps every input */
+	return 0;
+}
+
+/* Cholesky of the SPD n x n matrix A (lower triangle, in place); then
+ * solves A X = B for m right-hand sides ([n][m]) in place. -EDOM if A is
+ * not positive definite. */
+static int chol_solve(double *A, size_t n, double *Bm, size_t m)
+{
+	for (size_t j = 0; j < n; j++) {
+		double s = A[j * n + j];
+		for (size_t k = 0; k < j; k++)
+			s -= A[j * n + k] * A[j * n + k];
+		if (!(s > 0))
+			return -EDOM;
+		A[j * n + j] = sqrt(s);
+		for (size_t i = j + 1; i < n; i++) {
+			double v = A[i * n + j];
+			for (size_t k = 0; k < j; k++)
+				v -= A[i * n + k] * A[j * n + k];
+			A[i * n + j] = v / A[j * n + j];
+		}
+	}
+	for (size_t c = 0; c < m; c++) {
+		for (size_t i = 0; i < n; i++) { /* L y = b */
+			double v = Bm[i * m + c];
+			for (size_t k = 0; k < i; k++)
+				v -= A[i * n + k] * Bm[k * m + c];
+			Bm[i * m + c] = v / A[i * n + i];
+		}
+		for (size_t i = n; i-- > 0;) { /* L^T x = y */
+			double v = Bm[i * m + c];
+			for (size_t k = i + 1; k < n; k++)
+				v -= A[k * n + i] * Bm[k * m + c];
+			Bm[i * m + c] = v / A[i * n + i];
+		}
+	}
+	return 0;
+}
+
+int experts_pregate_fit_end(struct experts *ex, double ridge, struct moe_error *err)
+{
+	const struct model *m = ex->m;
+	const size_t nslots = (size_t)m->n_layers * PG_MAX, n = ex->n, n1 = n + 1, E = ex->E;
+	float *w0 = malloc(n * n * sizeof(float)), *r0 = malloc(n * E * sizeof(float));
+	int rc = 0;
+	ex->fitting = false;
+	ex->cap_B = ex->cap_w = 0;
+	if (!w0 || !r0 || (!ex->pg_w && !(ex->pg_w = calloc(nslots, sizeof(float *))))) {
+		rc = moe_error_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t i = 0; i < n; i++)
+		for (size_t j = 0; j < n; j++)
+			w0[i * n + j] = i == j;
+	for (size_t slot = 0; slot < nslots && !rc; slot++) {
+		double *A = ex->fit_a[slot], *Bm = ex->fit_b[slot];
+		if (!A || A[n1 * n1 - 1] < 1.0) /* the bias term counts the samples */
+			continue;
+		const uint32_t nl = (uint32_t)(slot / PG_MAX);
+		/* the prior: the layer's own router (ffn_norm is in the input) */
+		if ((rc = model_matmul(&m->layers[nl].router, w0, (uint32_t)n, r0, 1))) {
+			rc = moe_error_set(err, rc, "pre-gating fit: router of layer %u: %d", nl, rc);
+			break;
+		}
+		double tr = 0.0;
+		for (size_t i = 0; i < n; i++)
+			tr += A[i * n1 + i];
+		const double lam = ridge * (tr / (double)n > 0 ? tr / (double)n : 1.0);
+		for (size_t i = 0; i < n1; i++) {
+			for (size_t j = i + 1; j < n1; j++)
+				A[i * n1 + j] = A[j * n1 + i]; /* only the lower half was summed */
+			A[i * n1 + i] += lam;
+			for (size_t e = 0; e < E && i < n; e++)
+				Bm[i * E + e] += lam * r0[i * E + e];
+		}
+		if (chol_solve(A, n1, Bm, E))
+			continue; /* degenerate: keep the router */
+		float *W = malloc(E * n1 * sizeof(float));
+		if (!W) {
+			rc = moe_error_set(err, -ENOMEM, "out of memory");
+			break;
+		}
+		for (size_t e = 0; e < E; e++)
+			for (size_t i = 0; i < n1; i++)
+				W[e * n1 + i] = (float)Bm[i * E + e];
+		free(ex->pg_w[slot]);
+		ex->pg_w[slot] = W;
+	}
+out:
+	for (size_t i = 0; ex->fit_a && i < nslots; i++) {
+		free(ex->fit_a[i]);
+		free(ex->fit_b[i]);
+		ex->fit_a[i] = ex->fit_b[i] = NULL;
+	}
+	free(w0);
+	free(r0);
+	return rc;
+}
+
 /* Scores the predictions made for layer il against what its router chose. */
 static void pregate_score(struct experts *ex, uint32_t il, uint32_t B)
 {
@@ -419,6 +600,8 @@ static void pregate_score(struct experts *ex, uint32_t il, uint32_t B)
 			*pn = 0;
 			continue;
 		}
+		if (ex->fitting)
+			fit_add(ex, il, d, B);
 		for (uint32_t t = 0; t < B; t++) {
 			const uint32_t *p = pg_row(ex, il, d, t);
 			const struct route_result *r = &ex->routes[t];

@@ -95,6 +95,18 @@ int experts_pregate(struct experts *ex, uint32_t il, const float *resid, uint32_
  * pregate_out; experts_pregate is then the no-op and this one predicts. */
 int experts_pregate_out(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads);
 
+/* A fitted pre-gate: between _begin and _end every forward pass (a
+ * calibration text, not the text measured) adds, for each layer and
+ * distance d <= pregate, the input pre-gating used (the residual stream
+ * through the later layer's ffn_norm) against the logits that layer's
+ * router then gave; _end solves, per (layer, d), the ridge regression of
+ * those logits on [input; 1] pulled towards the router itself (ridge x the
+ * mean input energy; 0.1 did best here), and pre-gating uses the fitted
+ * maps from then on (the router where too few samples came). Call
+ * experts_configure again after _end: the counters restart. */
+int experts_pregate_fit_begin(struct experts *ex, struct moe_error *err);
+int experts_pregate_fit_end(struct experts *ex, double ridge, struct moe_error *err);
+
 /* The dump: the routing trace CSV of core/trace.h (Layer ID = model layer,
  * Batch Number = sequence, Token = its text by piece(), rows in rank order of
  * the experts that ran) at csv, and the router logits at csv".logits"

@@ -21,7 +21,8 @@
 
 struct opts {
 	const char *pack, *gguf, *socket, *prompt, *tokens, *feed, *ppl, *dump;
-	const char *dump_routing, *dump_argmax, *sim_policy;
+	const char *dump_routing, *dump_argmax, *sim_policy, *pregate_fit;
+	double pregate_ridge;
 	bool local, quiet, kv_f16, ids;
 	unsigned prefetch; /* layers ahead to hint, 0 none */
 	bool pf_pregate;   /* --prefetch pregate */
@@ -43,7 +44,7 @@ static void usage(FILE *f)
 	      "               [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
 	      "               [--ppl FILE [--ctx N]] [--dump-logits FILE] [--kv-f16]\n"
 	      "               [--prefetch [router|pregate] | --prefetch-depth N] [--pregate H]\n"
-	      "               [--pregate-from attention|output]\n"
+	      "               [--pregate-from attention|output] [--pregate-fit FILE [--pregate-ridge R]]\n"
 	      "               [--route exact|margin|low-weight] [--route-keep J] [--route-margin M]\n"
 	      "               [--route-share S] [--route-weights family|renorm|inherit]\n"
 	      "               [--sim-cache C|P%] [--sim-policy P] [--dump-routing FILE] [--dump-argmax FILE]\n"
@@ -483,7 +484,7 @@ static void summary(struct ctx *c)
 
 enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_FEED, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
        O_QUIET, O_BATCH, O_NOPF, O_PF, O_PFD, O_KVF16, O_IDS, O_HELP, O_VERSION, O_DUMPR, O_DUMPA, O_PREGATE, O_ROUTE,
-       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM };
+       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE };
 
 static int parse(int argc, char **argv, struct opts *o)
 {
@@ -504,6 +505,7 @@ static int parse(int argc, char **argv, struct opts *o)
 		{ "pregate", required_argument, 0, O_PREGATE }, { "route", required_argument, 0, O_ROUTE },
 		{ "route-keep", required_argument, 0, O_RKEEP }, { "route-margin", required_argument, 0, O_RMARGIN },
 		{ "route-share", required_argument, 0, O_RSHARE }, { "route-weights", required_argument, 0, O_RWEIGHTS },
+		{ "pregate-fit", required_argument, 0, O_PGFIT }, { "pregate-ridge", required_argument, 0, O_PGRIDGE },
 		{ "pregate-from", required_argument, 0, O_PGFROM }, { "sim-cache", required_argument, 0, O_SIMC }, { "sim-policy", required_argument, 0, O_SIMP },
 		{ 0, 0, 0, 0 },
 	};
@@ -521,6 +523,7 @@ static int parse(int argc, char **argv, struct opts *o)
 	o->weights = -1;
 	o->margin = 1.0;
 	o->share = -1.0;
+	o->pregate_ridge = 0.1;
 	while ((ch = getopt_long(argc, argv, "n:t:q", lo, NULL)) != -1) {
 		switch (ch) {
 		case O_SOCKET: o->socket = optarg; break;
@@ -550,6 +553,12 @@ static int parse(int argc, char **argv, struct opts *o)
 			break;
 		}
 		case O_DUMPR: o->dump_routing = optarg; break;
+		case O_PGFIT: o->pregate_fit = optarg; break;
+		case O_PGRIDGE:
+			if (parse_num("--pregate-ridge", optarg, 1e-9, 1e9, &v))
+				return 2;
+			o->pregate_ridge = v;
+			break;
 		case O_PGFROM:
 			if (strcmp(optarg, "attention") && strcmp(optarg, "output")) {
 				fprintf(stderr, "moe-run: --pregate-from attention|output, not '%s'\n", optarg);
@@ -717,6 +726,41 @@ static int configure_experts(struct ctx *c, struct moe_error *err)
 	return experts_configure(c->ex, &eo, err);
 }
 
+/* --pregate-fit FILE: the text teacher-forced in chunks of the context,
+ * the pre-gating maps fitted on it (experts_pregate_fit_*), then the run's
+ * own configuration again (fresh counters and simulated cache). */
+static int calibrate(struct ctx *c, uint32_t n_ctx, struct moe_error *err)
+{
+	struct experts_opts co = { .pregate = c->o.pregate ? c->o.pregate : 1, .pregate_out = c->o.pregate_out };
+	char *text = NULL;
+	size_t len = 0, n = 0;
+	int32_t *ids = NULL;
+	int rc;
+	if (!c->tok)
+		return moe_error_set(err, -EINVAL, "--pregate-fit needs the model's tokenizer");
+	if ((rc = read_file(c->o.pregate_fit, &text, &len)))
+		return moe_error_set(err, rc, "%s: %s", c->o.pregate_fit, strerror(-rc));
+	rc = tokenizer_encode(c->tok, text, len, false, false, &ids, &n, err);
+	free(text);
+	if (rc)
+		return rc;
+	const uint32_t chunk = MOE_MIN(n_ctx, 128u);
+	if ((rc = experts_configure(c->ex, &co, err)) || (rc = experts_pregate_fit_begin(c->ex, err)))
+		goto out;
+	for (size_t at = 0; at + chunk <= n && !rc; at += chunk) {
+		runner_reset(c->r);
+		rc = runner_feed(c->r, ids + at, chunk, NULL, false, err);
+	}
+	runner_reset(c->r);
+	if (!rc && (rc = experts_pregate_fit_end(c->ex, c->o.pregate_ridge, err)) == 0 && !c->o.quiet)
+		fprintf(stderr, "moe-run: pre-gating fitted on %zu tokens of %s\n", n / chunk * chunk, c->o.pregate_fit);
+	if (!rc)
+		rc = configure_experts(c, err);
+out:
+	free(ids);
+	return rc;
+}
+
 static int piece_of(void *p, int32_t id, char *buf, size_t len)
 {
 	struct ctx *c = p;
@@ -782,6 +826,8 @@ int main(int argc, char **argv)
 	runner_set_kv_f16(c.r, c.o.kv_f16);
 	if (c.tok)
 		runner_set_token_key(c.r, token_key, &c);
+	if (c.o.pregate_fit && (rc = calibrate(&c, n_ctx, &err)))
+		goto fail;
 
 	if (c.o.ppl)
 		rc = perplexity(&c, &err);
