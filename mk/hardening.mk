@@ -5,3 +5,10 @@
 # capabilities.
 TESTS += tests/test_misbehave.sh tests/test_priv_user.sh
 EXTRA_DIST += tests/test_misbehave.sh tests/test_priv_user.sh
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_priv
+TESTS += tests/test_priv
+tests_test_priv_SOURCES = tests/test_priv.c
+tests_test_priv_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_priv_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
+endif
