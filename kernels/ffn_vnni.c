@@ -175,8 +175,8 @@ static FN_ATTR ALWAYS_INLINE void vn_tile(const int RP, const int T, const uint8
 		break;
 #define VN_CASES(RP) VN_CASE(RP, 1) VN_CASE(RP, 2) VN_CASE(RP, 3) VN_CASE(RP, 4)
 
-static FN_ATTR ALWAYS_INLINE void vn_mm(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
-					uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
+static FN_ATTR ALWAYS_INLINE void vn_mm_part(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
+					     uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
 {
 	const uint32_t nb = cols / 32, B = a->B;
 	const size_t xr_bytes = (size_t)B * nb * 64, dx_bytes = ((size_t)B * nb * 4 + 63) & ~(size_t)63;
@@ -217,6 +217,28 @@ static FN_ATTR ALWAYS_INLINE void vn_mm(const int DT, const uint8_t *W, size_t r
 		}
 	}
 	free(buf);
+}
+
+/* Tokens per pass over the weights: x's prepared blocks for one pass
+ * (bytes_per_token each) stay within about 512 KiB (L2) while every row
+ * tile reads them, between 16 and 64 tokens (a multiple of 4). */
+static inline uint32_t vn_chunk(size_t bytes_per_token)
+{
+	size_t c = ((size_t)512 << 10) / (bytes_per_token ? bytes_per_token : 1);
+	c = c < 16 ? 16 : c > 64 ? 64 : c;
+	return (uint32_t)(c & ~(size_t)3);
+}
+
+static FN_ATTR ALWAYS_INLINE void vn_mm(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
+					uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
+{
+	const uint32_t ch = vn_chunk((size_t)(cols / 32) * 68);
+	for (uint32_t t0 = 0; t0 < a->B; t0 += ch) {
+		struct ffn_act c = *a;
+		c.B = a->B - t0 < ch ? a->B - t0 : ch;
+		c.q8 = a->q8 + (size_t)t0 * a->ldq;
+		vn_mm_part(DT, W, rb, cols, r0, r1, &c, y + (size_t)t0 * ldy, ldy);
+	}
 }
 
 FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q8int_vnni512, vn_mm, MOE_DTYPE_Q8_0)
@@ -465,8 +487,8 @@ static FN_ATTR ALWAYS_INLINE void kv_tile(const int DT, const uint8_t *wk, const
 	_mm512_storeu_ps(out, accv);
 }
 
-static FN_ATTR ALWAYS_INLINE void kv_mm(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
-					uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
+static FN_ATTR ALWAYS_INLINE void kv_mm_part(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
+					     uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
 {
 	const uint32_t nb = cols / 256, B = a->B, G = (B + 3) / 4;
 	const size_t xk_bytes = (size_t)G * nb * KV_XBYTES, wk_bytes = (size_t)nb * KV_WBYTES;
@@ -496,6 +518,18 @@ static FN_ATTR ALWAYS_INLINE void kv_mm(const int DT, const uint8_t *W, size_t r
 		}
 	}
 	free(buf);
+}
+
+static FN_ATTR ALWAYS_INLINE void kv_mm(const int DT, const uint8_t *W, size_t rb, uint32_t cols, uint32_t r0,
+					uint32_t r1, const struct ffn_act *a, float *y, size_t ldy)
+{
+	const uint32_t ch = vn_chunk((size_t)(cols / 256) * KV_XBYTES / 4);
+	for (uint32_t t0 = 0; t0 < a->B; t0 += ch) {
+		struct ffn_act c = *a;
+		c.B = a->B - t0 < ch ? a->B - t0 : ch;
+		c.q8k = a->q8k + (size_t)t0 * a->ldqk;
+		kv_mm_part(DT, W, rb, cols, r0, r1, &c, y + (size_t)t0 * ldy, ldy);
+	}
 }
 
 FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q4_K_vnni512, kv_mm, MOE_DTYPE_Q4_K)

@@ -1054,8 +1054,9 @@ Test(ffn, quant_q8_avx2_matches_dtype, .timeout = 10)
  * kernels where the CPU has AVX512-VNNI) gives the AVX2 kernels' bits, for
  * every tile shape and tail: row counts around the tiles (8 rows for the
  * 32-blocks, odd counts pairing the last row with itself; 4 for the
- * K-quants), batches around the 4-token tile and below the batch
- * threshold, one and two threads, and raw random codes (q8_0 -128
+ * K-quants), batches around the 4-token tile, below the batch threshold
+ * and past one pass of 64 tokens (a tail pass of 1 and of 6), one and two
+ * threads, and raw random codes (q8_0 -128
  * included, which no quantizer writes but a file may hold). */
 Test(ffn, int_paths_same_bits, .timeout = 60)
 {
@@ -1063,7 +1064,7 @@ Test(ffn, int_paths_same_bits, .timeout = 60)
 					      MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K };
 	static const uint32_t rows_v[] = { 1, 2, 3, 5, 7, 8, 9, 13, 17, 40 };
 	static const uint32_t cols32[] = { 32, 96, 256 }, cols256[] = { 256, 512 };
-	static const uint32_t Bs[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33 };
+	static const uint32_t Bs[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33, 65, 70 };
 	cr_assert_eq(ffn_set_q8_mode(FFN_Q8_INT), 0);
 	if (!ffn_isa_supported(FFN_ISA_AVX2))
 		cr_skip_test("no AVX2");
@@ -1089,8 +1090,8 @@ Test(ffn, int_paths_same_bits, .timeout = 60)
 							memcpy(w + r * rb + b * bb, &h, 2);
 						}
 				}
-				float *x = make_x(33, cols + 5, 1.0f);
-				float *y0 = malloc(sizeof(float) * 33 * (rows + 3)), *y1 = malloc(sizeof(float) * 33 * (rows + 3));
+				float *x = make_x(70, cols + 5, 1.0f);
+				float *y0 = malloc(sizeof(float) * 70 * (rows + 3)), *y1 = malloc(sizeof(float) * 70 * (rows + 3));
 				for (size_t bi = 0; bi < sizeof(Bs) / sizeof(Bs[0]); bi++) {
 					const uint32_t B = Bs[bi];
 					cr_assert_eq(ffn_set_isa(FFN_ISA_AVX2), 0);
@@ -1100,7 +1101,7 @@ Test(ffn, int_paths_same_bits, .timeout = 60)
 							continue;
 						cr_assert_eq(ffn_set_isa((enum ffn_isa)isa), 0);
 						for (int th = 1; th <= 2; th++) {
-							memset(y1, 0xff, sizeof(float) * 33 * (rows + 3));
+							memset(y1, 0xff, sizeof(float) * 70 * (rows + 3));
 							cr_assert_eq(ffn_matmul(t, w, rows, cols, x, cols + 5, B, y1, rows + 3, th), 0);
 							for (uint32_t k = 0; k < B; k++)
 								cr_assert(memcmp(y0 + (size_t)k * (rows + 3), y1 + (size_t)k * (rows + 3),
