@@ -498,6 +498,10 @@ int moet_route(moet_ctx *c, uint32_t layer, const float *logits, unsigned n_logi
 	struct moet_cqe e;
 	if (!c || !logits || !c->ring_map)
 		return -EINVAL;
+	if (flags & MOET_F_ROUTE_CACHE) {
+		set_error(c, "moet_route: cache-aware routing goes through moet_route_opts");
+		return -EINVAL;
+	}
 	size_t bytes = (size_t)n_logits * sizeof(float);
 	if (bytes > c->reg.scratch_bytes)
 		return -E2BIG;
@@ -508,6 +512,69 @@ int moet_route(moet_ctx *c, uint32_t layer, const float *logits, unsigned n_logi
 	int rc = leased_entry(c, &q, &e, lease);
 	if (rc)
 		return rc;
+	for (unsigned i = 0; i < e.count; i++) {
+		if (experts)
+			experts[i] = e.ids[i];
+		if (weights)
+			weights[i] = e.weight[i];
+	}
+	fill_out(&e, e.count, slots, tiers, lease);
+	return e.count;
+}
+
+int moet_route_opts(moet_ctx *c, uint32_t layer, const float *logits, unsigned n_logits, unsigned flags,
+		    struct moet_route_args *a, uint32_t *experts, float *weights, int32_t *slots, uint8_t *tiers,
+		    moet_lease *lease)
+{
+	struct moet_sqe q;
+	struct moet_cqe e;
+	struct moet_route_req req;
+	struct moet_route_args in;
+	if (!c || !logits || !a || a->size == 0 || !c->ring_map)
+		return -EINVAL;
+	if (c->info.version < 2) {
+		set_error(c, "moet_route_opts: moetierd speaks protocol %u, cache-aware ROUTE needs 2",
+			  c->info.version);
+		return -EOPNOTSUPP;
+	}
+	/* A caller built against an older, shorter struct: the missing fields are 0. */
+	memset(&in, 0, sizeof(in));
+	memcpy(&in, a, a->size < sizeof(in) ? a->size : sizeof(in));
+	size_t bytes = (size_t)n_logits * sizeof(float);
+	if (bytes + sizeof(req) > c->reg.scratch_bytes)
+		return -E2BIG;
+	memset(&req, 0, sizeof(req));
+	req.rule = in.rule;
+	req.keep_top = in.keep_top;
+	req.margin = in.margin;
+	req.max_share = in.max_share;
+	req.min_similarity = in.min_similarity;
+	req.weights = in.weights;
+	req.tiers = in.tiers;
+	uint8_t *scratch = c->ring_map + c->reg.scratch_off;
+	memcpy(scratch, logits, bytes);
+	memcpy(scratch + bytes, &req, sizeof(req));
+	entry_init(c, &q, MOET_OP_ROUTE, flags | MOET_F_ROUTE_CACHE, layer);
+	q.data_off = 0;
+	q.data_len = (uint32_t)(bytes + sizeof(req));
+	int rc = leased_entry(c, &q, &e, lease);
+	/* The daemon wrote its reply fields before the completion. */
+	memcpy(&req, scratch + bytes, sizeof(req));
+	if (rc) {
+		if (req.status < 0 && req.error[0])
+			set_error(c, "%.*s", (int)sizeof(req.error), req.error);
+		else if (rc == -EFAULT)
+			set_error(c, "moet_route_opts: %u logits, the model has a different expert count", n_logits);
+		return rc;
+	}
+	in.subst_mask = req.subst_mask;
+	in.open_mask = req.open_mask;
+	in.n_resident = req.n_resident;
+	for (unsigned i = 0; i < MOET_MAX_BATCH; i++) {
+		in.exact[i] = i < e.count ? req.exact[i] : 0;
+		in.exact_weights[i] = i < e.count ? req.exact_weight[i] : 0.0f;
+	}
+	memcpy(a, &in, a->size < sizeof(in) ? a->size : sizeof(in));
 	for (unsigned i = 0; i < e.count; i++) {
 		if (experts)
 			experts[i] = e.ids[i];

@@ -1,9 +1,11 @@
 /* moe-client - talk to moetierd as an inference engine would: info,
- * acquire, bench (ring round trips), replay (routing traces). */
+ * acquire, route (cache-aware routing), bench (ring round trips), replay
+ * (routing traces). */
 #include "config.h"
 
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +29,10 @@ static void usage(FILE *f)
 		   "  info                          model, arenas and capabilities\n"
 		   "  acquire LAYER EXPERT...       acquire experts, print where they are, release\n"
 		   "          [--nowait] [--gpu]\n"
+		   "  route LAYER [--keep J] [--margin M] [--rule R] [--max-share S] [--weights W]\n"
+		   "        [--tier host|gpu] [--nowait] [--gpu] (LOGIT... | --logits FILE)\n"
+		   "                                route logits by the daemon (cache-aware with --keep/--rule),\n"
+		   "                                print the experts, weights and substitutions, release\n"
 		   "  bench [--seconds S] [--clients N]\n"
 		   "                                ACQUIRE+RELEASE round trips/s with 1 and N clients\n"
 		   "  replay [--nowait-only] [--gpu] [--tokens N] [--cold] [--layer-us US] [--no-hints] [--brief] TRACE...\n"
@@ -184,6 +190,206 @@ static int cmd_acquire(int argc, char **argv)
 	moet_close(c);
 	if (rc) {
 		fprintf(stderr, "moe-client acquire: release: %s\n", moet_strerror(rc));
+		return 1;
+	}
+	return failed ? 1 : 0;
+}
+
+/* Logits from text: numbers separated by spaces, commas, newlines or
+ * brackets (a JSON list works). "-" = stdin. Returns the count or -1. */
+static int read_logits(const char *path, float *out, unsigned max)
+{
+	FILE *f = strcmp(path, "-") ? fopen(path, "r") : stdin;
+	if (!f) {
+		fprintf(stderr, "moe-client route: %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	unsigned n = 0;
+	int ch;
+	char tok[64];
+	size_t len = 0;
+	int rc = 0;
+	do {
+		ch = fgetc(f);
+		if (ch != EOF && !strchr(" \t\r\n,[]", ch)) {
+			if (len + 1 >= sizeof(tok)) {
+				rc = -1;
+				break;
+			}
+			tok[len++] = (char)ch;
+			continue;
+		}
+		if (!len)
+			continue;
+		tok[len] = 0;
+		len = 0;
+		char *end;
+		float v = strtof(tok, &end);
+		if (*end || n >= max) {
+			fprintf(stderr, "moe-client route: %s: bad or too many logits at '%s'\n", path, tok);
+			rc = -1;
+			break;
+		}
+		out[n++] = v;
+	} while (ch != EOF);
+	if (f != stdin)
+		fclose(f);
+	return rc < 0 ? -1 : (int)n;
+}
+
+static int cmd_route(int argc, char **argv)
+{
+	static float logits[65536];
+	struct moet_route_args a = { .size = sizeof(a), .rule = MOET_ROUTE_MARGIN, .margin = INFINITY };
+	unsigned flags = 0, n = 0;
+	uint32_t layer = 0;
+	bool have_layer = false, cache_aware = false, keep_given = false;
+	const char *file = NULL;
+	for (int i = 0; i < argc; i++) {
+		const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+		char *end = NULL;
+		if (!strcmp(o, "--nowait")) {
+			flags |= MOET_F_NOWAIT;
+		} else if (!strcmp(o, "--gpu")) {
+			flags |= MOET_F_WANT_GPU;
+		} else if (!strcmp(o, "--keep") && v) {
+			unsigned long j = strtoul(v, &end, 10);
+			if (*end || end == v || j > 1000) {
+				fprintf(stderr, "moe-client route: bad --keep '%s'\n", v);
+				return 2;
+			}
+			a.keep_top = (unsigned)j;
+			cache_aware = keep_given = true;
+			i++;
+		} else if ((!strcmp(o, "--margin") || !strcmp(o, "--max-share")) && v) {
+			float f = strtof(v, &end);
+			if (*end || end == v) {
+				fprintf(stderr, "moe-client route: bad %s '%s'\n", o, v);
+				return 2;
+			}
+			if (!strcmp(o, "--margin"))
+				a.margin = f;
+			else
+				a.max_share = f;
+			cache_aware = true;
+			i++;
+		} else if (!strcmp(o, "--rule") && v) {
+			static const char *const names[] = { "exact", "margin", "low-weight", "similarity" };
+			unsigned r = 0;
+			while (r < 4 && strcmp(v, names[r]))
+				r++;
+			if (r == 4) {
+				fprintf(stderr, "moe-client route: unknown rule '%s' (exact, margin, low-weight, similarity)\n", v);
+				return 2;
+			}
+			a.rule = r;
+			cache_aware = true;
+			i++;
+		} else if (!strcmp(o, "--weights") && v) {
+			static const char *const names[] = { "default", "family", "renorm", "inherit" };
+			unsigned w = 0;
+			while (w < 4 && strcmp(v, names[w]))
+				w++;
+			if (w == 4) {
+				fprintf(stderr, "moe-client route: unknown weights '%s' (family, renorm, inherit)\n", v);
+				return 2;
+			}
+			a.weights = w;
+			i++;
+		} else if (!strcmp(o, "--tier") && v) {
+			if (strcmp(v, "host") && strcmp(v, "gpu")) {
+				fprintf(stderr, "moe-client route: --tier host or gpu\n");
+				return 2;
+			}
+			a.tiers = v[0] == 'h' ? MOET_ROUTE_TIER_HOST : MOET_ROUTE_TIER_GPU;
+			i++;
+		} else if (!strcmp(o, "--logits") && v) {
+			file = v;
+			i++;
+		} else if (!have_layer) {
+			unsigned long l = strtoul(o, &end, 10);
+			if (*end || end == o || l > UINT32_MAX) {
+				fprintf(stderr, "moe-client route: bad layer '%s'\n", o);
+				return 2;
+			}
+			layer = (uint32_t)l;
+			have_layer = true;
+		} else {
+			/* a logit; "-1.5" is a number, not an option */
+			float f = strtof(o, &end);
+			if (*end || end == o || n >= sizeof(logits) / sizeof(logits[0])) {
+				fprintf(stderr, "moe-client route: bad argument '%s'\n", o);
+				return 2;
+			}
+			logits[n++] = f;
+		}
+	}
+	if (file) {
+		if (n) {
+			fprintf(stderr, "moe-client route: logits on the command line and --logits\n");
+			return 2;
+		}
+		int r = read_logits(file, logits, sizeof(logits) / sizeof(logits[0]));
+		if (r < 0)
+			return 2;
+		n = (unsigned)r;
+	}
+	if (!have_layer || !n) {
+		fprintf(stderr, "moe-client route: need LAYER and the layer's logits\n");
+		return 2;
+	}
+	moet_ctx *c;
+	if (connect_or_die(&c, "moe-client route"))
+		return 1;
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	moet_model_info(c, &mi);
+	if (n != mi.n_experts) {
+		fprintf(stderr, "moe-client route: %u logits, model %s has %u experts\n", n, mi.name, mi.n_experts);
+		moet_close(c);
+		return 2;
+	}
+	if (cache_aware && !keep_given)
+		a.keep_top = mi.top_k; /* no --keep: every slot kept, i.e. exact */
+	uint32_t ex[MOET_MAX_BATCH];
+	float w[MOET_MAX_BATCH];
+	int32_t slots[MOET_MAX_BATCH];
+	uint8_t tiers[MOET_MAX_BATCH];
+	moet_lease lease = 0;
+	uint64_t t0 = now_ns();
+	int k = cache_aware ? moet_route_opts(c, layer, logits, n, flags, &a, ex, w, slots, tiers, &lease)
+			    : moet_route(c, layer, logits, n, flags, ex, w, slots, tiers, &lease);
+	uint64_t t1 = now_ns();
+	if (k < 0) {
+		fprintf(stderr, "moe-client route: %s", moet_strerror(k));
+		if (*moet_last_error(c))
+			fprintf(stderr, ": %s", moet_last_error(c));
+		fprintf(stderr, "\n");
+		moet_close(c);
+		return 1;
+	}
+	printf("layer %u: %d experts in %.1f us, lease %#" PRIx64 "\n", layer, k, (double)(t1 - t0) / 1e3, lease);
+	unsigned failed = 0;
+	for (int i = 0; i < k; i++) {
+		printf("  slot %-2d expert %-5u weight %.6f", i, ex[i], (double)w[i]);
+		if (cache_aware)
+			printf(" exact %-5u %.6f%s", a.exact[i], (double)a.exact_weights[i],
+			       (a.subst_mask >> i & 1) ? " substituted" : "");
+		if (slots[i] >= 0)
+			printf(" %s slot %d\n", tiers[i] == 0 ? "gpu" : "host", slots[i]);
+		else if (slots[i] == -1)
+			printf(" miss\n");
+		else {
+			printf(" error %s\n", errno_name(-slots[i]));
+			failed++;
+		}
+	}
+	if (cache_aware)
+		printf("substituted %d of %d slots (open %d), %u experts resident, subst_mask %#x\n",
+		       __builtin_popcount(a.subst_mask), k, __builtin_popcount(a.open_mask), a.n_resident, a.subst_mask);
+	int rc = moet_release(c, lease);
+	moet_close(c);
+	if (rc) {
+		fprintf(stderr, "moe-client route: release: %s\n", moet_strerror(rc));
 		return 1;
 	}
 	return failed ? 1 : 0;
@@ -610,6 +816,8 @@ int main(int argc, char **argv)
 		return cmd_info();
 	if (!strcmp(cmd, "acquire"))
 		return cmd_acquire(argc - i, argv + i);
+	if (!strcmp(cmd, "route"))
+		return cmd_route(argc - i, argv + i);
 	if (!strcmp(cmd, "bench"))
 		return cmd_bench(argc - i, argv + i);
 	if (!strcmp(cmd, "replay"))

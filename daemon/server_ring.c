@@ -7,6 +7,8 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -296,6 +298,110 @@ out:
 	return rc;
 }
 
+/* Residency of one layer for cache-aware routing: RESIDENT (not loading) in
+ * one of the tiers asked for, at this moment. Returns the count. */
+static uint32_t route_residency(struct served_model *m, uint32_t layer, uint32_t tiers, uint8_t *resident)
+{
+	uint64_t words[(ROUTE_MAX_EXPERTS + 63) / 64];
+	size_t nw = (m->n_experts + 63) / 64;
+	uint32_t n = 0;
+	memset(resident, 0, m->n_experts);
+	if (!tiers)
+		tiers = MOET_ROUTE_TIER_GPU | MOET_ROUTE_TIER_HOST;
+	for (int t = 0; t < 2; t++) {
+		enum cache_tier tier = t ? CACHE_TIER_HOST : CACHE_TIER_GPU;
+		if (!(tiers & (t ? MOET_ROUTE_TIER_HOST : MOET_ROUTE_TIER_GPU)) ||
+		    (tier == CACHE_TIER_GPU && !cache_has_gpu(m->cache)))
+			continue;
+		if (cache_residency_bitmap(m->cache, tier, layer, words, nw) < 0)
+			continue;
+		for (uint32_t e = 0; e < m->n_experts; e++)
+			if (words[e / 64] >> (e % 64) & 1)
+				resident[e] = 1;
+	}
+	for (uint32_t e = 0; e < m->n_experts; e++)
+		n += resident[e];
+	return n;
+}
+
+/* ROUTE: the logits (and with MOET_F_ROUTE_CACHE the request after them)
+ * come from the scratch area, bounds-checked and copied once; the decision is
+ * route.c's with this layer's selection bias (DeepSeek-V3's
+ * e_score_correction_bias). A cache-aware request gets its reply fields
+ * written back before the completion. */
+static int exec_route(struct srv_client *c, const struct moet_sqe *q, struct route_result *rr)
+{
+	struct served_model *m = c->m;
+	float logits[ROUTE_MAX_EXPERTS];
+	bool cached = q->flags & MOET_F_ROUTE_CACHE;
+	size_t lbytes = (size_t)m->n_experts * sizeof(float);
+	size_t want = lbytes + (cached ? sizeof(struct moet_route_req) : 0);
+	struct moet_route_req req;
+	struct moe_error err = { 0 };
+	int rc;
+
+	if (q->layer >= m->n_layers)
+		return -ERANGE;
+	if (!c->region || q->data_len != want || (q->data_off & 3) || q->data_off > c->reg.scratch_bytes ||
+	    q->data_len > c->reg.scratch_bytes - q->data_off)
+		return -EFAULT;
+	uint8_t *base = c->region + c->reg.scratch_off + q->data_off;
+	memcpy(logits, base, lbytes);
+	struct route_params rp = m->rp;
+	rp.score_bias = m->score_bias ? m->score_bias + (size_t)q->layer * m->n_experts : NULL;
+	if (!cached)
+		return route_topk(&rp, logits, rr);
+
+	memcpy(&req, base + lbytes, sizeof(req));
+	memset(&req.status, 0, sizeof(req) - offsetof(struct moet_route_req, status));
+	struct route_cache_rule rule;
+	uint8_t resident[ROUTE_MAX_EXPERTS];
+	rc = 0;
+	if (req.rule > MOET_ROUTE_SIMILARITY) {
+		rc = moe_error_set(&err, -EINVAL, "route: unknown rule %u", req.rule);
+	} else if (req.weights > MOET_ROUTE_W_INHERIT) {
+		rc = moe_error_set(&err, -EINVAL, "route: unknown weights mode %u", req.weights);
+	} else if (req.tiers & ~(uint32_t)(MOET_ROUTE_TIER_GPU | MOET_ROUTE_TIER_HOST)) {
+		rc = moe_error_set(&err, -EINVAL, "route: unknown tiers %#x", req.tiers);
+	} else if (req.rule == MOET_ROUTE_SIMILARITY) {
+		rc = moe_error_set(&err, -EOPNOTSUPP, "route: the similarity rule needs an expert-similarity "
+						      "table, which this daemon does not load");
+	} else {
+		route_cache_rule_init(&rule, (enum route_rule)req.rule, req.keep_top, req.margin);
+		if (req.rule == MOET_ROUTE_EXACT)
+			rule.keep_top = m->rp.top_k;
+		if (req.max_share != 0.0f)
+			rule.max_share = req.max_share;
+		rule.min_similarity = req.min_similarity;
+		if (req.weights != MOET_ROUTE_W_DEFAULT)
+			rule.weights = req.weights - 1;
+		req.n_resident = route_residency(m, q->layer, req.tiers, resident);
+		/* The exact rule still names J and margin: check what was sent. */
+		if (req.rule == MOET_ROUTE_EXACT && (req.keep_top > m->rp.top_k || !(req.margin >= 0.0f)))
+			rc = moe_error_set(&err, -EINVAL, "route: keep-top J=%u (k=%u) or margin %g out of range",
+					   req.keep_top, m->rp.top_k, (double)req.margin);
+		else
+			rc = route_cached(&rp, logits, resident, &rule, rr, &err);
+	}
+	req.status = rc;
+	if (rc < 0) {
+		/* the message, cut to the reply's field */
+		memcpy(req.error, err.msg, sizeof(req.error) - 1);
+		req.error[sizeof(req.error) - 1] = 0;
+		moe_debug("client %u: %s", c->id, err.msg);
+	} else {
+		req.subst_mask = rr->subst_mask;
+		req.open_mask = rr->open_mask;
+		for (uint32_t i = 0; i < rr->n && i < MOET_MAX_BATCH; i++) {
+			req.exact[i] = (uint16_t)rr->exact[i];
+			req.exact_weight[i] = rr->exact_weights[i];
+		}
+	}
+	memcpy(base + lbytes + offsetof(struct moet_route_req, status), &req.status,
+	       sizeof(req) - offsetof(struct moet_route_req, status));
+	return rc;
+}
+
 /* The client's placement (under c->lock), created at its first use; NULL
  * when the model runs no predictor. */
 static struct placement *client_placement(struct srv_client *c)
@@ -321,7 +427,8 @@ int server_ring_exec(struct server *s, struct srv_client *c, const struct moet_s
 	out->user_tag = q->user_tag;
 	out->opcode = q->opcode;
 	out->flags = q->flags;
-	if (q->flags & ~(MOET_F_NOWAIT | MOET_F_WANT_GPU)) {
+	if ((q->flags & ~(MOET_F_NOWAIT | MOET_F_WANT_GPU | MOET_F_ROUTE_CACHE)) ||
+	    ((q->flags & MOET_F_ROUTE_CACHE) && q->opcode != MOET_OP_ROUTE)) {
 		rc = -EINVAL;
 		goto bad;
 	}
@@ -362,24 +469,8 @@ int server_ring_exec(struct server *s, struct srv_client *c, const struct moet_s
 	case MOET_OP_ROUTE: {
 		struct moet_sqe local = *q;
 		if (q->opcode == MOET_OP_ROUTE) {
-			/* Logits come from the scratch area: bounds-checked, copied once. */
-			float logits[ROUTE_MAX_EXPERTS];
 			struct route_result rr;
-			if (q->layer >= m->n_layers) {
-				rc = -ERANGE;
-				goto bad;
-			}
-			if (!c->region || q->data_len != m->n_experts * sizeof(float) || (q->data_off & 3) ||
-			    q->data_off > c->reg.scratch_bytes || q->data_len > c->reg.scratch_bytes - q->data_off) {
-				rc = -EFAULT;
-				goto bad;
-			}
-			memcpy(logits, c->region + c->reg.scratch_off + q->data_off, q->data_len);
-			/* the family's rule with this layer's selection bias
-			 * (DeepSeek-V3's e_score_correction_bias) */
-			struct route_params rp = m->rp;
-			rp.score_bias = m->score_bias ? m->score_bias + (size_t)q->layer * m->n_experts : NULL;
-			if ((rc = route_topk(&rp, logits, &rr)))
+			if ((rc = exec_route(c, q, &rr)))
 				goto bad;
 			local.count = (uint16_t)rr.n;
 			for (unsigned i = 0; i < rr.n; i++) {

@@ -30,6 +30,12 @@ except ImportError:  # numpy is optional: lists are returned instead
 MAX_BATCH = 32
 TIER_GPU, TIER_HOST, TIER_NVME = 0, 1, 2
 F_NOWAIT, F_WANT_GPU = 1, 2
+# cache-aware ROUTE (proto.h enum moet_route_rule / _weights / _tiers)
+ROUTE_EXACT, ROUTE_MARGIN, ROUTE_LOW_WEIGHT, ROUTE_SIMILARITY = 0, 1, 2, 3
+ROUTE_RULES = {"exact": ROUTE_EXACT, "margin": ROUTE_MARGIN, "low-weight": ROUTE_LOW_WEIGHT,
+               "similarity": ROUTE_SIMILARITY}
+ROUTE_WEIGHTS = {None: 0, "family": 1, "renorm": 2, "inherit": 3}
+ROUTE_TIER_GPU, ROUTE_TIER_HOST = 1, 2
 STATS_TEXT, STATS_JSON, STATS_PROMETHEUS = 0, 1, 2
 E_UNAVAILABLE, E_VERSION, E_DISCONNECTED, E_REFUSED, E_CAPS = -10001, -10002, -10003, -10004, -10005
 CAP_RING, CAP_HOST_ARENA, CAP_GPU_EMU, CAP_GPU_VMM, CAP_ROUTE, CAP_COMPUTE, CAP_ADMIN = (1 << i for i in range(7))
@@ -49,6 +55,14 @@ class _ModelInfo(ctypes.Structure):
                 ("moe_layer_step", ctypes.c_uint32), ("expert_bytes", ctypes.c_uint64),
                 ("slot_bytes", ctypes.c_uint64 * 2), ("n_slots", ctypes.c_uint32 * 2),
                 ("caps", ctypes.c_uint32), ("client_id", ctypes.c_uint32), ("protocol", ctypes.c_uint32)]
+
+
+class _RouteArgs(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("rule", ctypes.c_uint), ("keep_top", ctypes.c_uint),
+                ("margin", ctypes.c_float), ("max_share", ctypes.c_float), ("min_similarity", ctypes.c_float),
+                ("weights", ctypes.c_uint), ("tiers", ctypes.c_uint),
+                ("subst_mask", ctypes.c_uint32), ("open_mask", ctypes.c_uint32), ("n_resident", ctypes.c_uint32),
+                ("exact", ctypes.c_uint32 * MAX_BATCH), ("exact_weights", ctypes.c_float * MAX_BATCH)]
 
 
 def _load():
@@ -78,6 +92,9 @@ for name, res, args in [
     ("moet_release", ctypes.c_int, [_P, ctypes.c_uint64]),
     ("moet_route", ctypes.c_int, [_P, ctypes.c_uint32, ctypes.POINTER(ctypes.c_float), ctypes.c_uint, ctypes.c_uint,
                                   _u32p, ctypes.POINTER(ctypes.c_float), _i32p, _u8p, _u64p]),
+    ("moet_route_opts", ctypes.c_int, [_P, ctypes.c_uint32, ctypes.POINTER(ctypes.c_float), ctypes.c_uint,
+                                       ctypes.c_uint, ctypes.POINTER(_RouteArgs), _u32p,
+                                       ctypes.POINTER(ctypes.c_float), _i32p, _u8p, _u64p]),
     ("moet_compute", ctypes.c_int, [_P, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _u32p,
                                     ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float),
                                     ctypes.POINTER(ctypes.c_float)]),
@@ -270,17 +287,49 @@ class Client:
     def release(self, lease):
         return _check(_lib.moet_release(self._ctx, int(lease)), self._ctx)
 
-    def route(self, layer, logits, nowait=False):
+    def route(self, layer, logits, nowait=False, keep=None, margin=None, rule=None, max_share=0.0,
+              min_similarity=0.0, weights=None, tiers=0):
+        """Routing by the daemon (the model's rule), then an acquire of the experts.
+        Cache-aware when keep (J) or rule is given (doc/routing.md): the slots after the
+        router's top-J whose expert is not resident may take a resident one; rule is
+        "margin" (default; margin defaults to +inf), "low-weight" (max_share, 0 = 0.25),
+        "similarity" or "exact"; weights None (the rule's), "family", "renorm", "inherit";
+        tiers 0 (GPU or host), ROUTE_TIER_GPU, ROUTE_TIER_HOST. The Lease then also has
+        .substituted (per slot), .subst_mask, .open_mask, .exact, .exact_weights,
+        .n_resident. A malformed request raises MoetierError (-EINVAL) saying why."""
         vals = [float(x) for x in logits]
         arr = (ctypes.c_float * len(vals))(*vals)
         ex = (ctypes.c_uint32 * MAX_BATCH)()
         w = (ctypes.c_float * MAX_BATCH)()
         slots = (ctypes.c_int32 * MAX_BATCH)()
-        tiers = (ctypes.c_uint8 * MAX_BATCH)()
+        tr = (ctypes.c_uint8 * MAX_BATCH)()
         lease = ctypes.c_uint64()
-        k = _check(_lib.moet_route(self._ctx, layer, arr, len(vals), F_NOWAIT if nowait else 0, ex, w, slots, tiers,
-                                   ctypes.byref(lease)), self._ctx)
-        return Lease(self, list(ex[:k]), list(slots[:k]), list(tiers[:k]), lease.value, list(w[:k]))
+        flags = F_NOWAIT if nowait else 0
+        if keep is None and rule is None:
+            k = _check(_lib.moet_route(self._ctx, layer, arr, len(vals), flags, ex, w, slots, tr,
+                                       ctypes.byref(lease)), self._ctx)
+            return Lease(self, list(ex[:k]), list(slots[:k]), list(tr[:k]), lease.value, list(w[:k]))
+        rule = "margin" if rule is None else rule
+        if rule not in ROUTE_RULES or weights not in ROUTE_WEIGHTS:
+            raise ValueError("rule must be one of %s, weights one of %s" % (sorted(ROUTE_RULES),
+                                                                            [k for k in ROUTE_WEIGHTS if k]))
+        a = _RouteArgs()
+        a.size = ctypes.sizeof(a)
+        a.rule = ROUTE_RULES[rule]
+        a.keep_top = self.info["top_k"] if keep is None else int(keep)
+        a.margin = float("inf") if margin is None else float(margin)
+        a.max_share = float(max_share)
+        a.min_similarity = float(min_similarity)
+        a.weights = ROUTE_WEIGHTS[weights]
+        a.tiers = int(tiers)
+        k = _check(_lib.moet_route_opts(self._ctx, layer, arr, len(vals), flags, ctypes.byref(a), ex, w, slots, tr,
+                                        ctypes.byref(lease)), self._ctx)
+        r = Lease(self, list(ex[:k]), list(slots[:k]), list(tr[:k]), lease.value, list(w[:k]))
+        r.subst_mask, r.open_mask, r.n_resident = a.subst_mask, a.open_mask, a.n_resident
+        r.substituted = [bool(a.subst_mask >> i & 1) for i in range(k)]
+        r.exact = list(a.exact[:k])
+        r.exact_weights = list(a.exact_weights[:k])
+        return r
 
     def compute(self, layer, experts, weights, x):
         """Expert FFNs on the daemon's host tier. experts, weights: [tokens][k];

@@ -101,6 +101,40 @@ int moet_set_token(moet_ctx *ctx, uint32_t token_key, uint32_t position);
 int moet_route(moet_ctx *ctx, uint32_t layer, const float *logits, unsigned n_logits, unsigned flags,
 	       uint32_t *experts, float *weights, int32_t *slots, uint8_t *tiers, moet_lease *lease);
 
+/* Cache-aware routing by the daemon (protocol >= 2; doc/routing.md): exact
+ * routing, then each slot after the router's top keep_top whose expert is not
+ * resident (in `tiers`, at that moment) may take a resident expert instead,
+ * by `rule` (MOET_ROUTE_MARGIN: the best-scored resident expert within
+ * `margin` of the replaced one; MOET_ROUTE_LOW_WEIGHT: the same, only for
+ * slots whose exact weight share is below max_share, weights renormalised;
+ * MOET_ROUTE_SIMILARITY: the most similar resident expert). The router's
+ * top keep_top are never replaced. experts/weights/slots/tiers/lease as
+ * moet_route (the final set); the struct's out fields say which slots were
+ * substituted and what exact routing was. Returns k, or a negative code:
+ * -EINVAL for a malformed request (keep_top 0 or > k, margin < 0 or NaN, a
+ * NaN logit; moet_last_error says which), -EOPNOTSUPP from a daemon that
+ * predates protocol 2 or for a rule it cannot apply. */
+struct moet_route_args {
+	size_t size;            /* sizeof(struct moet_route_args), set by the caller */
+	/* in */
+	unsigned rule;          /* enum moet_route_rule (proto.h) */
+	unsigned keep_top;      /* J, 1..k */
+	float margin;           /* >= 0, INFINITY = no bound */
+	float max_share;        /* LOW_WEIGHT: 0 = 0.25; others: 0 = no limit */
+	float min_similarity;   /* SIMILARITY only */
+	unsigned weights;       /* enum moet_route_weights; 0 = the rule's default */
+	unsigned tiers;         /* enum moet_route_tiers; 0 = GPU or host */
+	/* out */
+	uint32_t subst_mask;    /* bit i: slot i was substituted */
+	uint32_t open_mask;     /* bit i: slot i >= J and its exact expert not resident */
+	uint32_t n_resident;    /* experts of the layer resident in `tiers` */
+	uint32_t exact[MOET_MAX_BATCH];         /* exact routing's experts */
+	float exact_weights[MOET_MAX_BATCH];    /* and weights */
+};
+int moet_route_opts(moet_ctx *ctx, uint32_t layer, const float *logits, unsigned n_logits, unsigned flags,
+		    struct moet_route_args *args, uint32_t *experts, float *weights, int32_t *slots, uint8_t *tiers,
+		    moet_lease *lease);
+
 /* Expert FFN by the daemon on the host tier (compute where the expert
  * lives): y[t] = sum_j weights[t*k+j] * expert_{experts[t*k+j]}(x[t]) for
  * `tokens` tokens of `hidden` floats each (x, y: [tokens x hidden]). All

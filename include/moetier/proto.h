@@ -20,7 +20,8 @@
 
 #include <stdint.h>
 
-#define MOET_PROTO_VERSION 1
+/* 2: cache-aware ROUTE (MOET_F_ROUTE_CACHE, struct moet_route_req) */
+#define MOET_PROTO_VERSION 2
 #define MOET_PROTO_MIN_VERSION 1
 #define MOET_MSG_MAGIC 0x544f454du /* "MOET" little-endian */
 #define MOET_MAX_BATCH 32          /* experts per ring entry */
@@ -189,7 +190,8 @@ enum moet_opcode {
 	MOET_OP_RELEASE = 3,   /* lease */
 	MOET_OP_PREFETCH = 4,  /* ids[count] of `layer`, hint into `tier` */
 	MOET_OP_ROUTE = 5,     /* logits f32[n_experts] at scratch[data_off] -> top-k ids,
-				* weights, then ACQUIRE of them (flags as ACQUIRE) */
+				* weights, then ACQUIRE of them (flags as ACQUIRE);
+				* with MOET_F_ROUTE_CACHE cache-aware (see below) */
 	MOET_OP_COMPUTE = 6,   /* expert FFN on the host tier: struct moet_compute_args at
 				* scratch[data_off] (data_len bytes cover it all); see below */
 };
@@ -211,7 +213,60 @@ struct moet_compute_args {
 enum moet_sqe_flags {
 	MOET_F_NOWAIT = 1u << 0,   /* misses complete at once (slot -1), loads start */
 	MOET_F_WANT_GPU = 1u << 1, /* serve from the GPU tier when possible */
+	MOET_F_ROUTE_CACHE = 1u << 2, /* ROUTE only, protocol >= 2: a struct
+				       * moet_route_req follows the logits */
 };
+
+/* Cache-aware ROUTE (protocol 2; doc/routing.md). The scratch area at
+ * data_off holds f32 logits[n_experts] and right after them this struct;
+ * data_len = n_experts * 4 + sizeof(struct moet_route_req). The daemon routes
+ * exactly (the family's rule), then lets the slots after the router's top
+ * keep_top take a resident expert instead of a non-resident one, by `rule`
+ * (core/route.h, route_cached); residency is the daemon's tiers at that
+ * moment. It writes the output fields back into the scratch area before the
+ * completion (also on a refused request: status and error); the CQE carries
+ * the final experts and weights as for a plain ROUTE. A malformed request
+ * (keep_top 0 or > k, margin < 0 or NaN, a NaN logit, unknown rule...) fails
+ * with -EINVAL; rule SIMILARITY without a similarity table with -EOPNOTSUPP. */
+enum moet_route_rule {
+	MOET_ROUTE_EXACT = 0,      /* no substitution (reply fields still filled) */
+	MOET_ROUTE_MARGIN = 1,     /* keep-J + margin: best resident within margin */
+	MOET_ROUTE_LOW_WEIGHT = 2, /* + only slots whose exact weight share < max_share */
+	MOET_ROUTE_SIMILARITY = 3, /* + the resident most similar to the replaced one */
+};
+enum moet_route_weights {
+	MOET_ROUTE_W_DEFAULT = 0,  /* the rule's: MARGIN family, LOW_WEIGHT renorm,
+				    * SIMILARITY inherit */
+	MOET_ROUTE_W_FAMILY = 1,   /* the family's rule over the final set */
+	MOET_ROUTE_W_RENORM = 2,   /* family rule, scaled to the exact set's sum */
+	MOET_ROUTE_W_INHERIT = 3,  /* each slot keeps exact routing's weight */
+};
+enum moet_route_tiers {
+	MOET_ROUTE_TIER_GPU = 1u << 0,  /* resident = in the GPU tier ... */
+	MOET_ROUTE_TIER_HOST = 1u << 1, /* ... or the host tier; 0 = both */
+};
+struct moet_route_req {
+	/* in */
+	uint32_t rule;           /* enum moet_route_rule */
+	uint32_t keep_top;       /* J, 1..top_k: the router's top-J are never replaced */
+	float margin;            /* >= 0 (+inf allowed): max selection-key gap
+				  * (logit units; DeepSeek-V3: sigmoid + bias) */
+	float max_share;         /* LOW_WEIGHT: 0 = 0.25; others: 0 = no limit */
+	float min_similarity;    /* SIMILARITY: least similarity accepted */
+	uint32_t weights;        /* enum moet_route_weights */
+	uint32_t tiers;          /* enum moet_route_tiers */
+	uint32_t reserved[5];    /* zero */
+	/* out (written by the daemon) */
+	int32_t status;          /* 0 or the entry's negative errno */
+	uint32_t subst_mask;     /* bit i: slot i took a resident substitute */
+	uint32_t open_mask;      /* bit i: slot i >= J and its exact expert not resident */
+	uint32_t n_resident;     /* experts of the layer resident in `tiers` */
+	uint16_t exact[MOET_MAX_BATCH];        /* exact routing's experts */
+	float exact_weight[MOET_MAX_BATCH];    /* and weights */
+	char error[96];          /* why, when status < 0 */
+};
+_Static_assert(sizeof(struct moet_route_req) == 48 + 16 + 2 * MOET_MAX_BATCH + 4 * MOET_MAX_BATCH + 96,
+	       "route req layout");
 
 struct moet_sqe {
 	uint8_t opcode;      /* enum moet_opcode */
