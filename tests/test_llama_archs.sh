@@ -22,7 +22,8 @@
 # does not compute), once through moetierd. What cannot run is refused with
 # a message saying why, and checked for it: the gateless npm llama
 # (moe-pack), upstream llama's rope_freqs (moe-run), deepseek2 (moe-run runs
-# no MLA attention; moetierd serves and routes its pack).
+# no MLA attention; moetierd serves and routes its pack), and expert scales
+# on q8_0 experts (upstream qwen3moe through tests/llama-quantize).
 # Skips (77) without the llama.cpp peer (source, libraries, tests/llama-
 # oracle), a C++ compiler or numpy in Debian's python3.
 set -eu
@@ -123,6 +124,16 @@ for f in npm upstream; do
 	pack $f deepseek2 &&
 		refused "architecture deepseek2: moe-run runs" "$B/moe-run" "$tmp/$f-deepseek2.moepack" --local --tokens 1,2
 done
+
+# a scale llama.cpp applies cannot be folded into quantized experts
+if [ -x "$B/tests/llama-quantize" ]; then
+	"$B/tests/llama-quantize" "$tmp/upstream/qwen3moe-moe.gguf" "$tmp/q8s.gguf" Q8_0 2>"$tmp/quant.log" ||
+		{ cat "$tmp/quant.log" >&2; exit 1; }
+	refused "ffn_gate_exps.scale: expert 0's scale is" \
+		"$B/tools/moe-pack" convert "$tmp/q8s.gguf" -o "$tmp/q8s.moepack" -q
+	grep -q "folds such scales into f32 weights only (blk.0.ffn_gate_exps.weight is q8_0)" "$tmp/ref.err" ||
+		bad "the refusal does not name the expert tensor's type"
+fi
 
 # llama (Mixtral layout)
 refused "neither ffn_gate_exps nor ffn_gate_up_exps" \
