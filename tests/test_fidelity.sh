@@ -9,7 +9,8 @@
 #  - a cache-aware rule substitutes and raises the simulated hit rate; exact
 #    routing substitutes nothing; pre-gating predicts better than chance;
 #  - through moetierd, pre-gating hints and a cache-aware rule run (the hints
-#    change no bit; the rule substitutes against the daemon's residency);
+#    change no bit; the rule substitutes against the daemon's residency,
+#    decided in the client or by the daemon's ROUTE);
 #  - bench/fidelity --tiny ends with its line, numbers in range.
 # Skips (77) when no trained model is in models/.
 set -eu
@@ -139,6 +140,15 @@ if awk -v s="$dsubst" 'BEGIN { exit !(s > 0 && s < 1) }'; then
 	echo "margin rule through moetierd: substitution rate $dsubst, $(cat "$tmp/dr.out")"
 else
 	bad "margin rule through moetierd: substitution rate '$dsubst'"
+fi
+"$B/moe-run" "$tmp/m.moepack" --socket "$sock" --route margin --route-keep 1 --route-margin 2 --route-via daemon \
+	--ppl "$tmp/text" --ctx 64 --batch 8 >"$tmp/dv.out" 2>"$tmp/dv.err" ||
+	{ cat "$tmp/dv.err" >&2; bad "moe-run --route-via daemon failed"; }
+vsubst=$(field subst "$tmp/dv.err")
+if awk -v s="$vsubst" 'BEGIN { exit !(s > 0 && s < 1) }'; then
+	echo "margin rule through the daemon's ROUTE: substitution rate $vsubst, $(cat "$tmp/dv.out")"
+else
+	bad "margin rule through the daemon's ROUTE: substitution rate '$vsubst'"
 fi
 daemon_stop
 

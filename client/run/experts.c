@@ -310,6 +310,8 @@ int experts_configure(struct experts *ex, const struct experts_opts *o, struct m
 		return moe_error_set(err, -EINVAL, "pre-gating: at most %u layers ahead", PG_MAX);
 	if (o->pregate_prefetch && !o->pregate)
 		return moe_error_set(err, -EINVAL, "pre-gating prefetch needs pre-gating (--pregate H)");
+	if (o->route_daemon && !ex->ctx)
+		return moe_error_set(err, -EINVAL, "routing through the daemon's ROUTE needs a daemon (--socket)");
 	if (o->sim_cache) {
 		if (ex->ctx)
 			return moe_error_set(err, -EINVAL, "--sim-cache goes with --local (the daemon has a cache)");
@@ -871,6 +873,42 @@ release:
 	return 0;
 }
 
+/* One token's cache-aware decision by the daemon (ROUTE, protocol 2): the
+ * same rule on its residency at that moment; its NOWAIT acquire starts the
+ * loads of the chosen misses and is released at once (the layer's own
+ * acquire follows). */
+static int route_by_daemon(struct experts *ex, uint32_t moe_l, const float *lg, struct route_result *r,
+			   struct moe_error *err)
+{
+	const struct route_cache_rule *ru = &ex->o.rule;
+	struct moet_route_args a = { .size = sizeof(a), .rule = (unsigned)ex->o.route_kind, .keep_top = ru->keep_top,
+				     .margin = ru->margin, .max_share = ru->max_share >= 1.0f ? 0.0f : ru->max_share,
+				     .min_similarity = ru->min_similarity, .weights = ru->weights + 1,
+				     .tiers = MOET_ROUTE_TIER_HOST };
+	int32_t slots[ROUTE_MAX_K];
+	uint8_t tiers[ROUTE_MAX_K];
+	moet_lease lease = 0;
+	memset(r, 0, sizeof(*r));
+	int rc = moet_route_opts(ex->ctx, moe_l, lg, ex->E, MOET_F_NOWAIT, &a, r->experts, r->weights, slots, tiers,
+				 &lease);
+	if (lease)
+		moet_release(ex->ctx, lease);
+	if (rc < 0)
+		return moe_error_set(err, -EIO, "moetierd: ROUTE layer %u: %s %s", moe_l, moet_strerror(rc),
+				     moet_last_error(ex->ctx));
+	if ((uint32_t)rc != ex->k)
+		return moe_error_set(err, -EPROTO, "moetierd: ROUTE layer %u: %d experts, not top-%u", moe_l, rc, ex->k);
+	r->n = ex->k;
+	for (uint32_t j = 0; j < ex->k; j++) {
+		r->exact[j] = a.exact[j];
+		r->exact_weights[j] = a.exact_weights[j];
+	}
+	r->subst_mask = a.subst_mask;
+	r->open_mask = a.open_mask;
+	r->n_subst = (uint32_t)__builtin_popcount(a.subst_mask);
+	return 0;
+}
+
 int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, float *y, int threads,
 		  struct moe_error *err)
 {
@@ -894,7 +932,9 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		const float *lg = ex->logits + (size_t)t * ex->E;
 		if (ex->sim)
 			resmap = simcache_map(ex->sim, moe_l);
-		if (ex->aware)
+		if (ex->aware && ex->o.route_daemon)
+			rc = route_by_daemon(ex, moe_l, lg, r, err);
+		else if (ex->aware)
 			rc = route_cached(&m->rp, lg, resmap, &ex->o.rule, r, err);
 		else
 			rc = route_topk(&m->rp, lg, r);

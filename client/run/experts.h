@@ -54,6 +54,7 @@ struct experts_stats {
 /* How moe-run routes and what it measures on the way (experts_configure). */
 struct experts_opts {
 	struct route_cache_rule rule; /* keep_top 0: exact routing */
+	int route_kind;               /* enum route_rule the rule was made from */
 	uint32_t sim_cache;           /* --local: slots per layer of a simulated cache (0: none) */
 	const char *sim_policy;       /* its eviction policy (core/policy.h name) */
 	unsigned pregate;             /* layers ahead to predict by pre-gating (0: off) */
@@ -62,6 +63,8 @@ struct experts_opts {
 				       * inserted at once) */
 	bool pregate_out;             /* predict from the layer's output (after its experts)
 				       * instead of after its attention */
+	bool route_daemon;            /* decide through the daemon's ROUTE (moet_route_opts)
+				       * instead of route_cached on its residency map */
 	bool dump;                    /* keep every route and router logit (experts_dump_write) */
 };
 

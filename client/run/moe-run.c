@@ -27,6 +27,7 @@ struct opts {
 	unsigned prefetch; /* layers ahead to hint, 0 none */
 	bool pf_pregate;   /* --prefetch pregate */
 	bool pregate_out;  /* --pregate-from output */
+	bool route_daemon; /* --route-via daemon */
 	unsigned pregate;  /* --pregate H */
 	int rule;          /* --route RULE (-1: from --route-keep: margin, else exact) */
 	uint32_t keep, sim_cache, sim_pct;
@@ -46,7 +47,7 @@ static void usage(FILE *f)
 	      "               [--prefetch [router|pregate] | --prefetch-depth N] [--pregate H]\n"
 	      "               [--pregate-from attention|output] [--pregate-fit FILE [--pregate-ridge R]]\n"
 	      "               [--route exact|margin|low-weight] [--route-keep J] [--route-margin M]\n"
-	      "               [--route-share S] [--route-weights family|renorm|inherit]\n"
+	      "               [--route-share S] [--route-weights family|renorm|inherit] [--route-via local|daemon]\n"
 	      "               [--sim-cache C|P%] [--sim-policy P] [--dump-routing FILE] [--dump-argmax FILE]\n"
 	      "               [--ids] [--quiet]\n"
 	      "  IDS: comma-separated token ids, or @FILE holding them\n"
@@ -484,7 +485,7 @@ static void summary(struct ctx *c)
 
 enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_FEED, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
        O_QUIET, O_BATCH, O_NOPF, O_PF, O_PFD, O_KVF16, O_IDS, O_HELP, O_VERSION, O_DUMPR, O_DUMPA, O_PREGATE, O_ROUTE,
-       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE };
+       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE, O_RVIA };
 
 static int parse(int argc, char **argv, struct opts *o)
 {
@@ -506,7 +507,7 @@ static int parse(int argc, char **argv, struct opts *o)
 		{ "route-keep", required_argument, 0, O_RKEEP }, { "route-margin", required_argument, 0, O_RMARGIN },
 		{ "route-share", required_argument, 0, O_RSHARE }, { "route-weights", required_argument, 0, O_RWEIGHTS },
 		{ "pregate-fit", required_argument, 0, O_PGFIT }, { "pregate-ridge", required_argument, 0, O_PGRIDGE },
-		{ "pregate-from", required_argument, 0, O_PGFROM }, { "sim-cache", required_argument, 0, O_SIMC }, { "sim-policy", required_argument, 0, O_SIMP },
+		{ "pregate-from", required_argument, 0, O_PGFROM }, { "route-via", required_argument, 0, O_RVIA }, { "sim-cache", required_argument, 0, O_SIMC }, { "sim-policy", required_argument, 0, O_SIMP },
 		{ 0, 0, 0, 0 },
 	};
 	double v;
@@ -554,6 +555,13 @@ static int parse(int argc, char **argv, struct opts *o)
 		}
 		case O_DUMPR: o->dump_routing = optarg; break;
 		case O_PGFIT: o->pregate_fit = optarg; break;
+		case O_RVIA:
+			if (strcmp(optarg, "local") && strcmp(optarg, "daemon")) {
+				fprintf(stderr, "moe-run: --route-via local|daemon, not '%s'\n", optarg);
+				return 2;
+			}
+			o->route_daemon = !strcmp(optarg, "daemon");
+			break;
 		case O_PGRIDGE:
 			if (parse_num("--pregate-ridge", optarg, 1e-9, 1e9, &v))
 				return 2;
@@ -706,7 +714,7 @@ static int configure_experts(struct ctx *c, struct moe_error *err)
 	const struct opts *o = &c->o;
 	struct experts_opts eo = { .sim_policy = o->sim_policy, .pregate = o->pregate,
 				   .pregate_prefetch = o->pf_pregate,
-				   .pregate_out = o->pregate_out, .dump = o->dump_routing != NULL };
+				   .pregate_out = o->pregate_out, .route_daemon = o->route_daemon, .dump = o->dump_routing != NULL };
 	const uint32_t k = c->m->top_k, E = c->m->n_experts;
 	int kind = o->rule >= 0 ? o->rule : o->keep ? ROUTE_RULE_MARGIN : ROUTE_RULE_EXACT;
 	/* default J: the router's better half always kept */
@@ -721,6 +729,7 @@ static int configure_experts(struct ctx *c, struct moe_error *err)
 	if (o->sim_pct)
 		eo.sim_cache = MOE_MAX(k, (uint32_t)((uint64_t)E * o->sim_pct / 100));
 	c->rule_kind = kind;
+	eo.route_kind = kind;
 	c->sim_slots = eo.sim_cache;
 	c->rule = eo.rule;
 	return experts_configure(c->ex, &eo, err);
