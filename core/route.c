@@ -5,6 +5,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "pack.h"
 #include "route.h"
 
 void route_params_from_model(struct route_params *rp, const struct moe_model_config *c,
@@ -423,4 +424,23 @@ int route_log_write(FILE *f, uint64_t tag, uint32_t layer, const struct route_pa
 		fprintf(f, "%s%.9g", e ? "," : "", isfinite(logits[e]) ? (double)logits[e] : 0.0);
 	fputs("]}\n", f);
 	return ferror(f) ? -EIO : 0;
+}
+
+int route_similarity_read(const struct pack_file *p, uint32_t moe_layer, float *sim, struct moe_error *err)
+{
+	const struct moe_model_config *m = p->model;
+	char name[64];
+	if (moe_layer >= m->n_moe_layers)
+		return moe_error_set(err, -EINVAL, "route: MoE layer %u of %u", moe_layer, m->n_moe_layers);
+	snprintf(name, sizeof(name), ROUTE_SIMILARITY_TENSOR, moe_model_layer_of(m, moe_layer));
+	const struct pack_tensor_entry *t = pack_find_tensor(p, name);
+	if (!t)
+		return moe_error_set(err, -ENOENT, "%s: no expert-similarity table %s (moe-pack similarity)", p->path,
+				     name);
+	uint64_t n = m->n_experts;
+	if (t->dtype != MOE_DTYPE_F32 || t->n_dims != 2 || t->shape[0] != n || t->shape[1] != n ||
+	    t->bytes != n * n * sizeof(float))
+		return moe_error_set(err, -EINVAL, "%s: %s is not F32 [%llu x %llu]", p->path, name,
+				     (unsigned long long)n, (unsigned long long)n);
+	return pack_read_tensor(p, t, sim, err);
 }

@@ -180,6 +180,20 @@ int route_cache_rule_check(const struct route_params *rp, const struct route_cac
 int route_cached(const struct route_params *rp, const float *logits, const uint8_t *resident,
 		 const struct route_cache_rule *rule, struct route_result *out, struct moe_error *err);
 
+/* ---- Expert-similarity tables (rule (c)), stored with the pack ----
+ * `moe-pack similarity PACK` writes, per MoE layer, a resident F32 tensor
+ * [n_experts x n_experts] named ROUTE_SIMILARITY_TENSOR with the model layer
+ * index (role PACK_ROLE_OTHER): sim[a * n + b] = cosine of the outputs of
+ * experts a and b over the same probe inputs (output-space similarity;
+ * symmetric, 1 on the diagonal, in [-1, 1]). */
+#define ROUTE_SIMILARITY_TENSOR "blk.%u.ffn_expert_similarity"
+
+struct pack_file;
+/* Reads MoE layer l's table into sim[n_experts * n_experts]. 0, -ENOENT
+ * (the pack has none: run moe-pack similarity), -EINVAL (wrong shape or
+ * dtype), or a read/CRC error; with a message. */
+int route_similarity_read(const struct pack_file *p, uint32_t moe_layer, float *sim, struct moe_error *err);
+
 /* Counters, declared once. */
 #define ROUTE_COUNTERS(X)                                                              \
 	X(calls, "routing decisions")                                                   \

@@ -324,6 +324,60 @@ static uint32_t route_residency(struct served_model *m, uint32_t layer, uint32_t
 	return n;
 }
 
+/* Expert-similarity tables (rule SIMILARITY) of the served models, read
+ * whole from the pack at the first request that needs one (moe-pack
+ * similarity stores them; route_similarity_read); kept for the daemon's
+ * life. An absent table is remembered too. */
+#define SIM_MODELS 16
+static struct {
+	const struct pack_file *pack;
+	float *sim;   /* [n_layers][E][E] */
+	int rc;
+	char msg[160];
+} sim_tables[SIM_MODELS];
+static pthread_mutex_t sim_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int model_similarity(struct served_model *m, uint32_t layer, const float **row, struct moe_error *err)
+{
+	int rc = 0;
+	*row = NULL;
+	size_t per = (size_t)m->n_experts * m->n_experts;
+	pthread_mutex_lock(&sim_lock);
+	unsigned i = 0;
+	while (i < SIM_MODELS && sim_tables[i].pack && sim_tables[i].pack != m->pack)
+		i++;
+	if (i == SIM_MODELS) {
+		rc = moe_error_set(err, -EOPNOTSUPP, "route: similarity tables of more than %d models", SIM_MODELS);
+		goto out;
+	}
+	if (!sim_tables[i].pack) {
+		sim_tables[i].pack = m->pack;
+		sim_tables[i].sim = malloc(per * m->n_layers * sizeof(float));
+		sim_tables[i].rc = sim_tables[i].sim ? 0 : -ENOMEM;
+		for (uint32_t l = 0; l < m->n_layers && sim_tables[i].rc == 0; l++) {
+			struct moe_error e2;
+			sim_tables[i].rc = route_similarity_read(m->pack, l, sim_tables[i].sim + per * l, &e2);
+			if (sim_tables[i].rc < 0)
+				snprintf(sim_tables[i].msg, sizeof(sim_tables[i].msg), "%.150s", e2.msg);
+		}
+		if (sim_tables[i].rc < 0) {
+			free(sim_tables[i].sim);
+			sim_tables[i].sim = NULL;
+			moe_info("model %s: no expert-similarity table: %s", m->name, sim_tables[i].msg);
+		} else {
+			moe_info("model %s: expert-similarity tables loaded (%u layers)", m->name, m->n_layers);
+		}
+	}
+	if (sim_tables[i].rc < 0)
+		rc = moe_error_set(err, -EOPNOTSUPP, "route: similarity rule: the pack has no expert-similarity table "
+						     "(moe-pack similarity)");
+	else
+		*row = sim_tables[i].sim + per * layer;
+out:
+	pthread_mutex_unlock(&sim_lock);
+	return rc;
+}
+
 /* ROUTE: the logits (and with MOET_F_ROUTE_CACHE the request after them)
  * come from the scratch area, bounds-checked and copied once; the decision is
  * route.c's with this layer's selection bias (DeepSeek-V3's
@@ -354,7 +408,7 @@ static int exec_route(struct srv_client *c, const struct moet_sqe *q, struct rou
 
 	memcpy(&req, base + lbytes, sizeof(req));
 	memset(&req.status, 0, sizeof(req) - offsetof(struct moet_route_req, status));
-	struct route_cache_rule rule;
+	struct route_cache_rule rule = { .similarity = NULL };
 	uint8_t resident[ROUTE_MAX_EXPERTS];
 	rc = 0;
 	if (req.rule > MOET_ROUTE_SIMILARITY) {
@@ -363,11 +417,12 @@ static int exec_route(struct srv_client *c, const struct moet_sqe *q, struct rou
 		rc = moe_error_set(&err, -EINVAL, "route: unknown weights mode %u", req.weights);
 	} else if (req.tiers & ~(uint32_t)(MOET_ROUTE_TIER_GPU | MOET_ROUTE_TIER_HOST)) {
 		rc = moe_error_set(&err, -EINVAL, "route: unknown tiers %#x", req.tiers);
-	} else if (req.rule == MOET_ROUTE_SIMILARITY) {
-		rc = moe_error_set(&err, -EOPNOTSUPP, "route: the similarity rule needs an expert-similarity "
-						      "table, which this daemon does not load");
+	} else if (req.rule == MOET_ROUTE_SIMILARITY && (rc = model_similarity(m, q->layer, &rule.similarity, &err)) < 0) {
+		/* rc and err say why */
 	} else {
+		const float *simtab = rule.similarity;
 		route_cache_rule_init(&rule, (enum route_rule)req.rule, req.keep_top, req.margin);
+		rule.similarity = simtab;
 		if (req.rule == MOET_ROUTE_EXACT)
 			rule.keep_top = m->rp.top_k;
 		if (req.max_share != 0.0f)

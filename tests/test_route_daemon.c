@@ -9,7 +9,8 @@
  *     expert within the margin replaces a non-resident one, the router's
  *     top-J are never replaced, the reply's mask and exact routing are right,
  *     random decisions equal route_cached over the residency of that moment,
- *     and malformed requests get -EINVAL with a message naming the problem. */
+ *     and malformed requests get -EINVAL with a message naming the problem;
+ *   - the similarity rule with the table `moe-pack similarity` stores. */
 #include "config.h"
 
 #include <criterion/criterion.h>
@@ -495,9 +496,9 @@ Test(route_daemon, cache_aware_malformed, .timeout = 120, .fini = kill_daemon)
 	a.rule = 9;
 	cr_assert_eq(moet_route_opts(c, 0, lg, 8, 0, &a, ex, NULL, NULL, NULL, &lease), -EINVAL);
 	cr_assert(strstr(moet_last_error(c), "unknown rule 9"), "%s", moet_last_error(c));
-	a.rule = MOET_ROUTE_SIMILARITY;
+	a.rule = MOET_ROUTE_SIMILARITY; /* this pack has no similarity table */
 	cr_assert_eq(moet_route_opts(c, 0, lg, 8, 0, &a, ex, NULL, NULL, NULL, &lease), -EOPNOTSUPP);
-	cr_assert(strstr(moet_last_error(c), "similarity"), "%s", moet_last_error(c));
+	cr_assert(strstr(moet_last_error(c), "no expert-similarity table"), "%s", moet_last_error(c));
 	a.rule = MOET_ROUTE_MARGIN;
 	a.tiers = 4;
 	cr_assert_eq(moet_route_opts(c, 0, lg, 8, 0, &a, ex, NULL, NULL, NULL, &lease), -EINVAL);
@@ -591,6 +592,84 @@ Test(route_daemon, cache_aware_random_against_route_c, .timeout = 180, .fini = k
 		}
 	}
 	cr_assert_gt(substituted, 0, "no substitution in the whole run: the test saw nothing");
+	pack_close(pf);
+	moet_close(c);
+	teardown(&e);
+}
+
+/* The similarity rule: `moe-pack similarity` stores one table per MoE layer
+ * (symmetric, 1 on the diagonal, within [-1, 1]); the daemon loads it and its
+ * answers equal route_cached with the pack's table over the residency of
+ * that moment; the substitute is the most similar resident expert. */
+Test(route_daemon, similarity_rule_with_the_packs_table, .timeout = 120)
+{
+	struct env e;
+	make_model_of(&e, "--family qwen2_moe --preset tiny --experts 16 --top-k 4 --layers 3");
+	cr_assert_eq(tu_sh("%s similarity %s -q", tu_build_path("tools/moe-pack"), e.pack), 0);
+	cr_assert_eq(tu_sh("%s verify %s >/dev/null", tu_build_path("tools/moe-pack"), e.pack), 0);
+	struct pack_file *pf;
+	struct moe_error err;
+	cr_assert_eq(pack_open(e.pack, PACK_OPEN_NO_DIRECT, &pf, &err), 0, "%s", err.msg);
+	static float sim[3][256];
+	for (uint32_t l = 0; l < pf->model->n_moe_layers; l++) {
+		cr_assert_eq(route_similarity_read(pf, l, sim[l], &err), 0, "%s", err.msg);
+		double off = 0;
+		for (int a = 0; a < 16; a++)
+			for (int b = 0; b < 16; b++) {
+				float v = sim[l][a * 16 + b];
+				cr_assert_eq(v, sim[l][b * 16 + a], "layer %u: not symmetric at %d,%d", l, a, b);
+				cr_assert(a != b || v == 1.0f);
+				cr_assert(v >= -1.0f && v <= 1.0f);
+				off += a != b ? fabs(v) : 0;
+			}
+		cr_assert_gt(off, 0.0, "layer %u: an all-zero table", l);
+	}
+	start_daemon(&e, "4M");
+	moet_ctx *c = attach(&e, "route-sim");
+	float lg[16];
+	for (int i = 0; i < 16; i++)
+		lg[i] = -3.0f;
+	lg[0] = 4, lg[1] = 3, lg[2] = 2, lg[3] = 1.5f;
+	/* experts 5..15 resident; slot 3's (expert 3) substitute is its most
+	 * similar resident expert by the table, whatever its logit */
+	uint8_t res[16] = { 0 };
+	for (int i = 5; i < 16; i++)
+		res[i] = 1;
+	set_residency(c, 1, res, 16);
+	uint32_t best = 5;
+	for (uint32_t r = 6; r < 16; r++)
+		if (sim[1][3 * 16 + r] > sim[1][3 * 16 + best])
+			best = r;
+	struct route_params rp;
+	route_params_from_model(&rp, pf->model, NULL);
+	struct route_cache_rule rule;
+	route_cache_rule_init(&rule, ROUTE_RULE_SIMILARITY, 3, INFINITY);
+	rule.similarity = sim[1];
+	rule.min_similarity = -1.0f;
+	struct route_result want;
+	cr_assert_eq(route_cached(&rp, lg, res, &rule, &want, &err), 0, "%s", err.msg);
+	cr_assert_eq(want.experts[3], best);
+	struct moet_route_args a = { .size = sizeof(a), .rule = MOET_ROUTE_SIMILARITY, .keep_top = 3,
+				     .margin = INFINITY, .min_similarity = -1.0f };
+	uint32_t ex[MOET_MAX_BATCH];
+	float w[MOET_MAX_BATCH];
+	moet_lease lease = 0;
+	int k = moet_route_opts(c, 1, lg, 16, 0, &a, ex, w, NULL, NULL, &lease);
+	cr_assert_eq(k, 4, "%d: %s", k, moet_last_error(c));
+	for (int i = 0; i < 4; i++) {
+		cr_assert_eq(ex[i], want.experts[i], "slot %d: daemon %u, route.c %u", i, ex[i], want.experts[i]);
+		/* INHERIT: the substitute keeps the replaced expert's weight */
+		cr_assert_float_eq(w[i], want.exact_weights[i], 1e-7f);
+	}
+	cr_assert_eq(a.subst_mask, 0x8u);
+	cr_assert_eq(moet_release(c, lease), 0);
+	/* a similarity floor above every entry: nothing is similar enough */
+	a.min_similarity = 1.0f;
+	k = moet_route_opts(c, 1, lg, 16, 0, &a, ex, w, NULL, NULL, &lease);
+	cr_assert_eq(k, 4);
+	cr_assert_eq(a.subst_mask, 0u);
+	cr_assert_eq(ex[3], 3u);
+	cr_assert_eq(moet_release(c, lease), 0);
 	pack_close(pf);
 	moet_close(c);
 	teardown(&e);

@@ -4,6 +4,7 @@
  *   moe-pack info FILE [--tensors] [--json]
  *   moe-pack verify FILE
  *   moe-pack molae --rank R [--group-size K | --groups auto] IN -o OUT [--json] [-q]
+ *   moe-pack similarity PACK [-o OUT] [--probes N] [--seed S] [-q]
  *
  * Exit status: 0 success, 1 failure (bad input, a verify failure), 2 usage. */
 #include "config.h"
@@ -12,14 +13,17 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 #include "convert.h"
+#include "ffn.h"
 #include "molae.h"
 #include "pack.h"
+#include "route.h"
 #include "util.h"
 
 static void usage(FILE *f)
@@ -31,6 +35,9 @@ static void usage(FILE *f)
 		"       moe-pack molae --rank R [--group-size K | --groups auto] IN.moepack -o OUT.moepack\n"
 		"                [--dtype f32|f16|bf16|q8_0] [--json] [-q]\n"
 		"         (MoLAE: gate/up of each group of K experts ~ A_i B_g, rank R; doc/molae.md)\n"
+		"       moe-pack similarity PACK [-o OUT.moepack] [--probes N] [--seed S] [-q]\n"
+		"         (per MoE layer, the experts' output-space cosine similarity, stored as a\n"
+		"          resident tensor for cache-aware routing; doc/routing.md)\n"
 		"SRC is a safetensors file, a directory holding model.safetensors or\n"
 		"model.safetensors.index.json (+ config.json), an index .json, or a .gguf file\n"
 		"(of a split model, the first part: NAME-00001-of-0000N.gguf).\n"
@@ -381,6 +388,217 @@ static int cmd_verify(int argc, char **argv)
 	return n == 0 ? 0 : 1;
 }
 
+/* ---- similarity: output-space similarity of expert pairs (doc/routing.md) ---- */
+
+static uint64_t sim_rng(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+/* Standard normal probes (Box-Muller): the hidden state an expert sees is
+ * RMS-normalised, so unit-variance inputs are its scale. */
+static void sim_probes(float *x, size_t n, uint64_t seed)
+{
+	for (size_t i = 0; i < n; i += 2) {
+		double u1 = ((double)(sim_rng(&seed) >> 11) + 1.0) / 9007199254740993.0;
+		double u2 = (double)(sim_rng(&seed) >> 11) / 9007199254740992.0;
+		double r = sqrt(-2.0 * log(u1));
+		x[i] = (float)(r * cos(2 * M_PI * u2));
+		if (i + 1 < n)
+			x[i + 1] = (float)(r * sin(2 * M_PI * u2));
+	}
+}
+
+/* Copies PACK into a new pack at out (written under a temporary name and
+ * renamed: out may be the input itself), every expert and resident tensor
+ * as it is, plus one similarity tensor per MoE layer (an old one is
+ * replaced). Each expert of a layer runs on the same `probes` inputs; the
+ * similarity of a and b is the cosine of their stacked outputs. */
+static int similarity_convert(const char *in, const char *out, uint32_t probes, uint64_t seed, bool quiet,
+			      struct moe_error *err)
+{
+	struct pack_file *p = NULL;
+	struct pack_writer *w = NULL;
+	float *x = NULL, *y = NULL, *sim = NULL;
+	void *ext = NULL;
+	int rc;
+	if ((rc = pack_open(in, PACK_OPEN_NO_DIRECT, &p, err)) < 0)
+		return rc;
+	const struct moe_model_config *m = p->model;
+	const uint32_t E = m->n_experts, n = m->hidden, L = m->n_moe_layers;
+	const struct pack_header_disk *h = p->hdr;
+	if (pack_uniform(p)) {
+		rc = pack_writer_create(out, m, p->layout1.parts, p->layout1.n_parts, h->source, &w, err);
+	} else {
+		rc = pack_writer_create_layers(out, m, h->layouts, h->n_layouts, h->layer_layout, h->source, &w,
+					       err);
+	}
+	if (rc < 0)
+		goto fail;
+	x = malloc((size_t)probes * n * sizeof(float));
+	y = malloc((size_t)E * probes * n * sizeof(float));
+	sim = malloc((size_t)E * E * sizeof(float));
+	ext = aligned_alloc(4096, pack_extent_bytes(p));
+	if (!x || !y || !sim || !ext) {
+		rc = moe_error_set(err, -ENOMEM, "similarity: out of memory (%u experts x %u probes x %u)", E, probes, n);
+		goto fail;
+	}
+	uint64_t t0 = moe_now_ns();
+	for (uint32_t l = 0; l < L; l++) {
+		const struct pack_layout_disk *lay = pack_layer_layout(p, l);
+		struct ffn_layout fl;
+		if ((rc = ffn_layout_init(&fl, m, lay->parts, lay->n_parts, pack_extent_bytes(p), err)) < 0)
+			goto fail;
+		sim_probes(x, (size_t)probes * n, seed + l);
+		for (uint32_t e = 0; e < E; e++) {
+			float *ye = y + (size_t)e * probes * n;
+			if ((rc = pack_read_expert(p, l, e, ext, err)) < 0 ||
+			    (rc = ffn_expert(&fl, ext, x, n, probes, ye, n, NULL, 0, 1)) < 0 ||
+			    (rc = pack_writer_begin_expert(w, l, e, err)) < 0)
+				goto fail;
+			for (uint32_t i = 0; i < lay->n_parts && rc == 0; i++)
+				rc = pack_writer_write(w, (const uint8_t *)ext + lay->parts[i].offset, lay->parts[i].bytes,
+						       err);
+			if (rc < 0 || (rc = pack_writer_end_expert(w, err)) < 0)
+				goto fail;
+		}
+		for (uint32_t a = 0; a < E; a++) {
+			const float *ya = y + (size_t)a * probes * n;
+			for (uint32_t b = a; b < E; b++) {
+				const float *yb = y + (size_t)b * probes * n;
+				double ab = 0, aa = 0, bb = 0;
+				for (size_t i = 0; i < (size_t)probes * n; i++) {
+					ab += (double)ya[i] * yb[i];
+					aa += (double)ya[i] * ya[i];
+					bb += (double)yb[i] * yb[i];
+				}
+				double c = aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : (a == b ? 1.0 : 0.0);
+				c = c > 1.0 ? 1.0 : c < -1.0 ? -1.0 : c;
+				sim[(size_t)a * E + b] = sim[(size_t)b * E + a] = a == b ? 1.0f : (float)c;
+			}
+		}
+		struct pack_tensor_entry d;
+		memset(&d, 0, sizeof(d));
+		snprintf(d.name, sizeof(d.name), ROUTE_SIMILARITY_TENSOR, moe_model_layer_of(m, l));
+		d.role = PACK_ROLE_OTHER;
+		d.dtype = MOE_DTYPE_F32;
+		d.layer = moe_model_layer_of(m, l);
+		d.n_dims = 2;
+		d.shape[0] = d.shape[1] = E;
+		d.bytes = (uint64_t)E * E * sizeof(float);
+		if ((rc = pack_writer_begin_tensor(w, &d, err)) < 0 ||
+		    (rc = pack_writer_write(w, sim, d.bytes, err)) < 0 || (rc = pack_writer_end_tensor(w, err)) < 0)
+			goto fail;
+		if (!quiet) {
+			double mean = 0, mx = -1;
+			for (uint32_t a = 0; a < E; a++)
+				for (uint32_t b = 0; b < E; b++)
+					if (a != b) {
+						mean += sim[(size_t)a * E + b];
+						mx = fmax(mx, sim[(size_t)a * E + b]);
+					}
+			if (E > 1)
+				mean /= (double)E * (E - 1);
+			printf("layer %u: mean off-diagonal similarity %.4f, max %.4f\n", moe_model_layer_of(m, l), mean,
+			       mx);
+		}
+	}
+	for (uint64_t i = 0; i < h->n_tensors; i++) {
+		const struct pack_tensor_entry *t = &p->tensors[i];
+		char old[sizeof(t->name)];
+		snprintf(old, sizeof(old), ROUTE_SIMILARITY_TENSOR, t->layer);
+		if (!strcmp(old, t->name))
+			continue; /* replaced above */
+		void *buf = malloc(t->bytes ? t->bytes : 1);
+		struct pack_tensor_entry d = *t;
+		d.offset = 0;
+		d.crc32c = 0;
+		if (!buf) {
+			rc = moe_error_set(err, -ENOMEM, "similarity: out of memory for tensor %s", t->name);
+			goto fail;
+		}
+		if ((rc = pack_read_tensor(p, t, buf, err)) == 0 && (rc = pack_writer_begin_tensor(w, &d, err)) == 0 &&
+		    (rc = pack_writer_write(w, buf, t->bytes, err)) == 0)
+			rc = pack_writer_end_tensor(w, err);
+		free(buf);
+		if (rc < 0)
+			goto fail;
+	}
+	rc = pack_writer_finish(w, err);
+	w = NULL;
+	if (rc == 0 && !quiet)
+		printf("moe-pack similarity: %u layers x %u experts, %u probes, %.1f s -> %s\n", L, E, probes,
+		       secs_since(t0), out);
+fail:
+	if (w)
+		pack_writer_abort(w);
+	free(x);
+	free(y);
+	free(sim);
+	free(ext);
+	pack_close(p);
+	return rc;
+}
+
+static int cmd_similarity(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "output", required_argument, NULL, 'o' }, { "probes", required_argument, NULL, 'p' },
+		{ "seed", required_argument, NULL, 's' },   { "quiet", no_argument, NULL, 'q' },
+		{ "help", no_argument, NULL, 'h' },         { NULL, 0, NULL, 0 },
+	};
+	const char *out = NULL;
+	unsigned long probes = 64;
+	unsigned long long seed = 1;
+	bool quiet = false;
+	struct moe_error err = { "" };
+	int c;
+	char *end;
+	while ((c = getopt_long(argc, argv, "o:p:s:qh", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'o':
+			out = optarg;
+			break;
+		case 'p':
+			probes = strtoul(optarg, &end, 10);
+			if (*end || probes == 0 || probes > 4096) {
+				fprintf(stderr, "moe-pack similarity: --probes 1..4096\n");
+				return 2;
+			}
+			break;
+		case 's':
+			seed = strtoull(optarg, &end, 0);
+			if (*end) {
+				fprintf(stderr, "moe-pack similarity: bad --seed '%s'\n", optarg);
+				return 2;
+			}
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (optind != argc - 1) {
+		usage(stderr);
+		return 2;
+	}
+	const char *in = argv[optind];
+	if (similarity_convert(in, out ? out : in, (uint32_t)probes, seed, quiet, &err) < 0) {
+		fprintf(stderr, "moe-pack similarity: %s\n", err.msg);
+		return 1;
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	moe_log_init("moe-pack", MOE_LOG_WARN, false);
@@ -404,6 +622,8 @@ int main(int argc, char **argv)
 		return cmd_verify(argc - 1, argv + 1);
 	if (strcmp(argv[1], "molae") == 0)
 		return molae_main(argc - 1, argv + 1);
+	if (strcmp(argv[1], "similarity") == 0)
+		return cmd_similarity(argc - 1, argv + 1);
 	fprintf(stderr, "moe-pack: unknown command '%s'\n", argv[1]);
 	usage(stderr);
 	return 2;
