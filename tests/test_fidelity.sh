@@ -115,6 +115,16 @@ else
 	cat "$tmp/fit.err" >&2
 	bad "fitted pre-gate: recall '$fpg1', $(cat "$tmp/fit.out")"
 fi
+# the similarity rule, the experts' similarity measured on other text
+run simr --local --sim-cache "$C" --route similarity --route-keep 1 --route-margin 2 --route-calib "$tmp/calib"
+ssubst=$(field subst "$tmp/simr.err")
+if grep -q '^moe-run: expert similarity measured on' "$tmp/simr.err" &&
+	awk -v s="$ssubst" 'BEGIN { exit !(s > 0 && s < 1) }'; then
+	echo "similarity rule (keep 1, margin 2): substitution rate $ssubst, $(cat "$tmp/simr.out")"
+else
+	cat "$tmp/simr.err" >&2
+	bad "similarity rule: substitution rate '$ssubst'"
+fi
 # cache-aware routing needs a cache
 if "$B/moe-run" "$tmp/m.moepack" --local --ppl "$tmp/text" --ctx 64 --route margin >/dev/null 2>"$tmp/nocache.err"; then
 	bad "--route margin ran with --local and no cache"

@@ -61,6 +61,10 @@ struct experts {
 	bool fitting;                /* experts_pregate_fit_begin .. _end */
 	float *pg_xs;                /* fitting: [n_layers][PREGATE_MAX][cap_B][n] inputs kept */
 	double **fit_a, **fit_b;     /* fitting: [n+1]^2 and [n+1][E] per (layer, distance) */
+	/* expert similarity: per MoE layer [E][E] (NULL: none yet) */
+	float *simm;
+	float *simx;                 /* collecting: [n_moe_layers][sim_cap][n] inputs */
+	uint32_t *sim_n, sim_cap;    /* collecting: [n_moe_layers] rows kept */
 	/* token numbering (experts_begin) */
 	uint64_t tok_base, tok_next;
 	uint32_t seq;
@@ -263,6 +267,9 @@ void experts_close(struct experts *ex)
 	}
 	free(ex->fit_a);
 	free(ex->fit_b);
+	free(ex->simm);
+	free(ex->simx);
+	free(ex->sim_n);
 	simcache_free(ex->sim);
 	free(ex->d_tok);
 	free(ex->d_seq);
@@ -306,6 +313,14 @@ int experts_configure(struct experts *ex, const struct experts_opts *o, struct m
 	ex->aware = o->rule.keep_top && o->rule.keep_top < ex->k;
 	if (ex->aware && (rc = route_cache_rule_check(&m->rp, &o->rule, err)))
 		return rc;
+	if (ex->aware && o->route_kind == ROUTE_RULE_SIMILARITY) {
+		if (!ex->simm)
+			return moe_error_set(err, -EINVAL, "the similarity rule needs the experts' similarity "
+							  "(experts_similarity_*: moe-run --route-calib FILE)");
+		if (o->route_daemon)
+			return moe_error_set(err, -EINVAL, "the similarity rule is moe-run's own (the daemon has no "
+							  "similarity matrix): --route-via local");
+	}
 	if (o->pregate > PG_MAX)
 		return moe_error_set(err, -EINVAL, "pre-gating: at most %u layers ahead", PG_MAX);
 	if (o->pregate_prefetch && !o->pregate)
@@ -590,6 +605,78 @@ out:
 	}
 	free(w0);
 	free(r0);
+	return rc;
+}
+
+int experts_similarity_begin(struct experts *ex, uint32_t samples, struct moe_error *err)
+{
+	const uint32_t L = ex->m->cfg->n_moe_layers;
+	free(ex->simx);
+	free(ex->sim_n);
+	ex->sim_cap = samples ? samples : 1;
+	ex->simx = malloc((size_t)L * ex->sim_cap * ex->n * sizeof(float));
+	ex->sim_n = calloc(L, sizeof(uint32_t));
+	if (!ex->simx || !ex->sim_n)
+		return moe_error_set(err, -ENOMEM, "expert similarity: out of memory");
+	return 0;
+}
+
+int experts_similarity_end(struct experts *ex, int threads, struct moe_error *err)
+{
+	const struct model *m = ex->m;
+	const uint32_t L = m->cfg->n_moe_layers, E = ex->E, n = ex->n, CH = 32;
+	float *y = malloc((size_t)E * CH * n * sizeof(float));
+	double *G = malloc((size_t)E * E * sizeof(double));
+	int rc = 0;
+	if (!ex->simm)
+		ex->simm = calloc((size_t)L * E * E, sizeof(float));
+	if (!y || !G || !ex->simm) {
+		rc = moe_error_set(err, -ENOMEM, "expert similarity: out of memory");
+		goto out;
+	}
+	for (uint32_t l = 0; l < L && !rc; l++) {
+		const uint32_t N = ex->sim_n[l];
+		float *S = ex->simm + (size_t)l * E * E;
+		memset(G, 0, (size_t)E * E * sizeof(double));
+		for (uint32_t t0 = 0; t0 < N && !rc; t0 += CH) {
+			const uint32_t c = MOE_MIN(CH, N - t0);
+			const float *xs = ex->simx + ((size_t)l * ex->sim_cap + t0) * n;
+			for (uint32_t e = 0; e < E && !rc; e++) {
+				const void *ext;
+				if (ex->all) {
+					ext = ex->all + ((uint64_t)l * E + e) * ex->ext_bytes;
+				} else {
+					if ((rc = pack_read_expert(m->pack, l, e, ex->fallback, err)))
+						break;
+					ext = ex->fallback;
+				}
+				if ((rc = ffn_expert(&m->layout, ext, xs, n, c, y + (size_t)e * CH * n, n, NULL, 0, threads)))
+					moe_error_set(err, rc, "expert similarity: layer %u expert %u: %d", l, e, rc);
+			}
+			for (uint32_t a = 0; a < E && !rc; a++)
+				for (uint32_t b = 0; b <= a; b++) {
+					const float *ya = y + (size_t)a * CH * n, *yb = y + (size_t)b * CH * n;
+					double d = 0.0;
+					for (size_t i = 0; i < (size_t)c * n; i++)
+						d += (double)ya[i] * yb[i];
+					G[(size_t)a * E + b] += d;
+				}
+		}
+		for (uint32_t a = 0; a < E; a++)
+			for (uint32_t b = 0; b <= a; b++) {
+				double na = G[(size_t)a * E + a], nb = G[(size_t)b * E + b];
+				float v = na > 0 && nb > 0 ? (float)(G[(size_t)a * E + b] / sqrt(na * nb)) : (a == b ? 1.0f : 0.0f);
+				S[(size_t)a * E + b] = S[(size_t)b * E + a] = v;
+			}
+	}
+out:
+	free(y);
+	free(G);
+	free(ex->simx);
+	free(ex->sim_n);
+	ex->simx = NULL;
+	ex->sim_n = NULL;
+	ex->sim_cap = 0;
 	return rc;
 }
 
@@ -925,6 +1012,15 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 	/* cache-aware routing sees the daemon's host residency as the layer
 	 * call starts, or the simulated cache as each token reaches it */
 	const uint8_t *resmap = NULL;
+	struct route_cache_rule rule = ex->o.rule;
+	if (ex->simm && ex->o.route_kind == ROUTE_RULE_SIMILARITY)
+		rule.similarity = ex->simm + (size_t)moe_l * ex->E * ex->E;
+	if (ex->sim_n && ex->sim_n[moe_l] < ex->sim_cap) {
+		/* collecting inputs for the similarity */
+		uint32_t take = MOE_MIN(B, ex->sim_cap - ex->sim_n[moe_l]);
+		memcpy(ex->simx + ((size_t)moe_l * ex->sim_cap + ex->sim_n[moe_l]) * n, x, (size_t)take * n * sizeof(float));
+		ex->sim_n[moe_l] += take;
+	}
 	if (ex->aware && ex->ctx && moet_resident(ex->ctx, moe_l, MOET_TIER_HOST, ex->mask, ex->E) >= 0)
 		resmap = ex->mask;
 	for (uint32_t t = 0; t < B; t++) {
@@ -935,7 +1031,7 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		if (ex->aware && ex->o.route_daemon)
 			rc = route_by_daemon(ex, moe_l, lg, r, err);
 		else if (ex->aware)
-			rc = route_cached(&m->rp, lg, resmap, &ex->o.rule, r, err);
+			rc = route_cached(&m->rp, lg, resmap, &rule, r, err);
 		else
 			rc = route_topk(&m->rp, lg, r);
 		if (rc)

@@ -110,6 +110,15 @@ int experts_pregate_out(struct experts *ex, uint32_t il, const float *resid, uin
 int experts_pregate_fit_begin(struct experts *ex, struct moe_error *err);
 int experts_pregate_fit_end(struct experts *ex, double ridge, struct moe_error *err);
 
+/* Expert similarity for the similarity rule (route.h rule (c)): between
+ * _begin and _end the ffn_norm'ed inputs of the first `samples` tokens each
+ * MoE layer sees are kept (a calibration text); _end runs every expert of
+ * the layer on them and sets sim[a][b] = the cosine of the two experts'
+ * outputs over those inputs (output-space similarity, 1 on the diagonal),
+ * which the similarity rule then reads. 0 or -errno. */
+int experts_similarity_begin(struct experts *ex, uint32_t samples, struct moe_error *err);
+int experts_similarity_end(struct experts *ex, int threads, struct moe_error *err);
+
 /* The dump: the routing trace CSV of core/trace.h (Layer ID = model layer,
  * Batch Number = sequence, Token = its text by piece(), rows in rank order of
  * the experts that ran) at csv, and the router logits at csv".logits"

@@ -21,7 +21,7 @@
 
 struct opts {
 	const char *pack, *gguf, *socket, *prompt, *tokens, *feed, *ppl, *dump;
-	const char *dump_routing, *dump_argmax, *sim_policy, *pregate_fit;
+	const char *dump_routing, *dump_argmax, *sim_policy, *pregate_fit, *route_calib;
 	double pregate_ridge;
 	bool local, quiet, kv_f16, ids;
 	unsigned prefetch; /* layers ahead to hint, 0 none */
@@ -485,7 +485,7 @@ static void summary(struct ctx *c)
 
 enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_FEED, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
        O_QUIET, O_BATCH, O_NOPF, O_PF, O_PFD, O_KVF16, O_IDS, O_HELP, O_VERSION, O_DUMPR, O_DUMPA, O_PREGATE, O_ROUTE,
-       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE, O_RVIA };
+       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE, O_RVIA, O_RCALIB };
 
 static int parse(int argc, char **argv, struct opts *o)
 {
@@ -507,7 +507,8 @@ static int parse(int argc, char **argv, struct opts *o)
 		{ "route-keep", required_argument, 0, O_RKEEP }, { "route-margin", required_argument, 0, O_RMARGIN },
 		{ "route-share", required_argument, 0, O_RSHARE }, { "route-weights", required_argument, 0, O_RWEIGHTS },
 		{ "pregate-fit", required_argument, 0, O_PGFIT }, { "pregate-ridge", required_argument, 0, O_PGRIDGE },
-		{ "pregate-from", required_argument, 0, O_PGFROM }, { "route-via", required_argument, 0, O_RVIA }, { "sim-cache", required_argument, 0, O_SIMC }, { "sim-policy", required_argument, 0, O_SIMP },
+		{ "pregate-from", required_argument, 0, O_PGFROM }, { "route-via", required_argument, 0, O_RVIA },
+		{ "route-calib", required_argument, 0, O_RCALIB }, { "sim-cache", required_argument, 0, O_SIMC }, { "sim-policy", required_argument, 0, O_SIMP },
 		{ 0, 0, 0, 0 },
 	};
 	double v;
@@ -555,6 +556,7 @@ static int parse(int argc, char **argv, struct opts *o)
 		}
 		case O_DUMPR: o->dump_routing = optarg; break;
 		case O_PGFIT: o->pregate_fit = optarg; break;
+		case O_RCALIB: o->route_calib = optarg; break;
 		case O_RVIA:
 			if (strcmp(optarg, "local") && strcmp(optarg, "daemon")) {
 				fprintf(stderr, "moe-run: --route-via local|daemon, not '%s'\n", optarg);
@@ -582,8 +584,8 @@ static int parse(int argc, char **argv, struct opts *o)
 			o->pregate = (unsigned)v;
 			break;
 		case O_ROUTE:
-			if ((o->rule = route_rule_parse(optarg)) < 0 || o->rule == ROUTE_RULE_SIMILARITY) {
-				fprintf(stderr, "moe-run: --route exact|margin|low-weight, not '%s'\n", optarg);
+			if ((o->rule = route_rule_parse(optarg)) < 0) {
+				fprintf(stderr, "moe-run: --route exact|margin|low-weight|similarity, not '%s'\n", optarg);
 				return 2;
 			}
 			break;
@@ -697,6 +699,11 @@ static int parse(int argc, char **argv, struct opts *o)
 		fprintf(stderr, "moe-run: --dump-logits goes with --tokens (teacher-forced)\n");
 		return 2;
 	}
+	if (o->rule == ROUTE_RULE_SIMILARITY && !o->route_calib) {
+		fprintf(stderr, "moe-run: --route similarity needs --route-calib FILE (the text the experts' "
+				"similarity is measured on)\n");
+		return 2;
+	}
 	if (o->dump_argmax && !o->ppl) {
 		fprintf(stderr, "moe-run: --dump-argmax goes with --ppl\n");
 		return 2;
@@ -738,33 +745,36 @@ static int configure_experts(struct ctx *c, struct moe_error *err)
 /* --pregate-fit FILE: the text teacher-forced in chunks of the context,
  * the pre-gating maps fitted on it (experts_pregate_fit_*), then the run's
  * own configuration again (fresh counters and simulated cache). */
-static int calibrate(struct ctx *c, uint32_t n_ctx, struct moe_error *err)
+static int calibrate(struct ctx *c, const char *file, bool fit, bool sim, uint32_t n_ctx, struct moe_error *err)
 {
-	struct experts_opts co = { .pregate = c->o.pregate ? c->o.pregate : 1, .pregate_out = c->o.pregate_out };
+	struct experts_opts co = { .pregate = fit ? (c->o.pregate ? c->o.pregate : 1) : 0,
+				   .pregate_out = c->o.pregate_out };
 	char *text = NULL;
 	size_t len = 0, n = 0;
 	int32_t *ids = NULL;
 	int rc;
 	if (!c->tok)
-		return moe_error_set(err, -EINVAL, "--pregate-fit needs the model's tokenizer");
-	if ((rc = read_file(c->o.pregate_fit, &text, &len)))
-		return moe_error_set(err, rc, "%s: %s", c->o.pregate_fit, strerror(-rc));
+		return moe_error_set(err, -EINVAL, "%s: calibration needs the model's tokenizer", file);
+	if ((rc = read_file(file, &text, &len)))
+		return moe_error_set(err, rc, "%s: %s", file, strerror(-rc));
 	rc = tokenizer_encode(c->tok, text, len, false, false, &ids, &n, err);
 	free(text);
 	if (rc)
 		return rc;
 	const uint32_t chunk = MOE_MIN(n_ctx, 128u);
-	if ((rc = experts_configure(c->ex, &co, err)) || (rc = experts_pregate_fit_begin(c->ex, err)))
+	if ((rc = experts_configure(c->ex, &co, err)) || (fit && (rc = experts_pregate_fit_begin(c->ex, err))) ||
+	    (sim && (rc = experts_similarity_begin(c->ex, 512, err))))
 		goto out;
 	for (size_t at = 0; at + chunk <= n && !rc; at += chunk) {
 		runner_reset(c->r);
 		rc = runner_feed(c->r, ids + at, chunk, NULL, false, err);
 	}
 	runner_reset(c->r);
-	if (!rc && (rc = experts_pregate_fit_end(c->ex, c->o.pregate_ridge, err)) == 0 && !c->o.quiet)
-		fprintf(stderr, "moe-run: pre-gating fitted on %zu tokens of %s\n", n / chunk * chunk, c->o.pregate_fit);
-	if (!rc)
-		rc = configure_experts(c, err);
+	if (!rc && fit && (rc = experts_pregate_fit_end(c->ex, c->o.pregate_ridge, err)) == 0 && !c->o.quiet)
+		fprintf(stderr, "moe-run: pre-gating fitted on %zu tokens of %s\n", n / chunk * chunk, file);
+	if (!rc && sim && (rc = experts_similarity_end(c->ex, c->o.threads, err)) == 0 && !c->o.quiet)
+		fprintf(stderr, "moe-run: expert similarity measured on the first %zu tokens of %s\n",
+			MOE_MIN(n / chunk * chunk, (size_t)512), file);
 out:
 	free(ids);
 	return rc;
@@ -828,15 +838,23 @@ int main(int argc, char **argv)
 			    : experts_open_daemon(c.m, c.o.socket, c.o.pf_pregate ? c.o.pregate : c.o.prefetch, &c.ex,
 						  &err)))
 		goto fail;
-	if ((rc = configure_experts(&c, &err)))
+	/* the similarity rule is configured once the calibration measured it */
+	if (c.o.rule != ROUTE_RULE_SIMILARITY && (rc = configure_experts(&c, &err)))
 		goto fail;
 	if ((rc = runner_create(c.m, c.ex, n_ctx, c.o.batch, c.o.threads, &c.r, &err)))
 		goto fail;
 	runner_set_kv_f16(c.r, c.o.kv_f16);
 	if (c.tok)
 		runner_set_token_key(c.r, token_key, &c);
-	if (c.o.pregate_fit && (rc = calibrate(&c, n_ctx, &err)))
-		goto fail;
+	{
+		const bool same = c.o.pregate_fit && c.o.route_calib && !strcmp(c.o.pregate_fit, c.o.route_calib);
+		if (c.o.pregate_fit && (rc = calibrate(&c, c.o.pregate_fit, true, same, n_ctx, &err)))
+			goto fail;
+		if (c.o.route_calib && !same && (rc = calibrate(&c, c.o.route_calib, false, true, n_ctx, &err)))
+			goto fail;
+		if ((c.o.pregate_fit || c.o.route_calib) && (rc = configure_experts(&c, &err)))
+			goto fail;
+	}
 
 	if (c.o.ppl)
 		rc = perplexity(&c, &err);
