@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "latent.h"
 #include "moetier/moetier.h"
 #include "simcache.h"
 #include "trace.h"
@@ -18,6 +19,7 @@
 struct experts {
 	const struct model *m;
 	uint32_t n, k, E;
+	uint32_t cur_l;          /* the MoE layer experts_layer computes: its layout */
 	/* --local */
 	uint8_t *all;            /* [n_moe_layers][n_experts] extents */
 	uint64_t ext_bytes;
@@ -355,7 +357,7 @@ int experts_begin(struct experts *ex, const int32_t *toks, uint32_t B, uint32_t 
 	ex->tok_next += B;
 	if (!ex->o.dump)
 		return 0;
-	const size_t L = ex->m->n_layers;
+	const size_t L = ex->m->cfg->n_moe_layers;
 	if (ex->d_n + B > ex->d_cap) {
 		uint64_t cap = MOE_MAX(ex->d_cap * 2, ex->d_n + B + 256);
 		int32_t *t = realloc(ex->d_tok, cap * sizeof(*t));
@@ -378,6 +380,10 @@ int experts_begin(struct experts *ex, const int32_t *toks, uint32_t B, uint32_t 
 		ex->d_tok[ex->d_n + t] = toks[t];
 		ex->d_seq[ex->d_n + t] = ex->seq;
 	}
+	/* rows a layer call does not reach stay absent from the trace */
+	for (size_t i = (size_t)ex->d_n * L * ex->k; i < (size_t)(ex->d_n + B) * L * ex->k; i++)
+		ex->d_ids[i] = TRACE_NONE;
+	memset(ex->d_lg + (size_t)ex->d_n * L * ex->E, 0, (size_t)B * L * ex->E * sizeof(float));
 	ex->d_n += B;
 	return 0;
 }
@@ -443,6 +449,8 @@ static int pregate_at(struct experts *ex, uint32_t il, const float *resid, uint3
 	for (uint32_t d = 1; d <= ex->o.pregate && il + d < m->n_layers; d++) {
 		const uint32_t nl = il + d;
 		const struct model_layer *N = &m->layers[nl];
+		if (N->moe_index < 0 || !N->router.data)
+			continue; /* a dense layer: nothing to predict */
 		float *xs = ex->fitting ? ex->pg_xs + ((size_t)nl * PG_MAX + d - 1) * ex->cap_B * ex->n : ex->pg_x;
 		const float *W = ex->pg_w ? ex->pg_w[(size_t)nl * PG_MAX + d - 1] : NULL;
 		for (uint32_t t = 0; t < B; t++)
@@ -611,6 +619,8 @@ out:
 int experts_similarity_begin(struct experts *ex, uint32_t samples, struct moe_error *err)
 {
 	const uint32_t L = ex->m->cfg->n_moe_layers;
+	if (ex->m->latent)
+		return moe_error_set(err, -ENOTSUP, "expert similarity: not for a MoLAE latent pack");
 	free(ex->simx);
 	free(ex->sim_n);
 	ex->sim_cap = samples ? samples : 1;
@@ -650,7 +660,8 @@ int experts_similarity_end(struct experts *ex, int threads, struct moe_error *er
 						break;
 					ext = ex->fallback;
 				}
-				if ((rc = ffn_expert(&m->layout, ext, xs, n, c, y + (size_t)e * CH * n, n, NULL, 0, threads)))
+				if ((rc = ffn_expert(model_layout(m, l), ext, xs, n, c, y + (size_t)e * CH * n, n, NULL, 0,
+						     threads)))
 					moe_error_set(err, rc, "expert similarity: layer %u expert %u: %d", l, e, rc);
 			}
 			for (uint32_t a = 0; a < E && !rc; a++)
@@ -742,11 +753,22 @@ static int run_expert(struct experts *ex, uint32_t e, const void *extent, const 
 	const uint32_t *tok = ex->tok_of + (size_t)e * ex->cap_B;
 	const uint8_t *slot = ex->slot_of + (size_t)e * ex->cap_B;
 	float *xg = ex->xg[w], *yg = ex->yg[w];
+	if (ex->m->latent) {
+		/* latent experts read the layer call's z, not x */
+		if (run_latent_expert_macs(ex->m->latent, cnt) < model_split_min())
+			threads = 1;
+		int rc = run_latent_expert(ex->m->latent, e, extent, tok, cnt, yg, n, threads);
+		if (rc)
+			return rc;
+		for (uint32_t i = 0; i < cnt; i++)
+			memcpy(ex->outs + ((size_t)tok[i] * ex->k + slot[i]) * n, yg + (size_t)i * n, n * sizeof(float));
+		return 0;
+	}
 	for (uint32_t i = 0; i < cnt; i++)
 		memcpy(xg + (size_t)i * n, x + (size_t)tok[i] * n, n * sizeof(float));
 	if ((uint64_t)cnt * ex->m->layout.m * n * 3 < model_split_min())
 		threads = 1; /* as model_matmul: too little work to share */
-	int rc = ffn_expert(&ex->m->layout, extent, xg, n, cnt, yg, n, NULL, 0, threads);
+	int rc = ffn_expert(model_layout(ex->m, ex->cur_l), extent, xg, n, cnt, yg, n, NULL, 0, threads);
 	if (rc)
 		return rc;
 	for (uint32_t i = 0; i < cnt; i++)
@@ -1004,6 +1026,8 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 	const uint32_t n = ex->n, k = ex->k, moe_l = (uint32_t)L->moe_index;
 	int rc;
 
+	ex->cur_l = moe_l;
+
 	if ((rc = grow(ex, B, (unsigned)MOE_MIN(MOE_MAX(threads, 1), EXPERTS_MAX_WORKERS))))
 		return moe_error_set(err, rc, "out of memory");
 	if ((rc = model_matmul(&L->router, x, B, ex->logits, threads)))
@@ -1040,7 +1064,7 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		if (ex->sim)
 			simcache_access(ex->sim, ex->tok_base + t, moe_l, r->experts, r->n);
 		if (ex->o.dump && ex->tok_base + t < ex->d_n) {
-			const size_t row = (size_t)(ex->tok_base + t) * m->n_layers + il;
+			const size_t row = (size_t)(ex->tok_base + t) * m->cfg->n_moe_layers + moe_l;
 			for (uint32_t j = 0; j < k; j++)
 				ex->d_ids[row * k + j] = (uint16_t)r->experts[j];
 			memcpy(ex->d_lg + row * ex->E, lg, ex->E * sizeof(float));
@@ -1053,6 +1077,10 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		}
 	}
 
+	/* a MoLAE pack: z = B_g x once per (token, group) the routing touched,
+	 * before any expert of the call runs */
+	if (m->latent && (rc = run_latent_layer(m->latent, moe_l, x, B, ex->routes, threads, err)))
+		return moe_error_prefix(err, rc, "layer %u", il);
 	if (ex->pg_n)
 		pregate_score(ex, il, B);
 	if (ex->hint_n && ex->hint_n[il]) {
@@ -1118,8 +1146,13 @@ int experts_dump_write(struct experts *ex, const char *csv, int (*piece)(void *c
 		       void *ctx, struct moe_error *err)
 {
 	const struct model *m = ex->m;
-	const uint32_t L = m->n_layers, k = ex->k;
-	struct trace tr = { .n_tokens = (uint32_t)ex->d_n, .n_layers = L, .first_layer = 0, .k = k,
+	/* rows by MoE layer; Layer ID = the model layer (MoE layers follow any
+	 * dense ones) */
+	const uint32_t L = m->cfg->n_moe_layers, k = ex->k;
+	uint32_t first = 0;
+	while (first < m->n_layers && m->layers[first].moe_index != 0)
+		first++;
+	struct trace tr = { .n_tokens = (uint32_t)ex->d_n, .n_layers = L, .first_layer = first, .k = k,
 			    .max_expert = ex->E - 1 };
 	int rc = 0;
 	if (!ex->o.dump || !ex->d_n)
@@ -1132,7 +1165,8 @@ int experts_dump_write(struct experts *ex, const char *csv, int (*piece)(void *c
 		rc = moe_error_set(err, -ENOMEM, "out of memory");
 		goto out;
 	}
-	memset(tr.count, (int)k, (size_t)ex->d_n * L);
+	for (size_t i = 0; i < (size_t)ex->d_n * L; i++)
+		tr.count[i] = ex->d_ids[i * k] == TRACE_NONE ? 0 : (uint8_t)k;
 	for (uint64_t t = 0; t < ex->d_n; t++) {
 		char buf[256];
 		int n = piece ? piece(ctx, ex->d_tok[t], buf, sizeof(buf) - 1) : -1;
@@ -1160,7 +1194,7 @@ int experts_dump_write(struct experts *ex, const char *csv, int (*piece)(void *c
 		rc = moe_error_set(err, -errno, "%s: %s", path, strerror(errno));
 		goto out;
 	}
-	uint32_t hdr[4] = { (uint32_t)ex->d_n, L, ex->E, 0 };
+	uint32_t hdr[4] = { (uint32_t)ex->d_n, L, ex->E, first };
 	size_t nf = (size_t)ex->d_n * L * ex->E;
 	bool ok = fwrite(EXPERTS_LOGITS_MAGIC, 1, 8, f) == 8 && fwrite(hdr, sizeof(uint32_t), 4, f) == 4 &&
 		  fwrite(ex->d_lg, sizeof(float), nf, f) == nf;
