@@ -57,6 +57,7 @@ struct experts {
 	float *pg_x;                 /* [B][n] ffn_norm'ed residual */
 	uint32_t *pg_pred;           /* [n_layers][PREGATE_MAX][cap_B][2k] */
 	uint32_t *pg_n;              /* [n_layers][PREGATE_MAX] tokens predicted (0: none) */
+	uint8_t *pg_hint_only;       /* [n_layers][PREGATE_MAX] from the embedding: not scored */
 	/* fitted pre-gates: per target layer and distance, [E][n + 1] (the
 	 * last column a bias) or NULL (the layer's own router) */
 	float **pg_w;                /* [n_layers * PREGATE_MAX] */
@@ -260,6 +261,7 @@ void experts_close(struct experts *ex)
 	free(ex->pg_pred);
 	free(ex->pg_xs);
 	free(ex->pg_n);
+	free(ex->pg_hint_only);
 	for (size_t i = 0; ex->pg_w && i < (size_t)ex->m->n_layers * PG_MAX; i++)
 		free(ex->pg_w[i]);
 	free(ex->pg_w);
@@ -302,7 +304,9 @@ int experts_configure(struct experts *ex, const struct experts_opts *o, struct m
 	simcache_free(ex->sim);
 	ex->sim = NULL;
 	free(ex->pg_n);
+	free(ex->pg_hint_only);
 	ex->pg_n = NULL;
+	ex->pg_hint_only = NULL;
 	const bool local = ex->st.local;
 	memset(&ex->st, 0, sizeof(ex->st));
 	ex->st.local = local;
@@ -343,7 +347,8 @@ int experts_configure(struct experts *ex, const struct experts_opts *o, struct m
 		return moe_error_set(err, -EINVAL,
 				     "cache-aware routing needs a cache: the daemon's (--socket) or a simulated one (--sim-cache C)");
 	}
-	if (o->pregate && !(ex->pg_n = calloc((size_t)m->n_layers * PG_MAX, sizeof(uint32_t))))
+	if (o->pregate && (!(ex->pg_n = calloc((size_t)m->n_layers * PG_MAX, sizeof(uint32_t))) ||
+			   !(ex->pg_hint_only = calloc((size_t)m->n_layers * PG_MAX, 1))))
 		return moe_error_set(err, -ENOMEM, "out of memory");
 	ex->cap_B = ex->cap_w = 0; /* the next grow() sizes the pre-gating buffers too */
 	return 0;
@@ -428,26 +433,43 @@ static uint32_t *pg_row(struct experts *ex, uint32_t layer, uint32_t d, uint32_t
 	return ex->pg_pred + (((size_t)layer * PG_MAX + (d - 1)) * ex->cap_B + t) * 2 * ex->k;
 }
 
-static int pregate_at(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads);
+static int pregate_at(struct experts *ex, int32_t src, const float *resid, uint32_t B, int threads);
+static void prefetch_pregate(struct experts *ex, int32_t src, uint32_t B);
 
 int experts_pregate(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads)
 {
-	return ex->o.pregate && !ex->o.pregate_out ? pregate_at(ex, il, resid, B, threads) : 0;
+	return ex->o.pregate && !ex->o.pregate_out ? pregate_at(ex, (int32_t)il, resid, B, threads) : 0;
 }
 
 int experts_pregate_out(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads)
 {
-	return ex->o.pregate && ex->o.pregate_out ? pregate_at(ex, il, resid, B, threads) : 0;
+	return ex->o.pregate && ex->o.pregate_out ? pregate_at(ex, (int32_t)il, resid, B, threads) : 0;
 }
 
-static int pregate_at(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads)
+int experts_pregate_embed(struct experts *ex, const float *x, uint32_t B, int threads)
+{
+	int rc;
+	if (!ex->o.pregate || !ex->o.pregate_prefetch || ex->fitting)
+		return 0;
+	/* hints only: the first layers' experts from the token's embedding,
+	 * before any of its layers runs (not counted in the recall, which is
+	 * about predicting from a layer's residual stream) */
+	if ((rc = pregate_at(ex, -1, x, B, threads)))
+		return rc;
+	if (ex->ctx)
+		prefetch_pregate(ex, -1, B);
+	return 0;
+}
+
+static int pregate_at(struct experts *ex, int32_t src, const float *resid, uint32_t B, int threads)
 {
 	const struct model *m = ex->m;
 	int rc;
 	if ((rc = grow(ex, B, (unsigned)MOE_MIN(MOE_MAX(threads, 1), EXPERTS_MAX_WORKERS))))
 		return rc;
-	for (uint32_t d = 1; d <= ex->o.pregate && il + d < m->n_layers; d++) {
-		const uint32_t nl = il + d;
+	for (uint32_t d = 1; d <= ex->o.pregate && src + (int32_t)d < (int32_t)m->n_layers; d++) {
+		const uint32_t nl = (uint32_t)(src + (int32_t)d);
+		ex->pg_hint_only[(size_t)nl * PG_MAX + d - 1] = src < 0;
 		const struct model_layer *N = &m->layers[nl];
 		if (N->moe_index < 0 || !N->router.data)
 			continue; /* a dense layer: nothing to predict */
@@ -696,7 +718,18 @@ static void pregate_score(struct experts *ex, uint32_t il, uint32_t B)
 {
 	for (uint32_t d = 1; d <= PG_MAX; d++) {
 		uint32_t *pn = &ex->pg_n[(size_t)il * PG_MAX + d - 1];
-		if (*pn != B) {
+		if (*pn == B && ex->pg_hint_only[(size_t)il * PG_MAX + d - 1]) {
+			/* from the embedding (il = d - 1): counted apart */
+			for (uint32_t t = 0; t < B; t++) {
+				const uint32_t *p = pg_row(ex, il, d, t);
+				const struct route_result *r = &ex->routes[t];
+				for (uint32_t j = 0; j < r->n; j++)
+					for (uint32_t i = 0; i < ex->k; i++)
+						ex->st.pg_embed_hits[d - 1] += p[i] == r->exact[j];
+				ex->st.pg_embed_tokens[d - 1]++;
+			}
+		}
+		if (*pn != B || ex->pg_hint_only[(size_t)il * PG_MAX + d - 1]) {
 			*pn = 0;
 			continue;
 		}
@@ -720,11 +753,11 @@ static void pregate_score(struct experts *ex, uint32_t il, uint32_t B)
 
 /* Pre-gating hints: the last token's predicted top-k for each of the next
  * layers, nearest first, each expert sent once per layer visit. */
-static void prefetch_pregate(struct experts *ex, uint32_t il, uint32_t B)
+static void prefetch_pregate(struct experts *ex, int32_t src, uint32_t B)
 {
 	const struct model *m = ex->m;
-	for (uint32_t d = 1; d <= ex->o.pregate && il + d < m->n_layers; d++) {
-		const uint32_t nl = il + d;
+	for (uint32_t d = 1; d <= ex->o.pregate && src + (int32_t)d < (int32_t)m->n_layers; d++) {
+		const uint32_t nl = (uint32_t)(src + (int32_t)d);
 		if (ex->pg_n[(size_t)nl * PG_MAX + d - 1] != B)
 			continue;
 		const uint32_t *p = pg_row(ex, nl, d, B - 1);
@@ -904,7 +937,7 @@ static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 			 * hint, loading while this layer computes */
 			pf = false;
 			if (ex->o.pregate_prefetch)
-				prefetch_pregate(ex, il, B);
+				prefetch_pregate(ex, (int32_t)il, B);
 			else
 				prefetch_next(ex, il, x, B);
 		}

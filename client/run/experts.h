@@ -13,6 +13,9 @@
 #ifndef MOETIER_RUN_EXPERTS_H
 #define MOETIER_RUN_EXPERTS_H
 
+/* experts.c computes each MoE layer with its own layout (model_layout) */
+#define EXPERTS_LAYOUT_PER_LAYER 1
+
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -49,6 +52,8 @@ struct experts_stats {
 	 * of the k experts each (token, layer) chose, how many were in the
 	 * top-k (pg_hits) and the top-2k (pg_hits2) predicted d layers before */
 	uint64_t pg_tokens[EXPERTS_PREGATE_MAX], pg_hits[EXPERTS_PREGATE_MAX], pg_hits2[EXPERTS_PREGATE_MAX];
+	/* ...and of layer d - 1 predicted from the embedding (experts_pregate_embed) */
+	uint64_t pg_embed_tokens[EXPERTS_PREGATE_MAX], pg_embed_hits[EXPERTS_PREGATE_MAX];
 };
 
 /* How moe-run routes and what it measures on the way (experts_configure). */
@@ -94,6 +99,11 @@ int experts_begin(struct experts *ex, const int32_t *toks, uint32_t B, uint32_t 
  * as hints (after layer il's own acquires) or put in the simulated cache.
  * 0 or -errno. A no-op without pre-gating. */
 int experts_pregate(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads);
+/* With pregate_prefetch: the first pregate layers' experts predicted from
+ * the tokens' embeddings (x [B x n_embd], the residual stream before layer
+ * 0) as the forward pass starts, and hinted at once (or put in the
+ * simulated cache); not counted in the recall. 0 or -errno. */
+int experts_pregate_embed(struct experts *ex, const float *x, uint32_t B, int threads);
 /* The same after layer il's output (its experts added): the point used with
  * pregate_out; experts_pregate is then the no-op and this one predicts. */
 int experts_pregate_out(struct experts *ex, uint32_t il, const float *resid, uint32_t B, int threads);

@@ -443,6 +443,11 @@ static void fidelity_lines(struct ctx *c, const struct experts_stats *st)
 				" token-layers)\n",
 				d + 1, d ? "s" : "", k, rec[d], 2 * k, rec2[d], st->pg_tokens[d]);
 	}
+	for (unsigned d = 0; d < EXPERTS_PREGATE_MAX; d++)
+		if (st->pg_embed_tokens[d])
+			fprintf(stderr, "moe-run: pre-gating layer %u from the embedding: recall@%u %.4f (%" PRIu64 " tokens)\n",
+				d, k, (double)st->pg_embed_hits[d] / (double)(st->pg_embed_tokens[d] * k),
+				st->pg_embed_tokens[d]);
 	fprintf(stderr,
 		"moe-run: fidelity rule=%s slots=%" PRIu64 " subst=%.6f sim_hit=%.6f sim_accesses=%" PRIu64
 		" pg1=%.6f pg1_2k=%.6f pg2=%.6f pg2_2k=%.6f\n",

@@ -131,6 +131,9 @@ static int forward(struct runner *r, const int32_t *toks, uint32_t B, float *log
 	experts_set_token(r->ex, r->key_fn ? r->key_fn(r->key_ctx, toks[B - 1]) : 0, r->pos + B - 1);
 	if ((rc = experts_begin(r->ex, toks, B, r->pos)))
 		return moe_error_set(err, rc, "routing dump: out of memory");
+	/* the first layers' hints, before the first attention */
+	if ((rc = experts_pregate_embed(r->ex, r->x, B, r->threads)))
+		return moe_error_set(err, rc, "pre-gating from the embeddings: %d", rc);
 
 	for (uint32_t il = 0; il < m->n_layers; il++) {
 		const struct model_layer *L = &m->layers[il];
