@@ -341,7 +341,7 @@ void route_cache_rule_init(struct route_cache_rule *r, enum route_rule kind, uin
 	r->weights = ROUTE_WEIGHTS_FAMILY;
 	switch (kind) {
 	case ROUTE_RULE_EXACT:
-		r->keep_top = ROUTE_MAX_K;
+		r->keep_top = ROUTE_KEEP_ALL;
 		r->margin = 0.0f;
 		break;
 	case ROUTE_RULE_LOW_WEIGHT:
@@ -359,7 +359,7 @@ void route_cache_rule_init(struct route_cache_rule *r, enum route_rule kind, uin
 int route_cache_rule_check(const struct route_params *rp, const struct route_cache_rule *rule,
 			   struct moe_error *err)
 {
-	if (rule->keep_top == 0 || rule->keep_top > rp->top_k)
+	if (rule->keep_top == 0 || (rule->keep_top > rp->top_k && rule->keep_top != ROUTE_KEEP_ALL))
 		return moe_error_set(err, -EINVAL, "route: keep-top J=%u must be 1..k (k=%u)", rule->keep_top,
 				     rp->top_k);
 	if (!(rule->margin >= 0.0f))

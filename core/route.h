@@ -143,9 +143,11 @@ enum route_rule {
 };
 #define ROUTE_RULE_COUNT 4
 
+#define ROUTE_KEEP_ALL UINT32_MAX /* keep_top: every slot kept (exact routing) */
+
 struct route_cache_rule {
 	uint32_t keep_top;       /* J, 1..top_k: slots 0..J-1 are never substituted
-				    (J = top_k: exact routing) */
+				    (J = top_k or ROUTE_KEEP_ALL: exact routing) */
 	float margin;            /* >= 0 (INFINITY allowed): max selection-key gap */
 	float max_share;         /* (0, +inf): only slots whose exact weight share is
 				    below it are substitutable; >= 1: every slot */
@@ -158,8 +160,7 @@ struct route_cache_rule {
 /* Fills r with a named rule's defaults: keep_top J, margin m; LOW_WEIGHT sets
  * max_share 0.25 and RENORM weights; SIMILARITY sets min_similarity -INFINITY
  * and INHERIT weights (the caller sets r->similarity); MARGIN/EXACT: FAMILY,
- * max_share +inf. EXACT sets keep_top ROUTE_MAX_K (clamped to top_k when
- * applied) and margin 0. */
+ * max_share +inf. EXACT sets keep_top ROUTE_KEEP_ALL and margin 0. */
 void route_cache_rule_init(struct route_cache_rule *r, enum route_rule kind, uint32_t keep_top,
 			   float margin);
 
@@ -168,7 +169,8 @@ void route_cache_rule_init(struct route_cache_rule *r, enum route_rule kind, uin
 const char *route_rule_name(enum route_rule kind);
 int route_rule_parse(const char *name);
 
-/* 0, or -EINVAL with a message: keep_top 0 or > top_k (top_k from rp),
+/* 0, or -EINVAL with a message: keep_top 0 or > top_k (top_k from rp;
+ * ROUTE_KEEP_ALL is accepted),
  * margin NaN or < 0, max_share NaN or <= 0, unknown weights mode,
  * min_similarity NaN. */
 int route_cache_rule_check(const struct route_params *rp, const struct route_cache_rule *rule,

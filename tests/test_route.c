@@ -375,6 +375,13 @@ Test(route_cached, margin_rule_a)
 	cr_assert_eq(route_cached(&rp, rule_lg, res, &rule, &r, &err), 0);
 	expect(&r, (uint32_t[]){ 0, 1, 2, 3 }, 0, 0, (double[]){ prob(0), prob(1), prob(2), prob(3) });
 
+	/* The exact preset: every slot kept. */
+	struct route_cache_rule ex;
+	route_cache_rule_init(&ex, ROUTE_RULE_EXACT, 0, 0);
+	cr_assert_eq(ex.keep_top, ROUTE_KEEP_ALL);
+	cr_assert_eq(route_cached(&rp, rule_lg, res, &ex, &r, &err), 0, "%s", err.msg);
+	expect(&r, (uint32_t[]){ 0, 1, 2, 3 }, 0, 0, (double[]){ prob(0), prob(1), prob(2), prob(3) });
+
 	/* Nothing resident (NULL) or no rule: exact, same as route_topk bit for bit. */
 	struct route_result t;
 	cr_assert_eq(route_topk(&rp, rule_lg, &t), 0);
