@@ -1,6 +1,7 @@
 /* model.c - see model.h. */
 #include "model.h"
 #include "experts.h" /* EXPERTS_LAYOUT_PER_LAYER: whether experts.c takes model_layout() */
+#include "latent.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -303,7 +304,15 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		rc = moe_error_set(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
-	for (uint32_t l = 0; l < m->cfg->n_moe_layers; l++) {
+	if (run_latent_pack(m->pack)) {
+		/* MoLAE: extents hold A_gate | A_up | W_down, the B matrices sit
+		 * in the resident region; latent.c computes them */
+		if ((rc = run_latent_open(m->pack, &m->latent, err)))
+			goto fail;
+		for (uint32_t l = 0; l < m->cfg->n_moe_layers; l++)
+			m->layouts[l].payload = m->pack->hdr->extent_payload;
+	}
+	for (uint32_t l = 0; l < m->cfg->n_moe_layers && !m->latent; l++) {
 		const struct pack_layout_disk *pl = pack_layer_layout(m->pack, l);
 		if ((rc = ffn_layout_init(&m->layouts[l], m->cfg, pl->parts, pl->n_parts, m->pack->hdr->extent_bytes,
 					  err))) {
@@ -436,6 +445,7 @@ void model_close(struct model *m)
 	free(m->blobs);
 	free(m->layers);
 	free(m->layouts);
+	run_latent_close(m->latent);
 	if (m->kv != m->src)
 		gguf_close(m->kv);
 	free(m->kv_image);

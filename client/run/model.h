@@ -65,6 +65,7 @@ struct model {
 	struct ffn_layout layout;            /* routed experts of MoE layer 0 (of every layer unless mixed_layouts) */
 	struct ffn_layout *layouts;          /* [n_moe_layers]: MoE layer l's (model_layout) */
 	bool mixed_layouts;                  /* the layers' layouts differ (a version 2 pack) */
+	struct run_latent *latent;           /* a MoLAE pack's B matrices (latent.h), else NULL */
 	struct route_params rp;              /* llama.cpp's rule for the arch */
 	uint64_t resident_bytes;             /* dense tensors held in memory */
 
