@@ -29,4 +29,11 @@ tests_test_moe_run_dense_SOURCES = tests/test_moe_run_dense.c
 tests_test_moe_run_dense_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/client/run
 tests_test_moe_run_dense_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_moe_run_dense_LDADD = client/run/libmoerun.a $(KERNELS_LINK) $(CRITERION_LIBS)
+# the simulated cache of --sim-cache (bench/fidelity's hit rates)
+check_PROGRAMS += tests/test_simcache
+TESTS += tests/test_simcache
+tests_test_simcache_SOURCES = tests/test_simcache.c
+tests_test_simcache_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/client/run
+tests_test_simcache_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_simcache_LDADD = client/run/libmoerun.a $(KERNELS_LINK) $(CRITERION_LIBS)
 endif
