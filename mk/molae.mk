@@ -52,3 +52,11 @@ EXTRA_DIST += tests/test_molae_run.sh
 # MoLAE, at the OLMoE / Qwen3-30B-A3B / DeepSeek-V2-Lite shapes; the trained
 # model's perplexity table when moe-run computes latent packs.
 dist_noinst_SCRIPTS += bench/molae
+
+if HAVE_CRITERION
+check_PROGRAMS += tests/test_molae_compute
+TESTS += tests/test_molae_compute
+tests_test_molae_compute_SOURCES = tests/test_molae_compute.c
+tests_test_molae_compute_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_molae_compute_LDADD = $(DAEMON_LINK) $(CRITERION_LIBS)
+endif
