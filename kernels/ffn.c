@@ -391,6 +391,8 @@ static void ops_now(struct mm_sel *s)
 		s->mm[MOE_DTYPE_Q4_K] = ffn_mm_q4_K_vnni512;
 		s->mm[MOE_DTYPE_Q5_K] = ffn_mm_q5_K_vnni512;
 		s->mm[MOE_DTYPE_Q6_K] = ffn_mm_q6_K_vnni512;
+		s->mm[MOE_DTYPE_Q3_K] = ffn_mm_q3_K_vnni512;
+		s->mm[MOE_DTYPE_Q2_K] = ffn_mm_q2_K_vnni512;
 	}
 	if (ffn_get_q8_mode() == FFN_Q8_INT) {
 		s->mm[MOE_DTYPE_Q8_0] = o->mm_q8int;

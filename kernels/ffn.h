@@ -14,7 +14,10 @@
  * scheme, whatever the q8 mode below). One implementation per instruction set (portable C,
  * AVX2+FMA+F16C, AVX-512, AVX-512 + AVX512-BF16 vdpbf16ps) is chosen once by
  * CPUID; MOETIER_FFN_ISA=ref|avx2|avx512|avx512bf16 or ffn_set_isa() forces
- * one (tests run every path the CPU has).
+ * one (tests run every path the CPU has). On the AVX-512 paths, batches of
+ * 4+ tokens of the integer kernels (q8_0, q4_0, iq4_nl in INT mode; q4_K,
+ * q5_K, q6_K, q3_K, q2_K) use AVX512-VNNI when the CPU has it, with the
+ * AVX2 kernels' bits.
  *
  * Results do not depend on the batch size nor on the thread count: every
  * (row, token) dot product is accumulated in the same order whatever tile

@@ -92,10 +92,13 @@ void ffn_quant_q8_avx2(const float *x, struct moe_block_q8_0 *out, uint32_t n);
 FFN_MM_DECL(ffn_mm_q8int_vnni512);
 FFN_MM_DECL(ffn_mm_q4int_vnni512);
 FFN_MM_DECL(ffn_mm_iq4int_vnni512);
-/* And for q4_K, q5_K, q6_K batches: the AVX2 K-quant kernels' bits. */
+/* And for q4_K, q5_K, q6_K, q3_K, q2_K batches: the AVX2 K-quant kernels'
+ * bits. */
 FFN_MM_DECL(ffn_mm_q4_K_vnni512);
 FFN_MM_DECL(ffn_mm_q5_K_vnni512);
 FFN_MM_DECL(ffn_mm_q6_K_vnni512);
+FFN_MM_DECL(ffn_mm_q3_K_vnni512);
+FFN_MM_DECL(ffn_mm_q2_K_vnni512);
 /* The AVX2 K-quant kernels (q4_K ... q2_K x q8_K) and q8_K quantizer,
  * shared by the AVX-512 tables in the same way. */
 FFN_MM_DECL(ffn_mm_q4_K_avx2);

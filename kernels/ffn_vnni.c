@@ -245,7 +245,7 @@ FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q8int_vnni512, vn_mm, MOE_DTYPE_Q8_0)
 FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q4int_vnni512, vn_mm, MOE_DTYPE_Q4_0)
 FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_iq4int_vnni512, vn_mm, MOE_DTYPE_IQ4_NL)
 
-/* ---- K-quants (q4_K, q5_K, q6_K) x q8_K ------------------------------------
+/* ---- K-quants (q4_K, q5_K, q6_K, q3_K, q2_K) x q8_K -------------------------
  *
  * Every path computes, per (row, token, super-block), the exact integers
  * isum and imin and adds them with ffn_kq_accum (ffn_impl.h); here 16
@@ -257,9 +257,9 @@ FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_iq4int_vnni512, vn_mm, MOE_DTYPE_IQ4_NL)
  *    codes' sub-block scales as int16 lanes into 16 int32 lanes;
  *  - the 16 accumulators reduced to one vector (lane 4r + t) by a fixed
  *    tree of unpacks and adds (exact, any order);
- *  - q4_K / q5_K: imin = sum of min_j * (x's sum over sub-block j), q6_K:
- *    isum -= 32 * sum of scale_k * (x's sum over sub-block k): both as
- *    vpdpwssd of int16 pairs, row-side pairs spread to lane 4r + t in the
+ *  - q4_K / q5_K / q2_K: imin = sum of min_j * (x's sum over sub-block j),
+ *    q6_K / q3_K: isum -= 32 (4) * sum of scale_k * (x's sum over sub-block
+ *    k), the codes being taken unsigned: both as vpdpwssd of int16 pairs, row-side pairs spread to lane 4r + t in the
  *    row decode, token-side pairs broadcast per 128-bit lane.
  * About 2 instructions per 64 weights per token, against the AVX2 kernel's
  * 4 per 32 plus its scale handling. Rows are decoded into 4-row tiles (the
@@ -280,7 +280,8 @@ FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_iq4int_vnni512, vn_mm, MOE_DTYPE_IQ4_NL)
 
 /* Token group g (4 tokens from 4g; past B the last token again) for every
  * super-block: rec (g * nb + b) * KV_XBYTES. Pairs: q4_K / q5_K the x sums
- * of sub-blocks (2k, 2k + 1) of 32, k < 4; q6_K bsums (2k, 2k + 1), k < 8. */
+ * of sub-blocks (2k, 2k + 1) of 32, k < 4; the types with sub-blocks of 16
+ * bsums (2k, 2k + 1), k < 8. */
 static FN_ATTR ALWAYS_INLINE void kv_x_prep(const int DT, const struct ffn_act *a, uint32_t nb, uint8_t *xk)
 {
 	const uint32_t G = (a->B + 3) / 4;
@@ -297,7 +298,7 @@ static FN_ATTR ALWAYS_INLINE void kv_x_prep(const int DT, const struct ffn_act *
 							   _mm256_loadu_si256((const __m256i *)(const void *)(xb->qs + 32 * k)));
 				for (int k = 0; k < 8; k++) {
 					int lo, hi;
-					if (DT == MOE_DTYPE_Q6_K) {
+					if (DT != MOE_DTYPE_Q4_K && DT != MOE_DTYPE_Q5_K) {
 						lo = xb->bsums[2 * k];
 						hi = xb->bsums[2 * k + 1];
 					} else if (k < 4) {
@@ -319,15 +320,16 @@ static FN_ATTR ALWAYS_INLINE void kv_x_prep(const int DT, const struct ffn_act *
 static FN_ATTR ALWAYS_INLINE void kv_w_prep(const int DT, const uint8_t *W, size_t rb, uint32_t nr, uint32_t nb,
 					    uint8_t *wk)
 {
-	const size_t bb = DT == MOE_DTYPE_Q4_K ? 144 : DT == MOE_DTYPE_Q5_K ? 176 : 210;
+	const size_t bb = DT == MOE_DTYPE_Q4_K ? 144 : DT == MOE_DTYPE_Q5_K ? 176 : DT == MOE_DTYPE_Q6_K ? 210 :
+			  DT == MOE_DTYPE_Q3_K ? 110 : 84;
 	const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1), three = _mm256_set1_epi8(3);
 	/* chunk c's int16 scale lanes: q4_K / q5_K sub-blocks of 32 (2c, 2c + 1),
-	 * q6_K sub-blocks of 16 (4c ... 4c + 3) */
+	 * the others sub-blocks of 16 (4c ... 4c + 3) */
 	__m512i sidx[4];
 	for (int c = 0; c < 4; c++) {
 		int16_t ix[32];
 		for (int i = 0; i < 32; i++)
-			ix[i] = (int16_t)(DT == MOE_DTYPE_Q6_K ? 4 * c + i / 8 : 2 * c + i / 16);
+			ix[i] = (int16_t)(DT == MOE_DTYPE_Q4_K || DT == MOE_DTYPE_Q5_K ? 2 * c + i / 16 : 4 * c + i / 8);
 		sidx[c] = _mm512_loadu_si512((const void *)ix);
 	}
 	/* pair k of row r (int32 r * 8 + k of two zmm) to lane 4r + t */
@@ -348,7 +350,7 @@ static FN_ATTR ALWAYS_INLINE void kv_w_prep(const int DT, const uint8_t *W, size
 			const uint8_t *blk = W + (size_t)(r < nr ? r : nr - 1) * rb + (size_t)b * bb;
 			uint8_t *q = rec + KV_Q + 256 * r;
 			int16_t *sc = (int16_t *)(void *)(rec + KV_SC) + 128 * r;
-			__m256i s16; /* the scales as int16, 8 (q4_K / q5_K) or 16 (q6_K) */
+			__m256i s16; /* the scales as int16, 8 (q4_K / q5_K) or 16 */
 			uint16_t h;
 			if (DT == MOE_DTYPE_Q4_K || DT == MOE_DTYPE_Q5_K) {
 				const bool q5 = DT == MOE_DTYPE_Q5_K;
@@ -382,6 +384,48 @@ static FN_ATTR ALWAYS_INLINE void kv_w_prep(const int DT, const uint8_t *W, size
 				memcpy(&h, blk, 2);
 				d[r] = _cvtsh_ss(h);
 				memcpy(&h, blk + 2, 2);
+				dm[r] = _cvtsh_ss(h);
+			} else if (DT == MOE_DTYPE_Q3_K) { /* codes 0..7 (the value is code - 4) */
+				const uint8_t *sp = blk + 96;
+				uint32_t w0, w1, w2;
+				memcpy(&w0, sp, 4);
+				memcpy(&w1, sp + 4, 4);
+				memcpy(&w2, sp + 8, 4);
+				/* moe_q3_K_scale's bits, four at a time (as ffn_avx2.c) */
+				const uint32_t a0 = (w0 & 0x0f0f0f0fu) | (w2 & 0x03030303u) << 4;
+				const uint32_t a1 = (w1 & 0x0f0f0f0fu) | ((w2 >> 2) & 0x03030303u) << 4;
+				const uint32_t a2 = ((w0 >> 4) & 0x0f0f0f0fu) | ((w2 >> 4) & 0x03030303u) << 4;
+				const uint32_t a3 = ((w1 >> 4) & 0x0f0f0f0fu) | ((w2 >> 6) & 0x03030303u) << 4;
+				s16 = _mm256_cvtepi8_epi16(
+					_mm_sub_epi8(_mm_set_epi32((int)a3, (int)a2, (int)a1, (int)a0), _mm_set1_epi8(32)));
+				_mm256_store_si256((__m256i *)(void *)pr[r], s16); /* pairs (s 2k, s 2k+1), k < 8 */
+				const __m256i hm = _mm256_loadu_si256((const __m256i *)(const void *)blk);
+				for (int hh = 0; hh < 2; hh++) {
+					const __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 32 + 32 * hh));
+					for (int g = 0; g < 4; g++) {
+						const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(4 * hh + g)), one);
+						const __m256i q2 = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * g)), three);
+						_mm256_store_si256((__m256i *)(void *)(q + 128 * hh + 32 * g),
+								   _mm256_or_si256(q2, _mm256_slli_epi16(hb, 2)));
+					}
+				}
+				memcpy(&h, blk + 108, 2);
+				d[r] = _cvtsh_ss(h);
+				dm[r] = 0.0f;
+			} else if (DT == MOE_DTYPE_Q2_K) { /* codes 0..3, 4-bit scale and min per 16 */
+				const __m128i s8 = _mm_loadu_si128((const __m128i *)(const void *)blk), m8 = _mm_set1_epi8(0x0f);
+				s16 = _mm256_cvtepu8_epi16(_mm_and_si128(s8, m8));
+				_mm256_store_si256((__m256i *)(void *)pr[r], /* pairs (m 2k, m 2k+1), k < 8 */
+						   _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), m8)));
+				for (int hh = 0; hh < 2; hh++) {
+					const __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(blk + 16 + 32 * hh));
+					for (int g = 0; g < 4; g++)
+						_mm256_store_si256((__m256i *)(void *)(q + 128 * hh + 32 * g),
+								   _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * g)), three));
+				}
+				memcpy(&h, blk + 80, 2);
+				d[r] = _cvtsh_ss(h);
+				memcpy(&h, blk + 82, 2);
 				dm[r] = _cvtsh_ss(h);
 			} else { /* Q6_K: codes 0..63 (the value is code - 32) */
 				s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(blk + 192)));
@@ -468,13 +512,13 @@ static FN_ATTR ALWAYS_INLINE void kv_tile(const int DT, const uint8_t *wk, const
 			}
 		}
 		__m512i isum = kv_reduce16(acc), pc = _mm512_setzero_si512();
-		for (int k = 0; k < (DT == MOE_DTYPE_Q6_K ? 8 : 4); k++)
+		for (int k = 0; k < (DT == MOE_DTYPE_Q4_K || DT == MOE_DTYPE_Q5_K ? 4 : 8); k++)
 			pc = _mm512_dpwssd_epi32(pc, _mm512_load_si512((const void *)(wr + KV_WPAIRS + 64 * k)),
 						 _mm512_broadcast_i32x4(_mm_load_si128(
 							 (const __m128i *)(const void *)(xr + KV_XPAIRS + 16 * k))));
 		__m512i imin = pc;
-		if (DT == MOE_DTYPE_Q6_K) {
-			isum = _mm512_sub_epi32(isum, _mm512_slli_epi32(pc, 5));
+		if (DT == MOE_DTYPE_Q6_K || DT == MOE_DTYPE_Q3_K) {
+			isum = _mm512_sub_epi32(isum, _mm512_slli_epi32(pc, DT == MOE_DTYPE_Q6_K ? 5 : 2));
 			imin = _mm512_setzero_si512();
 		}
 		/* ffn_kq_accum, lane by lane */
@@ -495,8 +539,9 @@ static FN_ATTR ALWAYS_INLINE void kv_mm_part(const int DT, const uint8_t *W, siz
 	uint8_t *buf = NULL;
 
 	if (B < VN_MIN_B || !nb || !(buf = aligned_alloc(64, xk_bytes + wk_bytes))) {
-		(DT == MOE_DTYPE_Q4_K ? ffn_mm_q4_K_avx2 : DT == MOE_DTYPE_Q5_K ? ffn_mm_q5_K_avx2
-						  : ffn_mm_q6_K_avx2)(W, rb, cols, r0, r1, a, y, ldy);
+		(DT == MOE_DTYPE_Q4_K ? ffn_mm_q4_K_avx2 : DT == MOE_DTYPE_Q5_K ? ffn_mm_q5_K_avx2 :
+		 DT == MOE_DTYPE_Q6_K ? ffn_mm_q6_K_avx2 : DT == MOE_DTYPE_Q3_K ? ffn_mm_q3_K_avx2
+						 : ffn_mm_q2_K_avx2)(W, rb, cols, r0, r1, a, y, ldy);
 		return;
 	}
 	uint8_t *xk = buf, *wk = buf + xk_bytes;
@@ -535,3 +580,5 @@ static FN_ATTR ALWAYS_INLINE void kv_mm(const int DT, const uint8_t *W, size_t r
 FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q4_K_vnni512, kv_mm, MOE_DTYPE_Q4_K)
 FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q5_K_vnni512, kv_mm, MOE_DTYPE_Q5_K)
 FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q6_K_vnni512, kv_mm, MOE_DTYPE_Q6_K)
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q3_K_vnni512, kv_mm, MOE_DTYPE_Q3_K)
+FFN_MM_FOR_DTYPE(FN_ATTR, ffn_mm_q2_K_vnni512, kv_mm, MOE_DTYPE_Q2_K)

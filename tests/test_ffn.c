@@ -1050,7 +1050,7 @@ Test(ffn, quant_q8_avx2_matches_dtype, .timeout = 10)
 }
 
 /* The integer kernels (q8_0, q4_0, iq4_nl x q8_0 in FFN_Q8_INT; q4_K,
- * q5_K, q6_K x q8_K): every SIMD path (the AVX-512 ones run the VNNI batch
+ * q5_K, q6_K, q3_K, q2_K x q8_K): every SIMD path (the AVX-512 ones run the VNNI batch
  * kernels where the CPU has AVX512-VNNI) gives the AVX2 kernels' bits, for
  * every tile shape and tail: row counts around the tiles (8 rows for the
  * 32-blocks, odd counts pairing the last row with itself; 4 for the
@@ -1061,7 +1061,8 @@ Test(ffn, quant_q8_avx2_matches_dtype, .timeout = 10)
 Test(ffn, int_paths_same_bits, .timeout = 60)
 {
 	static const enum moe_dtype dts[] = { MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_0, MOE_DTYPE_IQ4_NL,
-					      MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K };
+					      MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K, MOE_DTYPE_Q3_K,
+					      MOE_DTYPE_Q2_K };
 	static const uint32_t rows_v[] = { 1, 2, 3, 5, 7, 8, 9, 13, 17, 40 };
 	static const uint32_t cols32[] = { 32, 96, 256 }, cols256[] = { 256, 512 };
 	static const uint32_t Bs[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33, 65, 70 };
