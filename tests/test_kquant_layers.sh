@@ -92,6 +92,15 @@ check_layouts "$tmp/q4m3.moepack" \
 	"v2 n_parts=0 layouts=3 payload=127488 q5_K/q5_K/q4_K@126976 q4_K/q4_K/q4_K@110592 q4_K/q4_K/q6_K@127488"
 "$B/tools/moe-pack" info "$tmp/q4m.moepack" | grep -q '^format: *moepack v2, from gguf' ||
 	{ echo "test_kquant_layers: moe-pack info does not say v2" >&2; fail=1; }
+# info lists each layer group's types (the down part of the last layer is q6_K)
+"$B/tools/moe-pack" info "$tmp/q4m.moepack" | awk '/^parts of MoE layers/ {n++} /^  down +q6_K/ {d++} END {exit !(n == 2 && d == 1)}' ||
+	{ echo "test_kquant_layers: moe-pack info does not list the per-layer parts" >&2; fail=1; }
+"$B/tools/moe-pack" info --json "$tmp/q4m.moepack" | /usr/bin/python3 -c '
+import json, sys
+o = json.load(sys.stdin)
+t = [[p["dtype"] for p in l["parts"]] for l in o["layouts"]]
+sys.exit(0 if len(t) == 2 and ["q4_K", "q4_K", "q6_K"] in t and sum(len(l["layers"]) for l in o["layouts"]) == o["model"]["n_moe_layers"] else 1)' ||
+	{ echo "test_kquant_layers: moe-pack info --json has no right layouts array" >&2; fail=1; }
 mkdir "$tmp/s"
 "$B/tests/gguf-split" --split 3 "$tmp/q4m.gguf" "$tmp/s/q"
 "$B/tools/moe-pack" convert "$tmp/s/q-00001-of-00003.gguf" -o "$tmp/q4ms.moepack" -q

@@ -159,6 +159,13 @@ static int tensor_kind(const struct pack_tensor_entry *t)
 	return K_OTHER;
 }
 
+static json_t *part_json(const struct pack_part_desc *d)
+{
+	return json_pack("{s:s, s:s, s:i, s:i, s:I, s:I}", "role", pack_role_name(d->role), "dtype",
+			 moe_dtype_name(d->dtype), "rows", (int)d->rows, "cols", (int)d->cols, "offset",
+			 (json_int_t)d->offset, "bytes", (json_int_t)d->bytes);
+}
+
 static json_t *info_json(const struct pack_file *p)
 {
 	const struct pack_header_disk *h = p->hdr;
@@ -194,14 +201,25 @@ static json_t *info_json(const struct pack_file *p)
 	json_object_set_new(mo, "has_score_bias", json_boolean(m->has_score_bias));
 	json_object_set_new(mo, "has_router_bias", json_boolean(m->has_router_bias));
 	json_object_set_new(o, "model", mo);
-	for (uint32_t i = 0; i < h->n_parts; i++) {
-		const struct pack_part_desc *d = &h->parts[i];
-		json_array_append_new(parts, json_pack("{s:s, s:s, s:i, s:i, s:I, s:I}", "role", pack_role_name(d->role),
-						       "dtype", moe_dtype_name(d->dtype), "rows", (int)d->rows, "cols",
-						       (int)d->cols, "offset", (json_int_t)d->offset, "bytes",
-						       (json_int_t)d->bytes));
-	}
+	for (uint32_t i = 0; i < h->n_parts; i++)
+		json_array_append_new(parts, part_json(&h->parts[i]));
 	json_object_set_new(o, "parts", parts);
+	if (h->version >= 2 && h->n_layouts >= 2) {
+		/* per-layer expert types: each table with the MoE layers using it */
+		json_t *ls = json_array();
+		for (uint32_t k = 0; k < h->n_layouts; k++) {
+			const struct pack_layout_disk *L = &h->layouts[k];
+			json_t *lp = json_array(), *layers = json_array();
+			for (uint32_t i = 0; i < L->n_parts; i++)
+				json_array_append_new(lp, part_json(&L->parts[i]));
+			for (uint32_t l = 0; l < m->n_moe_layers; l++)
+				if (h->layer_layout[l] == k)
+					json_array_append_new(layers, json_integer(l));
+			json_array_append_new(ls, json_pack("{s:o, s:I, s:o}", "layers", layers, "payload",
+							    (json_int_t)L->payload, "parts", lp));
+		}
+		json_object_set_new(o, "layouts", ls);
+	}
 	json_object_set_new(o, "extent_payload", json_integer((json_int_t)h->extent_payload));
 	json_object_set_new(o, "extent_bytes", json_integer((json_int_t)h->extent_bytes));
 	json_object_set_new(o, "extents", json_integer((json_int_t)h->index_count));
@@ -236,6 +254,12 @@ static json_t *info_json(const struct pack_file *p)
 	return o;
 }
 
+static void part_text(const struct pack_part_desc *d)
+{
+	printf("  %-13s %-6s [%u x %u]  offset %" PRIu64 "  %" PRIu64 " bytes\n", pack_role_name(d->role),
+	       moe_dtype_name(d->dtype), d->rows, d->cols, d->offset, d->bytes);
+}
+
 static void info_text(const struct pack_file *p, bool tensors)
 {
 	const struct pack_header_disk *h = p->hdr;
@@ -260,11 +284,21 @@ static void info_text(const struct pack_file *p, bool tensors)
 		printf("ffn:           gpt_oss (limit %g, alpha %g)\n", (double)m->swiglu_limit, (double)m->glu_alpha);
 	else
 		printf("ffn:           swiglu\n");
-	printf("parts:\n");
-	for (uint32_t i = 0; i < h->n_parts; i++) {
-		const struct pack_part_desc *d = &h->parts[i];
-		printf("  %-13s %-6s [%u x %u]  offset %" PRIu64 "  %" PRIu64 " bytes\n", pack_role_name(d->role),
-		       moe_dtype_name(d->dtype), d->rows, d->cols, d->offset, d->bytes);
+	if (h->version >= 2 && h->n_layouts >= 2) {
+		/* per-layer expert types (version 2): each table and its layers */
+		for (uint32_t k = 0; k < h->n_layouts; k++) {
+			printf("parts of MoE layers");
+			for (uint32_t l = 0; l < m->n_moe_layers; l++)
+				if (h->layer_layout[l] == k)
+					printf(" %u", l);
+			printf(":\n");
+			for (uint32_t i = 0; i < h->layouts[k].n_parts; i++)
+				part_text(&h->layouts[k].parts[i]);
+		}
+	} else {
+		printf("parts:\n");
+		for (uint32_t i = 0; i < h->n_parts; i++)
+			part_text(&h->parts[i]);
 	}
 	printf("extent:        %" PRIu64 " bytes payload, %" PRIu64 " bytes read size\n", h->extent_payload,
 	       h->extent_bytes);
