@@ -38,7 +38,9 @@ static void *alloc_blob(struct model *m, size_t len)
 }
 
 /* Loads tensor `name` (the pack's resident copy, else the GGUF's) into *mat.
- * 1-D tensors are widened to f32 (norms and biases are used element-wise).
+ * 1-D tensors are widened to f32 (norms and biases are used element-wise);
+ * a 3-D tensor (deepseek2's per-head attn_k_b, attn_v_b) is held as its
+ * ne1*ne2 rows of ne0.
  * required: -ENOENT with a message when absent; else absent leaves data NULL. */
 static int load(struct model *m, const char *name, bool required, struct model_mat *mat, struct moe_error *err)
 {
@@ -58,16 +60,21 @@ static int load(struct model *m, const char *name, bool required, struct model_m
 		} else if (pt->n_dims == 2) {
 			rows = pt->shape[0];
 			cols = pt->shape[1];
+		} else if (pt->n_dims == 3) {
+			rows = pt->shape[0] * pt->shape[1];
+			cols = pt->shape[2];
 		} else {
-			return moe_error_set(err, -EINVAL, "tensor %s: %u dims, want 1 or 2", name, pt->n_dims);
+			return moe_error_set(err, -EINVAL, "tensor %s: %u dims, want 1 to 3", name, pt->n_dims);
 		}
 		bytes = pt->bytes;
 	} else if (gt) {
 		dt = gt->dtype;
-		if (gt->n_dims > 2)
-			return moe_error_set(err, -EINVAL, "tensor %s: %u dims, want 1 or 2", name, gt->n_dims);
+		if (gt->n_dims > 3)
+			return moe_error_set(err, -EINVAL, "tensor %s: %u dims, want 1 to 3", name, gt->n_dims);
 		cols = gt->ne[0];
-		rows = gt->n_dims == 2 ? gt->ne[1] : 1;
+		rows = gt->n_dims >= 2 ? gt->ne[1] : 1;
+		if (gt->n_dims == 3)
+			rows *= gt->ne[2];
 		bytes = gt->bytes;
 	} else {
 		if (required)
@@ -201,6 +208,202 @@ static int kv_f32(const struct model *m, const char *key, bool required, float d
 	return 0;
 }
 
+/* RoPE as llama.cpp's context computes it from the keys (llama_model's
+ * load_hparams, then llama_context's cparams): rope.scaling.type linear
+ * (the default), none (no frequency scale) or yarn (ext_factor 1, the
+ * attention factor from the scale and, for deepseek2, its
+ * yarn_log_multiplier); beta_fast 32 and beta_slow 1 (llama.cpp's
+ * defaults: its loader does not read the yarn_beta keys). */
+static float yarn_get_mscale(float scale, float mscale)
+{
+	return scale <= 1.0f ? 1.0f : (0.1f * mscale * logf(scale) + 1.0f);
+}
+
+static int rope_setup(struct model *m, struct moe_error *err)
+{
+	char full[128];
+	const char *type = "linear";
+	float attn_key, log_mul = 0.0f;
+	int rc;
+
+	snprintf(full, sizeof(full), "%s.rope.scaling.type", m->arch_name);
+	if ((rc = gguf_get_str(m->kv, full, &type, NULL)) == -ENOENT)
+		type = "linear";
+	else if (rc)
+		return moe_error_set(err, rc, "GGUF key %s: bad value", full);
+	bool yarn = !strcmp(type, "yarn");
+	if (!strcmp(type, "none"))
+		m->rope_freq_scale = 1.0f;
+	else if (!yarn && strcmp(type, "linear"))
+		return moe_error_set(err, -ENOTSUP, "%s is %s: moe-run computes linear, yarn and none", full, type);
+	if ((rc = kv_f32(m, "rope.scaling.attn_factor", false, 1.0f, &attn_key, err)) ||
+	    (rc = kv_u32(m, "rope.scaling.original_context_length", false, m->n_ctx_train, &m->rope_n_ctx_orig, err)))
+		return rc;
+	if (!m->rope_n_ctx_orig)
+		m->rope_n_ctx_orig = m->n_ctx_train;
+	/* deepseek2 alone reads it, dividing out its converter's factor 0.1 */
+	if (m->arch == MODEL_ARCH_DEEPSEEK2) {
+		if ((rc = kv_f32(m, "rope.scaling.yarn_log_multiplier", false, 0.0f, &log_mul, err)))
+			return rc;
+		log_mul /= 0.1f;
+	}
+	m->rope_yarn_log_mul = log_mul;
+	m->rope_beta_fast = 32.0f;
+	m->rope_beta_slow = 1.0f;
+	m->rope_ext_factor = yarn ? 1.0f : 0.0f;
+	float af = 1.0f;
+	if (m->rope_ext_factor != 0.0f) {
+		const float factor = 1.0f / m->rope_freq_scale;
+		if (log_mul != 0.0f) {
+			float mscale = 1.0f;
+			if (m->arch == MODEL_ARCH_DEEPSEEK2 && log_mul != 1.0f)
+				mscale = log_mul;
+			af = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, log_mul);
+		} else {
+			af = yarn_get_mscale(factor, 1.0f);
+		}
+		/* ggml's rope_yarn multiplies this back in */
+		af *= 1.0f / (1.0f + 0.1f * logf(factor));
+	}
+	m->rope_attn_factor = af * attn_key;
+	return 0;
+}
+
+/* deepseek2's attention geometry (llama_model_deepseek2::load_arch_hparams):
+ * with key_length_mla / value_length_mla the GGUF holds attn_k_b and
+ * attn_v_b (key_length is then kv_lora + rope); without, the legacy
+ * attn_kv_b and key_length / value_length are the per-head dims. */
+static int mla_setup(struct model *m, uint32_t vlen, struct moe_error *err)
+{
+	uint32_t kmla, vmla;
+	int rc;
+	if ((rc = kv_u32(m, "attention.q_lora_rank", false, 0, &m->n_lora_q, err)) ||
+	    (rc = kv_u32(m, "attention.kv_lora_rank", true, 0, &m->n_lora_kv, err)) ||
+	    (rc = kv_u32(m, "attention.key_length_mla", false, 0, &kmla, err)) ||
+	    (rc = kv_u32(m, "attention.value_length_mla", false, 0, &vmla, err)) ||
+	    (rc = kv_u32(m, "leading_dense_block_count", false, 0, &m->n_dense_lead, err)))
+		return rc;
+	m->mla_k = kmla && vmla ? kmla : m->head_dim;
+	m->mla_v = kmla && vmla ? vmla : vlen;
+	if (!m->n_lora_kv || m->n_lora_kv > 65536 || !m->n_rot || m->n_rot % 2 || m->n_rot >= m->mla_k || !m->mla_v ||
+	    m->mla_k > 65536 || m->mla_v > 65536)
+		return moe_error_set(err, -EINVAL, "deepseek2 attention: kv_lora %u, head k %u (rope %u), v %u",
+				     m->n_lora_kv, m->mla_k, m->n_rot, m->mla_v);
+	/* llama_model_deepseek2::graph: the YaRN mscale folded into kq_scale */
+	const float fs = m->rope_freq_scale;
+	const float attn_factor_org = m->rope_attn_factor * (1.0f + 0.1f * logf(1.0f / fs));
+	const float mscale = attn_factor_org * (1.0f + 0.1f * m->rope_yarn_log_mul * logf(1.0f / fs));
+	m->kq_scale = 1.0f * mscale * mscale / sqrtf((float)m->mla_k);
+	return 0;
+}
+
+/* A legacy attn_kv_b [n_head * (nope + v) x kv_lora] split into the
+ * per-head k_b [kv_lora x nope] and v_b [v x kv_lora] the absorbed form
+ * uses (f32): the same products, summed in another order. */
+static int mla_split_kv_b(struct model *m, struct model_layer *L, const struct model_mat *kvb, struct moe_error *err)
+{
+	const uint32_t nh = m->n_head, r = m->n_lora_kv, nope = m->mla_k - m->n_rot, v = m->mla_v;
+	uint64_t rb;
+	if (kvb->rows != nh * (nope + v) || kvb->cols != r)
+		return moe_error_set(err, -EINVAL, "attn_kv_b: [%u x %u], expected [%u x %u]", kvb->rows, kvb->cols,
+				     nh * (nope + v), r);
+	float *kb = alloc_blob(m, (size_t)nh * r * nope * sizeof(float));
+	float *vb = alloc_blob(m, (size_t)nh * v * r * sizeof(float));
+	float *row = malloc((size_t)r * sizeof(float));
+	if (!kb || !vb || !row) {
+		free(row);
+		return moe_error_set(err, -ENOMEM, "attn_kv_b: out of memory");
+	}
+	moe_dtype_row_bytes(kvb->dtype, r, &rb);
+	for (uint32_t h = 0; h < nh; h++)
+		for (uint32_t i = 0; i < nope + v; i++) {
+			moe_dequantize_row(kvb->dtype, (const uint8_t *)kvb->data + rb * ((uint64_t)h * (nope + v) + i), row, r);
+			for (uint32_t c = 0; c < r; c++) {
+				if (i < nope)
+					kb[((size_t)h * r + c) * nope + i] = row[c];
+				else
+					vb[((size_t)h * v + (i - nope)) * r + c] = row[c];
+			}
+		}
+	free(row);
+	L->wk_b = (struct model_mat){ .dtype = MOE_DTYPE_F32, .rows = nh * r, .cols = nope, .data = kb };
+	L->wv_b = (struct model_mat){ .dtype = MOE_DTYPE_F32, .rows = nh * v, .cols = r, .data = vb };
+	return 0;
+}
+
+/* One deepseek2 layer's tensors, as llama_model_deepseek2 loads them. */
+static int mla_layer(struct model *m, uint32_t il, struct moe_error *err)
+{
+	struct model_layer *L = &m->layers[il];
+	const uint32_t n = m->n_embd, nh = m->n_head, r = m->n_lora_kv, nope = m->mla_k - m->n_rot;
+	char nm[64];
+	int rc;
+
+	if ((rc = loadl(m, true, &L->attn_norm, err, il, "attn_norm.weight")) ||
+	    (rc = loadl(m, false, &L->wq_a, err, il, "attn_q_a.weight")) ||
+	    (rc = loadl(m, L->wq_a.data != NULL, &L->q_a_norm, err, il, "attn_q_a_norm.weight")) ||
+	    (rc = loadl(m, L->wq_a.data != NULL, &L->wq_b, err, il, "attn_q_b.weight")) ||
+	    (rc = loadl(m, L->wq_a.data == NULL, &L->wq, err, il, "attn_q.weight")) ||
+	    (rc = loadl(m, true, &L->wkv_a, err, il, "attn_kv_a_mqa.weight")) ||
+	    (rc = loadl(m, true, &L->kv_a_norm, err, il, "attn_kv_a_norm.weight")) ||
+	    (rc = loadl(m, false, &L->wk_b, err, il, "attn_k_b.weight")) ||
+	    (rc = loadl(m, L->wk_b.data != NULL, &L->wv_b, err, il, "attn_v_b.weight")) ||
+	    (rc = loadl(m, true, &L->wo, err, il, "attn_output.weight")) ||
+	    (rc = loadl(m, true, &L->ffn_norm, err, il, "ffn_norm.weight")))
+		return rc;
+	if (!L->wk_b.data) {
+		struct model_mat kvb;
+		if ((rc = loadl(m, true, &kvb, err, il, "attn_kv_b.weight")) || (rc = mla_split_kv_b(m, L, &kvb, err)))
+			return moe_error_prefix(err, rc, "layer %u", il);
+	}
+	/* build_attn(..., wo, NULL, wo_s, ...): the output scale applies, the
+	 * graph's plain ggml_mul_mat products take none */
+	snprintf(nm, sizeof(nm), "blk.%u.attn_output.weight", il);
+	if ((rc = fold_scale(m, &L->wo, nm, true, err)))
+		return rc;
+	uint32_t nq_rows = nh * m->mla_k;
+	if ((rc = shape(&L->attn_norm, "attn_norm", il, 1, n, err)) ||
+	    (rc = shape(&L->wq_a, "attn_q_a", il, m->n_lora_q, n, err)) ||
+	    (rc = shape(&L->q_a_norm, "attn_q_a_norm", il, 1, L->wq_a.rows, err)) ||
+	    (rc = shape(&L->wq_b, "attn_q_b", il, nq_rows, L->wq_a.rows, err)) ||
+	    (rc = shape(&L->wq, "attn_q", il, nq_rows, n, err)) ||
+	    (rc = shape(&L->wkv_a, "attn_kv_a_mqa", il, r + m->n_rot, n, err)) ||
+	    (rc = shape(&L->kv_a_norm, "attn_kv_a_norm", il, 1, r, err)) ||
+	    (rc = shape(&L->wk_b, "attn_k_b", il, nh * r, nope, err)) ||
+	    (rc = shape(&L->wv_b, "attn_v_b", il, nh * m->mla_v, r, err)) ||
+	    (rc = shape(&L->wo, "attn_output", il, n, nh * m->mla_v, err)) ||
+	    (rc = shape(&L->ffn_norm, "ffn_norm", il, 1, n, err)))
+		return rc;
+
+	if (L->moe_index < 0) {
+		/* a leading dense layer: build_ffn without scales */
+		if ((rc = loadl(m, true, &L->ffn_gate, err, il, "ffn_gate.weight")) ||
+		    (rc = loadl(m, true, &L->ffn_up, err, il, "ffn_up.weight")) ||
+		    (rc = loadl(m, true, &L->ffn_down, err, il, "ffn_down.weight")))
+			return rc;
+		uint32_t ff = L->ffn_gate.rows;
+		if ((rc = shape(&L->ffn_gate, "ffn_gate", il, ff, n, err)) || (rc = shape(&L->ffn_up, "ffn_up", il, ff, n, err)))
+			return rc;
+		return shape(&L->ffn_down, "ffn_down", il, n, ff, err);
+	}
+	struct model_mat pb;
+	if ((rc = loadl(m, true, &L->router, err, il, "ffn_gate_inp.weight")) ||
+	    (rc = loadl(m, false, &pb, err, il, "exp_probs_b.bias")) ||
+	    (rc = loadl(m, false, &L->sh_gate, err, il, "ffn_gate_shexp.weight")) ||
+	    (rc = loadl(m, L->sh_gate.data != NULL, &L->sh_up, err, il, "ffn_up_shexp.weight")) ||
+	    (rc = loadl(m, L->sh_gate.data != NULL, &L->sh_down, err, il, "ffn_down_shexp.weight")))
+		return rc;
+	if ((rc = shape(&pb, "exp_probs_b", il, 1, m->n_experts, err)))
+		return rc;
+	L->score_bias = pb.data ? model_vec(&pb) : NULL;
+	uint32_t shw = L->sh_gate.rows;
+	if ((rc = shape(&L->router, "ffn_gate_inp", il, m->n_experts, n, err)) ||
+	    (rc = shape(&L->sh_gate, "ffn_gate_shexp", il, shw, n, err)) ||
+	    (rc = shape(&L->sh_up, "ffn_up_shexp", il, shw, n, err)))
+		return rc;
+	return shape(&L->sh_down, "ffn_down_shexp", il, n, shw, err);
+}
+
 static int open_kv(struct model *m, const char *gguf_path, struct moe_error *err)
 {
 	int rc = pack_open_kv(m->pack, &m->kv_image, &m->kv, err);
@@ -243,14 +446,17 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		m->arch = MODEL_ARCH_QWEN3MOE;
 	else if (!strcmp(arch, "olmoe"))
 		m->arch = MODEL_ARCH_OLMOE;
+	else if (!strcmp(arch, "deepseek2"))
+		m->arch = MODEL_ARCH_DEEPSEEK2;
 	else {
-		rc = moe_error_set(err, -ENOTSUP, "architecture %s: moe-run runs llama (Mixtral), qwen2moe, qwen3moe, olmoe",
-				   arch);
+		rc = moe_error_set(err, -ENOTSUP,
+				   "architecture %s: moe-run runs llama (Mixtral), qwen2moe, qwen3moe, olmoe, deepseek2", arch);
 		goto fail;
 	}
-	/* llama.cpp's rope type table (llama_model_rope_type): llama is NORM;
-	 * qwen2moe, qwen3moe and olmoe are NEOX. */
-	m->rope = m->arch == MODEL_ARCH_LLAMA ? MODEL_ROPE_NORM : MODEL_ROPE_NEOX;
+	const bool ds2 = m->arch == MODEL_ARCH_DEEPSEEK2;
+	/* llama.cpp's rope type table (llama_model_rope_type): llama and
+	 * deepseek2 are NORM; qwen2moe, qwen3moe and olmoe are NEOX. */
+	m->rope = m->arch == MODEL_ARCH_LLAMA || ds2 ? MODEL_ROPE_NORM : MODEL_ROPE_NEOX;
 
 	float rope_scale;
 	if ((rc = kv_u32(m, "block_count", true, 0, &m->n_layers, err)) ||
@@ -271,13 +477,17 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		goto fail;
 	}
 	m->rope_freq_scale = rope_scale == 0.0f ? 1.0f : 1.0f / rope_scale;
+	if ((rc = rope_setup(m, err)))
+		goto fail;
 	if ((rc = kv_u32(m, "attention.key_length", false, m->n_embd / m->n_head, &m->head_dim, err)) ||
 	    (rc = kv_u32(m, "rope.dimension_count", false, m->head_dim, &m->n_rot, err)))
 		goto fail;
 	uint32_t vlen;
 	if ((rc = kv_u32(m, "attention.value_length", false, m->head_dim, &vlen, err)))
 		goto fail;
-	if (vlen != m->head_dim || m->n_rot != m->head_dim || !m->head_dim || m->head_dim % 2) {
+	if (ds2 && (rc = mla_setup(m, vlen, err)))
+		goto fail;
+	if (!ds2 && (vlen != m->head_dim || m->n_rot != m->head_dim || !m->head_dim || m->head_dim % 2)) {
 		rc = moe_error_set(err, -EINVAL, "head dims k %u v %u rot %u: llama.cpp's graphs for these archs need them equal",
 				   m->head_dim, vlen, m->n_rot);
 		goto fail;
@@ -292,10 +502,13 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 	 * softmax over all experts, top-k, weights renormalised for llama
 	 * (Mixtral) and qwen3moe, not for qwen2moe and olmoe; no scale. */
 	route_params_from_model(&m->rp, m->cfg, NULL);
-	m->rp.scoring = MOE_SCORING_SOFTMAX;
-	m->rp.topk_method = MOE_TOPK_GREEDY;
-	m->rp.norm_topk_prob = m->arch == MODEL_ARCH_LLAMA || m->arch == MODEL_ARCH_QWEN3MOE;
-	m->rp.routed_scaling_factor = 1.0f;
+	if (!ds2) {
+		m->rp.scoring = MOE_SCORING_SOFTMAX;
+		m->rp.topk_method = MOE_TOPK_GREEDY;
+		m->rp.norm_topk_prob = m->arch == MODEL_ARCH_LLAMA || m->arch == MODEL_ARCH_QWEN3MOE;
+		m->rp.routed_scaling_factor = 1.0f;
+	} /* deepseek2: the pack's rule, which moe-pack read from the same keys
+	   * llama.cpp reads (gating func, weights norm and scale, groups) */
 	if ((rc = route_params_check(&m->rp, err)))
 		goto fail;
 	/* Each MoE layer's expert layout (a version 2 pack's layers differ:
@@ -347,14 +560,21 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		m->output = m->tok_embd; /* tied, as llama.cpp does when output.weight is absent */
 		if ((rc = refuse_extra(m, "output.scale", 1.0f, "llama.cpp scales the tied output head's product", err)))
 			goto fail;
-	} else if ((rc = fold_scale(m, &m->output, "output.weight", true, err))) {
+	} else if ((rc = fold_scale(m, &m->output, "output.weight", !ds2, err))) {
+		/* deepseek2's head is a plain ggml_mul_mat: its scale is ignored */
 		goto fail;
 	}
-	/* llama's rope_freqs (llama-3 long-context factors) divide the RoPE
-	 * frequencies */
-	if (m->arch == MODEL_ARCH_LLAMA &&
-	    (rc = refuse_extra(m, "rope_freqs.weight", 1.0f, "llama.cpp divides the RoPE frequencies by it", err)))
-		goto fail;
+	/* llama's rope_freqs (llama-3 long-context factors) divide each
+	 * dimension pair's RoPE frequency (ggml_rope_ext's freq_factors) */
+	if (m->arch == MODEL_ARCH_LLAMA) {
+		if ((rc = load(m, "rope_freqs.weight", false, &m->rope_freqs, err)))
+			goto fail;
+		if (m->rope_freqs.data && (m->rope_freqs.rows != 1 || m->rope_freqs.cols < m->n_rot / 2)) {
+			rc = moe_error_set(err, -EINVAL, "rope_freqs.weight: [%u x %u], expected %u factors",
+					   m->rope_freqs.rows, m->rope_freqs.cols, m->n_rot / 2);
+			goto fail;
+		}
+	}
 	m->n_vocab = m->tok_embd.rows;
 	if (m->tok_embd.cols != m->n_embd || m->output.cols != m->n_embd || m->output.rows != m->n_vocab ||
 	    m->output_norm.cols != m->n_embd) {
@@ -375,6 +595,11 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		 * (build_lora_mm(wq, cur)); the others through build_qkv with both */
 		bool olmoe = m->arch == MODEL_ARCH_OLMOE;
 		L->moe_index = moe_model_moe_index(m->cfg, il);
+		if (ds2) {
+			if ((rc = mla_layer(m, il, err)))
+				goto fail;
+			continue;
+		}
 		if (L->moe_index < 0) {
 			rc = moe_error_set(err, -ENOTSUP, "layer %u has no routed experts: dense layers are not supported", il);
 			goto fail;
@@ -404,8 +629,9 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 			if ((rc = fold_scale(m, w4[k], nm, k == 3 || !olmoe, err)))
 				goto fail;
 		}
-		snprintf(nm, sizeof(nm), "blk.%u.attn_output.bias", il);
-		if (!olmoe && (rc = refuse_extra(m, nm, 0.0f, "llama.cpp adds it to attn_output's product", err)))
+		/* build_attn adds it after the (scaled) output projection; olmoe's
+		 * graph passes none */
+		if (!olmoe && (rc = loadl(m, false, &L->wo_b, err, il, "attn_output.bias")))
 			goto fail;
 		uint32_t qn = m->arch == MODEL_ARCH_OLMOE ? nq : m->head_dim;
 		uint32_t kn = m->arch == MODEL_ARCH_OLMOE ? nkv : m->head_dim;
@@ -413,6 +639,7 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		if ((rc = shape(&L->attn_norm, "attn_norm", il, 1, n, err)) || (rc = shape(&L->wq, "attn_q", il, nq, n, err)) ||
 		    (rc = shape(&L->wk, "attn_k", il, nkv, n, err)) || (rc = shape(&L->wv, "attn_v", il, nkv, n, err)) ||
 		    (rc = shape(&L->wo, "attn_output", il, n, nq, err)) || (rc = shape(&L->bq, "attn_q.bias", il, 1, nq, err)) ||
+		    (rc = shape(&L->wo_b, "attn_output.bias", il, 1, n, err)) ||
 		    (rc = shape(&L->bk, "attn_k.bias", il, 1, nkv, err)) || (rc = shape(&L->bv, "attn_v.bias", il, 1, nkv, err)) ||
 		    (rc = shape(&L->q_norm, "attn_q_norm", il, 1, qn, err)) ||
 		    (rc = shape(&L->k_norm, "attn_k_norm", il, 1, kn, err)) ||
@@ -423,6 +650,24 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		    (rc = shape(&L->sh_down, "ffn_down_shexp", il, n, shw, err)) ||
 		    (rc = shape(&L->sh_gate_inp, "ffn_gate_inp_shexp", il, 1, n, err)))
 			goto fail;
+	}
+	/* experts.c routes every layer with m->rp: the first MoE layer's bias
+	 * there; other layers' must equal it until experts.c takes each
+	 * layer's own (model_layer.score_bias) */
+	for (uint32_t il = 0; il < m->n_layers; il++) {
+		const struct model_layer *L = &m->layers[il];
+		if (L->moe_index < 0)
+			continue;
+		if (!m->rp.score_bias && L->moe_index == 0)
+			m->rp.score_bias = L->score_bias;
+		if ((L->score_bias == NULL) != (m->rp.score_bias == NULL) ||
+		    (L->score_bias && memcmp(L->score_bias, m->rp.score_bias, m->n_experts * sizeof(float)))) {
+#ifndef EXPERTS_ROUTE_PER_LAYER
+			rc = moe_error_set(err, -ENOTSUP, "layer %u: exp_probs_b differs from the first MoE layer's, and "
+					   "this moe-run routes every layer with one bias", il);
+			goto fail;
+#endif
+		}
 	}
 	/* the tensors are in our memory now: their page cache would only
 	 * compete with the daemon's arena under a memory budget */
@@ -474,6 +719,24 @@ int model_matmul(const struct model_mat *W, const float *x, uint32_t B, float *y
 	if ((uint64_t)W->rows * W->cols * B < model_split_min())
 		threads = 1;
 	return ffn_matmul(W->dtype, W->data, W->rows, W->cols, x, W->cols, B, y, W->rows, threads);
+}
+
+int model_dense_ffn(const struct model *m, const struct model_layer *L, const float *x, uint32_t B, float *y,
+		    int threads)
+{
+	const size_t ff = L->ffn_gate.rows;
+	float *g = malloc((size_t)B * ff * sizeof(float)), *u = malloc((size_t)B * ff * sizeof(float));
+	int rc = -ENOMEM;
+	(void)m;
+	if (g && u && !(rc = model_matmul(&L->ffn_gate, x, B, g, threads)) &&
+	    !(rc = model_matmul(&L->ffn_up, x, B, u, threads))) {
+		for (size_t i = 0; i < (size_t)B * ff; i++)
+			g[i] = g[i] / (1.0f + expf(-g[i])) * u[i]; /* ggml's silu, then the product */
+		rc = model_matmul(&L->ffn_down, g, B, y, threads);
+	}
+	free(g);
+	free(u);
+	return rc;
 }
 
 int model_embed(const struct model *m, int32_t tok, float *out)
