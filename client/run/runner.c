@@ -92,14 +92,15 @@ void runner_set_token_key(struct runner *r, uint32_t (*fn)(void *ctx, int32_t to
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
-/* qwen2moe's shared expert, added to moe: moe += ffn_shexp(xn) * sigmoid(gate_inp . xn),
- * the sigmoid written as llama.cpp's graph computes it, silu(g) / g. */
+/* The shared expert, added to moe: moe += ffn_shexp(xn) * sigmoid(gate_inp . xn),
+ * the sigmoid written as llama.cpp's graph computes it, silu(g) / g;
+ * deepseek2's has no gate (sh_gate_inp absent): moe += ffn_shexp(xn). */
 static int shared_expert(struct runner *r, const struct model_layer *L, uint32_t B)
 {
 	const struct model *m = r->m;
 	const uint32_t n = m->n_embd, w = L->sh_gate.rows;
 	int rc;
-	if ((rc = model_matmul(&L->sh_gate_inp, r->xn, B, r->sh_gate, r->threads)) ||
+	if ((L->sh_gate_inp.data && (rc = model_matmul(&L->sh_gate_inp, r->xn, B, r->sh_gate, r->threads))) ||
 	    (rc = model_matmul(&L->sh_up, r->xn, B, r->sh_u, r->threads)) ||
 	    (rc = model_matmul(&L->sh_gate, r->xn, B, r->sh_g, r->threads)))
 		return rc;
@@ -108,9 +109,14 @@ static int shared_expert(struct runner *r, const struct model_layer *L, uint32_t
 	if ((rc = model_matmul(&L->sh_down, r->sh_g, B, r->sh_o, r->threads)))
 		return rc;
 	for (uint32_t t = 0; t < B; t++) {
-		const float g = r->sh_gate[t], gate = silu(g) / g;
 		float *mo = r->moe + (size_t)t * n;
 		const float *so = r->sh_o + (size_t)t * n;
+		if (!L->sh_gate_inp.data) {
+			for (uint32_t i = 0; i < n; i++)
+				mo[i] += so[i];
+			continue;
+		}
+		const float g = r->sh_gate[t], gate = silu(g) / g;
 		for (uint32_t i = 0; i < n; i++)
 			mo[i] += so[i] * gate;
 	}
@@ -151,8 +157,12 @@ static int forward(struct runner *r, const int32_t *toks, uint32_t B, float *log
 		for (uint32_t t = 0; t < B; t++)
 			attn_rmsnorm(r->ffn_inp + (size_t)t * n, model_vec(&L->ffn_norm), r->xn + (size_t)t * n, n,
 				     m->rms_eps);
-		if ((rc = experts_layer(r->ex, il, r->xn, B, r->moe, r->threads, err)))
+		if (L->moe_index < 0) { /* deepseek2's leading dense layers */
+			if ((rc = model_dense_ffn(m, L, r->xn, B, r->moe, r->threads)))
+				return moe_error_set(err, rc, "dense FFN of layer %u: %d", il, rc);
+		} else if ((rc = experts_layer(r->ex, il, r->xn, B, r->moe, r->threads, err))) {
 			return rc;
+		}
 		if (L->sh_gate.data && (rc = shared_expert(r, L, B)))
 			return moe_error_set(err, rc, "shared expert of layer %u: %d", il, rc);
 		for (size_t i = 0; i < (size_t)B * n; i++)
