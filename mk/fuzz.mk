@@ -57,3 +57,8 @@ tests_test_faultsweep_SOURCES = tests/test_faultsweep.c tests/testutil.h tests/t
 tests_test_faultsweep_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_faultsweep_LDADD = client/libmoetier.la $(FAULT_LINK) $(CRITERION_LIBS)
 endif
+
+# Crash consistency: kill -9 of moetierd under load and of moe-pack convert,
+# then every expert valid or refused, never served half-written.
+TESTS += tests/test_crash.sh
+EXTRA_DIST += tests/test_crash.sh

@@ -1,6 +1,7 @@
 /* soak.c - many clients against one running moetierd for a bounded time:
  *
- *   soak --socket S --pack P [--clients 64] [--seconds 20] [--pid PID] [--seed N]
+ *   soak --socket S --pack P [--clients 64] [--seconds 20] [--pid PID]
+ *   soak --socket S --pack P --all
  *
  * Each client (a thread with its own connection) does random ACQUIRE
  * (blocking and NOWAIT, host or GPU tier), ROUTE, COMPUTE, PREFETCH and
@@ -11,6 +12,10 @@
  * open descriptors are sampled: RSS must stay flat after the warm-up (the
  * first quarter), and its descriptors must be back to their count before
  * the clients once they have gone.
+ *
+ * --all instead asks for every expert once (one client, blocking, retried
+ * while it misses) and requires each to be served with the pack's bytes:
+ * the check after a restart (tests/test_crash.sh).
  *
  * Ends with one line:
  *   soak: C clients x O operations, B bytes checked, F failures, rss A -> Z KiB, fds X -> Y
@@ -217,6 +222,45 @@ static void *client_main(void *arg)
 	return NULL;
 }
 
+/* --all: one client asks for every expert of every layer (blocking,
+ * retried while it misses) and checks each against the reference; every
+ * one must be served. Returns the failures. */
+static int check_all(void)
+{
+	struct moet_connect_opts o = { sizeof(o), sock_path, NULL, "soak-all", 0, 0, 0 };
+	moet_ctx *c = NULL;
+	int rc = moet_connect(&o, &c);
+	if (rc) {
+		fail("connect: %s", moet_strerror(rc));
+		return 1;
+	}
+	unsigned served = 0;
+	for (uint32_t l = 0; l < n_layers; l++)
+		for (uint32_t e = 0; e < n_experts; e++) {
+			int32_t slot = -1;
+			uint8_t tier = 0;
+			for (int t = 0; t < 50 && slot == -1; t++) {
+				moet_lease lease = 0;
+				if (moet_acquire(c, l, &e, 1, 0, &slot, &tier, &lease) < 0) {
+					fail("ACQUIRE layer %u expert %u: %s", l, e, moet_last_error(c));
+					break;
+				}
+				if (slot >= 0)
+					served += check_served(c, l, &e, 1, &slot, &tier);
+				else if (slot != -1)
+					fail("layer %u expert %u: %s", l, e, strerror(-slot));
+				if (lease)
+					moet_release(c, lease);
+			}
+			if (slot == -1)
+				fail("layer %u expert %u: never served", l, e);
+		}
+	moet_close(c);
+	printf("soak: all %u experts of %u layers: %u served and checked (%llu bytes), %llu failures\n", n_experts,
+	       n_layers, served, (unsigned long long)n_bytes, (unsigned long long)n_fail);
+	return n_fail ? 1 : 0;
+}
+
 static long rss_kib(int pid)
 {
 	char p[64], line[256];
@@ -253,7 +297,8 @@ int main(int argc, char **argv)
 	long rss_slack_kib = 16384;
 	static const struct option lo[] = { { "socket", 1, 0, 's' }, { "pack", 1, 0, 'p' },   { "clients", 1, 0, 'c' },
 					    { "seconds", 1, 0, 't' }, { "pid", 1, 0, 'P' },    { "rss-slack", 1, 0, 'r' },
-					    { "help", 0, 0, 'h' },   { 0, 0, 0, 0 } };
+					    { "all", 0, 0, 'a' },    { "help", 0, 0, 'h' },   { 0, 0, 0, 0 } };
+	bool all = false;
 	int ch;
 	while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
 		switch (ch) {
@@ -263,8 +308,9 @@ int main(int argc, char **argv)
 		case 't': seconds = (unsigned)atoi(optarg); break;
 		case 'P': pid = atoi(optarg); break;
 		case 'r': rss_slack_kib = atol(optarg); break;
+		case 'a': all = true; break;
 		default:
-			fprintf(stderr, "usage: soak --socket S --pack P [--clients N] [--seconds N] [--pid PID] [--rss-slack KiB]\n");
+			fprintf(stderr, "usage: soak --socket S --pack P [--clients N] [--seconds N] [--pid PID] [--rss-slack KiB] [--all]\n");
 			return ch == 'h' ? 0 : 2;
 		}
 	}
@@ -292,6 +338,8 @@ int main(int argc, char **argv)
 				return 1;
 			}
 		}
+	if (all)
+		return check_all();
 	have_layout = ffn_layout_init(&layout, pack->model, pack->hdr->parts, pack->hdr->n_parts,
 				      pack_extent_bytes(pack), &err) == 0;
 	int fds0 = pid ? n_fds(pid) : -1;
