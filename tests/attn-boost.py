@@ -1,0 +1,67 @@
+#!/usr/bin/python3
+"""attn-boost.py SRC.gguf OUT.gguf GGUF_PY_DIR: a copy of one of llama.cpp's
+test-llama-archs models (deepseek2, llama) whose attention matters.
+
+Their random weights (all N(0, 0.01)) leave the attention scores near 0,
+so the softmax is uniform and the attention adds ~1e-2 of the logits: a
+wrong RoPE (deepseek2's q_pe, llama's rope_freqs) or a wrong kq_scale
+would still pass. Scaling the norms to ~1 and the q/k projections up
+gives scores of a few units (the softmax far from uniform) and an
+attention output on par with the residual (for deepseek2 in both of MLA's
+parts, latent and rope). Tensors are rescaled in place in a copy;
+llama.cpp then computes the oracle's logits from the same file."""
+import shutil
+import sys
+
+sys.path.insert(0, sys.argv[3])
+import gguf  # noqa: E402
+
+BOOST = {}
+BOOST["deepseek2"] = {
+    "attn_q_a_norm.weight": 100.0,
+    "attn_kv_a_norm.weight": 100.0,
+    "attn_q_b.weight": 10.0,
+    "attn_q.weight": 300.0,          # the lite form (no q_a)
+    "attn_k_b.weight": 10.0,
+    "attn_kv_a_mqa.weight": 1000.0,  # k_pe ~1 (the latent part is normed)
+    "attn_output.scale": 50.0,
+}
+BOOST["llama"] = {
+    "attn_norm.weight": 100.0,
+    "attn_q.weight": 10.0,
+    "attn_k.weight": 10.0,
+    "attn_output.scale": 50.0,
+}
+# set, not multiplied: the upstream flavour's random q and k scales
+# (~0.01, llama.cpp multiplies q and k by them) would undo the boost
+SET = {"attn_q.scale": 1.0, "attn_k.scale": 1.0}
+
+
+def main():
+    src, out = sys.argv[1], sys.argv[2]
+    shutil.copyfile(src, out)
+    r = gguf.GGUFReader(out, "r+")
+    f = r.fields["general.architecture"]
+    arch = bytes(f.parts[f.data[0]]).decode()
+    if arch not in BOOST:
+        sys.exit(f"attn-boost: architecture {arch}: none of " + ", ".join(BOOST))
+    boost = BOOST[arch]
+    n = 0
+    for t in r.tensors:
+        tail = t.name.split(".", 2)[-1]
+        if t.name.startswith("blk.") and (tail in boost or tail in SET):
+            if t.tensor_type != gguf.GGMLQuantizationType.F32:
+                sys.exit(f"attn-boost: {t.name} is {t.tensor_type.name}, want F32")
+            if tail in SET:
+                t.data[...] = SET[tail]
+            else:
+                t.data[...] *= boost[tail]
+            n += 1
+    if not n:
+        sys.exit("attn-boost: no MLA attention tensor found")
+    r.data.flush()
+    print(f"attn-boost: {n} tensors rescaled")
+
+
+if __name__ == "__main__":
+    main()
