@@ -1080,6 +1080,9 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 	}
 	if (ex->aware && ex->ctx && moet_resident(ex->ctx, moe_l, MOET_TIER_HOST, ex->mask, ex->E) >= 0)
 		resmap = ex->mask;
+	struct route_params rp = m->rp; /* with this layer's exp_probs_b (deepseek2) */
+	if (L->score_bias)
+		rp.score_bias = L->score_bias;
 	for (uint32_t t = 0; t < B; t++) {
 		struct route_result *r = &ex->routes[t];
 		const float *lg = ex->logits + (size_t)t * ex->E;
@@ -1088,9 +1091,9 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		if (ex->aware && ex->o.route_daemon)
 			rc = route_by_daemon(ex, moe_l, lg, r, err);
 		else if (ex->aware)
-			rc = route_cached(&m->rp, lg, resmap, &rule, r, err);
+			rc = route_cached(&rp, lg, resmap, &rule, r, err);
 		else
-			rc = route_topk(&m->rp, lg, r);
+			rc = route_topk(&rp, lg, r);
 		if (rc)
 			return moe_error_set(err, rc, "routing layer %u token %u (NaN logits?)", il, t);
 		route_count(&ex->st.route, r);
