@@ -651,24 +651,11 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		    (rc = shape(&L->sh_gate_inp, "ffn_gate_inp_shexp", il, 1, n, err)))
 			goto fail;
 	}
-	/* experts.c routes every layer with m->rp: the first MoE layer's bias
-	 * there; other layers' must equal it until experts.c takes each
-	 * layer's own (model_layer.score_bias) */
-	for (uint32_t il = 0; il < m->n_layers; il++) {
-		const struct model_layer *L = &m->layers[il];
-		if (L->moe_index < 0)
-			continue;
-		if (!m->rp.score_bias && L->moe_index == 0)
-			m->rp.score_bias = L->score_bias;
-		if ((L->score_bias == NULL) != (m->rp.score_bias == NULL) ||
-		    (L->score_bias && memcmp(L->score_bias, m->rp.score_bias, m->n_experts * sizeof(float)))) {
-#ifndef EXPERTS_ROUTE_PER_LAYER
-			rc = moe_error_set(err, -ENOTSUP, "layer %u: exp_probs_b differs from the first MoE layer's, and "
-					   "this moe-run routes every layer with one bias", il);
-			goto fail;
-#endif
-		}
-	}
+	/* experts_layer routes each layer with its own exp_probs_b; m->rp (the
+	 * pre-gating and next-layer hints) carries the first MoE layer's */
+	for (uint32_t il = 0; il < m->n_layers && !m->rp.score_bias; il++)
+		if (m->layers[il].moe_index == 0)
+			m->rp.score_bias = m->layers[il].score_bias;
 	/* the tensors are in our memory now: their page cache would only
 	 * compete with the daemon's arena under a memory budget */
 	posix_fadvise(m->pack->fd, 0, 0, POSIX_FADV_DONTNEED);
