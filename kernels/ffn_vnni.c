@@ -181,9 +181,11 @@ static FN_ATTR ALWAYS_INLINE void vn_mm_part(const int DT, const uint8_t *W, siz
 	const uint32_t nb = cols / 32, B = a->B;
 	const size_t xr_bytes = (size_t)B * nb * 64, dx_bytes = ((size_t)B * nb * 4 + 63) & ~(size_t)63;
 	const size_t wp_bytes = (size_t)nb * VN_RP * 64, dwp_bytes = (size_t)nb * VN_RP * 8;
+	/* aligned_alloc wants a multiple of the alignment */
+	const size_t bytes = (xr_bytes + dx_bytes + wp_bytes + dwp_bytes + 63) & ~(size_t)63;
 	uint8_t *buf = NULL;
 
-	if (B < VN_MIN_B || !nb || !(buf = aligned_alloc(64, xr_bytes + dx_bytes + wp_bytes + dwp_bytes + 64))) {
+	if (B < VN_MIN_B || !nb || !(buf = aligned_alloc(64, bytes))) {
 		(DT == MOE_DTYPE_Q8_0 ? ffn_mm_q8int_avx2 : DT == MOE_DTYPE_Q4_0 ? ffn_mm_q4int_avx2
 						  : ffn_mm_iq4int_avx2)(W, rb, cols, r0, r1, a, y, ldy);
 		return;
@@ -538,7 +540,7 @@ static FN_ATTR ALWAYS_INLINE void kv_mm_part(const int DT, const uint8_t *W, siz
 	const size_t xk_bytes = (size_t)G * nb * KV_XBYTES, wk_bytes = (size_t)nb * KV_WBYTES;
 	uint8_t *buf = NULL;
 
-	if (B < VN_MIN_B || !nb || !(buf = aligned_alloc(64, xk_bytes + wk_bytes))) {
+	if (B < VN_MIN_B || !nb || !(buf = aligned_alloc(64, (xk_bytes + wk_bytes + 63) & ~(size_t)63))) {
 		(DT == MOE_DTYPE_Q4_K ? ffn_mm_q4_K_avx2 : DT == MOE_DTYPE_Q5_K ? ffn_mm_q5_K_avx2 :
 		 DT == MOE_DTYPE_Q6_K ? ffn_mm_q6_K_avx2 : DT == MOE_DTYPE_Q3_K ? ffn_mm_q3_K_avx2
 						 : ffn_mm_q2_K_avx2)(W, rb, cols, r0, r1, a, y, ldy);
