@@ -280,10 +280,10 @@ static const char *const allow_cuda[] = {
 #define PRIV_SANITIZER 1
 /* Sanitizer runtimes at exit and in reports: LeakSanitizer stops the world
  * from a clone()d tracer task with ptrace and waits for it, reading
- * /proc/self/task and /proc/self/maps. */
+ * /proc/self/task (with the old getdents on x86_64) and /proc/self/maps. */
 static const char *const allow_sanitizer[] = {
 	"clone", "ptrace", "wait4", "waitid", "prctl", "kill", "pipe", "pipe2", "dup2", "sched_getaffinity",
-	"getdents64", "readlink", "setpgid", "personality",
+	"getdents", "getdents64", "readlink", "setpgid", "personality",
 };
 #endif
 
