@@ -6,7 +6,8 @@
 TESTS += tests/test_kquant_layers.sh
 EXTRA_DIST += tests/test_kquant_layers.sh
 TESTS += tests/test_llama_archs.sh
-EXTRA_DIST += tests/test_llama_archs.sh tests/llama-archs-shim.c tests/pack-vs-gguf.py tests/attn-boost.py
+EXTRA_DIST += tests/test_llama_archs.sh tests/llama-archs-shim.c tests/pack-vs-gguf.py tests/attn-boost.py \
+	tests/ds2-variant.py
 # built by test_llama_archs.sh from llama.cpp's source at test time (no C++
 # compiler is configured): kept between runs, removed by make clean
 CLEANFILES += tests/test-llama-archs

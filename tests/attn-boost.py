@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """attn-boost.py SRC.gguf OUT.gguf GGUF_PY_DIR: a copy of one of llama.cpp's
-test-llama-archs models (deepseek2, llama) whose attention matters.
+test-llama-archs models whose attention (deepseek2, llama) and routed
+experts (deepseek2) matter.
 
 Their random weights (all N(0, 0.01)) leave the attention scores near 0,
 so the softmax is uniform and the attention adds ~1e-2 of the logits: a
@@ -23,8 +24,17 @@ BOOST["deepseek2"] = {
     "attn_q_b.weight": 10.0,
     "attn_q.weight": 300.0,          # the lite form (no q_a)
     "attn_k_b.weight": 10.0,
+    "attn_kv_b.weight": 10.0,        # the legacy form's k_b and v_b
     "attn_kv_a_mqa.weight": 1000.0,  # k_pe ~1 (the latent part is normed)
     "attn_output.scale": 50.0,
+    # the routed experts too: with N(0, 0.01) weights their outputs are
+    # ~1e-9 of the residual, and routing (exp_probs_b, per layer) or expert
+    # scales would not show in the logits
+    "ffn_norm.weight": 100.0,
+    "ffn_gate_exps.weight": 10.0,
+    "ffn_up_exps.weight": 10.0,
+    "ffn_gate_up_exps.weight": 10.0,
+    "ffn_down_exps.weight": 10.0,
 }
 BOOST["llama"] = {
     "attn_norm.weight": 100.0,
@@ -33,8 +43,9 @@ BOOST["llama"] = {
     "attn_output.scale": 50.0,
 }
 # set, not multiplied: the upstream flavour's random q and k scales
-# (~0.01, llama.cpp multiplies q and k by them) would undo the boost
-SET = {"attn_q.scale": 1.0, "attn_k.scale": 1.0}
+# (~0.01, llama.cpp multiplies the products by them) would undo the boost
+SET = {"deepseek2": {},
+       "llama": {"attn_q.scale": 1.0, "attn_k.scale": 1.0}}
 
 
 def main():
@@ -45,15 +56,15 @@ def main():
     arch = bytes(f.parts[f.data[0]]).decode()
     if arch not in BOOST:
         sys.exit(f"attn-boost: architecture {arch}: none of " + ", ".join(BOOST))
-    boost = BOOST[arch]
+    boost, put = BOOST[arch], SET[arch]
     n = 0
     for t in r.tensors:
         tail = t.name.split(".", 2)[-1]
-        if t.name.startswith("blk.") and (tail in boost or tail in SET):
+        if t.name.startswith("blk.") and (tail in boost or tail in put):
             if t.tensor_type != gguf.GGMLQuantizationType.F32:
                 sys.exit(f"attn-boost: {t.name} is {t.tensor_type.name}, want F32")
-            if tail in SET:
-                t.data[...] = SET[tail]
+            if tail in put:
+                t.data[...] = put[tail]
             else:
                 t.data[...] *= boost[tail]
             n += 1

@@ -21,9 +21,11 @@
 # both flavours, upstream llama with rope_freqs and attn_output.bias), and
 # through moetierd (qwen2moe, deepseek2). The fixtures' N(0, 0.01) weights
 # leave attention scores near 0 (a uniform softmax: RoPE and kq_scale
-# barely reach the logits), so deepseek2 (MLA) and upstream llama
-# (rope_freqs) run again from copies whose attention matters
-# (tests/attn-boost.py). What cannot run is refused with a message saying
+# barely reach the logits) and the routed experts' outputs ~1e-9 of the
+# residual, so deepseek2 (MLA, routing) and upstream llama (rope_freqs) run
+# again from copies where they matter (tests/attn-boost.py), deepseek2 also
+# in the forms tests/ds2-variant.py derives (heads, kv_b, lite, YaRN, a
+# second MoE layer). What cannot run is refused with a message saying
 # why, and checked for it: the gateless npm llama (moe-pack), and expert
 # scales on q8_0 experts (upstream qwen3moe through tests/llama-quantize).
 # Skips (77) without the llama.cpp peer (source, libraries, tests/llama-
@@ -72,7 +74,7 @@ export MOETIER_LLAMA_BACKEND_DIR="$lib"
 
 gen() { # flavour arch [omit]
 	mkdir -p "$tmp/$1"
-	if ! MOETIER_ARCHS_UPSTREAM=$([ "$1" = upstream ] && echo 1 || echo 0) MOETIER_ARCHS_OMIT=${3:-} \
+	if ! MOETIER_ARCHS_UPSTREAM=$([ "$1" = npm ] && echo 0 || echo 1) MOETIER_ARCHS_OMIT=${3:-} \
 		timeout 120 "$bin" -a "$2" -o "$tmp/$1" -s 1 >"$tmp/gen.log" 2>&1 || [ ! -s "$tmp/$1/$2-moe.gguf" ]; then
 		echo "test_llama_archs: test-llama-archs -a $2 ($1) failed:" >&2
 		cat "$tmp/gen.log" >&2
@@ -129,8 +131,32 @@ for f in npm upstream; do
 	for a in qwen3moe qwen2moe olmoe deepseek2; do
 		pack $f $a && logits $f $a --local
 	done
-	boost $f deepseek2 && pack b$f deepseek2 && logits b$f deepseek2 --local
 done
+
+# deepseek2 with its attention and routed experts mattering. The upstream
+# flavour without ffn_down_exps.scale: llama.cpp's deepseek2 graph does not
+# pass expert scales to build_moe_ffn, moe-pack folds them in (the routed
+# experts then differ; with the fixture's weights that does not show).
+gen noscale deepseek2 exps.scale
+boost npm deepseek2 && pack bnpm deepseek2 && logits bnpm deepseek2 --local
+boost noscale deepseek2 && pack bnoscale deepseek2 && logits bnoscale deepseek2 --local
+# the MLA paths the fixture leaves out (tests/ds2-variant.py): several
+# heads (3-D attn_k_b / attn_v_b), the legacy attn_kv_b, no q LoRA, YaRN
+# (factor 4, DeepSeek-V2's yarn_log_multiplier 0.0707), a second MoE layer
+# routing with its own exp_probs_b
+variant() { # name source-flavour options...
+	n=$1 src=$2
+	shift 2
+	mkdir -p "$tmp/$n"
+	$PY "$S/tests/ds2-variant.py" "$tmp/$src/deepseek2-moe.gguf" "$tmp/$n/deepseek2-moe.gguf" "$LL/src/gguf-py" "$@" ||
+		{ bad "deepseek2 variant $n ($*)"; return 1; }
+	boost $n deepseek2 && pack b$n deepseek2 && logits b$n deepseek2 --local
+}
+variant heads npm --heads 3
+variant kvb npm --heads 2 --kv-b
+variant lite npm --heads 2 --lite
+variant yarn npm --heads 2 --yarn 4 0.0707
+variant moe2 noscale --moe-layer
 
 # a scale llama.cpp applies cannot be folded into quantized experts
 if [ -x "$B/tests/llama-quantize" ]; then
