@@ -1,12 +1,14 @@
 #!/usr/bin/python3
 """attn-boost.py SRC.gguf OUT.gguf GGUF_PY_DIR: a copy of one of llama.cpp's
 test-llama-archs models whose attention (deepseek2, llama) and routed
-experts (deepseek2) matter.
+experts (every family) matter.
 
 Their random weights (all N(0, 0.01)) leave the attention scores near 0,
 so the softmax is uniform and the attention adds ~1e-2 of the logits: a
 wrong RoPE (deepseek2's q_pe, llama's rope_freqs) or a wrong kq_scale
-would still pass. Scaling the norms to ~1 and the q/k projections up
+would still pass; and the routed experts' outputs are ~1e-9 of the
+residual, so a wrong routing weight would too (it did: top-1 weights not
+renormalised). Scaling the norms to ~1 and the q/k projections up
 gives scores of a few units (the softmax far from uniform) and an
 attention output on par with the residual (for deepseek2 in both of MLA's
 parts, latent and rope). Tensors are rescaled in place in a copy;
@@ -36,16 +38,27 @@ BOOST["deepseek2"] = {
     "ffn_gate_up_exps.weight": 10.0,
     "ffn_down_exps.weight": 10.0,
 }
-BOOST["llama"] = {
+# the other families' routed experts (their attention already reaches
+# the logits)
+FFN = {
+    "ffn_norm.weight": 100.0,
+    "ffn_gate_exps.weight": 3.0,
+    "ffn_up_exps.weight": 3.0,
+    "ffn_down_exps.weight": 3.0,
+}
+BOOST["llama"] = dict(FFN, **{
     "attn_norm.weight": 100.0,
     "attn_q.weight": 10.0,
     "attn_k.weight": 10.0,
     "attn_output.scale": 50.0,
-}
-# set, not multiplied: the upstream flavour's random q and k scales
-# (~0.01, llama.cpp multiplies the products by them) would undo the boost
-SET = {"deepseek2": {},
-       "llama": {"attn_q.scale": 1.0, "attn_k.scale": 1.0}}
+})
+BOOST["qwen3moe"] = BOOST["qwen2moe"] = BOOST["olmoe"] = FFN
+# set, not multiplied: the upstream flavour's random q, k and expert
+# scales (~0.01, llama.cpp multiplies the products by them) would undo the
+# boost. (qwen2moe's, olmoe's and deepseek2's graphs apply no expert scale.)
+EXPS_1 = {"ffn_gate_exps.scale": 1.0, "ffn_up_exps.scale": 1.0, "ffn_down_exps.scale": 1.0}
+SET = {"deepseek2": {}, "qwen2moe": {}, "olmoe": {}, "qwen3moe": EXPS_1,
+       "llama": dict(EXPS_1, **{"attn_q.scale": 1.0, "attn_k.scale": 1.0})}
 
 
 def main():

@@ -22,10 +22,9 @@
 # through moetierd (qwen2moe, deepseek2). The fixtures' N(0, 0.01) weights
 # leave attention scores near 0 (a uniform softmax: RoPE and kq_scale
 # barely reach the logits) and the routed experts' outputs ~1e-9 of the
-# residual, so deepseek2 (MLA, routing) and upstream llama (rope_freqs) run
-# again from copies where they matter (tests/attn-boost.py), deepseek2 also
-# in the forms tests/ds2-variant.py derives (heads, kv_b, lite, YaRN, a
-# second MoE layer). What cannot run is refused with a message saying
+# residual, so every family runs again from copies where they matter
+# (tests/attn-boost.py), deepseek2 also in the forms tests/ds2-variant.py
+# derives (heads, kv_b, lite, YaRN, a second MoE layer). What cannot run is refused with a message saying
 # why, and checked for it: the gateless npm llama (moe-pack), and expert
 # scales on q8_0 experts (upstream qwen3moe through tests/llama-quantize).
 # Skips (77) without the llama.cpp peer (source, libraries, tests/llama-
@@ -133,13 +132,19 @@ for f in npm upstream; do
 	done
 done
 
-# deepseek2 with its attention and routed experts mattering. The upstream
-# flavour without ffn_down_exps.scale: llama.cpp's deepseek2 graph does not
-# pass expert scales to build_moe_ffn, moe-pack folds them in (the routed
-# experts then differ; with the fixture's weights that does not show).
-gen noscale deepseek2 exps.scale
-boost npm deepseek2 && pack bnpm deepseek2 && logits bnpm deepseek2 --local
-boost noscale deepseek2 && pack bnoscale deepseek2 && logits bnoscale deepseek2 --local
+# every family again with its routed experts (and deepseek2's and llama's
+# attention) mattering. qwen2moe, olmoe and deepseek2 upstream without
+# ffn_*_exps.scale: their llama.cpp graphs pass no expert scales to
+# build_moe_ffn, but moe-pack folds them in (the experts then differ; with
+# the fixture's weights that does not show).
+for a in qwen3moe qwen2moe olmoe deepseek2; do
+	boost npm $a && pack bnpm $a && logits bnpm $a --local
+done
+boost upstream qwen3moe && pack bupstream qwen3moe && logits bupstream qwen3moe --local
+for a in qwen2moe olmoe deepseek2; do
+	gen noscale $a exps.scale
+	boost noscale $a && pack bnoscale $a && logits bnoscale $a --local
+done
 # the MLA paths the fixture leaves out (tests/ds2-variant.py): several
 # heads (3-D attn_k_b / attn_v_b), the legacy attn_kv_b, no q LoRA, YaRN
 # (factor 4, DeepSeek-V2's yarn_log_multiplier 0.0707), a second MoE layer
