@@ -69,10 +69,11 @@ const struct ffn_isa_ops ffn_ops_avx512 = {
 
 #define DP_TMAX 4 /* 16 accumulators + 4 weights + x of 32 zmm */
 
-/* R rows (rs bytes apart) times T tokens: y[t * ldy + i * ys]. */
+/* R rows (rs bytes apart) times T tokens: y[t * ldy + i * ys]. pf: the
+ * next tile's rows (same stride) to prefetch column by column, or NULL. */
 static FN_ATTR_BF16 ALWAYS_INLINE void tile_bf16dp(const int R, const int T, const uint8_t *W, size_t rs,
 						    uint32_t cols, const uint16_t *xb, const float *xf,
-						    size_t ldx, float *y, size_t ys, size_t ldy)
+						    size_t ldx, float *y, size_t ys, size_t ldy, const uint8_t *pf)
 {
 	__m512 acc[RMAX][DP_TMAX];
 	float tail[RMAX][DP_TMAX];
@@ -87,6 +88,10 @@ static FN_ATTR_BF16 ALWAYS_INLINE void tile_bf16dp(const int R, const int T, con
 		}
 	for (; c + 32 <= cols; c += 32) {
 		__m512bh w[RMAX];
+		if (pf)
+#pragma GCC unroll 8
+			for (int i = 0; i < R; i++)
+				_mm_prefetch((const char *)(pf + (size_t)i * rs + (size_t)c * 2), _MM_HINT_T0);
 #pragma GCC unroll 8
 		for (int i = 0; i < R; i++)
 			w[i] = (__m512bh)_mm512_loadu_si512((const void *)(W + (size_t)i * rs + (size_t)c * 2));
@@ -114,21 +119,25 @@ static FN_ATTR_BF16 ALWAYS_INLINE void tile_bf16dp(const int R, const int T, con
 			y[(size_t)t * ldy + (size_t)i * ys] = vhsum_avx512(acc[i][t]) + tail[i][t];
 }
 
-#define DP_CALL(RR, TT, WW, RS, YY, YS) \
+#define DP_CALL(RR, TT, WW, RS, YY, YS, PF) \
 	tile_bf16dp(RR, TT, WW, RS, cols, a->bf + (size_t)t * a->ld, a->f + (size_t)t * a->ld, a->ld, \
-		    (YY) + (size_t)t * ldy, YS, ldy)
+		    (YY) + (size_t)t * ldy, YS, ldy, PF)
 
 /* All tokens of one tile of R rows: full tiles of 4 tokens, then the rest
  * one by one (bit-identical either way; fewer inlined shapes keep the
- * compile time down). */
+ * compile time down). The first group of 4 prefetches the next tile's rows
+ * (pf, or NULL): in a batch the products, not DRAM, set the pace, and
+ * without it each tile began with a stall on its 4 rows (one token, the
+ * stream itself is the bound and software prefetch gained nothing). */
 static FN_ATTR_BF16 ALWAYS_INLINE void rows_bf16dp(const int R, const uint8_t *W, size_t rs, uint32_t cols,
-						    const struct ffn_act *a, float *y, size_t ys, size_t ldy)
+						    const struct ffn_act *a, float *y, size_t ys, size_t ldy,
+						    const uint8_t *pf)
 {
 	uint32_t t = 0;
-	for (; t + DP_TMAX <= a->B; t += DP_TMAX)
-		DP_CALL(R, DP_TMAX, W, rs, y, ys);
+	for (; t + DP_TMAX <= a->B; t += DP_TMAX, pf = NULL)
+		DP_CALL(R, DP_TMAX, W, rs, y, ys, pf);
 	for (; t < a->B; t++)
-		DP_CALL(R, 1, W, rs, y, ys);
+		DP_CALL(R, 1, W, rs, y, ys, NULL);
 }
 
 /* Tiles of RMAX rows from the RMAX quarters of [r0, r1), then the rest, as
@@ -141,12 +150,13 @@ static FN_ATTR_BF16 void mm_bf16dp(const uint8_t *W, size_t rb, uint32_t cols, u
 	float *yr = y + (size_t)q * RMAX;
 
 	for (uint32_t j = 0; j < q; j++)
-		rows_bf16dp(RMAX, W0 + (size_t)j * rb, (size_t)q * rb, cols, a, y + j, q, ldy);
+		rows_bf16dp(RMAX, W0 + (size_t)j * rb, (size_t)q * rb, cols, a, y + j, q, ldy,
+			    a->B >= DP_TMAX && j + 1 < q ? W0 + (size_t)(j + 1) * rb : NULL);
 	switch (rem) {
 	case 0: break;
-	case 1: rows_bf16dp(1, Wr, rb, cols, a, yr, 1, ldy); break;
-	case 2: rows_bf16dp(2, Wr, rb, cols, a, yr, 1, ldy); break;
-	default: rows_bf16dp(3, Wr, rb, cols, a, yr, 1, ldy); break;
+	case 1: rows_bf16dp(1, Wr, rb, cols, a, yr, 1, ldy, NULL); break;
+	case 2: rows_bf16dp(2, Wr, rb, cols, a, yr, 1, ldy, NULL); break;
+	default: rows_bf16dp(3, Wr, rb, cols, a, yr, 1, ldy, NULL); break;
 	}
 }
 
