@@ -11,3 +11,11 @@ EXTRA_DIST += tests/test_llama_archs.sh tests/llama-archs-shim.c tests/pack-vs-g
 # built by test_llama_archs.sh from llama.cpp's source at test time (no C++
 # compiler is configured): kept between runs, removed by make clean
 CLEANFILES += tests/test-llama-archs
+# moe-run's deepseek2 attention (absorbed MLA against the decompressed
+# form) and ggml_rope_ext's extensions, without llama.cpp
+check_PROGRAMS += tests/test_mla
+TESTS += tests/test_mla
+tests_test_mla_SOURCES = tests/test_mla.c
+tests_test_mla_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/client/run
+tests_test_mla_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_mla_LDADD = client/run/libmoerun.a $(KERNELS_LINK) $(CRITERION_LIBS)

@@ -314,6 +314,8 @@ int attn_mla_block(const struct model *m, uint32_t il, struct attn_cache *c, str
 
 	if (B > w->max_batch || pos0 + B > c->n_ctx || c->kv_dim != kd)
 		return -ERANGE;
+	if (L->wq_a.data && L->wq_a.rows > m->n_lora_q) /* w->qa holds n_lora_q per token */
+		return -EINVAL;
 	struct attn_rope rp;
 	attn_rope_of(m, &rp);
 	rp.n_rot = rot;
