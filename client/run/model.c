@@ -513,9 +513,9 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 	 * route.c follows DeepSeek's HF code (top_k > 1 and norm_topk_prob)
 	 * for softmax: at top-1 the weight is then p, llama.cpp's 1. Softmax
 	 * over the top-1 logit alone is that 1, exactly (and picks the same
-	 * expert). */
+	 * expert); that path applies no routed_scaling_factor. */
 	if (m->rp.norm_topk_prob && m->rp.top_k == 1 && m->rp.scoring == MOE_SCORING_SOFTMAX &&
-	    m->rp.topk_method == MOE_TOPK_GREEDY)
+	    m->rp.topk_method == MOE_TOPK_GREEDY && m->rp.routed_scaling_factor == 1.0f)
 		m->rp.scoring = MOE_SCORING_TOPK_SOFTMAX;
 	if ((rc = route_params_check(&m->rp, err)))
 		goto fail;
