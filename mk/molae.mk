@@ -33,12 +33,12 @@ tests_molae_serve_check_LDADD = client/libmoetier.la $(KERNELS_LINK)
 client_run_libmoerun_a_SOURCES += client/run/latent.c client/run/latent.h
 if HAVE_CRITERION
 if HAVE_LAPACKE
-check_PROGRAMS += tests/test_molae_run
-TESTS += tests/test_molae_run
-tests_test_molae_run_SOURCES = tests/test_molae_run.c tests/testutil.h
-tests_test_molae_run_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
-tests_test_molae_run_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
-tests_test_molae_run_LDADD = client/run/libmoerun.a tools/libmolae.a $(KERNELS_LINK) $(LAPACKE_LIBS) \
+check_PROGRAMS += tests/test_molae_glue
+TESTS += tests/test_molae_glue
+tests_test_molae_glue_SOURCES = tests/test_molae_glue.c tests/testutil.h
+tests_test_molae_glue_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/tools
+tests_test_molae_glue_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_molae_glue_LDADD = client/run/libmoerun.a tools/libmolae.a $(KERNELS_LINK) $(LAPACKE_LIBS) \
 	$(OPENBLAS_LIBS) $(CRITERION_LIBS)
 endif
 endif

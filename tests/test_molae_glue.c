@@ -1,4 +1,4 @@
-/* Description: moe-run's latent experts (client/run/latent.c, issue 15):
+/* Description: moe-run's latent experts glue (client/run/latent.c, issue 15):
  * a pack made by molae_convert opens (layout + every B), one layer call
  * projects z once per (token, group) the routing touches, and each expert
  * over its tokens gives the bits of latent_expert_x() per token; a dense
@@ -62,9 +62,9 @@ static void write_dense(const char *path)
 	cr_assert_eq(pack_writer_finish(w, &err), 0, "%s", err.msg);
 }
 
-Test(molae_run, layer_call_matches_latent_kernel, .timeout = 60)
+Test(molae_glue, layer_call_matches_latent_kernel, .timeout = 60)
 {
-	char *dir = tu_mkdtemp("molae-run");
+	char *dir = tu_mkdtemp("molae-glue");
 	char in[512], out[512];
 	snprintf(in, sizeof(in), "%s/d.moepack", dir);
 	snprintf(out, sizeof(out), "%s/l.moepack", dir);
