@@ -5,6 +5,7 @@
 #include "ffn.h"
 #include "ffn_impl.h"
 
+#include <cpuid.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -264,13 +265,20 @@ int ffn_isa_parse(const char *name)
 	return -1;
 }
 
+/* F16C from CPUID leaf 1 (clang 14's __builtin_cpu_supports does not know
+ * "f16c"); the OS side (ymm state) is the AVX2 check's. */
+static bool cpu_f16c(void)
+{
+	unsigned a, b, c, d;
+	return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+
 bool ffn_isa_supported(enum ffn_isa isa)
 {
 	__builtin_cpu_init();
 	/* __builtin_cpu_supports also checks that the OS saves the wide
 	 * registers (XCR0), so a "yes" here is safe to run. */
-	const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-			  __builtin_cpu_supports("f16c");
+	const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_f16c();
 	const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
 			    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
 			    __builtin_cpu_supports("avx512dq");
