@@ -17,12 +17,7 @@ lib=$(cd "$B" && pwd)/client/.libs/libmoetier.so.0
 env_init py-route
 "$B/tools/moe-gen" model --family qwen2_moe --preset tiny --experts 16 --top-k 4 --out "$tmp/src" >/dev/null
 "$B/tools/moe-pack" convert "$tmp/src" -o "$tmp/t.moepack" -q
-# In a sanitizer build LeakSanitizer cannot stop the privilege-dropped
-# daemon and spins at its exit: leak checking off for the daemon only.
-asan_saved=${ASAN_OPTIONS-}
-export ASAN_OPTIONS="${ASAN_OPTIONS:-}:detect_leaks=0"
 daemon_start moetierd "$tmp/t.moepack" --host-bytes=4M
-export ASAN_OPTIONS="$asan_saved"
 # In an ASan build libmoetier needs the ASan runtime loaded first; python
 # itself is not instrumented, so leak checking is off for it.
 asan=$(ldd "$lib" 2>/dev/null | awk '/libasan/ { print $3 }')

@@ -99,14 +99,6 @@ static void start_daemon(struct env *e, const char *host_bytes)
 			dup2(fd, 2);
 			close(fd);
 		}
-		/* In a sanitizer build LeakSanitizer's stop-the-world cannot trace
-		 * the daemon once it dropped its privileges and spins at exit until
-		 * killed: leak checking off for the daemon (not for this test), so
-		 * that its exit status means something. */
-		const char *ao = getenv("ASAN_OPTIONS");
-		char aob[1024];
-		snprintf(aob, sizeof(aob), "%s%sdetect_leaks=0", ao ? ao : "", ao && *ao ? ":" : "");
-		setenv("ASAN_OPTIONS", aob, 1);
 		char *argv[] = { "moetierd", "--foreground", "--config=", so, hb, "--socket-group=",
 				 "--log-level=debug", e->pack, NULL };
 		execv(tu_build_path("moetierd"), argv);
