@@ -124,7 +124,7 @@ int moe_model_validate(const struct moe_model_config *c, struct moe_error *err)
 	    (c->n_group == 0 || c->n_experts % c->n_group || c->topk_group == 0 || c->topk_group > c->n_group))
 		return moe_error_set(err, -EINVAL, "bad expert groups: %u groups, %u used, %u experts",
 				     c->n_group, c->topk_group, c->n_experts);
-	if (c->ffn_kind != MOE_FFN_SWIGLU && c->ffn_kind != MOE_FFN_GPTOSS)
+	if (c->ffn_kind != MOE_FFN_SWIGLU && c->ffn_kind != MOE_FFN_GPTOSS && c->ffn_kind != MOE_FFN_SILU)
 		return moe_error_set(err, -EINVAL, "unknown FFN kind %u", c->ffn_kind);
 	if (!(c->routed_scaling_factor > 0.0f && c->routed_scaling_factor < 1e6f))
 		return moe_error_set(err, -EINVAL, "routed scaling factor out of range");

@@ -36,6 +36,7 @@ enum moe_topk_method {
 enum moe_ffn_kind {
 	MOE_FFN_SWIGLU = 1, /* y = down(silu(gate x) * (up x)) */
 	MOE_FFN_GPTOSS = 2, /* interleaved gate/up with bias, clamp, glu(alpha=1.702), down + bias */
+	MOE_FFN_SILU = 3,   /* no gate: y = down(silu(up x)) (llama.cpp's build_moe_ffn, LLM_FFN_SILU, gate_exps NULL) */
 };
 
 struct moe_model_config {

@@ -811,6 +811,13 @@ int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg, co
 		if ((rc = take_mat(&L->gate, find_part(parts, n_parts, PACK_ROLE_GATE), "gate", m, n, extent_bytes, err)) ||
 		    (rc = take_mat(&L->up, find_part(parts, n_parts, PACK_ROLE_UP), "up", m, n, extent_bytes, err)))
 			return rc;
+	} else if (cfg->ffn_kind == MOE_FFN_SILU) {
+		/* no gate part: a pack that has one is not this kind */
+		L->kind = MOE_FFN_SILU;
+		if (find_part(parts, n_parts, PACK_ROLE_GATE) || find_part(parts, n_parts, PACK_ROLE_GATE_UP))
+			return moe_error_set(err, -EINVAL, "ffn layout: a gateless (silu) expert with a gate part");
+		if ((rc = take_mat(&L->up, find_part(parts, n_parts, PACK_ROLE_UP), "up", m, n, extent_bytes, err)))
+			return rc;
 	} else if (cfg->ffn_kind == MOE_FFN_GPTOSS) {
 		L->kind = MOE_FFN_GPTOSS;
 		if ((rc = take_mat(&L->gate_up, find_part(parts, n_parts, PACK_ROLE_GATE_UP), "gate_up", 2 * m, n,
@@ -838,7 +845,7 @@ int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg, co
 
 uint64_t ffn_layout_flops_per_token(const struct ffn_layout *L)
 {
-	return 2ull * L->n * L->m * 3;
+	return 2ull * L->n * L->m * (L->kind == MOE_FFN_SILU ? 2 : 3);
 }
 
 /* ---- the expert ----------------------------------------------------------- */
@@ -886,6 +893,15 @@ static void expert_phase1(void *p, uint32_t lo, uint32_t hi)
 			float *h = j->h + (size_t)t * m;
 			for (uint32_t i = lo; i < hi; i++)
 				h[i] = g[i] * sigmoidf_(g[i]) * u[i];
+		}
+	} else if (L->kind == MOE_FFN_SILU) {
+		/* the SwiGLU path without the gate product: h = silu(up x) */
+		j->ops->mm[L->up.dtype](j->ext + L->up.offset, L->up.row_bytes, L->n, lo, hi, &j->x, j->u + lo, m);
+		for (uint32_t t = 0; t < B; t++) {
+			const float *u = j->u + (size_t)t * m;
+			float *h = j->h + (size_t)t * m;
+			for (uint32_t i = lo; i < hi; i++)
+				h[i] = u[i] * sigmoidf_(u[i]);
 		}
 	} else {
 		const float lim = L->limit, alpha = L->alpha > 0.0f ? L->alpha : 1.0f;
@@ -955,7 +971,9 @@ int ffn_expert(const struct ffn_layout *L, const void *extent, const float *x, s
 
 	const uint32_t n = L->n, m = L->m;
 	const bool gptoss = L->kind == MOE_FFN_GPTOSS;
-	const uint32_t in_mask = gptoss ? 1u << L->gate_up.dtype : (1u << L->gate.dtype) | (1u << L->up.dtype);
+	const uint32_t in_mask = gptoss ? 1u << L->gate_up.dtype
+				 : L->kind == MOE_FFN_SILU ? 1u << L->up.dtype
+				 : (1u << L->gate.dtype) | (1u << L->up.dtype);
 	const bool xbf = ops->bf16_mask & in_mask;
 	const bool hbf = ops->bf16_mask & (1u << L->down.dtype);
 	const bool xq8 = ops->q8_mask & in_mask;
@@ -1126,6 +1144,10 @@ static int cuda_mat_ok(const struct ffn_mat *M, const char *what, struct moe_err
 int ffn_cuda_layout_check(const struct ffn_layout *L, struct moe_error *err)
 {
 	int rc;
+	/* ffn.cu computes SwiGLU and GPT-OSS experts only */
+	if (L->kind == MOE_FFN_SILU)
+		return moe_error_set(err, -ENOTSUP,
+				     "the CUDA expert FFN has no gateless (down(silu(up x))) expert: compute it on the CPU");
 	if (L->kind == MOE_FFN_GPTOSS) {
 		if ((rc = cuda_mat_ok(&L->gate_up, "gate_up", err)))
 			return rc;

@@ -93,7 +93,7 @@ struct ffn_layout {
 	enum moe_ffn_kind kind;
 	uint32_t n;              /* hidden */
 	uint32_t m;              /* expert width */
-	struct ffn_mat gate, up; /* SWIGLU */
+	struct ffn_mat gate, up; /* SWIGLU; SILU: up only (gate.rows 0) */
 	struct ffn_mat gate_up;  /* GPTOSS: 2m rows */
 	struct ffn_vec gate_up_bias, down_bias; /* GPTOSS */
 	struct ffn_mat down;     /* n rows x m cols */
@@ -165,7 +165,8 @@ const void *ffn_cuda_fatbin(size_t *len);
  * q4_0, mxfp4 (not the K-quants nor iq4, which the CPU kernels take). */
 bool ffn_cuda_dtype_supported(enum moe_dtype t);
 /* 0 when every matrix and bias of the layout has a CUDA decoder, else
- * -ENOTSUP naming the type: every host that launches ffn.cu calls it first,
+ * -ENOTSUP naming the type (or the kind: gateless experts have no CUDA
+ * kernel): every host that launches ffn.cu calls it first,
  * since the device code would read an unknown type as zeros. */
 int ffn_cuda_layout_check(const struct ffn_layout *L, struct moe_error *err);
 

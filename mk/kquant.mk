@@ -19,3 +19,10 @@ tests_test_mla_SOURCES = tests/test_mla.c
 tests_test_mla_CPPFLAGS = $(AM_CPPFLAGS) -I$(top_srcdir)/client/run
 tests_test_mla_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_mla_LDADD = client/run/libmoerun.a $(KERNELS_LINK) $(CRITERION_LIBS)
+# the gateless expert FFN (MOE_FFN_SILU: down(silu(up x)), llama.cpp's
+# experts without ffn_gate_exps) against a double-precision reference
+check_PROGRAMS += tests/test_ffn_silu
+TESTS += tests/test_ffn_silu
+tests_test_ffn_silu_SOURCES = tests/test_ffn_silu.c
+tests_test_ffn_silu_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_ffn_silu_LDADD = $(KERNELS_LINK) $(CRITERION_LIBS)
