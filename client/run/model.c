@@ -540,8 +540,9 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 			moe_error_prefix(err, rc, "MoE layer %u", l);
 			goto fail;
 		}
-		if (m->layouts[l].kind != MOE_FFN_SWIGLU) {
-			rc = moe_error_set(err, -ENOTSUP, "expert FFN kind %u: moe-run runs SwiGLU experts",
+		/* gateless experts (down(silu(up x))) go through the same ffn_expert */
+		if (m->layouts[l].kind != MOE_FFN_SWIGLU && m->layouts[l].kind != MOE_FFN_SILU) {
+			rc = moe_error_set(err, -ENOTSUP, "expert FFN kind %u: moe-run runs SwiGLU and gateless experts",
 					   m->layouts[l].kind);
 			goto fail;
 		}
