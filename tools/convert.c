@@ -333,16 +333,47 @@ static int gguf_stack_recipe(const struct convert_source *s, struct recipe *r, u
 	if (k == 0 && !has_tensor(s, name)) {
 		char up[160];
 		snprintf(up, sizeof(up), "blk.%u.ffn_up_exps.weight", L);
+		/* gguf_ffn_kind makes every layer gated or none: only a layer
+		 * that differs from the first MoE layer gets here */
 		if (has_tensor(s, up))
 			return moe_error_set(err, -ENOTSUP,
 					     "blk.%u has ffn_up_exps and ffn_down_exps but neither ffn_gate_exps nor "
-					     "ffn_gate_up_exps: llama.cpp then computes down(silu(up x)), an expert without "
-					     "a gate, and moe-pack packs gated (SwiGLU) experts only",
+					     "ffn_gate_up_exps, while other layers' experts have a gate: a pack's "
+					     "experts are all gated (SwiGLU) or all gateless (down(silu(up x)))",
 					     L);
 	}
 	if ((rc = copy_recipe(s, r, name, true, e, roles[k], k == 2 ? N : M, k == 2 ? M : N, false, true, err)) < 0)
 		return rc;
 	return expert_scale(s, r, name, e, err);
+}
+
+/* Stacked GGUF experts with ffn_up_exps and ffn_down_exps but neither
+ * ffn_gate_exps nor ffn_gate_up_exps (llama.cpp writes its llama model
+ * that way when the gate is optional): its build_moe_ffn then computes
+ * down(silu(up x)) (LLM_FFN_SILU without a gate), MOE_FFN_SILU. Every MoE
+ * layer must agree with the first. */
+static int gguf_ffn_kind(const struct convert_source *s, struct moe_model_config *m, struct moe_error *err)
+{
+	char name[160];
+	int first = -1;
+
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		const uint32_t L = moe_model_layer_of(m, l);
+		snprintf(name, sizeof(name), "blk.%u.ffn_gate_exps.weight", L);
+		bool gated = has_tensor(s, name);
+		snprintf(name, sizeof(name), "blk.%u.ffn_gate_up_exps.weight", L);
+		gated |= has_tensor(s, name);
+		if (first < 0)
+			first = gated;
+		else if (first != (int)gated)
+			return moe_error_set(err, -ENOTSUP,
+					     "blk.%u's experts %s and blk.%u's %s: a pack's experts are all gated "
+					     "(SwiGLU) or all gateless (down(silu(up x)))",
+					     L, gated ? "have a gate" : "have no gate", moe_model_layer_of(m, 0), gated ? "do not" : "do");
+	}
+	if (first == 0)
+		m->ffn_kind = MOE_FFN_SILU;
+	return 0;
 }
 
 static int expert_recipes(const struct convert_source *s, uint32_t l, uint32_t e, struct recipe *r, uint32_t *n,
@@ -363,6 +394,13 @@ static int expert_recipes(const struct convert_source *s, uint32_t l, uint32_t e
 	case LAY_HF_MIXTRAL:
 	case LAY_GGUF_STACK:
 	case LAY_GGUF_SPLIT:
+		if (m->ffn_kind == MOE_FFN_SILU) {
+			/* gateless stacked experts (gguf_ffn_kind): up, down */
+			for (int k = 1; k < 3 && rc == 0; k++)
+				rc = gguf_stack_recipe(s, &r[k - 1], L, e, k, err);
+			*n = 2;
+			break;
+		}
 		for (int k = 0; k < 3 && rc == 0; k++) {
 			bool down = k == 2, stacked = s->layout == LAY_GGUF_STACK;
 			if (stacked && m->family != MOE_FAMILY_GPT_OSS) {
@@ -2195,6 +2233,8 @@ static int gguf_config(struct convert_source *s, const struct convert_options *o
 	m->first_moe_layer = keep[5];
 	m->n_moe_layers = nm;
 	m->moe_layer_step = step;
+	if (stacked && f != MOE_FAMILY_GPT_OSS && (rc = gguf_ffn_kind(s, m, err)) < 0)
+		return rc;
 
 	if (gating == 1)
 		m->scoring = MOE_SCORING_SOFTMAX;

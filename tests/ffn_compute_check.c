@@ -1,0 +1,99 @@
+/* ffn_compute_check SOCKET PACK: a client of a moetierd serving PACK (run
+ * by tests/test_llama_archs.sh with llama.cpp's gateless llama experts):
+ * COMPUTE of every MoE layer (3 tokens, top-2, the pack's experts) equals
+ * ffn_expert run here on the pack's own extents, the terms added in
+ * order with ffn_axpy, bit for bit. Whatever the pack's FFN kind: the
+ * daemon computes it with the same kernels, or refuses COMPUTE (then the
+ * capability is absent and this says so). Prints "ok ..." and exits 0, or
+ * names the failure and exits 1. */
+#include "config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ffn.h"
+#include "moetier/moetier.h"
+#include "pack.h"
+
+#define FAIL(...) \
+	do { \
+		fprintf(stderr, "FAIL: " __VA_ARGS__); \
+		fputc('\n', stderr); \
+		exit(1); \
+	} while (0)
+
+int main(int argc, char **argv)
+{
+	struct moe_error err = { "" };
+	struct pack_file *pf;
+
+	if (argc != 3)
+		FAIL("usage: ffn_compute_check SOCKET PACK");
+	if (pack_open(argv[2], PACK_OPEN_NO_DIRECT, &pf, &err))
+		FAIL("%s", err.msg);
+	moet_ctx *c = NULL;
+	struct moet_connect_opts o = { sizeof(o), argv[1], NULL, "ffn-check", MOET_CAP_RING | MOET_CAP_HOST_ARENA, 0, 20 };
+	int rc = moet_connect(&o, &c);
+	if (rc)
+		FAIL("connect: %s (%s)", moet_strerror(rc), moet_last_error(NULL));
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	if (moet_model_info(c, &mi))
+		FAIL("model info");
+	if (!(mi.caps & MOET_CAP_COMPUTE))
+		FAIL("COMPUTE not offered for %s (FFN kind %u)", argv[2], pf->model->ffn_kind);
+
+	const uint64_t ext = pack_extent_bytes(pf);
+	uint8_t *buf = aligned_alloc(4096, (ext + 4095) & ~4095ull);
+	enum { T = 3, K = 2 };
+	const uint32_t n = mi.hidden, E = mi.n_experts;
+	if (!buf || E < 2 || mi.top_k > E)
+		FAIL("%u experts", E);
+	uint32_t experts[T * K] = { 0, 1, 1, 0, 1 % E, (E - 1) % E };
+	if (experts[4] == experts[5])
+		experts[5] = 0;
+	float w[T * K] = { 0.75f, 0.25f, 0.5f, 0.5f, 0.9f, 0.1f };
+	float *x = calloc((size_t)T * n, 4), *y = calloc((size_t)T * n, 4), *yr = calloc((size_t)T * n, 4);
+	float *one = calloc(n, 4);
+	if (!x || !y || !yr || !one)
+		FAIL("out of memory");
+	for (uint32_t i = 0; i < T * n; i++)
+		x[i] = (float)((i * 37 % 23) - 11) / 16.0f;
+	unsigned computed = 0;
+	for (uint32_t l = 0; l < mi.n_moe_layers; l++) {
+		struct ffn_layout L;
+		const struct pack_layout_disk *pl = pack_layer_layout(pf, l);
+		if (ffn_layout_init(&L, pf->model, pl->parts, pl->n_parts, ext, &err))
+			FAIL("layer %u: %s", l, err.msg);
+		rc = moet_compute(c, l, T, K, experts, w, x, y);
+		for (int i = 0; i < 400 && rc == -EAGAIN; i++) {
+			moet_wait_ready(c, l, 50);
+			rc = moet_compute(c, l, T, K, experts, w, x, y);
+		}
+		if (rc != T)
+			FAIL("compute layer %u: %s (%s)", l, moet_strerror(rc), moet_last_error(c));
+		for (uint32_t t = 0; t < T; t++) {
+			float *yt = yr + (size_t)t * n;
+			memset(yt, 0, sizeof(float) * n);
+			for (uint32_t j = 0; j < K; j++) {
+				if (pack_read_expert(pf, l, experts[t * K + j], buf, &err))
+					FAIL("%s", err.msg);
+				if (ffn_expert(&L, buf, x + (size_t)t * n, n, 1, one, n, NULL, 0, 1))
+					FAIL("ffn_expert");
+				ffn_axpy(yt, w[t * K + j], one, n);
+			}
+		}
+		for (uint32_t i = 0; i < T * n; i++)
+			if (y[i] != yr[i])
+				FAIL("layer %u: COMPUTE y[%u] = %.9g, ffn_expert here %.9g", l, i, (double)y[i],
+				     (double)yr[i]);
+		computed++;
+	}
+	printf("ok: COMPUTE of %u layers (FFN kind %u) equals ffn_expert on the pack's extents\n", computed,
+	       pf->model->ffn_kind);
+	free(x), free(y), free(yr), free(one), free(buf);
+	moet_close(c);
+	pack_close(pf);
+	return 0;
+}
