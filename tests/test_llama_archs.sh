@@ -7,7 +7,8 @@
 # (expert_feed_forward_length = 0 for llama and olmoe), deepseek2 with a
 # dense first layer and sigmoid gating. Two flavours of each:
 #  - npm: as the npm build's loader makes them (optional tensors absent:
-#    llama's experts have no gate at all);
+#    llama's experts have no gate at all, which llama.cpp's build_moe_ffn
+#    computes as down(silu(up x)): moe-pack's gateless FFN kind);
 #  - upstream: as upstream llama.cpp's loader makes them (MOETIER_ARCHS_
 #    UPSTREAM=1): every optional tensor, random - deepseek2's fused
 #    ffn_gate_up_exps, ffn_*_exps.scale (per expert) and *.scale (per
@@ -17,16 +18,17 @@
 # converts and verifies, and every expert part equals llama.cpp's tensor
 # (times its .scale; fused gate/up split in two: tests/pack-vs-gguf.py);
 # moe-run's logits of 16 teacher-forced tokens equal llama.cpp's within
-# 1e-4 of the row's max |logit| (qwen3moe, qwen2moe, olmoe, deepseek2 in
-# both flavours, upstream llama with rope_freqs and attn_output.bias), and
-# through moetierd (qwen2moe, deepseek2). The fixtures' N(0, 0.01) weights
+# 1e-4 of the row's max |logit| (every family in both flavours: upstream
+# llama with rope_freqs and attn_output.bias, npm llama gateless), and
+# through moetierd (qwen2moe, deepseek2, gateless llama, whose COMPUTE
+# also equals ffn_expert: tests/ffn_compute_check). The fixtures' N(0, 0.01) weights
 # leave attention scores near 0 (a uniform softmax: RoPE and kq_scale
 # barely reach the logits) and the routed experts' outputs ~1e-9 of the
 # residual, so every family runs again from copies where they matter
 # (tests/attn-boost.py), deepseek2 also in the forms tests/ds2-variant.py
 # derives (heads, kv_b, lite, YaRN, a second MoE layer). What cannot run is refused with a message saying
-# why, and checked for it: the gateless npm llama (moe-pack), and expert
-# scales on q8_0 experts (upstream qwen3moe through tests/llama-quantize).
+# why, and checked for it: expert scales on q8_0 experts (upstream
+# qwen3moe through tests/llama-quantize).
 # Skips (77) without the llama.cpp peer (source, libraries, tests/llama-
 # oracle), a C++ compiler or numpy in Debian's python3.
 set -eu
@@ -35,7 +37,7 @@ S=${MOETIER_SRCDIR:-..}
 PY=/usr/bin/python3
 LL=${MOETIER_LLAMA_DIR:-/var/cache/moetier/llama}
 
-for p in moe-run moetierd moe-client tools/moe-pack; do
+for p in moe-run moetierd moe-client tools/moe-pack tests/ffn_compute_check; do
 	[ -x "$B/$p" ] || { echo "test_llama_archs: $B/$p is missing" >&2; exit 1; }
 done
 skip() { echo "test_llama_archs: $*: skip"; exit 77; }
@@ -173,10 +175,19 @@ if [ -x "$B/tests/llama-quantize" ]; then
 		bad "the refusal does not name the expert tensor's type"
 fi
 
-# llama (Mixtral layout)
-refused "neither ffn_gate_exps nor ffn_gate_up_exps" \
-	"$B/tools/moe-pack" convert "$tmp/npm/llama-moe.gguf" -o "$tmp/npm-llama.moepack" -q
-[ ! -e "$tmp/npm-llama.moepack" ] || bad "a refused conversion left $tmp/npm-llama.moepack"
+# llama (Mixtral layout). npm: experts without ffn_gate_exps, which
+# llama.cpp computes as down(silu(up x)): a gateless pack (up and down
+# parts only, FFN kind silu), decoded with llama.cpp's logits, and again
+# with the experts boosted (where a wrong activation shows)
+if pack npm llama; then
+	"$B/tools/moe-pack" info "$tmp/npm-llama.moepack" >"$tmp/info.out" 2>&1 || bad "npm llama: info"
+	if grep -q '^  gate ' "$tmp/info.out" || ! grep -q '^  up ' "$tmp/info.out"; then
+		cat "$tmp/info.out" >&2
+		bad "npm llama: the pack's parts are not up and down alone"
+	fi
+	logits npm llama --local
+fi
+boost npm llama && pack bnpm llama && logits bnpm llama --local
 # upstream: rope_freqs (llama.cpp's freq_factors) and attn_output.bias
 pack upstream llama && logits upstream llama --local
 boost upstream llama && pack bupstream llama && logits bupstream llama --local
@@ -189,6 +200,18 @@ if cmp -s "$tmp/d.lg" "$tmp/upstream-qwen2moe.lg"; then
 	ok "moetierd: upstream qwen2moe's logits through the daemon equal --local's"
 else
 	bad "upstream qwen2moe's logits through moetierd differ from --local"
+fi
+daemon_stop
+# the gateless llama through the daemon: COMPUTE equals ffn_expert on the
+# pack's extents, and moe-run's logits equal --local's
+daemon_start moetierd "$tmp/bnpm-llama.moepack" --host-bytes=2M --gpu-bytes=0
+"$B/tests/ffn_compute_check" "$sock" "$tmp/bnpm-llama.moepack" || bad "gateless llama: COMPUTE through moetierd"
+"$B/moe-run" "$tmp/bnpm-llama.moepack" --socket "$sock" --tokens "$toks" --dump-logits "$tmp/dl.lg" \
+	2>"$tmp/dl.err" || { cat "$tmp/dl.err" >&2; bad "gateless llama: moe-run through moetierd"; }
+if cmp -s "$tmp/dl.lg" "$tmp/bnpm-llama.lg"; then
+	ok "moetierd: the gateless npm llama's logits through the daemon equal --local's"
+else
+	bad "the gateless npm llama's logits through moetierd differ from --local"
 fi
 daemon_stop
 # deepseek2: decoded through the daemon (a dense first layer, the MoE
