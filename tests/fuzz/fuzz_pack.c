@@ -49,21 +49,27 @@ static void fix_crcs(uint8_t *img, size_t size, bool extents)
 	if (size < PACK_HEADER_SIZE)
 		return;
 	struct pack_header_disk *h = (struct pack_header_disk *)img;
-	if (h->index_count < (1u << 20) && inside(h->index_offset, h->index_count * sizeof(struct pack_index_entry), size) &&
-	    h->index_offset % 8 == 0) {
-		struct pack_index_entry *x = (struct pack_index_entry *)(img + h->index_offset);
-		for (uint64_t i = 0; extents && i < h->index_count; i++)
-			if (inside(x[i].offset, x[i].length, size))
-				x[i].crc32c = crc32c(img + x[i].offset, x[i].length);
-		h->index_crc = crc32c(x, h->index_count * sizeof(*x));
+	/* Read once: the index or the directory may overlap the header, so
+	 * writing a CRC into them may change these very fields. */
+	const uint64_t ioff = h->index_offset, icount = h->index_count;
+	const uint64_t toff = h->tensor_dir_offset, tcount = h->n_tensors;
+	if (icount < (1u << 20) && inside(ioff, icount * sizeof(struct pack_index_entry), size) && ioff % 8 == 0) {
+		struct pack_index_entry *x = (struct pack_index_entry *)(img + ioff);
+		for (uint64_t i = 0; extents && i < icount; i++) {
+			uint64_t off = x[i].offset, len = x[i].length;
+			if (inside(off, len, size))
+				x[i].crc32c = crc32c(img + off, len);
+		}
+		h->index_crc = crc32c(x, icount * sizeof(*x));
 	}
-	if (h->n_tensors < (1u << 16) && inside(h->tensor_dir_offset, h->n_tensors * sizeof(struct pack_tensor_entry), size) &&
-	    h->tensor_dir_offset % 8 == 0) {
-		struct pack_tensor_entry *t = (struct pack_tensor_entry *)(img + h->tensor_dir_offset);
-		for (uint64_t i = 0; extents && i < h->n_tensors; i++)
-			if (inside(t[i].offset, t[i].bytes, size))
-				t[i].crc32c = crc32c(img + t[i].offset, t[i].bytes);
-		h->tensor_dir_crc = crc32c(t, h->n_tensors * sizeof(*t));
+	if (tcount < (1u << 16) && inside(toff, tcount * sizeof(struct pack_tensor_entry), size) && toff % 8 == 0) {
+		struct pack_tensor_entry *t = (struct pack_tensor_entry *)(img + toff);
+		for (uint64_t i = 0; extents && i < tcount; i++) {
+			uint64_t off = t[i].offset, len = t[i].bytes;
+			if (inside(off, len, size))
+				t[i].crc32c = crc32c(img + off, len);
+		}
+		h->tensor_dir_crc = crc32c(t, tcount * sizeof(*t));
 	}
 	h->header_crc = 0;
 	h->header_crc = crc32c(img, PACK_HEADER_SIZE);
