@@ -28,7 +28,8 @@
 # (tests/attn-boost.py), deepseek2 also in the forms tests/ds2-variant.py
 # derives (heads, kv_b, lite, YaRN, a second MoE layer). What cannot run is refused with a message saying
 # why, and checked for it: expert scales on q8_0 experts (upstream
-# qwen3moe through tests/llama-quantize).
+# qwen3moe through tests/llama-quantize), and gated and gateless expert
+# layers in one file (upstream llama with one ffn_gate_exps renamed).
 # Skips (77) without the llama.cpp peer (source, libraries, tests/llama-
 # oracle), a C++ compiler or numpy in Debian's python3.
 set -eu
@@ -188,6 +189,17 @@ if pack npm llama; then
 	logits npm llama --local
 fi
 boost npm llama && pack bnpm llama && logits bnpm llama --local
+# a pack's experts are all gated or all gateless: upstream llama with
+# layer 1's ffn_gate_exps renamed away (same length, in place) is refused
+$PY -c 'import sys
+d = open(sys.argv[1], "rb").read()
+a, b = b"blk.1.ffn_gate_exps.weight", b"blk.1.ffn_gatx_exps.weight"
+assert d.count(a) == 1
+open(sys.argv[2], "wb").write(d.replace(a, b))' "$tmp/upstream/llama-moe.gguf" "$tmp/mixed.gguf" ||
+	bad "cannot rename blk.1.ffn_gate_exps"
+refused "blk.1's experts have no gate and blk.0's do" \
+	"$B/tools/moe-pack" convert "$tmp/mixed.gguf" -o "$tmp/mixed.moepack" -q
+[ ! -e "$tmp/mixed.moepack" ] || bad "a refused conversion left $tmp/mixed.moepack"
 # upstream: rope_freqs (llama.cpp's freq_factors) and attn_output.bias
 pack upstream llama && logits upstream llama --local
 boost upstream llama && pack bupstream llama && logits bupstream llama --local
