@@ -228,10 +228,24 @@ static void calib_run(const struct compute_ctx *c, const void *ext, const float 
 		ffn_expert(&c->L, ext, x, ldx, B, y, c->L.n, NULL, 0, 1);
 }
 
+/* Bytes of an extent the kernels read: the matrices (L->payload) and, for
+ * GPT-OSS, the bias vectors, which may lie past them. */
+static uint64_t layout_span(const struct ffn_layout *L)
+{
+	uint64_t end = L->payload;
+	const struct ffn_vec *v[] = { &L->gate_up_bias, &L->down_bias };
+	for (size_t i = 0; i < MOE_ARRAY_SIZE(v); i++) {
+		uint64_t b;
+		if (v[i]->dtype != MOE_DTYPE_INVALID && v[i]->len && moe_dtype_row_bytes(v[i]->dtype, v[i]->len, &b))
+			end = MOE_MAX(end, v[i]->offset + b);
+	}
+	return end;
+}
+
 int compute_calibrate(struct compute_ctx *c, struct moe_error *err)
 {
 	const struct ffn_layout *L = &c->L;
-	const uint64_t payload = MOE_ALIGN_UP(L->payload, 64ull);
+	const uint64_t payload = MOE_ALIGN_UP(layout_span(L), 64ull);
 	/* Enough copies to exceed the caches (16 MiB buffers stay cached on
 	 * the reference machine, machine.md section 2), so 1-token runs stream
 	 * weights from DRAM as a freshly loaded expert does. */
