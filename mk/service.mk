@@ -75,5 +75,6 @@ sbin_PROGRAMS += moetierd-debug
 moetierd_debug_SOURCES = daemon/main.c
 moetierd_debug_CPPFLAGS = $(AM_CPPFLAGS) -DMOETIER_FAULT_INJECTION
 moetierd_debug_LDADD = $(FAULT_LINK)
-moetierd_debug_DEPENDENCIES = libmoetierd_fault.a
+# every library it links, so a parallel build waits for all of them
+moetierd_debug_DEPENDENCIES = libmoetierd_fault.a libmoekernels.a libmoecore.a
 endif
