@@ -51,6 +51,27 @@ cmp -s "$tmp/l.lg" "$tmp/l1.lg" || { echo "FAIL: --batch 1 -t 2 logits differ fr
 printf 'latent full rank vs the original dense pack: '
 $PY "$S/tests/logits-compare.py" "$tmp/f.lg" "$tmp/d.lg" --tol 1e-4 --median-tol 1e-5 || fail=1
 
+# activation-aware: moe-run --dump-hidden gives the calibration states
+# [MoE layers][tokens][hidden] f32 that molae --calib takes, and their rows
+# are what layer 0 saw (its first row: token 1's ffn_norm'ed embedding, the
+# same whatever else ran)
+"$B/moe-run" "$tmp/d.moepack" --local --tokens "$toks" --dump-logits "$tmp/h.lg" --dump-hidden "$tmp/h.f32" --quiet
+"$B/moe-run" "$tmp/d.moepack" --local --tokens 1 --dump-logits "$tmp/h1.lg" --dump-hidden "$tmp/h1.f32" --quiet
+L=$("$B/tools/moe-pack" info "$tmp/d.moepack" | awk '/^layers:/ {sub(/\(/, "", $3); print $3}')
+n=$("$B/tools/moe-pack" info "$tmp/d.moepack" | awk '/^hidden:/ {print $2}')
+T=$(echo "$toks" | tr ',' '\n' | wc -l)
+sz=$(stat -c %s "$tmp/h.f32")
+if [ "$sz" -ne $((L * T * n * 4)) ]; then
+	echo "FAIL: --dump-hidden wrote $sz bytes, want $L layers x $T tokens x $n x 4"; fail=1
+elif ! cmp -s -n $((n * 4)) "$tmp/h.f32" "$tmp/h1.f32"; then
+	echo "FAIL: --dump-hidden's first row is not token 1's layer-0 input"; fail=1
+elif ! "$B/tools/moe-pack" molae --rank 16 --group-size 4 --calib "$tmp/h.f32" "$tmp/d.moepack" -o "$tmp/c.moepack" -q \
+	>/dev/null 2>"$tmp/c.err"; then
+	cat "$tmp/c.err"; echo "FAIL: molae --calib refused moe-run's --dump-hidden states"; fail=1
+else
+	echo "moe-run --dump-hidden: $L x $T x $n states, taken by molae --calib"
+fi
+
 # through the daemon: the extents it serves, the same bits as --local
 daemon_start moetierd "$tmp/l.moepack" --host-bytes=1M
 "$B/moe-run" "$tmp/l.moepack" --socket "$sock" --tokens "$toks" --dump-logits "$tmp/s.lg" --quiet

@@ -20,6 +20,7 @@ struct experts {
 	const struct model *m;
 	uint32_t n, k, E;
 	uint32_t cur_l;          /* the MoE layer experts_layer computes: its layout */
+	FILE **hid;              /* --dump-hidden: [n_moe_layers] spool of each layer's ffn_norm'ed inputs */
 	/* --local */
 	uint8_t *all;            /* [n_moe_layers][n_experts] extents */
 	uint64_t ext_bytes;
@@ -279,6 +280,12 @@ void experts_close(struct experts *ex)
 	free(ex->d_seq);
 	free(ex->d_ids);
 	free(ex->d_lg);
+	if (ex->hid) {
+		for (uint32_t l = 0; l < ex->m->cfg->n_moe_layers; l++)
+			if (ex->hid[l])
+				fclose(ex->hid[l]);
+		free(ex->hid);
+	}
 	free(ex->cl_e);
 	free(ex->cl_p);
 	free(ex->count);
@@ -1060,6 +1067,8 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 	int rc;
 
 	ex->cur_l = moe_l;
+	if (ex->hid && fwrite(x, n * sizeof(float), B, ex->hid[moe_l]) != B)
+		return moe_error_set(err, -EIO, "--dump-hidden: spooling layer %u: %s", moe_l, strerror(errno));
 
 	if ((rc = grow(ex, B, (unsigned)MOE_MIN(MOE_MAX(threads, 1), EXPERTS_MAX_WORKERS))))
 		return moe_error_set(err, rc, "out of memory");
@@ -1176,6 +1185,53 @@ void experts_get_stats(struct experts *ex, struct experts_stats *out)
 		ex->st.sim_prefetch_used = ss.prefetch_used;
 	}
 	*out = ex->st;
+}
+
+int experts_hidden_begin(struct experts *ex, struct moe_error *err)
+{
+	const uint32_t L = ex->m->cfg->n_moe_layers;
+	if (ex->hid)
+		return 0;
+	if (!(ex->hid = calloc(L, sizeof(*ex->hid))))
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	for (uint32_t l = 0; l < L; l++)
+		if (!(ex->hid[l] = tmpfile()))
+			return moe_error_set(err, -errno, "--dump-hidden: spool file: %s", strerror(errno));
+	return 0;
+}
+
+int experts_hidden_write(struct experts *ex, const char *path, struct moe_error *err)
+{
+	const uint32_t L = ex->m->cfg->n_moe_layers;
+	FILE *f = fopen(path, "wb");
+	int rc = 0;
+	long first = -1;
+	if (!f)
+		return moe_error_set(err, -errno, "%s: %s", path, strerror(errno));
+	for (uint32_t l = 0; l < L && !rc; l++) {
+		FILE *h = ex->hid[l];
+		long len = ftell(h);
+		char buf[1 << 16];
+		size_t got;
+		/* every layer saw every token: equal lengths, or the file would
+		 * not be [L][T][n] */
+		if (first < 0)
+			first = len;
+		if (len != first) {
+			rc = moe_error_set(err, -EIO, "--dump-hidden: layer %u has %ld bytes, layer 0 %ld", l, len, first);
+			break;
+		}
+		rewind(h);
+		while ((got = fread(buf, 1, sizeof(buf), h)) > 0)
+			if (fwrite(buf, 1, got, f) != got) {
+				rc = moe_error_set(err, -EIO, "%s: write failed", path);
+				break;
+			}
+		fseek(h, 0, SEEK_END);
+	}
+	if (fclose(f) && !rc)
+		rc = moe_error_set(err, -EIO, "%s: write failed", path);
+	return rc;
 }
 
 int experts_dump_write(struct experts *ex, const char *csv, int (*piece)(void *ctx, int32_t tok, char *buf, size_t len),

@@ -129,6 +129,13 @@ int experts_pregate_fit_end(struct experts *ex, double ridge, struct moe_error *
 int experts_similarity_begin(struct experts *ex, uint32_t samples, struct moe_error *err);
 int experts_similarity_end(struct experts *ex, int threads, struct moe_error *err);
 
+/* --dump-hidden: from _begin on, each MoE layer's input (after ffn_norm,
+ * what the router and the experts see) is spooled; _write stores them as raw
+ * f32 [n_moe_layers][T][hidden], layers one after the other, T the tokens
+ * computed: the calibration states of `moe-pack molae --calib`. 0 or -errno. */
+int experts_hidden_begin(struct experts *ex, struct moe_error *err);
+int experts_hidden_write(struct experts *ex, const char *path, struct moe_error *err);
+
 /* The dump: the routing trace CSV of core/trace.h (Layer ID = model layer,
  * Batch Number = sequence, Token = its text by piece(), rows in rank order of
  * the experts that ran) at csv, and the router logits at csv".logits"

@@ -21,7 +21,7 @@
 
 struct opts {
 	const char *pack, *gguf, *socket, *prompt, *tokens, *feed, *ppl, *dump;
-	const char *dump_routing, *dump_argmax, *sim_policy, *pregate_fit, *route_calib;
+	const char *dump_routing, *dump_argmax, *sim_policy, *pregate_fit, *route_calib, *dump_hidden;
 	double pregate_ridge;
 	bool local, quiet, kv_f16, ids;
 	unsigned prefetch; /* layers ahead to hint, 0 none */
@@ -49,6 +49,7 @@ static void usage(FILE *f)
 	      "               [--route exact|margin|low-weight] [--route-keep J] [--route-margin M]\n"
 	      "               [--route-share S] [--route-weights family|renorm|inherit] [--route-via local|daemon]\n"
 	      "               [--sim-cache C|P%] [--sim-policy P] [--dump-routing FILE] [--dump-argmax FILE]\n"
+	      "               [--dump-hidden FILE]\n"
 	      "               [--ids] [--quiet]\n"
 	      "  IDS: comma-separated token ids, or @FILE holding them\n"
 	      "       moe-run --help | --version\n"
@@ -490,7 +491,7 @@ static void summary(struct ctx *c)
 
 enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_FEED, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
        O_QUIET, O_BATCH, O_NOPF, O_PF, O_PFD, O_KVF16, O_IDS, O_HELP, O_VERSION, O_DUMPR, O_DUMPA, O_PREGATE, O_ROUTE,
-       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE, O_RVIA, O_RCALIB };
+       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE, O_RVIA, O_RCALIB, O_DUMPH };
 
 static int parse(int argc, char **argv, struct opts *o)
 {
@@ -508,6 +509,7 @@ static int parse(int argc, char **argv, struct opts *o)
 		{ "ids", no_argument, 0, O_IDS },    { "help", no_argument, 0, O_HELP },
 		{ "version", no_argument, 0, O_VERSION },
 		{ "dump-routing", required_argument, 0, O_DUMPR }, { "dump-argmax", required_argument, 0, O_DUMPA },
+		{ "dump-hidden", required_argument, 0, O_DUMPH },
 		{ "pregate", required_argument, 0, O_PREGATE }, { "route", required_argument, 0, O_ROUTE },
 		{ "route-keep", required_argument, 0, O_RKEEP }, { "route-margin", required_argument, 0, O_RMARGIN },
 		{ "route-share", required_argument, 0, O_RSHARE }, { "route-weights", required_argument, 0, O_RWEIGHTS },
@@ -560,6 +562,7 @@ static int parse(int argc, char **argv, struct opts *o)
 			break;
 		}
 		case O_DUMPR: o->dump_routing = optarg; break;
+		case O_DUMPH: o->dump_hidden = optarg; break;
 		case O_PGFIT: o->pregate_fit = optarg; break;
 		case O_RCALIB: o->route_calib = optarg; break;
 		case O_RVIA:
@@ -860,6 +863,9 @@ int main(int argc, char **argv)
 		if ((c.o.pregate_fit || c.o.route_calib) && (rc = configure_experts(&c, &err)))
 			goto fail;
 	}
+	/* the states of the text measured, not of a calibration pass */
+	if (c.o.dump_hidden && (rc = experts_hidden_begin(c.ex, &err)))
+		goto fail;
 
 	if (c.o.ppl)
 		rc = perplexity(&c, &err);
@@ -870,6 +876,8 @@ int main(int argc, char **argv)
 	if (rc)
 		goto fail;
 	if (c.o.dump_routing && (rc = experts_dump_write(c.ex, c.o.dump_routing, piece_of, &c, &err)))
+		goto fail;
+	if (c.o.dump_hidden && (rc = experts_hidden_write(c.ex, c.o.dump_hidden, &err)))
 		goto fail;
 	if (!c.o.quiet)
 		summary(&c);
