@@ -186,6 +186,7 @@ if pack npm llama; then
 		cat "$tmp/info.out" >&2
 		bad "npm llama: the pack's parts are not up and down alone"
 	fi
+	grep -q '^ffn: *silu (gateless' "$tmp/info.out" || bad "npm llama: moe-pack info does not say the experts are gateless"
 	logits npm llama --local
 fi
 boost npm llama && pack bnpm llama && logits bnpm llama --local

@@ -195,7 +195,9 @@ static json_t *info_json(const struct pack_file *p)
 	json_object_set_new(mo, "n_group", json_integer(m->n_group));
 	json_object_set_new(mo, "topk_group", json_integer(m->topk_group));
 	json_object_set_new(mo, "routed_scaling_factor", json_real(m->routed_scaling_factor));
-	json_object_set_new(mo, "ffn", json_string(m->ffn_kind == MOE_FFN_GPTOSS ? "gpt_oss" : "swiglu"));
+	json_object_set_new(mo, "ffn", json_string(m->ffn_kind == MOE_FFN_GPTOSS ? "gpt_oss"
+									  : m->ffn_kind == MOE_FFN_SILU ? "silu"
+													: "swiglu"));
 	json_object_set_new(mo, "swiglu_limit", json_real(m->swiglu_limit));
 	json_object_set_new(mo, "glu_alpha", json_real(m->glu_alpha));
 	json_object_set_new(mo, "has_score_bias", json_boolean(m->has_score_bias));
@@ -282,6 +284,8 @@ static void info_text(const struct pack_file *p, bool tensors)
 	       m->has_score_bias ? ", score bias" : "", m->has_router_bias ? ", router bias" : "");
 	if (m->ffn_kind == MOE_FFN_GPTOSS)
 		printf("ffn:           gpt_oss (limit %g, alpha %g)\n", (double)m->swiglu_limit, (double)m->glu_alpha);
+	else if (m->ffn_kind == MOE_FFN_SILU)
+		printf("ffn:           silu (gateless: down(silu(up x)))\n");
 	else
 		printf("ffn:           swiglu\n");
 	if (h->version >= 2 && h->n_layouts >= 2) {
