@@ -27,7 +27,10 @@ def main():
     sys.path.insert(0, gguf_py)
     from gguf import GGUFReader  # noqa: E402 (llama.cpp's, at test time)
 
-    tensors = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    reader = GGUFReader(gguf_path)
+    tensors = {t.name: t for t in reader.tensors}
+    af = reader.fields["general.architecture"]
+    arch = bytes(af.parts[af.data[0]]).decode()
     with open(pack, "rb") as f:
         blob = f.read()
     h = blob[:4096]
@@ -68,7 +71,8 @@ def main():
                     raw = t.data.tobytes()
                     slab = len(raw) // n_exp
                     want = raw[e * slab:(e + 1) * slab]
-                    sc = tensors.get(f"blk.{L}.ffn_{ROLES[role]}_exps.scale")
+                    # llama.cpp applies expert scales in its llama and qwen3moe graphs only
+                    sc = tensors.get(f"blk.{L}.ffn_{ROLES[role]}_exps.scale") if arch in ("llama", "qwen3moe") else None
                     if sc is not None:
                         s = np.float32(np.asarray(sc.data, dtype=np.float32).reshape(-1)[e])
                         if s != np.float32(1.0):

@@ -136,14 +136,13 @@ for f in npm upstream; do
 done
 
 # every family again with its routed experts (and deepseek2's and llama's
-# attention) mattering. qwen2moe, olmoe and deepseek2 upstream without
-# ffn_*_exps.scale: their llama.cpp graphs pass no expert scales to
-# build_moe_ffn, but moe-pack folds them in (the experts then differ; with
-# the fixture's weights that does not show).
+# attention) mattering. The upstream ones carry ffn_*_exps.scale: qwen3moe's
+# (and llama's) graph multiplies the experts by them, qwen2moe's, olmoe's and
+# deepseek2's ignore them, and so must moe-pack.
 for a in qwen3moe qwen2moe olmoe deepseek2; do
 	boost npm $a && pack bnpm $a && logits bnpm $a --local
+	boost upstream $a && pack bupstream $a && logits bupstream $a --local
 done
-boost upstream qwen3moe && pack bupstream qwen3moe && logits bupstream qwen3moe --local
 for a in qwen2moe olmoe deepseek2; do
 	gen noscale $a exps.scale
 	boost noscale $a && pack bnoscale $a && logits bnoscale $a --local

@@ -261,7 +261,8 @@ static int copy_recipe(const struct convert_source *s, struct recipe *r, const c
 }
 
 /* The companion ".scale" of GGUF expert stack `name` (F32 [E]): llama.cpp's
- * build_moe_ffn multiplies expert e's product by entry e (the ".input_scale"
+ * build_moe_ffn multiplies expert e's product by entry e (for the families
+ * whose graphs pass it) (the ".input_scale"
  * ones it loads but never uses: they stay resident, unused). An entry of 1
  * changes nothing; another is folded into an f32 part's rows, and refused
  * for any other type (a product of rounded values cannot be refolded). */
@@ -274,6 +275,11 @@ static int expert_scale(const struct convert_source *s, struct recipe *r, const 
 	float v;
 	int rc;
 
+	/* only llama's and qwen3moe's graphs pass the expert scales to
+	 * build_moe_ffn (llama.cpp src/models/); qwen2moe, olmoe and deepseek2 load
+	 * them and never apply them, so neither do we */
+	if (s->model.family != MOE_FAMILY_MIXTRAL && s->model.family != MOE_FAMILY_QWEN3_MOE)
+		return 0;
 	snprintf(sn, sizeof(sn), "%.*s.scale", dot ? (int)(dot - name) : (int)strlen(name), name);
 	if (!has_tensor(s, sn))
 		return 0;
