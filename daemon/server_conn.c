@@ -464,20 +464,23 @@ void server_conn_readable(struct server *s, struct srv_client *c)
 	ssize_t n = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return;
+	/* We never accept fds from clients: close whatever came, also with a
+	 * zero-length message (read as the end of the connection below), or a
+	 * client could fill our descriptor table by reconnecting. */
+	if (n >= 0)
+		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+			if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+				int nf = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+				for (int i = 0; i < nf; i++) {
+					int fd;
+					memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+					close(fd);
+				}
+			}
 	if (n <= 0) {
 		server_conn_close(s, c);
 		return;
 	}
-	/* We never accept fds from clients: close whatever came. */
-	for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
-		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-			int nf = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-			for (int i = 0; i < nf; i++) {
-				int fd;
-				memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
-				close(fd);
-			}
-		}
 	struct moet_msg h;
 	if ((size_t)n < sizeof(h)) {
 		server_cnt(s, SERVER_bad_messages);

@@ -330,7 +330,9 @@ static bool complete(struct tier_nvme *n, struct rd *r, long res)
 	if (res == -EAGAIN || res == -EINTR) {
 		stats_inc(n->st, res == -EAGAIN ? STAT_nvme_retries_eagain : STAT_nvme_retries_eintr);
 		if (++r->retries > n->retry_limit) {
-			finish(n, r, (int)res);
+			/* a read that never got through is an I/O error to the
+			 * client, not "interrupted" or "try again" (a miss) */
+			finish(n, r, -EIO);
 			return false;
 		}
 		return true;

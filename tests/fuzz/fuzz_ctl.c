@@ -112,12 +112,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 		data += n;
 		size -= n;
-		/* A zero-length message carrying a descriptor leaks it in the
-		 * daemon (server_conn_readable closes the connection before closing
-		 * what came with it: doc/hardening.md, reproducer
-		 * tests/fuzz/known/ctl-zero-length-fd); not sent while that stands,
-		 * unless FUZZ_CTL_ZERO_FD is set. */
-		bool fd = (mode & 2) && (len > 0 || getenv("FUZZ_CTL_ZERO_FD"));
+		/* descriptors ride on any message, zero-length ones too (they
+		 * leaked once: tests/fuzz/known/ctl-zero-length-fd) */
+		bool fd = (mode & 2) != 0;
 		if (send_one(cfd, msg, len, fd))
 			break;
 		server_conn_readable(s, c);
