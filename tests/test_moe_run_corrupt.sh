@@ -8,16 +8,18 @@ S=${MOETIER_SRCDIR:-$(cd "$(dirname "$0")/.." && pwd)}
 for p in tools/moe-pack moetierd moe-run moe-client; do
 	[ -x "$B/$p" ] || { echo "$B/$p not built" >&2; exit 77; }
 done
-[ -f "$S/models/debian-moe-4m.gguf" ] || { echo "no trained model in models/"; exit 77; }
+model=
+for g in "$S"/models/debian-moe-*.gguf; do [ -f "$g" ] && model=$g; done
+[ -n "$model" ] || { echo "no trained model in models/"; exit 77; }
 env_init corrupt
-"$B/tools/moe-pack" convert "$S/models/debian-moe-4m.gguf" -o "$tmp/m.moepack" -q
+"$B/tools/moe-pack" convert "$model" -o "$tmp/m.moepack" -q
 # 64 bytes of junk inside every layer-0 extent (index entries: 32 bytes, offset first)
-python3 - "$tmp/m.moepack" <<'PY'
+python3 - "$tmp/m.moepack" "$("$B/tools/moe-pack" info "$tmp/m.moepack" | awk '/^experts:/ {print $2}')" <<'PY'
 import struct, sys
 f = open(sys.argv[1], "r+b")
 h = f.read(4096)
 index_offset, = struct.unpack_from("<Q", h, 624)
-experts = 32
+experts = int(sys.argv[2])
 for i in range(experts):
     f.seek(index_offset + 32 * i)
     off, = struct.unpack_from("<Q", f.read(32), 0)

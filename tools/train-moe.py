@@ -1,16 +1,16 @@
 #!/usr/bin/python3
 """Train a small qwen3moe-layout Mixture-of-Experts model on Debian's own text,
-and serve as the torch reference for it (issue 12, item 2).
+and serve as the torch reference for it (issue 12, item 2; models/debian-moe-12m).
 
 Subcommands:
   train     learn a byte-level BPE, train the model, write the GGUF (F32 when it
-            fits in 16 MB, else F16), the held-out text, the corpus manifest and a
+            fits in 16 MB, else F16 if that fits, else Q8_0), the held-out text, the corpus manifest and a
             JSON of facts into models/; safetensors, config.json (and an F32 GGUF
             when the committed one is F16) into the build folder (--out)
   eval      held-out perplexity of a GGUF's weights (loaded FROM THE GGUF)
   tokenize  token ids of a text with the GGUF's tokenizer
   logits    teacher-forced logits in the MOELGT01 format
-  to-f32    widen an F16 GGUF to F32 exactly (no training)
+  to-f32    widen an F16 or Q8_0 GGUF to F32 exactly (no training)
   safetensors  the GGUF's weights as safetensors with HF names, and config.json
   greedy    greedy continuation (full recompute, the plain reference)
   routing   expert-load statistics of a GGUF on a text
@@ -45,13 +45,13 @@ import torch.nn.functional as F
 
 CONFIG = dict(
     vocab=1536,          # 256 bytes + 1279 merges + <|endoftext|>
-    hidden=128,
-    layers=4,
-    heads=4,
+    hidden=192,
+    layers=6,
+    heads=6,
     kv_heads=2,
     head_dim=32,
     experts=32,
-    expert_ff=64,
+    expert_ff=96,
     top_k=4,
     ctx_train=256,
     rope_base=10000.0,
@@ -450,8 +450,45 @@ def n_params(model):
 # ---------------------------------------------------------------- GGUF
 
 GT_U8, GT_I8, GT_U16, GT_I16, GT_U32, GT_I32, GT_F32, GT_BOOL, GT_STR, GT_ARR, GT_U64, GT_I64, GT_F64 = range(13)
-GGML_F32, GGML_F16 = 0, 1
+GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
+LLAMA_FTYPE_MOSTLY_Q8_0 = 7   # general.file_type of a Q8_0 model (llama.h)
 ALIGN = 32
+QK8_0 = 32
+
+
+class Q8_0:
+    """A matrix in ggml's Q8_0 blocks (per 32 values: an f16 scale, 32 int8).
+    Quantized as ggml's quantize_row_q8_0_ref does, in float32: d = amax/127,
+    q = roundf(x * (1/d)) (half away from zero), d stored as f16."""
+
+    def __init__(self, a):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        assert a.shape[-1] % QK8_0 == 0, "Q8_0 needs rows of a multiple of 32"
+        self.shape = a.shape
+        b = a.reshape(-1, QK8_0)
+        amax = np.max(np.abs(b), axis=1)
+        d = (amax / np.float32(127.0)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            idv = np.where(d != 0, np.float32(1.0) / np.where(d != 0, d, np.float32(1.0)), np.float32(0.0)).astype(np.float32)
+        x = (b * idv[:, None]).astype(np.float32)
+        q = (np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))).astype(np.int8)
+        blk = np.zeros(b.shape[0], dtype=[("d", "<f2"), ("qs", "i1", (QK8_0,))])
+        blk["d"] = d.astype(np.float16)
+        blk["qs"] = q
+        self.blocks = blk
+
+    @property
+    def nbytes(self):
+        return self.blocks.nbytes
+
+    def tobytes(self):
+        return self.blocks.tobytes()
+
+
+def q8_0_dequant(raw, n):
+    """ggml's dequantize_row_q8_0: y = float(d) * q, in float32."""
+    blk = np.frombuffer(raw, dtype=[("d", "<f2"), ("qs", "i1", (QK8_0,))], count=n // QK8_0)
+    return (blk["d"].astype(np.float32)[:, None] * blk["qs"].astype(np.float32)).reshape(-1)
 
 
 def _s(b):
@@ -482,7 +519,7 @@ def gguf_write(path, kvs, tensors):
     offs = []
     for name, arr in tensors:
         ne = list(reversed(arr.shape))
-        gt = GGML_F16 if arr.dtype == np.float16 else GGML_F32
+        gt = GGML_Q8_0 if isinstance(arr, Q8_0) else GGML_F16 if arr.dtype == np.float16 else GGML_F32
         head += _s(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", n) for n in ne)
         head += struct.pack("<IQ", gt, off)
         offs.append(off)
@@ -495,7 +532,10 @@ def gguf_write(path, kvs, tensors):
         for (name, arr), o in zip(tensors, offs):
             pad = len(head) + o - f.tell()
             f.write(b"\0" * pad)
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes())
+            if isinstance(arr, Q8_0):
+                f.write(arr.tobytes())
+            else:
+                f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes())
         f.write(b"\0" * ((-f.tell()) % ALIGN))
     os.replace(tmp, path)
 
@@ -530,10 +570,17 @@ class GGUF:
         self.tensors = {}
         self.order = []
         for name, ne, t, off in infos:
+            n = int(np.prod(ne))
+            if t == GGML_Q8_0:
+                if ne[0] % QK8_0:
+                    raise SystemExit("%s: Q8_0 tensor %s has rows of %d" % (path, name, ne[0]))
+                a = q8_0_dequant(self.buf[base + off:base + off + n // QK8_0 * 34], n)
+                self.tensors[name] = a.reshape(tuple(reversed(ne)))
+                self.order.append(name)
+                continue
             dt = {GGML_F32: np.float32, GGML_F16: np.float16}.get(t)
             if dt is None:
-                raise SystemExit("%s: tensor %s has ggml type %d (only F32/F16 here)" % (path, name, t))
-            n = int(np.prod(ne))
+                raise SystemExit("%s: tensor %s has ggml type %d (only F32/F16/Q8_0 here)" % (path, name, t))
             a = np.frombuffer(self.buf, dtype=np.dtype(dt).newbyteorder("<"), count=n, offset=base + off)
             self.tensors[name] = a.reshape(tuple(reversed(ne)))
             self.order.append(name)
@@ -633,18 +680,27 @@ def load_gguf(path):
 
 
 def write_model_files(model, tok, merges, gguf_path, name, dtype):
-    kvs = gguf_kvs(model.cfg, tok, merges, name, GGML_F16 if dtype == np.float16 else GGML_F32)
+    ftype = {"f32": GGML_F32, "f16": GGML_F16, "q8_0": LLAMA_FTYPE_MOSTLY_Q8_0}[dtype]
+    kvs = gguf_kvs(model.cfg, tok, merges, name, ftype)
     tens = []
     for n, p in model.tensors().items():
         a = p.detach().numpy().astype(np.float32)
-        # norms stay F32 (as llama.cpp's converters keep 1-D tensors)
-        tens.append((n, a.astype(dtype) if a.ndim > 1 else a))
+        # norms stay F32 (as llama.cpp's converters keep 1-D tensors); so do
+        # the routers under Q8_0 (llama-quantize keeps ffn_gate_inp F32 too:
+        # a rounded router changes which experts run)
+        if a.ndim == 1 or dtype == "f32" or (dtype == "q8_0" and n.endswith("ffn_gate_inp.weight")):
+            tens.append((n, a))
+        elif dtype == "f16":
+            tens.append((n, a.astype(np.float16)))
+        else:
+            tens.append((n, Q8_0(a)))
     gguf_write(gguf_path, kvs, tens)
 
 
 def to_f32(src, dst):
     g = GGUF(src)
     kvs = [(k, t, (GGML_F32 if k == "general.file_type" else v)) for k, t, v in g.kv_list()]
+    # Q8_0 and F16 values are exact in F32: the widened model computes the same function
     tens = [(n, g.tensors[n].astype(np.float32)) for n in g.order]
     gguf_write(dst, kvs, tens)
 
@@ -857,8 +913,11 @@ def cmd_train(a):
     gguf_path = os.path.join(a.models, a.name + ".gguf")
     # F32 when the file stays within the 16 MB the repository takes, else F16
     # (then to-f32 widens it exactly)
-    f16 = a.dtype == "f16" or (a.dtype == "auto" and npar * 4 + 100000 > 16000000)
-    write_model_files(model, tok, merges, gguf_path, a.name, np.float16 if f16 else np.float32)
+    dtype = a.dtype
+    if dtype == "auto":
+        dtype = "f32" if npar * 4 + 100000 <= 16000000 else "f16" if npar * 2 + 200000 <= 16000000 else "q8_0"
+    f16 = dtype != "f32"      # stored narrower than F32: an exact F32 copy goes to --out
+    write_model_files(model, tok, merges, gguf_path, a.name, dtype)
     f32_path = gguf_path
     if f16:
         f32_path = os.path.join(a.out, a.name + ".f32.gguf")
@@ -870,7 +929,7 @@ def cmd_train(a):
     log("held-out ppl: %.4f over %d tokens (%d chunks of 128)" % (ppl, n_tok, n_chunks))
     routing = routing_stats(ref, tok2.encode(heldout), 128)
     facts = dict(
-        name=a.name, architecture="qwen3moe", gguf=os.path.basename(gguf_path), gguf_dtype="F16 (norms F32)" if f16 else "F32",
+        name=a.name, architecture="qwen3moe", gguf=os.path.basename(gguf_path), gguf_dtype={"f32": "F32", "f16": "F16 (norms F32)", "q8_0": "Q8_0 (norms and routers F32)"}[dtype],
         gguf_bytes=os.path.getsize(gguf_path), gguf_sha256=hashlib.sha256(open(gguf_path, "rb").read()).hexdigest(),
         f32_gguf_sha256=hashlib.sha256(open(f32_path, "rb").read()).hexdigest(),
         config=cfg, parameters=npar,
@@ -991,10 +1050,10 @@ def cmd_routing(a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--to-f32", nargs=2, metavar=("IN", "OUT"), help="widen an F16 GGUF to F32 and exit")
+    ap.add_argument("--to-f32", nargs=2, metavar=("IN", "OUT"), help="widen an F16 or Q8_0 GGUF to F32 (exactly) and exit")
     sub = ap.add_subparsers(dest="cmd")
     t = sub.add_parser("train")
-    t.add_argument("--name", default="debian-moe-4m")
+    t.add_argument("--name", default="debian-moe-12m")
     t.add_argument("--models", default="models")
     t.add_argument("--out", default="build/trained-moe")
     t.add_argument("--steps", type=int, default=1200)
@@ -1004,7 +1063,7 @@ def main():
     t.add_argument("--seed", type=int, default=20261207)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--layers", type=int, default=0, help="override (smoke runs)")
-    t.add_argument("--dtype", choices=("auto", "f32", "f16"), default="auto")
+    t.add_argument("--dtype", choices=("auto", "f32", "f16", "q8_0"), default="auto")
     t.add_argument("--decay-at", type=int, default=0, help="step where the learning rate starts to decay")
     t.add_argument("--minutes", type=float, default=0, help="wall-clock budget: decay from 80%% of it")
     t.add_argument("--new-manifest", action="store_true", help="rebuild the corpus manifest from this machine")
