@@ -139,7 +139,9 @@ struct persistent {
 ParameterizedTestParameters(fault, persistent_nvme_faults_end_in_an_error)
 {
 	static struct persistent p[] = {
-		{ "nvme.eio", -EIO }, { "nvme.eagain", -EAGAIN }, { "nvme.eintr", -EINTR },
+		/* a read whose EAGAIN/EINTR retries run out is an I/O error to the
+		 * client, not "interrupted" or "try again" (read as a miss) */
+		{ "nvme.eio", -EIO }, { "nvme.eagain", -EIO }, { "nvme.eintr", -EIO },
 		{ "nvme.short", -EIO }, { "nvme.corrupt", -EBADMSG },
 	};
 	return cr_make_param_array(struct persistent, p, sizeof(p) / sizeof(p[0]));
