@@ -90,7 +90,7 @@ struct srv_client {
 	struct ring sq, cq;
 	pthread_mutex_t lock;     /* lease table (ring thread vs socket SUBMIT) */
 	struct srv_lease *leases;
-	uint32_t n_leases_max, n_leases_used, lease_hint;
+	uint32_t n_leases_max, n_leases_used;
 	uint32_t held[2];         /* cache leases held per tier (0 GPU, 1 host) [lock] */
 	struct srv_parked *parked;    /* ring thread only */
 	uint32_t n_parked, max_parked;
