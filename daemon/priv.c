@@ -148,8 +148,18 @@ static int on_every_thread(enum priv_step step, const char *what, struct moe_err
 			continue;
 		/* None of ours masks it (server_block_signals blocks TERM, INT,
 		 * HUP); a library thread that masks every signal cannot be made
-		 * to drop: said, not waited for. */
-		if (blocks_signal(tid, comm, sizeof(comm))) {
+		 * to drop: said, not waited for. A thread being started masks
+		 * every signal too, for a moment (glibc's pthread_create): wait
+		 * for that to pass (up to 200 ms) before taking it for one, or it
+		 * misses a step and keeps root's bounding set, or loses its
+		 * capabilities at the user switch (seen under ASan). */
+		bool blocked = blocks_signal(tid, comm, sizeof(comm));
+		for (int ms = 0; blocked && ms < 200; ms++) {
+			struct timespec t = { 0, 1000000 };
+			nanosleep(&t, NULL);
+			blocked = blocks_signal(tid, comm, sizeof(comm));
+		}
+		if (blocked) {
 			if (step == STEP_CAPSET)
 				moe_warn("thread %d (%s) blocks all signals: it keeps the capabilities it started with",
 					 (int)tid, comm);
