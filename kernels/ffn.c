@@ -733,7 +733,7 @@ out:
 
 /* ---- layout --------------------------------------------------------------- */
 
-static const struct pack_part_desc *find_part(const struct pack_part_desc *parts, uint32_t n, uint32_t role)
+const struct pack_part_desc *ffn_layout_find_part(const struct pack_part_desc *parts, uint32_t n, uint32_t role)
 {
 	for (uint32_t i = 0; i < n; i++)
 		if (parts[i].role == role)
@@ -741,8 +741,8 @@ static const struct pack_part_desc *find_part(const struct pack_part_desc *parts
 	return NULL;
 }
 
-static int take_mat(struct ffn_mat *M, const struct pack_part_desc *p, const char *what, uint32_t rows,
-		    uint32_t cols, uint64_t extent_bytes, struct moe_error *err)
+int ffn_layout_take_mat(struct ffn_mat *M, const struct pack_part_desc *p, const char *what, uint32_t rows,
+			uint32_t cols, uint64_t extent_bytes, struct moe_error *err)
 {
 	uint64_t rb, bytes, end;
 
@@ -806,26 +806,28 @@ int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg, co
 		return moe_error_set(err, -EINVAL, "ffn layout: hidden %u / expert width %u out of range", n, m);
 	L->n = n;
 	L->m = m;
+	const struct pack_part_desc *gate = ffn_layout_find_part(parts, n_parts, PACK_ROLE_GATE),
+				    *up = ffn_layout_find_part(parts, n_parts, PACK_ROLE_UP),
+				    *gate_up = ffn_layout_find_part(parts, n_parts, PACK_ROLE_GATE_UP);
 	if (cfg->ffn_kind == MOE_FFN_SWIGLU) {
 		L->kind = MOE_FFN_SWIGLU;
-		if ((rc = take_mat(&L->gate, find_part(parts, n_parts, PACK_ROLE_GATE), "gate", m, n, extent_bytes, err)) ||
-		    (rc = take_mat(&L->up, find_part(parts, n_parts, PACK_ROLE_UP), "up", m, n, extent_bytes, err)))
+		if ((rc = ffn_layout_take_mat(&L->gate, gate, "gate", m, n, extent_bytes, err)) ||
+		    (rc = ffn_layout_take_mat(&L->up, up, "up", m, n, extent_bytes, err)))
 			return rc;
 	} else if (cfg->ffn_kind == MOE_FFN_SILU) {
 		/* no gate part: a pack that has one is not this kind */
 		L->kind = MOE_FFN_SILU;
-		if (find_part(parts, n_parts, PACK_ROLE_GATE) || find_part(parts, n_parts, PACK_ROLE_GATE_UP))
+		if (gate || gate_up)
 			return moe_error_set(err, -EINVAL, "ffn layout: a gateless (silu) expert with a gate part");
-		if ((rc = take_mat(&L->up, find_part(parts, n_parts, PACK_ROLE_UP), "up", m, n, extent_bytes, err)))
+		if ((rc = ffn_layout_take_mat(&L->up, up, "up", m, n, extent_bytes, err)))
 			return rc;
 	} else if (cfg->ffn_kind == MOE_FFN_GPTOSS) {
 		L->kind = MOE_FFN_GPTOSS;
-		if ((rc = take_mat(&L->gate_up, find_part(parts, n_parts, PACK_ROLE_GATE_UP), "gate_up", 2 * m, n,
-				   extent_bytes, err)) ||
-		    (rc = take_vec(&L->gate_up_bias, find_part(parts, n_parts, PACK_ROLE_GATE_UP_BIAS), "gate_up_bias",
-				   2 * m, extent_bytes, err)) ||
-		    (rc = take_vec(&L->down_bias, find_part(parts, n_parts, PACK_ROLE_DOWN_BIAS), "down_bias", n,
-				   extent_bytes, err)))
+		if ((rc = ffn_layout_take_mat(&L->gate_up, gate_up, "gate_up", 2 * m, n, extent_bytes, err)) ||
+		    (rc = take_vec(&L->gate_up_bias, ffn_layout_find_part(parts, n_parts, PACK_ROLE_GATE_UP_BIAS),
+				   "gate_up_bias", 2 * m, extent_bytes, err)) ||
+		    (rc = take_vec(&L->down_bias, ffn_layout_find_part(parts, n_parts, PACK_ROLE_DOWN_BIAS), "down_bias",
+				   n, extent_bytes, err)))
 			return rc;
 		if (!(cfg->swiglu_limit >= 0.0f) || !(cfg->glu_alpha >= 0.0f))
 			return moe_error_set(err, -EINVAL, "ffn layout: bad swiglu_limit %g / glu_alpha %g",
@@ -835,7 +837,8 @@ int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg, co
 	} else {
 		return moe_error_set(err, -EINVAL, "ffn layout: unknown FFN kind %u", cfg->ffn_kind);
 	}
-	if ((rc = take_mat(&L->down, find_part(parts, n_parts, PACK_ROLE_DOWN), "down", n, m, extent_bytes, err)))
+	if ((rc = ffn_layout_take_mat(&L->down, ffn_layout_find_part(parts, n_parts, PACK_ROLE_DOWN), "down", n, m,
+				      extent_bytes, err)))
 		return rc;
 	L->weight_bytes = L->gate.row_bytes * L->gate.rows + L->up.row_bytes * L->up.rows +
 			  L->gate_up.row_bytes * L->gate_up.rows + L->down.row_bytes * L->down.rows;

@@ -112,6 +112,14 @@ int ffn_layout_init(struct ffn_layout *L, const struct moe_model_config *cfg,
 		    struct moe_error *err);
 /* Multiply-adds of one token through one expert (2 per weight). */
 uint64_t ffn_layout_flops_per_token(const struct ffn_layout *L);
+/* The part of `role` among parts[0..n), or NULL. */
+const struct pack_part_desc *ffn_layout_find_part(const struct pack_part_desc *parts, uint32_t n, uint32_t role);
+/* Matrix part p as [rows x cols] of an extent of extent_bytes: present, a
+ * kernel dtype, that shape, whole blocks per row, its byte count, inside the
+ * extent (what ffn_layout_init checks of each matrix; latent.c too).
+ * 0 or -EINVAL with a message naming `what`. */
+int ffn_layout_take_mat(struct ffn_mat *M, const struct pack_part_desc *p, const char *what, uint32_t rows,
+			uint32_t cols, uint64_t extent_bytes, struct moe_error *err);
 
 /* Whether the kernels take this weight dtype (f32, f16, bf16, q8_0, q4_0, mxfp4,
  * iq4_nl, q4_K, q5_K, q6_K, q3_K, q2_K, iq4_xs). */

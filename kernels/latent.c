@@ -12,45 +12,10 @@
 
 /* ---- layout --------------------------------------------------------------- */
 
-static const struct pack_part_desc *find_part(const struct pack_part_desc *parts, uint32_t n, uint32_t role)
-{
-	for (uint32_t i = 0; i < n; i++)
-		if (parts[i].role == role)
-			return &parts[i];
-	return NULL;
-}
-
 bool latent_parts_present(const struct pack_part_desc *parts, uint32_t n_parts)
 {
-	return parts && (find_part(parts, n_parts, PACK_ROLE_LATENT_A_GATE) ||
-			 find_part(parts, n_parts, PACK_ROLE_LATENT_A_UP));
-}
-
-static int take_mat(struct ffn_mat *M, const struct pack_part_desc *p, const char *what, uint32_t rows,
-		    uint32_t cols, uint64_t extent_bytes, struct moe_error *err)
-{
-	uint64_t rb, bytes, end;
-
-	if (!p)
-		return moe_error_set(err, -EINVAL, "latent expert layout has no %s part", what);
-	if (!ffn_dtype_supported(p->dtype))
-		return moe_error_set(err, -EINVAL, "%s: dtype %s is not supported by the FFN kernels", what,
-				     moe_dtype_name(p->dtype));
-	if (p->rows != rows || p->cols != cols)
-		return moe_error_set(err, -EINVAL, "%s is [%u x %u], the model needs [%u x %u]", what, p->rows,
-				     p->cols, rows, cols);
-	if (!moe_dtype_row_bytes(p->dtype, cols, &rb))
-		return moe_error_set(err, -EINVAL, "%s: %u columns are not whole %s blocks", what, cols,
-				     moe_dtype_name(p->dtype));
-	if (!moe_mul_u64(rb, rows, &bytes) || bytes != p->bytes)
-		return moe_error_set(err, -EINVAL, "%s: %llu bytes, expected %u rows of %llu", what,
-				     (unsigned long long)p->bytes, rows, (unsigned long long)rb);
-	if (!moe_add_u64(p->offset, bytes, &end) || end > extent_bytes)
-		return moe_error_set(err, -EINVAL, "%s: bytes [%llu, +%llu) run past the %llu-byte extent", what,
-				     (unsigned long long)p->offset, (unsigned long long)bytes,
-				     (unsigned long long)extent_bytes);
-	*M = (struct ffn_mat){ (enum moe_dtype)p->dtype, rows, cols, p->offset, rb };
-	return 0;
+	return parts && (ffn_layout_find_part(parts, n_parts, PACK_ROLE_LATENT_A_GATE) ||
+			 ffn_layout_find_part(parts, n_parts, PACK_ROLE_LATENT_A_UP));
 }
 
 int latent_layout_init(struct latent_layout *L, const struct moe_model_config *cfg,
@@ -67,7 +32,7 @@ int latent_layout_init(struct latent_layout *L, const struct moe_model_config *c
 		return moe_error_set(err, -EINVAL, "latent layout: hidden %u / expert width %u out of range", n, m);
 	if (cfg->ffn_kind != MOE_FFN_SWIGLU)
 		return moe_error_set(err, -EINVAL, "latent layout: FFN kind %u is not SwiGLU", cfg->ffn_kind);
-	const struct pack_part_desc *ag = find_part(parts, n_parts, PACK_ROLE_LATENT_A_GATE);
+	const struct pack_part_desc *ag = ffn_layout_find_part(parts, n_parts, PACK_ROLE_LATENT_A_GATE);
 	if (!ag)
 		return moe_error_set(err, -EINVAL, "latent expert layout has no latent A_gate part");
 	const uint32_t r = ag->cols;
@@ -76,10 +41,11 @@ int latent_layout_init(struct latent_layout *L, const struct moe_model_config *c
 	L->n = n;
 	L->m = m;
 	L->r = r;
-	if ((rc = take_mat(&L->a_gate, ag, "A_gate", m, r, extent_bytes, err)) ||
-	    (rc = take_mat(&L->a_up, find_part(parts, n_parts, PACK_ROLE_LATENT_A_UP), "A_up", m, r, extent_bytes,
-			   err)) ||
-	    (rc = take_mat(&L->down, find_part(parts, n_parts, PACK_ROLE_DOWN), "down", n, m, extent_bytes, err)))
+	if ((rc = ffn_layout_take_mat(&L->a_gate, ag, "A_gate", m, r, extent_bytes, err)) ||
+	    (rc = ffn_layout_take_mat(&L->a_up, ffn_layout_find_part(parts, n_parts, PACK_ROLE_LATENT_A_UP), "A_up", m,
+				      r, extent_bytes, err)) ||
+	    (rc = ffn_layout_take_mat(&L->down, ffn_layout_find_part(parts, n_parts, PACK_ROLE_DOWN), "down", n, m,
+				      extent_bytes, err)))
 		return rc;
 	L->weight_bytes = L->a_gate.row_bytes * m + L->a_up.row_bytes * m + L->down.row_bytes * n;
 	L->payload = MOE_MAX(MOE_MAX(L->a_gate.offset + L->a_gate.row_bytes * m, L->a_up.offset + L->a_up.row_bytes * m),
