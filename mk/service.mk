@@ -29,7 +29,7 @@ moectl_LDADD = client/libmoetier.la $(JANSSON_LIBS)
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_server tests/test_ring
 TESTS += tests/test_server tests/test_ring
-tests_test_server_SOURCES = tests/test_server.c tests/testutil.h
+tests_test_server_SOURCES = tests/test_server.c tests/testutil.h tests/daemon_probe.h
 tests_test_server_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_server_LDADD = client/libmoetier.la $(FAULT_LINK) $(CRITERION_LIBS)
 tests_test_ring_SOURCES = tests/test_ring.c tests/testutil.h

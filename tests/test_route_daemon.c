@@ -32,6 +32,7 @@
 /* testutil.h's tu__rm builds "%s/%s" paths into 4 KiB: GCC's truncation
  * analysis flags it under -Werror; the paths here are short. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
+#include "daemon_probe.h"
 #include "testutil.h"
 
 struct env {
@@ -58,12 +59,6 @@ static void kill_daemon(void)
 		tu_rmtree(test_dir);
 		test_dir = NULL;
 	}
-}
-
-static void sleep_ms(int ms)
-{
-	struct timespec d = { ms / 1000, (long)(ms % 1000) * 1000000L };
-	nanosleep(&d, NULL);
 }
 
 static void make_model_of(struct env *e, const char *gen_args)
@@ -105,34 +100,13 @@ static void start_daemon(struct env *e, const char *host_bytes)
 		_exit(127);
 	}
 	e->pid = daemon_pid = p;
-	for (int i = 0; i < 200; i++) {
-		moet_ctx *c;
-		struct moet_connect_opts o = { sizeof(o), e->sock, NULL, "probe", 0, 1, 0 };
-		if (moet_connect(&o, &c) == 0) {
-			moet_close(c);
-			return;
-		}
-		int st;
-		if (waitpid(p, &st, WNOHANG) == p) {
-			tu_sh("cat %s >&2", e->log);
-			cr_assert_fail("moetierd exited during start-up");
-		}
-		sleep_ms(50);
-	}
-	cr_assert_fail("moetierd did not come up");
+	probe_wait_up(p, e->sock, e->log);
 }
 
 static void teardown(struct env *e)
 {
-	int st = -1;
 	if (e->pid > 0) {
-		kill(e->pid, SIGTERM);
-		for (int i = 0; i < 200 && waitpid(e->pid, &st, WNOHANG) == 0; i++)
-			sleep_ms(50);
-		if (waitpid(e->pid, &st, WNOHANG) == 0) {
-			kill(e->pid, SIGKILL);
-			waitpid(e->pid, &st, 0);
-		}
+		int st = probe_stop(e->pid);
 		e->pid = daemon_pid = 0;
 		cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "moetierd exit status %#x", st);
 	}
@@ -343,7 +317,7 @@ static void set_residency(moet_ctx *c, uint32_t l, const uint8_t *want, uint32_t
 		for (int i = 0; i < 100 && rc == -EBUSY; i++) {
 			rc = moet_evict(c, l, e, MOET_TIER_HOST);
 			if (rc == -EBUSY)
-				sleep_ms(10);
+				probe_sleep_ms(10);
 		}
 		cr_assert(rc == 0 || rc == -ENOENT, "evict %u/%u: %s", l, e, moet_strerror(rc));
 	}
@@ -562,7 +536,7 @@ Test(route_daemon, cache_aware_random_against_route_c, .timeout = 180, .fini = k
 			for (int i = 0; i < 100; i++) {
 				nres = moet_resident(c, l, MOET_TIER_HOST, res, sizeof(res));
 				cr_assert_geq(nres, 0);
-				sleep_ms(10);
+				probe_sleep_ms(10);
 				if (moet_resident(c, l, MOET_TIER_HOST, again, sizeof(again)) == nres &&
 				    !memcmp(res, again, 16))
 					break;

@@ -26,6 +26,7 @@
 /* testutil.h's tu__rm builds "%s/%s" paths into 4 KiB: GCC's truncation
  * analysis flags it under -Werror; the paths here are short. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
+#include "daemon_probe.h"
 #include "testutil.h"
 
 struct env {
@@ -35,12 +36,6 @@ struct env {
 	char log[512];
 	pid_t pid;
 };
-
-static void sleep_ms(int ms)
-{
-	struct timespec d = { ms / 1000, (long)(ms % 1000) * 1000000L };
-	nanosleep(&d, NULL);
-}
 
 static void make_model_of(struct env *e, const char *gen_args);
 
@@ -100,36 +95,13 @@ static void start_daemon(struct env *e, const char *host_bytes, const char *extr
 		_exit(127);
 	}
 	e->pid = p;
-	for (int i = 0; i < 200; i++) {
-		moet_ctx *c;
-		struct moet_connect_opts o = { sizeof(o), e->sock, NULL, "probe", 0, 1, 0 };
-		if (moet_connect(&o, &c) == 0) {
-			moet_close(c);
-			return;
-		}
-		int st;
-		if (waitpid(p, &st, WNOHANG) == p) {
-			tu_sh("cat %s >&2", e->log);
-			cr_assert_fail("moetierd exited during start-up");
-		}
-		sleep_ms(50);
-	}
-	cr_assert_fail("moetierd did not come up");
+	probe_wait_up(p, e->sock, e->log);
 }
 
 static int stop_daemon(struct env *e)
 {
-	int st = -1;
-	if (e->pid > 0) {
-		kill(e->pid, SIGTERM);
-		for (int i = 0; i < 200 && waitpid(e->pid, &st, WNOHANG) == 0; i++)
-			sleep_ms(50);
-		if (waitpid(e->pid, &st, WNOHANG) == 0) {
-			kill(e->pid, SIGKILL);
-			waitpid(e->pid, &st, 0);
-		}
-		e->pid = 0;
-	}
+	int st = probe_stop(e->pid);
+	e->pid = 0;
 	return st;
 }
 
@@ -313,7 +285,7 @@ Test(server, killed_client_leases_reclaimed, .timeout = 60)
 	waitpid(kid, NULL, 0);
 	int rc = -EBUSY;
 	for (int i = 0; i < 100 && rc == -EBUSY; i++) {
-		sleep_ms(20);
+		probe_sleep_ms(20);
 		rc = moet_evict(adm, 1, 3, MOET_TIER_HOST);
 	}
 	cr_expect_eq(rc, 0, "expert still busy after its client died: %s", moet_strerror(rc));
@@ -833,7 +805,7 @@ Test(server, gpu_arena_export_read_only_and_bytes, .timeout = 60)
 		}
 		moet_release(c, lease);
 		if (tier != MOET_TIER_GPU)
-			sleep_ms(20);
+			probe_sleep_ms(20);
 	}
 	cr_assert_eq(tier, MOET_TIER_GPU, "expert never served from the GPU tier");
 	munmap((void *)g, x.chunk_bytes);
@@ -969,7 +941,7 @@ Test(server, silent_connections_cannot_lock_out_admins, .timeout = 90)
 			int fds[MAXC];
 			for (int i = 0; i < MAXC; i++)
 				fds[i] = raw_connect(&e);
-			sleep_ms(200); /* let the daemon accept them all */
+			probe_sleep_ms(200); /* let the daemon accept them all */
 			char x = 1;
 			if (write(pfd[1], &x, 1) != 1)
 				_exit(4);
@@ -1012,7 +984,7 @@ Test(server, silent_connections_cannot_lock_out_admins, .timeout = 90)
 	moet_close(c);
 	/* A client that says HELLO in time is never closed by the deadline. */
 	c = attach(&e, "prompt");
-	sleep_ms(800);
+	probe_sleep_ms(800);
 	check_alive(c);
 	moet_close(c);
 	for (int i = 0; i < MAXC; i++)
@@ -1060,7 +1032,7 @@ Test(server, unreadable_expert_is_marked_bad_not_stormed, .timeout = 90)
 			}
 			cr_assert_eq(moet_release(c, lease), 0);
 		}
-		sleep_ms(50);
+		probe_sleep_ms(50);
 	}
 	json_int_t reads = cache_stat(c, "counters", "nvme_errors", NULL) - errs0;
 	cr_expect_geq(eio, 19 * n, "only %u of %u lookups of the bad layer said EIO", eio, 20 * n);
@@ -1194,7 +1166,7 @@ Test(server, greedy_client_cannot_starve_others, .timeout = 90)
 		cr_assert_eq(moet_release(greedy, held[i]), 0);
 	/* Alone, a client may use the whole arena again. */
 	moet_close(other);
-	sleep_ms(200);
+	probe_sleep_ms(200);
 	served = 0;
 	for (uint32_t l = 0; l < 2; l++) {
 		int rr = moet_acquire(greedy, l, ids, mi.n_experts, 0, slots, NULL, &held[l]);
