@@ -414,13 +414,14 @@ void server_admin_request(struct server *s, struct srv_client *c, const struct m
 		rc = h->type == MOET_MSG_PIN ? cache_pin(m->cache, k, (enum cache_tier)a.tier)
 		   : h->type == MOET_MSG_UNPIN ? cache_unpin(m->cache, k, (enum cache_tier)a.tier)
 					       : cache_evict(m->cache, k, (enum cache_tier)a.tier);
+		/* publish before answering: after OK, moet_resident shows it */
+		atomic_fetch_or(&m->dirty[a.layer / 64], 1ull << (a.layer % 64));
+		server_model_refresh(m, false);
 		if (rc < 0)
 			server_conn_error(s, c, h->seq, rc, "layer %u expert %u: %s", a.layer, a.expert,
 					  admin_why(h->type, rc, a.tier, m));
 		else
 			server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, NULL, 0, NULL, 0);
-		atomic_fetch_or(&m->dirty[a.layer / 64], 1ull << (a.layer % 64));
-		server_kick_ring(s);
 		return;
 	}
 	}

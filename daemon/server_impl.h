@@ -53,6 +53,11 @@ struct served_model {
 	struct moet_shared_hdr *hdr;
 	_Atomic uint64_t *dirty;  /* [n_layers/64+1] layers with a finished load */
 	uint64_t last_refresh_ns;
+	/* One writer at a time for the shared bitmaps' seqlock: the ring
+	 * thread, and the control thread before it answers PIN/UNPIN/EVICT
+	 * (so a client that got OK already reads the new residency). */
+	pthread_mutex_t refresh_lock;
+	bool refresh_lock_ok;
 	struct compute_ctx *compute; /* NULL when the kernels do not take this model */
 	struct cache_arena_info arena[2];
 	int arena_ro_fd[2];       /* read-only fds handed to clients */

@@ -69,12 +69,16 @@ static void refresh_layer(struct served_model *m, uint32_t l, bool force_wake)
 
 void server_model_refresh(struct served_model *m, bool all)
 {
+	if (!m->refresh_lock_ok)
+		return;
+	pthread_mutex_lock(&m->refresh_lock);
 	for (uint32_t l = 0; l < m->n_layers; l++) {
 		uint64_t bit = 1ull << (l % 64);
 		uint64_t d = atomic_fetch_and(&m->dirty[l / 64], ~bit);
 		if (all || (d & bit))
 			refresh_layer(m, l, (d & bit) != 0);
 	}
+	pthread_mutex_unlock(&m->refresh_lock);
 }
 
 static void on_ready(void *ctx, uint32_t layer, uint32_t expert, enum cache_tier tier, int status)
@@ -161,6 +165,8 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 	m->dirty = calloc(m->n_layers / 64 + 1, sizeof(*m->dirty));
 	if (!m->dirty)
 		return moe_error_set(err, -ENOMEM, "out of memory");
+	pthread_mutex_init(&m->refresh_lock, NULL);
+	m->refresh_lock_ok = true;
 	/* DeepSeek-V3's selection bias: one per layer, loaded once. */
 	if (mc->has_score_bias) {
 		m->score_bias = calloc((size_t)m->n_layers * m->n_experts, sizeof(float));
@@ -289,5 +295,8 @@ void server_model_close(struct served_model *m)
 		close(m->shared_ro_fd);
 	free(m->score_bias);
 	free(m->dirty);
+	if (m->refresh_lock_ok)
+		pthread_mutex_destroy(&m->refresh_lock);
+	m->refresh_lock_ok = false;
 	predict_model_free(m->pmodel);
 }

@@ -526,13 +526,22 @@ Test(route_daemon, cache_aware_random_against_route_c, .timeout = 180, .fini = k
 			for (int i = 0; i < 16; i++)
 				lg[i] = (float)((int)(rand_r(&seed) % 2001) - 1000) / 400.0f;
 			/* evict a few so that the layer never fills up */
-			for (int i = 0; i < 3; i++)
-				moet_evict(c, l, rand_r(&seed) % 16, MOET_TIER_HOST);
-			/* moet_resident reads the shared bitmaps, which the daemon
-			 * refreshes right after a load or an eviction: read until two
-			 * reads 10 ms apart agree. */
+			int evicted[3];
+			for (int i = 0; i < 3; i++) {
+				evicted[i] = (int)(rand_r(&seed) % 16);
+				if (moet_evict(c, l, (uint32_t)evicted[i], MOET_TIER_HOST) != 0)
+					evicted[i] = -1;
+			}
+			/* the daemon publishes an eviction before it answers OK: the
+			 * shared bitmap shows it at once */
 			uint8_t again[256];
-			int nres = -1;
+			int nres = moet_resident(c, l, MOET_TIER_HOST, res, sizeof(res));
+			cr_assert_geq(nres, 0);
+			for (int j = 0; j < 3; j++)
+				cr_assert(evicted[j] < 0 || !res[evicted[j]], "layer %u: expert %d still resident after EVICT said OK",
+					  l, evicted[j]);
+			/* background loads are published by the ring thread: read
+			 * until two reads 10 ms apart agree */
 			for (int i = 0; i < 100; i++) {
 				nres = moet_resident(c, l, MOET_TIER_HOST, res, sizeof(res));
 				cr_assert_geq(nres, 0);
