@@ -161,6 +161,10 @@ static int prepare(const struct route_params *rp, const float *logits, struct wo
 	return 0;
 }
 
+/* llama.cpp clamps the top-k sum to this (F16's smallest normal) before
+ * dividing by it. */
+#define ROUTE_NORM_MIN_SUM 6.103515625e-5
+
 /* Weights over out->experts by the family's rule. */
 static void weigh(const struct route_params *rp, const float *logits, const struct work *w,
 		  struct route_result *out)
@@ -184,19 +188,16 @@ static void weigh(const struct route_params *rp, const float *logits, const stru
 		out->weights[i] = w->prob[out->experts[i]];
 		sum += out->weights[i];
 	}
-	if (rp->scoring == MOE_SCORING_SIGMOID) {
-		if (rp->norm_topk_prob)
-			for (uint32_t i = 0; i < k; i++)
-				out->weights[i] = (float)(out->weights[i] / (sum + 1e-20));
+	/* llama.cpp's build_moe_ffn (softmax and sigmoid alike): with norm_w,
+	 * divide by the sum clamped to F16's smallest normal, for any k (top-1
+	 * gives 1, not p); then scale by w_scale whether or not it normalised. */
+	if (rp->norm_topk_prob) {
+		double d = fmax(sum, ROUTE_NORM_MIN_SUM);
 		for (uint32_t i = 0; i < k; i++)
-			out->weights[i] *= rp->routed_scaling_factor;
-	} else if (rp->norm_topk_prob && k > 1) {
-		for (uint32_t i = 0; i < k; i++)
-			out->weights[i] = (float)(out->weights[i] / (sum + 1e-20));
-	} else {
-		for (uint32_t i = 0; i < k; i++)
-			out->weights[i] *= rp->routed_scaling_factor;
+			out->weights[i] = (float)(out->weights[i] / d);
 	}
+	for (uint32_t i = 0; i < k; i++)
+		out->weights[i] *= rp->routed_scaling_factor;
 }
 
 /* Residency: a byte map or a callback (route_cache_aware's interface). */

@@ -5,13 +5,16 @@
  *   SOFTMAX (Mixtral, Qwen, OLMoE, DeepSeek-V2): p = softmax(logits over all
  *     experts); top-k of p (DeepSeek-V2 group_limited_greedy: only the
  *     topk_group groups with the largest max-p are eligible); weights = p of the
- *     chosen; if norm_topk_prob and k > 1, divide by (sum + 1e-20), otherwise
- *     multiply by routed_scaling_factor (DeepSeek-V2; 1.0 elsewhere).
+ *     chosen; if norm_topk_prob (any k: top-1 gives 1), divide by
+ *     max(sum, 2^-14); then multiply by routed_scaling_factor (DeepSeek-V2;
+ *     1.0 elsewhere).
  *   SIGMOID (DeepSeek-V3): s = sigmoid(logits); c = s + score_bias (selection
  *     only); group-limited: group score = sum of the 2 largest c in the group,
  *     keep topk_group groups; top-k of c; weights gathered from s (not c);
- *     if norm_topk_prob divide by (sum + 1e-20); always multiply by
+ *     if norm_topk_prob divide by max(sum, 2^-14); then multiply by
  *     routed_scaling_factor.
+ *   Both as llama.cpp's build_moe_ffn (norm_w, w_scale), which differs from
+ *   DeepSeek's HF code (no renormalisation at top-1, no scaling after it).
  *   TOPK_SOFTMAX (GPT-OSS): top-k of the logits (router bias already added by
  *     the caller), weights = softmax over the k chosen logits.
  * Ties go to the lower expert id. Experts come out in rank order (best first).

@@ -89,16 +89,10 @@ static void ref_route(const struct route_params *rp, const float *lg, uint32_t *
 		w[i] = p[idx[i]];
 		sum += w[i];
 	}
-	if (rp->scoring == MOE_SCORING_SIGMOID) {
-		for (uint32_t i = 0; i < k; i++)
-			w[i] = (rp->norm_topk_prob ? w[i] / (sum + 1e-20) : w[i]) * rp->routed_scaling_factor;
-	} else if (rp->norm_topk_prob && k > 1) {
-		for (uint32_t i = 0; i < k; i++)
-			w[i] /= sum + 1e-20;
-	} else {
-		for (uint32_t i = 0; i < k; i++)
-			w[i] *= rp->routed_scaling_factor;
-	}
+	/* llama.cpp's build_moe_ffn: norm_w divides by the sum clamped to 2^-14
+	 * at any k, then w_scale multiplies (softmax and sigmoid alike). */
+	for (uint32_t i = 0; i < k; i++)
+		w[i] = (rp->norm_topk_prob ? w[i] / fmax(sum, 0x1p-14) : w[i]) * rp->routed_scaling_factor;
 }
 
 static void check_family(struct route_params *rp, int trials)
@@ -183,6 +177,60 @@ Test(route, deepseek_v3_sigmoid_bias_groups)
 	for (uint32_t i = 0; i < r.n; i++)
 		s += r.weights[i];
 	cr_assert(fabs(s - 2.5) < 1e-4, "sum %g", s);
+}
+
+/* A renormalising family at top-1 gives its expert weight 1 (llama.cpp
+ * divides by the sum for any k), not the expert's probability. */
+Test(route, renormalised_top1_weight_is_one)
+{
+	static const enum moe_family fams[] = { MOE_FAMILY_MIXTRAL, MOE_FAMILY_QWEN3_MOE, MOE_FAMILY_DEEPSEEK_V3 };
+	for (size_t f = 0; f < sizeof(fams) / sizeof(fams[0]); f++) {
+		struct route_params rp = family(fams[f], 8, 1);
+		rp.topk_method = MOE_TOPK_GREEDY; /* V3's default groups need n_group set */
+		rp.routed_scaling_factor = 1.0f;
+		cr_assert(rp.norm_topk_prob);
+		check_family(&rp, 50);
+		for (int t = 0; t < 50; t++) {
+			float lg[8];
+			struct route_result r;
+			for (int e = 0; e < 8; e++)
+				lg[e] = frand();
+			cr_assert_eq(route_topk(&rp, lg, &r), 0);
+			cr_assert_eq(r.weights[0], 1.0f, "family %d: top-1 weight %.9g", (int)fams[f],
+				     (double)r.weights[0]);
+		}
+	}
+}
+
+/* llama.cpp scales after renormalising (softmax too: a DeepSeek-V2 pack
+ * with expert_weights_norm and expert_weights_scale), so the weights sum to
+ * the scale; and a sum below 2^-14 is clamped, not divided by. */
+Test(route, renormalised_then_scaled_and_clamped)
+{
+	struct route_params rp = family(MOE_FAMILY_DEEPSEEK_V2, 64, 6);
+	rp.norm_topk_prob = true;
+	rp.routed_scaling_factor = 2.5f;
+	check_family(&rp, 100);
+	float lg[64];
+	struct route_result r;
+	for (int e = 0; e < 64; e++)
+		lg[e] = frand();
+	cr_assert_eq(route_topk(&rp, lg, &r), 0);
+	double s = 0;
+	for (uint32_t i = 0; i < r.n; i++)
+		s += r.weights[i];
+	cr_assert(fabs(s - 2.5) < 1e-5, "softmax norm + scale: sum %g", s);
+
+	/* sigmoid(-20) * 2 = 4.1e-9 < 2^-14: weights are s / 2^-14, far from 1 */
+	rp = family(MOE_FAMILY_DEEPSEEK_V3, 8, 2);
+	rp.topk_method = MOE_TOPK_GREEDY;
+	rp.routed_scaling_factor = 1.0f;
+	for (int e = 0; e < 8; e++)
+		lg[e] = -20.0f - (float)e;
+	cr_assert_eq(route_topk(&rp, lg, &r), 0);
+	double s0 = 1.0 / (1.0 + exp(20.0));
+	cr_assert(fabs(r.weights[0] - s0 / 0x1p-14) < 1e-9, "clamped weight %.9g vs %.9g", (double)r.weights[0],
+		  s0 / 0x1p-14);
 }
 
 Test(route, gpt_oss_topk_then_softmax)

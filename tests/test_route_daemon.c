@@ -191,14 +191,10 @@ static void ref_route(const struct moe_model_config *m, const float *bias, const
 		w[i] = p[idx[i]];
 		sum += w[i];
 	}
-	for (uint32_t i = 0; i < k; i++) {
-		if (m->scoring == MOE_SCORING_SIGMOID)
-			w[i] = (m->norm_topk_prob ? w[i] / (sum + 1e-20) : w[i]) * m->routed_scaling_factor;
-		else if (m->norm_topk_prob && k > 1)
-			w[i] /= sum + 1e-20;
-		else
-			w[i] *= m->routed_scaling_factor;
-	}
+	/* llama.cpp's build_moe_ffn: norm_w (any k) over the sum clamped to
+	 * 2^-14, then w_scale */
+	for (uint32_t i = 0; i < k; i++)
+		w[i] = (m->norm_topk_prob ? w[i] / fmax(sum, 0x1p-14) : w[i]) * m->routed_scaling_factor;
 }
 
 /* Routes `trials` random logit vectors per layer through the daemon and
@@ -274,6 +270,13 @@ static void check_family(const char *gen_args, enum moe_scoring scoring, enum mo
 Test(route_daemon, mixtral_softmax_renormalised, .timeout = 120, .fini = kill_daemon)
 {
 	check_family("--family mixtral --preset tiny --experts 16 --top-k 4", MOE_SCORING_SOFTMAX, MOE_TOPK_GREEDY, 1,
+		     1.0f, false);
+}
+
+/* top-1 renormalised: ROUTE's weight is 1 (llama.cpp's norm_w), not p */
+Test(route_daemon, mixtral_top1_renormalised_weight_one, .timeout = 120, .fini = kill_daemon)
+{
+	check_family("--family mixtral --preset tiny --experts 16 --top-k 1", MOE_SCORING_SOFTMAX, MOE_TOPK_GREEDY, 1,
 		     1.0f, false);
 }
 
