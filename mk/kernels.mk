@@ -28,14 +28,15 @@ endif
 
 # CUDA: kernels/ffn.cu -> kernels/ffn.fatbin (nvcc, build tree) -> embedded
 # by kernels/cuda_fatbin.S with .incbin "kernels/ffn.fatbin" (relative to the
-# top build directory, where make runs the assembler).
-EXTRA_DIST += kernels/ffn.cu kernels/ffn_cuda.h kernels/cuda_fatbin.S tests/cuda-ffn.sh
+# top build directory, where make runs the assembler). kernels/cuda_common.cuh
+# holds the device code ffn.cu and latent.cu (mk/latent.mk) share.
+EXTRA_DIST += kernels/ffn.cu kernels/ffn_cuda.h kernels/cuda_common.cuh kernels/cuda_fatbin.S tests/cuda-ffn.sh
 noinst_HEADERS += kernels/ffn_cuda.h
 if HAVE_NVCC
 libmoekernels_a_SOURCES += kernels/cuda_fatbin.S
 BUILT_SOURCES += kernels/ffn.fatbin
 CLEANFILES += kernels/ffn.fatbin
-kernels/ffn.fatbin: $(srcdir)/kernels/ffn.cu $(srcdir)/kernels/ffn_cuda.h
+kernels/ffn.fatbin: $(srcdir)/kernels/ffn.cu $(srcdir)/kernels/ffn_cuda.h $(srcdir)/kernels/cuda_common.cuh
 	@$(MKDIR_P) kernels
 	$(AM_V_GEN)$(NVCC) -fatbin $(NVCC_GENCODE) -I$(srcdir)/kernels -o $@ $(srcdir)/kernels/ffn.cu
 # .incbin is invisible to the dependency tracking, so name the objects

@@ -9,7 +9,7 @@ if HAVE_NVCC
 libmoekernels_a_SOURCES += kernels/latent_fatbin.S
 BUILT_SOURCES += kernels/latent.fatbin
 CLEANFILES += kernels/latent.fatbin
-kernels/latent.fatbin: $(srcdir)/kernels/latent.cu $(srcdir)/kernels/latent_cuda.h
+kernels/latent.fatbin: $(srcdir)/kernels/latent.cu $(srcdir)/kernels/latent_cuda.h $(srcdir)/kernels/cuda_common.cuh
 	@$(MKDIR_P) kernels
 	$(AM_V_GEN)$(NVCC) -fatbin $(NVCC_GENCODE) -I$(srcdir)/kernels -o $@ $(srcdir)/kernels/latent.cu
 # .incbin is invisible to the dependency tracking, so name the objects
