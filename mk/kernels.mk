@@ -44,7 +44,7 @@ kernels/cuda_fatbin.$(OBJEXT) : kernels/ffn.fatbin
 
 check_PROGRAMS += tests/cuda_ffn_check
 TESTS += tests/cuda-ffn.sh
-tests_cuda_ffn_check_SOURCES = tests/cuda_ffn_check.c
+tests_cuda_ffn_check_SOURCES = tests/cuda_ffn_check.c tests/cuda_probe.h
 tests_cuda_ffn_check_LDADD = $(FAULT_LINK)
 endif
 

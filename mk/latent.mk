@@ -19,7 +19,7 @@ kernels/latent_fatbin.$(OBJEXT) : kernels/latent.fatbin
 # without a driver or device).
 check_PROGRAMS += tests/latent_cuda_check
 TESTS += tests/cuda-latent.sh
-tests_latent_cuda_check_SOURCES = tests/latent_cuda_check.c
+tests_latent_cuda_check_SOURCES = tests/latent_cuda_check.c tests/cuda_probe.h
 tests_latent_cuda_check_LDADD = $(KERNELS_LINK) -ldl
 endif
 EXTRA_DIST += tests/cuda-latent.sh
