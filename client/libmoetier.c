@@ -842,6 +842,36 @@ int moet_gpu_export(moet_ctx *c, unsigned first, struct moet_gpu_export *info, i
 	return (int)n;
 }
 
+int moet_latent_basis(moet_ctx *c, uint32_t layer, uint32_t group, struct moet_latent_basis *out)
+{
+	struct moet_latent_basis_req q = { layer, group, { 0, 0 } };
+	struct moet_latent_basis_reply r;
+	struct moet_latent_basis b;
+	struct moet_msg h;
+	/* size: the fields up to `bytes` are version 1 of the struct */
+	if (!c || !out || out->size < sizeof(b))
+		return -EINVAL;
+	int rc = send_req(c, MOET_MSG_LATENT_BASIS, 0, &q, sizeof(q));
+	if (rc)
+		return rc;
+	memset(&r, 0, sizeof(r));
+	rc = recv_reply(c, &h, &r, sizeof(r), NULL, NULL, 30000);
+	if (rc < 0)
+		return rc;
+	if (h.len != sizeof(r) || (r.tier != MOET_TIER_GPU && r.tier != MOET_TIER_HOST))
+		return -EPROTO;
+	memset(&b, 0, sizeof(b));
+	b.size = sizeof(b);
+	b.tier = r.tier;
+	b.dtype = r.dtype;
+	b.rows = r.rows;
+	b.cols = r.cols;
+	b.offset = r.offset;
+	b.bytes = r.bytes;
+	memcpy(out, &b, sizeof(b));
+	return 0;
+}
+
 int moet_stats(moet_ctx *c, unsigned format, char **out)
 {
 	return c && out ? text_request(c, MOET_MSG_STATS, format, NULL, 0, out) : -EINVAL;

@@ -843,11 +843,28 @@ int cache_arena(struct cache *c, enum cache_tier tier, struct cache_arena_info *
 		out->slot_bytes = tier_gpu_slot_stride(c->gpu);
 		out->n_slots = c->n_gslots;
 		out->bytes = out->slot_bytes * c->n_gslots;
+		/* Clients map the resident region with the slots (emulated: the
+		 * same memfd), so it counts in the mapped size. */
+		if (tier_gpu_resident_bytes(c->gpu))
+			out->bytes = tier_gpu_resident_offset(c->gpu) + tier_gpu_resident_bytes(c->gpu);
 		if (c->gpu_exp_valid && c->gpu_exp.nfds == 1 && c->gpu_exp.offsets[0] == 0)
 			out->fd = c->gpu_exp.fds[0];
 		return 0;
 	}
 	return -EINVAL;
+}
+
+int cache_gpu_resident(struct cache *c, uint64_t *offset, uint64_t *reserved)
+{
+	if (!c || !c->gpu)
+		return -ENODEV;
+	if (!tier_gpu_resident_bytes(c->gpu))
+		return -ENOENT;
+	if (offset)
+		*offset = tier_gpu_resident_offset(c->gpu);
+	if (reserved)
+		*reserved = tier_gpu_resident_bytes(c->gpu);
+	return 0;
 }
 
 int cache_gpu_export(struct cache *c, struct tier_gpu_export *out, struct moe_error *err)
@@ -1208,8 +1225,30 @@ int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct 
 		}
 		struct tier_gpu_config gc = { .backend = cfg->gpu_backend ? cfg->gpu_backend : "emulated",
 					      .capacity = cfg->gpu_bytes, .slot_bytes = c->payload,
-					      .device = cfg->gpu_device };
-		rc = tier_gpu_create(&gc, &c->gpu, err);
+					      .device = cfg->gpu_device,
+					      .resident_bytes = cfg->gpu_resident ? cfg->gpu_resident_bytes : 0 };
+		struct moe_error rerr = { "" };
+		rc = tier_gpu_create(&gc, &c->gpu, &rerr);
+		/* Resident data first, before any expert copy (and before the I/O
+		 * thread, which otherwise alone drives the arena). */
+		bool write_failed = false;
+		if (rc == 0 && gc.resident_bytes &&
+		    (rc = tier_gpu_resident_write(c->gpu, 0, cfg->gpu_resident, gc.resident_bytes, &rerr)) < 0) {
+			tier_gpu_destroy(c->gpu);
+			c->gpu = NULL;
+			write_failed = true;
+		}
+		if (rc < 0 && gc.resident_bytes && (rc == -ENOSPC || write_failed)) {
+			/* Not placed: the tier runs with every slot, the caller
+			 * keeps its data on the host. */
+			if (cfg->gpu_resident_err)
+				moe_error_set(cfg->gpu_resident_err, rc, "%s", rerr.msg);
+			stats_set_info(c->st, "gpu_resident", "none (%s)", rerr.msg);
+			gc.resident_bytes = 0;
+			rc = tier_gpu_create(&gc, &c->gpu, err);
+		} else if (rc < 0) {
+			moe_error_set(err, rc, "%s", rerr.msg);
+		}
 		if (rc < 0)
 			goto fail;
 		/* The emulated region is one memfd: export it now so the service
@@ -1238,6 +1277,11 @@ int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct 
 		if (rc < 0)
 			goto fail;
 		stats_gauge_set(c->st, GAUGE_gpu_slots, c->n_gslots);
+		if (tier_gpu_resident_bytes(c->gpu))
+			stats_set_info(c->st, "gpu_resident", "%llu bytes at offset %llu, %llu arena bytes reserved",
+				       (unsigned long long)gc.resident_bytes,
+				       (unsigned long long)tier_gpu_resident_offset(c->gpu),
+				       (unsigned long long)tier_gpu_resident_bytes(c->gpu));
 		stats_set_info(c->st, "gpu_backend", "%s", tier_gpu_backend_name(tier_gpu_backend_of(c->gpu)));
 	}
 

@@ -89,6 +89,17 @@ struct cache_config {
 	 * policy group (moe-sim's default "C slots per layer"); the arena must
 	 * hold n_layers * layer_slots slots. 0 = one budget for the arena. */
 	uint32_t layer_slots;
+	/* Data kept in the GPU arena for the cache's life, outside every
+	 * expert slot (a MoLAE pack's B matrices): gpu_resident_bytes from
+	 * gpu_resident are copied into a region after the last slot at
+	 * creation, and the slots are counted from what is left (tier_gpu.h,
+	 * resident_bytes). When the arena cannot hold it and one slot besides,
+	 * or the copy fails, the cache is created without it (the GPU tier
+	 * then has its full slot count) and gpu_resident_err, when not NULL,
+	 * says why. Only read during cache_create. */
+	const void *gpu_resident;
+	uint64_t gpu_resident_bytes;
+	struct moe_error *gpu_resident_err;
 };
 
 struct cache_key {
@@ -216,6 +227,13 @@ int cache_arena(struct cache *c, enum cache_tier tier, struct cache_arena_info *
  * the cache has no GPU tier. Free with tier_gpu_export_free. */
 struct tier_gpu_export;
 int cache_gpu_export(struct cache *c, struct tier_gpu_export *out, struct moe_error *err);
+
+/* Where the GPU resident data (config gpu_resident) is: 0 with *offset
+ * its byte offset from GPU slot 0 (inside the region tier_gpu_export and
+ * cache_arena describe) and *reserved the arena bytes it takes (rounded to
+ * the backend's granularity); -ENODEV without a GPU tier, -ENOENT when it
+ * was not placed there. Either pointer may be NULL. */
+int cache_gpu_resident(struct cache *c, uint64_t *offset, uint64_t *reserved);
 
 /* Pointer to a slot's payload in this process (host or emulated GPU), e.g.
  * for compute.c. Only meaningful while a lease on it is held. */

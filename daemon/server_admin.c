@@ -97,6 +97,48 @@ static void render_bpf(struct server *s, FILE *f, json_t *root, uint32_t fmt)
 	free(r);
 }
 
+/* Where a MoLAE pack's B is (tier and bytes) and what the GPU tier keeps
+ * for experts: the B image takes arena bytes, the slots are what is left. */
+static void render_latent(const struct served_model *m, FILE *f, json_t *jm, uint32_t fmt, bool first)
+{
+	const struct latent_basis *b = compute_latent_basis(m->compute);
+	if (!b)
+		return;
+	const struct served_latent *L = &m->latent;
+	const char *tier = L->on_gpu ? "gpu" : "host";
+	const uint32_t gslots = m->arena[CACHE_TIER_GPU].n_slots;
+	if (fmt == MOET_STATS_TEXT) {
+		fprintf(f, "latent basis (MoLAE B): %s tier, %" PRIu64 " bytes", tier, L->bytes);
+		if (L->on_gpu)
+			fprintf(f, " at GPU offset %" PRIu64 " (%" PRIu64 " arena bytes reserved), GPU arena %u expert slots",
+				L->gpu_offset, L->gpu_reserved, gslots);
+		else if (L->why[0])
+			fprintf(f, " (not in the GPU tier: %s; GPU arena %u expert slots)", L->why, gslots);
+		fputc('\n', f);
+		fprintf(f, "  latent_b_tier                      %s\n", tier);
+		fprintf(f, "  latent_b_gpu_bytes                 %" PRIu64 "\n", L->on_gpu ? L->bytes : 0);
+		fprintf(f, "  latent_b_gpu_reserved_bytes        %" PRIu64 "\n", L->on_gpu ? L->gpu_reserved : 0);
+		fprintf(f, "  latent_b_gpu_offset                %" PRIu64 "\n", L->on_gpu ? L->gpu_offset : 0);
+		fprintf(f, "  latent_gpu_expert_slots            %u\n", gslots);
+	} else if (jm) {
+		json_t *j = json_pack("{s:s, s:I, s:I, s:I, s:I, s:i}", "tier", tier, "bytes", (json_int_t)L->bytes,
+				      "gpu_bytes", (json_int_t)(L->on_gpu ? L->bytes : 0), "gpu_reserved_bytes",
+				      (json_int_t)(L->on_gpu ? L->gpu_reserved : 0), "gpu_offset",
+				      (json_int_t)(L->on_gpu ? L->gpu_offset : 0), "gpu_expert_slots", (int)gslots);
+		if (j && L->why[0])
+			json_object_set_new(j, "why_not_gpu", json_string(L->why));
+		if (j)
+			json_object_set_new(jm, "latent_basis", j);
+	} else if (first) {
+		fprintf(f, "# HELP moetier_latent_b_bytes MoLAE B matrices by tier (host: COMPUTE's copy only)\n"
+			   "# TYPE moetier_latent_b_bytes gauge\n"
+			   "moetier_latent_b_bytes{tier=\"gpu\"} %" PRIu64 "\nmoetier_latent_b_bytes{tier=\"host\"} %" PRIu64 "\n"
+			   "# HELP moetier_latent_b_gpu_reserved_bytes GPU arena bytes the B matrices take from the expert slots\n"
+			   "# TYPE moetier_latent_b_gpu_reserved_bytes gauge\nmoetier_latent_b_gpu_reserved_bytes %" PRIu64 "\n",
+			L->on_gpu ? L->bytes : 0, L->bytes, L->on_gpu ? L->gpu_reserved : 0);
+	}
+}
+
 static char *render_stats(struct server *s, uint32_t fmt, bool per_expert)
 {
 	char *buf = NULL;
@@ -140,6 +182,7 @@ static char *render_stats(struct server *s, uint32_t fmt, bool per_expert)
 		if (fmt == MOET_STATS_TEXT) {
 			fprintf(f, "\nmodel %s (%s engine)\n%s", m->name, cache_io_engine(m->cache), r);
 			compute_render(m->compute, f, NULL, fmt, true);
+			render_latent(m, f, NULL, fmt, true);
 			if (nbad)
 				fprintf(f, "bad experts: %zu (answered their error, re-read with backoff)\n", nbad);
 			for (size_t b = 0; b < MOE_MIN(nbad, 16u); b++)
@@ -150,8 +193,10 @@ static char *render_stats(struct server *s, uint32_t fmt, bool per_expert)
 			json_error_t je;
 			json_t *j = json_loads(r, 0, &je);
 			if (j) {
-				if (json_is_object(j))
+				if (json_is_object(j)) {
 					compute_render(m->compute, f, j, fmt, true);
+					render_latent(m, f, j, fmt, true);
+				}
 				if (json_is_object(j)) {
 					/* Per bad expert (the first 16): error, failed loads, refusals. */
 					json_t *a = json_array();
@@ -170,6 +215,7 @@ static char *render_stats(struct server *s, uint32_t fmt, bool per_expert)
 			/* One model per exposition: metric names carry no model label. */
 			fputs(r, f);
 			compute_render(m->compute, f, NULL, fmt, true);
+			render_latent(m, f, NULL, fmt, true);
 		}
 		free(r);
 	}
@@ -233,6 +279,48 @@ void server_admin_advise(struct server *s, struct srv_client *c, const struct mo
 	}
 	server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, &r, sizeof(r), NULL, 0);
 }
+/* Where one (layer, group)'s B matrices are: the GPU tier (offset in the
+ * exported region) or the host (the client reads them from the pack). */
+void server_admin_latent_basis(struct server *s, struct srv_client *c, const struct moet_msg *h,
+			       const uint8_t *payload)
+{
+	struct moet_latent_basis_req q;
+	struct moet_latent_basis_reply r;
+	if (!c->m || h->len != sizeof(q)) {
+		server_cnt(s, SERVER_bad_messages);
+		server_conn_error(s, c, h->seq, -EPROTO, "LATENT_BASIS: expected one %zu-byte request from a model client",
+				  sizeof(q));
+		return;
+	}
+	memcpy(&q, payload, sizeof(q));
+	const struct served_model *m = c->m;
+	const struct latent_basis *b = compute_latent_basis(m->compute);
+	if (q.reserved[0] || q.reserved[1]) {
+		server_cnt(s, SERVER_bad_messages);
+		server_conn_error(s, c, h->seq, -EINVAL, "LATENT_BASIS: reserved fields must be zero");
+		return;
+	}
+	if (!b || !m->latent.layer_off) {
+		server_conn_error(s, c, h->seq, -ENOENT, "LATENT_BASIS: model %s is not a MoLAE latent pack", m->name);
+		return;
+	}
+	if (q.layer >= b->n_layers || q.group >= b->n_groups[q.layer]) {
+		server_conn_error(s, c, h->seq, -ERANGE, "LATENT_BASIS: layer %u group %u out of range (%u layers, %u groups there)",
+				  q.layer, q.group, b->n_layers, q.layer < b->n_layers ? b->n_groups[q.layer] : 0);
+		return;
+	}
+	const uint64_t group_bytes = 2ull * b->r * b->n * sizeof(float);
+	memset(&r, 0, sizeof(r));
+	r.tier = m->latent.on_gpu ? CACHE_TIER_GPU : CACHE_TIER_HOST;
+	r.dtype = MOE_DTYPE_F32;
+	r.rows = b->r;
+	r.cols = b->n;
+	r.offset = m->latent.on_gpu ? m->latent.gpu_offset + m->latent.layer_off[q.layer] + q.group * group_bytes : 0;
+	r.bytes = group_bytes;
+	r.n_groups = b->n_groups[q.layer];
+	server_conn_send(c->fd, MOET_MSG_OK, h->seq, 0, 0, &r, sizeof(r), NULL, 0);
+}
+
 /* Hands a data-plane client the GPU arena's handles, a batch at a time. */
 void server_admin_gpu_export(struct server *s, struct srv_client *c, const struct moet_msg *h)
 {

@@ -544,6 +544,9 @@ void server_conn_readable(struct server *s, struct srv_client *c)
 	case MOET_MSG_ADVISE:
 		server_admin_advise(s, c, &h, payload);
 		return;
+	case MOET_MSG_LATENT_BASIS:
+		server_admin_latent_basis(s, c, &h, payload);
+		return;
 	default:
 		server_cnt(s, SERVER_bad_messages);
 		server_conn_error(s, c, h.seq, -EOPNOTSUPP, "unknown message type %u", h.type);

@@ -59,6 +59,19 @@ struct served_model {
 	pthread_mutex_t refresh_lock;
 	bool refresh_lock_ok;
 	struct compute_ctx *compute; /* NULL when the kernels do not take this model */
+	/* MoLAE latent pack: where its B matrices are besides the host copy
+	 * COMPUTE uses (moet_latent_basis, stats). In the GPU tier they are one
+	 * image after the last expert slot: layer l's block of n_groups[l] x
+	 * [B_gate; B_up] (f32 r x n each, struct latent_basis order) at
+	 * gpu_offset + layer_off[l]. */
+	struct served_latent {
+		bool on_gpu;
+		uint64_t bytes;        /* the image: what a GPU copy holds */
+		uint64_t gpu_offset;   /* from GPU slot 0 (the exported region) */
+		uint64_t gpu_reserved; /* arena bytes it takes (rounded) */
+		uint64_t *layer_off;   /* [n_layers] */
+		char why[200];         /* with a GPU tier, why B stayed on the host */
+	} latent;
 	struct cache_arena_info arena[2];
 	int arena_ro_fd[2];       /* read-only fds handed to clients */
 	int shared_ro_fd;
@@ -172,5 +185,8 @@ int server_ring_exec(struct server *s, struct srv_client *c, const struct moet_s
 void server_admin_request(struct server *s, struct srv_client *c, const struct moet_msg *h, const uint8_t *payload);
 void server_admin_gpu_export(struct server *s, struct srv_client *c, const struct moet_msg *h);
 void server_admin_advise(struct server *s, struct srv_client *c, const struct moet_msg *h, const uint8_t *payload);
+/* LATENT_BASIS: where one (layer, group)'s B matrices are. */
+void server_admin_latent_basis(struct server *s, struct srv_client *c, const struct moet_msg *h,
+			       const uint8_t *payload);
 
 #endif

@@ -4,6 +4,7 @@
 #include "config.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
@@ -138,13 +139,44 @@ static int make_shared(struct served_model *m, struct moe_error *err)
 	return 0;
 }
 
+/* The B matrices as the GPU tier holds them: per layer its first
+ * n_groups[l] groups of [B_gate; B_up] (already contiguous in struct
+ * latent_basis, whose max_groups padding is left out), layers one after
+ * the other. Sets m->latent.bytes and layer_off; *image (malloc'd, NULL
+ * unless want) is what to copy. */
+static int latent_gpu_image(struct served_model *m, const struct latent_basis *b, bool want, void **image,
+			    struct moe_error *err)
+{
+	const uint64_t group_bytes = 2ull * b->r * b->n * sizeof(float);
+	m->latent.layer_off = calloc(b->n_layers, sizeof(uint64_t));
+	if (!m->latent.layer_off)
+		return moe_error_set(err, -ENOMEM, "out of memory");
+	uint64_t total = 0;
+	for (uint32_t l = 0; l < b->n_layers; l++) {
+		m->latent.layer_off[l] = total;
+		total += b->n_groups[l] * group_bytes;
+	}
+	m->latent.bytes = total;
+	*image = NULL;
+	if (!want || !total)
+		return 0;
+	uint8_t *p = malloc(total);
+	if (!p)
+		return moe_error_set(err, -ENOMEM, "MoLAE B image of %" PRIu64 " bytes: out of memory", total);
+	for (uint32_t l = 0; l < b->n_layers; l++)
+		memcpy(p + m->latent.layer_off[l], latent_basis_b(b, l, 0, 0), b->n_groups[l] * group_bytes);
+	*image = p;
+	return 0;
+}
+
 int server_model_open(struct server *s, struct served_model *m, const char *path, unsigned idx, struct moe_error *err)
 {
 	int rc = pack_open(path, 0, &m->pack, err);
 	if (rc)
 		return rc; /* pack_open's message already starts with the path */
 	/* MoLAE latent pack: its B matrices (per layer and group) are read once
-	 * and stay resident with the model's COMPUTE engine; only the extents
+	 * and stay resident with the model's COMPUTE engine, and, with a GPU
+	 * tier, in the GPU arena too (latent_gpu_image); only the extents
 	 * (A_gate | A_up | W_down) go through the tiers, so the arenas, whose
 	 * slots are extent-sized, hold more experts in the same bytes. */
 	const bool latent = latent_parts_present(m->pack->hdr->parts, m->pack->hdr->n_parts);
@@ -194,9 +226,6 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 		if ((rc = compute_create_latent(mc, m->pack->hdr->parts, m->pack->hdr->n_parts, pack_extent_bytes(m->pack),
 						basis, &co, &m->compute, err)))
 			return moe_error_prefix(err, rc, "%s: MoLAE latent pack", path);
-		const struct latent_basis *b = compute_latent_basis(m->compute);
-		moe_info("model %s: MoLAE latent experts, rank %u, %u group(s) per layer, B %s resident on the host", m->name,
-			 b->r, b->max_groups, moe_fmt_size(b->bytes, (char[32]){ 0 }, 32));
 	} else if (compute_create(mc, m->pack->hdr->parts, m->pack->hdr->n_parts, pack_extent_bytes(m->pack), &co,
 				  &m->compute, &cerr)) {
 		moe_info("model %s: COMPUTE not offered: %s", m->name, cerr.msg);
@@ -221,8 +250,37 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 		.on_ready = on_ready,
 		.on_ready_ctx = m,
 	};
-	if ((rc = cache_create(m->pack, &cc, &m->cache, err)))
+	const struct latent_basis *lb = latent ? compute_latent_basis(m->compute) : NULL;
+	void *image = NULL;
+	struct moe_error gerr = { "" };
+	if (lb) {
+		if ((rc = latent_gpu_image(m, lb, s->cfg->gpu_bytes != 0, &image, err)))
+			return rc;
+		cc.gpu_resident = image;
+		cc.gpu_resident_bytes = m->latent.bytes;
+		cc.gpu_resident_err = &gerr;
+	}
+	rc = cache_create(m->pack, &cc, &m->cache, err);
+	free(image);
+	if (rc)
 		return moe_error_prefix(err, rc, "%s", path);
+	if (lb) {
+		char sz[32];
+		moe_fmt_size(m->latent.bytes, sz, sizeof(sz));
+		if (cache_gpu_resident(m->cache, &m->latent.gpu_offset, &m->latent.gpu_reserved) == 0) {
+			m->latent.on_gpu = true;
+			moe_info("model %s: MoLAE latent experts, rank %u, %u group(s) per layer, B %s resident in the GPU "
+				 "tier at offset %" PRIu64 " (and on the host for COMPUTE)", m->name, lb->r, lb->max_groups, sz,
+				 m->latent.gpu_offset);
+		} else if (s->cfg->gpu_bytes) {
+			snprintf(m->latent.why, sizeof(m->latent.why), "%s", gerr.msg[0] ? gerr.msg : "not placed");
+			moe_warn("model %s: MoLAE B (%s) stays on the host, not in the GPU tier: %s", m->name, sz,
+				 m->latent.why);
+		} else {
+			moe_info("model %s: MoLAE latent experts, rank %u, %u group(s) per layer, B %s resident on the host",
+				 m->name, lb->r, lb->max_groups, sz);
+		}
+	}
 	m->top_k = mc->top_k;
 	m->plc = (struct placement_config){ .predictor = s->cfg->predictor, .prefetch = s->cfg->prefetch,
 					    .lookahead = s->cfg->prefetch_lookahead, .min_score = -1, .gain = -1,
@@ -294,6 +352,8 @@ void server_model_close(struct served_model *m)
 	if (m->shared_ro_fd >= 0)
 		close(m->shared_ro_fd);
 	free(m->score_bias);
+	free(m->latent.layer_off);
+	m->latent.layer_off = NULL;
 	free(m->dirty);
 	if (m->refresh_lock_ok)
 		pthread_mutex_destroy(&m->refresh_lock);

@@ -99,6 +99,36 @@ int tier_gpu_alloc_slots(struct tier_gpu *g)
 	return g->slots && g->inflight ? 0 : -ENOMEM;
 }
 
+int tier_gpu_count_slots(struct tier_gpu *g, const struct tier_gpu_config *cfg, uint64_t res_gran,
+			 struct moe_error *err)
+{
+	uint64_t res = 0, n;
+
+	if (cfg->resident_bytes) {
+		if (res_gran == 0 || cfg->resident_bytes > UINT64_MAX / 2)
+			return moe_error_set(err, -EINVAL, "resident region of %llu bytes",
+					     (unsigned long long)cfg->resident_bytes);
+		/* Not MOE_ALIGN_UP: a vmm stride need not be a power of two. */
+		res = (cfg->resident_bytes + res_gran - 1) / res_gran * res_gran;
+		if (cfg->capacity < res || cfg->capacity - res < g->stride)
+			return moe_error_set(err, -ENOSPC,
+					     "capacity %llu holds the %llu resident bytes (%llu with granularity %llu) "
+					     "and no expert slot of %llu bytes besides",
+					     (unsigned long long)cfg->capacity,
+					     (unsigned long long)cfg->resident_bytes, (unsigned long long)res,
+					     (unsigned long long)res_gran, (unsigned long long)g->stride);
+	}
+	n = (cfg->capacity - res) / g->stride;
+	if (n == 0)
+		return moe_error_set(err, -EINVAL, "capacity %llu below one slot of %llu bytes",
+				     (unsigned long long)cfg->capacity, (unsigned long long)g->stride);
+	if (n > UINT32_MAX - 1)
+		return moe_error_set(err, -EINVAL, "too many slots");
+	g->nslots = (uint32_t)n;
+	g->res_len = res;
+	return 0;
+}
+
 static void free_arena(struct tier_gpu *g)
 {
 	if (g->efd >= 0)
@@ -202,6 +232,34 @@ uint64_t tier_gpu_slot_bytes(const struct tier_gpu *g) { return g->slot_bytes; }
 uint64_t tier_gpu_slot_stride(const struct tier_gpu *g) { return g->stride; }
 int tier_gpu_event_fd(const struct tier_gpu *g) { return g->efd; }
 unsigned tier_gpu_inflight(const struct tier_gpu *g) { return g->ninflight; }
+
+uint64_t tier_gpu_resident_offset(const struct tier_gpu *g) { return (uint64_t)g->nslots * g->stride; }
+uint64_t tier_gpu_resident_bytes(const struct tier_gpu *g) { return g->res_len; }
+uint64_t tier_gpu_resident_addr(const struct tier_gpu *g)
+{
+	return g->res_len ? g->base + tier_gpu_resident_offset(g) : 0;
+}
+
+int tier_gpu_resident_write(struct tier_gpu *g, uint64_t off, const void *src, size_t bytes,
+			    struct moe_error *err)
+{
+	int r;
+
+	if (!g->res_len)
+		return moe_error_set(err, -ENOSPC, "the GPU arena has no resident region");
+	if (!src || bytes == 0 || off > g->res_len || bytes > g->res_len - off)
+		return moe_error_set(err, -EINVAL, "resident write of %zu bytes at %llu (region holds %llu)",
+				     bytes, (unsigned long long)off, (unsigned long long)g->res_len);
+	r = g->ops->resident_write(g, off, src, bytes, err);
+	if (r < 0) {
+		g->st.copy_errors++;
+		if (r == -ENOMEM)
+			g->st.oom++;
+		return r;
+	}
+	g->st.bytes_in += bytes;
+	return 0;
+}
 
 enum tier_gpu_slot_state tier_gpu_slot_state(const struct tier_gpu *g, uint32_t slot)
 {

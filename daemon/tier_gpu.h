@@ -56,6 +56,13 @@ struct tier_gpu_config {
 	const struct cu_api *cu;
 	/* emulated: number of copy worker threads (0 = 1). */
 	unsigned emu_workers;
+	/* Bytes kept resident for the arena's life outside every slot (a
+	 * MoLAE pack's B matrices): a region right after the last slot, never
+	 * evicted, written once with tier_gpu_resident_write(). It takes
+	 * round_up(resident_bytes, g) from the capacity before the slots are
+	 * counted, g = the page size (emulated), 2 MiB (uvm) or one slot
+	 * stride (vmm: every exported chunk then has the same size). 0 = none. */
+	uint64_t resident_bytes;
 };
 
 /* Counters, declared once. X(name, help) */
@@ -91,9 +98,13 @@ struct tier_gpu_done {
  * SCM_RIGHTS, then tier_gpu_export_free()).
  *   emulated: nfds = 1, a read-only open of the region's memfd (sealed
  *             against shrink and grow; a writable mapping is refused),
- *             covering all slots; slot i is at offset i * slot_stride.
- *   vmm:      nfds = nslots; fds[i] is the POSIX fd of slot i's physical
- *             chunk (chunk_bytes long), -1 where slot i has no chunk yet.
+ *             covering all slots and the resident region; slot i is at
+ *             offset i * slot_stride.
+ *   vmm:      nfds = nslots + resident chunks; fds[i] is the POSIX fd of
+ *             slot i's physical chunk (chunk_bytes long), -1 where slot i
+ *             has no chunk yet; the resident region's chunks (each
+ *             chunk_bytes = slot_stride long) follow at offsets
+ *             nslots * slot_stride and up.
  *             The client imports it with cuMemImportFromShareableHandle and
  *             maps it at its own reserve + offsets[i].
  *   uvm:      not exportable (-EOPNOTSUPP). */
@@ -120,7 +131,9 @@ const char *tier_gpu_slot_state_name(enum tier_gpu_slot_state s);
  * (logs which and why). "vmm"/"uvm" fail with -ENODEV when no GPU is usable
  * and -ENOTSUP when this build has no cuda.h. "none" fails with -ENODEV
  * (the caller runs without a GPU tier). The number of slots is
- * capacity / slot_stride; -EINVAL when that is 0. */
+ * (capacity - resident region) / slot_stride; -EINVAL when that is 0
+ * without a resident region, -ENOSPC when the resident region leaves no
+ * slot (the caller may retry without it). */
 int tier_gpu_create(const struct tier_gpu_config *cfg, struct tier_gpu **out,
 		    struct moe_error *err);
 /* Waits for copies in flight, unmaps and frees everything. NULL is fine. */
@@ -135,6 +148,21 @@ enum tier_gpu_slot_state tier_gpu_slot_state(const struct tier_gpu *g, uint32_t 
  * reserved range; uvm: managed pointer; emulated: pointer into the region).
  * 0 for a bad slot. */
 uint64_t tier_gpu_slot_addr(const struct tier_gpu *g, uint32_t slot);
+
+/* The resident region (config resident_bytes): its offset from slot 0
+ * (= nslots * slot_stride: the first byte after the last slot, inside what
+ * tier_gpu_export hands out), its length (rounded; 0 without one), and its
+ * device address (emulated: a pointer into the region). */
+uint64_t tier_gpu_resident_offset(const struct tier_gpu *g);
+uint64_t tier_gpu_resident_bytes(const struct tier_gpu *g);
+uint64_t tier_gpu_resident_addr(const struct tier_gpu *g);
+/* Copies bytes from src to offset off of the resident region and waits for
+ * the copy (host -> device; the storage is created on the first write, so
+ * this is where the device can run out of memory: -ENOMEM). Driven by the
+ * arena's one thread like every other call. -EINVAL for a range outside the
+ * region, -ENOSPC when the arena has none. */
+int tier_gpu_resident_write(struct tier_gpu *g, uint64_t off, const void *src, size_t bytes,
+			    struct moe_error *err);
 
 /* Registers (pins) the host arena so copies from it are true async DMA
  * (cuMemHostRegister). One range per arena; emulated records it only.

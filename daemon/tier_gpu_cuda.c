@@ -15,7 +15,10 @@
  *   ("map once, then indices"); evict(release) unmaps and releases it.
  * uvm: one cuMemAllocManaged range, preferred location and accessed-by the
  *   device; a fill prefetches the slot to the device then copies into it;
- *   evict(release) prefetches it back to host memory. */
+ *   evict(release) prefetches it back to host memory.
+ * Both: the resident region (config resident_bytes) follows the last slot
+ *   in the same range (vmm: whole strides, chunks mapped on its one write;
+ *   uvm: 2 MiB blocks prefetched to the device before the write). */
 #include <config.h>  /* autoconf's, from the build tree */
 
 #include <stdio.h>
@@ -41,6 +44,10 @@ struct cuda {
 	size_t va_len;
 	bool host_registered;
 	void *host_ptr;                /* what cuMemHostRegister pinned */
+	/* vmm: the resident region's chunks, one per stride after the last
+	 * slot, created and mapped on the first resident write. */
+	CUmemGenericAllocationHandle *res;
+	uint32_t nres, res_mapped;
 };
 
 static int cuerr(const struct cuda *c, struct moe_error *err, CUresult rc, const char *what)
@@ -155,24 +162,19 @@ static int require_attr(const struct cuda *c, CUdevice_attribute a, const char *
 	return v ? 0 : moe_error_set(err, -EOPNOTSUPP, "device %d has no %s", c->dev, what);
 }
 
+/* res_gran 0: the resident region is counted in whole strides (vmm). */
 static int set_nslots(struct tier_gpu *g, const struct tier_gpu_config *cfg, uint64_t gran,
-		      struct moe_error *err)
+		      uint64_t res_gran, struct moe_error *err)
 {
-	uint64_t n;
+	int r;
 
 	if (gran == 0 || (gran & (gran - 1)))
 		return moe_error_set(err, -EIO, "bad allocation granularity %llu",
 				     (unsigned long long)gran);
 	g->stride = MOE_ALIGN_UP(cfg->slot_bytes, gran);
-	n = cfg->capacity / g->stride;
-	if (n == 0)
-		return moe_error_set(err, -EINVAL,
-				     "capacity %llu below one slot of %llu bytes (granularity %llu)",
-				     (unsigned long long)cfg->capacity, (unsigned long long)g->stride,
-				     (unsigned long long)gran);
-	if (n > UINT32_MAX - 1)
-		return moe_error_set(err, -EINVAL, "too many slots");
-	g->nslots = (uint32_t)n;
+	r = tier_gpu_count_slots(g, cfg, res_gran ? res_gran : g->stride, err);
+	if (r < 0)
+		return moe_error_prefix(err, r, "granularity %llu", (unsigned long long)gran);
 	return 0;
 }
 
@@ -192,17 +194,24 @@ static void warn_capacity(const struct cuda *c, const struct tier_gpu_config *cf
 			 (unsigned long long)total_b);
 }
 
-/* Slots of `gran`-aligned stride within the capacity, and the arena's length. */
+/* Slots of `gran`-aligned stride within the capacity, the resident region
+ * after them, and the arena's length. */
 static int size_arena(struct tier_gpu *g, const struct tier_gpu_config *cfg, uint64_t gran,
-		      struct moe_error *err)
+		      uint64_t res_gran, struct moe_error *err)
 {
 	struct cuda *c = g->priv;
-	int r = set_nslots(g, cfg, gran, err);
+	int r = set_nslots(g, cfg, gran, res_gran, err);
 
 	if (r < 0)
 		return r;
 	warn_capacity(c, cfg);
-	c->va_len = (size_t)g->nslots * g->stride;
+	c->va_len = (size_t)g->nslots * g->stride + g->res_len;
+	if (!c->uvm && g->res_len) {
+		c->nres = (uint32_t)(g->res_len / g->stride);
+		c->res = calloc(c->nres, sizeof(*c->res));
+		if (!c->res)
+			return moe_error_set(err, -ENOMEM, "out of memory");
+	}
 	return 0;
 }
 
@@ -236,7 +245,9 @@ static int vmm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struc
 	rc = c->cu->cuMemGetAllocationGranularity(&gran, &c->prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED);
 	if (rc != CUDA_SUCCESS)
 		return cuerr(c, err, rc, "cuMemGetAllocationGranularity");
-	r = size_arena(g, cfg, gran, err);
+	/* The resident region in whole strides: each of its chunks is
+	 * exported like a slot's, chunk_bytes stays one number. */
+	r = size_arena(g, cfg, gran, 0, err);
 	if (r < 0)
 		return r;
 	rc = c->cu->cuMemAddressReserve(&c->va, c->va_len, gran, 0, 0);
@@ -266,7 +277,7 @@ static int uvm_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struc
 	r = require_attr(c, CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS, "concurrent managed access", err);
 	if (r < 0)
 		return r;
-	r = size_arena(g, cfg, UVM_PAGE, err);
+	r = size_arena(g, cfg, UVM_PAGE, UVM_PAGE, err);
 	if (r < 0)
 		return r;
 	rc = c->cu->cuMemAllocManaged(&c->va, c->va_len, CU_MEM_ATTACH_GLOBAL);
@@ -300,6 +311,25 @@ static void release_chunk(struct tier_gpu *g, uint32_t s)
 	g->generation++;
 }
 
+static CUdeviceptr res_va(const struct tier_gpu *g, uint32_t i)
+{
+	return (CUdeviceptr)(g->base + ((uint64_t)g->nslots + i) * g->stride);
+}
+
+static void release_resident(struct tier_gpu *g)
+{
+	struct cuda *c = g->priv;
+
+	while (c->res_mapped) {
+		uint32_t i = --c->res_mapped;
+
+		culog(c, c->cu->cuMemUnmap(res_va(g, i), g->stride), "cuMemUnmap");
+		culog(c, c->cu->cuMemRelease(c->res[i]), "cuMemRelease");
+		c->res[i] = 0;
+		g->st.chunks_released++;
+	}
+}
+
 static void cuda_fini(struct tier_gpu *g)
 {
 	struct cuda *c = g->priv;
@@ -321,6 +351,7 @@ static void cuda_fini(struct tier_gpu *g)
 			if (g->slots[i].has_chunk)
 				release_chunk(g, i);
 		}
+		release_resident(g);
 		if (c->va && !c->uvm)
 			culog(c, c->cu->cuMemAddressFree(c->va, c->va_len), "cuMemAddressFree");
 		if (c->va && c->uvm)
@@ -333,6 +364,7 @@ static void cuda_fini(struct tier_gpu *g)
 			culog(c, c->cu->cuStreamDestroy(c->d2h), "cuStreamDestroy");
 		culog(c, c->cu->cuDevicePrimaryCtxRelease(c->dev), "cuDevicePrimaryCtxRelease");
 	}
+	free(c->res);
 	free(c);
 	g->priv = NULL;
 }
@@ -440,6 +472,78 @@ static int vmm_get_chunk(struct tier_gpu *g, uint32_t s, struct moe_error *err)
 	return 0;
 }
 
+/* Creates and maps every chunk of the resident region (vmm); on failure
+ * the ones made are given back. */
+static int vmm_map_resident(struct tier_gpu *g, struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	CUmemAccessDesc access = {
+		.location = { .type = CU_MEM_LOCATION_TYPE_DEVICE, .id = c->dev },
+		.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+	};
+
+	while (c->res_mapped < c->nres) {
+		uint32_t i = c->res_mapped;
+		CUmemGenericAllocationHandle h;
+		CUresult rc = c->cu->cuMemCreate(&h, g->stride, &c->prop, 0);
+
+		if (rc != CUDA_SUCCESS) {
+			release_resident(g);
+			return cuerr(c, err, rc, "cuMemCreate(resident)");
+		}
+		rc = c->cu->cuMemMap(res_va(g, i), g->stride, 0, h, 0);
+		if (rc != CUDA_SUCCESS) {
+			culog(c, c->cu->cuMemRelease(h), "cuMemRelease");
+			release_resident(g);
+			return cuerr(c, err, rc, "cuMemMap(resident)");
+		}
+		c->res[i] = h;
+		c->res_mapped++;
+		g->st.chunks_created++;
+		rc = c->cu->cuMemSetAccess(res_va(g, i), g->stride, &access, 1);
+		if (rc != CUDA_SUCCESS) {
+			release_resident(g);
+			return cuerr(c, err, rc, "cuMemSetAccess(resident)");
+		}
+	}
+	g->generation++;
+	return 0;
+}
+
+/* Resident data is written once, at model load: copy and wait. */
+static int cuda_resident_write(struct tier_gpu *g, uint64_t off, const void *src, size_t bytes,
+			       struct moe_error *err)
+{
+	struct cuda *c = g->priv;
+	CUdeviceptr dst = (CUdeviceptr)(g->base + (uint64_t)g->nslots * g->stride + off);
+	CUresult rc;
+	int r = enter(c, err);
+
+	if (r < 0)
+		return r;
+	if (c->uvm) {
+		CUmemLocation loc = { .type = CU_MEM_LOCATION_TYPE_DEVICE, .id = c->dev };
+
+		rc = c->cu->cuMemPrefetchAsync(res_va(g, 0), g->res_len, loc, 0, c->h2d);
+		if (rc != CUDA_SUCCESS)
+			return cuerr(c, err, rc, "cuMemPrefetchAsync(resident)");
+	} else if (c->res_mapped < c->nres) {
+		r = vmm_map_resident(g, err);
+		if (r < 0)
+			return r;
+	}
+	rc = c->cu->cuMemcpyHtoDAsync(dst, src, bytes, c->h2d);
+	if (rc != CUDA_SUCCESS) {
+		/* a prefetch may be queued ahead: nothing runs on after return */
+		culog(c, c->cu->cuStreamSynchronize(c->h2d), "cuStreamSynchronize");
+		return cuerr(c, err, rc, "cuMemcpyHtoDAsync(resident)");
+	}
+	rc = c->cu->cuStreamSynchronize(c->h2d);
+	if (rc != CUDA_SUCCESS)
+		return cuerr(c, err, rc, "cuStreamSynchronize(resident)");
+	return 0;
+}
+
 static int cuda_copy_in(struct tier_gpu *g, uint32_t s, const void *src, size_t bytes,
 			struct moe_error *err)
 {
@@ -536,17 +640,31 @@ static int vmm_export(struct tier_gpu *g, struct tier_gpu_export *out, struct mo
 	r = enter(c, err);
 	if (r < 0)
 		return r;
-	out->fds = malloc((size_t)g->nslots * sizeof(*out->fds));
-	out->offsets = malloc((size_t)g->nslots * sizeof(*out->offsets));
+	/* the slots' chunks, then the resident region's (same size) */
+	const uint32_t total = g->nslots + c->nres;
+
+	out->fds = malloc((size_t)total * sizeof(*out->fds));
+	out->offsets = malloc((size_t)total * sizeof(*out->offsets));
 	if (!out->fds || !out->offsets) {
 		r = moe_error_set(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
-	out->nfds = g->nslots;
+	out->nfds = total;
 	out->chunk_bytes = g->stride;
-	for (uint32_t i = 0; i < g->nslots; i++) {
+	for (uint32_t i = 0; i < total; i++) {
 		out->fds[i] = -1;
 		out->offsets[i] = (uint64_t)i * g->stride;
+	}
+	for (uint32_t i = 0; i < c->res_mapped; i++) {
+		int fd = -1;
+		CUresult rc = c->cu->cuMemExportToShareableHandle(&fd, c->res[i],
+								  CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+
+		if (rc != CUDA_SUCCESS) {
+			r = cuerr(c, err, rc, "cuMemExportToShareableHandle(resident)");
+			goto fail;
+		}
+		out->fds[g->nslots + i] = fd;
 	}
 	for (uint32_t i = 0; i < g->nslots; i++) {
 		int fd = -1;
@@ -585,6 +703,7 @@ const struct tier_gpu_ops tier_gpu_vmm_ops = {
 	.query = cuda_query,
 	.evict = cuda_evict,
 	.export_ = vmm_export,
+	.resident_write = cuda_resident_write,
 };
 
 const struct tier_gpu_ops tier_gpu_uvm_ops = {
@@ -598,4 +717,5 @@ const struct tier_gpu_ops tier_gpu_uvm_ops = {
 	.query = cuda_query,
 	.evict = cuda_evict,
 	.export_ = uvm_export,
+	.resident_write = cuda_resident_write,
 };

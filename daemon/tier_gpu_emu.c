@@ -1,6 +1,7 @@
 /* tier_gpu_emu.c - the emulated GPU backend: what runs without a GPU.
  *
- * "Device memory" is a memfd of nslots * stride bytes, sealed against
+ * "Device memory" is a memfd of nslots * stride bytes (plus the resident
+ * region after the last slot, if any), sealed against
  * shrink and grow, so clients can map it (read-only, see export) the way
  * they would import VMM handles. Each slot's storage is allocated on its
  * first fill (fallocate + MADV_POPULATE_WRITE: the counterpart of
@@ -44,6 +45,7 @@ struct emu {
 	unsigned nworkers;
 	pthread_t *workers;
 	bool lock_ok;
+	bool res_alloc;     /* the resident region has its storage */
 };
 
 static void *worker(void *arg)
@@ -87,18 +89,17 @@ static int emu_init(struct tier_gpu *g, const struct tier_gpu_config *cfg, struc
 	/* Page granularity keeps every slot mmap-able on its own by a
 	 * client; a GPU's 2 MiB would only waste host memory here. */
 	g->stride = MOE_ALIGN_UP(cfg->slot_bytes, (uint64_t)(page > 0 ? page : 4096));
-	if (cfg->capacity / g->stride > UINT32_MAX - 1)
-		return moe_error_set(err, -EINVAL, "too many slots");
-	g->nslots = (uint32_t)(cfg->capacity / g->stride);
-	if (g->nslots == 0)
-		return moe_error_set(err, -EINVAL, "capacity %llu below one slot of %llu bytes",
-				     (unsigned long long)cfg->capacity, (unsigned long long)g->stride);
+	r = tier_gpu_count_slots(g, cfg, (uint64_t)(page > 0 ? page : 4096), err);
+	if (r < 0)
+		return r;
 	if (tier_gpu_alloc_slots(g) < 0)
 		return moe_error_set(err, -ENOMEM, "out of memory");
 	e->q = calloc(g->nslots, sizeof(*e->q));
 	if (!e->q)
 		return moe_error_set(err, -ENOMEM, "out of memory");
-	e->region_len = (uint64_t)g->nslots * g->stride;
+	/* The resident region follows the slots in the same memfd, so one
+	 * client mapping covers both. */
+	e->region_len = (uint64_t)g->nslots * g->stride + g->res_len;
 	e->memfd = memfd_create("moetier-gpu-emu", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (e->memfd < 0)
 		return moe_error_set(err, -errno, "memfd_create: %s", strerror(errno));
@@ -252,6 +253,31 @@ static int emu_evict(struct tier_gpu *g, uint32_t s, bool release)
 	return 0;
 }
 
+/* The emulated host -> device copy of the resident region: storage for
+ * all of it on the first write (as get_chunk does for a slot), then a
+ * memcpy in the caller's thread, which is waiting for it anyway. */
+static int emu_resident_write(struct tier_gpu *g, uint64_t off, const void *src, size_t bytes,
+			      struct moe_error *err)
+{
+	struct emu *e = g->priv;
+	uint64_t start = (uint64_t)g->nslots * g->stride;
+
+	if (!e->res_alloc) {
+		if (fallocate(e->memfd, 0, (off_t)start, (off_t)g->res_len) < 0) {
+			int r = -errno;
+
+			return moe_error_set(err, r == -ENOSPC ? -ENOMEM : r,
+					     "emulated GPU memory for the resident region: %s", strerror(-r));
+		}
+		(void)madvise(e->region + start, g->res_len, MADV_POPULATE_WRITE);
+		e->res_alloc = true;
+		g->st.chunks_created++;
+		g->generation++;
+	}
+	memcpy(e->region + start + off, src, bytes);
+	return 0;
+}
+
 static int emu_export(struct tier_gpu *g, struct tier_gpu_export *out, struct moe_error *err)
 {
 	struct emu *e = g->priv;
@@ -294,4 +320,5 @@ const struct tier_gpu_ops tier_gpu_emu_ops = {
 	.query = emu_query,
 	.evict = emu_evict,
 	.export_ = emu_export,
+	.resident_write = emu_resident_write,
 };

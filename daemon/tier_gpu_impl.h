@@ -48,6 +48,10 @@ struct tier_gpu_ops {
 	/* Called on RESIDENT -> EMPTY. */
 	int (*evict)(struct tier_gpu *g, uint32_t s, bool release);
 	int (*export_)(struct tier_gpu *g, struct tier_gpu_export *out, struct moe_error *err);
+	/* Synchronous copy into the resident region (range already checked);
+	 * creates its storage on first use. */
+	int (*resident_write)(struct tier_gpu *g, uint64_t off, const void *src, size_t bytes,
+			      struct moe_error *err);
 };
 
 struct tier_gpu {
@@ -58,6 +62,7 @@ struct tier_gpu {
 	uint64_t stride;
 	uint32_t nslots;
 	uint64_t base;            /* device address of slot 0 */
+	uint64_t res_len;         /* resident region after the slots (rounded), 0 = none */
 	uint64_t generation;      /* export generation */
 	struct tier_gpu_slot *slots;
 	uint32_t *inflight;       /* slots with a copy not yet observed */
@@ -73,6 +78,12 @@ struct tier_gpu {
 /* Allocates g->slots and g->inflight for g->nslots; backends call it from
  * init once nslots is known. */
 int tier_gpu_alloc_slots(struct tier_gpu *g);
+
+/* Sets g->nslots from g->stride (already set), the capacity and the
+ * resident region rounded to res_gran (a power of two, or the stride);
+ * sets g->res_len. -EINVAL / -ENOSPC with a message. */
+int tier_gpu_count_slots(struct tier_gpu *g, const struct tier_gpu_config *cfg, uint64_t res_gran,
+			 struct moe_error *err);
 
 /* Wakes the event loop (eventfd += 1). Async-signal and driver-callback
  * safe: only a write(2). */

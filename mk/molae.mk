@@ -60,3 +60,17 @@ tests_test_molae_compute_SOURCES = tests/test_molae_compute.c
 tests_test_molae_compute_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_molae_compute_LDADD = $(DAEMON_LINK) $(CRITERION_LIBS)
 endif
+
+# A latent pack's B in the GPU tier (emulated backend): the resident region
+# after the last slot and its arithmetic (tier_gpu), moet_latent_basis bit
+# for bit against the pack, COMPUTE unchanged, B on the host without a GPU
+# tier or with an arena too small, hostile requests.
+if HAVE_CRITERION
+if HAVE_LAPACKE
+check_PROGRAMS += tests/test_molae_gpu
+TESTS += tests/test_molae_gpu
+tests_test_molae_gpu_SOURCES = tests/test_molae_gpu.c tests/daemon_probe.h tests/testutil.h
+tests_test_molae_gpu_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
+tests_test_molae_gpu_LDADD = client/libmoetier.la $(DAEMON_LINK) $(CRITERION_LIBS)
+endif
+endif

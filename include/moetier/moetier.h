@@ -187,6 +187,27 @@ int moet_advise(moet_ctx *ctx, uint32_t layer, const uint32_t *ids, unsigned n, 
 int moet_gpu_export(moet_ctx *ctx, unsigned first, struct moet_gpu_export *info, int *fds, uint64_t *offsets,
 		    unsigned max);
 
+/* Where the shared B matrices of one (MoE layer, latent group) of a MoLAE
+ * latent pack are (doc/molae.md). The caller sets out->size =
+ * sizeof(*out). On success (0): tier MOET_TIER_GPU when the daemon keeps B
+ * resident in its GPU tier, `offset` bytes into the GPU arena region (the
+ * one moet_gpu_export hands out; with the emulated backend also
+ * moet_slot_ptr(ctx, MOET_TIER_GPU, 0) + offset), B_gate [rows x cols]
+ * then B_up, `bytes` for both; tier MOET_TIER_HOST when the daemon keeps it
+ * on the host only (read blk.L.molae_b_gate.G / _up.G from the pack;
+ * offset 0). dtype is an enum moe_dtype (f32). -ENOENT for a dense pack,
+ * -ERANGE for a layer or group out of range, -EOPNOTSUPP from a daemon that
+ * predates the request. One round trip on the control socket. */
+struct moet_latent_basis {
+	uint32_t size;            /* sizeof(struct moet_latent_basis), set by the caller */
+	uint32_t tier;            /* enum moet_tier */
+	uint32_t dtype;
+	uint32_t rows, cols;      /* rank x hidden, per matrix */
+	uint64_t offset;
+	uint64_t bytes;
+};
+int moet_latent_basis(moet_ctx *ctx, uint32_t layer, uint32_t group, struct moet_latent_basis *out);
+
 /* Per-(layer, expert) load statistics, EPLB shape: arrays of
  * n_moe_layers * n_experts, row-major by layer; any may be NULL. */
 int moet_expert_counters(moet_ctx *ctx, uint64_t *hits, uint64_t *misses, uint64_t *loads, uint64_t *bytes);

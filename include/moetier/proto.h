@@ -50,7 +50,35 @@ enum moet_msg_type {
 	MOET_MSG_GPU_EXPORT = 24,  /* C->S (data-plane client): arg = index of the first
 				    * handle wanted; reply OK with struct moet_gpu_export,
 				    * then uint64_t offsets[n], and n fds (SCM_RIGHTS) */
+	MOET_MSG_LATENT_BASIS = 26, /* C->S (model client): struct moet_latent_basis_req;
+				     * reply OK with struct moet_latent_basis_reply. A
+				     * daemon that predates it answers -EOPNOTSUPP. */
 };
+
+/* LATENT_BASIS: where the shared B matrices of one (MoE layer, latent
+ * group) of a MoLAE latent pack are (doc/molae.md). In the GPU tier
+ * (tier 0): at byte `offset` of the GPU arena region a client maps (the
+ * emulated memfd from HELLO or GPU_EXPORT, or the VMM chunks mapped at
+ * their offsets), B_gate [rows x cols] then B_up [rows x cols], dtype
+ * (enum moe_dtype, f32), row-major, `bytes` for both. On the host (tier 1):
+ * the daemon keeps them only for its own COMPUTE; the client reads
+ * blk.L.molae_b_{gate,up}.G from the pack (offset 0). Errors: -ENOENT for a
+ * dense pack, -ERANGE for a layer or group out of range. */
+struct moet_latent_basis_req {
+	uint32_t layer;       /* MoE layer index */
+	uint32_t group;       /* latent group (blk.L.molae_groups) */
+	uint32_t reserved[2]; /* zero */
+};
+struct moet_latent_basis_reply {
+	uint32_t tier;        /* 0 GPU, 1 host */
+	uint32_t dtype;       /* enum moe_dtype of B (f32) */
+	uint32_t rows, cols;  /* rank r x hidden n, per matrix */
+	uint64_t offset;      /* GPU tier: byte offset of B_gate in the region */
+	uint64_t bytes;       /* B_gate and B_up */
+	uint32_t n_groups;    /* latent groups of this layer */
+	uint32_t reserved[3];
+};
+_Static_assert(sizeof(struct moet_latent_basis_reply) == 48, "latent basis reply layout");
 
 /* GPU arena handles for clients: the emulated region's read-only memfd, or
  * the POSIX fds of the CUDA VMM chunks (cuMemImportFromShareableHandle in the

@@ -1,0 +1,504 @@
+/* test_molae_gpu.c - a MoLAE latent pack's B matrices in the GPU tier
+ * (issue 15 item 3): the daemon copies every B into a resident region after
+ * the GPU arena's last expert slot at model load, the slots shrink by
+ * exactly that region, moet_latent_basis says where each (layer, group) is
+ * and the bytes a client reads there are the pack's; COMPUTE does not change
+ * with or without the GPU tier; without one (or with an arena too small) B
+ * stays on the host. The tier_gpu resident region is also checked on its
+ * own (emulated backend). Each daemon test starts its own moetierd in a
+ * temporary directory on a pack made by moe-pack molae. */
+#include "config.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "moetier/moetier.h"
+#include "pack.h"
+#include "tier_gpu.h"
+/* testutil.h's tu__rm builds "%s/%s" paths into 4 KiB: GCC's truncation
+ * analysis flags it under -Werror; the paths here are short. */
+#pragma GCC diagnostic ignored "-Wformat-truncation"
+#include "daemon_probe.h"
+#include "testutil.h"
+
+#define PAGE 4096ull
+#define ALIGN_PAGE(x) (((x) + PAGE - 1) / PAGE * PAGE)
+
+/* ---- tier_gpu: the resident region on its own ------------------------------ */
+
+Test(resident, arithmetic_offset_and_isolation, .timeout = 20)
+{
+	const uint64_t slot = 10000, stride = ALIGN_PAGE(slot), res = 3 * PAGE + 100;
+	const uint64_t cap = 20 * stride + 7;
+	struct tier_gpu_config cfg = { .backend = "emulated", .capacity = cap, .slot_bytes = slot };
+	struct moe_error err = { "" };
+	struct tier_gpu *g;
+
+	/* without: capacity / stride slots */
+	cr_assert_eq(tier_gpu_create(&cfg, &g, &err), 0, "%s", err.msg);
+	cr_assert_eq(tier_gpu_nslots(g), 20);
+	cr_assert_eq(tier_gpu_resident_bytes(g), 0);
+	cr_assert_eq(tier_gpu_resident_addr(g), 0);
+	cr_assert_eq(tier_gpu_resident_write(g, 0, &err, 1, &err), -ENOSPC);
+	tier_gpu_destroy(g);
+
+	/* with: the slots are counted from what the page-rounded region leaves */
+	cfg.resident_bytes = res;
+	cr_assert_eq(tier_gpu_create(&cfg, &g, &err), 0, "%s", err.msg);
+	const uint64_t rlen = ALIGN_PAGE(res);
+	cr_assert_eq(tier_gpu_resident_bytes(g), rlen);
+	cr_assert_eq(tier_gpu_nslots(g), (cap - rlen) / stride);
+	cr_assert_eq(tier_gpu_nslots(g), 18, "4 pages of B cost 2 slots of 3 pages: %u", tier_gpu_nslots(g));
+	const uint32_t n = tier_gpu_nslots(g);
+	cr_assert_eq(tier_gpu_resident_offset(g), n * stride);
+	cr_assert_eq(tier_gpu_resident_addr(g), tier_gpu_slot_addr(g, 0) + n * stride);
+
+	uint8_t *b = malloc(res), *x = malloc(slot);
+	for (uint64_t i = 0; i < res; i++)
+		b[i] = (uint8_t)(i * 131 + 7);
+	/* hostile ranges never touch the region */
+	cr_assert_eq(tier_gpu_resident_write(g, 0, b, rlen + 1, &err), -EINVAL);
+	cr_assert_eq(tier_gpu_resident_write(g, rlen, b, 1, &err), -EINVAL);
+	cr_assert_eq(tier_gpu_resident_write(g, UINT64_MAX, b, 2, &err), -EINVAL);
+	cr_assert_eq(tier_gpu_resident_write(g, 0, NULL, 2, &err), -EINVAL);
+	cr_assert_eq(tier_gpu_resident_write(g, 0, b, res, &err), 0, "%s", err.msg);
+
+	/* fill every slot: the region after them keeps its bytes */
+	for (uint32_t s = 0; s < n; s++) {
+		uint64_t tok;
+		memset(x, 0xa5 ^ (int)s, slot);
+		cr_assert_eq(tier_gpu_copy_in(g, s, x, slot, &tok, &err), 0, "%s", err.msg);
+		cr_assert_eq(tier_gpu_wait(g, tok, 5000), 1);
+	}
+	cr_assert_eq(tier_gpu_slot_addr(g, n), 0, "no slot past the last one");
+	cr_assert_eq(memcmp((void *)(uintptr_t)tier_gpu_resident_addr(g), b, res), 0);
+
+	/* a client's read-only mapping covers the slots and the region */
+	struct tier_gpu_export e;
+	cr_assert_eq(tier_gpu_export(g, &e, &err), 0, "%s", err.msg);
+	cr_assert_eq(e.nfds, 1);
+	cr_assert_geq(e.chunk_bytes, n * stride + rlen);
+	const uint8_t *m = mmap(NULL, e.chunk_bytes, PROT_READ, MAP_SHARED, e.fds[0], 0);
+	cr_assert_neq(m, MAP_FAILED);
+	cr_assert_eq(memcmp(m + tier_gpu_resident_offset(g), b, res), 0);
+	munmap((void *)m, e.chunk_bytes);
+	tier_gpu_export_free(&e);
+	tier_gpu_destroy(g);
+
+	/* too small for the region and one slot: -ENOSPC, saying why */
+	cfg.capacity = rlen + stride - 1;
+	cr_assert_eq(tier_gpu_create(&cfg, &g, &err), -ENOSPC);
+	cr_assert(strstr(err.msg, "resident"), "%s", err.msg);
+	cfg.capacity = rlen + stride;
+	cr_assert_eq(tier_gpu_create(&cfg, &g, &err), 0, "%s", err.msg);
+	cr_assert_eq(tier_gpu_nslots(g), 1);
+	tier_gpu_destroy(g);
+	free(b);
+	free(x);
+}
+
+/* ---- the daemon ------------------------------------------------------------ */
+
+struct env {
+	char *dir;
+	char dense[512], latent[512];
+	char sock[512], log[512];
+	pid_t pid;
+};
+
+static struct env E;
+
+static void make_packs(void)
+{
+	E.dir = tu_mkdtemp("molae-gpu");
+	cr_assert_eq(chmod(E.dir, 0755), 0);
+	snprintf(E.dense, sizeof(E.dense), "%s/d.moepack", E.dir);
+	snprintf(E.latent, sizeof(E.latent), "%s/l.moepack", E.dir);
+	snprintf(E.sock, sizeof(E.sock), "%s/run/s.sock", E.dir);
+	snprintf(E.log, sizeof(E.log), "%s/moetierd.log", E.dir);
+	char run[600], gen[4096], packer[4096];
+	snprintf(run, sizeof(run), "%s/run", E.dir);
+	cr_assert_eq(mkdir(run, 0755), 0);
+	snprintf(gen, sizeof(gen), "%s", tu_build_path("tools/moe-gen"));
+	snprintf(packer, sizeof(packer), "%s", tu_build_path("tools/moe-pack"));
+	if (tu_sh("%s molae --help 2>&1 | grep -q 'not built'", packer) == 0)
+		cr_skip_test("moe-pack built without LAPACKE: no latent packs");
+	cr_assert_eq(tu_sh("%s model --family qwen3_moe --preset tiny-lm --format gguf --dtype f32 --out %s/src >/dev/null",
+			   gen, E.dir), 0);
+	cr_assert_eq(tu_sh("%s convert %s/src/model.gguf -o %s -q", packer, E.dir, E.dense), 0);
+	cr_assert_eq(tu_sh("%s molae --rank 32 --group-size 4 %s -o %s -q >/dev/null", packer, E.dense, E.latent), 0);
+}
+
+static void setup(void) { make_packs(); }
+
+static void stop_daemon(void)
+{
+	if (E.pid > 0) {
+		int st = probe_stop(E.pid);
+		cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "moetierd exited with status %#x", st);
+	}
+	E.pid = 0;
+}
+
+static void teardown(void)
+{
+	stop_daemon();
+	if (E.dir)
+		tu_rmtree(E.dir);
+	E.dir = NULL;
+}
+
+/* gpu_bytes NULL: no GPU tier. */
+static void start_daemon(const char *pack, const char *gpu_bytes)
+{
+	unlink(E.log);
+	pid_t p = fork();
+	cr_assert(p >= 0);
+	if (p == 0) {
+		char so[600], gb[64];
+		snprintf(so, sizeof(so), "--socket=%s", E.sock);
+		snprintf(gb, sizeof(gb), "--gpu-bytes=%s", gpu_bytes ? gpu_bytes : "");
+		int fd = open(E.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+		if (fd >= 0) {
+			dup2(fd, 2);
+			close(fd);
+		}
+		char *argv[16];
+		unsigned n = 0;
+		argv[n++] = "moetierd";
+		argv[n++] = "--foreground";
+		argv[n++] = "--config=";
+		argv[n++] = so;
+		argv[n++] = "--host-bytes=2M";
+		argv[n++] = "--socket-group=";
+		argv[n++] = "--log-level=info";
+		if (gpu_bytes) {
+			argv[n++] = "--gpu-backend=emulated";
+			argv[n++] = gb;
+		}
+		argv[n++] = (char *)pack;
+		argv[n] = NULL;
+		execv(tu_build_path("moetierd"), argv);
+		_exit(127);
+	}
+	E.pid = p;
+	probe_wait_up(p, E.sock, E.log);
+}
+
+static moet_ctx *attach(void)
+{
+	moet_ctx *c = NULL;
+	struct moet_connect_opts o = { sizeof(o), E.sock, NULL, "molae-gpu", MOET_CAP_RING | MOET_CAP_HOST_ARENA, 0, 20 };
+	int rc = moet_connect(&o, &c);
+	cr_assert_eq(rc, 0, "connect: %s (%s)", moet_strerror(rc), moet_last_error(NULL));
+	return c;
+}
+
+/* The pack's B_gate then B_up of (MoE layer l, group g), or NULL when the
+ * pack has no such group. *bytes = both. */
+static float *pack_b(struct pack_file *pf, uint32_t l, uint32_t g, uint64_t *bytes)
+{
+	char name[64];
+	struct moe_error err = { "" };
+	const uint32_t layer = moe_model_layer_of(pf->model, l);
+	snprintf(name, sizeof(name), "blk.%u.molae_b_gate.%u", layer, g);
+	const struct pack_tensor_entry *tg = pack_find_tensor(pf, name);
+	snprintf(name, sizeof(name), "blk.%u.molae_b_up.%u", layer, g);
+	const struct pack_tensor_entry *tu = pack_find_tensor(pf, name);
+	if (!tg || !tu)
+		return NULL;
+	cr_assert_eq(tg->bytes, tu->bytes);
+	uint8_t *b = malloc(tg->bytes * 2);
+	cr_assert_eq(pack_read_tensor(pf, tg, b, &err), 0, "%s", err.msg);
+	cr_assert_eq(pack_read_tensor(pf, tu, b + tg->bytes, &err), 0, "%s", err.msg);
+	*bytes = tg->bytes * 2;
+	return (float *)b;
+}
+
+static json_t *stats_json(moet_ctx *c, json_t **model)
+{
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_JSON, &txt), 0, "stats: %s", moet_last_error(c));
+	json_error_t je;
+	json_t *root = json_loads(txt, 0, &je);
+	free(txt);
+	cr_assert(root, "stats JSON: %s", je.text);
+	const char *k;
+	json_t *v;
+	*model = NULL;
+	json_object_foreach(json_object_get(root, "models"), k, v) *model = v;
+	cr_assert(*model);
+	return root;
+}
+
+/* Every (layer, group) through moet_latent_basis against the pack; with the
+ * GPU tier also the bytes at the offset, read through the HELLO mapping
+ * (moet_slot_ptr) and through the moet_gpu_export memfd. Returns the sum of
+ * `bytes` (the B image). */
+static uint64_t check_every_basis(moet_ctx *c, struct pack_file *pf, unsigned want_tier, unsigned *n_groups)
+{
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	const uint8_t *exp = NULL;
+	uint64_t exp_len = 0;
+	if (want_tier == MOET_TIER_GPU) {
+		struct moet_gpu_export x;
+		int fd = -1;
+		uint64_t off = 0;
+		int n = moet_gpu_export(c, 0, &x, &fd, &off, 1);
+		cr_assert_eq(n, 1, "gpu export: %s", moet_strerror(n));
+		cr_assert_eq(x.backend, MOET_GPU_EMULATED);
+		cr_assert_eq(off, 0);
+		exp_len = x.chunk_bytes;
+		exp = mmap(NULL, exp_len, PROT_READ, MAP_SHARED, fd, 0);
+		cr_assert_neq(exp, MAP_FAILED);
+		close(fd);
+	}
+	const uint8_t *gpu0 = want_tier == MOET_TIER_GPU ? moet_slot_ptr(c, MOET_TIER_GPU, 0) : NULL;
+	uint64_t total = 0;
+	*n_groups = 0;
+	for (uint32_t l = 0; l < mi.n_moe_layers; l++) {
+		uint32_t g = 0;
+		for (;; g++) {
+			struct moet_latent_basis lb = { .size = sizeof(lb) };
+			int rc = moet_latent_basis(c, l, g, &lb);
+			uint64_t pb = 0;
+			float *ref = pack_b(pf, l, g, &pb);
+			if (rc == -ERANGE) {
+				cr_assert_null(ref, "layer %u group %u is in the pack but out of range", l, g);
+				break;
+			}
+			cr_assert_eq(rc, 0, "layer %u group %u: %s (%s)", l, g, moet_strerror(rc), moet_last_error(c));
+			cr_assert_not_null(ref, "layer %u group %u answered but not in the pack", l, g);
+			cr_assert_eq(lb.size, sizeof(lb));
+			cr_assert_eq(lb.tier, want_tier, "layer %u group %u: tier %u", l, g, lb.tier);
+			cr_assert_eq(lb.dtype, MOE_DTYPE_F32);
+			cr_assert_eq(lb.rows, 32);
+			cr_assert_eq(lb.cols, mi.hidden);
+			cr_assert_eq(lb.bytes, pb);
+			cr_assert_eq(lb.bytes, 2ull * lb.rows * lb.cols * sizeof(float));
+			if (want_tier == MOET_TIER_GPU) {
+				cr_assert_geq(lb.offset, (uint64_t)mi.n_slots[MOET_TIER_GPU] * mi.slot_bytes[MOET_TIER_GPU],
+					      "B overlaps the expert slots");
+				cr_assert_leq(lb.offset + lb.bytes, exp_len);
+				cr_assert_eq(memcmp(exp + lb.offset, ref, pb), 0, "layer %u group %u: export bytes differ", l, g);
+				cr_assert_not_null(gpu0);
+				cr_assert_eq(memcmp(gpu0 + lb.offset, ref, pb), 0, "layer %u group %u: HELLO map differs", l, g);
+			} else {
+				cr_assert_eq(lb.offset, 0);
+			}
+			total += lb.bytes;
+			free(ref);
+		}
+		cr_assert_gt(g, 0, "layer %u has no group", l);
+		*n_groups += g;
+	}
+	if (exp)
+		munmap((void *)exp, exp_len);
+	return total;
+}
+
+static const uint64_t GPU_BYTES = 1u << 20;
+
+TestSuite(molae_gpu, .init = setup, .fini = teardown, .timeout = 120);
+
+Test(molae_gpu, b_in_the_gpu_tier_bit_for_bit_and_slots_shrink)
+{
+	struct moe_error err = { "" };
+	struct pack_file *pf;
+	cr_assert_eq(pack_open(E.latent, PACK_OPEN_NO_DIRECT, &pf, &err), 0, "%s", err.msg);
+	start_daemon(E.latent, "1M");
+	moet_ctx *c = attach();
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	unsigned groups;
+	const uint64_t total = check_every_basis(c, pf, MOET_TIER_GPU, &groups);
+	cr_assert_eq(groups, mi.n_moe_layers * 4, "group size 4 of 16 experts: 4 groups per layer");
+
+	/* the arithmetic: the slots are what the page-rounded B leaves */
+	const uint64_t stride = mi.slot_bytes[MOET_TIER_GPU];
+	cr_assert_eq(stride, ALIGN_PAGE(mi.expert_bytes));
+	cr_assert_eq(mi.n_slots[MOET_TIER_GPU], (GPU_BYTES - ALIGN_PAGE(total)) / stride, "slots %u, B %llu, stride %llu",
+		     mi.n_slots[MOET_TIER_GPU], (unsigned long long)total, (unsigned long long)stride);
+	cr_assert_lt(mi.n_slots[MOET_TIER_GPU], GPU_BYTES / stride);
+
+	/* moectl stats (JSON) say the same */
+	json_t *model, *root = stats_json(c, &model);
+	json_t *lb = json_object_get(model, "latent_basis");
+	cr_assert(json_is_object(lb), "no latent_basis in the stats");
+	cr_assert_str_eq(json_string_value(json_object_get(lb, "tier")), "gpu");
+	cr_assert_eq(json_integer_value(json_object_get(lb, "gpu_bytes")), (json_int_t)total);
+	cr_assert_eq(json_integer_value(json_object_get(lb, "gpu_reserved_bytes")), (json_int_t)ALIGN_PAGE(total));
+	cr_assert_eq(json_integer_value(json_object_get(lb, "gpu_expert_slots")), (json_int_t)mi.n_slots[MOET_TIER_GPU]);
+	json_decref(root);
+
+	/* cycle every expert through the GPU slots (evictions): B stays put */
+	for (int round = 0; round < 2; round++)
+		for (uint32_t l = 0; l < mi.n_moe_layers; l++)
+			for (uint32_t e = 0; e < mi.n_experts; e++) {
+				int32_t slot;
+				uint8_t tier;
+				moet_lease lease = 0;
+				int rc = moet_acquire(c, l, &e, 1, MOET_F_WANT_GPU, &slot, &tier, &lease);
+				cr_assert_geq(rc, 0, "acquire: %s", moet_strerror(rc));
+				if (lease)
+					moet_release(c, lease);
+			}
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_TEXT, &txt), 0);
+	cr_assert(strstr(txt, "latent basis (MoLAE B): gpu tier"), "%s", txt);
+	long loads = 0;
+	const char *p = strstr(txt, "cache_loads_gpu");
+	cr_assert(p && sscanf(p, "cache_loads_gpu %ld", &loads) == 1 && loads > mi.n_slots[MOET_TIER_GPU],
+		  "the GPU tier did not cycle (%ld loads)", loads);
+	free(txt);
+	unsigned groups2;
+	cr_assert_eq(check_every_basis(c, pf, MOET_TIER_GPU, &groups2), total);
+
+	/* hostile requests */
+	struct moet_latent_basis b = { .size = sizeof(b) };
+	cr_assert_eq(moet_latent_basis(c, mi.n_moe_layers, 0, &b), -ERANGE);
+	cr_assert_eq(moet_latent_basis(c, UINT32_MAX, 0, &b), -ERANGE);
+	cr_assert_eq(moet_latent_basis(c, 0, 4, &b), -ERANGE);
+	cr_assert_eq(moet_latent_basis(c, 0, UINT32_MAX, &b), -ERANGE);
+	cr_assert_eq(moet_latent_basis(c, 0, 0, NULL), -EINVAL);
+	cr_assert_eq(moet_latent_basis(NULL, 0, 0, &b), -EINVAL);
+	b.size = 8;
+	cr_assert_eq(moet_latent_basis(c, 0, 0, &b), -EINVAL);
+	/* raw messages: a short payload, nonzero reserved fields */
+	int fd = moet_socket_fd(c);
+	struct {
+		struct moet_msg h;
+		struct moet_latent_basis_req q;
+	} m = { { MOET_MSG_MAGIC, MOET_PROTO_VERSION, MOET_MSG_LATENT_BASIS, 900, 0, 0, 4 }, { 0, 0, { 7, 0 } } };
+	uint8_t rb[512];
+	struct moet_msg rh;
+	cr_assert_eq(send(fd, &m, sizeof(m.h) + 4, 0), (ssize_t)(sizeof(m.h) + 4));
+	cr_assert_gt(recv(fd, rb, sizeof(rb), 0), (ssize_t)sizeof(rh));
+	memcpy(&rh, rb, sizeof(rh));
+	cr_assert_eq(rh.type, MOET_MSG_ERROR);
+	cr_assert_eq(rh.status, -EPROTO);
+	m.h.len = sizeof(m.q);
+	m.h.seq = 901;
+	cr_assert_eq(send(fd, &m, sizeof(m), 0), (ssize_t)sizeof(m));
+	cr_assert_gt(recv(fd, rb, sizeof(rb), 0), (ssize_t)sizeof(rh));
+	memcpy(&rh, rb, sizeof(rh));
+	cr_assert_eq(rh.type, MOET_MSG_ERROR);
+	cr_assert_eq(rh.status, -EINVAL);
+	/* still serving */
+	b.size = sizeof(b);
+	cr_assert_eq(moet_latent_basis(c, 0, 0, &b), 0);
+	moet_close(c);
+	pack_close(pf);
+	stop_daemon();
+	cr_assert_eq(tu_sh("grep -q 'B 384.0 KiB resident in the GPU tier' %s", E.log), 0, "no load line in the log");
+}
+
+/* COMPUTE y for every layer (T tokens, top-2). */
+static float *compute_all(moet_ctx *c, const struct moet_model_info *mi)
+{
+	enum { T = 3, K = 2 };
+	const uint32_t n = mi->hidden, E_ = mi->n_experts;
+	uint32_t experts[T * K] = { 0, 1 % E_, 2 % E_, 5 % E_, 1 % E_, (E_ - 1) % E_ };
+	float w[T * K] = { 0.75f, 0.25f, 0.5f, 0.5f, 0.9f, 0.1f };
+	float *x = calloc((size_t)T * n, 4), *y = calloc((size_t)mi->n_moe_layers * T * n, 4);
+	for (uint32_t i = 0; i < T * n; i++)
+		x[i] = (float)((i * 37 % 23) - 11) / 16.0f;
+	for (uint32_t l = 0; l < mi->n_moe_layers; l++) {
+		float *yl = y + (size_t)l * T * n;
+		int rc = moet_compute(c, l, T, K, experts, w, x, yl);
+		for (int i = 0; i < 400 && rc == -EAGAIN; i++) {
+			moet_wait_ready(c, l, 50);
+			rc = moet_compute(c, l, T, K, experts, w, x, yl);
+		}
+		cr_assert_eq(rc, T, "compute layer %u: %s", l, moet_strerror(rc));
+	}
+	free(x);
+	return y;
+}
+
+Test(molae_gpu, compute_unchanged_and_host_without_gpu_tier)
+{
+	struct moe_error err = { "" };
+	struct pack_file *pf;
+	cr_assert_eq(pack_open(E.latent, PACK_OPEN_NO_DIRECT, &pf, &err), 0, "%s", err.msg);
+	start_daemon(E.latent, "1M");
+	moet_ctx *c = attach();
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	cr_assert(mi.caps & MOET_CAP_COMPUTE);
+	float *yg = compute_all(c, &mi);
+	moet_close(c);
+	stop_daemon();
+
+	start_daemon(E.latent, NULL);
+	c = attach();
+	struct moet_model_info mh = { .size = sizeof(mh) };
+	cr_assert_eq(moet_model_info(c, &mh), 0);
+	cr_assert_eq(mh.n_slots[MOET_TIER_GPU], 0);
+	unsigned groups;
+	const uint64_t total = check_every_basis(c, pf, MOET_TIER_HOST, &groups);
+	cr_assert_gt(total, 0);
+	float *yh = compute_all(c, &mh);
+	const size_t ny = (size_t)mi.n_moe_layers * 3 * mi.hidden;
+	cr_assert_eq(memcmp(yg, yh, ny * sizeof(float)), 0, "COMPUTE differs with and without the GPU tier");
+	json_t *model, *root = stats_json(c, &model);
+	json_t *lb = json_object_get(model, "latent_basis");
+	cr_assert_str_eq(json_string_value(json_object_get(lb, "tier")), "host");
+	cr_assert_eq(json_integer_value(json_object_get(lb, "gpu_bytes")), 0);
+	cr_assert_eq(json_integer_value(json_object_get(lb, "bytes")), (json_int_t)total);
+	json_decref(root);
+	free(yg);
+	free(yh);
+	moet_close(c);
+	pack_close(pf);
+}
+
+Test(molae_gpu, arena_too_small_keeps_b_on_the_host)
+{
+	struct moe_error err = { "" };
+	struct pack_file *pf;
+	cr_assert_eq(pack_open(E.latent, PACK_OPEN_NO_DIRECT, &pf, &err), 0, "%s", err.msg);
+	/* 400 KiB: B (384 KiB) and one 48 KiB slot do not both fit */
+	start_daemon(E.latent, "400K");
+	moet_ctx *c = attach();
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	cr_assert_eq(mi.n_slots[MOET_TIER_GPU], (400u << 10) / mi.slot_bytes[MOET_TIER_GPU],
+		     "the GPU tier keeps every slot: %u", mi.n_slots[MOET_TIER_GPU]);
+	unsigned groups;
+	check_every_basis(c, pf, MOET_TIER_HOST, &groups);
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_TEXT, &txt), 0);
+	cr_assert(strstr(txt, "latent basis (MoLAE B): host tier") && strstr(txt, "not in the GPU tier"), "%s", txt);
+	free(txt);
+	moet_close(c);
+	pack_close(pf);
+	cr_assert_eq(tu_sh("grep -c 'MoLAE B (384.0 KiB) stays on the host, not in the GPU tier: .*resident' %s | grep -qx 1",
+			   E.log), 0, "no single clear log line");
+}
+
+Test(molae_gpu, dense_pack_has_no_basis)
+{
+	start_daemon(E.dense, "1M");
+	moet_ctx *c = attach();
+	struct moet_latent_basis b = { .size = sizeof(b) };
+	cr_assert_eq(moet_latent_basis(c, 0, 0, &b), -ENOENT);
+	cr_assert(strstr(moet_last_error(c), "not a MoLAE latent pack"), "%s", moet_last_error(c));
+	char *txt = NULL;
+	cr_assert_eq(moet_stats(c, MOET_STATS_TEXT, &txt), 0);
+	cr_assert_null(strstr(txt, "latent basis"), "a dense pack shows no latent basis");
+	free(txt);
+	moet_close(c);
+}
