@@ -82,7 +82,8 @@ _Static_assert(sizeof(struct moet_latent_basis_reply) == 48, "latent basis reply
 
 /* GPU arena handles for clients: the emulated region's read-only memfd, or
  * the POSIX fds of the CUDA VMM chunks (cuMemImportFromShareableHandle in the
- * client, then cuMemMap at offsets[i] of a range of slot_stride * n_slots).
+ * client, then cuMemMap at offsets[i] of a range of chunk_bytes * total: the
+ * slots, then a MoLAE pack's resident B matrices if the daemon keeps them).
  * Handles come in batches of at most MOET_GPU_EXPORT_BATCH; a client asks
  * again with first = first + n until first + n == total, and fetches the set
  * again when `generation` changes (a chunk was created or released). */
