@@ -5,7 +5,7 @@
 noinst_LIBRARIES += client/run/libmoerun.a
 client_run_libmoerun_a_SOURCES = client/run/model.c client/run/model.h client/run/attention.c \
 	client/run/attention.h client/run/experts.c client/run/experts.h client/run/runner.c client/run/runner.h \
-	client/run/simcache.c client/run/simcache.h
+	client/run/simcache.c client/run/simcache.h client/run/gpu.c client/run/gpu.h
 
 bin_PROGRAMS += moe-run
 moe_run_SOURCES = client/run/moe-run.c
@@ -16,10 +16,13 @@ dist_man_MANS += doc/moe-run.1
 # from GGUF- vs safetensors-made packs, and on the trained model (skips until
 # models/ has it).
 TESTS += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh tests/test_moe_run_trained.sh \
-	tests/test_moe_run_corrupt.sh
+	tests/test_moe_run_corrupt.sh tests/test_moe_run_gpu.sh
 EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_run_formats.sh \
-	tests/test_moe_run_trained.sh tests/test_moe_run_corrupt.sh \
+	tests/test_moe_run_trained.sh tests/test_moe_run_corrupt.sh tests/test_moe_run_gpu.sh \
 	tests/logits-compare.py
+# moe-run --gpu on a real GPU (the device path against the host; exits 77
+# without one): run by scripts/gpu-check, not by make check
+EXTRA_DIST += tests/moe-run-gpu.sh
 
 if HAVE_CRITERION
 # (not tests/test_moe_run: its log would be test_moe_run.sh's)

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "gpu.h"
 #include "latent.h"
 #include "moetier/moetier.h"
 #include "simcache.h"
@@ -48,6 +49,16 @@ struct experts {
 	uint8_t *tiers;              /* [E] */
 	moet_lease *leases;          /* [E / MOET_MAX_BATCH + 1] one per acquire */
 	float *logits;               /* [B][E] */
+	/* the GPU tier (experts_use_gpu) */
+	bool want_gpu;               /* acquire from the GPU tier first (MOET_F_WANT_GPU) */
+	struct gpu *gpu;             /* the device path; NULL: GPU-tier slots read through moet_slot_ptr */
+	uint8_t *on_gpu;             /* [B][k] outputs the device summed (not in outs) */
+	uint32_t *gtok;              /* [B] one expert's tokens for gpu_batch_add */
+	float *gw;                   /* [B] ...and their routing weights */
+	const float *gpu_y;          /* [B][n] the device's sum of the layer call, or NULL */
+	moet_lease *gleases;         /* leases of the slots the device reads until the wait */
+	unsigned gl_n, gl_cap;
+	struct gpu_stats gpu_base;   /* the device's counters when the run's counting began */
 	struct experts_stats st;
 	/* experts_configure */
 	struct experts_opts o;
@@ -98,6 +109,9 @@ static int grow(struct experts *ex, uint32_t B, unsigned workers)
 	free(ex->tok_of);
 	free(ex->slot_of);
 	free(ex->logits);
+	free(ex->on_gpu);
+	free(ex->gtok);
+	free(ex->gw);
 	free(ex->pg_x);
 	free(ex->pg_pred);
 	free(ex->pg_xs);
@@ -111,7 +125,10 @@ static int grow(struct experts *ex, uint32_t B, unsigned workers)
 	ex->tok_of = malloc((size_t)ex->E * B * sizeof(uint32_t));
 	ex->slot_of = malloc((size_t)ex->E * B);
 	ex->logits = malloc((size_t)B * ex->E * sizeof(float));
-	bool ok = ex->routes && ex->outs && ex->tok_of && ex->slot_of && ex->logits;
+	ex->on_gpu = calloc((size_t)B * ex->k, 1);
+	ex->gtok = malloc((size_t)B * sizeof(uint32_t));
+	ex->gw = malloc((size_t)B * sizeof(float));
+	bool ok = ex->routes && ex->outs && ex->tok_of && ex->slot_of && ex->logits && ex->on_gpu && ex->gtok && ex->gw;
 	if (ok && ex->o.pregate) {
 		ex->pg_x = malloc((size_t)B * ex->n * sizeof(float));
 		ex->pg_pred = malloc((size_t)ex->m->n_layers * PG_MAX * B * 2 * ex->k * sizeof(uint32_t));
@@ -144,7 +161,7 @@ static struct experts *alloc_experts(const struct model *m)
 	ex->E = m->n_experts;
 	if (!(ex->count = calloc(ex->E, sizeof(uint32_t))) || !(ex->mask = calloc(ex->E, 1)) ||
 	    !(ex->ids = calloc(ex->E, sizeof(uint32_t))) || !(ex->slots = calloc(ex->E, sizeof(int32_t))) ||
-	    !(ex->tiers = calloc(ex->E, 1)) || !(ex->leases = calloc(ex->E / MOET_MAX_BATCH + 1, sizeof(moet_lease))) ||
+	    !(ex->tiers = calloc(ex->E, 1)) || !(ex->leases = calloc(2 * (ex->E / MOET_MAX_BATCH + 1), sizeof(moet_lease))) ||
 	    !(ex->cl_e = calloc(ex->E, sizeof(uint32_t))) || !(ex->cl_p = calloc(ex->E, sizeof(void *)))) {
 		experts_close(ex); /* frees whatever was allocated */
 		return NULL;
@@ -242,6 +259,11 @@ void experts_close(struct experts *ex)
 {
 	if (!ex)
 		return;
+	gpu_close(ex->gpu); /* before the daemon's arena goes */
+	free(ex->gleases);
+	free(ex->on_gpu);
+	free(ex->gtok);
+	free(ex->gw);
 	moet_close(ex->ctx);
 	free(ex->all);
 	free(ex->fallback);
@@ -297,6 +319,62 @@ void experts_close(struct experts *ex)
 	free(ex);
 }
 
+int experts_use_gpu(struct experts *ex, enum experts_gpu_mode mode, char *note, size_t len, struct moe_error *err)
+{
+	const struct model *m = ex->m;
+	const bool on = mode == EXPERTS_GPU_ON;
+	struct moe_error why = { { 0 } };
+	int rc;
+	note[0] = '\0';
+	ex->want_gpu = false;
+	if (mode == EXPERTS_GPU_OFF)
+		return 0;
+	if (!ex->ctx) {
+		/* --local: every expert in host memory, no tier to use */
+		return on ? moe_error_set(err, -EINVAL, "--gpu=on computes the daemon's GPU tier: not with --local") : 0;
+	}
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	if ((rc = moet_model_info(ex->ctx, &mi)) < 0)
+		return moe_error_set(err, -EPROTO, "moetierd: model info: %s", moet_strerror(rc));
+	if (!mi.n_slots[MOET_TIER_GPU]) {
+		rc = moe_error_set(&why, -ENODEV, "moetierd has no GPU tier (moetierd --gpu-bytes, --gpu-backend=vmm)");
+		goto host;
+	}
+	if (mi.caps & MOET_CAP_GPU_EMU) {
+		/* the emulated tier lives in host memory, mapped here */
+		if (on) {
+			rc = moe_error_set(&why, -ENODEV,
+					   "moetierd's GPU tier is emulated (host memory): --gpu=on needs a CUDA one "
+					   "(moetierd --gpu-backend=vmm)");
+			goto host;
+		}
+		ex->want_gpu = true;
+		snprintf(note, len, "moe-run: GPU: moetierd's GPU tier is emulated: its experts are computed on the host");
+		return 0;
+	}
+	if (m->latent) {
+		rc = moe_error_set(&why, -ENOTSUP, "a MoLAE latent pack has no device path yet");
+		goto host;
+	}
+	for (uint32_t l = 0; l < m->cfg->n_moe_layers; l++)
+		if ((rc = ffn_cuda_layout_check(model_layout(m, l), &why))) {
+			moe_error_prefix(&why, rc, "MoE layer %u", l);
+			goto host;
+		}
+	if ((rc = gpu_open(ex->ctx, mi.n_slots[MOET_TIER_GPU], ex->E, ex->k, &ex->gpu, &why)))
+		goto host;
+	ex->want_gpu = true;
+	ex->st.gpu = true;
+	gpu_get_stats(ex->gpu, &ex->gpu_base);
+	snprintf(note, len, "moe-run: GPU: the experts of moetierd's GPU tier are computed on %s", gpu_name(ex->gpu));
+	return 0;
+host:
+	if (on)
+		return moe_error_set(err, rc, "--gpu=on: %s", why.msg);
+	snprintf(note, len, "moe-run: GPU: not used (%s): experts computed on the host", why.msg);
+	return 0;
+}
+
 void experts_set_token(struct experts *ex, uint32_t token_key, uint32_t position)
 {
 	if (ex->ctx)
@@ -314,9 +392,12 @@ int experts_configure(struct experts *ex, const struct experts_opts *o, struct m
 	free(ex->pg_hint_only);
 	ex->pg_n = NULL;
 	ex->pg_hint_only = NULL;
-	const bool local = ex->st.local;
+	const bool local = ex->st.local, gpu = ex->st.gpu;
 	memset(&ex->st, 0, sizeof(ex->st));
 	ex->st.local = local;
+	ex->st.gpu = gpu;
+	if (ex->gpu)
+		gpu_get_stats(ex->gpu, &ex->gpu_base);
 	if (ex->ctx)
 		moet_expert_counters(ex->ctx, NULL, NULL, NULL, ex->bytes0);
 	if (ex->hint_n)
@@ -778,7 +859,7 @@ static void prefetch_pregate(struct experts *ex, int32_t src, uint32_t B)
 		}
 		if (!nn)
 			continue;
-		if (moet_prefetch(ex->ctx, (uint32_t)m->layers[nl].moe_index, h + nh, nn, MOET_TIER_HOST) < 0)
+		if (moet_prefetch(ex->ctx, (uint32_t)m->layers[nl].moe_index, h + nh, nn, ex->want_gpu ? MOET_TIER_GPU : MOET_TIER_HOST) < 0)
 			return;
 		ex->st.prefetches += nn;
 		ex->hint_n[nl] = nh + nn;
@@ -889,16 +970,31 @@ static void prefetch_next(struct experts *ex, uint32_t il, const float *x, uint3
 		}
 		if (!nn)
 			continue;
-		if (moet_prefetch(ex->ctx, (uint32_t)N->moe_index, h + nh, nn, MOET_TIER_HOST) < 0)
+		if (moet_prefetch(ex->ctx, (uint32_t)N->moe_index, h + nh, nn, ex->want_gpu ? MOET_TIER_GPU : MOET_TIER_HOST) < 0)
 			return;
 		ex->st.prefetches += nn;
 		ex->hint_n[nl] = nh + nn;
 	}
 }
 
-static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids, unsigned n)
+/* Fills ex->mask with the layer's residency in the tiers moe-run reads:
+ * the host's, and with the GPU tier in use the GPU's too. < 0 on failure. */
+static int residency(struct experts *ex, uint32_t moe_l)
 {
 	if (moet_resident(ex->ctx, moe_l, MOET_TIER_HOST, ex->mask, ex->E) < 0)
+		return -1;
+	if (ex->want_gpu) {
+		uint8_t g[ROUTE_MAX_EXPERTS];
+		if (ex->E <= ROUTE_MAX_EXPERTS && moet_resident(ex->ctx, moe_l, MOET_TIER_GPU, g, ex->E) >= 0)
+			for (uint32_t e = 0; e < ex->E; e++)
+				ex->mask[e] |= g[e];
+	}
+	return 0;
+}
+
+static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids, unsigned n)
+{
+	if (residency(ex, moe_l) < 0)
 		return false;
 	for (unsigned i = 0; i < n; i++)
 		if (ex->mask[ids[i]])
@@ -906,102 +1002,206 @@ static bool any_resident(struct experts *ex, uint32_t moe_l, const uint32_t *ids
 	return false;
 }
 
+/* Expert e served from GPU slot `slot`: its tokens and routing weights
+ * added to the device batch, their outputs marked as the device's. */
+static int gpu_add(struct experts *ex, uint32_t e, int32_t slot)
+{
+	const uint32_t cnt = ex->count[e];
+	const uint32_t *tok = ex->tok_of + (size_t)e * ex->cap_B;
+	const uint8_t *sl = ex->slot_of + (size_t)e * ex->cap_B;
+	for (uint32_t i = 0; i < cnt; i++) {
+		ex->gtok[i] = tok[i];
+		ex->gw[i] = ex->routes[tok[i]].weights[sl[i]];
+	}
+	int rc = gpu_batch_add(ex->gpu, slot, cnt, ex->gtok, ex->gw);
+	if (rc)
+		return rc;
+	for (uint32_t i = 0; i < cnt; i++)
+		ex->on_gpu[(size_t)tok[i] * ex->k + sl[i]] = 1;
+	ex->st.slots += cnt;
+	ex->st.uses++;
+	return 0;
+}
+
+/* Keeps a lease of slots the device reads until the batch's wait. */
+static int gpu_keep_lease(struct experts *ex, moet_lease l)
+{
+	if (ex->gl_n == ex->gl_cap) {
+		unsigned cap = ex->gl_cap ? 2 * ex->gl_cap : 16;
+		moet_lease *v = realloc(ex->gleases, cap * sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		ex->gleases = v;
+		ex->gl_cap = cap;
+	}
+	ex->gleases[ex->gl_n++] = l;
+	return 0;
+}
+
+/* The device batch's end: waited for (its sums in ex->gpu_y), then the
+ * leases of the slots it read go back. */
+static int gpu_finish(struct experts *ex, struct moe_error *err)
+{
+	int rc = gpu_batch_wait(ex->gpu, &ex->gpu_y, err);
+	for (unsigned i = 0; i < ex->gl_n; i++)
+		moet_release(ex->ctx, ex->gleases[i]);
+	ex->gl_n = 0;
+	return rc;
+}
+
 /* Acquires and computes the experts ids[0..n): what is resident first, then
  * what was missing as its loads land. Every round asks for all of them (in
  * ring-entry chunks) before computing any, so all their loads start at once,
- * then sends the next layer's hint, then computes what was served. */
+ * then sends the next layer's hint, then computes what was served.
+ * With the GPU tier in use (want_gpu) a round asks twice: from the GPU tier
+ * (MOET_F_WANT_GPU: served only from there; a miss there starts the copy
+ * up), then from the host tier for what the GPU did not serve. On the
+ * device path the GPU-served experts are launched first, the host ones
+ * computed meanwhile, and the device waited for once the layer call's
+ * last round is done; otherwise (the emulated GPU tier) a GPU slot is
+ * read through moet_slot_ptr and computed here like a host one. */
 static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_t *ids, unsigned n, const float *x,
 			uint32_t B, int threads, struct moe_error *err)
 {
 	bool first = true, pf = ex->prefetch > 0 || ex->o.pregate_prefetch;
+	const bool dev = ex->gpu != NULL;
 	unsigned idle = 0;
 	int rc = 0;
+	ex->gpu_y = NULL;
+	if (dev) {
+		memset(ex->on_gpu, 0, (size_t)B * ex->k);
+		if ((rc = gpu_batch_begin(ex->gpu, B, ex->n, model_layout(ex->m, moe_l)->m, err)))
+			return rc;
+	}
 	while (n) {
 		/* After a few rounds without progress a blocking acquire of one
 		 * expert: with a tiny arena, NOWAIT loads can evict each other
 		 * before they are acquired. After many, the pack itself. */
 		const bool block = idle >= 3, from_pack = idle > 20;
 		const unsigned todo = block ? 1 : n;
-		unsigned nl = 0, kept = 0;
+		const unsigned passes = ex->want_gpu && !block ? 2 : 1;
+		unsigned nl = 0, kept = 0, nc = 0, ask = todo;
 		uint64_t t0 = moe_now_ns();
-		for (unsigned c = 0; c < todo; c += MOET_MAX_BATCH) {
-			unsigned cn = MOE_MIN(todo - c, (unsigned)MOET_MAX_BATCH);
-			rc = moet_acquire(ex->ctx, moe_l, ids + c, cn, block ? 0 : MOET_F_NOWAIT, ex->slots + c,
-					  ex->tiers + c, &ex->leases[nl]);
-			if (rc < 0) {
-				rc = moe_error_set(err, -EIO, "moetierd: acquire layer %u: %s %s", moe_l,
-						   moet_strerror(rc), moet_last_error(ex->ctx));
-				goto release;
-			}
-			nl++;
-		}
-		if (block) {
-			ex->st.stall_ns += moe_now_ns() - t0;
-			ex->st.waits++;
-		}
-		if (pf) {
-			/* this layer's misses are queued: now the next layer's
-			 * hint, loading while this layer computes */
-			pf = false;
-			if (ex->o.pregate_prefetch)
-				prefetch_pregate(ex, (int32_t)il, B);
-			else
-				prefetch_next(ex, il, x, B);
-		}
-		rc = 0;
-		unsigned nc = 0;
-		for (unsigned i = 0; i < todo; i++) {
-			const int32_t slot = ex->slots[i];
-			if (slot == -EBADMSG || slot == -EIO) {
-				/* the daemon's verdict on this expert (a failed checksum
-				 * or read): no retry would change it before its backoff */
-				rc = moe_error_set(err, slot, "moetierd: layer %u expert %u: %s", moe_l, ids[i],
-						   slot == -EBADMSG ? "its extent failed its checksum (EBADMSG)"
-								    : "its extent could not be read (EIO)");
-				goto release;
-			}
-			if (first) {
-				if (slot < 0)
-					ex->st.misses++;
-				else if (ex->tiers[i] == MOET_TIER_GPU)
-					ex->st.hits_gpu++;
-				else
-					ex->st.hits_host++;
-			}
-			const void *p = slot >= 0 ? moet_slot_ptr(ex->ctx, ex->tiers[i], slot) : NULL;
-			/* -EDQUOT: this client holds its share of the arena; not a
-			 * fault, and waiting would not help: read it from the pack */
-			if (!p && (slot >= 0 || from_pack || slot == -EDQUOT)) {
-				/* served from a tier this process cannot map, or
-				 * the daemon makes no progress: read it from the
-				 * pack (same bytes, CRC checked) */
-				if ((rc = pack_read_expert(ex->m->pack, moe_l, ids[i], ex->fallback, err)))
-					goto release;
-				ex->st.fallback_reads++;
-				/* the one fallback buffer: computed now */
-				if ((rc = run_expert(ex, ids[i], ex->fallback, x, threads, 0))) {
-					moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
+		for (unsigned pass = 0; pass < passes; pass++) {
+			const bool gpu_pass = passes == 2 && pass == 0, last = pass + 1 == passes;
+			const unsigned l0 = nl;
+			unsigned next = 0;
+			for (unsigned c = 0; c < ask; c += MOET_MAX_BATCH) {
+				unsigned cn = MOE_MIN(ask - c, (unsigned)MOET_MAX_BATCH);
+				rc = moet_acquire(ex->ctx, moe_l, ids + c, cn,
+						  (block ? 0 : MOET_F_NOWAIT) | (gpu_pass ? MOET_F_WANT_GPU : 0), ex->slots + c,
+						  ex->tiers + c, &ex->leases[nl]);
+				if (rc < 0) {
+					rc = moe_error_set(err, -EIO, "moetierd: acquire layer %u: %s %s", moe_l,
+							   moet_strerror(rc), moet_last_error(ex->ctx));
 					goto release;
 				}
-				ex->st.slots += ex->count[ids[i]];
-				ex->st.uses++;
-				continue;
+				nl++;
 			}
-			if (!p) {
-				ids[kept++] = ids[i]; /* kept <= i: compaction in place */
-			} else {
-				ex->cl_e[nc] = ids[i];
-				ex->cl_p[nc++] = p;
+			if (block) {
+				ex->st.stall_ns += moe_now_ns() - t0;
+				ex->st.waits++;
+			}
+			if (pf && last) {
+				/* this layer's misses are queued: now the next
+				 * layer's hint, loading while this layer computes */
+				pf = false;
+				if (ex->o.pregate_prefetch)
+					prefetch_pregate(ex, (int32_t)il, B);
+				else
+					prefetch_next(ex, il, x, B);
+			}
+			rc = 0;
+			for (unsigned i = 0; i < ask; i++) {
+				const int32_t slot = ex->slots[i];
+				if (slot == -EBADMSG || slot == -EIO) {
+					/* the daemon's verdict on this expert (a failed
+					 * checksum or read): no retry would change it
+					 * before its backoff */
+					rc = moe_error_set(err, slot, "moetierd: layer %u expert %u: %s", moe_l, ids[i],
+							   slot == -EBADMSG ? "its extent failed its checksum (EBADMSG)"
+									    : "its extent could not be read (EIO)");
+					goto release;
+				}
+				if (gpu_pass && slot < 0) {
+					ids[next++] = ids[i]; /* the host pass asks again */
+					continue;
+				}
+				if (first) {
+					if (slot < 0)
+						ex->st.misses++;
+					else if (ex->tiers[i] == MOET_TIER_GPU)
+						ex->st.hits_gpu++;
+					else
+						ex->st.hits_host++;
+				}
+				if (slot >= 0 && ex->tiers[i] == MOET_TIER_GPU && dev && gpu_slot_ready(ex->gpu, slot)) {
+					if ((rc = gpu_add(ex, ids[i], slot))) {
+						rc = moe_error_set(err, rc, "GPU batch of layer %u: %d", moe_l, rc);
+						goto release;
+					}
+					continue;
+				}
+				const void *p = slot >= 0 ? moet_slot_ptr(ex->ctx, ex->tiers[i], slot) : NULL;
+				/* -EDQUOT: this client holds its share of the arena;
+				 * not a fault, and waiting would not help: read it
+				 * from the pack */
+				if (!p && (slot >= 0 || from_pack || slot == -EDQUOT)) {
+					/* served from a tier this process cannot map, or
+					 * the daemon makes no progress: read it from the
+					 * pack (same bytes, CRC checked) */
+					if ((rc = pack_read_expert(ex->m->pack, moe_l, ids[i], ex->fallback, err)))
+						goto release;
+					ex->st.fallback_reads++;
+					/* the one fallback buffer: computed now */
+					if ((rc = run_expert(ex, ids[i], ex->fallback, x, threads, 0))) {
+						moe_error_set(err, rc, "expert %u of layer %u: %d", ids[i], moe_l, rc);
+						goto release;
+					}
+					ex->st.slots += ex->count[ids[i]];
+					ex->st.uses++;
+					continue;
+				}
+				if (!p) {
+					ids[kept++] = ids[i]; /* kept <= i: compaction in place */
+				} else {
+					ex->cl_e[nc] = ids[i];
+					ex->cl_p[nc++] = p;
+				}
+			}
+			if (gpu_pass && dev) {
+				/* the device reads these slots until the wait */
+				for (unsigned l = l0; l < nl; l++)
+					if (ex->leases[l]) {
+						if ((rc = gpu_keep_lease(ex, ex->leases[l]))) {
+							rc = moe_error_set(err, rc, "out of memory");
+							goto release;
+						}
+						ex->leases[l] = 0;
+					}
+			}
+			if (gpu_pass) {
+				/* what the GPU did not serve, asked from the host;
+				 * the rest of ids (todo..n) stays where it is */
+				ask = next;
 			}
 		}
-		/* what was served, while the misses load; then the leases go */
+		/* the device first (async), what was served here while it runs
+		 * and the misses load; then the host leases go */
+		if (dev && (rc = gpu_batch_launch(ex->gpu, model_layout(ex->m, moe_l), x, err)))
+			goto release;
 		rc = compute_list(ex, nc, x, threads, err);
 release:
 		for (unsigned l = 0; l < nl; l++)
 			if (ex->leases[l])
 				moet_release(ex->ctx, ex->leases[l]);
-		if (rc)
+		if (rc) {
+			if (dev) {
+				struct moe_error e2;
+				gpu_finish(ex, &e2);
+			}
 			return rc;
+		}
 		for (unsigned i = todo; i < n; i++)
 			ids[kept++] = ids[i];
 		first = false;
@@ -1014,12 +1214,17 @@ release:
 			rc = moet_wait_ready(ex->ctx, moe_l, 2);
 			ex->st.stall_ns += moe_now_ns() - t0;
 			ex->st.waits++;
-			if (rc < 0)
+			if (rc < 0) {
+				if (dev) {
+					struct moe_error e2;
+					gpu_finish(ex, &e2);
+				}
 				return moe_error_set(err, -EIO, "moetierd: waiting for layer %u: %s", moe_l,
 						     moet_strerror(rc));
+			}
 		}
 	}
-	return 0;
+	return dev ? gpu_finish(ex, err) : 0;
 }
 
 /* One token's cache-aware decision by the daemon (ROUTE, protocol 2): the
@@ -1033,7 +1238,7 @@ static int route_by_daemon(struct experts *ex, uint32_t moe_l, const float *lg, 
 	struct moet_route_args a = { .size = sizeof(a), .rule = (unsigned)ex->o.route_kind, .keep_top = ru->keep_top,
 				     .margin = ru->margin, .max_share = ru->max_share >= 1.0f ? 0.0f : ru->max_share,
 				     .min_similarity = ru->min_similarity, .weights = ru->weights + 1,
-				     .tiers = MOET_ROUTE_TIER_HOST };
+				     .tiers = ex->want_gpu ? MOET_ROUTE_TIER_GPU | MOET_ROUTE_TIER_HOST : MOET_ROUTE_TIER_HOST };
 	int32_t slots[ROUTE_MAX_K];
 	uint8_t tiers[ROUTE_MAX_K];
 	moet_lease lease = 0;
@@ -1087,7 +1292,7 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		memcpy(ex->simx + ((size_t)moe_l * ex->sim_cap + ex->sim_n[moe_l]) * n, x, (size_t)take * n * sizeof(float));
 		ex->sim_n[moe_l] += take;
 	}
-	if (ex->aware && ex->ctx && moet_resident(ex->ctx, moe_l, MOET_TIER_HOST, ex->mask, ex->E) >= 0)
+	if (ex->aware && ex->ctx && residency(ex, moe_l) >= 0)
 		resmap = ex->mask;
 	struct route_params rp = m->rp; /* with this layer's exp_probs_b (deepseek2) */
 	if (L->score_bias)
@@ -1162,7 +1367,12 @@ int experts_layer(struct experts *ex, uint32_t il, const float *x, uint32_t B, f
 		float *yt = y + (size_t)t * n;
 		memset(yt, 0, n * sizeof(float));
 		for (uint32_t j = 0; j < k; j++)
-			ffn_axpy(yt, ex->routes[t].weights[j], ex->outs + ((size_t)t * k + j) * n, n);
+			if (!ex->gpu_y || !ex->on_gpu[(size_t)t * k + j])
+				ffn_axpy(yt, ex->routes[t].weights[j], ex->outs + ((size_t)t * k + j) * n, n);
+		/* the device's weighted sum of its experts (gpu.h: within the
+		 * tolerance of the host's, in its own order) */
+		if (ex->gpu_y)
+			ffn_axpy(yt, 1.0f, ex->gpu_y + (size_t)t * n, n);
 	}
 	return 0;
 }
@@ -1175,6 +1385,14 @@ void experts_get_stats(struct experts *ex, struct experts_stats *out)
 		for (size_t i = 0; i < nc; i++)
 			a += ex->bytes0[i];
 		ex->st.bytes_read = b >= a ? b - a : 0;
+	}
+	if (ex->gpu) {
+		struct gpu_stats gs;
+		gpu_get_stats(ex->gpu, &gs);
+		ex->st.gpu_experts = gs.experts - ex->gpu_base.experts;
+		ex->st.gpu_pairs = gs.pairs - ex->gpu_base.pairs;
+		ex->st.gpu_device_ns = gs.device_ns - ex->gpu_base.device_ns;
+		ex->st.gpu_wait_ns = gs.wait_ns - ex->gpu_base.wait_ns;
 	}
 	if (ex->sim) {
 		struct simcache_stats ss;

@@ -9,7 +9,12 @@
  * Each (token, slot) output has its own buffer and a token's outputs are
  * summed in top-k order with ffn_axpy, so the result has the same bits
  * whatever was resident and however the tokens were grouped.
- * The GPU tier is not used: moe-run computes on the host only. */
+ * The GPU tier (experts_use_gpu): with a CUDA build, a GPU and the
+ * daemon's CUDA VMM arena, the experts the daemon serves from its GPU tier
+ * are computed there (gpu.h), while the host computes the host-tier ones;
+ * the device's sums differ from the host's in their last bits (gpu.h). With
+ * the daemon's emulated GPU tier they are read through moet_slot_ptr and
+ * computed here, bit-identical. */
 #ifndef MOETIER_RUN_EXPERTS_H
 #define MOETIER_RUN_EXPERTS_H
 
@@ -43,6 +48,11 @@ struct experts_stats {
 	uint64_t fallback_reads; /* experts read from the pack by moe-run itself */
 	uint64_t bytes_read;   /* bytes the daemon read from NVMe (its counters) */
 	bool local;
+	/* the device path (experts_use_gpu), 0 without it */
+	bool gpu;
+	uint64_t gpu_experts, gpu_pairs; /* experts and (token, expert) pairs computed on the device */
+	uint64_t gpu_device_ns;          /* device time of the layer calls' batches */
+	uint64_t gpu_wait_ns;            /* host time blocked waiting for them */
 	/* cache-aware routing (every rule, exact included) */
 	struct route_counters route;
 	/* --sim-cache: the simulated per-layer cache (simcache.h) */
@@ -81,6 +91,23 @@ int experts_open_local(const struct model *m, struct experts **out, struct moe_e
 int experts_open_daemon(const struct model *m, const char *socket, unsigned prefetch, struct experts **out,
 			struct moe_error *err);
 void experts_close(struct experts *ex);
+
+/* moe-run --gpu: where the experts of the daemon's GPU tier are computed. */
+enum experts_gpu_mode {
+	EXPERTS_GPU_AUTO = 0, /* on the device when it can be used, else the host */
+	EXPERTS_GPU_ON,       /* on the device, or fail */
+	EXPERTS_GPU_OFF,      /* the GPU tier not asked for: host tier only */
+};
+/* Once, after opening, before the first token. auto and on ask the daemon
+ * for its GPU tier (acquires with MOET_F_WANT_GPU, prefetch hints to the
+ * GPU) when it has one that moe-run can read: the emulated one (through
+ * moet_slot_ptr, computed on the host), or a CUDA VMM one with the device
+ * path open (gpu_open: driver, device, kernels, every MoE layer's layout
+ * supported by kernels/ffn.cu, not a MoLAE pack). note (len bytes) gets
+ * the one line to show, "" for none: what is used, or why auto stays on
+ * the host. 0, or with on a negative errno and err saying why the device
+ * cannot be used. */
+int experts_use_gpu(struct experts *ex, enum experts_gpu_mode mode, char *note, size_t len, struct moe_error *err);
 
 /* Routing rule, simulated cache, pre-gating, dump: once, before the first
  * token. Cache-aware routing needs a cache to be aware of: the daemon's

@@ -35,6 +35,7 @@ struct opts {
 	int weights;       /* -1: the rule's */
 	uint32_t n_predict, ctx, batch;
 	int threads;
+	enum experts_gpu_mode gpu; /* --gpu */
 	struct sampler_params sp;
 };
 
@@ -50,7 +51,7 @@ static void usage(FILE *f)
 	      "               [--route-share S] [--route-weights family|renorm|inherit] [--route-via local|daemon]\n"
 	      "               [--sim-cache C|P%] [--sim-policy P] [--dump-routing FILE] [--dump-argmax FILE]\n"
 	      "               [--dump-hidden FILE]\n"
-	      "               [--ids] [--quiet]\n"
+	      "               [--gpu[=auto|on|off]] [--ids] [--quiet]\n"
 	      "  IDS: comma-separated token ids, or @FILE holding them\n"
 	      "       moe-run --help | --version\n"
 	      "See moe-run(1).\n",
@@ -486,12 +487,18 @@ static void summary(struct ctx *c)
 	if (st.fallback_reads)
 		fprintf(stderr, ", %" PRIu64 " experts read from the pack by moe-run", st.fallback_reads);
 	fputc('\n', stderr);
+	if (st.gpu)
+		fprintf(stderr,
+			"moe-run: GPU compute: %" PRIu64 " experts, %" PRIu64 " token-expert pairs on the device, "
+			"%.3f ms device time, %.3f ms waited for it (%.3f ms/token)\n",
+			st.gpu_experts, st.gpu_pairs, st.gpu_device_ns * 1e-6, st.gpu_wait_ns * 1e-6,
+			toks ? st.gpu_device_ns * 1e-6 / toks : 0.0);
 	bench_line(c, &st);
 }
 
 enum { O_SOCKET = 256, O_LOCAL, O_GGUF, O_PROMPT, O_TOKENS, O_FEED, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_PPL, O_CTX, O_DUMP,
        O_QUIET, O_BATCH, O_NOPF, O_PF, O_PFD, O_KVF16, O_IDS, O_HELP, O_VERSION, O_DUMPR, O_DUMPA, O_PREGATE, O_ROUTE,
-       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE, O_RVIA, O_RCALIB, O_DUMPH };
+       O_RKEEP, O_RMARGIN, O_RSHARE, O_RWEIGHTS, O_SIMC, O_SIMP, O_PGFROM, O_PGFIT, O_PGRIDGE, O_RVIA, O_RCALIB, O_DUMPH, O_GPU };
 
 static int parse(int argc, char **argv, struct opts *o)
 {
@@ -509,7 +516,7 @@ static int parse(int argc, char **argv, struct opts *o)
 		{ "ids", no_argument, 0, O_IDS },    { "help", no_argument, 0, O_HELP },
 		{ "version", no_argument, 0, O_VERSION },
 		{ "dump-routing", required_argument, 0, O_DUMPR }, { "dump-argmax", required_argument, 0, O_DUMPA },
-		{ "dump-hidden", required_argument, 0, O_DUMPH },
+		{ "dump-hidden", required_argument, 0, O_DUMPH }, { "gpu", optional_argument, 0, O_GPU },
 		{ "pregate", required_argument, 0, O_PREGATE }, { "route", required_argument, 0, O_ROUTE },
 		{ "route-keep", required_argument, 0, O_RKEEP }, { "route-margin", required_argument, 0, O_RMARGIN },
 		{ "route-share", required_argument, 0, O_RSHARE }, { "route-weights", required_argument, 0, O_RWEIGHTS },
@@ -563,6 +570,19 @@ static int parse(int argc, char **argv, struct opts *o)
 		}
 		case O_DUMPR: o->dump_routing = optarg; break;
 		case O_DUMPH: o->dump_hidden = optarg; break;
+		case O_GPU:
+			/* --gpu alone: on */
+			if (!optarg || !strcmp(optarg, "on"))
+				o->gpu = EXPERTS_GPU_ON;
+			else if (!strcmp(optarg, "auto"))
+				o->gpu = EXPERTS_GPU_AUTO;
+			else if (!strcmp(optarg, "off"))
+				o->gpu = EXPERTS_GPU_OFF;
+			else {
+				fprintf(stderr, "moe-run: --gpu=auto|on|off, not '%s'\n", optarg);
+				return 2;
+			}
+			break;
 		case O_PGFIT: o->pregate_fit = optarg; break;
 		case O_RCALIB: o->route_calib = optarg; break;
 		case O_RVIA:
@@ -720,6 +740,10 @@ static int parse(int argc, char **argv, struct opts *o)
 		fprintf(stderr, "moe-run: --local and --socket exclude each other\n");
 		return 2;
 	}
+	if (o->local && o->gpu == EXPERTS_GPU_ON) {
+		fprintf(stderr, "moe-run: --gpu=on computes the daemon's GPU tier: not with --local\n");
+		return 2;
+	}
 	return 0;
 }
 
@@ -846,6 +870,13 @@ int main(int argc, char **argv)
 			    : experts_open_daemon(c.m, c.o.socket, c.o.pf_pregate ? c.o.pregate : c.o.prefetch, &c.ex,
 						  &err)))
 		goto fail;
+	{
+		char note[512];
+		if ((rc = experts_use_gpu(c.ex, c.o.gpu, note, sizeof(note), &err)))
+			goto fail;
+		if (note[0] && !c.o.quiet)
+			fprintf(stderr, "%s\n", note);
+	}
 	/* the similarity rule is configured once the calibration measured it */
 	if (c.o.rule != ROUTE_RULE_SIMILARITY && (rc = configure_experts(&c, &err)))
 		goto fail;
