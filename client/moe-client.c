@@ -33,6 +33,7 @@ static void usage(FILE *f)
 		   "        [--tier host|gpu] [--nowait] [--gpu] (LOGIT... | --logits FILE)\n"
 		   "                                route logits by the daemon (cache-aware with --keep/--rule),\n"
 		   "                                print the experts, weights and substitutions, release\n"
+		   "  basis [LAYER [GROUP]]         where a MoLAE pack's B matrices are (GPU tier offset or host)\n"
 		   "  bench [--seconds S] [--clients N]\n"
 		   "                                ACQUIRE+RELEASE round trips/s with 1 and N clients\n"
 		   "  replay [--nowait-only] [--gpu] [--tokens N] [--cold] [--layer-us US] [--no-hints] [--brief] TRACE...\n"
@@ -795,6 +796,59 @@ static int cmd_replay(int argc, char **argv)
 	return unserved || failed.total ? 1 : 0;
 }
 
+/* Where a MoLAE latent pack's B matrices are: one line per (layer, group),
+ * every group of every layer by default. */
+static int cmd_basis(int argc, char **argv)
+{
+	uint32_t v[2] = { 0, 0 };
+	if (argc > 2) {
+		fprintf(stderr, "moe-client basis: [LAYER [GROUP]]\n");
+		return 2;
+	}
+	for (int i = 0; i < argc; i++) {
+		char *end;
+		unsigned long x = strtoul(argv[i], &end, 10);
+		if (*end || end == argv[i] || x > UINT32_MAX) {
+			fprintf(stderr, "moe-client basis: bad number '%s'\n", argv[i]);
+			return 2;
+		}
+		v[i] = (uint32_t)x;
+	}
+	moet_ctx *c;
+	if (connect_or_die(&c, "moe-client basis"))
+		return 1;
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	int rc = moet_model_info(c, &mi);
+	const uint32_t l0 = argc ? v[0] : 0, l1 = argc ? v[0] + 1 : mi.n_moe_layers;
+	unsigned shown = 0;
+	for (uint32_t l = l0; rc == 0 && l < l1; l++)
+		for (uint32_t g = argc > 1 ? v[1] : 0;; g++) {
+			struct moet_latent_basis b = { .size = sizeof(b) };
+			rc = moet_latent_basis(c, l, g, &b);
+			if (rc == -ERANGE && argc < 2 && g > 0) {
+				rc = 0; /* past this layer's last group */
+				break;
+			}
+			if (rc)
+				break;
+			printf("layer %-4u group %-4u %s", l, g, b.tier == MOET_TIER_GPU ? "gpu " : "host");
+			if (b.tier == MOET_TIER_GPU)
+				printf(" offset %-12" PRIu64, b.offset);
+			printf(" %u x %u x 2 f32, %" PRIu64 " bytes\n", b.rows, b.cols, b.bytes);
+			shown++;
+			if (argc > 1)
+				break;
+		}
+	if (rc) {
+		fprintf(stderr, "moe-client basis: %s", moet_strerror(rc));
+		if (*moet_last_error(c))
+			fprintf(stderr, ": %s", moet_last_error(c));
+		fprintf(stderr, "\n");
+	}
+	moet_close(c);
+	return rc || !shown ? 1 : 0;
+}
+
 static int spin_opt(int argc, char **argv, int *i)
 {
 	if (strcmp(argv[*i], "--spin-us") || *i + 1 >= argc)
@@ -820,6 +874,8 @@ int main(int argc, char **argv)
 		return cmd_route(argc - i, argv + i);
 	if (!strcmp(cmd, "bench"))
 		return cmd_bench(argc - i, argv + i);
+	if (!strcmp(cmd, "basis"))
+		return cmd_basis(argc - i, argv + i);
 	if (!strcmp(cmd, "replay"))
 		return cmd_replay(argc - i, argv + i);
 	fprintf(stderr, "moe-client: unknown command '%s'\n", cmd);

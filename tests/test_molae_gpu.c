@@ -399,6 +399,15 @@ Test(molae_gpu, b_in_the_gpu_tier_bit_for_bit_and_slots_shrink)
 	/* still serving */
 	b.size = sizeof(b);
 	cr_assert_eq(moet_latent_basis(c, 0, 0, &b), 0);
+	/* the tools: moectl stats and moe-client basis say the same */
+	char mc[4096], cl[4096];
+	snprintf(mc, sizeof(mc), "%s", tu_build_path("moectl"));
+	snprintf(cl, sizeof(cl), "%s", tu_build_path("moe-client"));
+	cr_assert_eq(tu_sh("%s --socket %s stats | grep -Eq '^  latent_b_gpu_bytes +%llu$'", mc, E.sock,
+			   (unsigned long long)total), 0, "moectl stats");
+	cr_assert_eq(tu_sh("%s --socket %s basis | grep -c ' gpu  offset ' | grep -qx %u", cl, E.sock, groups), 0,
+		     "moe-client basis");
+	cr_assert_neq(tu_sh("%s --socket %s basis 0 99 2>/dev/null", cl, E.sock), 0, "moe-client basis out of range");
 	moet_close(c);
 	pack_close(pf);
 	stop_daemon();
