@@ -30,7 +30,8 @@
 	X(HOST_ALLOC, "host.alloc", "a host arena or slot allocation fails") \
 	X(GPU_ALLOC, "gpu.alloc", "a GPU arena or slot allocation fails") \
 	X(GPU_COPY, "gpu.copy", "a host -> GPU copy fails") \
-	X(BPF_LOAD, "bpf.load", "an eBPF program fails to load (the daemon runs on without it)")
+	X(BPF_LOAD, "bpf.load", "an eBPF program fails to load (the daemon runs on without it)") \
+	X(URING_RESTRICT, "uring.restrict", "the kernel refuses the io_uring restrictions (the ring runs unrestricted)")
 
 enum fault_point {
 #define X(id, name, help) FAULT_##id,

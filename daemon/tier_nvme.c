@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "fault.h"
@@ -99,6 +100,77 @@ static void set_gauges(struct tier_nvme *n)
 	stats_gauge_set(n->st, GAUGE_nvme_queued, n->demand.n + n->prefetch.n);
 }
 
+/* io_uring operations do not pass through seccomp, so the allow-list of
+ * daemon/priv.c says nothing about them: a daemon subverted after start-up
+ * could open, write or connect through its ring. The ring is therefore
+ * restricted before it is enabled (IORING_REGISTER_RESTRICTIONS): reads
+ * only (READ_FIXED, and READ for a buffer outside the registered arena), of
+ * the pack only when it is a fixed file (IOSQE_FIXED_FILE required), and no
+ * further registration. A NOP then checks that the kernel refuses what was not
+ * allowed. Returns the note's word for it. */
+static int uring_register(struct tier_nvme *n, unsigned op, const void *arg, unsigned nr)
+{
+	long rc = syscall(__NR_io_uring_register, n->ring.ring_fd, op, arg, nr);
+	return rc < 0 ? -errno : (int)rc;
+}
+
+static const char *restrict_uring(struct tier_nvme *n)
+{
+	struct io_uring_restriction res[5];
+	unsigned nr = 0;
+	memset(res, 0, sizeof(res));
+	res[nr].opcode = IORING_RESTRICTION_SQE_OP;
+	res[nr++].sqe_op = IORING_OP_READ_FIXED;
+	res[nr].opcode = IORING_RESTRICTION_SQE_OP; /* a buffer outside the registered arena */
+	res[nr++].sqe_op = IORING_OP_READ;
+	res[nr].opcode = IORING_RESTRICTION_SQE_FLAGS_ALLOWED;
+	res[nr++].sqe_flags = n->fixed_file ? IOSQE_FIXED_FILE : 0;
+	if (n->fixed_file) {
+		res[nr].opcode = IORING_RESTRICTION_SQE_FLAGS_REQUIRED;
+		res[nr++].sqe_flags = IOSQE_FIXED_FILE;
+	}
+	/* the raw syscall: Debian 12's liburing 2.3 does not export
+	 * io_uring_register_restrictions / io_uring_enable_rings */
+	int rc;
+	if (FAULT_HIT(FAULT_URING_RESTRICT)) {
+		stats_inc(n->st, STAT_faults_injected);
+		rc = -EINVAL;
+	} else {
+		rc = uring_register(n, IORING_REGISTER_RESTRICTIONS, res, nr);
+	}
+	if (rc < 0)
+		moe_warn("NVMe engine: io_uring restrictions refused (%s): the ring runs unrestricted", strerror(-rc));
+	int erc = uring_register(n, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+	if (erc < 0) {
+		/* a disabled ring submits nothing: fall back to pread */
+		moe_warn("NVMe engine: enabling the io_uring ring failed (%s): falling back to pread", strerror(-erc));
+		io_uring_queue_exit(&n->ring);
+		if (n->efd >= 0)
+			close(n->efd);
+		n->efd = -1;
+		n->uring = n->fixed_file = n->registered = false;
+		return "ring-enable-failed";
+	}
+	if (rc < 0)
+		return "unrestricted";
+	/* the check: an operation outside the list must come back -EACCES */
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&n->ring);
+	struct io_uring_cqe *cqe;
+	if (!sqe)
+		return "restricted (unchecked)";
+	io_uring_prep_nop(sqe);
+	io_uring_sqe_set_data(sqe, NULL);
+	if (io_uring_submit(&n->ring) != 1 || io_uring_wait_cqe(&n->ring, &cqe) < 0)
+		return "restricted (unchecked)";
+	int res_nop = cqe->res;
+	io_uring_cqe_seen(&n->ring, cqe);
+	if (res_nop != -EACCES) {
+		moe_warn("NVMe engine: the io_uring restrictions did not hold (a NOP returned %d)", res_nop);
+		return "restrictions-not-enforced";
+	}
+	return n->fixed_file ? "restricted(read-pack-only)" : "restricted(read-only)";
+}
+
 static void setup_uring(struct tier_nvme *n)
 {
 	unsigned entries = 1;
@@ -113,10 +185,21 @@ static void setup_uring(struct tier_nvme *n)
 		/* No IPI to interrupt us for task work: we reap when we want. */
 		p.flags |= IORING_SETUP_COOP_TASKRUN;
 	}
+	/* Created disabled, so that restrictions can be set before the first
+	 * submission (restrict_uring). */
+	const unsigned want = p.flags;
+	p.flags |= IORING_SETUP_R_DISABLED;
 	int rc = io_uring_queue_init_params(entries, &n->ring, &p);
-	if (rc == -EINVAL && !n->sqpoll) {
+	if (rc == -EINVAL) { /* before 5.10: no R_DISABLED; then no COOP_TASKRUN either */
 		memset(&p, 0, sizeof(p));
+		p.flags = want;
+		if (n->sqpoll)
+			p.sq_thread_idle = 100;
 		rc = io_uring_queue_init_params(entries, &n->ring, &p);
+		if (rc == -EINVAL && !n->sqpoll) {
+			memset(&p, 0, sizeof(p));
+			rc = io_uring_queue_init_params(entries, &n->ring, &p);
+		}
 	}
 	if (rc < 0) {
 		snprintf(n->note, sizeof(n->note), "pread: io_uring_queue_init: %s", strerror(-rc));
@@ -142,8 +225,9 @@ static void setup_uring(struct tier_nvme *n)
 		close(n->efd);
 		n->efd = -1;
 	}
-	snprintf(n->note, sizeof(n->note), "io_uring qd=%u%s%s%s", n->qd, n->fixed_file ? " fixed-file" : "",
-		 n->registered ? " fixed-buffers" : " unregistered-buffers", n->sqpoll ? " sqpoll" : "");
+	const char *restricted = (p.flags & IORING_SETUP_R_DISABLED) ? restrict_uring(n) : "unrestricted (no R_DISABLED)";
+	snprintf(n->note, sizeof(n->note), "io_uring qd=%u%s%s%s %s", n->qd, n->fixed_file ? " fixed-file" : "",
+		 n->registered ? " fixed-buffers" : " unregistered-buffers", n->sqpoll ? " sqpoll" : "", restricted);
 }
 
 int tier_nvme_create(int fd, const struct tier_nvme_config *cfg, struct stats *st, struct tier_nvme **out,

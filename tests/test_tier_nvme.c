@@ -12,6 +12,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "fault.h"
 #include "stats.h"
 #include "tier_nvme.h"
 #include "testutil.h"
@@ -113,6 +114,40 @@ static void read_all(bool no_uring, bool registered)
 	tier_nvme_destroy(n);
 	stats_free(st);
 	free(mem);
+}
+
+/* io_uring bypasses seccomp: the ring is restricted to reads of the pack
+ * before it is enabled, and tier_nvme_create checks that the kernel refuses
+ * a NOP on it; the note says which. Reads are exact either way, and when the
+ * kernel refuses the restrictions (the fault point) the engine says so and
+ * still reads. */
+Test(nvme, ring_is_restricted_to_reads_of_the_pack)
+{
+	struct stats *st = stats_new(0, 0);
+	struct tier_nvme_config cfg = { .queue_depth = 4 };
+	struct tier_nvme *n;
+	struct moe_error err = { "" };
+	cr_assert_eq(tier_nvme_create(fd_direct, &cfg, st, &n, &err), 0, "%s", err.msg);
+	if (!tier_nvme_uses_uring(n)) {
+		char why[160];
+		snprintf(why, sizeof(why), "%s", tier_nvme_engine_note(n));
+		tier_nvme_destroy(n);
+		stats_free(st);
+		cr_skip_test("no io_uring here: %s", why);
+	}
+	cr_assert(strstr(tier_nvme_engine_note(n), "restricted(read-pack-only)"), "%s", tier_nvme_engine_note(n));
+	tier_nvme_destroy(n);
+	stats_free(st);
+	read_all(false, true);
+
+	cr_assert_eq(fault_arm(FAULT_URING_RESTRICT, 0, 1), 0);
+	st = stats_new(0, 0);
+	cr_assert_eq(tier_nvme_create(fd_direct, &cfg, st, &n, &err), 0, "%s", err.msg);
+	fault_disarm_all();
+	cr_assert(strstr(tier_nvme_engine_note(n), " unrestricted"), "%s", tier_nvme_engine_note(n));
+	cr_assert_eq(stats_get(st, STAT_faults_injected), 1);
+	tier_nvme_destroy(n);
+	stats_free(st);
 }
 
 Test(nvme, uring_registered_reads_are_exact) { read_all(false, true); }
