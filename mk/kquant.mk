@@ -29,5 +29,5 @@ tests_test_ffn_silu_LDADD = $(KERNELS_LINK) $(CRITERION_LIBS)
 # moetierd's COMPUTE of a pack's experts against ffn_expert here (the
 # gateless llama of tests/test_llama_archs.sh; a libmoetier client)
 check_PROGRAMS += tests/ffn_compute_check
-tests_ffn_compute_check_SOURCES = tests/ffn_compute_check.c
+tests_ffn_compute_check_SOURCES = tests/ffn_compute_check.c tests/compute_check.h
 tests_ffn_compute_check_LDADD = client/libmoetier.la $(KERNELS_LINK)

@@ -8,21 +8,14 @@
  * names the failure and exits 1. */
 #include "config.h"
 
-#include <errno.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+#include "compute_check.h"
 
-#include "ffn.h"
-#include "moetier/moetier.h"
-#include "pack.h"
-
-#define FAIL(...) \
-	do { \
-		fprintf(stderr, "FAIL: " __VA_ARGS__); \
-		fputc('\n', stderr); \
-		exit(1); \
-	} while (0)
+static int run_ffn_expert(void *ctx, uint32_t layer, uint32_t expert, const uint8_t *buf, const float *x, float *out)
+{
+	const struct ffn_layout *L = ctx;
+	(void)layer, (void)expert;
+	return ffn_expert(L, buf, x, L->n, 1, out, L->n, NULL, 0, 1);
+}
 
 int main(int argc, char **argv)
 {
@@ -33,14 +26,8 @@ int main(int argc, char **argv)
 		FAIL("usage: ffn_compute_check SOCKET PACK");
 	if (pack_open(argv[2], PACK_OPEN_NO_DIRECT, &pf, &err))
 		FAIL("%s", err.msg);
-	moet_ctx *c = NULL;
-	struct moet_connect_opts o = { sizeof(o), argv[1], NULL, "ffn-check", MOET_CAP_RING | MOET_CAP_HOST_ARENA, 0, 20 };
-	int rc = moet_connect(&o, &c);
-	if (rc)
-		FAIL("connect: %s (%s)", moet_strerror(rc), moet_last_error(NULL));
-	struct moet_model_info mi = { .size = sizeof(mi) };
-	if (moet_model_info(c, &mi))
-		FAIL("model info");
+	struct moet_model_info mi;
+	moet_ctx *c = compute_check_connect(argv[1], "ffn-check", &mi);
 	if (!(mi.caps & MOET_CAP_COMPUTE))
 		FAIL("COMPUTE not offered for %s (FFN kind %u)", argv[2], pf->model->ffn_kind);
 
@@ -58,36 +45,14 @@ int main(int argc, char **argv)
 	float *one = calloc(n, 4);
 	if (!x || !y || !yr || !one)
 		FAIL("out of memory");
-	for (uint32_t i = 0; i < T * n; i++)
-		x[i] = (float)((i * 37 % 23) - 11) / 16.0f;
+	compute_check_fill_x(x, (size_t)T * n);
 	unsigned computed = 0;
 	for (uint32_t l = 0; l < mi.n_moe_layers; l++) {
 		struct ffn_layout L;
 		const struct pack_layout_disk *pl = pack_layer_layout(pf, l);
 		if (ffn_layout_init(&L, pf->model, pl->parts, pl->n_parts, ext, &err))
 			FAIL("layer %u: %s", l, err.msg);
-		rc = moet_compute(c, l, T, K, experts, w, x, y);
-		for (int i = 0; i < 400 && rc == -EAGAIN; i++) {
-			moet_wait_ready(c, l, 50);
-			rc = moet_compute(c, l, T, K, experts, w, x, y);
-		}
-		if (rc != T)
-			FAIL("compute layer %u: %s (%s)", l, moet_strerror(rc), moet_last_error(c));
-		for (uint32_t t = 0; t < T; t++) {
-			float *yt = yr + (size_t)t * n;
-			memset(yt, 0, sizeof(float) * n);
-			for (uint32_t j = 0; j < K; j++) {
-				if (pack_read_expert(pf, l, experts[t * K + j], buf, &err))
-					FAIL("%s", err.msg);
-				if (ffn_expert(&L, buf, x + (size_t)t * n, n, 1, one, n, NULL, 0, 1))
-					FAIL("ffn_expert");
-				ffn_axpy(yt, w[t * K + j], one, n);
-			}
-		}
-		for (uint32_t i = 0; i < T * n; i++)
-			if (y[i] != yr[i])
-				FAIL("layer %u: COMPUTE y[%u] = %.9g, ffn_expert here %.9g", l, i, (double)y[i],
-				     (double)yr[i]);
+		compute_check_layer(c, pf, l, T, K, experts, w, x, n, buf, y, yr, one, run_ffn_expert, &L, "ffn_expert");
 		computed++;
 	}
 	printf("ok: COMPUTE of %u layers (FFN kind %u) equals ffn_expert on the pack's extents\n", computed,

@@ -11,22 +11,8 @@
  * first B_up matrix flipped (its CRC no longer matches). */
 #include "config.h"
 
-#include <errno.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "ffn.h"
+#include "compute_check.h"
 #include "latent.h"
-#include "moetier/moetier.h"
-#include "pack.h"
-
-#define FAIL(...) \
-	do { \
-		fprintf(stderr, "FAIL: " __VA_ARGS__); \
-		fputc('\n', stderr); \
-		exit(1); \
-	} while (0)
 
 static int corrupt_b(const char *in, const char *out)
 {
@@ -53,6 +39,19 @@ static int corrupt_b(const char *in, const char *out)
 	return 0;
 }
 
+/* The CPU latent kernel on one extent, with the pack's B matrices. */
+struct latent_ref {
+	const struct latent_layout *L;
+	const struct latent_basis *b;
+};
+
+static int run_latent_expert(void *ctx, uint32_t layer, uint32_t expert, const uint8_t *buf, const float *x,
+			     float *out)
+{
+	const struct latent_ref *r = ctx;
+	return latent_expert_x(r->L, r->b, layer, expert, buf, x, r->L->n, 1, out, r->L->n, 1);
+}
+
 int main(int argc, char **argv)
 {
 	struct moe_error err = { "" };
@@ -63,14 +62,9 @@ int main(int argc, char **argv)
 		FAIL("usage: molae_serve_check SOCKET LATENT.moepack [DENSE.moepack]");
 	if (pack_open(argv[2], PACK_OPEN_NO_DIRECT, &pf, &err))
 		FAIL("%s", err.msg);
-	moet_ctx *c = NULL;
-	struct moet_connect_opts o = { sizeof(o), argv[1], NULL, "molae-check", MOET_CAP_RING | MOET_CAP_HOST_ARENA, 0, 20 };
-	int rc = moet_connect(&o, &c);
-	if (rc)
-		FAIL("connect: %s (%s)", moet_strerror(rc), moet_last_error(NULL));
-	struct moet_model_info mi = { .size = sizeof(mi) };
-	if (moet_model_info(c, &mi))
-		FAIL("model info");
+	struct moet_model_info mi;
+	moet_ctx *c = compute_check_connect(argv[1], "molae-check", &mi);
+	int rc;
 	const uint64_t ext = pack_extent_bytes(pf);
 	if (mi.expert_bytes != pf->hdr->extent_payload || mi.slot_bytes[MOET_TIER_HOST] < pf->hdr->extent_payload ||
 	    mi.slot_bytes[MOET_TIER_HOST] > ext)
@@ -133,32 +127,12 @@ int main(int argc, char **argv)
 	float w[T * K] = { 0.75f, 0.25f, 0.5f, 0.5f, 0.9f, 0.1f };
 	float *x = calloc((size_t)T * n, 4), *y = calloc((size_t)T * n, 4), *yr = calloc((size_t)T * n, 4);
 	float *one = calloc(n, 4);
-	for (uint32_t i = 0; i < T * n; i++)
-		x[i] = (float)((i * 37 % 23) - 11) / 16.0f;
+	compute_check_fill_x(x, (size_t)T * n);
+	struct latent_ref lr = { &LL, b };
 	unsigned computed = 0;
 	for (uint32_t l = 0; l < L; l++) {
-		rc = moet_compute(c, l, T, K, experts, w, x, y);
-		for (int i = 0; i < 400 && rc == -EAGAIN; i++) {
-			moet_wait_ready(c, l, 50);
-			rc = moet_compute(c, l, T, K, experts, w, x, y);
-		}
-		if (rc != T)
-			FAIL("compute layer %u: %s", l, moet_strerror(rc));
-		for (uint32_t t = 0; t < T; t++) {
-			float *yt = yr + (size_t)t * n;
-			memset(yt, 0, sizeof(float) * n);
-			for (uint32_t j = 0; j < K; j++) {
-				if (pack_read_expert(pf, l, experts[t * K + j], ref, &err))
-					FAIL("%s", err.msg);
-				if (latent_expert_x(&LL, b, l, experts[t * K + j], ref, x + (size_t)t * n, n, 1, one, n, 1))
-					FAIL("latent kernel");
-				ffn_axpy(yt, w[t * K + j], one, n);
-			}
-		}
-		for (uint32_t i = 0; i < T * n; i++)
-			if (y[i] != yr[i])
-				FAIL("layer %u: COMPUTE y[%u] = %.9g, the latent kernel here %.9g", l, i, (double)y[i],
-				     (double)yr[i]);
+		compute_check_layer(c, pf, l, T, K, experts, w, x, n, ref, y, yr, one, run_latent_expert, &lr,
+				    "the latent kernel");
 		computed++;
 	}
 	printf("ok: %u experts acquired with the pack's bytes, COMPUTE of %u layers equals the latent kernel\n",
