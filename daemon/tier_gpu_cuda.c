@@ -532,11 +532,19 @@ static int cuda_resident_write(struct tier_gpu *g, uint64_t off, const void *src
 		if (r < 0)
 			return r;
 	}
-	rc = c->cu->cuMemcpyHtoDAsync(dst, src, bytes, c->h2d);
-	if (rc != CUDA_SUCCESS) {
-		/* a prefetch may be queued ahead: nothing runs on after return */
-		culog(c, c->cu->cuStreamSynchronize(c->h2d), "cuStreamSynchronize");
-		return cuerr(c, err, rc, "cuMemcpyHtoDAsync(resident)");
+	/* vmm: one copy per chunk, none across two separate allocations */
+	for (size_t done = 0; done < bytes;) {
+		size_t n = bytes - done;
+
+		if (!c->uvm)
+			n = MOE_MIN(n, (size_t)(g->stride - (off + done) % g->stride));
+		rc = c->cu->cuMemcpyHtoDAsync(dst + done, (const uint8_t *)src + done, n, c->h2d);
+		if (rc != CUDA_SUCCESS) {
+			/* copies may be queued ahead: nothing runs on after return */
+			culog(c, c->cu->cuStreamSynchronize(c->h2d), "cuStreamSynchronize");
+			return cuerr(c, err, rc, "cuMemcpyHtoDAsync(resident)");
+		}
+		done += n;
 	}
 	rc = c->cu->cuStreamSynchronize(c->h2d);
 	if (rc != CUDA_SUCCESS)

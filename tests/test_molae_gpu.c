@@ -108,6 +108,310 @@ Test(resident, arithmetic_offset_and_isolation, .timeout = 20)
 	free(x);
 }
 
+#ifdef HAVE_CUDA
+/* ---- vmm and uvm through a fake driver table (no GPU here) ----------------
+ * Just enough of the driver for the resident region: copies run at once
+ * (a stream is done when the call returns), chunks are host buffers found
+ * by the address they are mapped at. */
+#include "cuda_api.h"
+
+#define FK_N 64
+static struct {
+	struct { uint8_t *mem; size_t size; bool live; } chunk[FK_N];
+	int nchunk, live_chunks, max_chunks;
+	struct { CUdeviceptr va; size_t size; int chunk; bool live; } map[FK_N];
+	int live_maps, live_reserves, exports;
+	uint8_t *managed;
+	size_t managed_len;
+	int prefetches;
+	char ctx, stream, event;
+} fk;
+
+static CUresult f_name(CUresult e, const char **s) { (void)e; *s = "FAKE"; return CUDA_SUCCESS; }
+static CUresult f_devget(CUdevice *d, int o) { *d = o; return CUDA_SUCCESS; }
+static CUresult f_meminfo(size_t *f, size_t *t) { *f = *t = 1ull << 36; return CUDA_SUCCESS; }
+static CUresult f_attr(int *v, CUdevice_attribute a, CUdevice d) { (void)a; (void)d; *v = 1; return CUDA_SUCCESS; }
+static CUresult f_retain(CUcontext *c, CUdevice d) { (void)d; *c = (CUcontext)(void *)&fk.ctx; return CUDA_SUCCESS; }
+static CUresult f_release(CUdevice d) { (void)d; return CUDA_SUCCESS; }
+static CUresult f_setcur(CUcontext c) { (void)c; return CUDA_SUCCESS; }
+static CUresult f_gran(size_t *g, const CUmemAllocationProp *p, CUmemAllocationGranularity_flags o)
+{
+	(void)p; (void)o;
+	*g = 2u << 20;
+	return CUDA_SUCCESS;
+}
+static CUresult f_reserve(CUdeviceptr *p, size_t size, size_t align, CUdeviceptr addr, unsigned long long fl)
+{
+	(void)size; (void)align; (void)addr; (void)fl;
+	*p = 0x7f0000000000ull;
+	fk.live_reserves++;
+	return CUDA_SUCCESS;
+}
+static CUresult f_addrfree(CUdeviceptr p, size_t size)
+{
+	(void)p; (void)size;
+	cr_assert_eq(fk.live_maps, 0, "reserve freed with mappings in it");
+	fk.live_reserves--;
+	return CUDA_SUCCESS;
+}
+static CUresult f_create(CUmemGenericAllocationHandle *h, size_t size, const CUmemAllocationProp *p,
+			 unsigned long long fl)
+{
+	(void)p; (void)fl;
+	if (fk.live_chunks >= fk.max_chunks)
+		return CUDA_ERROR_OUT_OF_MEMORY;
+	cr_assert_lt(fk.nchunk, FK_N);
+	fk.chunk[fk.nchunk].mem = calloc(1, size);
+	fk.chunk[fk.nchunk].size = size;
+	fk.chunk[fk.nchunk].live = true;
+	*h = (CUmemGenericAllocationHandle)++fk.nchunk;
+	fk.live_chunks++;
+	return CUDA_SUCCESS;
+}
+static CUresult f_memrelease(CUmemGenericAllocationHandle h)
+{
+	cr_assert(h >= 1 && (int)h <= fk.nchunk && fk.chunk[h - 1].live, "release of a dead chunk");
+	free(fk.chunk[h - 1].mem);
+	fk.chunk[h - 1].live = false;
+	fk.live_chunks--;
+	return CUDA_SUCCESS;
+}
+static CUresult f_map(CUdeviceptr va, size_t size, size_t off, CUmemGenericAllocationHandle h,
+		      unsigned long long fl)
+{
+	(void)off; (void)fl;
+	for (int i = 0; i < FK_N; i++)
+		if (!fk.map[i].live) {
+			cr_assert_eq(size, fk.chunk[h - 1].size);
+			fk.map[i].va = va;
+			fk.map[i].size = size;
+			fk.map[i].chunk = (int)h - 1;
+			fk.map[i].live = true;
+			fk.live_maps++;
+			return CUDA_SUCCESS;
+		}
+	return CUDA_ERROR_OUT_OF_MEMORY;
+}
+static CUresult f_unmap(CUdeviceptr va, size_t size)
+{
+	for (int i = 0; i < FK_N; i++)
+		if (fk.map[i].live && fk.map[i].va == va && fk.map[i].size == size) {
+			fk.map[i].live = false;
+			fk.live_maps--;
+			return CUDA_SUCCESS;
+		}
+	cr_assert_fail("unmap of nothing mapped");
+	return CUDA_ERROR_INVALID_VALUE;
+}
+static CUresult f_access(CUdeviceptr va, size_t size, const CUmemAccessDesc *d, size_t n)
+{
+	(void)va; (void)size; (void)d; (void)n;
+	return CUDA_SUCCESS;
+}
+static CUresult f_export(void *out, CUmemGenericAllocationHandle h, CUmemAllocationHandleType t,
+			 unsigned long long fl)
+{
+	(void)h; (void)t; (void)fl;
+	*(int *)out = dup(0);
+	fk.exports++;
+	return CUDA_SUCCESS;
+}
+/* Host address of device bytes [d, d + n), NULL unless one mapping (or the
+ * managed range) holds them all. */
+static uint8_t *fk_resolve(CUdeviceptr d, size_t n)
+{
+	if (fk.managed && d >= (CUdeviceptr)(uintptr_t)fk.managed &&
+	    d + n <= (CUdeviceptr)(uintptr_t)fk.managed + fk.managed_len)
+		return (uint8_t *)(uintptr_t)d;
+	for (int i = 0; i < FK_N; i++)
+		if (fk.map[i].live && d >= fk.map[i].va && d + n <= fk.map[i].va + fk.map[i].size)
+			return fk.chunk[fk.map[i].chunk].mem + (d - fk.map[i].va);
+	return NULL;
+}
+static CUresult f_h2d(CUdeviceptr d, const void *src, size_t n, CUstream s)
+{
+	(void)s;
+	uint8_t *p = fk_resolve(d, n);
+	if (!p)
+		return CUDA_ERROR_ILLEGAL_ADDRESS;
+	memcpy(p, src, n);
+	return CUDA_SUCCESS;
+}
+static CUresult f_managed(CUdeviceptr *p, size_t n, unsigned fl)
+{
+	(void)fl;
+	fk.managed = calloc(1, n);
+	fk.managed_len = n;
+	*p = (CUdeviceptr)(uintptr_t)fk.managed;
+	return CUDA_SUCCESS;
+}
+static CUresult f_free(CUdeviceptr p)
+{
+	cr_assert_eq(p, (CUdeviceptr)(uintptr_t)fk.managed);
+	free(fk.managed);
+	fk.managed = NULL;
+	return CUDA_SUCCESS;
+}
+static CUresult f_advise(CUdeviceptr p, size_t n, CUmem_advise a, CUmemLocation l)
+{
+	(void)p; (void)n; (void)a; (void)l;
+	return CUDA_SUCCESS;
+}
+static CUresult f_prefetch(CUdeviceptr p, size_t n, CUmemLocation l, unsigned fl, CUstream s)
+{
+	(void)l; (void)fl; (void)s;
+	cr_assert_not_null(fk_resolve(p, n), "prefetch outside the managed range");
+	fk.prefetches++;
+	return CUDA_SUCCESS;
+}
+static CUresult f_streamcreate(CUstream *s, unsigned fl) { (void)fl; *s = (CUstream)(void *)&fk.stream; return CUDA_SUCCESS; }
+static CUresult f_streamdestroy(CUstream s) { (void)s; return CUDA_SUCCESS; }
+static CUresult f_streamsync(CUstream s) { (void)s; return CUDA_SUCCESS; }
+static CUresult f_eventcreate(CUevent *e, unsigned fl) { (void)fl; *e = (CUevent)(void *)&fk.event; return CUDA_SUCCESS; }
+static CUresult f_eventdestroy(CUevent e) { (void)e; return CUDA_SUCCESS; }
+static CUresult f_record(CUevent e, CUstream s) { (void)e; (void)s; return CUDA_SUCCESS; }
+static CUresult f_query(CUevent e) { (void)e; return CUDA_SUCCESS; }
+static CUresult f_hostfn(CUstream s, CUhostFn fn, void *arg) { (void)s; fn(arg); return CUDA_SUCCESS; }
+
+static struct cu_api fake;
+
+static const struct cu_api *fk_reset(void)
+{
+	memset(&fk, 0, sizeof(fk));
+	fk.max_chunks = FK_N;
+	memset(&fake, 0, sizeof(fake));
+	fake.device_count = 1;
+	fake.driver_version = 13000;
+	fake.cuGetErrorName = f_name;
+	fake.cuGetErrorString = f_name;
+	fake.cuDeviceGet = f_devget;
+	fake.cuMemGetInfo = f_meminfo;
+	fake.cuDeviceGetAttribute = f_attr;
+	fake.cuDevicePrimaryCtxRetain = f_retain;
+	fake.cuDevicePrimaryCtxRelease = f_release;
+	fake.cuCtxSetCurrent = f_setcur;
+	fake.cuMemGetAllocationGranularity = f_gran;
+	fake.cuMemAddressReserve = f_reserve;
+	fake.cuMemAddressFree = f_addrfree;
+	fake.cuMemCreate = f_create;
+	fake.cuMemRelease = f_memrelease;
+	fake.cuMemMap = f_map;
+	fake.cuMemUnmap = f_unmap;
+	fake.cuMemSetAccess = f_access;
+	fake.cuMemExportToShareableHandle = f_export;
+	fake.cuMemAllocManaged = f_managed;
+	fake.cuMemFree = f_free;
+	fake.cuMemAdvise = f_advise;
+	fake.cuMemPrefetchAsync = f_prefetch;
+	fake.cuMemcpyHtoDAsync = f_h2d;
+	fake.cuStreamCreate = f_streamcreate;
+	fake.cuStreamDestroy = f_streamdestroy;
+	fake.cuStreamSynchronize = f_streamsync;
+	fake.cuEventCreate = f_eventcreate;
+	fake.cuEventDestroy = f_eventdestroy;
+	fake.cuEventRecord = f_record;
+	fake.cuEventQuery = f_query;
+	fake.cuLaunchHostFunc = f_hostfn;
+	return &fake;
+}
+
+#define MIB (1ull << 20)
+
+Test(resident, vmm_whole_strides_chunks_export_and_release, .timeout = 20)
+{
+	/* 3 MiB slots -> 4 MiB strides (2 MiB granularity); 5 MiB of B take
+	 * two strides: (40 - 8) / 4 = 8 slots */
+	struct tier_gpu_config cfg = { .backend = "vmm", .capacity = 40 * MIB, .slot_bytes = 3 * MIB,
+				       .resident_bytes = 5 * MIB, .cu = fk_reset() };
+	struct moe_error err = { "" };
+	struct tier_gpu *g;
+	cr_assert_eq(tier_gpu_create(&cfg, &g, &err), 0, "%s", err.msg);
+	cr_assert_eq(tier_gpu_slot_stride(g), 4 * MIB);
+	cr_assert_eq(tier_gpu_resident_bytes(g), 8 * MIB);
+	cr_assert_eq(tier_gpu_nslots(g), 8);
+	cr_assert_eq(tier_gpu_resident_offset(g), 32 * MIB);
+	cr_assert_eq(fk.live_chunks, 0, "chunks are made on the first write");
+
+	uint8_t *b = malloc(5 * MIB);
+	for (size_t i = 0; i < 5 * MIB; i++)
+		b[i] = (uint8_t)(i * 2654435761u >> 13);
+	cr_assert_eq(tier_gpu_resident_write(g, 0, b, 5 * MIB, &err), 0, "%s", err.msg);
+	cr_assert_eq(fk.live_chunks, 2);
+	cr_assert_eq(fk.live_maps, 2);
+	/* B spans both chunks: compare each part */
+	const uint64_t a = tier_gpu_resident_addr(g);
+	cr_assert_eq(memcmp(fk_resolve(a, 4 * MIB), b, 4 * MIB), 0);
+	cr_assert_eq(memcmp(fk_resolve(a + 4 * MIB, MIB), b + 4 * MIB, MIB), 0);
+	/* a second write maps nothing new; out of range is refused */
+	cr_assert_eq(tier_gpu_resident_write(g, 6 * MIB, b, 100, &err), 0, "%s", err.msg);
+	cr_assert_eq(fk.live_chunks, 2);
+	cr_assert_eq(tier_gpu_resident_write(g, 8 * MIB - 10, b, 11, &err), -EINVAL);
+
+	/* a slot's copy lands in its own chunk */
+	uint64_t tok;
+	cr_assert_eq(tier_gpu_copy_in(g, 7, b, 3 * MIB, &tok, &err), 0, "%s", err.msg);
+	cr_assert_eq(tier_gpu_wait(g, tok, 5000), 1);
+	cr_assert_eq(fk.live_chunks, 3);
+	cr_assert_eq(memcmp(fk_resolve(a, 4 * MIB), b, 4 * MIB), 0, "the last slot's copy reached B");
+
+	/* export: the 8 slots' handles, then B's 2 chunks, all stride-sized */
+	struct tier_gpu_export e;
+	cr_assert_eq(tier_gpu_export(g, &e, &err), 0, "%s", err.msg);
+	cr_assert_eq(e.nfds, 10);
+	cr_assert_eq(e.chunk_bytes, 4 * MIB);
+	cr_assert_eq(e.fds[0], -1);
+	cr_assert_geq(e.fds[7], 0);
+	cr_assert_geq(e.fds[8], 0);
+	cr_assert_geq(e.fds[9], 0);
+	cr_assert_eq(e.offsets[8], 32 * MIB);
+	cr_assert_eq(e.offsets[9], 36 * MIB);
+	tier_gpu_export_free(&e);
+	tier_gpu_destroy(g);
+	cr_assert_eq(fk.live_chunks, 0);
+	cr_assert_eq(fk.live_maps, 0);
+	cr_assert_eq(fk.live_reserves, 0);
+
+	/* out of device memory at the second chunk: nothing is left behind */
+	cfg.cu = fk_reset();
+	fk.max_chunks = 1;
+	cr_assert_eq(tier_gpu_create(&cfg, &g, &err), 0, "%s", err.msg);
+	cr_assert_eq(tier_gpu_resident_write(g, 0, b, 5 * MIB, &err), -ENOMEM);
+	cr_assert_eq(fk.live_chunks, 0);
+	cr_assert_eq(fk.live_maps, 0);
+	tier_gpu_destroy(g);
+	cr_assert_eq(fk.live_reserves, 0);
+
+	/* B and one slot do not fit */
+	cfg.cu = fk_reset();
+	cfg.capacity = 11 * MIB;
+	cr_assert_eq(tier_gpu_create(&cfg, &g, &err), -ENOSPC);
+	cr_assert_eq(fk.live_reserves, 0);
+	free(b);
+}
+
+Test(resident, uvm_in_the_managed_range, .timeout = 20)
+{
+	/* 2 MiB blocks: 5 MiB of B take 6 MiB; (40 - 6) / 4 = 8 slots */
+	struct tier_gpu_config cfg = { .backend = "uvm", .capacity = 40 * MIB, .slot_bytes = 3 * MIB,
+				       .resident_bytes = 5 * MIB, .cu = fk_reset() };
+	struct moe_error err = { "" };
+	struct tier_gpu *g;
+	cr_assert_eq(tier_gpu_create(&cfg, &g, &err), 0, "%s", err.msg);
+	cr_assert_eq(tier_gpu_resident_bytes(g), 6 * MIB);
+	cr_assert_eq(tier_gpu_nslots(g), 8);
+	cr_assert_eq(fk.managed_len, 8 * 4 * MIB + 6 * MIB);
+	uint8_t *b = malloc(5 * MIB);
+	for (size_t i = 0; i < 5 * MIB; i++)
+		b[i] = (uint8_t)(i * 7 + 1);
+	cr_assert_eq(tier_gpu_resident_write(g, 0, b, 5 * MIB, &err), 0, "%s", err.msg);
+	cr_assert_geq(fk.prefetches, 1, "the region goes to the device before the copy");
+	cr_assert_eq(memcmp(fk.managed + 32 * MIB, b, 5 * MIB), 0);
+	tier_gpu_destroy(g);
+	cr_assert_null(fk.managed);
+	free(b);
+}
+#endif
+
 /* ---- the daemon ------------------------------------------------------------ */
 
 struct env {
