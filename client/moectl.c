@@ -195,6 +195,13 @@ static int cmd_top(int argc, char **argv)
 		printf("moetierd top - model %s (%u layers x %u experts)\n", mi.name, mi.n_moe_layers, mi.n_experts);
 		printf("tiers:     host %" JSON_INTEGER_FORMAT "/%" JSON_INTEGER_FORMAT " slots   gpu %" JSON_INTEGER_FORMAT
 		       "/%" JSON_INTEGER_FORMAT " slots\n", hu, hs, gu, gs);
+		/* MoLAE: where the shared B matrices are (they take GPU slots) */
+		json_t *lbj = json_object_get(model, "latent_basis");
+		if (json_is_object(lbj))
+			printf("latent B:  %s tier, %" JSON_INTEGER_FORMAT " bytes (%" JSON_INTEGER_FORMAT
+			       " GPU arena bytes reserved)\n", json_string_value(json_object_get(lbj, "tier")),
+			       json_integer_value(json_object_get(lbj, "bytes")),
+			       json_integer_value(json_object_get(lbj, "gpu_reserved_bytes")));
 		printf("hit rate:  %.1f%% now (%" JSON_INTEGER_FORMAT " acquires/interval), %.1f%% overall\n",
 		       da > 0 ? 100.0 * (double)dh / (double)da : 0.0, da, acq > 0 ? 100.0 * (double)(h_host + h_gpu) / (double)acq : 0.0);
 		printf("NVMe:      %.1f MB/s loaded\n", (double)db / 1e6 / interval);
