@@ -4,7 +4,7 @@
 # moe-pack, moe-run and moetierd against llama.cpp's logits. Skip (77)
 # where the llama.cpp peer is absent.
 TESTS += tests/test_kquant_layers.sh
-EXTRA_DIST += tests/test_kquant_layers.sh
+EXTRA_DIST += tests/test_kquant_layers.sh tests/kquant-env.sh
 TESTS += tests/test_llama_archs.sh
 EXTRA_DIST += tests/test_llama_archs.sh tests/llama-archs-shim.c tests/pack-vs-gguf.py tests/attn-boost.py \
 	tests/ds2-variant.py

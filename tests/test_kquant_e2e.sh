@@ -35,39 +35,16 @@
 # tests/llama-oracle not built) or without numpy in Debian's python3.
 set -eu
 . "$(dirname "$0")/daemon-env.sh"
-S=${MOETIER_SRCDIR:-..}
-PY=/usr/bin/python3
-
-for p in moe-run moetierd moe-client tools/moe-gen tools/moe-pack tests/gguf-split; do
-	[ -x "$B/$p" ] || { echo "test_kquant_e2e: $B/$p is missing" >&2; exit 1; }
-done
-if [ ! -x "$B/tests/llama-quantize" ] || [ ! -x "$B/tests/llama-oracle" ]; then
-	echo "test_kquant_e2e: tests/llama-quantize or llama-oracle not built (no llama.cpp): skip"
-	exit 77
-fi
-if ! $PY -c 'import numpy' 2>/dev/null; then
-	echo "test_kquant_e2e: $PY has no numpy: skip"
-	exit 77
-fi
-
-env_init kquant-e2e
-fail=0
-oracle=$B/tests/llama-oracle
-toks=1,5,9,3,17,33,2,8,60,12,7,7,40,21,63,4,11,30,45,6,19,50,27,14
-
-"$B/tools/moe-gen" model --family qwen3_moe --preset tiny-lm --format gguf --dtype f32 --hidden 256 --width 256 \
-	--out "$tmp/f" >/dev/null
-"$B/tests/llama-quantize" --tensor 'ffn_down_exps=Q6_K' --embd Q8_0 "$tmp/f/model.gguf" "$tmp/q.gguf" Q4_K_M \
-	2>"$tmp/quant.log" || { cat "$tmp/quant.log" >&2; exit 1; }
+. "$(dirname "$0")/kquant-env.sh"
+kquant_init test_kquant_e2e kquant-e2e
+kquant_quantize --tensor 'ffn_down_exps=Q6_K' --embd Q8_0 "$tmp/f/model.gguf" "$tmp/q.gguf" Q4_K_M
 mkdir "$tmp/s"
 "$B/tests/gguf-split" --split 3 "$tmp/q.gguf" "$tmp/s/q"
 first=$tmp/s/q-00001-of-00003.gguf
 
 # llama.cpp reads the parts as the model
-"$oracle" logits "$tmp/q.gguf" --flash-attn off --tokens "$toks" --out "$tmp/ref" 2>"$tmp/o.log" ||
-	{ cat "$tmp/o.log" >&2; exit 1; }
-"$oracle" logits "$first" --flash-attn off --tokens "$toks" --out "$tmp/ref.split" 2>"$tmp/o.log" ||
-	{ cat "$tmp/o.log" >&2; exit 1; }
+kquant_oracle_logits "$tmp/q.gguf" "$tmp/ref"
+kquant_oracle_logits "$first" "$tmp/ref.split"
 if cmp -s "$tmp/ref" "$tmp/ref.split"; then
 	echo "llama.cpp: the 3 split parts give the unsplit file's logits"
 else
@@ -92,21 +69,6 @@ done
 
 # moe-run vs llama.cpp (llama-oracle keeps llama.cpp's f16 KV cache: --kv-f16)
 "$B/moe-run" "$tmp/qs.moepack" --local --kv-f16 --tokens "$toks" --dump-logits "$tmp/lg" --quiet
-# rows 0..2 within 1e-5 (before any boundary flip can have spread)
-head_rows() {
-	$PY - "$1" "$2" <<'PY'
-import sys
-import numpy as np
-def rd(p):
-    b = open(p, "rb").read()
-    n, v = np.frombuffer(b[8:16], dtype="<u4")
-    return np.frombuffer(b[16:], dtype="<f4").reshape(n, v)
-a, r = rd(sys.argv[1]), rd(sys.argv[2])
-e = [float(np.abs(a[i] - r[i]).max() / np.abs(r[i]).max()) for i in range(3)]
-print("first 3 rows: " + " ".join(f"{x:.1e}" for x in e) + (" ok" if max(e) <= 1e-5 else " FAIL (tol 1e-5)"))
-sys.exit(0 if max(e) <= 1e-5 else 1)
-PY
-}
 printf 'qwen3_moe Q4_K_M split: '
 $PY "$S/tests/logits-compare.py" "$tmp/lg" "$tmp/ref" --tol 2e-2 --median-tol 1e-4 || fail=1
 head_rows "$tmp/lg" "$tmp/ref" || fail=1
@@ -129,11 +91,10 @@ fi
 # the other types
 for spec in Q5_K_M:Q5_K:Q6_K Q3_K_M:Q3_K:Q5_K Q2_K:Q2_K:Q3_K IQ4_XS:IQ4_XS:IQ4_NL; do
 	ft=${spec%%:*} gu=${spec#*:} gu=${gu%%:*} dn=${spec##*:}
-	"$B/tests/llama-quantize" --tensor "ffn_(gate|up)_exps=$gu" --tensor "ffn_down_exps=$dn" "$tmp/f/model.gguf" \
-		"$tmp/$ft.gguf" "$ft" 2>"$tmp/quant.log" || { cat "$tmp/quant.log" >&2; exit 1; }
+	kquant_quantize --tensor "ffn_(gate|up)_exps=$gu" --tensor "ffn_down_exps=$dn" "$tmp/f/model.gguf" \
+		"$tmp/$ft.gguf" "$ft"
 	"$B/tools/moe-pack" convert "$tmp/$ft.gguf" -o "$tmp/$ft.moepack" -q
-	"$oracle" logits "$tmp/$ft.gguf" --flash-attn off --tokens "$toks" --out "$tmp/$ft.ref" 2>"$tmp/o.log" ||
-		{ cat "$tmp/o.log" >&2; exit 1; }
+	kquant_oracle_logits "$tmp/$ft.gguf" "$tmp/$ft.ref"
 	"$B/moe-run" "$tmp/$ft.moepack" --local --kv-f16 --tokens "$toks" --dump-logits "$tmp/$ft.lg" --quiet
 	printf 'qwen3_moe %s (experts %s/%s): ' "$ft" "$gu" "$dn"
 	$PY "$S/tests/logits-compare.py" "$tmp/$ft.lg" "$tmp/$ft.ref" --tol 2e-2 || fail=1
@@ -141,23 +102,6 @@ for spec in Q5_K_M:Q5_K:Q6_K Q3_K_M:Q3_K:Q5_K Q2_K:Q2_K:Q3_K IQ4_XS:IQ4_XS:IQ4_N
 done
 
 # through the daemon: 8 slots of 128 KiB for 48 extents
-daemon_start moetierd "$tmp/qs.moepack" --host-bytes=1M --gpu-bytes=0
-"$B/moe-run" "$tmp/qs.moepack" --socket "$sock" --kv-f16 --tokens "$toks" --dump-logits "$tmp/lgd" \
-	2>"$tmp/d.err" || { cat "$tmp/d.err" >&2; exit 1; }
-if cmp -s "$tmp/lg" "$tmp/lgd"; then
-	echo "moetierd: moe-run's logits through a 1 MiB host arena equal --local's"
-else
-	echo "test_kquant_e2e: logits through moetierd differ from --local" >&2
-	fail=1
-fi
-# as test_moe_run_daemon: misses and pack reads, or nothing was tiered
-if ! grep -q 'missed [1-9]' "$tmp/d.err" && ! grep -q 'missed 0\.[0-9]*[1-9]' "$tmp/d.err"; then
-	echo "test_kquant_e2e: no misses through moetierd: the arena tiered nothing" >&2
-	cat "$tmp/d.err" >&2
-	fail=1
-fi
-kill -TERM "$pid"
-wait "$pid" || true
-pid=
+kquant_through_daemon "$tmp/qs.moepack" "$tmp/lg" 1M "1 MiB"
 
 exit $fail

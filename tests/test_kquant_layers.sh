@@ -21,34 +21,12 @@
 # tests/llama-oracle not built) or without numpy in Debian's python3.
 set -eu
 . "$(dirname "$0")/daemon-env.sh"
-S=${MOETIER_SRCDIR:-..}
-PY=/usr/bin/python3
-
-for p in moe-run moetierd moe-client tools/moe-gen tools/moe-pack tests/gguf-split; do
-	[ -x "$B/$p" ] || { echo "test_kquant_layers: $B/$p is missing" >&2; exit 1; }
-done
-if [ ! -x "$B/tests/llama-quantize" ] || [ ! -x "$B/tests/llama-oracle" ]; then
-	echo "test_kquant_layers: tests/llama-quantize or llama-oracle not built (no llama.cpp): skip"
-	exit 77
-fi
-if ! $PY -c 'import numpy' 2>/dev/null; then
-	echo "test_kquant_layers: $PY has no numpy: skip"
-	exit 77
-fi
-
-env_init kquant-layers
-fail=0
-oracle=$B/tests/llama-oracle
-toks=1,5,9,3,17,33,2,8,60,12,7,7,40,21,63,4,11,30,45,6,19,50,27,14
-
-"$B/tools/moe-gen" model --family qwen3_moe --preset tiny-lm --format gguf --dtype f32 --hidden 256 --width 256 \
-	--out "$tmp/f" >/dev/null
+. "$(dirname "$0")/kquant-env.sh"
+kquant_init test_kquant_layers kquant-layers
 # q4m: plain Q4_K_M (layers 0, 1: q4_K down; layer 2: q6_K down)
-"$B/tests/llama-quantize" "$tmp/f/model.gguf" "$tmp/q4m.gguf" Q4_K_M 2>"$tmp/quant.log" ||
-	{ cat "$tmp/quant.log" >&2; exit 1; }
+kquant_quantize "$tmp/f/model.gguf" "$tmp/q4m.gguf" Q4_K_M
 # q4m3: the same with layer 0's gate and up in q5_K: three kinds of layer
-"$B/tests/llama-quantize" --tensor 'blk\.0\.ffn_(gate|up)_exps=Q5_K' "$tmp/f/model.gguf" "$tmp/q4m3.gguf" Q4_K_M \
-	2>"$tmp/quant.log" || { cat "$tmp/quant.log" >&2; exit 1; }
+kquant_quantize --tensor 'blk\.0\.ffn_(gate|up)_exps=Q5_K' "$tmp/f/model.gguf" "$tmp/q4m3.gguf" Q4_K_M
 
 # the layouts in the header, by the documented offsets: per MoE layer
 # "gate/up/down" dtype names, and the header's version and payloads
@@ -142,25 +120,9 @@ elif ! grep -q 'layer 0 (model layer 0) expert 3' "$tmp/verify.out"; then
 	fail=1
 fi
 
-head_rows() {
-	$PY - "$1" "$2" <<'PY'
-import sys
-import numpy as np
-def rd(p):
-    b = open(p, "rb").read()
-    n, v = np.frombuffer(b[8:16], dtype="<u4")
-    return np.frombuffer(b[16:], dtype="<f4").reshape(n, v)
-a, r = rd(sys.argv[1]), rd(sys.argv[2])
-e = [float(np.abs(a[i] - r[i]).max() / np.abs(r[i]).max()) for i in range(3)]
-print("first 3 rows: " + " ".join(f"{x:.1e}" for x in e) + (" ok" if max(e) <= 1e-5 else " FAIL (tol 1e-5)"))
-sys.exit(0 if max(e) <= 1e-5 else 1)
-PY
-}
-
 per_layer=1
 for p in q4m q4m3; do
-	"$oracle" logits "$tmp/$p.gguf" --flash-attn off --tokens "$toks" --out "$tmp/$p.ref" 2>"$tmp/o.log" ||
-		{ cat "$tmp/o.log" >&2; exit 1; }
+	kquant_oracle_logits "$tmp/$p.gguf" "$tmp/$p.ref"
 	if ! "$B/moe-run" "$tmp/$p.moepack" --local --kv-f16 --tokens "$toks" --dump-logits "$tmp/$p.lg" --quiet \
 		2>"$tmp/run.err"; then
 		if grep -q "computes every layer with layer 0's layout" "$tmp/run.err"; then
@@ -178,21 +140,10 @@ for p in q4m q4m3; do
 done
 
 # through the daemon: slots sized by the largest layout (8 of 48 extents)
-daemon_start moetierd "$tmp/q4m3.moepack" --host-bytes=1280K --gpu-bytes=0
 if [ $per_layer = 1 ]; then
-	"$B/moe-run" "$tmp/q4m3.moepack" --socket "$sock" --kv-f16 --tokens "$toks" --dump-logits "$tmp/lgd" \
-		2>"$tmp/d.err" || { cat "$tmp/d.err" >&2; exit 1; }
-	if cmp -s "$tmp/q4m3.lg" "$tmp/lgd"; then
-		echo "moetierd: moe-run's logits through a 1.25 MiB host arena equal --local's"
-	else
-		echo "test_kquant_layers: logits through moetierd differ from --local" >&2
-		fail=1
-	fi
-	if ! grep -q 'missed [1-9]' "$tmp/d.err" && ! grep -q 'missed 0\.[0-9]*[1-9]' "$tmp/d.err"; then
-		echo "test_kquant_layers: no misses through moetierd: the arena tiered nothing" >&2
-		cat "$tmp/d.err" >&2
-		fail=1
-	fi
+	kquant_through_daemon "$tmp/q4m3.moepack" "$tmp/q4m3.lg" 1280K "1.25 MiB"
+else
+	daemon_start moetierd "$tmp/q4m3.moepack" --host-bytes=1280K --gpu-bytes=0
+	daemon_stop
 fi
-daemon_stop
 exit $fail
