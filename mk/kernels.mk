@@ -9,7 +9,7 @@ libmoekernels_a_SOURCES += kernels/ffn.c kernels/ffn.h kernels/ffn_impl.h kernel
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_ffn
 TESTS += tests/test_ffn
-tests_test_ffn_SOURCES = tests/test_ffn.c
+tests_test_ffn_SOURCES = tests/test_ffn.c tests/ffn_testutil.h
 tests_test_ffn_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_ffn_LDADD = $(FAULT_LINK) $(CRITERION_LIBS)
 endif

@@ -23,7 +23,7 @@ tests_test_mla_LDADD = client/run/libmoerun.a $(KERNELS_LINK) $(CRITERION_LIBS)
 # experts without ffn_gate_exps) against a double-precision reference
 check_PROGRAMS += tests/test_ffn_silu
 TESTS += tests/test_ffn_silu
-tests_test_ffn_silu_SOURCES = tests/test_ffn_silu.c
+tests_test_ffn_silu_SOURCES = tests/test_ffn_silu.c tests/ffn_testutil.h
 tests_test_ffn_silu_CFLAGS = $(AM_CFLAGS) $(CRITERION_CFLAGS)
 tests_test_ffn_silu_LDADD = $(KERNELS_LINK) $(CRITERION_LIBS)
 # moetierd's COMPUTE of a pack's experts against ffn_expert here (the

@@ -29,23 +29,9 @@
 #include "dtype.h"
 #include "ffn.h"
 #include "ffn_impl.h" /* white box: the AVX2 activation quantizer */
+#include "ffn_testutil.h"
 #include "model.h"
 #include "pack.h"
-
-#define U_F32 (1.0 / 16777216.0)
-
-/* ---- random numbers (deterministic per test) ------------------------------ */
-
-static uint64_t rng_state;
-static void rng_seed(uint64_t s) { rng_state = s * 0x9e3779b97f4a7c15ull + 1; }
-static uint64_t rng_u64(void)
-{
-	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-static float rng_f(float lo, float hi) { return lo + (hi - lo) * (float)((rng_u64() >> 40) * (1.0 / 16777216.0)); }
 
 /* ---- an independent decoder: the formulas of formats.md 4.5, written here
  * without dtype.c's helpers ---------------------------------------------- */
@@ -128,23 +114,9 @@ static uint8_t *make_weights(enum moe_dtype t, uint32_t rows, uint32_t cols, flo
 		uint8_t *row = w + rb * r;
 		for (uint32_t c = 0; c < cols; c++)
 			tmp[c] = rng_f(-a, a);
+		if (ffn_test_encode_row(t, tmp, row, cols))
+			continue;
 		switch (t) {
-		case MOE_DTYPE_F32: memcpy(row, tmp, 4ull * cols); break;
-		case MOE_DTYPE_F16:
-			for (uint32_t c = 0; c < cols; c++) {
-				uint16_t h = moe_f32_to_f16(tmp[c]);
-				memcpy(row + 2 * c, &h, 2);
-			}
-			break;
-		case MOE_DTYPE_BF16:
-			for (uint32_t c = 0; c < cols; c++) {
-				uint16_t h = moe_f32_to_bf16(tmp[c]);
-				memcpy(row + 2 * c, &h, 2);
-			}
-			break;
-		case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(tmp, (void *)row, cols); break;
-		case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(tmp, (void *)row, cols); break;
-		case MOE_DTYPE_MXFP4: moe_quantize_row_mxfp4(tmp, (void *)row, cols); break;
 		case MOE_DTYPE_IQ4_NL:
 			/* d = max |x| / 127, then the nearest level (ggml searches
 			 * scales too; any valid encoding serves here) */
@@ -216,32 +188,16 @@ static void use_isa(enum ffn_isa isa)
 	cr_assert_eq(ffn_set_q8_mode(g_q8int ? FFN_Q8_INT : FFN_Q8_EXACT), 0);
 }
 
-/* Relative bound on |y - exact| / sum|w x| for one dot of length K. */
-static double dot_tol(enum ffn_isa isa, enum moe_dtype t, uint32_t K)
-{
-	double g = K * U_F32 / (1.0 - K * U_F32);
-	if (isa == FFN_ISA_AVX512BF16 && t == MOE_DTYPE_BF16)
-		g += 2.0 / 512.0;
-	return g;
-}
-
 static bool is_block(enum moe_dtype t) { return moe_dtype_block_elems(t) > 1; }
 
-/* FFN_Q8_INT: x (or h) is quantized to q8_0 before a q8_0 or q4_0 matmul
- * (integer dot per block, ggml's scheme; the integer sums are exact). Each
- * element then errs by at most |q (f16(d) - d)| + d/2 <= (127 * 2^-11 +
- * 0.5) d < 0.57 d, d = (block max |x|) / 127. q8_err fills that per element
- * (0 when the mode or dtype does not quantize). */
+/* FFN_Q8_INT: x (or h) is quantized to q8_0 before a q8_0, q4_0 or iq4_nl
+ * matmul (integer dot per block, ggml's scheme; the integer sums are
+ * exact): q8_err fills each element's error (ffn_test_quant_err), 0 when
+ * the mode or dtype does not quantize. */
 static void q8_err(enum moe_dtype t, const double *v, const double *slack, uint32_t n, double *e)
 {
-	for (uint32_t b = 0; b < n; b += 32) {
-		double amax = 0;
-		for (uint32_t i = b; i < b + 32 && i < n; i++)
-			amax = fmax(amax, fabs(v[i]) + (slack ? slack[i] : 0));
-		for (uint32_t i = b; i < b + 32 && i < n; i++)
-			e[i] = g_q8int && (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0 || t == MOE_DTYPE_IQ4_NL)
-				       ? 0.57 * amax / 127.0 : 0.0;
-	}
+	ffn_test_quant_err(g_q8int && (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0 || t == MOE_DTYPE_IQ4_NL), 32, v,
+			   slack, n, e);
 }
 
 /* ---- matmul: exact decode, bounds, batch and thread independence ---------- */
@@ -370,7 +326,7 @@ static void check_matmul_bounds(enum ffn_isa isa)
 							Q += fabs(wd[(size_t)r * cols + c]) * xe[c];
 						}
 						double got = y[tk * ldy + r];
-						double bound = dot_tol(isa, t, cols) * (S + Q) + Q + 1e-30;
+						double bound = ffn_test_dot_tol(isa, t, cols) * (S + Q) + Q + 1e-30;
 						cr_assert(fabs(got - ex) <= bound,
 							  "%s/%s %ux%u B=%u tok %u row %u: %.9g vs %.9g (bound %.3g)",
 							  ffn_isa_name(isa), moe_dtype_name(t), rows, cols, B, tk, r, got,
@@ -497,7 +453,8 @@ static void ref_forward(const struct fake_expert *e, enum ffn_isa isa, const flo
 	const enum moe_dtype tdn = (enum moe_dtype)e->parts[2].dtype; /* down, both kinds */
 	/* gate and up may differ (the mixed test): the looser bound of the two */
 	const enum moe_dtype tup = oss ? tin : (enum moe_dtype)e->parts[1].dtype;
-	const double ein = fmax(dot_tol(isa, tin, n), dot_tol(isa, tup, n)), edn = dot_tol(isa, tdn, m);
+	const double ein = fmax(ffn_test_dot_tol(isa, tin, n), ffn_test_dot_tol(isa, tup, n));
+	const double edn = ffn_test_dot_tol(isa, tdn, m);
 
 	for (uint32_t c = 0; c < n; c++)
 		xd[c] = x[c];
@@ -536,21 +493,7 @@ static void ref_forward(const struct fake_expert *e, enum ffn_isa isa, const flo
 			dh[i] += fabs(h[i]) / 256.0; /* h rounded to bf16 for the down matmul */
 	}
 	q8_err(tdn, h, dh, m, he);
-	for (uint32_t k = 0; k < n; k++) {
-		double acc = 0, S = 0, P = 0;
-		for (uint32_t i = 0; i < m; i++) {
-			const double w = e->down[(size_t)k * m + i];
-			acc += w * h[i];
-			S += fabs(w * h[i]);
-			P += fabs(w) * (dh[i] + he[i] * (1 + edn));
-		}
-		if (oss) {
-			acc += e->down_bias[k];
-			S += fabs(e->down_bias[k]);
-		}
-		y[k] = acc;
-		bound[k] = 2.0 * (edn * S + P + U_F32 * S) + 1e-30;
-	}
+	ffn_test_ref_down(e->down, oss ? e->down_bias : NULL, n, m, h, dh, he, edn, y, bound);
 	free(h);
 	free(dh);
 	free(xd);

@@ -22,23 +22,12 @@
 
 #include "dtype.h"
 #include "ffn.h"
+#include "ffn_testutil.h"
 #include "model.h"
 #include "pack.h"
 
-#define U_F32 (1.0 / 16777216.0)
 #define N_HID 256u /* hidden: whole q4_K super-blocks for up's columns */
 #define M_EXP 256u /* expert width: likewise for down's */
-
-static uint64_t rng_state;
-static void rng_seed(uint64_t s) { rng_state = s * 0x9e3779b97f4a7c15ull + 1; }
-static uint64_t rng_u64(void)
-{
-	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-static float rng_f(float lo, float hi) { return lo + (hi - lo) * (float)((rng_u64() >> 40) * (1.0 / 16777216.0)); }
 
 struct silu_expert {
 	struct moe_model_config cfg;
@@ -62,24 +51,7 @@ static void fill(enum moe_dtype t, uint32_t rows, uint32_t cols, uint8_t *dst, d
 		uint8_t *row = dst + (size_t)r * rb;
 		for (uint32_t c = 0; c < cols; c++)
 			v[c] = rng_f(-a, a);
-		switch (t) {
-		case MOE_DTYPE_F32: memcpy(row, v, 4ull * cols); break;
-		case MOE_DTYPE_F16:
-			for (uint32_t c = 0; c < cols; c++) {
-				uint16_t h = moe_f32_to_f16(v[c]);
-				memcpy(row + 2ull * c, &h, 2);
-			}
-			break;
-		case MOE_DTYPE_BF16:
-			for (uint32_t c = 0; c < cols; c++) {
-				uint16_t h = moe_f32_to_bf16(v[c]);
-				memcpy(row + 2ull * c, &h, 2);
-			}
-			break;
-		case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(v, (struct moe_block_q8_0 *)row, cols); break;
-		case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(v, (struct moe_block_q4_0 *)row, cols); break;
-		case MOE_DTYPE_MXFP4: moe_quantize_row_mxfp4(v, (struct moe_block_mxfp4 *)row, cols); break;
-		case MOE_DTYPE_Q4_K: {
+		if (t == MOE_DTYPE_Q4_K) {
 			/* 144-byte blocks: f16 d, f16 dmin, 12 bytes of 6-bit
 			 * scales and mins, 128 bytes of nibbles */
 			const uint64_t bb = moe_dtype_block_bytes(t);
@@ -90,9 +62,8 @@ static void fill(enum moe_dtype t, uint32_t rows, uint32_t cols, uint8_t *dst, d
 				memcpy(row + b, &d, 2);
 				memcpy(row + b + 2, &dm, 2);
 			}
-			break;
-		}
-		default: cr_assert_fail("no encoder for %s", moe_dtype_name(t));
+		} else if (!ffn_test_encode_row(t, v, row, cols)) {
+			cr_assert_fail("no encoder for %s", moe_dtype_name(t));
 		}
 		moe_dequantize_row(t, row, v, cols);
 		for (uint32_t c = 0; c < cols; c++)
@@ -139,22 +110,7 @@ static bool is_k(enum moe_dtype t) { return moe_dtype_block_elems(t) == 256; }
 static void quant_err(enum moe_dtype t, const double *v, const double *slack, uint32_t len, double *e)
 {
 	const bool q = is_k(t) || (ffn_get_q8_mode() == FFN_Q8_INT && (t == MOE_DTYPE_Q8_0 || t == MOE_DTYPE_Q4_0));
-	const uint32_t bs = is_k(t) ? 256 : 32;
-	for (uint32_t b = 0; b < len; b += bs) {
-		double amax = 0;
-		for (uint32_t i = b; i < b + bs && i < len; i++)
-			amax = fmax(amax, fabs(v[i]) + (slack ? slack[i] : 0));
-		for (uint32_t i = b; i < b + bs && i < len; i++)
-			e[i] = q ? 0.57 * amax / 127.0 : 0.0;
-	}
-}
-
-static double dot_tol(enum moe_dtype t, uint32_t K)
-{
-	double g = K * U_F32 / (1.0 - K * U_F32);
-	if (ffn_get_isa() == FFN_ISA_AVX512BF16 && t == MOE_DTYPE_BF16)
-		g += 2.0 / 512.0;
-	return g;
+	ffn_test_quant_err(q, is_k(t) ? 256 : 32, v, slack, len, e);
 }
 
 /* y = down(silu(up x)) in double, and each output's bound */
@@ -163,7 +119,8 @@ static void reference(const struct silu_expert *e, const float *x, double *y, do
 	const uint32_t n = N_HID, m = M_EXP;
 	const enum moe_dtype tup = e->parts[0].dtype, tdn = e->parts[1].dtype;
 	double xd[N_HID], xe[N_HID], h[M_EXP], dh[M_EXP], he[M_EXP];
-	const double ein = dot_tol(tup, n), edn = dot_tol(tdn, m);
+	const double ein = ffn_test_dot_tol(ffn_get_isa(), tup, n);
+	const double edn = ffn_test_dot_tol(ffn_get_isa(), tdn, m);
 
 	for (uint32_t c = 0; c < n; c++)
 		xd[c] = x[c];
@@ -182,17 +139,7 @@ static void reference(const struct silu_expert *e, const float *x, double *y, do
 			dh[i] += fabs(h[i]) / 256.0; /* h rounded to bf16 for the down matmul */
 	}
 	quant_err(tdn, h, dh, m, he);
-	for (uint32_t k = 0; k < n; k++) {
-		double acc = 0, S = 0, P = 0;
-		for (uint32_t i = 0; i < m; i++) {
-			const double w = e->down[(size_t)k * m + i];
-			acc += w * h[i];
-			S += fabs(w * h[i]);
-			P += fabs(w) * (dh[i] + he[i] * (1 + edn));
-		}
-		y[k] = acc;
-		bound[k] = 2.0 * (edn * S + P + U_F32 * S) + 1e-30;
-	}
+	ffn_test_ref_down(e->down, NULL, n, m, h, dh, he, edn, y, bound);
 }
 
 static void check(enum ffn_isa isa, enum ffn_q8_mode mode)
