@@ -23,6 +23,19 @@ EXTRA_DIST += tests/test_moe_run.sh tests/test_moe_run_daemon.sh tests/test_moe_
 # moe-run --gpu on a real GPU (the device path against the host; exits 77
 # without one): run by scripts/gpu-check, not by make check
 EXTRA_DIST += tests/moe-run-gpu.sh
+# ...and without one: the daemon's VMM arena and moe-run's device path on a
+# stand-in libcuda.so.1 (tests/fake_libcuda.c, loaded through
+# MOETIER_LIBCUDA; needs cuda.h for its types, skips without it)
+TESTS += tests/test_moe_run_fakegpu.sh
+EXTRA_DIST += tests/test_moe_run_fakegpu.sh tests/fake_libcuda.c
+if HAVE_CUDA
+check_LTLIBRARIES = tests/libfakecuda.la
+tests_libfakecuda_la_SOURCES = tests/fake_libcuda.c
+# a shared object of its own (-rpath: libtool builds check libraries as
+# convenience archives otherwise), dlopen'd by path
+tests_libfakecuda_la_LDFLAGS = -module -avoid-version -shared -rpath /nowhere
+tests_libfakecuda_la_LIBADD = -lm
+endif
 
 if HAVE_CRITERION
 # (not tests/test_moe_run: its log would be test_moe_run.sh's)

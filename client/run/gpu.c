@@ -117,12 +117,19 @@ static int cu_fail(const struct gpu *g, struct moe_error *err, CUresult rc, cons
 
 static int load_driver(struct gpu *g, struct moe_error *err)
 {
-	g->lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+	/* MOETIER_LIBCUDA as for moetierd (daemon/cuda_api.c): another
+	 * driver copy, or the tests' fake one (tests/fake_libcuda.c) */
+	const char *path = getenv("MOETIER_LIBCUDA");
+	if (!path || !*path)
+		path = "libcuda.so.1";
+	g->lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
 	if (!g->lib)
-		return moe_error_set(err, -ENODEV, "no CUDA driver (libcuda.so.1: %s)", dlerror());
-	PFN_cuGetProcAddress_v12000 gpa = (PFN_cuGetProcAddress_v12000)dlsym(g->lib, "cuGetProcAddress_v2");
-	if (!gpa)
+		return moe_error_set(err, -ENODEV, "no CUDA driver (%s)", dlerror());
+	void *sym = dlsym(g->lib, "cuGetProcAddress_v2");
+	PFN_cuGetProcAddress_v12000 gpa;
+	if (!sym)
 		return moe_error_set(err, -ENODEV, "the CUDA driver is older than CUDA 12 (no cuGetProcAddress_v2)");
+	memcpy(&gpa, &sym, sizeof(sym));
 	static const struct {
 		const char *name;
 		size_t off;
@@ -216,43 +223,59 @@ static void export_free(struct gpu_export *e)
 
 static int fetch_export(struct gpu *g, struct gpu_export *e, struct moe_error *err)
 {
-	const uint32_t cap = g->n_slots;
+	int fds[MOET_GPU_EXPORT_BATCH];
+	uint64_t offs[MOET_GPU_EXPORT_BATCH];
+	uint32_t cap = 0;
+	int rc = 0;
 	memset(e, 0, sizeof(*e));
-	e->fds = malloc((size_t)cap * sizeof(int));
-	e->offs = malloc((size_t)cap * sizeof(uint64_t));
-	if (!e->fds || !e->offs) {
-		export_free(e);
-		return moe_error_set(err, -ENOMEM, "out of memory");
-	}
 	g->st.exports++;
-	do {
-		int n = moet_gpu_export(g->ctx, e->got, &e->x, e->fds + e->got, e->offs + e->got,
-					MOE_MIN(cap - e->got, (uint32_t)MOET_GPU_EXPORT_BATCH));
+	for (;;) {
+		int n = moet_gpu_export(g->ctx, e->got, &e->x, fds, offs, MOET_GPU_EXPORT_BATCH);
 		if (n < 0) {
-			int rc = moe_error_set(err, n, "moetierd: GPU arena export: %s %s", moet_strerror(n),
-					       moet_last_error(g->ctx));
-			export_free(e);
-			return rc;
+			rc = moe_error_set(err, n, "moetierd: GPU arena export: %s %s", moet_strerror(n),
+					   moet_last_error(g->ctx));
+			goto fail;
 		}
+		if (e->got + (uint32_t)n > cap) {
+			/* sized by the export's own count of handles */
+			uint32_t nc = MOE_MAX(e->x.total, e->got + (uint32_t)n);
+			int *f2 = realloc(e->fds, (size_t)nc * sizeof(int));
+			if (f2)
+				e->fds = f2;
+			uint64_t *o2 = realloc(e->offs, (size_t)nc * sizeof(uint64_t));
+			if (o2)
+				e->offs = o2;
+			if (!f2 || !o2) {
+				for (int i = 0; i < n; i++)
+					close(fds[i]);
+				rc = moe_error_set(err, -ENOMEM, "out of memory");
+				goto fail;
+			}
+			cap = nc;
+		}
+		memcpy(e->fds + e->got, fds, (size_t)n * sizeof(int));
+		memcpy(e->offs + e->got, offs, (size_t)n * sizeof(uint64_t));
 		e->got += (uint32_t)n;
 		if (e->x.backend != MOET_GPU_VMM) {
 			const uint32_t b = e->x.backend;
-			export_free(e);
-			return moe_error_set(err, -EOPNOTSUPP,
-					     "moetierd's GPU arena is %s: only a CUDA VMM arena (moetierd --gpu-backend=vmm) "
-					     "can be mapped by a client",
-					     b == MOET_GPU_UVM ? "managed memory (uvm)" : b == MOET_GPU_EMULATED ? "emulated" : "absent");
+			rc = moe_error_set(err, -EOPNOTSUPP,
+					   "moetierd's GPU arena is %s: only a CUDA VMM arena (moetierd --gpu-backend=vmm) "
+					   "can be mapped by a client",
+					   b == MOET_GPU_UVM ? "managed memory (uvm)" : b == MOET_GPU_EMULATED ? "emulated" : "absent");
+			goto fail;
 		}
-		if (!n)
+		if (!n || e->got >= e->x.total)
 			break;
-	} while (e->got < e->x.total && e->got < cap);
+	}
 	if (!e->x.slot_stride || e->x.chunk_bytes != e->x.slot_stride) {
-		int rc = moe_error_set(err, -EPROTO, "moetierd: GPU export with slot stride %llu and chunks of %llu bytes",
-				       (unsigned long long)e->x.slot_stride, (unsigned long long)e->x.chunk_bytes);
-		export_free(e);
-		return rc;
+		rc = moe_error_set(err, -EPROTO, "moetierd: GPU export with slot stride %llu and chunks of %llu bytes",
+				   (unsigned long long)e->x.slot_stride, (unsigned long long)e->x.chunk_bytes);
+		goto fail;
 	}
 	return 0;
+fail:
+	export_free(e);
+	return rc;
 }
 
 /* Maps the exported chunks not mapped yet (the range reserved at the first
@@ -264,6 +287,7 @@ static int fetch_export(struct gpu *g, struct gpu_export *e, struct moe_error *e
 static int map_export(struct gpu *g, const struct gpu_export *e, struct moe_error *err)
 {
 	int rc = 0;
+	CK(g->cu.CtxSetCurrent(g->cctx), "cuCtxSetCurrent");
 	if (!g->base) {
 		g->stride = e->x.slot_stride;
 		g->chunk_bytes = e->x.chunk_bytes;
