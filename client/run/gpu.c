@@ -88,6 +88,8 @@ struct gpu {
 	uint32_t lg, lp, lgs;       /* launched up to: groups, pairs, group_start entries used */
 	uint32_t *gabs;             /* [E + 1] absolute pair start of each group */
 	bool x_sent, refreshed;
+	uint64_t batches;           /* batches begun */
+	uint64_t refresh_after;     /* no export fetched before this batch (after a failed one) */
 	struct gpu_stats st;
 };
 
@@ -468,6 +470,7 @@ int gpu_batch_begin(struct gpu *g, uint32_t B, uint32_t n, uint32_t m, struct mo
 	g->m = m;
 	g->ng = g->np = g->lg = g->lp = g->lgs = 0;
 	g->x_sent = g->refreshed = false;
+	g->batches++;
 	return 0;
 }
 
@@ -475,11 +478,17 @@ bool gpu_slot_ready(struct gpu *g, int32_t slot)
 {
 	if (slot < 0 || (uint32_t)slot >= g->n_slots)
 		return false;
-	if (!g->mapped[slot] && !g->refreshed) {
+	if (!g->mapped[slot] && !g->refreshed && g->batches >= g->refresh_after) {
 		struct moe_error e = { { 0 } };
 		g->refreshed = true;
-		if (refresh(g, &e))
-			moe_debug("moe-run: GPU arena refresh: %s", e.msg);
+		if (refresh(g, &e)) {
+			/* said once; the slots not mapped are read from the pack
+			 * meanwhile, and the next try waits 256 layer calls (a
+			 * daemon that does not answer costs its timeout each time) */
+			if (!g->refresh_after)
+				moe_warn("moe-run: GPU arena export (experts of unmapped slots read from the pack): %s", e.msg);
+			g->refresh_after = g->batches + 256;
+		}
 	}
 	return g->mapped[slot] != 0;
 }
