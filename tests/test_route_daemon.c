@@ -29,6 +29,7 @@
 #include "moetier/moetier.h"
 #include "pack.h"
 #include "route.h"
+#include "route_ref.h"
 /* testutil.h's tu__rm builds "%s/%s" paths into 4 KiB: GCC's truncation
  * analysis flags it under -Werror; the paths here are short. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
@@ -123,80 +124,6 @@ static moet_ctx *attach(struct env *e, const char *name)
 	return c;
 }
 
-/* ---- an independent reference (full sorts, double precision) ---- */
-
-static void ref_sort(const double *key, uint32_t n, uint32_t *idx)
-{
-	for (uint32_t i = 0; i < n; i++)
-		idx[i] = i;
-	for (uint32_t i = 1; i < n; i++)
-		for (uint32_t j = i; j > 0 && (key[idx[j]] > key[idx[j - 1]] ||
-					       (key[idx[j]] == key[idx[j - 1]] && idx[j] < idx[j - 1])); j--) {
-			uint32_t t = idx[j];
-			idx[j] = idx[j - 1];
-			idx[j - 1] = t;
-		}
-}
-
-static void ref_route(const struct moe_model_config *m, const float *bias, const float *lg, uint32_t *ex, double *w)
-{
-	uint32_t n = m->n_experts, k = m->top_k, idx[256];
-	double p[256], key[256], sum = 0;
-	if (m->scoring == MOE_SCORING_TOPK_SOFTMAX) {
-		for (uint32_t e = 0; e < n; e++)
-			key[e] = lg[e];
-		ref_sort(key, n, idx);
-		for (uint32_t i = 0; i < k; i++) {
-			ex[i] = idx[i];
-			w[i] = exp(key[idx[i]] - key[idx[0]]);
-			sum += w[i];
-		}
-		for (uint32_t i = 0; i < k; i++)
-			w[i] /= sum;
-		return;
-	}
-	if (m->scoring == MOE_SCORING_SOFTMAX) {
-		double mx = -1e30, s = 0;
-		for (uint32_t e = 0; e < n; e++)
-			mx = fmax(mx, lg[e]);
-		for (uint32_t e = 0; e < n; e++)
-			s += exp(lg[e] - mx);
-		for (uint32_t e = 0; e < n; e++)
-			key[e] = p[e] = exp(lg[e] - mx) / s;
-	} else {
-		for (uint32_t e = 0; e < n; e++) {
-			p[e] = 1.0 / (1.0 + exp(-(double)lg[e]));
-			key[e] = p[e] + (bias ? bias[e] : 0.0);
-		}
-	}
-	if (m->topk_method == MOE_TOPK_GROUP_LIMITED) {
-		uint32_t gs = n / m->n_group, gidx[64];
-		double gscore[64];
-		for (uint32_t g = 0; g < m->n_group; g++) {
-			double sub[256];
-			uint32_t si[256];
-			for (uint32_t i = 0; i < gs; i++)
-				sub[i] = key[g * gs + i];
-			ref_sort(sub, gs, si);
-			gscore[g] = m->scoring == MOE_SCORING_SIGMOID ? sub[si[0]] + sub[si[1]] : sub[si[0]];
-		}
-		ref_sort(gscore, m->n_group, gidx);
-		for (uint32_t r = m->topk_group; r < m->n_group; r++)
-			for (uint32_t i = 0; i < gs; i++)
-				key[gidx[r] * gs + i] = -1e30;
-	}
-	ref_sort(key, n, idx);
-	for (uint32_t i = 0; i < k; i++) {
-		ex[i] = idx[i];
-		w[i] = p[idx[i]];
-		sum += w[i];
-	}
-	/* llama.cpp's build_moe_ffn: norm_w (any k) over the sum clamped to
-	 * 2^-14, then w_scale */
-	for (uint32_t i = 0; i < k; i++)
-		w[i] = (m->norm_topk_prob ? w[i] / fmax(sum, 0x1p-14) : w[i]) * m->routed_scaling_factor;
-}
-
 /* Routes `trials` random logit vectors per layer through the daemon and
  * checks them against route.c and the reference. The model must be what
  * the family promises (scoring, top-k method, renormalisation), so a
@@ -234,6 +161,16 @@ static void check_family(const char *gen_args, enum moe_scoring scoring, enum mo
 		}
 		struct route_params rp;
 		route_params_from_model(&rp, mc, bp);
+		/* the reference's parameters, straight from the pack's config */
+		const struct route_params ref = { .n_experts = mc->n_experts,
+						  .top_k = mc->top_k,
+						  .scoring = mc->scoring,
+						  .topk_method = mc->topk_method,
+						  .n_group = mc->n_group,
+						  .topk_group = mc->topk_group,
+						  .norm_topk_prob = mc->norm_topk_prob != 0,
+						  .routed_scaling_factor = mc->routed_scaling_factor,
+						  .score_bias = bp };
 		for (int t = 0; t < 25; t++) {
 			for (uint32_t i = 0; i < mi.n_experts; i++)
 				logits[i] = t == 0 ? 0.0f : (float)((int)(rand_r(&seed) % 2001) - 1000) / 300.0f;
@@ -241,7 +178,7 @@ static void check_family(const char *gen_args, enum moe_scoring scoring, enum mo
 			uint32_t rex[ROUTE_MAX_K];
 			double rw[ROUTE_MAX_K];
 			cr_assert_eq(route_topk(&rp, logits, &want), 0);
-			ref_route(mc, bp, logits, rex, rw);
+			ref_route(&ref, logits, rex, rw);
 			uint32_t ex[MOET_MAX_BATCH];
 			float w[MOET_MAX_BATCH];
 			int32_t slots[MOET_MAX_BATCH];
