@@ -336,9 +336,22 @@ void server_admin_gpu_export(struct server *s, struct srv_client *c, const struc
 		server_conn_error(s, c, h->seq, rc, "GPU export: %s", err.msg);
 		return;
 	}
-	if (h->arg > e.nfds) {
+	/* Only the chunks that exist travel (a VMM slot that never held an
+	 * expert has none: fd -1, which SCM_RIGHTS refuses with EBADF, and the
+	 * whole reply with it); each keeps its offset, so a client maps what
+	 * it gets where it belongs. Each fd stays in e once, for the free. */
+	uint32_t nv = 0;
+	for (uint32_t i = 0; i < e.nfds; i++)
+		if (e.fds[i] >= 0) {
+			e.fds[nv] = e.fds[i];
+			e.offsets[nv] = e.offsets[i];
+			if (nv != i)
+				e.fds[i] = -1;
+			nv++;
+		}
+	if (h->arg > nv) {
 		server_cnt(s, SERVER_bad_messages);
-		server_conn_error(s, c, h->seq, -EINVAL, "GPU_EXPORT: first handle %u past the %u there are", h->arg, e.nfds);
+		server_conn_error(s, c, h->seq, -EINVAL, "GPU_EXPORT: first handle %u past the %u there are", h->arg, nv);
 		tier_gpu_export_free(&e);
 		return;
 	}
@@ -347,7 +360,7 @@ void server_admin_gpu_export(struct server *s, struct srv_client *c, const struc
 		uint64_t offsets[MOET_GPU_EXPORT_BATCH];
 	} r;
 	memset(&r, 0, sizeof(r));
-	unsigned n = e.nfds - h->arg;
+	unsigned n = nv - h->arg;
 	if (n > MOET_GPU_EXPORT_BATCH)
 		n = MOET_GPU_EXPORT_BATCH;
 	r.x.backend = e.backend == TIER_GPU_EMULATED ? MOET_GPU_EMULATED
@@ -358,7 +371,7 @@ void server_admin_gpu_export(struct server *s, struct srv_client *c, const struc
 	r.x.generation = e.generation;
 	r.x.slot_stride = e.slot_stride;
 	r.x.chunk_bytes = e.chunk_bytes;
-	r.x.total = e.nfds;
+	r.x.total = nv;
 	r.x.first = h->arg;
 	r.x.n = n;
 	for (unsigned i = 0; i < n; i++)

@@ -463,14 +463,15 @@ static void teardown(void)
 	E.dir = NULL;
 }
 
-/* gpu_bytes NULL: no GPU tier. */
-static void start_daemon(const char *pack, const char *gpu_bytes)
+/* gpu_bytes NULL: no GPU tier. backend: "emulated" unless given. */
+static void start_daemon_on(const char *pack, const char *gpu_bytes, const char *backend)
 {
 	unlink(E.log);
 	pid_t p = fork();
 	cr_assert(p >= 0);
 	if (p == 0) {
-		char so[600], gb[64];
+		char so[600], gb[64], be[64];
+		snprintf(be, sizeof(be), "--gpu-backend=%s", backend);
 		snprintf(so, sizeof(so), "--socket=%s", E.sock);
 		snprintf(gb, sizeof(gb), "--gpu-bytes=%s", gpu_bytes ? gpu_bytes : "");
 		int fd = open(E.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -488,7 +489,7 @@ static void start_daemon(const char *pack, const char *gpu_bytes)
 		argv[n++] = "--socket-group=";
 		argv[n++] = "--log-level=info";
 		if (gpu_bytes) {
-			argv[n++] = "--gpu-backend=emulated";
+			argv[n++] = be;
 			argv[n++] = gb;
 		}
 		argv[n++] = (char *)pack;
@@ -498,6 +499,11 @@ static void start_daemon(const char *pack, const char *gpu_bytes)
 	}
 	E.pid = p;
 	probe_wait_up(p, E.sock, E.log);
+}
+
+static void start_daemon(const char *pack, const char *gpu_bytes)
+{
+	start_daemon_on(pack, gpu_bytes, "emulated");
 }
 
 static moet_ctx *attach(void)
@@ -814,4 +820,95 @@ Test(molae_gpu, dense_pack_has_no_basis)
 	cr_assert_null(strstr(txt, "latent basis"), "a dense pack shows no latent basis");
 	free(txt);
 	moet_close(c);
+}
+
+/* The real vmm backend of moetierd on tests/fake_libcuda.c (a stand-in
+ * libcuda.so.1: VMM chunks are memfds, 64 KiB granularity): B is written
+ * into whole-stride chunks after the slots, exported after the slots'
+ * handles, and a client that maps those handles reads the pack's B at the
+ * offsets moet_latent_basis gives. */
+Test(molae_gpu, vmm_backend_on_a_stand_in_driver)
+{
+	char libcuda[4096];
+	snprintf(libcuda, sizeof(libcuda), "%s", tu_build_path("tests/.libs/libfakecuda.so"));
+	if (access(libcuda, R_OK))
+		cr_skip_test("no %s (a build without cuda.h, or not built yet: make tests/libfakecuda.la)", libcuda);
+	cr_assert_eq(setenv("MOETIER_LIBCUDA", libcuda, 1), 0);
+	struct moe_error err = { "" };
+	struct pack_file *pf;
+	cr_assert_eq(pack_open(E.latent, PACK_OPEN_NO_DIRECT, &pf, &err), 0, "%s", err.msg);
+	start_daemon_on(E.latent, "1M", "vmm");
+	unsetenv("MOETIER_LIBCUDA");
+	moet_ctx *c = attach();
+	struct moet_model_info mi = { .size = sizeof(mi) };
+	cr_assert_eq(moet_model_info(c, &mi), 0);
+	/* 48 KiB experts in 64 KiB strides; 384 KiB of B = 6 strides */
+	const uint64_t stride = 64u << 10, b_bytes = 384u << 10;
+	cr_assert_eq(mi.slot_bytes[MOET_TIER_GPU], stride);
+	cr_assert_eq(mi.n_slots[MOET_TIER_GPU], (GPU_BYTES - b_bytes) / stride, "%u slots", mi.n_slots[MOET_TIER_GPU]);
+
+	/* three experts into GPU slots: their chunks exist, the other slots'
+	 * do not (and are left out of the export) */
+	for (uint32_t e = 0; e < 3; e++) {
+		int32_t slot;
+		uint8_t tier;
+		moet_lease lease = 0;
+		cr_assert_eq(moet_acquire(c, 0, &e, 1, MOET_F_WANT_GPU, &slot, &tier, &lease), 1);
+		cr_assert_eq(tier, MOET_TIER_GPU);
+		moet_release(c, lease);
+	}
+	/* every handle; map each chunk of the resident region */
+	struct moet_gpu_export x;
+	int fds[64];
+	uint64_t offs[64];
+	unsigned got = 0;
+	do {
+		int n = moet_gpu_export(c, got, &x, fds + got, offs + got, 64 - got);
+		cr_assert_gt(n, 0, "gpu export from %u: %s (%s)", got, moet_strerror(n), moet_last_error(c));
+		got += (unsigned)n;
+	} while (got < x.total);
+	cr_assert_eq(x.backend, MOET_GPU_VMM);
+	cr_assert_eq(x.chunk_bytes, stride);
+	const uint32_t ns = mi.n_slots[MOET_TIER_GPU];
+	cr_assert_eq(x.total, 3 + b_bytes / stride, "3 slot chunks and B's 6: %u handles", x.total);
+	const uint64_t span = (uint64_t)ns * stride + b_bytes;
+	uint8_t *region = calloc(1, span);
+	unsigned resident = 0;
+	for (unsigned i = 0; i < x.total; i++) {
+		cr_assert_geq(fds[i], 0);
+		cr_assert_eq(offs[i] % stride, 0);
+		cr_assert_lt(offs[i], span);
+		if (offs[i] < (uint64_t)ns * stride)
+			continue;
+		const void *m = mmap(NULL, stride, PROT_READ, MAP_SHARED, fds[i], 0);
+		cr_assert_neq(m, MAP_FAILED);
+		memcpy(region + offs[i], m, stride);
+		munmap((void *)m, stride);
+		resident++;
+	}
+	cr_assert_eq(resident, b_bytes / stride);
+	for (unsigned i = 0; i < got; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+	unsigned checked = 0;
+	for (uint32_t l = 0; l < mi.n_moe_layers; l++)
+		for (uint32_t g = 0; g < 4; g++) {
+			struct moet_latent_basis lb = { .size = sizeof(lb) };
+			cr_assert_eq(moet_latent_basis(c, l, g, &lb), 0, "%s", moet_last_error(c));
+			cr_assert_eq(lb.tier, MOET_TIER_GPU);
+			cr_assert_geq(lb.offset, (uint64_t)ns * stride);
+			cr_assert_leq(lb.offset + lb.bytes, span);
+			uint64_t pb;
+			float *ref = pack_b(pf, l, g, &pb);
+			cr_assert_not_null(ref);
+			cr_assert_eq(memcmp(region + lb.offset, ref, pb), 0, "layer %u group %u differs through VMM", l, g);
+			free(ref);
+			checked++;
+		}
+	cr_assert_eq(checked, mi.n_moe_layers * 4);
+	free(region);
+	moet_close(c);
+	pack_close(pf);
+	stop_daemon();
+	cr_assert_eq(tu_sh("grep -q 'B 384.0 KiB resident in the GPU tier' %s", E.log), 0, "no load line in the log");
 }

@@ -179,7 +179,9 @@ int moet_advise(moet_ctx *ctx, uint32_t layer, const uint32_t *ids, unsigned n, 
 
 /* The GPU arena's handles, for a client that maps it itself: the emulated
  * region's read-only memfd, or CUDA VMM chunk fds to import with
- * cuMemImportFromShareableHandle and map at offsets[i]. Fills info and up to
+ * cuMemImportFromShareableHandle and map at offsets[i] (only the chunks that
+ * exist, each with its offset; a MoLAE pack's resident B, when in the GPU
+ * tier, after the slots: moet_latent_basis). Fills info and up to
  * `max` fds/offsets starting at handle `first`; returns how many were
  * received (the caller owns and closes the fds). Ask again from first + n
  * while first + n < info->total; fetch again when info->generation changes.

@@ -82,8 +82,10 @@ _Static_assert(sizeof(struct moet_latent_basis_reply) == 48, "latent basis reply
 
 /* GPU arena handles for clients: the emulated region's read-only memfd, or
  * the POSIX fds of the CUDA VMM chunks (cuMemImportFromShareableHandle in the
- * client, then cuMemMap at offsets[i] of a range of chunk_bytes * total: the
- * slots, then a MoLAE pack's resident B matrices if the daemon keeps them).
+ * client, then cuMemMap at offsets[i] of a range of slot_stride * n_slots,
+ * followed by a MoLAE pack's resident B matrices when the daemon keeps them
+ * there). Only the chunks that exist are handed out (a VMM slot that never
+ * held an expert has none), each with its offset: total counts them.
  * Handles come in batches of at most MOET_GPU_EXPORT_BATCH; a client asks
  * again with first = first + n until first + n == total, and fetches the set
  * again when `generation` changes (a chunk was created or released). */
