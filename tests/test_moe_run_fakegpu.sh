@@ -11,7 +11,11 @@
 # added to the host's sums.
 #  - all experts fit the GPU arena, token by token and batched on 2
 #    threads; then a GPU arena of a quarter of them (evictions: slots
-#    refilled with other experts under the same mapping);
+#    refilled with other experts under the same mapping); then host and GPU
+#    arenas of 13 slots each, batched: the GPU slots a layer call holds
+#    also hold their host copies (an inclusive host tier), so without
+#    progress the call must end its device batch and give them back (it
+#    hung before it did);
 #  - teacher-forced logits within 1e-3 of each row's scale of --local
 #    (tests/logits-compare.py; the fake's f32 sums run in another order,
 #    as a GPU's do; MOETIER_FFN_Q8=exact on both sides, as in
@@ -53,9 +57,10 @@ run --local --tokens 1,2,3 -n 16 --ids --quiet >"$tmp/local.ids"
 # GPU copy needs a host copy: the host arena holds every expert.
 fill_gpu() {
 	for l in 0 1 2 3; do
-		for e in 0 8 16 24; do
-			timeout 60 "$B/moe-client" --socket "$sock" acquire $l $(seq $e $((e + 7))) --gpu >/dev/null
+		for e in 0 6 12 18 24; do
+			timeout 60 "$B/moe-client" --socket "$sock" acquire $l $(seq $e $((e + 5))) --gpu >/dev/null
 		done
+		timeout 60 "$B/moe-client" --socket "$sock" acquire $l 30 31 --gpu >/dev/null
 	done
 }
 
@@ -68,9 +73,11 @@ check() {
 	$PY "$S/tests/logits-compare.py" "$tmp/$1.lg" "$tmp/local.lg" --tol 1e-3 || bad "$1: logits beyond 1e-3"
 }
 
-for gpu in 8M 2M; do
-	# 8M: 128 slots, every expert; 2M: 32 slots, a quarter of them
-	daemon_start moetierd "$tmp/m.moepack" --host-bytes=1M --gpu-bytes=$gpu --gpu-backend=vmm
+for cfg in 1M:8M 1M:2M 104K:832K; do
+	# host:GPU arenas. 1M: 128 slots of 8 KiB. 8M: 128 slots of 64 KiB,
+	# every expert; 2M: 32 slots, a quarter of them; 104K:832K 13 each
+	host=${cfg%:*} gpu=${cfg#*:}
+	daemon_start moetierd "$tmp/m.moepack" --host-bytes=$host --gpu-bytes=$gpu --gpu-backend=vmm
 	"$B/moe-client" --socket "$sock" info | grep 'GPU arena'
 	fill_gpu
 	run --socket "$sock" --gpu=on --tokens "$toks" --dump-logits "$tmp/g1-$gpu.lg" --batch 1 2>"$tmp/g1-$gpu.err" ||

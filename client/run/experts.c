@@ -55,7 +55,8 @@ struct experts {
 	uint8_t *on_gpu;             /* [B][k] outputs the device summed (not in outs) */
 	uint32_t *gtok;              /* [B] one expert's tokens for gpu_batch_add */
 	float *gw;                   /* [B] ...and their routing weights */
-	const float *gpu_y;          /* [B][n] the device's sum of the layer call, or NULL */
+	const float *gpu_y;          /* [B][n] the device's sum of the layer call (gy), or NULL */
+	float *gy;                   /* [B][n] the sums of the layer call's device batches */
 	moet_lease *gleases;         /* leases of the slots the device reads until the wait */
 	unsigned gl_n, gl_cap;
 	struct gpu_stats gpu_base;   /* the device's counters when the run's counting began */
@@ -112,6 +113,8 @@ static int grow(struct experts *ex, uint32_t B, unsigned workers)
 	free(ex->on_gpu);
 	free(ex->gtok);
 	free(ex->gw);
+	free(ex->gy);
+	ex->gy = NULL;
 	free(ex->pg_x);
 	free(ex->pg_pred);
 	free(ex->pg_xs);
@@ -128,7 +131,10 @@ static int grow(struct experts *ex, uint32_t B, unsigned workers)
 	ex->on_gpu = calloc((size_t)B * ex->k, 1);
 	ex->gtok = malloc((size_t)B * sizeof(uint32_t));
 	ex->gw = malloc((size_t)B * sizeof(float));
-	bool ok = ex->routes && ex->outs && ex->tok_of && ex->slot_of && ex->logits && ex->on_gpu && ex->gtok && ex->gw;
+	if (ex->gpu)
+		ex->gy = malloc((size_t)B * ex->n * sizeof(float));
+	bool ok = ex->routes && ex->outs && ex->tok_of && ex->slot_of && ex->logits && ex->on_gpu && ex->gtok && ex->gw &&
+		  (!ex->gpu || ex->gy);
 	if (ok && ex->o.pregate) {
 		ex->pg_x = malloc((size_t)B * ex->n * sizeof(float));
 		ex->pg_pred = malloc((size_t)ex->m->n_layers * PG_MAX * B * 2 * ex->k * sizeof(uint32_t));
@@ -264,6 +270,7 @@ void experts_close(struct experts *ex)
 	free(ex->on_gpu);
 	free(ex->gtok);
 	free(ex->gw);
+	free(ex->gy);
 	moet_close(ex->ctx);
 	free(ex->all);
 	free(ex->fallback);
@@ -365,6 +372,7 @@ int experts_use_gpu(struct experts *ex, enum experts_gpu_mode mode, char *note, 
 		goto host;
 	ex->want_gpu = true;
 	ex->st.gpu = true;
+	ex->cap_B = ex->cap_w = 0; /* the next grow() sizes gy too */
 	gpu_get_stats(ex->gpu, &ex->gpu_base);
 	snprintf(note, len, "moe-run: GPU: the experts of moetierd's GPU tier are computed on %s", gpu_name(ex->gpu));
 	return 0;
@@ -1038,14 +1046,22 @@ static int gpu_keep_lease(struct experts *ex, moet_lease l)
 	return 0;
 }
 
-/* The device batch's end: waited for (its sums in ex->gpu_y), then the
- * leases of the slots it read go back. */
-static int gpu_finish(struct experts *ex, struct moe_error *err)
+/* A device batch's end: waited for, its sums added to ex->gy (*any: gy
+ * holds some), then the leases of the slots it read go back. */
+static int gpu_finish(struct experts *ex, uint32_t B, bool *any, struct moe_error *err)
 {
-	int rc = gpu_batch_wait(ex->gpu, &ex->gpu_y, err);
+	const float *y;
+	int rc = gpu_batch_wait(ex->gpu, &y, err);
 	for (unsigned i = 0; i < ex->gl_n; i++)
 		moet_release(ex->ctx, ex->gleases[i]);
 	ex->gl_n = 0;
+	if (!rc && y) {
+		if (*any)
+			ffn_axpy(ex->gy, 1.0f, y, (size_t)B * ex->n);
+		else
+			memcpy(ex->gy, y, (size_t)B * ex->n * sizeof(float));
+		*any = true;
+	}
 	return rc;
 }
 
@@ -1065,6 +1081,7 @@ static int daemon_layer(struct experts *ex, uint32_t il, uint32_t moe_l, uint32_
 {
 	bool first = true, pf = ex->prefetch > 0 || ex->o.pregate_prefetch;
 	const bool dev = ex->gpu != NULL;
+	bool gany = false;
 	unsigned idle = 0;
 	int rc = 0;
 	ex->gpu_y = NULL;
@@ -1198,7 +1215,7 @@ release:
 		if (rc) {
 			if (dev) {
 				struct moe_error e2;
-				gpu_finish(ex, &e2);
+				gpu_finish(ex, B, &gany, &e2);
 			}
 			return rc;
 		}
@@ -1207,6 +1224,15 @@ release:
 		first = false;
 		idle = kept == n ? idle + 1 : 0;
 		n = kept;
+		if (dev && idle && ex->gl_n) {
+			/* no progress: the GPU slots this call holds also hold
+			 * their host copies (an inclusive host tier), which a small
+			 * host arena may need for the misses: the device batch
+			 * ends here and gives them back, a new one follows */
+			if ((rc = gpu_finish(ex, B, &gany, err)) ||
+			    (rc = gpu_batch_begin(ex->gpu, B, ex->n, model_layout(ex->m, moe_l)->m, err)))
+				return rc;
+		}
 		if (n && !block && !any_resident(ex, moe_l, ids, n)) {
 			/* the residency check first: a load that landed since the
 			 * acquire would otherwise cost the whole wait timeout */
@@ -1217,14 +1243,19 @@ release:
 			if (rc < 0) {
 				if (dev) {
 					struct moe_error e2;
-					gpu_finish(ex, &e2);
+					gpu_finish(ex, B, &gany, &e2);
 				}
 				return moe_error_set(err, -EIO, "moetierd: waiting for layer %u: %s", moe_l,
 						     moet_strerror(rc));
 			}
 		}
 	}
-	return dev ? gpu_finish(ex, err) : 0;
+	if (dev) {
+		if ((rc = gpu_finish(ex, B, &gany, err)))
+			return rc;
+		ex->gpu_y = gany ? ex->gy : NULL;
+	}
+	return 0;
 }
 
 /* One token's cache-aware decision by the daemon (ROUTE, protocol 2): the
