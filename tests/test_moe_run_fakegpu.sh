@@ -20,7 +20,9 @@
 #    (tests/logits-compare.py; the fake's f32 sums run in another order,
 #    as a GPU's do; MOETIER_FFN_Q8=exact on both sides, as in
 #    tests/moe-run-gpu.sh), greedy ids equal, device experts > 0;
-#  - --gpu=off through the same daemon: bit-identical to --local.
+#  - --gpu=off through the same daemon, and auto when moe-run finds no
+#    driver (MOETIER_LIBCUDA pointing nowhere; --gpu=on then fails saying
+#    so): bit-identical to --local.
 # Skips (77) in a build without cuda.h or nvcc (no fake driver, no kernels).
 set -eu
 . "$(dirname "$0")/daemon-env.sh"
@@ -93,6 +95,19 @@ for cfg in 1M:8M 1M:2M 104K:832K; do
 	cmp "$tmp/local.ids" "$tmp/g-$gpu.ids" || bad "$gpu: greedy ids differ from --local"
 	cmp "$tmp/local.lg" "$tmp/off-$gpu.lg" || bad "$gpu: --gpu=off differs from --local"
 	! grep -q 'GPU' "$tmp/off-$gpu.err" || bad "$gpu: --gpu=off printed a GPU line"
+	if [ "$cfg" = 1M:8M ]; then
+		# the same VMM tier, but no driver for moe-run: on fails saying
+		# so, auto says why in one line and is the host's bits
+		rc=0
+		MOETIER_LIBCUDA=/nonexistent/libcuda.so.1 run --socket "$sock" --gpu=on --tokens 1,2 >"$tmp/nd.out" 2>&1 ||
+			rc=$?
+		[ $rc -eq 1 ] && grep -q '^moe-run: --gpu=on: no CUDA driver' "$tmp/nd.out" ||
+			bad "--gpu=on without a driver: exit $rc: $(cat "$tmp/nd.out")"
+		MOETIER_LIBCUDA=/nonexistent/libcuda.so.1 run --socket "$sock" --tokens "$toks" --dump-logits "$tmp/nd.lg" \
+			--batch 1 2>"$tmp/nd.err"
+		grep -q '^moe-run: GPU: not used (no CUDA driver' "$tmp/nd.err" || bad "auto without a driver: no line why"
+		cmp "$tmp/local.lg" "$tmp/nd.lg" || bad "auto without a driver: logits differ from --local"
+	fi
 	daemon_stop
 done
 
