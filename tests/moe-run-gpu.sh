@@ -56,7 +56,9 @@ run --local --tokens 1,2,3,4 -n 32 --ids --quiet >"$tmp/host.ids"
 # The GPU arena sized to at most one slot per expert (slots are rounded up
 # to the 2 MiB VMM granularity), and filled by acquiring every expert on
 # the GPU tier first: the daemon creates a slot's chunk at its first fill,
-# and exports only once every slot has one.
+# and its export fails while a slot has none (reported to the lead). The
+# host arena holds every expert: a GPU copy needs a host copy (the host
+# tier is inclusive).
 L=$("$B/tools/moe-pack" info "$tmp/m.moepack" | sed -n 's/^layers: .*(\([0-9]*\) MoE.*/\1/p')
 E=$("$B/tools/moe-pack" info "$tmp/m.moepack" | sed -n 's/^experts: *\([0-9]*\) per MoE layer.*/\1/p')
 [ -n "$L" ] && [ -n "$E" ] || { echo "moe-run-gpu: no layer/expert count from moe-pack info" >&2; exit 1; }
@@ -68,7 +70,7 @@ while [ $l -lt "$L" ]; do
 	e=0
 	while [ $e -lt "$E" ]; do
 		last=$((e + 15 < E - 1 ? e + 15 : E - 1))
-		"$B/moe-client" --socket "$sock" acquire $l $(seq $e $last) --gpu >/dev/null
+		timeout 60 "$B/moe-client" --socket "$sock" acquire $l $(seq $e $last) --gpu >/dev/null
 		e=$((last + 1))
 	done
 	l=$((l + 1))
