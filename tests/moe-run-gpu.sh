@@ -53,8 +53,8 @@ toks=$(seq 0 63 | awk '{ printf "%s%d", (NR > 1 ? "," : ""), ($1 * 97 + 11) % 15
 run --local --tokens "$toks" --dump-logits "$tmp/host.lg" --quiet
 run --local --tokens 1,2,3,4 -n 32 --ids --quiet >"$tmp/host.ids"
 
-# The GPU arena sized to at most one slot per expert (slots are rounded up
-# to the 2 MiB VMM granularity), and filled by acquiring every expert on
+# The GPU arena sized to one slot per expert (slots are rounded up to the
+# VMM granularity, 2 MiB on an H100), and filled by acquiring every expert on
 # the GPU tier first: the daemon creates a slot's chunk at its first fill,
 # and its export fails while a slot has none (reported to the lead). The
 # host arena holds every expert: a GPU copy needs a host copy (the host
@@ -62,9 +62,13 @@ run --local --tokens 1,2,3,4 -n 32 --ids --quiet >"$tmp/host.ids"
 L=$("$B/tools/moe-pack" info "$tmp/m.moepack" | sed -n 's/^layers: .*(\([0-9]*\) MoE.*/\1/p')
 E=$("$B/tools/moe-pack" info "$tmp/m.moepack" | sed -n 's/^experts: *\([0-9]*\) per MoE layer.*/\1/p')
 [ -n "$L" ] && [ -n "$E" ] || { echo "moe-run-gpu: no layer/expert count from moe-pack info" >&2; exit 1; }
-daemon_start moetierd "$tmp/m.moepack" --host-bytes=256M --gpu-bytes=$((L * E * 2))M --gpu-backend=vmm
+# the slot stride (the expert rounded up to the device's granularity)
+daemon_start moetierd "$tmp/m.moepack" --host-bytes=256M --gpu-bytes=64M --gpu-backend=vmm
+stride=$("$B/moe-client" --socket "$sock" info | sed -n 's/^GPU arena: *[0-9]* slots of \([0-9]*\) bytes.*/\1/p')
+daemon_stop
+[ -n "$stride" ] || { echo "moe-run-gpu: no GPU arena in moe-client info" >&2; exit 1; }
+daemon_start moetierd "$tmp/m.moepack" --host-bytes=256M --gpu-bytes=$((L * E * stride)) --gpu-backend=vmm
 "$B/moe-client" --socket "$sock" info | tee "$tmp/info" | grep 'GPU arena'
-grep -q 'GPU arena.*vmm' "$tmp/info" || { echo "moe-run-gpu: the daemon's GPU arena is not vmm" >&2; exit 1; }
 l=0
 while [ $l -lt "$L" ]; do
 	e=0
