@@ -55,10 +55,9 @@ run --local --tokens 1,2,3,4 -n 32 --ids --quiet >"$tmp/host.ids"
 
 # The GPU arena sized to one slot per expert (slots are rounded up to the
 # VMM granularity, 2 MiB on an H100), and filled by acquiring every expert on
-# the GPU tier first: the daemon creates a slot's chunk at its first fill,
-# and its export fails while a slot has none (reported to the lead). The
-# host arena holds every expert: a GPU copy needs a host copy (the host
-# tier is inclusive).
+# the GPU tier first, so that the measured runs compute on the device (and
+# moe-run maps every chunk at its start). The host arena holds every
+# expert: a GPU copy needs a host copy (the host tier is inclusive).
 L=$("$B/tools/moe-pack" info "$tmp/m.moepack" | sed -n 's/^layers: .*(\([0-9]*\) MoE.*/\1/p')
 E=$("$B/tools/moe-pack" info "$tmp/m.moepack" | sed -n 's/^experts: *\([0-9]*\) per MoE layer.*/\1/p')
 [ -n "$L" ] && [ -n "$E" ] || { echo "moe-run-gpu: no layer/expert count from moe-pack info" >&2; exit 1; }

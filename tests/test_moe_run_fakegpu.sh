@@ -53,10 +53,10 @@ toks=$(seq -s, 1 60)
 run --local --tokens "$toks" --dump-logits "$tmp/local.lg" --quiet
 run --local --tokens 1,2,3 -n 16 --ids --quiet >"$tmp/local.ids"
 
-# Every GPU slot filled first (each expert acquired on the GPU tier, 8 at
-# a time): the daemon creates a slot's chunk at its first fill, and its
-# export of slots without a chunk yet fails (the lead has the report). A
-# GPU copy needs a host copy: the host arena holds every expert.
+# Every expert acquired on the GPU tier first (6 at a time; a GPU copy
+# needs a host copy): moe-run then finds every slot's chunk at its start.
+# Without it the daemon creates the chunks as the run fills slots, and
+# moe-run fetches the export again to map each new one.
 fill_gpu() {
 	for l in 0 1 2 3; do
 		for e in 0 6 12 18 24; do
@@ -75,27 +75,32 @@ check() {
 	$PY "$S/tests/logits-compare.py" "$tmp/$1.lg" "$tmp/local.lg" --tol 1e-3 || bad "$1: logits beyond 1e-3"
 }
 
-for cfg in 1M:8M 1M:2M 104K:832K; do
-	# host:GPU arenas. 1M: 128 slots of 8 KiB. 8M: 128 slots of 64 KiB,
-	# every expert; 2M: 32 slots, a quarter of them; 104K:832K 13 each
-	host=${cfg%:*} gpu=${cfg#*:}
+for cfg in 1M:8M:fill 1M:2M:fresh 104K:832K:fresh 104K:832K:fill; do
+	# host:GPU arenas:warm-up. 1M: 128 slots of 8 KiB. 8M: 128 slots of
+	# 64 KiB, every expert; 2M: 32 slots, a quarter of them; 104K:832K 13
+	# each. fill: fill_gpu first; fresh: chunks created during the run
+	host=${cfg%%:*} gpu=${cfg#*:} warm=${cfg##*:}
+	gpu=${gpu%:*} tag=$host-$gpu-$warm
 	daemon_start moetierd "$tmp/m.moepack" --host-bytes=$host --gpu-bytes=$gpu --gpu-backend=vmm
 	"$B/moe-client" --socket "$sock" info | grep 'GPU arena'
-	fill_gpu
-	run --socket "$sock" --gpu=on --tokens "$toks" --dump-logits "$tmp/g1-$gpu.lg" --batch 1 2>"$tmp/g1-$gpu.err" ||
-		{ cat "$tmp/g1-$gpu.err" >&2; exit 1; }
-	MOETIER_RUN_SPLIT_MIN=0 run --socket "$sock" --gpu=on --tokens "$toks" --dump-logits "$tmp/g2-$gpu.lg" -t 2 \
-		--prefetch-depth 2 2>"$tmp/g2-$gpu.err" || { cat "$tmp/g2-$gpu.err" >&2; exit 1; }
-	run --socket "$sock" --gpu=on --tokens 1,2,3 -n 16 --ids 2>"$tmp/ids-$gpu.err" >"$tmp/g-$gpu.ids" ||
-		{ cat "$tmp/ids-$gpu.err" >&2; exit 1; }
-	run --socket "$sock" --gpu=off --tokens "$toks" --dump-logits "$tmp/off-$gpu.lg" --batch 1 2>"$tmp/off-$gpu.err"
-	cat "$tmp/g1-$gpu.err" "$tmp/g2-$gpu.err" | grep -E '^moe-run: (GPU|experts)'
-	check "g1-$gpu"
-	check "g2-$gpu"
-	cmp "$tmp/local.ids" "$tmp/g-$gpu.ids" || bad "$gpu: greedy ids differ from --local"
-	cmp "$tmp/local.lg" "$tmp/off-$gpu.lg" || bad "$gpu: --gpu=off differs from --local"
-	! grep -q 'GPU' "$tmp/off-$gpu.err" || bad "$gpu: --gpu=off printed a GPU line"
-	if [ "$cfg" = 1M:8M ]; then
+	if [ "$warm" = fill ]; then fill_gpu; fi
+	run --socket "$sock" --gpu=on --tokens "$toks" --dump-logits "$tmp/g1-$tag.lg" --batch 1 2>"$tmp/g1-$tag.err" ||
+		{ cat "$tmp/g1-$tag.err" >&2; exit 1; }
+	MOETIER_RUN_SPLIT_MIN=0 run --socket "$sock" --gpu=on --tokens "$toks" --dump-logits "$tmp/g2-$tag.lg" -t 2 \
+		--prefetch-depth 2 2>"$tmp/g2-$tag.err" || { cat "$tmp/g2-$tag.err" >&2; exit 1; }
+	run --socket "$sock" --gpu=on --tokens 1,2,3 -n 16 --ids 2>"$tmp/ids-$tag.err" >"$tmp/g-$tag.ids" ||
+		{ cat "$tmp/ids-$tag.err" >&2; exit 1; }
+	run --socket "$sock" --gpu=off --tokens "$toks" --dump-logits "$tmp/off-$tag.lg" --batch 1 2>"$tmp/off-$tag.err"
+	cat "$tmp/g1-$tag.err" "$tmp/g2-$tag.err" | grep -E '^moe-run: (GPU|experts)'
+	check "g1-$tag"
+	check "g2-$tag"
+	# fresh: the chunks were made during the run, and mapped as they came
+	x=$(sed -n 's/.*; \([0-9]*\) arena exports fetched).*/\1/p' "$tmp/g1-$tag.err")
+	[ "$warm" = fill ] || [ "${x:-0}" -gt 1 ] || bad "$cfg: the arena export was fetched ${x:-0} times"
+	cmp "$tmp/local.ids" "$tmp/g-$tag.ids" || bad "$cfg: greedy ids differ from --local"
+	cmp "$tmp/local.lg" "$tmp/off-$tag.lg" || bad "$cfg: --gpu=off differs from --local"
+	! grep -q 'GPU' "$tmp/off-$tag.err" || bad "$cfg: --gpu=off printed a GPU line"
+	if [ "$cfg" = 1M:8M:fill ]; then
 		# the same VMM tier, but no driver for moe-run: on fails saying
 		# so, auto says why in one line and is the host's bits
 		rc=0

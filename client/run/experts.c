@@ -1424,6 +1424,7 @@ void experts_get_stats(struct experts *ex, struct experts_stats *out)
 		ex->st.gpu_pairs = gs.pairs - ex->gpu_base.pairs;
 		ex->st.gpu_device_ns = gs.device_ns - ex->gpu_base.device_ns;
 		ex->st.gpu_wait_ns = gs.wait_ns - ex->gpu_base.wait_ns;
+		ex->st.gpu_exports = gs.exports; /* since the start: the first one maps the arena */
 	}
 	if (ex->sim) {
 		struct simcache_stats ss;

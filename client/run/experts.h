@@ -53,6 +53,7 @@ struct experts_stats {
 	uint64_t gpu_experts, gpu_pairs; /* experts and (token, expert) pairs computed on the device */
 	uint64_t gpu_device_ns;          /* device time of the layer calls' batches */
 	uint64_t gpu_wait_ns;            /* host time blocked waiting for them */
+	uint64_t gpu_exports;            /* times the GPU arena's export was fetched */
 	/* cache-aware routing (every rule, exact included) */
 	struct route_counters route;
 	/* --sim-cache: the simulated per-layer cache (simcache.h) */

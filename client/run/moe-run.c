@@ -490,9 +490,9 @@ static void summary(struct ctx *c)
 	if (st.gpu)
 		fprintf(stderr,
 			"moe-run: GPU compute: %" PRIu64 " experts, %" PRIu64 " token-expert pairs on the device, "
-			"%.3f ms device time, %.3f ms waited for it (%.3f ms/token)\n",
+			"%.3f ms device time, %.3f ms waited for it (%.3f ms/token; %" PRIu64 " arena exports fetched)\n",
 			st.gpu_experts, st.gpu_pairs, st.gpu_device_ns * 1e-6, st.gpu_wait_ns * 1e-6,
-			toks ? st.gpu_device_ns * 1e-6 / toks : 0.0);
+			toks ? st.gpu_device_ns * 1e-6 / toks : 0.0, st.gpu_exports);
 	bench_line(c, &st);
 }
 
