@@ -21,7 +21,7 @@ OP_NOP, OP_ACQUIRE, OP_RELEASE, OP_PREFETCH, OP_ROUTE, OP_COMPUTE = 1, 2, 3, 4, 
 F_NOWAIT, F_WANT_GPU = 1, 2
 MAGIC = 0x544F454D
 HELLO, SUBMIT, STATS, CONFIG_GET, CONFIG_SET, PIN, UNPIN, EVICT, CLIENTS = 1, 4, 16, 17, 18, 19, 20, 21, 22
-GPU_EXPORT, ADVISE = 24, 25
+GPU_EXPORT, ADVISE, LATENT_BASIS = 24, 25, 26
 
 
 def sqe(op, flags=0, layer=0, ids=(), tag=7, lease=0, off=0, dlen=0, tier=0, key=0, pos=0):
@@ -86,6 +86,8 @@ def ctl_seeds():
     yield 'clients', data + msg(CLIENTS)
     yield 'gpu-export', data + msg(GPU_EXPORT, 0) + msg(GPU_EXPORT, 5)
     yield 'advise', data + msg(ADVISE, 0, struct.pack('<IIII', 0, 4, 2, 0) + struct.pack('<32I', 1, 2, *([0] * 30)))
+    yield 'latent-basis', data + msg(LATENT_BASIS, 0, struct.pack('<IIII', 0, 0, 0, 0)) + \
+        msg(LATENT_BASIS, 0, struct.pack('<IIII', 7, 0, 0, 0)) + msg(LATENT_BASIS, 0, struct.pack('<II', 0, 0))
     yield 'submit', data + msg(SUBMIT, 0, entry(OP_ACQUIRE, 0, 0, [1, 2])) + msg(SUBMIT, 0, entry(OP_RELEASE, lease=(1 << 32) | 1))
     yield 'unknown', data + msg(99) + msg(HELLO, 0, b'')
     yield 'before-hello', msg(STATS, 0)
