@@ -509,14 +509,7 @@ int model_open(const char *pack_path, const char *gguf_path, struct model **out,
 		m->rp.routed_scaling_factor = 1.0f;
 	} /* deepseek2: the pack's rule, which moe-pack read from the same keys
 	   * llama.cpp reads (gating func, weights norm and scale, groups) */
-	/* llama.cpp's build_moe_ffn renormalises the top-k weights for any k;
-	 * route.c follows DeepSeek's HF code (top_k > 1 and norm_topk_prob)
-	 * for softmax: at top-1 the weight is then p, llama.cpp's 1. Softmax
-	 * over the top-1 logit alone is that 1, exactly (and picks the same
-	 * expert); that path applies no routed_scaling_factor. */
-	if (m->rp.norm_topk_prob && m->rp.top_k == 1 && m->rp.scoring == MOE_SCORING_SOFTMAX &&
-	    m->rp.topk_method == MOE_TOPK_GREEDY && m->rp.routed_scaling_factor == 1.0f)
-		m->rp.scoring = MOE_SCORING_TOPK_SOFTMAX;
+	/* (route.c renormalises at any k, top-1 included, as build_moe_ffn) */
 	if ((rc = route_params_check(&m->rp, err)))
 		goto fail;
 	/* Each MoE layer's expert layout (a version 2 pack's layers differ:
