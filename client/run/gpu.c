@@ -255,9 +255,11 @@ static int fetch_export(struct gpu *g, struct gpu_export *e, struct moe_error *e
 			}
 			cap = nc;
 		}
-		memcpy(e->fds + e->got, fds, (size_t)n * sizeof(int));
-		memcpy(e->offs + e->got, offs, (size_t)n * sizeof(uint64_t));
-		e->got += (uint32_t)n;
+		if (n > 0) { /* an export with no chunk yet: nothing to keep (and e->fds may be NULL) */
+			memcpy(e->fds + e->got, fds, (size_t)n * sizeof(int));
+			memcpy(e->offs + e->got, offs, (size_t)n * sizeof(uint64_t));
+			e->got += (uint32_t)n;
+		}
 		if (e->x.backend != MOET_GPU_VMM) {
 			const uint32_t b = e->x.backend;
 			rc = moe_error_set(err, -EOPNOTSUPP,
