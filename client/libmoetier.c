@@ -404,7 +404,7 @@ static int sync_entry(moet_ctx *c, struct moet_sqe *q, struct moet_cqe *out)
 }
 
 /* slots[i] as the daemon sent it: >= 0 served, -1 a miss, below -1 a
- * negative errno for that expert (-EBADMSG, -EIO, -EDQUOT; proto.h), which
+ * negative errno for that expert (-EBADMSG, -EIO, -EDQUOT, -ENOMEM; proto.h), which
  * callers that only test slot < 0 still treat as not served. */
 static void fill_out(const struct moet_cqe *e, unsigned n, int32_t *slots, uint8_t *tiers, moet_lease *lease)
 {

@@ -334,7 +334,9 @@ struct moet_cqe {
 					  * -EBADMSG its extent failed its checksum, -EIO it
 					  * could not be read (both: marked bad, answered at
 					  * once until a re-read after a backoff), -EDQUOT the
-					  * client holds its share of the tier (client-share) */
+					  * client holds its share of the tier (client-share),
+					  * -ENOMEM no slot could be allocated for it (the
+					  * arena's allocator failed; transient, ask again) */
 	uint8_t tier[MOET_MAX_BATCH];    /* tier of slot[i] (0 GPU, 1 host) */
 	uint16_t ids[MOET_MAX_BATCH];    /* the experts (ROUTE: the chosen ones) */
 	float weight[MOET_MAX_BATCH];    /* ROUTE: routing weights */
