@@ -13,12 +13,16 @@
 #include "crc32c.h"
 #include "gguf.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_PART_DIM (1u << 22)      /* rows or cols of one expert part */
@@ -848,6 +852,7 @@ long pack_verify(const struct pack_file *p, pack_report_fn report, void *ctx, st
 
 struct pack_writer {
 	int fd;
+	int lock_fd;               /* holds flock(LOCK_EX) on tmp until it is renamed */
 	char *path;                /* the final name */
 	char *tmp;                 /* written here, renamed to path by finish */
 	struct pack_header_disk *hdr;
@@ -863,6 +868,49 @@ struct pack_writer {
 	uint64_t cur_off, cur_len, cur_done;
 	uint32_t cur_crc;
 };
+
+/* Temporary files of writers that died (kill -9, power loss) are named
+ * PATH.XXXXXX like a live writer's. A live writer holds flock(LOCK_EX) on
+ * its file from creation until after the rename, so a file of that name
+ * that can be locked, and is older than a few seconds (the instant between
+ * mkostemp and flock), has no writer left: removed. Best effort; the count
+ * of removed files is returned. */
+static unsigned sweep_stale_tmps(const char *path)
+{
+	char *d1 = strdup(path), *d2 = strdup(path);
+	unsigned removed = 0;
+	if (!d1 || !d2)
+		goto out;
+	const char *dir = dirname(d1), *base = basename(d2);
+	const size_t bl = strlen(base);
+	DIR *dp = opendir(dir);
+	if (!dp)
+		goto out;
+	const int dfd = dirfd(dp);
+	struct dirent *de;
+	const time_t now = time(NULL);
+	while ((de = readdir(dp))) {
+		if (strlen(de->d_name) != bl + 7 || strncmp(de->d_name, base, bl) || de->d_name[bl] != '.')
+			continue;
+		int fd = openat(dfd, de->d_name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+		if (fd < 0)
+			continue;
+		struct stat st, st2;
+		if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && now - st.st_mtime > 5 &&
+		    flock(fd, LOCK_EX | LOCK_NB) == 0 && fstatat(dfd, de->d_name, &st2, AT_SYMLINK_NOFOLLOW) == 0 &&
+		    st2.st_ino == st.st_ino && st2.st_dev == st.st_dev && unlinkat(dfd, de->d_name, 0) == 0) {
+			moe_warn("%s/%s: removed, the temporary file of a pack writer that did not finish", dir,
+				 de->d_name);
+			removed++;
+		}
+		close(fd);
+	}
+	closedir(dp);
+out:
+	free(d1);
+	free(d2);
+	return removed;
+}
 
 static int writer_fail(struct pack_writer *w, int rc)
 {
@@ -927,7 +975,7 @@ int pack_writer_create_layers(const char *path, const struct moe_model_config *m
 		free(w);
 		return moe_error_set(err, -ENOMEM, "out of memory");
 	}
-	w->fd = -1;
+	w->fd = w->lock_fd = -1;
 	h = w->hdr;
 	memset(h, 0, PACK_HEADER_SIZE);
 	memcpy(h->magic, PACK_MAGIC, 8);
@@ -983,15 +1031,24 @@ int pack_writer_create_layers(const char *path, const struct moe_model_config *m
 	/* A temporary name in the same directory, renamed over path once
 	 * complete: a daemon serving an older pack at path never sees a
 	 * half-written file. */
+	sweep_stale_tmps(path);
 	w->fd = mkostemp(w->tmp, O_CLOEXEC);
 	if (w->fd < 0) {
 		rc = moe_error_set(err, -errno, "%s: cannot create: %s", w->tmp, strerror(errno));
 		goto fail;
 	}
+	/* a second descriptor holds the lock: w->fd is closed before the rename */
+	w->lock_fd = open(w->tmp, O_RDONLY | O_CLOEXEC);
+	if (w->lock_fd >= 0 && flock(w->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+		close(w->lock_fd);
+		w->lock_fd = -1;
+	}
 	if (fchmod(w->fd, 0644) < 0) {
 		rc = moe_error_set(err, -errno, "%s: chmod: %s", w->tmp, strerror(errno));
 		close(w->fd);
 		unlink(w->tmp);
+		if (w->lock_fd >= 0)
+			close(w->lock_fd);
 		goto fail;
 	}
 	w->state = W_IDLE;
@@ -1184,6 +1241,8 @@ static void writer_free(struct pack_writer *w)
 {
 	if (w->fd >= 0)
 		close(w->fd);
+	if (w->lock_fd >= 0)
+		close(w->lock_fd); /* after the rename or unlink: the lock goes last */
 	free(w->tmp);
 	free(w->index);
 	free(w->written);

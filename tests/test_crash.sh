@@ -111,4 +111,26 @@ while [ $k -lt "$converts" ]; do
 		rm -f "$t"
 	done
 done
-echo "test_crash: moe-pack convert killed $converts times over ${span_us} us: old pack kept $olds, new pack complete $news; $tmps temporary files left, $tmp_refused of them half-written and refused by moe-pack verify and moetierd; every expert served was checked"
+# ---- 3. the temporary files of dead writers are removed by the next one --------
+# A writer holds flock(LOCK_EX) on its PATH.XXXXXX until the rename: one that
+# can be locked (and is older than 5 s) belongs to no live writer.
+out="$tmp/sweep.moepack"
+stale="$out.AbC123"
+live="$out.LiVe99"
+printf 'half-written' >"$stale"
+printf 'being written' >"$live"
+touch -d '-1 minute' "$stale" "$live"
+flock --no-fork -x "$live" sleep 30 & holder=$!
+sleep 0.3
+"$B/tools/moe-pack" convert "$tmp/src2" -o "$out" 2>"$tmp/sweep.log" >/dev/null
+[ -e "$stale" ] && { echo "test_crash: a dead writer's temporary file was not removed" >&2; cat "$tmp/sweep.log" >&2; exit 1; }
+grep -q "AbC123: removed" "$tmp/sweep.log" || { echo "test_crash: the removal was not said:" >&2; cat "$tmp/sweep.log" >&2; exit 1; }
+[ -e "$live" ] || { echo "test_crash: a locked (live) writer's temporary file was removed" >&2; exit 1; }
+kill "$holder" 2>/dev/null; wait "$holder" 2>/dev/null || true
+"$B/tools/moe-pack" convert "$tmp/src2" -o "$out" -q
+[ -e "$live" ] && { echo "test_crash: the temporary file was not removed once its lock was gone" >&2; exit 1; }
+cmp -s "$out" "$tmp/new.moepack" || { echo "test_crash: the sweep changed the pack" >&2; exit 1; }
+left=$(ls "$tmp" | grep -c '\.moepack\.......$' || true)
+[ "$left" -eq 0 ] || { echo "test_crash: $left temporary files left in $tmp" >&2; ls "$tmp" >&2; exit 1; }
+
+echo "test_crash: moe-pack convert killed $converts times over ${span_us} us: old pack kept $olds, new pack complete $news; $tmps temporary files left, $tmp_refused of them half-written and refused by moe-pack verify and moetierd; every expert served was checked; a dead writer's temporary file is removed by the next convert, a live (locked) one is not"
