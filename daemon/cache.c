@@ -1311,6 +1311,15 @@ int cache_create(struct pack_file *pack, const struct cache_config *cfg, struct 
 		goto fail;
 	}
 	c->io_started = true;
+	pthread_mutex_lock(&c->mu);
+	while (!c->io_nice_done)
+		pthread_cond_wait(&c->cv, &c->mu);
+	const int nrc = c->io_nice_rc;
+	pthread_mutex_unlock(&c->mu);
+	if (nrc < 0)
+		moe_warn("cache: the I/O thread keeps the daemon's priority: nice %d: %s%s", c->cfg.io_nice,
+			 strerror(-nrc), nrc == -EACCES || nrc == -EPERM ? " (needs CAP_SYS_NICE)" : "");
+	stats_set_info(c->st, "io_thread_nice", "%d", nrc < 0 ? 0 : c->cfg.io_nice);
 	cache_update_gauges(c);
 	*out = c;
 	return 0;

@@ -70,6 +70,7 @@ struct cache_config {
 	int gpu_device;           /* CUDA device ordinal */
 	bool exclusive;           /* host tier exclusive of the GPU tier (default inclusive) */
 	unsigned queue_depth;     /* NVMe reads in flight, 1..256; 0 = 8 */
+	int io_nice;              /* nice of the I/O thread (0 = the daemon's own) */
 	enum cache_numa_mode numa_mode;
 	int numa_node;            /* with CACHE_NUMA_BIND */
 	bool mlock_required;      /* fail creation when the arena cannot be locked

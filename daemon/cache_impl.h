@@ -117,6 +117,8 @@ struct cache {
 	int ready_efd;               /* cache_eventfd() */
 	pthread_t io;
 	bool io_started;
+	bool io_nice_done;        /* the I/O thread has applied cfg.io_nice */
+	int io_nice_rc;           /* its result: 0 or -errno */
 	const char *engine;
 };
 

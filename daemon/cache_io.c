@@ -10,6 +10,8 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "crc32c.h"
@@ -153,6 +155,17 @@ static void gpu_done(struct cache *c, const struct tier_gpu_done *d)
 void *cache_io_main(void *arg)
 {
 	struct cache *c = arg;
+	/* Above the clients' compute threads: a completion waiting for a core
+	 * is a client stalled (Linux: PRIO_PROCESS with a thread id is that
+	 * thread alone). cache_create waits for the outcome. */
+	int nrc = 0;
+	if (c->cfg.io_nice && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), c->cfg.io_nice) < 0)
+		nrc = -errno;
+	pthread_mutex_lock(&c->mu);
+	c->io_nice_rc = nrc;
+	c->io_nice_done = true;
+	pthread_cond_broadcast(&c->cv);
+	pthread_mutex_unlock(&c->mu);
 	struct tier_nvme_cqe cq[32];
 	struct tier_gpu_done gd[32];
 	for (;;) {

@@ -63,6 +63,8 @@ enum config_type { CONFIG_STR, CONFIG_SIZE, CONFIG_U32, CONFIG_I32, CONFIG_BOOL 
 	  "host -> GPU bandwidth the cost model assumes, MB/s (used when a GPU tier exists)") \
 	X("queue-depth", queue_depth, CONFIG_U32, 1, 256, "8", false, \
 	  "NVMe reads in flight") \
+	X("io-thread-nice", io_thread_nice, CONFIG_I32, -20, 19, "-5", false, \
+	  "nice of each cache's I/O thread, below the clients' compute threads so that completions are reaped, checked and refilled at once (< 0 needs CAP_SYS_NICE; 0 = the daemon's own)") \
 	X("numa-node", numa_node, CONFIG_I32, -2, 4096, "-2", false, \
 	  "host arena NUMA placement: -2 default, -1 interleave, >= 0 that node") \
 	X("huge-pages", huge_pages, CONFIG_BOOL, 0, 1, "false", false, \

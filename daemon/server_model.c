@@ -240,6 +240,7 @@ int server_model_open(struct server *s, struct served_model *m, const char *path
 		.gpu_backend = s->cfg->gpu_backend,
 		.gpu_device = s->cfg->gpu_device,
 		.queue_depth = s->cfg->queue_depth,
+		.io_nice = s->cfg->io_thread_nice,
 		.numa_node = s->cfg->numa_node,
 		.mlock_required = s->cfg->mlock_required,
 		.huge_pages = s->cfg->huge_pages,

@@ -3,8 +3,8 @@
 # kills the debug daemon on a forbidden syscall (misbehave), and the `user`
 # drop leaves every thread as the service user with only the kept
 # capabilities.
-TESTS += tests/test_misbehave.sh tests/test_priv_user.sh
-EXTRA_DIST += tests/test_misbehave.sh tests/test_priv_user.sh
+TESTS += tests/test_misbehave.sh tests/test_priv_user.sh tests/test_io_nice.sh
+EXTRA_DIST += tests/test_misbehave.sh tests/test_priv_user.sh tests/test_io_nice.sh
 if HAVE_CRITERION
 check_PROGRAMS += tests/test_priv
 TESTS += tests/test_priv
