@@ -631,6 +631,21 @@ int moet_reap(moet_ctx *c, struct moet_cqe *out, int timeout_ms)
 	}
 }
 
+/* One fixed-size request, one fixed-size reply, no descriptors: a reply of
+ * another length is -EPROTO. */
+static int fixed_exchange(moet_ctx *c, uint16_t type, const void *req, size_t qlen, void *reply, size_t rlen)
+{
+	struct moet_msg h;
+	int rc = send_req(c, type, 0, req, (uint32_t)qlen);
+	if (rc)
+		return rc;
+	memset(reply, 0, rlen);
+	rc = recv_reply(c, &h, reply, rlen, NULL, NULL, 30000);
+	if (rc < 0)
+		return rc;
+	return h.len == rlen ? 0 : -EPROTO;
+}
+
 int moet_submit_socket(moet_ctx *c, const struct moet_sqe *sqe, struct moet_cqe *out)
 {
 	struct moet_msg h;
@@ -773,7 +788,6 @@ int moet_advise(moet_ctx *c, uint32_t layer, const uint32_t *ids, unsigned n, ui
 {
 	struct moet_advise_req q;
 	struct moet_advise_reply r;
-	struct moet_msg h;
 	if (!c || !ids || !where || n == 0 || n > MOET_MAX_BATCH)
 		return -EINVAL;
 	memset(&q, 0, sizeof(q));
@@ -781,14 +795,10 @@ int moet_advise(moet_ctx *c, uint32_t layer, const uint32_t *ids, unsigned n, ui
 	q.tokens = tokens;
 	q.n = n;
 	memcpy(q.ids, ids, n * sizeof(*ids));
-	int rc = send_req(c, MOET_MSG_ADVISE, 0, &q, sizeof(q));
-	if (rc)
-		return rc;
-	memset(&r, 0, sizeof(r));
-	rc = recv_reply(c, &h, &r, sizeof(r), NULL, NULL, 30000);
+	int rc = fixed_exchange(c, MOET_MSG_ADVISE, &q, sizeof(q), &r, sizeof(r));
 	if (rc < 0)
 		return rc;
-	if (h.len != sizeof(r) || r.n != n)
+	if (r.n != n)
 		return -EPROTO;
 	for (unsigned i = 0; i < n; i++) {
 		where[i] = r.where[i];
@@ -847,18 +857,13 @@ int moet_latent_basis(moet_ctx *c, uint32_t layer, uint32_t group, struct moet_l
 	struct moet_latent_basis_req q = { layer, group, { 0, 0 } };
 	struct moet_latent_basis_reply r;
 	struct moet_latent_basis b;
-	struct moet_msg h;
 	/* size: the fields up to `bytes` are version 1 of the struct */
 	if (!c || !out || out->size < sizeof(b))
 		return -EINVAL;
-	int rc = send_req(c, MOET_MSG_LATENT_BASIS, 0, &q, sizeof(q));
-	if (rc)
-		return rc;
-	memset(&r, 0, sizeof(r));
-	rc = recv_reply(c, &h, &r, sizeof(r), NULL, NULL, 30000);
+	int rc = fixed_exchange(c, MOET_MSG_LATENT_BASIS, &q, sizeof(q), &r, sizeof(r));
 	if (rc < 0)
 		return rc;
-	if (h.len != sizeof(r) || (r.tier != MOET_TIER_GPU && r.tier != MOET_TIER_HOST))
+	if (r.tier != MOET_TIER_GPU && r.tier != MOET_TIER_HOST)
 		return -EPROTO;
 	memset(&b, 0, sizeof(b));
 	b.size = sizeof(b);
